@@ -1,0 +1,173 @@
+"""Execution backends: a Backend runs the encoder and a scoring head.
+
+The protocol is small on purpose, so a new backend (native TensorRT, say) is one file::
+
+    backend.encode(images) -> dict of encoder outputs (opaque to the caller)
+    backend.score(encoded, head, extra_inputs) -> {"image_score": (B,), "anomaly_grid": (B, gh, gw)}
+
+Only onnxruntime lives here. Providers are never silently swapped: asking for one that is not
+installed, or that onnxruntime does not actually assign, is an error.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ClipInspectError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class ProviderError(ClipInspectError, RuntimeError):
+    """A provider that is unknown, not installed or not assigned by onnxruntime."""
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ProviderError(
+            "onnxruntime is not installed: pip install 'clipinspect[cpu]' (CPU) or "
+            "'clipinspect[gpu]' (CUDA / TensorRT) - one of the two, never both") from e
+    return ort
+
+
+def ort_conflict() -> str | None:
+    """Both onnxruntime and onnxruntime-gpu installed: they fight over the same module."""
+    names = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.version(dist)
+            names.append(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if len(names) == 2:
+        return ("both onnxruntime and onnxruntime-gpu are installed; they provide the same module "
+                "and one silently shadows the other. Uninstall both, then install one "
+                "('clipinspect[cpu]' or 'clipinspect[gpu]')")
+    return None
+
+
+def available_providers() -> list[str]:
+    ort = _import_ort()
+    names = {v: k for k, v in PROVIDERS.items()}
+    return [names[p] for p in ort.get_available_providers() if p in names]
+
+
+def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = False
+                     ) -> list[Any]:
+    """onnxruntime provider list for ``provider`` (cpu|cuda|tensorrt)."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
+                "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        opts: dict[str, Any] = {"trt_fp16_enable": bool(fp16)}
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
+                        trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+        return [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+
+
+def make_session(path: Path, provider: str, threads: int | None = None,
+                 cache_dir: Path | None = None, fp16: bool = False):
+    ort = _import_ort()
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+    installed = ort.get_available_providers()
+    if PROVIDERS[provider] not in installed:
+        have = ", ".join(available_providers()) or "none"
+        hint = (" (install 'clipinspect[gpu]' instead of 'clipinspect[cpu]' for CUDA/TensorRT)"
+                if provider != "cpu" else "")
+        raise ProviderError(f"provider {provider!r} ({PROVIDERS[provider]}) is not available in this "
+                            f"onnxruntime; available: {have}{hint}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(str(path), sess_options=so,
+                                   providers=provider_options(provider, cache_dir, fp16))
+    if PROVIDERS[provider] not in session.get_providers():
+        raise ProviderError(f"onnxruntime did not assign {PROVIDERS[provider]} to {path.name} "
+                            f"(got {session.get_providers()}); check the CUDA/TensorRT installation")
+    return session
+
+
+class OrtBackend:
+    """Encoder + scoring heads on onnxruntime.
+
+    On CUDA and TensorRT, IO binding keeps the encoder outputs on the device and hands them to
+    the head without a host round trip; category arrays are uploaded once and cached.
+    """
+
+    def __init__(self, encoder_path: Path, head_paths: dict[str, Path], provider: str = "cpu",
+                 threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False):
+        conflict = ort_conflict()
+        if conflict:
+            warnings.warn(conflict, RuntimeWarning, stacklevel=2)
+        self.provider = provider
+        self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16)
+        self.heads = {name: make_session(p, provider, threads, cache_dir, fp16)
+                      for name, p in head_paths.items()}
+        self.on_device = provider in ("cuda", "tensorrt")
+        self._device_cache: dict[int, Any] = {}
+        self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+
+    def head_inputs(self, head: str) -> list[str]:
+        return [i.name for i in self.heads[head].get_inputs()]
+
+    def encode(self, images: np.ndarray) -> dict[str, Any]:
+        """images (B, 3, H, W) float32 -> encoder outputs (numpy on CPU, OrtValues on device)."""
+        if not self.on_device:
+            return dict(zip(self.encoder_outputs, self.encoder.run(None, {"images": images})))
+        binding = self.encoder.io_binding()
+        binding.bind_cpu_input("images", images)
+        for name in self.encoder_outputs:
+            binding.bind_output(name, "cuda", 0)
+        self.encoder.run_with_iobinding(binding)
+        return dict(zip(self.encoder_outputs, binding.get_outputs()))
+
+    def score(self, encoded: dict[str, Any], head: str, extra: dict[str, np.ndarray]
+              ) -> dict[str, np.ndarray]:
+        session = self.heads[head]
+        names = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if not self.on_device:
+            feeds = {n: (encoded[n] if n in encoded else extra[n]) for n in names}
+            return dict(zip(outputs, session.run(None, feeds)))
+        ort = _import_ort()
+        binding = session.io_binding()
+        for n in names:
+            if n in encoded:
+                binding.bind_ortvalue_input(n, encoded[n])
+            else:
+                arr = extra[n]
+                key = id(arr)
+                if key not in self._device_cache:
+                    self._device_cache[key] = (arr, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+                binding.bind_ortvalue_input(n, self._device_cache[key][1])
+        for n in outputs:
+            binding.bind_output(n, "cpu")
+        session.run_with_iobinding(binding)
+        return dict(zip(outputs, binding.copy_outputs_to_cpu()))
+
+    def to_host(self, encoded: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {k: (v if isinstance(v, np.ndarray) else v.numpy()) for k, v in encoded.items()}
+
+
+def default_threads() -> int | None:
+    value = os.environ.get("CLIPINSPECT_THREADS")
+    return int(value) if value else None

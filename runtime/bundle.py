@@ -1,0 +1,266 @@
+"""The bundle: the one contract between the export side (torch) and the runtime (no torch).
+
+A bundle is a directory::
+
+    manifest.json                      versioned description, checksums of every file below
+    fp32/encoder.onnx                  images -> image / window embeddings, patch tokens
+    fp32/head_zeroshot.onnx            embeddings + text prototypes -> scores, grid map
+    fp32/head_fewshot.onnx             ... + reference memory -> scores, grid map
+    categories/<name>/text.npz         prompt-ensemble text embeddings of one category
+    categories/<name>/memory.npz       few-shot reference memory (optional)
+
+Text prototypes and memory are graph *inputs*, never constants, so adding a category or
+reference images never touches a graph. Every write goes through a temporary file and an
+atomic rename, so an interrupted command leaves the previous, valid bundle behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import ClipInspectError
+
+FORMAT_NAME = "clipinspect-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH_NAMES = ("encoder", "head_zeroshot", "head_fewshot")
+_CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
+
+
+class BundleError(ClipInspectError, ValueError):
+    """A bundle that cannot be used as it is; the message says what to do."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def file_entry(root: Path, relpath: str, **extra: Any) -> dict[str, Any]:
+    """Manifest entry of a bundle file: relative path, sha256, size."""
+    path = root / relpath
+    return {"file": relpath, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
+
+
+def check_category_name(name: str) -> str:
+    if not isinstance(name, str) or not _CATEGORY_RE.match(name):
+        raise BundleError(
+            f"invalid category name {name!r}: use 1-64 letters, digits, spaces, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def category_dir(name: str) -> str:
+    return "categories/" + check_category_name(name).replace(" ", "_")
+
+
+@dataclass
+class CategoryData:
+    """Arrays the scoring head needs for one category.
+
+    text_prototypes: (2, D) float32, rows [normal, anomalous], raw (not normalized) means.
+    memory: few-shot reference memory or None; keys ``memory_patch_tokens`` (K*P, C) and
+        ``memory_window_embeddings_<k>`` (K*W_k, D) per scale.
+    """
+
+    name: str
+    text_prototypes: np.ndarray
+    memory: dict[str, np.ndarray] | None
+    shots: int
+    thresholds: dict[str, float] | None
+
+
+class Bundle:
+    """A validated bundle directory. Open with :meth:`Bundle.open`."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.manifest = manifest
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify_checksums: bool = True) -> "Bundle":
+        root = Path(path)
+        if not root.exists():
+            raise BundleError(f"bundle {str(root)!r} does not exist: pass the directory written by "
+                              "'clipinspect export'")
+        if not root.is_dir():
+            raise BundleError(f"bundle {str(root)!r} is a file; a bundle is the directory written "
+                              "by 'clipinspect export'")
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"{str(mpath)!r} is missing: {str(root)!r} is not a clipinspect bundle "
+                              "(or its export was interrupted); export it again")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{str(mpath)!r} is not valid JSON ({e}); export the bundle again") from e
+        bundle = cls(root, manifest)
+        bundle._validate(verify_checksums)
+        return bundle
+
+    def _validate(self, verify_checksums: bool) -> None:
+        m = self.manifest
+        if m.get("format") != FORMAT_NAME:
+            raise BundleError(f"{str(self.root / MANIFEST)!r} is not a clipinspect manifest "
+                              f"(format={m.get('format')!r})")
+        version = m.get("format_version")
+        if version != FORMAT_VERSION:
+            hint = ("upgrade clipinspect" if isinstance(version, int) and version > FORMAT_VERSION
+                    else "export the bundle again with this version")
+            raise BundleError(f"bundle format version {version!r} is not supported (this clipinspect "
+                              f"reads version {FORMAT_VERSION}): {hint}")
+        for key in ("model", "input", "grid", "scales", "dims", "graphs", "categories"):
+            if key not in m:
+                raise BundleError(f"manifest of {str(self.root)!r} lacks {key!r}; export it again")
+        if "fp32" not in m["graphs"]:
+            raise BundleError(f"bundle {str(self.root)!r} has no fp32 graphs; export it again")
+        for precision, graphs in m["graphs"].items():
+            for name in GRAPH_NAMES:
+                if name not in graphs:
+                    raise BundleError(f"bundle {str(self.root)!r} lists no {precision} {name} graph; "
+                                      "export it again")
+                self._check_file(graphs[name], f"{precision} {name} graph", verify_checksums)
+        for name, entry in m["categories"].items():
+            self._check_file(entry["text"], f"text embeddings of category {name!r}", verify_checksums)
+            if entry.get("memory"):
+                self._check_file(entry["memory"], f"few-shot memory of category {name!r}",
+                                 verify_checksums)
+
+    def _check_file(self, entry: dict[str, Any], what: str, verify: bool) -> None:
+        path = self.root / entry["file"]
+        if not path.is_file():
+            raise BundleError(f"bundle {str(self.root)!r}: the {what} {entry['file']!r} is missing; "
+                              "copy the whole bundle directory or export it again")
+        if verify:
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                raise BundleError(
+                    f"bundle {str(self.root)!r}: the {what} {entry['file']!r} was modified (sha256 "
+                    f"{digest[:12]}..., manifest says {entry['sha256'][:12]}...); restore it or "
+                    "export the bundle again"
+                )
+
+    # ------------------------------------------------------------- properties
+    @property
+    def input_size(self) -> tuple[int, int]:
+        h, w = self.manifest["input"]["size"]
+        return int(h), int(w)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        gh, gw = self.manifest["grid"]
+        return int(gh), int(gw)
+
+    @property
+    def scales(self) -> list[int]:
+        return [int(k) for k in self.manifest["scales"]]
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(self.manifest["categories"])
+
+    @property
+    def precisions(self) -> list[str]:
+        return sorted(self.manifest["graphs"])
+
+    @property
+    def identity(self) -> str:
+        """Short identity for reports: model, weights and a digest of the fp32 encoder."""
+        model = self.manifest["model"]
+        weights = model["weights"]
+        tag = weights.get("tag") or weights.get("sha256", "")[:12] or weights["kind"]
+        enc = self.manifest["graphs"]["fp32"]["encoder"]["sha256"][:12]
+        return f"{model['name']}/{tag}/enc-{enc}"
+
+    def graph_path(self, precision: str, name: str) -> Path:
+        graphs = self.manifest["graphs"]
+        if precision not in graphs:
+            raise BundleError(f"bundle {str(self.root)!r} has no {precision!r} graphs (it has "
+                              f"{', '.join(sorted(graphs))}); create them with 'clipinspect quantize'")
+        return self.root / graphs[precision][name]["file"]
+
+    def category(self, name: str) -> CategoryData:
+        entries = self.manifest["categories"]
+        if name not in entries:
+            known = ", ".join(sorted(entries)) or "none"
+            raise BundleError(f"unknown category {name!r}; this bundle has: {known}. Add it with "
+                              f"'clipinspect add-category {self.root} {name!r}'")
+        entry = entries[name]
+        with np.load(self.root / entry["text"]["file"]) as text:
+            prototypes = np.ascontiguousarray(text["prototypes"], dtype=np.float32)
+        memory = None
+        shots = 0
+        if entry.get("memory"):
+            with np.load(self.root / entry["memory"]["file"]) as mem:
+                memory = {k: np.ascontiguousarray(mem[k], dtype=np.float32) for k in mem.files}
+            shots = int(entry["memory"]["shots"])
+        return CategoryData(name, prototypes, memory, shots, entry.get("thresholds"))
+
+    # ----------------------------------------------------------------- writing
+    def file_entry(self, relpath: str, **extra: Any) -> dict[str, Any]:
+        return file_entry(self.root, relpath, **extra)
+
+    def save_manifest(self) -> None:
+        atomic_write_bytes(self.root / MANIFEST,
+                           (json.dumps(self.manifest, indent=2, sort_keys=False) + "\n").encode())
+
+    def set_memory(self, category: str, arrays: dict[str, np.ndarray], sources: Iterable[str],
+                   shots: int) -> None:
+        """Store few-shot reference memory for ``category`` (replacing any earlier memory)."""
+        if category not in self.manifest["categories"]:
+            self.category(category)  # raises the unknown-category error
+        rel = f"{category_dir(category)}/memory.npz"
+        atomic_save_npz(self.root / rel, arrays)
+        self.manifest["categories"][category]["memory"] = self.file_entry(
+            rel, shots=int(shots), sources=[str(s) for s in sources])
+        self.save_manifest()
+
+    def clear_memory(self, category: str) -> None:
+        entry = self.manifest["categories"].get(category)
+        if entry and entry.get("memory"):
+            (self.root / entry["memory"]["file"]).unlink(missing_ok=True)
+            entry["memory"] = None
+            self.save_manifest()
+
+    def set_thresholds(self, category: str, thresholds: dict[str, float]) -> None:
+        if category not in self.manifest["categories"]:
+            self.category(category)
+        self.manifest["categories"][category]["thresholds"] = {k: float(v) for k, v in
+                                                                thresholds.items()}
+        self.save_manifest()

@@ -1,0 +1,122 @@
+"""Image input: decode paths, PIL images or arrays to RGB, and the CLIP preprocessing.
+
+Preprocessing follows the WinCLIP reference: the whole image resized to the model's input size
+(bicubic, antialiased; no crop), then normalized with the CLIP mean and std.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ClipInspectError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageError(ClipInspectError, ValueError):
+    """One input image that cannot be used; the message names it and the problem."""
+
+
+def describe(item: ImageInput) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    if isinstance(item, Image.Image):
+        return f"<PIL image {item.mode} {item.size[0]}x{item.size[1]}>"
+    if isinstance(item, np.ndarray):
+        return f"<array {item.dtype} {'x'.join(map(str, item.shape))}>"
+    return f"<{type(item).__name__}>"
+
+
+def to_rgb_array(item: ImageInput) -> np.ndarray:
+    """Decode one input to an RGB uint8 array (H, W, 3). Raises ImageError."""
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if path.is_dir():
+            raise ImageError(f"{str(path)!r} is a directory, expected an image file")
+        if not path.exists():
+            raise ImageError(f"{str(path)!r} does not exist")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return _pil_to_rgb(im, str(path))
+        except UnidentifiedImageError:
+            raise ImageError(f"{str(path)!r} is not an image file PIL can read "
+                             "(corrupt or unsupported format)") from None
+        except (OSError, SyntaxError) as e:
+            raise ImageError(f"{str(path)!r} is corrupt or truncated: {e}") from None
+    if isinstance(item, Image.Image):
+        return _pil_to_rgb(item, describe(item))
+    if isinstance(item, np.ndarray):
+        return _array_to_rgb(item)
+    raise ImageError(f"unsupported image input {describe(item)}: pass a file path, a PIL image "
+                     "or an HxWx3 uint8 array")
+
+
+def _pil_to_rgb(im: Image.Image, name: str) -> np.ndarray:
+    if im.width == 0 or im.height == 0:
+        raise ImageError(f"{name} has zero size ({im.width}x{im.height})")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale (common for industrial cameras): scale to 8 bit, keep the full range.
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite on black rather than dropping alpha, so transparent areas stay uniform.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise ImageError(f"array of shape {arr.shape} is not an image: expected HxW, HxWx1, "
+                         "HxWx3 or HxWx4")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"array image has zero size (shape {arr.shape})")
+    if arr.dtype != np.uint8:
+        raise ImageError(f"array image has dtype {arr.dtype}, expected uint8 (0-255); convert "
+                         "with np.clip(a, 0, 255).astype(np.uint8)")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] == 1:
+        return np.repeat(arr, 3, axis=2)
+    if arr.shape[2] == 4:
+        return _pil_to_rgb(Image.fromarray(arr, "RGBA"), describe(arr))
+    return np.ascontiguousarray(arr)
+
+
+def preprocess(rgb: np.ndarray, size: tuple[int, int], mean: Sequence[float],
+               std: Sequence[float]) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> normalized float32 (3, size_h, size_w)."""
+    h, w = size
+    im = Image.fromarray(rgb)
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.Resampling.BICUBIC)  # PIL's resize is antialiased
+    x = np.asarray(im, dtype=np.float32) * np.float32(1.0 / 255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def expand_inputs(items: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    """Accept one input or a sequence; directories expand to their image files (sorted)."""
+    if isinstance(items, (str, os.PathLike, Image.Image, np.ndarray)):
+        items = [items]
+    out: list[ImageInput] = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+            files = sorted(p for p in Path(item).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ImageError(f"directory {str(item)!r} holds no image files "
+                                 f"({', '.join(IMAGE_SUFFIXES)})")
+            out.extend(files)
+        else:
+            out.append(item)
+    return out

@@ -1,0 +1,231 @@
+"""The Inspector: images in, image scores and anomaly maps out. numpy + onnxruntime only.
+
+Stages, each nameable and timeable on its own:
+  load      decode + resize + normalize on the host (worker threads, overlapping inference)
+  encode    encoder graph: image embedding, window embeddings per scale, patch tokens
+  score     scoring head graph: image scores and the anomaly map on the patch grid
+  post      upsampling of the grid map to each input's size, optional smoothing, thresholds
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .backends import OrtBackend, default_threads
+from .bundle import Bundle, BundleError
+from .images import ImageError, ImageInput, describe, preprocess, to_rgb_array
+from .maps import gaussian_blur, upsample
+
+MODES = ("auto", "zero-shot", "few-shot")
+
+
+@dataclass
+class InspectionResult:
+    """Result for one input image. ``error`` is set (and the rest None) if it could not be used.
+
+    anomaly_map: (H, W) float32 at the input image's own size, higher = more anomalous.
+    mask: (H, W) bool, where the bundle has a pixel threshold for the category.
+    """
+
+    source: str
+    image_score: float | None = None
+    anomaly_map: np.ndarray | None = None
+    is_anomalous: bool | None = None
+    mask: np.ndarray | None = None
+    error: str | None = None
+    mode: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        out = {"source": self.source, "image_score": self.image_score, "mode": self.mode}
+        if self.anomaly_map is not None:
+            out["map_max"] = float(self.anomaly_map.max())
+            out["size"] = list(self.anomaly_map.shape)
+        if self.is_anomalous is not None:
+            out["is_anomalous"] = bool(self.is_anomalous)
+        if self.mask is not None:
+            out["mask_pixels"] = int(self.mask.sum())
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class _Loaded:
+    index: int
+    source: str
+    tensor: np.ndarray | None = None   # (3, h, w) float32
+    size: tuple[int, int] | None = None
+    image: np.ndarray | None = None
+    error: str | None = None
+
+
+class Inspector:
+    """Runs a bundle. Create with :meth:`Inspector.open`."""
+
+    def __init__(self, bundle: Bundle, backend: OrtBackend, precision: str):
+        self.bundle = bundle
+        self.backend = backend
+        self.precision = precision
+        self.stage_seconds = {"load": 0.0, "encode": 0.0, "score": 0.0, "post": 0.0}
+        self._categories: dict[str, object] = {}
+
+    @classmethod
+    def open(cls, bundle: str | Path | Bundle, precision: str = "fp32", provider: str = "cpu",
+             threads: int | None = None, verify_checksums: bool = True) -> "Inspector":
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.open(bundle, verify_checksums=verify_checksums)
+        heads = {name: bundle.graph_path(precision, name) for name in ("head_zeroshot",
+                                                                      "head_fewshot")}
+        backend = OrtBackend(bundle.graph_path(precision, "encoder"), heads, provider=provider,
+                             threads=threads or default_threads(),
+                             cache_dir=bundle.root / "cache" / "ort-trt", fp16=precision == "fp16")
+        return cls(bundle, backend, precision)
+
+    # --------------------------------------------------------------- loading
+    def _load_one(self, index: int, item: ImageInput, keep_image: bool) -> _Loaded:
+        source = describe(item)
+        try:
+            rgb = to_rgb_array(item)
+        except ImageError as e:
+            return _Loaded(index, source, error=str(e))
+        manifest = self.bundle.manifest["input"]
+        tensor = preprocess(rgb, self.bundle.input_size, manifest["mean"], manifest["std"])
+        return _Loaded(index, source, tensor, rgb.shape[:2], rgb if keep_image else None)
+
+    def _batches(self, items: Sequence[ImageInput], batch_size: int, keep_image: bool,
+                 workers: int = 2) -> Iterator[list[_Loaded]]:
+        """Yield loaded batches; the next batch decodes while the caller runs the current one."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        starts = range(0, len(items), batch_size)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipinspect-load") as pool:
+            def submit(start: int) -> list[Future]:
+                return [pool.submit(self._load_one, i, items[i], keep_image)
+                        for i in range(start, min(start + batch_size, len(items)))]
+            pending = submit(0) if len(items) else []
+            for n, _ in enumerate(starts):
+                t0 = time.perf_counter()
+                current = [f.result() for f in pending]
+                self.stage_seconds["load"] += time.perf_counter() - t0
+                pending = submit(starts[n + 1]) if n + 1 < len(starts) else []
+                yield current
+
+    # ------------------------------------------------------------ embeddings
+    def embed(self, images: Sequence[ImageInput], batch_size: int = 8
+              ) -> tuple[dict[str, np.ndarray], list[str], list[tuple[str, str]]]:
+        """Encoder outputs of the usable images, concatenated over the batch axis.
+
+        Returns (outputs, sources used, [(source, error)] of images that could not be used).
+        """
+        chunks: dict[str, list[np.ndarray]] = {}
+        used: list[str] = []
+        failed: list[tuple[str, str]] = []
+        for batch in self._batches(list(images), batch_size, keep_image=False):
+            good = [b for b in batch if b.error is None]
+            failed += [(b.source, b.error) for b in batch if b.error is not None]
+            if not good:
+                continue
+            encoded = self.backend.to_host(self.backend.encode(np.stack([b.tensor for b in good])))
+            for k, v in encoded.items():
+                chunks.setdefault(k, []).append(v)
+            used += [b.source for b in good]
+        return {k: np.concatenate(v) for k, v in chunks.items()}, used, failed
+
+    def add_references(self, category: str, images: Sequence[ImageInput], batch_size: int = 8
+                       ) -> tuple[int, list[tuple[str, str]]]:
+        """Compute few-shot reference memory from normal images and store it in the bundle.
+
+        Replaces earlier memory of the category. Returns (shots stored, failed images).
+        """
+        self.bundle.category(category)  # unknown category -> error before any work
+        outputs, used, failed = self.embed(images, batch_size)
+        if not used:
+            detail = "; ".join(f"{s}: {e}" for s, e in failed[:3])
+            raise ImageError(f"no usable reference image for {category!r}: {detail or 'none given'}")
+        memory = {"memory_patch_tokens": outputs["patch_tokens"].reshape(
+            -1, outputs["patch_tokens"].shape[-1])}
+        for k in self.bundle.scales:
+            emb = outputs[f"window_embeddings_{k}"]
+            memory[f"memory_window_embeddings_{k}"] = emb.reshape(-1, emb.shape[-1])
+        self.bundle.set_memory(category, memory, used, shots=len(used))
+        self._categories.pop(category, None)
+        return len(used), failed
+
+    # ------------------------------------------------------------- inspection
+    def _category_inputs(self, category: str, mode: str) -> tuple[str, dict[str, np.ndarray], object]:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        if category not in self._categories:
+            self._categories[category] = self.bundle.category(category)
+        data = self._categories[category]
+        if mode == "few-shot" and data.memory is None:
+            raise BundleError(f"category {category!r} has no reference images; add them with "
+                              f"'clipinspect fewshot {self.bundle.root} --category {category} DIR'")
+        use_fewshot = data.memory is not None and mode != "zero-shot"
+        extra = {"text_prototypes": data.text_prototypes}
+        if use_fewshot:
+            extra.update(data.memory)
+        return ("head_fewshot" if use_fewshot else "head_zeroshot"), extra, data
+
+    def inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
+                batch_size: int = 8, mode: str = "auto", smoothing_sigma: float = 0.0,
+                keep_images: bool = False,
+                progress: Callable[[int], None] | None = None) -> list[InspectionResult]:
+        """Inspect images of one category.
+
+        images: paths, PIL images or HxW(x3|x4) uint8 arrays, any size; a single one is accepted.
+        mode: "auto" (few-shot when the category has references), "zero-shot" or "few-shot".
+        smoothing_sigma: Gaussian smoothing of the upsampled map in pixels (0 = off, as the
+            reference). One unusable image yields a result with ``error`` set; the rest proceed.
+        """
+        if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
+            images = [images]
+        head, extra, data = self._category_inputs(category, mode)
+        mode_used = "few-shot" if head == "head_fewshot" else "zero-shot"
+        thresholds = data.thresholds or {}
+        results: list[InspectionResult | None] = [None] * len(images)
+        for batch in self._batches(list(images), batch_size, keep_images):
+            for b in batch:
+                if b.error is not None:
+                    results[b.index] = InspectionResult(b.source, error=b.error)
+            good = [b for b in batch if b.error is None]
+            if good:
+                t0 = time.perf_counter()
+                encoded = self.backend.encode(np.stack([b.tensor for b in good]))
+                t1 = time.perf_counter()
+                scored = self.backend.score(encoded, head, extra)
+                t2 = time.perf_counter()
+                self.stage_seconds["encode"] += t1 - t0
+                self.stage_seconds["score"] += t2 - t1
+                for j, b in enumerate(good):
+                    results[b.index] = self._finish(b, float(scored["image_score"][j]),
+                                                    scored["anomaly_grid"][j], thresholds,
+                                                    smoothing_sigma, mode_used)
+                self.stage_seconds["post"] += time.perf_counter() - t2
+            if progress:
+                progress(len(batch))
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _finish(b: _Loaded, score: float, grid: np.ndarray, thresholds: dict, sigma: float,
+                mode: str) -> InspectionResult:
+        amap = upsample(grid, b.size)
+        if sigma > 0:
+            amap = gaussian_blur(amap, sigma)
+        result = InspectionResult(b.source, score, amap, mode=mode, image=b.image)
+        if "image" in thresholds:
+            result.is_anomalous = score >= thresholds["image"]
+        if "pixel" in thresholds:
+            result.mask = amap >= thresholds["pixel"]
+        return result
