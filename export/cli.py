@@ -1,0 +1,89 @@
+"""``clipinspect export``, ``add-category`` and ``demo``. Registering imports nothing heavy;
+torch and open_clip are imported only when one of these commands runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from clipinspect.runtime.errors import ClipInspectError
+
+
+class MissingExtra(ClipInspectError):
+    pass
+
+
+def _exporter():
+    try:
+        from . import exporter
+    except ImportError as e:
+        raise MissingExtra(f"this command needs the export extra ({e.name or e} is not installed): "
+                           "pip install 'clipinspect[export]'") from e
+    return exporter
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    ex = _exporter()
+    ex.export_bundle(args.out, args.model, args.pretrained, _csv(args.categories),
+                     scales=[int(k) for k in _csv(args.scales)], opset=args.opset,
+                     tolerance=args.tolerance, strict=not args.no_strict_parity,
+                     overwrite=args.overwrite, seed=args.seed)
+    return 0
+
+
+def cmd_add_category(args: argparse.Namespace) -> int:
+    ex = _exporter()
+    ex.add_categories(args.bundle, args.names, args.pretrained, replace=args.replace)
+    print(f"added {', '.join(args.names)} to {args.bundle}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import run_demo
+    except ImportError as e:
+        raise MissingExtra(f"the demo needs the export extra ({e.name or e} is not installed): "
+                           "pip install 'clipinspect[export,cpu]'") from e
+    run_demo(args.out, model=args.model, pretrained=args.pretrained, shots=args.shots,
+             categories=_csv(args.categories) or None, seed=args.seed, batch_size=args.batch_size)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export an open_clip CLIP into a WinCLIP bundle (torch)")
+    p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model name")
+    p.add_argument("--pretrained", default="laion400m_e31",
+                   help="open_clip tag, local checkpoint file, or 'none' (random init, for tests)")
+    p.add_argument("--categories", default="", help="comma-separated category names")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--scales", default="2,3", help="window scales (default 2,3)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest |onnxruntime - torch| accepted (FP32), default 1e-4")
+    p.add_argument("--no-strict-parity", action="store_true",
+                   help="keep the bundle even if the parity check fails (it is recorded)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init with 'none'")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("add-category", help="add categories' text embeddings to a bundle (torch)")
+    p.add_argument("bundle")
+    p.add_argument("names", nargs="+", help="category names as they should appear in prompts")
+    p.add_argument("--pretrained", default=None,
+                   help="where the export's weights are now, if the recorded path moved")
+    p.add_argument("--replace", action="store_true", help="recompute an existing category")
+    p.set_defaults(func=cmd_add_category)
+
+    p = sub.add_parser("demo", help="synthetic data -> export -> few-shot -> inspect -> report")
+    p.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
+    p.add_argument("--model", default="ViT-B-16-plus-240")
+    p.add_argument("--pretrained", default="laion400m_e31",
+                   help="tried first; random weights (loudly reported) if it cannot be loaded")
+    p.add_argument("--categories", default="", help="synthetic categories (default: two of them)")
+    p.add_argument("--shots", type=int, default=2, help="few-shot reference images per category")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=cmd_demo)

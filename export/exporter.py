@@ -1,0 +1,365 @@
+"""Export an open_clip CLIP into a WinCLIP bundle (ONNX graphs + text embeddings + manifest)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from clipinspect.runtime.errors import ClipInspectError
+from clipinspect.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle, atomic_save_npz,
+                                        atomic_write_bytes, category_dir, check_category_name,
+                                        file_entry, sha256_file)
+
+from .text import category_text, encode_texts, load_ensemble
+from .winclip_torch import WinClipEncoder, WinClipHead
+
+DEFAULT_MODEL = "ViT-B-16-plus-240"
+DEFAULT_PRETRAINED = "laion400m_e31"
+PARITY_TOLERANCE = 1e-4
+PROBE_PROMPT = "a photo of an object."
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: exporting with RANDOM weights (--pretrained none). Scores and maps are meaningless "
+    "for inspection; use this only for tests and benchmarks. The bundle records it.")
+
+
+class ExportError(ClipInspectError, RuntimeError):
+    """Export cannot go on; the message says what to change."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("clipinspect", "torch", "open_clip_torch", "onnx", "onnxruntime",
+                 "onnxruntime-gpu", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------- model loading
+def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
+    """-> (model in eval mode, tokenizer, weights record for the manifest).
+
+    pretrained: an open_clip tag, a local open_clip checkpoint file, or None / "none" for a
+    seeded random init (recorded, and warned about).
+    """
+    import open_clip
+
+    if model_name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if model_name.lower()[:5] in m.lower()][:8]
+        raise ExportError(f"unknown open_clip model {model_name!r}"
+                          + (f"; similar: {', '.join(close)}" if close else "")
+                          + ". See open_clip.list_models()")
+    if pretrained in (None, "", "none", "None"):
+        log(RANDOM_WEIGHTS_WARNING)
+        torch.manual_seed(seed)
+        with _quiet_open_clip():
+            model = open_clip.create_model(model_name, pretrained=None)
+        weights = {"kind": "random", "seed": seed}
+    elif os.path.isfile(pretrained):
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as e:  # open_clip raises several types for a wrong checkpoint
+            raise ExportError(f"could not load checkpoint {pretrained!r} into {model_name}: {e}. "
+                              "Is it an open_clip checkpoint of this model?") from e
+        weights = {"kind": "file", "path": str(Path(pretrained).resolve()),
+                   "sha256": sha256_file(Path(pretrained))}
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            hint = f"known tags for {model_name}: {', '.join(tags) or 'none'}"
+            if os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")):
+                hint = f"no such file ({hint})"
+            raise ExportError(f"--pretrained {pretrained!r} is neither a local checkpoint file nor "
+                              f"an open_clip tag; {hint}; or 'none' for random weights")
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as e:
+            raise ExportError(
+                f"could not load pretrained weights {model_name}/{pretrained}: {e}. Without "
+                "internet access, download the checkpoint elsewhere and pass its path with "
+                "--pretrained PATH (or --pretrained none for random weights)") from e
+        weights = {"kind": "tag", "tag": pretrained}
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    weights["text_probe"] = text_probe(model, tokenizer)
+    return model, tokenizer, weights
+
+
+class _quiet_open_clip:
+    """open_clip logs its own random-init warning; ours is louder and says what it means."""
+
+    def __enter__(self):
+        import logging
+        self._level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        import logging
+        logging.getLogger().setLevel(self._level)
+
+
+def text_probe(model, tokenizer) -> list[float]:
+    """A fingerprint of the text tower: lets add-category prove it loaded the same weights."""
+    return [round(float(v), 6) for v in encode_texts(model, tokenizer, [PROBE_PROMPT])[0, :16]]
+
+
+def preprocess_config(model) -> dict:
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = model.visual.image_size
+    size = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    return {"size": size, "mean": [float(v) for v in cfg.get("mean", OPENAI_DATASET_MEAN)],
+            "std": [float(v) for v in cfg.get("std", OPENAI_DATASET_STD)],
+            "resize": "bicubic-antialiased, whole image, no crop", "layout": "NCHW float32 RGB"}
+
+
+# ------------------------------------------------------------------------------- ONNX export
+def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
+            output_names: list[str], dynamic_axes: dict, opset: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values
+        torch.onnx.export(module, args, str(path), input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes,
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    import onnx
+    onnx.checker.check_model(str(path))
+
+
+def encoder_names(scales: Sequence[int]) -> list[str]:
+    return ["image_embedding", *[f"window_embeddings_{k}" for k in scales], "patch_tokens"]
+
+
+def export_graphs(encoder: WinClipEncoder, heads: dict[str, WinClipHead], root: Path,
+                  opset: int) -> dict[str, str]:
+    """Write fp32/encoder.onnx and fp32/head_*.onnx; returns name -> relative path."""
+    size = encoder.visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    example = torch.randn(2, 3, *size)
+    outs = encoder_names(encoder.scales)
+    files = {"encoder": "fp32/encoder.onnx"}
+    _export(encoder, (example,), root / files["encoder"], ["images"], outs,
+            {"images": {0: "batch"}, **{n: {0: "batch"} for n in outs}}, opset)
+    with torch.no_grad():
+        encoded = dict(zip(outs, encoder(example)))
+    for name, head in heads.items():
+        inputs = head_example_inputs(head, encoded)
+        axes = {n: ({0: "memory_" + n[len("memory_"):]} if n.startswith("memory_")
+                    else {} if n == "text_prototypes" else {0: "batch"}) for n in inputs}
+        axes.update(image_score={0: "batch"}, anomaly_grid={0: "batch"})
+        files[name] = f"fp32/{name}.onnx"
+        _export(head, tuple(inputs.values()), root / files[name], list(inputs),
+                ["image_score", "anomaly_grid"], axes, opset)
+    return files
+
+
+def head_example_inputs(head: WinClipHead, encoded: dict[str, torch.Tensor],
+                        prototypes: torch.Tensor | None = None,
+                        memory: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    dim = encoded["image_embedding"].shape[-1]
+    if prototypes is None:
+        prototypes = torch.randn(2, dim, generator=torch.Generator().manual_seed(1))
+    if memory is None:
+        # Memory of a *different* shape from the batch, so the traced graph keeps it dynamic.
+        memory = {"memory_patch_tokens": encoded["patch_tokens"][:1].flatten(0, 1)}
+        memory.update({f"memory_{n}": encoded[n][:1].flatten(0, 1)
+                       for n in encoded if n.startswith("window_embeddings_")})
+    pool = {**encoded, "text_prototypes": prototypes, **memory}
+    return {n: pool[n] for n in head.input_names()}
+
+
+# ------------------------------------------------------------------------------- parity check
+def check_parity(root: Path, files: dict[str, str], encoder: WinClipEncoder,
+                 heads: dict[str, WinClipHead], prototypes: torch.Tensor, n_images: int = 3,
+                 seed: int = 123) -> dict:
+    """Run onnxruntime and the torch modules on the same inputs; max |difference| per graph."""
+    import onnxruntime as ort
+
+    size = encoder.visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n_images, 3, *size, generator=gen)
+    references = torch.randn(2, 3, *size, generator=gen)
+    names = encoder_names(encoder.scales)
+
+    def session(name):
+        return ort.InferenceSession(str(root / files[name]), providers=["CPUExecutionProvider"])
+
+    enc = session("encoder")
+    with torch.no_grad():
+        torch_out = dict(zip(names, encoder(images)))
+        torch_ref = dict(zip(names, encoder(references)))
+    ort_out = dict(zip(names, enc.run(None, {"images": images.numpy()})))
+    result = {"encoder": max(float(np.abs(ort_out[n] - torch_out[n].numpy()).max()) for n in names)}
+    memory = {"memory_patch_tokens": torch_ref["patch_tokens"].flatten(0, 1)}
+    memory.update({f"memory_{n}": torch_ref[n].flatten(0, 1) for n in names
+                   if n.startswith("window_")})
+    for name, head in heads.items():
+        inputs = head_example_inputs(head, torch_out, prototypes, memory)
+        with torch.no_grad():
+            expected = [t.numpy() for t in head(*inputs.values())]
+        got = session(name).run(None, {k: v.numpy() for k, v in inputs.items()})
+        result[name] = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+    return result
+
+
+# ------------------------------------------------------------------------------------ bundle
+def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
+                  pretrained: str | None = DEFAULT_PRETRAINED, categories: Sequence[str] = (),
+                  scales: Sequence[int] = (2, 3), opset: int = 17,
+                  tolerance: float = PARITY_TOLERANCE, strict: bool = True,
+                  overwrite: bool = False, seed: int = 0) -> Bundle:
+    """Export a bundle to ``out``. Written to a temporary directory next to it and moved into
+    place only when complete, so a failure never leaves a half bundle behind."""
+    out = Path(out)
+    categories = [check_category_name(c) for c in categories]
+    scales = tuple(sorted({int(k) for k in scales}))
+    if opset < 17:
+        raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset >= 17")
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise ExportError(f"{str(out)!r} exists and is not empty; choose another --out or pass "
+                          "--overwrite")
+    t_start = time.perf_counter()
+    log(f"[1/5] loading {model_name} (weights: {pretrained or 'random'})")
+    model, tokenizer, weights = load_clip(model_name, pretrained, seed)
+    encoder = WinClipEncoder(model.visual, scales).eval()
+    heads = {"head_zeroshot": WinClipHead(encoder.grid, scales, few_shot=False).eval(),
+             "head_fewshot": WinClipHead(encoder.grid, scales, few_shot=True).eval()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        log(f"[2/5] exporting ONNX graphs (opset {opset})")
+        files = export_graphs(encoder, heads, tmp, opset)
+        ensemble = load_ensemble("winclip")
+        text_entries = {}
+        for i, name in enumerate(categories):
+            log(f"[3/5] text embeddings for {name!r} ({i + 1}/{len(categories)})")
+            text_entries[name] = write_category_text(tmp, model, tokenizer, name, ensemble)
+        log("[4/5] checking onnxruntime against PyTorch")
+        if categories:
+            with np.load(tmp / text_entries[categories[0]]["text"]["file"]) as t:
+                prototypes = torch.from_numpy(t["prototypes"])
+        else:
+            prototypes = torch.randn(2, model.visual.output_dim)
+        parity = check_parity(tmp, files, encoder, heads, prototypes)
+        worst = max(parity.values())
+        passed = worst <= tolerance
+        log(f"      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
+                                                             parity.items()))
+        if not passed and strict:
+            raise ExportError(f"exported graphs differ from PyTorch by {worst:.3e} > {tolerance:g} "
+                              "(FP32); pass --no-strict-parity to keep them anyway")
+        log("[5/5] writing manifest")
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": "winclip",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": model_name, "weights": weights},
+            "input": preprocess_config(model),
+            "grid": list(encoder.grid), "patch_size": int(model.visual.patch_size[0]),
+            "scales": list(scales),
+            "windows": {str(k): int(getattr(encoder, f"windows_{k}").shape[0]) for k in scales},
+            "dims": {"embed": int(model.visual.output_dim),
+                     "width": int(model.visual.conv1.out_channels),
+                     "patches": encoder.grid[0] * encoder.grid[1]},
+            "temperature": 0.07,
+            "opset": opset,
+            "graphs": {},
+            "parity": {"fp32": {"max_abs_diff": parity, "tolerance": tolerance, "passed": passed,
+                                "images": 3, "reference": "torch modules of clipinspect.export"}},
+            "versions": package_versions(),
+            "categories": text_entries,
+        }
+        bundle = Bundle(tmp, manifest)
+        manifest["graphs"]["fp32"] = {
+            name: bundle.file_entry(rel, inputs=_io_names(tmp / rel, "inputs"),
+                                    outputs=_io_names(tmp / rel, "outputs"))
+            for name, rel in files.items()}
+        bundle.save_manifest()
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"bundle written to {out} in {time.perf_counter() - t_start:.0f} s")
+    return Bundle.open(out)
+
+
+def _io_names(path: Path, which: str) -> list[str]:
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [v.name for v in (graph.input if which == "inputs" else graph.output)]
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise ExportError(f"{str(out)!r} appeared while exporting; not overwriting it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict) -> dict:
+    """Write categories/<name>/text.npz and prompts.json; returns the manifest entry."""
+    arrays, record = category_text(model, tokenizer, name, ensemble)
+    folder = category_dir(name)
+    atomic_save_npz(root / folder / "text.npz", arrays)
+    atomic_write_bytes(root / folder / "prompts.json", (json.dumps(record, indent=1) + "\n").encode())
+    return {"text": file_entry(root, f"{folder}/text.npz"), "prompts": f"{folder}/prompts.json",
+            "n_normal_prompts": len(record["normal"]),
+            "n_anomalous_prompts": len(record["anomalous"]), "memory": None, "thresholds": None}
+
+
+def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: str | None = None,
+                   replace: bool = False, progress: Callable[[str], None] = log) -> Bundle:
+    """Add categories' text embeddings to an existing bundle (reloads the same CLIP weights)."""
+    bundle = Bundle.open(bundle_path)
+    names = [check_category_name(n) for n in names]
+    existing = [n for n in names if n in bundle.manifest["categories"]]
+    if existing and not replace:
+        raise ExportError(f"category {existing[0]!r} is already in the bundle; pass --replace to "
+                          "recompute its text embeddings")
+    model_name = bundle.manifest["model"]["name"]
+    weights = bundle.manifest["model"]["weights"]
+    source = pretrained or {"tag": weights.get("tag"), "file": weights.get("path"),
+                            "random": None}[weights["kind"]]
+    if weights["kind"] == "file" and pretrained is None and not os.path.isfile(source):
+        raise ExportError(f"the checkpoint this bundle was exported from, {source!r}, is not there; "
+                          "pass its new location with --pretrained PATH")
+    model, tokenizer, loaded = load_clip(model_name, source, seed=weights.get("seed", 0))
+    if weights["kind"] == "file" and loaded.get("sha256") != weights["sha256"]:
+        raise ExportError(f"checkpoint {source!r} is not the one this bundle was exported from "
+                          "(sha256 differs)")
+    if not np.allclose(loaded["text_probe"], weights["text_probe"], rtol=1e-3, atol=1e-4):
+        raise ExportError("the loaded CLIP weights are not the ones this bundle was exported with "
+                          "(text-tower fingerprint differs); pass the right --pretrained")
+    ensemble = load_ensemble("winclip")
+    for name in names:
+        progress(f"text embeddings for {name!r}")
+        old = bundle.manifest["categories"].get(name, {})
+        entry = write_category_text(bundle.root, model, tokenizer, name, ensemble)
+        entry["memory"], entry["thresholds"] = old.get("memory"), old.get("thresholds")
+        bundle.manifest["categories"][name] = entry
+        bundle.save_manifest()
+    return bundle

@@ -1,0 +1,192 @@
+"""WinCLIP / WinCLIP+ as exportable torch modules (METHODS.md sections 1-2).
+
+Shapes: B images, C vision width, D joint embedding width, P = gh*gw patches, W_k windows of
+scale k, M memory entries. Everything here is traced into ONNX; nothing per product is baked in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TEMPERATURE = 0.07
+# Reciprocals of scores are clamped here so that a score of exactly 0 (a query identical to a
+# reference) gives a harmonic mean of ~0 instead of 0 * inf = NaN inside the matrix product.
+RECIPROCAL_FLOOR = 1e-30
+
+
+def window_indices(grid: tuple[int, int], k: int) -> torch.Tensor:
+    """(W_k, k*k) int64 patch indices of every k x k window, stride 1, row-major order."""
+    gh, gw = grid
+    if not 1 <= k <= min(gh, gw):
+        raise ValueError(f"window scale {k} does not fit the {gh}x{gw} patch grid")
+    rows = torch.arange(gh - k + 1).repeat_interleave(gw - k + 1)
+    cols = torch.arange(gw - k + 1).repeat(gh - k + 1)
+    di = torch.arange(k).repeat_interleave(k)
+    dj = torch.arange(k).repeat(k)
+    return (rows[:, None] + di[None, :]) * gw + (cols[:, None] + dj[None, :])
+
+
+def incidence(grid: tuple[int, int], k: int) -> torch.Tensor:
+    """(W_k, P) float32 window-by-patch incidence matrix (1 where the window holds the patch)."""
+    idx = window_indices(grid, k)
+    a = torch.zeros(idx.shape[0], grid[0] * grid[1])
+    a.scatter_(1, idx, 1.0)
+    return a
+
+
+class WinClipEncoder(nn.Module):
+    """images (B, 3, H, W) -> image_embedding (B, D), window_embeddings_k (B, W_k, D) per scale,
+    patch_tokens (B, P, C).
+
+    Wraps an open_clip VisionTransformer. Window sequences are [class token, the window's patch
+    tokens] taken after patch + class + positional embedding (before ln_pre); all windows of one
+    scale run through the transformer as one batch. In the last block only the class token's
+    output is needed, so only its query, attention and MLP are computed (exactly the same value).
+    """
+
+    def __init__(self, visual: nn.Module, scales: tuple[int, ...]):
+        super().__init__()
+        check_supported(visual)
+        self.visual = visual
+        self.grid = tuple(int(g) for g in visual.grid_size)
+        self.scales = tuple(int(k) for k in scales)
+        for k in self.scales:
+            self.register_buffer(f"windows_{k}", window_indices(self.grid, k) + 1, persistent=False)
+
+    def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + P, C): patch embedding, class token, positional embedding."""
+        v = self.visual
+        x = v.conv1(images).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.reshape(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+
+    def class_token_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, C) after ln_pre -> (N, C): class token after all blocks (before ln_post)."""
+        blocks = self.visual.transformer.resblocks
+        for block in blocks[:-1]:
+            x = block(x)
+        last = blocks[-1]
+        h = last.ln_1(x)
+        attended = last.attn(h[:, :1], h, h, need_weights=False)[0]
+        c = x[:, :1] + last.ls_1(attended)
+        c = c + last.ls_2(last.mlp(last.ln_2(c)))
+        return c[:, 0]
+
+    def window_embeddings(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """tokens (B, 1 + P, C) -> (B, W_k, D)."""
+        v = self.visual
+        idx = getattr(self, f"windows_{k}")
+        n_windows, n_patches = idx.shape
+        patches = tokens[:, idx]                                            # (B, W, k*k, C)
+        cls = tokens[:, :1].unsqueeze(1).expand(-1, n_windows, -1, -1)      # (B, W, 1, C)
+        seq = torch.cat([cls, patches], dim=2).reshape(-1, 1 + n_patches, tokens.shape[-1])
+        pooled = v.ln_post(self.class_token_output(v.ln_pre(seq)))          # (B*W, C)
+        return (pooled @ v.proj).reshape(tokens.shape[0], n_windows, -1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        v = self.visual
+        tokens = self.embed_tokens(images)
+        x = v.ln_post(v.transformer(v.ln_pre(tokens)))
+        image_embedding = x[:, 0] @ v.proj
+        windows = [self.window_embeddings(tokens, k) for k in self.scales]
+        return (image_embedding, *windows, x[:, 1:])
+
+
+def check_supported(visual: nn.Module) -> None:
+    """WinCLIP needs a plain class-token ViT; say clearly which part of another one is not."""
+    problems = []
+    if not all(hasattr(visual, a) for a in ("conv1", "class_embedding", "positional_embedding",
+                                            "transformer", "ln_pre", "ln_post")):
+        problems.append("not an open_clip VisionTransformer (timm or ResNet towers are not supported)")
+    else:
+        if getattr(visual, "attn_pool", None) is not None:
+            problems.append("attentional pooling")
+        if getattr(visual, "pool_type", "tok") != "tok":
+            problems.append(f"pool_type {visual.pool_type!r} (needs 'tok')")
+        if getattr(visual, "final_ln_after_pool", False):
+            problems.append("final_ln_after_pool")
+        if getattr(visual, "proj", None) is None:
+            problems.append("no output projection")
+        if not getattr(visual.transformer, "batch_first", True):
+            problems.append("sequence-first transformer (open_clip >= 2.23 is batch-first)")
+        block = visual.transformer.resblocks[-1]
+        if not all(hasattr(block, a) for a in ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")) \
+                or hasattr(block, "ln_attn"):
+            problems.append(f"transformer block type {type(block).__name__}")
+    if problems:
+        raise ValueError("this vision tower cannot be exported for WinCLIP: " + "; ".join(problems))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def class_score(x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(..., D) embeddings, (2, D) normalized [normal, anomalous] -> (...) anomalous probability."""
+    logits = normalize(x) @ text.T / TEMPERATURE
+    return logits.softmax(dim=-1)[..., 1]
+
+
+def harmonic_to_patches(scores: torch.Tensor, incidence_wp: torch.Tensor, counts: torch.Tensor
+                        ) -> torch.Tensor:
+    """Window scores (B, W) -> patch scores (B, P): n(p) / sum over windows holding p of 1/s_w."""
+    return counts / (scores.clamp_min(RECIPROCAL_FLOOR).reciprocal() @ incidence_wp)
+
+
+def association(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """(B, N, E) queries, (M, E) memory -> (B, N): min over memory of (1 - cos) / 2."""
+    return ((1.0 - normalize(x) @ normalize(memory).T) * 0.5).min(dim=-1).values
+
+
+class WinClipHead(nn.Module):
+    """Scoring graph. Inputs (in this order):
+
+    image_embedding (B, D), window_embeddings_k (B, W_k, D) per scale, [few-shot: patch_tokens
+    (B, P, C)], text_prototypes (2, D), [few-shot: memory_patch_tokens (M_p, C),
+    memory_window_embeddings_k (M_k, D) per scale].
+
+    Outputs: image_score (B,), anomaly_grid (B, gh, gw).
+    """
+
+    def __init__(self, grid: tuple[int, int], scales: tuple[int, ...], few_shot: bool):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.scales = tuple(scales)
+        self.few_shot = few_shot
+        for k in self.scales:
+            a = incidence(self.grid, k)
+            self.register_buffer(f"incidence_{k}", a, persistent=False)
+            self.register_buffer(f"counts_{k}", a.sum(dim=0), persistent=False)
+
+    def input_names(self) -> list[str]:
+        names = ["image_embedding", *[f"window_embeddings_{k}" for k in self.scales]]
+        if self.few_shot:
+            names.append("patch_tokens")
+        names.append("text_prototypes")
+        if self.few_shot:
+            names += ["memory_patch_tokens", *[f"memory_window_embeddings_{k}" for k in self.scales]]
+        return names
+
+    def aggregate(self, window_scores: torch.Tensor, k: int) -> torch.Tensor:
+        return harmonic_to_patches(window_scores, getattr(self, f"incidence_{k}"),
+                                   getattr(self, f"counts_{k}"))
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        named = dict(zip(self.input_names(), inputs))
+        text = normalize(named["text_prototypes"])
+        image_score = class_score(named["image_embedding"], text)                       # (B,)
+        maps = [image_score[:, None].expand(-1, self.grid[0] * self.grid[1])]
+        maps += [self.aggregate(class_score(named[f"window_embeddings_{k}"], text), k)
+                 for k in self.scales]
+        zero_shot = len(maps) / sum(m.clamp_min(RECIPROCAL_FLOOR).reciprocal() for m in maps)
+        if not self.few_shot:
+            return image_score, zero_shot.reshape(-1, *self.grid)
+        few = [association(named["patch_tokens"], named["memory_patch_tokens"])]
+        few += [self.aggregate(association(named[f"window_embeddings_{k}"],
+                                           named[f"memory_window_embeddings_{k}"]), k)
+                for k in self.scales]
+        few_shot = sum(few) / len(few)                                                  # (B, P)
+        score = (image_score + few_shot.max(dim=-1).values) * 0.5
+        return score, ((zero_shot + few_shot) * 0.5).reshape(-1, *self.grid)
+
