@@ -1,0 +1,1 @@
+"""Precision variants, thresholds, datasets and metrics."""
