@@ -1,0 +1,1 @@
+"""Reproducible speed measurements; results are committed under benchmarks/results/."""
