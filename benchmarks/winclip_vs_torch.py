@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16-plus-240")
     ap.add_argument("--bundle", default=None,
-                    help="existing random-weights bundle of --model (default: export one)")
+                    help="existing random-weights bundle of --model (default: export one); "
+                         "its first category's few-shot memory is replaced")
     ap.add_argument("--images", type=int, default=8, help="test images per round")
     ap.add_argument("--shots", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -66,20 +67,25 @@ def main(argv: list[str] | None = None) -> dict:
                     help="output path without extension (.json and .md are written)")
     args = ap.parse_args(argv)
 
-    import torch
+    from clipinspect.export.exporter import export_bundle
+    from clipinspect.runtime import Inspector
+
+    with tempfile.TemporaryDirectory(prefix="clipinspect-bench-") as work:
+        bundle_path = Path(args.bundle) if args.bundle else Path(work) / "bundle"
+        if not args.bundle:
+            export_bundle(bundle_path, args.model, None, ["weave"], seed=0)
+        return measure(args, Inspector.open(bundle_path))
+
+
+def measure(args: argparse.Namespace, inspector) -> dict:
     import onnxruntime
+    import torch
 
     from clipinspect.calibration.synth import render_sample
-    from clipinspect.export.exporter import export_bundle, load_clip
+    from clipinspect.export.exporter import load_clip
     from clipinspect.export.reference import WinClipReference
-    from clipinspect.runtime import Inspector
     from clipinspect.runtime.images import preprocess
 
-    work = Path(tempfile.mkdtemp(prefix="clipinspect-bench-"))
-    bundle_path = Path(args.bundle) if args.bundle else work / "bundle"
-    if not args.bundle:
-        export_bundle(bundle_path, args.model, None, ["weave"], seed=0)
-    inspector = Inspector.open(bundle_path)
     bundle = inspector.bundle
     if bundle.manifest["model"]["weights"]["kind"] != "random":
         raise SystemExit("this benchmark rebuilds the same weights from the seed: use a bundle "
@@ -89,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     category = bundle.categories[0]
 
     defects = ["good", "scratch", "hole", "stain", "crack"]
-    images = [render_sample(category if category in ("weave", "grain", "washer", "pill")
-                            else "weave", "test", defects[i % 5], i, image_size=256)[0]
+    images = [render_sample("weave", "test", defects[i % 5], i, image_size=256)[0]
               for i in range(args.images)]
     refs = [render_sample("weave", "train", "good", i, image_size=256)[0] for i in range(args.shots)]
     inspector.add_references(category, refs)

@@ -7,6 +7,7 @@ scale k, M memory entries. Everything here is traced into ONNX; nothing per prod
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 TEMPERATURE = 0.07
@@ -61,17 +62,43 @@ class WinClipEncoder(nn.Module):
         cls = v.class_embedding.reshape(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
         return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
 
-    def class_token_output(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, L, C) after ln_pre -> (N, C): class token after all blocks (before ln_post)."""
+    @staticmethod
+    def attention(block: nn.Module, h: torch.Tensor, class_only: bool = False) -> torch.Tensor:
+        """Multi-head self-attention of ``block`` on h (N, L, C) -> (N, L or 1, C).
+
+        Same weights and value as open_clip's nn.MultiheadAttention, written batch-first so the
+        exported graph carries two transposes per block instead of the eight of torch's
+        sequence-first implementation. With ``class_only`` only the class token queries.
+        """
+        attn = block.attn
+        n_tokens, width = h.shape[1], h.shape[2]
+        heads = attn.num_heads
+        dim = width // heads
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        if class_only:
+            q = F.linear(h[:, :1], w[:width], b[:width]).reshape(-1, 1, heads, dim).transpose(1, 2)
+            kv = F.linear(h, w[width:], b[width:]).reshape(-1, n_tokens, 2, heads, dim)
+            kv = kv.permute(2, 0, 3, 1, 4)                              # (2, N, H, L, d)
+            k, v = kv[0], kv[1]
+        else:
+            qkv = F.linear(h, w, b).reshape(-1, n_tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]                            # (N, H, L, d)
+        weights = ((q * dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(-1, q.shape[2], width)
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+    def block(self, block: nn.Module, x: torch.Tensor, class_only: bool = False) -> torch.Tensor:
+        """One residual attention block (N, L, C) -> (N, L, C), or (N, 1, C) with class_only."""
+        attended = self.attention(block, block.ln_1(x), class_only)
+        x = (x[:, :1] if class_only else x) + block.ls_1(attended)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def transformer(self, x: torch.Tensor, class_only: bool = False) -> torch.Tensor:
+        """(N, L, C) after ln_pre -> all blocks; in the last only the class token if class_only."""
         blocks = self.visual.transformer.resblocks
-        for block in blocks[:-1]:
-            x = block(x)
-        last = blocks[-1]
-        h = last.ln_1(x)
-        attended = last.attn(h[:, :1], h, h, need_weights=False)[0]
-        c = x[:, :1] + last.ls_1(attended)
-        c = c + last.ls_2(last.mlp(last.ln_2(c)))
-        return c[:, 0]
+        for i, block in enumerate(blocks):
+            x = self.block(block, x, class_only and i == len(blocks) - 1)
+        return x
 
     def window_embeddings(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """tokens (B, 1 + P, C) -> (B, W_k, D)."""
@@ -81,13 +108,13 @@ class WinClipEncoder(nn.Module):
         patches = tokens[:, idx]                                            # (B, W, k*k, C)
         cls = tokens[:, :1].unsqueeze(1).expand(-1, n_windows, -1, -1)      # (B, W, 1, C)
         seq = torch.cat([cls, patches], dim=2).reshape(-1, 1 + n_patches, tokens.shape[-1])
-        pooled = v.ln_post(self.class_token_output(v.ln_pre(seq)))          # (B*W, C)
+        pooled = v.ln_post(self.transformer(v.ln_pre(seq), class_only=True)[:, 0])  # (B*W, C)
         return (pooled @ v.proj).reshape(tokens.shape[0], n_windows, -1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         v = self.visual
         tokens = self.embed_tokens(images)
-        x = v.ln_post(v.transformer(v.ln_pre(tokens)))
+        x = v.ln_post(self.transformer(v.ln_pre(tokens)))
         image_embedding = x[:, 0] @ v.proj
         windows = [self.window_embeddings(tokens, k) for k in self.scales]
         return (image_embedding, *windows, x[:, 1:])
@@ -112,8 +139,12 @@ def check_supported(visual: nn.Module) -> None:
             problems.append("sequence-first transformer (open_clip >= 2.23 is batch-first)")
         block = visual.transformer.resblocks[-1]
         if not all(hasattr(block, a) for a in ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")) \
-                or hasattr(block, "ln_attn"):
+                or hasattr(block, "ln_attn") or hasattr(block, "ln_1_kv"):
             problems.append(f"transformer block type {type(block).__name__}")
+        elif not isinstance(block.attn, nn.MultiheadAttention) or block.attn.bias_k is not None \
+                or block.attn.add_zero_attn or not block.attn._qkv_same_embed_dim \
+                or block.attn.in_proj_bias is None:
+            problems.append("attention other than plain nn.MultiheadAttention with biases")
     if problems:
         raise ValueError("this vision tower cannot be exported for WinCLIP: " + "; ".join(problems))
 

@@ -1,0 +1,113 @@
+"""The bundle contract: validated on load, with errors that say what to do; safe writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipinspect.runtime import Bundle, BundleError, Inspector
+
+
+def test_missing_graph_file_names_it(bundle_copy):
+    (bundle_copy / "fp32" / "head_fewshot.onnx").unlink()
+    with pytest.raises(BundleError, match=r"head_fewshot.onnx' is missing"):
+        Bundle.open(bundle_copy)
+
+
+def test_modified_graph_file_fails_checksum(bundle_copy):
+    with open(bundle_copy / "fp32" / "encoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"encoder.onnx' was modified"):
+        Inspector.open(bundle_copy)
+
+
+def test_modified_category_file_fails_checksum(bundle_copy):
+    path = bundle_copy / "categories" / "weave" / "text.npz"
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    with pytest.raises(BundleError, match="text embeddings of category 'weave'"):
+        Bundle.open(bundle_copy)
+
+
+def test_unsupported_format_version(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format version 99 is not supported.*upgrade"):
+        Bundle.open(bundle_copy)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p / "nope", "does not exist"),
+    (lambda p: (p / "file").write_text("x") and p / "file", "is a file"),
+    (lambda p: p, "manifest.json' is missing"),
+])
+def test_not_a_bundle(tmp_path, setup, message):
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(setup(tmp_path))
+
+
+def test_unknown_category_lists_known_ones(small_bundle_path):
+    inspector = Inspector.open(small_bundle_path)
+    with pytest.raises(BundleError, match=r"unknown category 'bottle'.*washer, weave.*add-category"):
+        inspector.inspect([np.zeros((32, 32, 3), np.uint8)], category="bottle")
+
+
+def test_few_shot_mode_without_references_is_an_error(small_bundle_path):
+    inspector = Inspector.open(small_bundle_path)
+    with pytest.raises(BundleError, match="no reference images.*clipinspect fewshot"):
+        inspector.inspect([np.zeros((32, 32, 3), np.uint8)], "weave", mode="few-shot")
+
+
+def test_memory_and_thresholds_persist_and_verify(bundle_copy, rng):
+    inspector = Inspector.open(bundle_copy)
+    inspector.add_references("weave", [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] * 2)
+    inspector.bundle.set_thresholds("weave", {"image": 0.0, "pixel": 2.0})
+    reopened = Inspector.open(bundle_copy)  # verifies the new checksums
+    data = reopened.bundle.category("weave")
+    assert data.shots == 2 and data.memory["memory_patch_tokens"].shape == (2 * 196, 384)
+    r = reopened.inspect([rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)], "weave")[0]
+    assert r.is_anomalous is True                      # every score >= 0
+    assert r.mask.shape == (50, 70) and not r.mask.any()  # no map value reaches 2
+
+
+def test_export_refuses_non_empty_output(tmp_path):
+    from clipinspect.export.exporter import ExportError, export_bundle
+
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(ExportError, match="exists and is not empty.*--overwrite"):
+        export_bundle(tmp_path, "ViT-S-16", None, ["weave"])
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path):
+    from clipinspect.export.exporter import ExportError, export_bundle
+
+    # A tolerance no float computation meets: the parity check must fail and clean up.
+    with pytest.raises(ExportError, match="differ from PyTorch"):
+        export_bundle(tmp_path / "b", "ViT-S-16", None, ["weave"], tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_pretrained_and_model_are_explained():
+    from clipinspect.export.exporter import ExportError, load_clip
+
+    with pytest.raises(ExportError, match="unknown open_clip model 'ViT-Q-99'"):
+        load_clip("ViT-Q-99", None)
+    with pytest.raises(ExportError, match="neither a local checkpoint file nor an open_clip tag"):
+        load_clip("ViT-S-16", "/no/such/file.pt")
+
+
+def test_local_checkpoint_is_loaded_and_identified(tmp_path, small_model):
+    import torch
+
+    from clipinspect.export.exporter import load_clip
+
+    path = tmp_path / "ckpt.pt"
+    torch.save(small_model[0].state_dict(), path)
+    model, _, weights = load_clip("ViT-S-16", str(path))
+    assert weights["kind"] == "file" and len(weights["sha256"]) == 64
+    for (name, a), b in zip(small_model[0].state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name

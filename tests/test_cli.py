@@ -1,0 +1,102 @@
+"""The clipinspect command as a user runs it (subprocesses, real files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run(*args, check=False):
+    proc = subprocess.run([sys.executable, "-m", "clipinspect.runtime.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture
+def images(tmp_path, rng):
+    folder = tmp_path / "images"
+    (folder / "good").mkdir(parents=True)
+    (folder / "hole").mkdir()
+    for sub in ("good", "hole"):  # the same stem in two folders, as in MVTec trees
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(folder / sub / "000.png")
+    return folder
+
+
+def test_predict_writes_results_and_overlays(small_bundle_path, images, tmp_path):
+    out = tmp_path / "out"
+    proc = run("predict", small_bundle_path, images, "--category", "weave", "--out", out,
+               "--save-maps", check=True)
+    assert "2 image(s) inspected (zero-shot), 0 failed" in proc.stdout
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["index"] for x in lines] == [0, 1]
+    assert all(0 <= x["image_score"] <= 1 and x["size"] == [70, 90] for x in lines)
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert overlays == ["00000_good_000.png", "00001_hole_000.png"]
+    assert Image.open(out / "overlays" / overlays[0]).size == (90, 70)
+    assert np.load(out / "maps" / "00000_good_000.npy").shape == (70, 90)
+
+
+def test_predict_with_one_bad_image_reports_it_and_keeps_the_rest(small_bundle_path, images,
+                                                                   tmp_path):
+    bad = images / "good" / "broken.png"
+    bad.write_bytes(b"garbage")
+    out = tmp_path / "out"
+    proc = run("predict", small_bundle_path, images, "--category", "weave", "--out", out)
+    assert proc.returncode == 1
+    assert "broken.png" in proc.stderr
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and sum("error" in x for x in lines) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "{missing}", "x.png", "--category", "a", "--out", "o"], "does not exist"),
+    (["predict", "{bundle}", "x.png", "--category", "bottle", "--out", "o"], "unknown category 'bottle'"),
+    (["fewshot", "{bundle}", "{empty}", "--category", "weave"], "holds no image files"),
+])
+def test_errors_are_one_line_without_traceback(args, message, small_bundle_path, tmp_path):
+    (tmp_path / "empty").mkdir()
+    subst = {"missing": tmp_path / "nope", "bundle": small_bundle_path, "empty": tmp_path / "empty"}
+    proc = run(*[a.format(**subst) for a in args])
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fewshot_then_info_then_predict_uses_references(bundle_copy, images, tmp_path):
+    run("fewshot", bundle_copy, images / "good", "--category", "washer", check=True)
+    info = run("info", bundle_copy, check=True).stdout
+    assert "washer: 147+84 prompts, 1-shot memory" in info
+    assert "RANDOM WEIGHTS" in info
+    proc = run("predict", bundle_copy, images / "hole", "--category", "washer", "--out",
+               tmp_path / "o", check=True)
+    assert "(few-shot)" in proc.stdout
+
+
+def test_add_category_reproduces_export_text_embeddings(bundle_copy):
+    before = np.load(bundle_copy / "categories" / "weave" / "text.npz")["prototypes"]
+    run("add-category", bundle_copy, "weave", "--replace", check=True)
+    run("add-category", bundle_copy, "metal nut", check=True)
+    after = np.load(bundle_copy / "categories" / "weave" / "text.npz")["prototypes"]
+    assert np.abs(before - after).max() < 1e-5
+    prompts = json.loads((bundle_copy / "categories" / "metal_nut" / "prompts.json").read_text())
+    assert len(prompts["normal"]) == 147 and len(prompts["anomalous"]) == 84
+    assert prompts["normal"][0] == "a cropped photo of the metal nut."
+    assert "damaged metal nut" in prompts["anomalous"][0]
+    assert "metal nut" in run("info", bundle_copy, check=True).stdout
+
+
+def test_synth_is_deterministic_through_the_cli(tmp_path):
+    for name in ("a", "b"):
+        run("synth", "--out", tmp_path / name, "--categories", "pill", "--train", "1",
+            "--test-good", "1", "--test-defect", "1", check=True)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files_a) == 1 + 1 + 4 + 4  # train, good, 4 defects, 4 masks
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()

@@ -1,0 +1,152 @@
+"""onnxruntime FP32 outputs equal a direct PyTorch evaluation of METHODS.md sections 1-2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clipinspect.runtime import Inspector
+from clipinspect.runtime.images import preprocess, to_rgb_array
+
+TOL = 1e-4
+
+
+def _tensor(bundle, rgb_images):
+    cfg = bundle.manifest["input"]
+    return torch.from_numpy(np.stack([preprocess(to_rgb_array(im), bundle.input_size, cfg["mean"],
+                                                 cfg["std"]) for im in rgb_images]))
+
+
+def _images(rng):
+    # Various sizes and layouts: larger and smaller than 224, non-square, grayscale, RGBA.
+    return [rng.integers(0, 256, (300, 260, 3), dtype=np.uint8),
+            rng.integers(0, 256, (97, 131, 3), dtype=np.uint8),
+            rng.integers(0, 256, (224, 224), dtype=np.uint8),
+            rng.integers(0, 256, (180, 200, 4), dtype=np.uint8)]
+
+
+def _expected(reference, bundle, images, category, memory=None):
+    prototypes = torch.from_numpy(bundle.category(category).text_prototypes)
+    out = []
+    for im in images:
+        rgb = to_rgb_array(im)
+        s, m = reference(_tensor(bundle, [im]), prototypes, rgb.shape[:2], memory)
+        out.append((float(s[0]), m[0].numpy()))
+    return out
+
+
+def test_zero_shot_scores_and_maps_equal_reference(small_bundle_path, reference, rng):
+    inspector = Inspector.open(small_bundle_path)
+    images = _images(rng)
+    results = inspector.inspect(images, category="weave", batch_size=3)
+    expected = _expected(reference, inspector.bundle, images, "weave")
+    for r, (score, amap), im in zip(results, expected, images):
+        assert r.ok and r.mode == "zero-shot"
+        assert r.anomaly_map.shape == im.shape[:2] and r.anomaly_map.dtype == np.float32
+        assert abs(r.image_score - score) <= TOL
+        assert np.abs(r.anomaly_map - amap).max() <= TOL
+
+
+def test_few_shot_scores_and_maps_equal_reference(bundle_copy, reference, rng):
+    inspector = Inspector.open(bundle_copy)
+    refs = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    shots, failed = inspector.add_references("washer", refs)
+    assert (shots, failed) == (3, [])
+    images = _images(rng)
+    results = inspector.inspect(images, category="washer", batch_size=2)
+    memory = reference.features(_tensor(inspector.bundle, refs))
+    expected = _expected(reference, inspector.bundle, images, "washer", memory)
+    for r, (score, amap) in zip(results, expected):
+        assert r.ok and r.mode == "few-shot"
+        assert abs(r.image_score - score) <= TOL
+        assert np.abs(r.anomaly_map - amap).max() <= TOL
+    # The same images zero-shot on request, still equal to the reference.
+    zero = inspector.inspect(images[:1], category="washer", mode="zero-shot")[0]
+    assert abs(zero.image_score - _expected(reference, inspector.bundle, images[:1], "washer")[0][0]) <= TOL
+
+
+def test_encoder_outputs_equal_open_clip_and_reference(small_bundle_path, small_model, reference,
+                                                       rng):
+    import onnxruntime as ort
+
+    from clipinspect.runtime import Bundle
+
+    bundle = Bundle.open(small_bundle_path)
+    session = ort.InferenceSession(str(bundle.graph_path("fp32", "encoder")),
+                                   providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, {"images": x.numpy()})))
+    f = reference.features(x)
+    with torch.no_grad():
+        official = small_model[0].encode_image(x).numpy()
+    assert out["image_embedding"].shape == (2, 384)
+    assert out["window_embeddings_2"].shape == (2, 169, 384)
+    assert out["window_embeddings_3"].shape == (2, 144, 384)
+    assert out["patch_tokens"].shape == (2, 196, 384)
+    assert np.abs(out["image_embedding"] - official).max() <= TOL
+    assert np.abs(out["patch_tokens"] - f.patch_tokens.numpy()).max() <= TOL
+    for k in (2, 3):
+        assert np.abs(out[f"window_embeddings_{k}"] - f.window_embeddings[k].numpy()).max() <= TOL
+
+
+def test_batching_does_not_change_results(small_bundle_path, rng):
+    inspector = Inspector.open(small_bundle_path)
+    images = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(5)]
+    one = inspector.inspect(images, "weave", batch_size=1)
+    many = inspector.inspect(images, "weave", batch_size=4)
+    for a, b in zip(one, many):
+        assert abs(a.image_score - b.image_score) <= 1e-5
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-5
+
+
+def test_query_identical_to_reference_has_zero_few_shot_term(bundle_copy, rng):
+    # With the query in memory, every association score is 0, so the few-shot map MF is ~0 and
+    # the final map is half the zero-shot map: harmonic means of zeros must not become NaN.
+    inspector = Inspector.open(bundle_copy)
+    image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    inspector.add_references("weave", [image])
+    few = inspector.inspect([image], "weave")[0]
+    zero = inspector.inspect([image], "weave", mode="zero-shot")[0]
+    assert np.isfinite(few.anomaly_map).all()
+    assert np.abs(few.anomaly_map - zero.anomaly_map / 2).max() <= 1e-5
+    assert abs(few.image_score - (zero.image_score + 0.0) / 2) <= 1e-5
+
+
+def test_manifest_records_weights_and_measured_parity(small_bundle_path):
+    from clipinspect.runtime import Bundle
+
+    m = Bundle.open(small_bundle_path).manifest
+    assert m["model"]["weights"] == {**m["model"]["weights"], "kind": "random", "seed": 0}
+    parity = m["parity"]["fp32"]
+    assert parity["passed"] is True and parity["tolerance"] == TOL
+    assert set(parity["max_abs_diff"]) == {"encoder", "head_zeroshot", "head_fewshot"}
+    assert all(0 <= v <= TOL for v in parity["max_abs_diff"].values())
+    assert m["opset"] >= 17
+    assert m["grid"] == [14, 14] and m["windows"] == {"2": 169, "3": 144}
+
+
+@pytest.mark.slow
+def test_default_model_vit_b_16_plus_240_parity(tmp_path, rng):
+    """The product default, random weights: export passes its own check and the runtime equals
+    the eager reference, zero-shot and few-shot."""
+    from clipinspect.export.exporter import export_bundle, load_clip
+    from clipinspect.export.reference import WinClipReference
+
+    bundle = export_bundle(tmp_path / "b16p", "ViT-B-16-plus-240", None, ["pill"], seed=0)
+    assert bundle.manifest["grid"] == [15, 15] and bundle.manifest["windows"] == {"2": 196, "3": 169}
+    assert bundle.manifest["dims"] == {"embed": 640, "width": 896, "patches": 225}
+    model, _, _ = load_clip("ViT-B-16-plus-240", None, seed=0)
+    reference = WinClipReference(model, (2, 3))
+    inspector = Inspector.open(bundle)
+    images = [rng.integers(0, 256, (260, 250, 3), dtype=np.uint8) for _ in range(2)]
+    zero = inspector.inspect(images, "pill")
+    for r, (score, amap) in zip(zero, _expected(reference, bundle, images, "pill")):
+        assert abs(r.image_score - score) <= TOL and np.abs(r.anomaly_map - amap).max() <= TOL
+    refs = [rng.integers(0, 256, (240, 240, 3), dtype=np.uint8)]
+    inspector.add_references("pill", refs)
+    memory = reference.features(_tensor(bundle, refs))
+    few = inspector.inspect(images, "pill")
+    for r, (score, amap) in zip(few, _expected(reference, bundle, images, "pill", memory)):
+        assert abs(r.image_score - score) <= TOL and np.abs(r.anomaly_map - amap).max() <= TOL
