@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -71,7 +72,7 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
     if pretrained in (None, "", "none", "None"):
         log(RANDOM_WEIGHTS_WARNING)
         torch.manual_seed(seed)
-        with _quiet_open_clip():
+        with _quiet_loggers("root"):
             model = open_clip.create_model(model_name, pretrained=None)
         weights = {"kind": "random", "seed": seed}
     elif os.path.isfile(pretrained):
@@ -91,7 +92,8 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
             raise ExportError(f"--pretrained {pretrained!r} is neither a local checkpoint file nor "
                               f"an open_clip tag; {hint}; or 'none' for random weights")
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained)
+            with _quiet_loggers("huggingface_hub"):  # its retry warnings; our error says more
+                model = open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as e:
             raise ExportError(
                 f"could not load pretrained weights {model_name}/{pretrained}: {e}. Without "
@@ -104,17 +106,20 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
     return model, tokenizer, weights
 
 
-class _quiet_open_clip:
-    """open_clip logs its own random-init warning; ours is louder and says what it means."""
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Silence other libraries' warnings where ours say more (random init, download retries)."""
+    import logging
 
-    def __enter__(self):
-        import logging
-        self._level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        import logging
-        logging.getLogger().setLevel(self._level)
+    loggers = [logging.getLogger(None if n == "root" else n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def text_probe(model, tokenizer) -> list[float]:
