@@ -20,16 +20,18 @@ import numpy as np
 import torch
 
 from clipinspect.runtime.errors import ClipInspectError
-from clipinspect.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle, atomic_save_npz,
-                                        atomic_write_bytes, category_dir, check_category_name,
-                                        file_entry, sha256_file)
+from clipinspect.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
+                                        category_dir, check_category_dir_free,
+                                        check_category_name, default_mode, file_entry, npz_bytes,
+                                        sha256_file, write_versioned)
 
 from .text import category_text, encode_texts, load_ensemble
-from .winclip_torch import WinClipEncoder, WinClipHead
+from .winclip_torch import TEMPERATURE, WinClipEncoder, WinClipHead
 
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
 PARITY_TOLERANCE = 1e-4
+PARITY_IMAGES = 3
 PROBE_PROMPT = "a photo of an object."
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: exporting with RANDOM weights (--pretrained none). Scores and maps are meaningless "
@@ -194,7 +196,8 @@ def head_example_inputs(head: WinClipHead, encoded: dict[str, torch.Tensor],
 
 # ------------------------------------------------------------------------------- parity check
 def check_parity(root: Path, files: dict[str, str], encoder: WinClipEncoder,
-                 heads: dict[str, WinClipHead], prototypes: torch.Tensor, n_images: int = 3,
+                 heads: dict[str, WinClipHead], prototypes: torch.Tensor,
+                 n_images: int = PARITY_IMAGES,
                  seed: int = 123) -> dict:
     """Run onnxruntime and the torch modules on the same inputs; max |difference| per graph."""
     import onnxruntime as ort
@@ -214,7 +217,7 @@ def check_parity(root: Path, files: dict[str, str], encoder: WinClipEncoder,
         torch_out = dict(zip(names, encoder(images)))
         torch_ref = dict(zip(names, encoder(references)))
     ort_out = dict(zip(names, enc.run(None, {"images": images.numpy()})))
-    result = {"encoder": max(float(np.abs(ort_out[n] - torch_out[n].numpy()).max()) for n in names)}
+    result = {"encoder": max(max_abs_diff(ort_out[n], torch_out[n].numpy()) for n in names)}
     memory = {"memory_patch_tokens": torch_ref["patch_tokens"].flatten(0, 1)}
     memory.update({f"memory_{n}": torch_ref[n].flatten(0, 1) for n in names
                    if n.startswith("window_")})
@@ -223,8 +226,15 @@ def check_parity(root: Path, files: dict[str, str], encoder: WinClipEncoder,
         with torch.no_grad():
             expected = [t.numpy() for t in head(*inputs.values())]
         got = session(name).run(None, {k: v.numpy() for k, v in inputs.items()})
-        result[name] = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+        result[name] = max(max_abs_diff(g, e) for g, e in zip(got, expected))
     return result
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b|; infinity where either side is not finite (a NaN must fail the check)."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    return float(np.abs(a - b).max())
 
 
 # ------------------------------------------------------------------------------------ bundle
@@ -237,6 +247,8 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
     place only when complete, so a failure never leaves a half bundle behind."""
     out = Path(out)
     categories = [check_category_name(c) for c in categories]
+    for i, name in enumerate(categories):
+        check_category_dir_free({"categories": dict.fromkeys(categories[:i])}, name)
     scales = tuple(sorted({int(k) for k in scales}))
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset >= 17")
@@ -246,11 +258,17 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
     t_start = time.perf_counter()
     log(f"[1/5] loading {model_name} (weights: {pretrained or 'random'})")
     model, tokenizer, weights = load_clip(model_name, pretrained, seed)
+    grid = tuple(int(g) for g in model.visual.grid_size)
+    bad = [k for k in scales if not 1 <= k <= min(grid)]
+    if bad:
+        raise ExportError(f"window scale {bad[0]} does not fit the {grid[0]}x{grid[1]} patch grid "
+                          f"of {model_name}; use scales from 1 to {min(grid)} (WinCLIP: 2,3)")
     encoder = WinClipEncoder(model.visual, scales).eval()
     heads = {"head_zeroshot": WinClipHead(encoder.grid, scales, few_shot=False).eval(),
              "head_fewshot": WinClipHead(encoder.grid, scales, few_shot=True).eval()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(default_mode(directory=True))
     try:
         log(f"[2/5] exporting ONNX graphs (opset {opset})")
         files = export_graphs(encoder, heads, tmp, opset)
@@ -267,7 +285,7 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
             prototypes = torch.randn(2, model.visual.output_dim)
         parity = check_parity(tmp, files, encoder, heads, prototypes)
         worst = max(parity.values())
-        passed = worst <= tolerance
+        passed = bool(np.isfinite(worst)) and worst <= tolerance
         log(f"      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
                                                              parity.items()))
         if not passed and strict:
@@ -285,11 +303,12 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
             "dims": {"embed": int(model.visual.output_dim),
                      "width": int(model.visual.conv1.out_channels),
                      "patches": encoder.grid[0] * encoder.grid[1]},
-            "temperature": 0.07,
+            "temperature": TEMPERATURE,
             "opset": opset,
             "graphs": {},
             "parity": {"fp32": {"max_abs_diff": parity, "tolerance": tolerance, "passed": passed,
-                                "images": 3, "reference": "torch modules of clipinspect.export"}},
+                                "images": PARITY_IMAGES,
+                                "reference": "the torch modules the graphs were traced from"}},
             "versions": package_versions(),
             "categories": text_entries,
         }
@@ -319,19 +338,24 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
             raise ExportError(f"{str(out)!r} appeared while exporting; not overwriting it")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)  # put the previous bundle back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
 
 
 def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict) -> dict:
-    """Write categories/<name>/text.npz and prompts.json; returns the manifest entry."""
+    """Write a category's text embeddings and prompts; returns its manifest entry."""
     arrays, record = category_text(model, tokenizer, name, ensemble)
     folder = category_dir(name)
-    atomic_save_npz(root / folder / "text.npz", arrays)
-    atomic_write_bytes(root / folder / "prompts.json", (json.dumps(record, indent=1) + "\n").encode())
-    return {"text": file_entry(root, f"{folder}/text.npz"), "prompts": f"{folder}/prompts.json",
+    text = write_versioned(root, folder, "text.npz", npz_bytes(arrays))
+    prompts = write_versioned(root, folder, "prompts.json",
+                              (json.dumps(record, indent=1) + "\n").encode())
+    return {"text": file_entry(root, text), "prompts": file_entry(root, prompts),
             "n_normal_prompts": len(record["normal"]),
             "n_anomalous_prompts": len(record["anomalous"]), "memory": None, "thresholds": None}
 
@@ -361,10 +385,12 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
                           "(text-tower fingerprint differs); pass the right --pretrained")
     ensemble = load_ensemble("winclip")
     for name in names:
+        check_category_dir_free(bundle.manifest, name)
         progress(f"text embeddings for {name!r}")
-        old = bundle.manifest["categories"].get(name, {})
         entry = write_category_text(bundle.root, model, tokenizer, name, ensemble)
-        entry["memory"], entry["thresholds"] = old.get("memory"), old.get("thresholds")
-        bundle.manifest["categories"][name] = entry
-        bundle.save_manifest()
+        with bundle.updating() as m:
+            check_category_dir_free(m, name)
+            old = m["categories"].get(name, {})
+            entry["memory"], entry["thresholds"] = old.get("memory"), old.get("thresholds")
+            m["categories"][name] = entry
     return bundle

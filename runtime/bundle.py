@@ -2,28 +2,33 @@
 
 A bundle is a directory::
 
-    manifest.json                      versioned description, checksums of every file below
-    fp32/encoder.onnx                  images -> image / window embeddings, patch tokens
-    fp32/head_zeroshot.onnx            embeddings + text prototypes -> scores, grid map
-    fp32/head_fewshot.onnx             ... + reference memory -> scores, grid map
-    categories/<name>/text.npz         prompt-ensemble text embeddings of one category
-    categories/<name>/memory.npz       few-shot reference memory (optional)
+    manifest.json                          versioned description, checksums of every file below
+    fp32/encoder.onnx                      images -> image / window embeddings, patch tokens
+    fp32/head_zeroshot.onnx                embeddings + text prototypes -> scores, grid map
+    fp32/head_fewshot.onnx                 ... + reference memory -> scores, grid map
+    categories/<name>/text-<digest>.npz    prompt-ensemble text embeddings of one category
+    categories/<name>/prompts-<digest>.json  the prompts used
+    categories/<name>/memory-<digest>.npz  few-shot reference memory (optional)
 
 Text prototypes and memory are graph *inputs*, never constants, so adding a category or
-reference images never touches a graph. Every write goes through a temporary file and an
-atomic rename, so an interrupted command leaves the previous, valid bundle behind.
+reference images never touches a graph. Category files are content-addressed and written before
+the manifest that points to them (under a lock, atomically renamed); replaced files are deleted
+after. An interrupted command therefore leaves the previous, valid bundle behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -48,10 +53,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain open()/mkdir() would give: mkstemp/mkdtemp make private files, but a
+    bundle is often written by one user and served by another."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -60,14 +74,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def file_entry(root: Path, relpath: str, **extra: Any) -> dict[str, Any]:
@@ -87,6 +93,16 @@ def check_category_name(name: str) -> str:
 
 def category_dir(name: str) -> str:
     return "categories/" + check_category_name(name).replace(" ", "_")
+
+
+def check_category_dir_free(manifest: dict[str, Any], name: str) -> None:
+    """Two names must not share a folder ("metal nut" / "metal_nut", or "Bottle" / "bottle" on
+    case-insensitive file systems)."""
+    folder = category_dir(name).lower()
+    for other in manifest.get("categories", {}):
+        if other != name and category_dir(other).lower() == folder:
+            raise BundleError(f"category {name!r} would share the folder {category_dir(name)!r} "
+                              f"with the existing category {other!r}; choose a different name")
 
 
 @dataclass
@@ -158,6 +174,7 @@ class Bundle:
                 self._check_file(graphs[name], f"{precision} {name} graph", verify_checksums)
         for name, entry in m["categories"].items():
             self._check_file(entry["text"], f"text embeddings of category {name!r}", verify_checksums)
+            self._check_file(entry["prompts"], f"prompts of category {name!r}", verify_checksums)
             if entry.get("memory"):
                 self._check_file(entry["memory"], f"few-shot memory of category {name!r}",
                                  verify_checksums)
@@ -212,7 +229,7 @@ class Bundle:
         graphs = self.manifest["graphs"]
         if precision not in graphs:
             raise BundleError(f"bundle {str(self.root)!r} has no {precision!r} graphs (it has "
-                              f"{', '.join(sorted(graphs))}); create them with 'clipinspect quantize'")
+                              f"{', '.join(sorted(graphs))}); choose one of those")
         return self.root / graphs[precision][name]["file"]
 
     def category(self, name: str) -> CategoryData:
@@ -240,27 +257,61 @@ class Bundle:
         atomic_write_bytes(self.root / MANIFEST,
                            (json.dumps(self.manifest, indent=2, sort_keys=False) + "\n").encode())
 
+    @contextlib.contextmanager
+    def updating(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write of the manifest under an exclusive lock, so two processes adding
+        references or categories at once do not lose each other's update. Files an update
+        replaces are deleted only after the new manifest is in place."""
+        lock_path = self.root / ".lock"
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.manifest = json.loads((self.root / MANIFEST).read_text())
+                before = _files_of(self.manifest)
+                yield self.manifest
+                self.save_manifest()
+                for rel in before - _files_of(self.manifest):
+                    (self.root / rel).unlink(missing_ok=True)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def set_memory(self, category: str, arrays: dict[str, np.ndarray], sources: Iterable[str],
                    shots: int) -> None:
         """Store few-shot reference memory for ``category`` (replacing any earlier memory)."""
-        if category not in self.manifest["categories"]:
-            self.category(category)  # raises the unknown-category error
-        rel = f"{category_dir(category)}/memory.npz"
-        atomic_save_npz(self.root / rel, arrays)
-        self.manifest["categories"][category]["memory"] = self.file_entry(
-            rel, shots=int(shots), sources=[str(s) for s in sources])
-        self.save_manifest()
-
-    def clear_memory(self, category: str) -> None:
-        entry = self.manifest["categories"].get(category)
-        if entry and entry.get("memory"):
-            (self.root / entry["memory"]["file"]).unlink(missing_ok=True)
-            entry["memory"] = None
-            self.save_manifest()
+        self.category(category)  # unknown category -> error before writing anything
+        rel = write_versioned(self.root, category_dir(category), "memory.npz", npz_bytes(arrays))
+        entry = file_entry(self.root, rel, shots=int(shots), sources=[str(s) for s in sources])
+        with self.updating() as m:
+            if category not in m["categories"]:
+                raise BundleError(f"category {category!r} was removed from the bundle meanwhile")
+            m["categories"][category]["memory"] = entry
 
     def set_thresholds(self, category: str, thresholds: dict[str, float]) -> None:
-        if category not in self.manifest["categories"]:
-            self.category(category)
-        self.manifest["categories"][category]["thresholds"] = {k: float(v) for k, v in
-                                                                thresholds.items()}
-        self.save_manifest()
+        self.category(category)
+        with self.updating() as m:
+            m["categories"][category]["thresholds"] = {k: float(v) for k, v in thresholds.items()}
+
+
+def _files_of(manifest: dict[str, Any]) -> set[str]:
+    """Relative paths of the category files a manifest points to."""
+    files = set()
+    for entry in manifest.get("categories", {}).values():
+        for key in ("text", "prompts", "memory"):
+            if entry.get(key):
+                files.add(entry[key]["file"])
+    return files
+
+
+def write_versioned(root: Path, folder: str, name: str, data: bytes) -> str:
+    """Write ``folder/<stem>-<digest><suffix>``: content-addressed, so a file the current
+    manifest points to is never overwritten in place. Returns the relative path."""
+    stem, dot, suffix = name.partition(".")
+    rel = f"{folder}/{stem}-{hashlib.sha256(data).hexdigest()[:16]}{dot}{suffix}"
+    atomic_write_bytes(root / rel, data)
+    return rel
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

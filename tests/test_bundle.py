@@ -25,7 +25,7 @@ def test_modified_graph_file_fails_checksum(bundle_copy):
 
 
 def test_modified_category_file_fails_checksum(bundle_copy):
-    path = bundle_copy / "categories" / "weave" / "text.npz"
+    path = next((bundle_copy / "categories" / "weave").glob("text-*.npz"))
     path.write_bytes(path.read_bytes()[:-1] + b"x")
     with pytest.raises(BundleError, match="text embeddings of category 'weave'"):
         Bundle.open(bundle_copy)
@@ -111,3 +111,41 @@ def test_local_checkpoint_is_loaded_and_identified(tmp_path, small_model):
     assert weights["kind"] == "file" and len(weights["sha256"]) == 64
     for (name, a), b in zip(small_model[0].state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_replacing_memory_keeps_one_valid_file_and_others_can_read_it(bundle_copy, rng):
+    inspector = Inspector.open(bundle_copy)
+    for shots in (1, 2):
+        inspector.add_references("weave", [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] * shots)
+    files = list((bundle_copy / "categories" / "weave").glob("memory-*.npz"))
+    assert len(files) == 1                                  # the replaced one was deleted
+    assert Bundle.open(bundle_copy).category("weave").shots == 2
+    for path in [bundle_copy, bundle_copy / "manifest.json", files[0]]:
+        assert path.stat().st_mode & 0o044 == 0o044          # readable by group and others
+
+
+def test_category_folders_cannot_collide():
+    from clipinspect.runtime.bundle import check_category_dir_free
+
+    with pytest.raises(BundleError, match="'metal_nut' would share the folder.*'metal nut'"):
+        check_category_dir_free({"categories": {"metal nut": {}}}, "metal_nut")
+    with pytest.raises(BundleError, match="would share"):
+        check_category_dir_free({"categories": {"Bottle": {}}}, "bottle")
+    check_category_dir_free({"categories": {"bottle": {}}}, "bottle")  # itself: replacing is fine
+
+
+def test_parity_check_treats_nan_as_failure():
+    from clipinspect.export.exporter import max_abs_diff
+
+    assert max_abs_diff(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == float("inf")
+    assert max_abs_diff(np.array([1.0, 2.5]), np.array([1.0, 2.0])) == 0.5
+
+
+def test_add_category_refuses_other_weights(bundle_copy):
+    from clipinspect.export.exporter import ExportError, add_categories
+
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["model"]["weights"]["seed"] = 1  # as if exported with other random weights
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="fingerprint differs"):
+        add_categories(bundle_copy, ["screw"])
