@@ -25,11 +25,23 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _scales(text: str) -> list[int]:
+    try:
+        scales = [int(k) for k in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, "
+                                         "e.g. 2,3") from None
+    if not scales or min(scales) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: window scales must be >= 1, e.g. 2,3")
+    return scales
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     ex = _exporter()
     ex.export_bundle(args.out, args.model, args.pretrained, _csv(args.categories),
-                     scales=[int(k) for k in _csv(args.scales)], opset=args.opset,
-                     tolerance=args.tolerance, strict=not args.no_strict_parity,
+                     scales=args.scales, opset=args.opset,
+                     tolerance=ex.PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
+                     strict=not args.no_strict_parity,
                      overwrite=args.overwrite, seed=args.seed)
     return 0
 
@@ -59,9 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="open_clip tag, local checkpoint file, or 'none' (random init, for tests)")
     p.add_argument("--categories", default="", help="comma-separated category names")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--scales", default="2,3", help="window scales (default 2,3)")
+    p.add_argument("--scales", type=_scales, default=[2, 3], help="window scales (default 2,3)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=float, default=None,
                    help="largest |onnxruntime - torch| accepted (FP32), default 1e-4")
     p.add_argument("--no-strict-parity", action="store_true",
                    help="keep the bundle even if the parity check fails (it is recorded)")

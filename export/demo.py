@@ -46,9 +46,8 @@ def export_for_demo(path: Path, model: str, pretrained: str, categories: Sequenc
     try:
         return export_bundle(path, model, pretrained, categories, overwrite=True, seed=seed), None
     except ExportError as e:
-        warning = (f"pretrained weights {model}/{pretrained} could not be loaded ({e}). "
-                   + RANDOM_WEIGHTS_WARNING)
-        log(f"WARNING: {warning}")
+        warning = f"pretrained weights {model}/{pretrained} could not be loaded ({e})."
+        log(f"WARNING: {warning} Continuing with random weights.")
     if _bundle_matches(path, model, None, categories):
         log(f"reusing the random-weights bundle in {path}")
         return Bundle.open(path), warning

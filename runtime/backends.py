@@ -101,7 +101,8 @@ def make_session(path: Path, provider: str, threads: int | None = None,
     session = ort.InferenceSession(str(path), sess_options=so,
                                    providers=provider_options(provider, cache_dir, fp16))
     if PROVIDERS[provider] not in session.get_providers():
-        raise ProviderError(f"onnxruntime did not assign {PROVIDERS[provider]} to {path.name} "
+        # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
+        raise ProviderError(f"onnxruntime did not register {PROVIDERS[provider]} for {path.name} "
                             f"(got {session.get_providers()}); check the CUDA/TensorRT installation")
     return session
 
@@ -122,47 +123,51 @@ class OrtBackend:
         self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16)
         self.heads = {name: make_session(p, provider, threads, cache_dir, fp16)
                       for name, p in head_paths.items()}
-        self.on_device = provider in ("cuda", "tensorrt")
-        self._device_cache: dict[int, Any] = {}
+        # Where IO binding keeps tensors; None = plain numpy in and out (CPU provider).
+        self.device: str | None = "cuda" if provider in ("cuda", "tensorrt") else None
+        self._device_cache: dict[str, tuple[np.ndarray, Any]] = {}
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
-
-    def head_inputs(self, head: str) -> list[str]:
-        return [i.name for i in self.heads[head].get_inputs()]
+        self.head_io = {name: ([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()])
+                        for name, s in self.heads.items()}
 
     def encode(self, images: np.ndarray) -> dict[str, Any]:
         """images (B, 3, H, W) float32 -> encoder outputs (numpy on CPU, OrtValues on device)."""
-        if not self.on_device:
+        if self.device is None:
             return dict(zip(self.encoder_outputs, self.encoder.run(None, {"images": images})))
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("images", images)
         for name in self.encoder_outputs:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, self.device, 0)
         self.encoder.run_with_iobinding(binding)
         return dict(zip(self.encoder_outputs, binding.get_outputs()))
 
     def score(self, encoded: dict[str, Any], head: str, extra: dict[str, np.ndarray]
               ) -> dict[str, np.ndarray]:
         session = self.heads[head]
-        names = [i.name for i in session.get_inputs()]
-        outputs = [o.name for o in session.get_outputs()]
-        if not self.on_device:
+        names, outputs = self.head_io[head]
+        if self.device is None:
             feeds = {n: (encoded[n] if n in encoded else extra[n]) for n in names}
             return dict(zip(outputs, session.run(None, feeds)))
-        ort = _import_ort()
         binding = session.io_binding()
         for n in names:
             if n in encoded:
                 binding.bind_ortvalue_input(n, encoded[n])
             else:
-                arr = extra[n]
-                key = id(arr)
-                if key not in self._device_cache:
-                    self._device_cache[key] = (arr, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
-                binding.bind_ortvalue_input(n, self._device_cache[key][1])
+                binding.bind_ortvalue_input(n, self._on_device(n, extra[n]))
         for n in outputs:
             binding.bind_output(n, "cpu")
         session.run_with_iobinding(binding)
         return dict(zip(outputs, binding.copy_outputs_to_cpu()))
+
+    def _on_device(self, name: str, arr: np.ndarray):
+        """Category arrays (text prototypes, memory) are uploaded once per input name and
+        replaced, freeing the old copy, when the category or its memory changes."""
+        cached = self._device_cache.get(name)
+        if cached is None or cached[0] is not arr:
+            ort = _import_ort()
+            cached = (arr, ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0))
+            self._device_cache[name] = cached
+        return cached[1]
 
     def to_host(self, encoded: dict[str, Any]) -> dict[str, np.ndarray]:
         return {k: (v if isinstance(v, np.ndarray) else v.numpy()) for k, v in encoded.items()}

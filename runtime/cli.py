@@ -16,12 +16,24 @@ from pathlib import Path
 from .errors import ClipInspectError
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", help="graph precision in the bundle (fp32)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution provider (default cpu)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="images per inference batch")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="onnxruntime intra-op threads (default: one per physical core)")
 
 
 def _images(items: list[str]):
@@ -42,7 +54,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"clipinspect: skipped {r.error}", file=sys.stderr)
     ok = len(results) - len(failed)
-    print(f"{ok} image(s) inspected ({results[0].mode if ok else 'none'}), {len(failed)} failed; "
+    mode = next((r.mode for r in results if r.ok), "none")
+    print(f"{ok} image(s) inspected ({mode}), {len(failed)} failed; "
           f"results in {Path(args.out) / 'results.jsonl'}")
     return 0 if not failed else (2 if ok == 0 else 1)
 

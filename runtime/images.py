@@ -1,5 +1,8 @@
 """Image input: decode paths, PIL images or arrays to RGB, and the CLIP preprocessing.
 
+16-bit images are mapped to 8 bits with a fixed scale (full 16-bit range); rescale data that
+uses fewer bits (12-bit cameras) yourself. EXIF orientation is applied.
+
 Preprocessing follows the WinCLIP reference: the whole image resized to the model's input size
 (bicubic, antialiased; no crop), then normalized with the CLIP mean and std.
 """
@@ -11,7 +14,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ClipInspectError
 
@@ -44,14 +47,24 @@ def to_rgb_array(item: ImageInput) -> np.ndarray:
         try:
             with Image.open(path) as im:
                 im.load()
-                return _pil_to_rgb(im, str(path))
+                # Camera and phone JPEGs store their rotation in EXIF; apply it as viewers do.
+                return _pil_to_rgb(ImageOps.exif_transpose(im), str(path))
         except UnidentifiedImageError:
             raise ImageError(f"{str(path)!r} is not an image file PIL can read "
                              "(corrupt or unsupported format)") from None
-        except (OSError, SyntaxError) as e:
+        except PermissionError:
+            raise ImageError(f"{str(path)!r} cannot be read: permission denied") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{str(path)!r} is too large to decode safely ({e}); downscale it "
+                             "or raise PIL.Image.MAX_IMAGE_PIXELS") from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{str(path)!r} is corrupt or truncated: {e}") from None
     if isinstance(item, Image.Image):
-        return _pil_to_rgb(item, describe(item))
+        try:
+            return _pil_to_rgb(item, describe(item))
+        except (OSError, SyntaxError, ValueError) as e:  # a lazily loaded, broken file behind it
+            raise ImageError(f"{describe(item)} cannot be decoded (corrupt or truncated): "
+                             f"{e}") from None
     if isinstance(item, np.ndarray):
         return _array_to_rgb(item)
     raise ImageError(f"unsupported image input {describe(item)}: pass a file path, a PIL image "
@@ -62,10 +75,10 @@ def _pil_to_rgb(im: Image.Image, name: str) -> np.ndarray:
     if im.width == 0 or im.height == 0:
         raise ImageError(f"{name} has zero size ({im.width}x{im.height})")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale (common for industrial cameras): scale to 8 bit, keep the full range.
+        # 16-bit grayscale (common on industrial cameras): a fixed scale, the full 16-bit range
+        # to 8 bits, so that brightness stays comparable across a series of images.
         arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8))
+        im = Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         # Composite on black rather than dropping alpha, so transparent areas stay uniform.
         rgba = im.convert("RGBA")

@@ -19,6 +19,7 @@ import numpy as np
 
 from .backends import OrtBackend, default_threads
 from .bundle import Bundle, BundleError
+from .errors import UsageError
 from .images import ImageError, ImageInput, describe, preprocess, to_rgb_array
 from .maps import gaussian_blur, upsample
 
@@ -94,20 +95,23 @@ class Inspector:
 
     # --------------------------------------------------------------- loading
     def _load_one(self, index: int, item: ImageInput, keep_image: bool) -> _Loaded:
+        """Never raises: whatever goes wrong with one image becomes that image's error."""
         source = describe(item)
         try:
             rgb = to_rgb_array(item)
+            cfg = self.bundle.manifest["input"]
+            tensor = preprocess(rgb, self.bundle.input_size, cfg["mean"], cfg["std"])
         except ImageError as e:
             return _Loaded(index, source, error=str(e))
-        manifest = self.bundle.manifest["input"]
-        tensor = preprocess(rgb, self.bundle.input_size, manifest["mean"], manifest["std"])
+        except Exception as e:  # e.g. MemoryError on a huge image: still only this image
+            return _Loaded(index, source, error=f"{source}: {type(e).__name__}: {e}")
         return _Loaded(index, source, tensor, rgb.shape[:2], rgb if keep_image else None)
 
     def _batches(self, items: Sequence[ImageInput], batch_size: int, keep_image: bool,
                  workers: int = 2) -> Iterator[list[_Loaded]]:
         """Yield loaded batches; the next batch decodes while the caller runs the current one."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch size must be a whole number >= 1, got {batch_size!r}")
         starts = range(0, len(items), batch_size)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipinspect-load") as pool:
             def submit(start: int) -> list[Future]:
@@ -163,9 +167,14 @@ class Inspector:
         return len(used), failed
 
     # ------------------------------------------------------------- inspection
+    def check(self, category: str, mode: str = "auto") -> str:
+        """Validate a category and mode before any work; returns the mode that will be used."""
+        head, _, _ = self._category_inputs(category, mode)
+        return "few-shot" if head == "head_fewshot" else "zero-shot"
+
     def _category_inputs(self, category: str, mode: str) -> tuple[str, dict[str, np.ndarray], object]:
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+            raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if category not in self._categories:
             self._categories[category] = self.bundle.category(category)
         data = self._categories[category]
@@ -182,23 +191,30 @@ class Inspector:
                 batch_size: int = 8, mode: str = "auto", smoothing_sigma: float = 0.0,
                 keep_images: bool = False,
                 progress: Callable[[int], None] | None = None) -> list[InspectionResult]:
-        """Inspect images of one category.
+        """Inspect images of one category; one result per input, in order.
 
         images: paths, PIL images or HxW(x3|x4) uint8 arrays, any size; a single one is accepted.
         mode: "auto" (few-shot when the category has references), "zero-shot" or "few-shot".
         smoothing_sigma: Gaussian smoothing of the upsampled map in pixels (0 = off, as the
             reference). One unusable image yields a result with ``error`` set; the rest proceed.
         """
+        return list(self.iter_inspect(images, category, batch_size, mode, smoothing_sigma,
+                                      keep_images, progress))
+
+    def iter_inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
+                     batch_size: int = 8, mode: str = "auto", smoothing_sigma: float = 0.0,
+                     keep_images: bool = False, progress: Callable[[int], None] | None = None
+                     ) -> Iterator[InspectionResult]:
+        """Like :meth:`inspect`, yielding results in input order as each batch completes, so a
+        long run can be written out as it goes with memory bounded by a few batches."""
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
             images = [images]
         head, extra, data = self._category_inputs(category, mode)
         mode_used = "few-shot" if head == "head_fewshot" else "zero-shot"
         thresholds = data.thresholds or {}
-        results: list[InspectionResult | None] = [None] * len(images)
         for batch in self._batches(list(images), batch_size, keep_images):
-            for b in batch:
-                if b.error is not None:
-                    results[b.index] = InspectionResult(b.source, error=b.error)
+            results: dict[int, InspectionResult] = {
+                b.index: InspectionResult(b.source, error=b.error) for b in batch if b.error}
             good = [b for b in batch if b.error is None]
             if good:
                 t0 = time.perf_counter()
@@ -215,7 +231,7 @@ class Inspector:
                 self.stage_seconds["post"] += time.perf_counter() - t2
             if progress:
                 progress(len(batch))
-        return results  # type: ignore[return-value]
+            yield from (results[b.index] for b in batch)
 
     @staticmethod
     def _finish(b: _Loaded, score: float, grid: np.ndarray, thresholds: dict, sigma: float,

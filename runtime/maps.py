@@ -24,8 +24,9 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     rows = np.arange(n_out)
     np.add.at(m, (rows, i0), 1.0 - frac)
     np.add.at(m, (rows, i1), frac)
-    m.flags.writeable = False
-    return m.astype(np.float32)
+    out = m.astype(np.float32)
+    out.flags.writeable = False  # shared through the cache
+    return out
 
 
 def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:

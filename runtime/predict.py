@@ -26,35 +26,42 @@ def overlay_name(index: int, source: str) -> str:
 def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category: str,
                    out: str | Path, batch_size: int = 8, mode: str = "auto",
                    smoothing_sigma: float = 0.0, overlays: bool = True, save_maps: bool = False,
-                   vmax: float | None = None, label: str = "inspect") -> list[InspectionResult]:
+                   vmin: float | None = None, vmax: float | None = None,
+                   label: str = "inspect") -> list[InspectionResult]:
     """Writes ``results.jsonl`` (one line per image, failures included), ``overlays/*.png`` and,
     with ``save_maps``, ``maps/*.npy`` (float32 H x W). Results are written as they arrive, so
-    an interruption keeps what was done."""
+    an interruption keeps what was done; the category is checked before anything is written.
+
+    Overlay colours span [vmin, vmax]; by default [0.5, 1.5] x the category's pixel threshold
+    when it has one (hot = above threshold), else each map's own range (relative only).
+    """
+    inspector.check(category, mode)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images = list(images)
-    results: list[InspectionResult] = []
     for wanted, folder in ((overlays, "overlays"), (save_maps, "maps")):
         if wanted:
             (out / folder).mkdir(exist_ok=True)
+    thresholds = inspector.bundle.category(category).thresholds or {}
+    if "pixel" in thresholds and vmin is None and vmax is None:
+        vmin, vmax = 0.5 * thresholds["pixel"], 1.5 * thresholds["pixel"]
+    images = list(images)
+    results: list[InspectionResult] = []
     with open(out / "results.jsonl", "w") as jsonl, Progress(len(images), label) as bar:
-        chunk = max(batch_size, 1) * 4  # bound memory: maps and decoded images of a few batches
-        for start in range(0, len(images), chunk):
-            part = inspector.inspect(images[start:start + chunk], category, batch_size, mode,
-                                     smoothing_sigma, keep_images=overlays, progress=bar.update)
-            for i, r in enumerate(part, start):
-                record = {"index": i, "category": category, **r.to_json()}
-                name = overlay_name(i, r.source)
-                if r.ok and overlays:
-                    top = vmax if vmax is not None else max(1e-6, float(r.anomaly_map.max()))
-                    Image.fromarray(overlay(r.image, r.anomaly_map, vmax=top, mask=r.mask)).save(
-                        out / "overlays" / name)
-                    record["overlay"] = f"overlays/{name}"
-                if r.ok and save_maps:
-                    np.save(out / "maps" / name.replace(".png", ".npy"), r.anomaly_map)
-                r.image = None  # drop the decoded image once written
-                jsonl.write(json.dumps(record) + "\n")
-                jsonl.flush()
-                results.append(r)
+        stream = inspector.iter_inspect(images, category, batch_size, mode, smoothing_sigma,
+                                        keep_images=overlays, progress=bar.update)
+        for i, r in enumerate(stream):
+            record = {"index": i, "category": category, **r.to_json()}
+            name = overlay_name(i, r.source)
+            if r.ok and overlays:
+                lo = float(r.anomaly_map.min()) if vmin is None else vmin
+                hi = float(r.anomaly_map.max()) if vmax is None else vmax
+                Image.fromarray(overlay(r.image, r.anomaly_map, vmin=lo, vmax=max(hi, lo + 1e-6),
+                                        mask=r.mask)).save(out / "overlays" / name)
+                record["overlay"] = f"overlays/{name}"
+            if r.ok and save_maps:
+                np.save(out / "maps" / name.replace(".png", ".npy"), r.anomaly_map)
+            r.image = None  # drop the decoded image once written
+            jsonl.write(json.dumps(record) + "\n")
+            jsonl.flush()
+            results.append(r)
     return results
-

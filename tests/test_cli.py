@@ -56,17 +56,37 @@ def test_predict_with_one_bad_image_reports_it_and_keeps_the_rest(small_bundle_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["predict", "{missing}", "x.png", "--category", "a", "--out", "o"], "does not exist"),
-    (["predict", "{bundle}", "x.png", "--category", "bottle", "--out", "o"], "unknown category 'bottle'"),
+    (["predict", "{missing}", "x.png", "--category", "a", "--out", "{out}"], "does not exist"),
+    (["predict", "{bundle}", "x.png", "--category", "bottle", "--out", "{out}"],
+     "unknown category 'bottle'"),
     (["fewshot", "{bundle}", "{empty}", "--category", "weave"], "holds no image files"),
+    (["predict", "{bundle}", "x.png", "--category", "weave", "--out", "{out}", "--batch-size", "0"],
+     "expected a whole number >= 1"),
+    (["export", "--pretrained", "none", "--out", "{out}", "--scales", "2,x"],
+     "expected comma-separated whole numbers"),
+    (["export", "--model", "ViT-S-16", "--pretrained", "none", "--out", "{out}",
+      "--categories", "metal nut,metal_nut"], "would share the folder"),
 ])
 def test_errors_are_one_line_without_traceback(args, message, small_bundle_path, tmp_path):
     (tmp_path / "empty").mkdir()
-    subst = {"missing": tmp_path / "nope", "bundle": small_bundle_path, "empty": tmp_path / "empty"}
+    subst = {"missing": tmp_path / "nope", "bundle": small_bundle_path, "empty": tmp_path / "empty",
+             "out": tmp_path / "out"}
     proc = run(*[a.format(**subst) for a in args])
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and message in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "results.jsonl").exists()  # nothing written before the check
+
+
+def test_predict_keeps_earlier_results_when_the_category_is_wrong(small_bundle_path, images,
+                                                                  tmp_path):
+    out = tmp_path / "out"
+    run("predict", small_bundle_path, images, "--category", "weave", "--out", out, check=True)
+    before = (out / "results.jsonl").read_text()
+    assert run("predict", small_bundle_path, images, "--category", "wevae", "--out",
+               out).returncode == 2
+    assert (out / "results.jsonl").read_text() == before
 
 
 def test_fewshot_then_info_then_predict_uses_references(bundle_copy, images, tmp_path):
@@ -80,12 +100,15 @@ def test_fewshot_then_info_then_predict_uses_references(bundle_copy, images, tmp
 
 
 def test_add_category_reproduces_export_text_embeddings(bundle_copy):
-    before = np.load(bundle_copy / "categories" / "weave" / "text.npz")["prototypes"]
+    from clipinspect.runtime import Bundle
+
+    before = Bundle.open(bundle_copy).category("weave").text_prototypes
     run("add-category", bundle_copy, "weave", "--replace", check=True)
     run("add-category", bundle_copy, "metal nut", check=True)
-    after = np.load(bundle_copy / "categories" / "weave" / "text.npz")["prototypes"]
-    assert np.abs(before - after).max() < 1e-5
-    prompts = json.loads((bundle_copy / "categories" / "metal_nut" / "prompts.json").read_text())
+    bundle = Bundle.open(bundle_copy)
+    assert np.abs(before - bundle.category("weave").text_prototypes).max() < 1e-5
+    entry = bundle.manifest["categories"]["metal nut"]["prompts"]
+    prompts = json.loads((bundle_copy / entry["file"]).read_text())
     assert len(prompts["normal"]) == 147 and len(prompts["anomalous"]) == 84
     assert prompts["normal"][0] == "a cropped photo of the metal nut."
     assert "damaged metal nut" in prompts["anomalous"][0]
