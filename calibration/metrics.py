@@ -198,16 +198,21 @@ def average_precision(labels, scores) -> float:
             label (recall is undefined).
     """
     y, s = _labels_and_scores(labels, scores, "average precision")
-    n_pos = int(np.count_nonzero(y))
-    if n_pos == 0:
-        raise ValueError(
-            f"average precision needs at least one positive label, got 0 of {y.size}; "
-            "recall is undefined without anomalous samples"
-        )
+    n_pos = _positives(y, "average precision")
     tp, fp = _tp_fp_per_threshold(y, s)
     precision = tp / (tp + fp)  # tp + fp >= 1 at every threshold (it is a real score value)
     recall_gain = np.diff(tp, prepend=0) / n_pos  # R_n - R_{n-1}
     return float(np.dot(recall_gain, precision))
+
+
+def _positives(y: np.ndarray, metric: str) -> int:
+    n_pos = int(np.count_nonzero(y))
+    if n_pos == 0:
+        raise ValueError(
+            f"{metric} needs at least one positive label, got 0 of {y.size}; "
+            "recall is undefined without anomalous samples"
+        )
+    return n_pos
 
 
 def f1_max(labels, scores) -> float:
@@ -229,12 +234,7 @@ def f1_max(labels, scores) -> float:
             label (recall is undefined).
     """
     y, s = _labels_and_scores(labels, scores, "F1-max")
-    n_pos = int(np.count_nonzero(y))
-    if n_pos == 0:
-        raise ValueError(
-            f"F1-max needs at least one positive label, got 0 of {y.size}; "
-            "recall is undefined without anomalous samples"
-        )
+    n_pos = _positives(y, "F1-max")
     tp, fp = _tp_fp_per_threshold(y, s)
     fn = n_pos - tp
     # Denominator >= n_pos > 0 at every threshold.
