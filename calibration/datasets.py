@@ -1,6 +1,6 @@
-"""Loader for datasets in the MVTec AD folder layout.
+"""Loaders for anomaly-detection datasets in the MVTec AD and VisA layouts.
 
-Expected layout (the one :mod:`.synth` writes)::
+MVTec AD layout (the one :mod:`.synth` writes)::
 
     <root>/<category>/train/good/<name>.<ext>
     <root>/<category>/test/good/<name>.<ext>
@@ -9,10 +9,26 @@ Expected layout (the one :mod:`.synth` writes)::
 
 Every folder under ``<split>/`` is a defect type, ``good`` meaning defect-free.
 Masks are 8-bit images, non-zero (255) on defective pixels.
+
+VisA layout, read through the split CSV that ships with the dataset::
+
+    <root>/<category>/Data/Images/Normal/<name>.JPG
+    <root>/<category>/Data/Images/Anomaly/<name>.JPG
+    <root>/<category>/Data/Masks/Anomaly/<name>.png
+    <root>/split_csv/1cls.csv     # object,split,label,image,mask
+
+Each CSV row is one image: ``object`` the category, ``split`` ``train`` or
+``test``, ``label`` ``normal`` or ``anomaly``, ``image`` and ``mask`` paths
+relative to ``<root>`` (``mask`` empty for normal rows). VisA masks are label
+images: every non-zero value marks a defective pixel.
+
+:func:`load_dataset` and :func:`dataset_categories` read either layout,
+telling them apart with :func:`detect_format`.
 """
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +45,40 @@ SPLITS: tuple[str, ...] = ("train", "test")
 
 GOOD = "good"
 
+ANOMALY = "anomaly"
+"""``defect`` of anomalous VisA samples (VisA does not name defect types in its split CSV)."""
+
+FORMATS: tuple[str, ...] = ("mvtec", "visa")
+"""Dataset layouts understood by :func:`load_dataset`."""
+
+VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
+"""VisA's split file, relative to the dataset root."""
+
+VISA_COLUMNS: tuple[str, ...] = ("object", "split", "label", "image", "mask")
+"""Header of :data:`VISA_SPLIT_CSV`."""
+
+VISA_LABELS: tuple[str, ...] = ("normal", "anomaly")
+
 
 class DatasetError(ClipInspectError, ValueError):
-    """The dataset on disk does not match the expected MVTec AD layout."""
+    """The dataset on disk does not match the expected MVTec AD or VisA layout."""
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of an MVTec-AD-style dataset.
+    """One image of an MVTec AD or VisA dataset.
 
     Attributes:
         path: Image file.
-        category: Category folder name, e.g. ``"bottle"``.
+        category: Category name, e.g. ``"bottle"`` or ``"pcb1"``.
         split: ``"train"`` or ``"test"``.
-        defect: ``"good"`` or the defect folder name, e.g. ``"scratch"``.
+        defect: ``"good"`` or the defect type: the defect folder name for MVTec AD,
+            e.g. ``"scratch"``; ``"anomaly"`` for VisA.
         mask_path: Ground-truth mask for anomalous samples, None for good ones.
+        mask_any_nonzero: How :func:`load_mask` reads the mask. True (VisA): every
+            non-zero pixel is defective. False (MVTec AD): 0/255 masks are cut at
+            half scale (128), masks whose values all stay below 128 (0/1, label
+            images) at non-zero.
     """
 
     path: Path
@@ -51,6 +86,7 @@ class Sample:
     split: str
     defect: str
     mask_path: Path | None = None
+    mask_any_nonzero: bool = False
 
     @property
     def is_anomalous(self) -> bool:
@@ -120,13 +156,18 @@ def load_mask(sample: Sample, size: int | tuple[int, int] | None = None) -> np.n
     """Ground-truth mask of ``sample`` as bool (H, W).
 
     Args:
-        sample: A sample from :func:`load_mvtec`.
+        sample: A sample from :func:`load_mvtec`, :func:`load_visa` or
+            :func:`load_dataset`.
         size: Output ``(height, width)`` (numpy order, like the returned array), or
             an int for a square; None keeps the image's own size. Resizing uses
             nearest neighbour so the mask stays binary.
 
     Returns:
-        bool (H, W), True on defective pixels; all False for good samples.
+        bool (H, W), True on defective pixels; all False for good samples. With
+        ``sample.mask_any_nonzero`` (VisA) every non-zero pixel is defective;
+        otherwise masks reaching 128 or more are cut at 128 (MVTec 0/255, keeping
+        stray anti-aliasing values out) and masks below 128 everywhere (0/1,
+        small label values) at non-zero.
 
     Raises:
         DatasetError: image or mask unreadable, mask missing, or mask and image
@@ -141,12 +182,18 @@ def load_mask(sample: Sample, size: int | tuple[int, int] | None = None) -> np.n
     if sample.mask_path is None:
         raise DatasetError(
             f"anomalous sample {str(sample.path)!r} (defect {sample.defect!r}) has no "
-            "mask_path; load samples with load_mvtec() or set mask_path"
+            "mask_path; load samples with load_mvtec(), load_visa() or load_dataset(), "
+            "or set mask_path"
         )
     try:
         with Image.open(sample.mask_path) as im:
             im.load()  # force decoding here so truncated files fail inside the try
-            mask_img = im.convert("L")
+            mask_size = im.size
+            if sample.mask_any_nonzero:
+                mask = _nonzero(im)
+            else:
+                arr = np.asarray(im.convert("L"))
+                mask = arr > 0 if arr.max(initial=0) < 128 else arr >= 128
     except FileNotFoundError:
         raise DatasetError(f"mask file {str(sample.mask_path)!r} does not exist") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -154,18 +201,170 @@ def load_mask(sample: Sample, size: int | tuple[int, int] | None = None) -> np.n
             f"cannot read mask file {str(sample.mask_path)!r} ({exc}); "
             "replace it with a valid 8-bit PNG"
         ) from exc
-    if mask_img.size != (img_w, img_h):
+    if mask_size != (img_w, img_h):
         raise DatasetError(
-            f"mask {str(sample.mask_path)!r} is {mask_img.size[0]}x{mask_img.size[1]} "
+            f"mask {str(sample.mask_path)!r} is {mask_size[0]}x{mask_size[1]} "
             f"but image {str(sample.path)!r} is {img_w}x{img_h} (width x height); "
             "masks must match their image size"
         )
     if out_hw is not None and out_hw != (img_h, img_w):
-        mask_img = mask_img.resize((out_hw[1], out_hw[0]), Image.Resampling.NEAREST)
-    arr = np.asarray(mask_img)
-    # MVTec masks are 0/255; some datasets store 0/1. Half-scale threshold for the
-    # former keeps stray anti-aliasing values out.
-    return arr > 0 if arr.max(initial=0) <= 1 else arr >= 128
+        # Thresholding and nearest-neighbour resizing commute, so resize the binary mask.
+        small = Image.fromarray(mask.astype(np.uint8) * 255)
+        mask = np.asarray(small.resize((out_hw[1], out_hw[0]), Image.Resampling.NEAREST)) > 0
+    return mask
+
+
+def list_visa_categories(root: str | Path) -> list[str]:
+    """Sorted category names (``object`` column) of VisA's split CSV under ``root``.
+
+    Raises:
+        DatasetError: root or CSV missing, or a malformed CSV (see :func:`load_visa`).
+    """
+    root = _check_root(root)
+    return sorted({row.category for row in _read_visa_csv(root)})
+
+
+def load_visa(
+    root: str | Path,
+    categories: Iterable[str] | str | None = None,
+    split: str = "test",
+) -> list[Sample]:
+    """List the samples of one VisA split, read from ``<root>/split_csv/1cls.csv``.
+
+    Order: categories as given (sorted when None), then rows in CSV order.
+
+    Args:
+        root: VisA root holding ``split_csv/`` and one folder per category.
+        categories: Category names (a single name is accepted too); None for all
+            in the CSV.
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        Samples with ``defect`` ``"good"`` for normal rows and ``"anomaly"`` for
+        anomalous ones; anomalous ones have ``mask_path`` set and
+        ``mask_any_nonzero`` True.
+
+    Raises:
+        DatasetError: root or CSV missing; CSV with missing or extra columns, an
+            unknown split or label value, or an anomalous row without a mask;
+            unknown categories, a category with no rows in ``split``, or an image
+            or mask listed for the loaded split that does not exist. Messages name
+            the CSV and its line.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
+    root = _check_root(root)
+    rows = _read_visa_csv(root)
+    csv_path = root / VISA_SPLIT_CSV
+    found = sorted({row.category for row in rows})
+    if categories is None:
+        cats = found
+        if not cats:
+            raise DatasetError(f"VisA split CSV {str(csv_path)!r} has no rows")
+    else:
+        cats = [categories] if isinstance(categories, str) else list(categories)
+        missing = [c for c in cats if c not in found]
+        if missing:
+            raise DatasetError(
+                f"category {missing[0]!r} not found in {str(csv_path)!r}; "
+                f"categories in the CSV: {', '.join(found) if found else '(none)'}"
+            )
+    by_cat: dict[str, list[_VisaRow]] = {c: [] for c in cats}
+    for row in rows:
+        if row.split == split and row.category in by_cat:
+            by_cat[row.category].append(row)
+    samples: list[Sample] = []
+    for cat in cats:
+        if not by_cat[cat]:
+            raise DatasetError(f"category {cat!r} has no {split!r} rows in {str(csv_path)!r}")
+        for row in by_cat[cat]:
+            path = root / row.image
+            if not path.is_file():
+                raise DatasetError(
+                    f"image {str(path)!r} listed in {str(csv_path)!r} line {row.line} "
+                    "does not exist"
+                )
+            mask_path = None
+            if row.anomalous:
+                mask_path = root / row.mask
+                if not mask_path.is_file():
+                    raise DatasetError(
+                        f"mask {str(mask_path)!r} for anomalous image {str(path)!r}, "
+                        f"listed in {str(csv_path)!r} line {row.line}, does not exist"
+                    )
+            samples.append(
+                Sample(
+                    path,
+                    cat,
+                    split,
+                    ANOMALY if row.anomalous else GOOD,
+                    mask_path,
+                    mask_any_nonzero=row.anomalous,
+                )
+            )
+    return samples
+
+
+def detect_format(root: str | Path) -> str:
+    """``"visa"`` if ``<root>/split_csv/1cls.csv`` exists, else ``"mvtec"`` if
+    :func:`list_categories` finds a category.
+
+    Raises:
+        DatasetError: root missing, or neither layout found (the message describes both).
+    """
+    root = _check_root(root)
+    if (root / VISA_SPLIT_CSV).is_file():
+        return "visa"
+    if list_categories(root):
+        return "mvtec"
+    hint = ""
+    visa_like = sorted(
+        d.name
+        for d in root.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and (d / "Data" / "Images").is_dir()
+    )
+    if visa_like:
+        hint = (
+            f" ({', '.join(visa_like)} look like VisA categories, but the split CSV "
+            f"{str(root / VISA_SPLIT_CSV)!r} is missing: VisA is read through it)"
+        )
+    raise DatasetError(
+        f"cannot tell the dataset layout of {str(root)!r}{hint}: expected either "
+        "MVTec AD (<root>/<category>/train/good/, <root>/<category>/test/<defect>/, "
+        "<root>/<category>/ground_truth/<defect>/<name>_mask.png) or VisA "
+        "(<root>/split_csv/1cls.csv with columns object,split,label,image,mask, and "
+        "<root>/<category>/Data/Images/{Normal,Anomaly}/, "
+        "<root>/<category>/Data/Masks/Anomaly/)"
+    )
+
+
+def load_dataset(
+    root: str | Path,
+    format: str = "auto",
+    categories: Iterable[str] | str | None = None,
+    split: str = "test",
+) -> list[Sample]:
+    """Samples of one split of an MVTec AD or VisA dataset.
+
+    Args:
+        root: Dataset root.
+        format: ``"mvtec"``, ``"visa"`` or ``"auto"`` (:func:`detect_format`).
+        categories: As for :func:`load_mvtec` / :func:`load_visa`.
+        split: ``"train"`` or ``"test"``.
+
+    Raises:
+        DatasetError: unknown format, or as raised by the chosen loader.
+    """
+    fmt = _resolve_format(root, format)
+    loader = load_visa if fmt == "visa" else load_mvtec
+    return loader(root, categories, split)
+
+
+def dataset_categories(root: str | Path, format: str = "auto") -> list[str]:
+    """Sorted category names of an MVTec AD or VisA dataset (``format`` as for
+    :func:`load_dataset`)."""
+    fmt = _resolve_format(root, format)
+    return list_visa_categories(root) if fmt == "visa" else list_categories(root)
 
 
 # ------------------------------------------------------------------ internals
@@ -239,3 +438,105 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DatasetError(f"image file {str(path)!r} does not exist") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"cannot read image file {str(path)!r} ({exc})") from exc
+
+
+def _resolve_format(root: str | Path, format: str) -> str:
+    if format == "auto":
+        return detect_format(root)
+    if format not in FORMATS:
+        raise DatasetError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
+    return format
+
+
+def _nonzero(im: Image.Image) -> np.ndarray:
+    """bool (H, W): pixels with any non-zero value (colour channels for colour and
+    palette images, like reading them as BGR and testing ``!= 0``)."""
+    if im.mode in ("1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return np.asarray(im) != 0
+    return np.asarray(im.convert("RGB")).any(axis=2)
+
+
+@dataclass(frozen=True)
+class _VisaRow:
+    line: int
+    category: str
+    split: str
+    anomalous: bool
+    image: str
+    mask: str
+
+
+def _read_visa_csv(root: Path) -> list[_VisaRow]:
+    """Parse and validate VisA's split CSV (values only; files are checked by the loader)."""
+    csv_path = root / VISA_SPLIT_CSV
+    where = f"VisA split CSV {str(csv_path)!r}"
+    if not csv_path.is_file():
+        raise DatasetError(
+            f"VisA split CSV not found: expected {str(csv_path)!r}. VisA is read through "
+            "the split CSV shipped with the dataset (split_csv/1cls.csv, columns "
+            f"{','.join(VISA_COLUMNS)}); copy it under the dataset root"
+        )
+    rows: list[_VisaRow] = []
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DatasetError(
+                    f"{where} is empty: expected the header {','.join(VISA_COLUMNS)}"
+                )
+            header = [h.strip() for h in header]
+            missing = [c for c in VISA_COLUMNS if c not in header]
+            extra = [h for h in header if h not in VISA_COLUMNS]
+            dup = sorted({h for h in header if header.count(h) > 1})
+            if missing or extra or dup:
+                parts = []
+                if missing:
+                    parts.append(f"missing column(s) {', '.join(missing)}")
+                if extra:
+                    parts.append(f"unexpected column(s) {', '.join(map(repr, extra))}")
+                if dup:
+                    parts.append(f"duplicated column(s) {', '.join(dup)}")
+                raise DatasetError(
+                    f"{where} has a bad header ({'; '.join(parts)}): expected the "
+                    f"columns {','.join(VISA_COLUMNS)}"
+                )
+            index = {c: header.index(c) for c in VISA_COLUMNS}
+            for record in reader:
+                line = reader.line_num
+                if not record or all(not v.strip() for v in record):
+                    continue  # blank line
+                if len(record) != len(header):
+                    raise DatasetError(
+                        f"{where} line {line} has {len(record)} field(s), expected "
+                        f"{len(header)} ({','.join(header)})"
+                    )
+                v = {c: record[i].strip() for c, i in index.items()}
+                if v["split"] not in SPLITS:
+                    raise DatasetError(
+                        f"{where} line {line}: unknown split {v['split']!r}, expected "
+                        f"one of {', '.join(SPLITS)}"
+                    )
+                if v["label"] not in VISA_LABELS:
+                    raise DatasetError(
+                        f"{where} line {line}: unknown label {v['label']!r}, expected "
+                        f"one of {', '.join(VISA_LABELS)}"
+                    )
+                if not v["object"]:
+                    raise DatasetError(f"{where} line {line}: empty object (category)")
+                if not v["image"]:
+                    raise DatasetError(f"{where} line {line}: empty image path")
+                anomalous = v["label"] == "anomaly"
+                if anomalous and not v["mask"]:
+                    raise DatasetError(
+                        f"{where} line {line}: anomalous image {v['image']!r} has no "
+                        "mask (the mask column is empty)"
+                    )
+                rows.append(
+                    _VisaRow(line, v["object"], v["split"], anomalous, v["image"], v["mask"])
+                )
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot parse {where} ({exc})") from exc
+    except OSError as exc:
+        raise DatasetError(f"cannot read {where} ({exc})") from exc
+    return rows

@@ -1,4 +1,4 @@
-"""Tests for the MVTec AD layout loader."""
+"""Tests for the MVTec AD and VisA layout loaders."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from PIL import Image
 from clipinspect.calibration.datasets import (
     DatasetError,
     Sample,
+    dataset_categories,
+    detect_format,
     list_categories,
+    list_visa_categories,
+    load_dataset,
     load_mask,
     load_mvtec,
+    load_visa,
 )
 from clipinspect.calibration.synth import DEFECTS, generate
 
@@ -232,3 +237,316 @@ def test_sample_is_frozen(synth_root):
     s = load_mvtec(synth_root)[0]
     with pytest.raises(AttributeError):
         s.defect = "good"  # type: ignore[misc]
+
+
+def test_label_valued_masks_below_128_count_as_defective(tmp_path):
+    # Masks whose values all stay below 128 (labels 1, 2, ...) are read at non-zero.
+    _write_png(tmp_path / "c" / "test" / "dent" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0, :2] = 1
+    mask[1, :3] = 2
+    _write_png(tmp_path / "c" / "ground_truth" / "dent" / "a_mask.png", mask)
+    (s,) = load_mvtec(tmp_path)
+    assert load_mask(s).sum() == 5
+
+
+def test_mvtec_masks_keep_half_scale_threshold(tmp_path):
+    _write_png(tmp_path / "c" / "test" / "dent" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0, :4] = 255
+    mask[1, :2] = 30  # anti-aliasing fringe
+    _write_png(tmp_path / "c" / "ground_truth" / "dent" / "a_mask.png", mask)
+    (s,) = load_mvtec(tmp_path)
+    assert load_mask(s).sum() == 4
+    # The same file read the VisA way: every non-zero pixel counts.
+    visa_like = Sample(s.path, s.category, s.split, s.defect, s.mask_path, mask_any_nonzero=True)
+    assert load_mask(visa_like).sum() == 6
+
+
+# ------------------------------------------------------------------ VisA
+
+VISA_HEADER = "object,split,label,image,mask"
+
+# (object, split, label, image stem, mask values or None). pcb1 is listed first and
+# its stems are out of order, to check that CSV order (not name order) is kept.
+VISA_ROWS = [
+    ("pcb1", "train", "normal", "0102", None),
+    ("pcb1", "train", "normal", "0101", None),
+    ("pcb1", "test", "anomaly", "001", (0, 1)),
+    ("pcb1", "test", "normal", "0103", None),
+    ("pcb1", "test", "anomaly", "000", (0, 2, 200)),
+    ("candle", "train", "normal", "0001", None),
+    ("candle", "test", "normal", "0002", None),
+    ("candle", "test", "anomaly", "000", (0, 255)),
+]
+
+
+def _visa_mask(values: tuple[int, ...]) -> np.ndarray:
+    m = np.zeros((8, 8), np.uint8)
+    for i, v in enumerate(values[1:]):
+        m[i, : i + 2] = v  # row i: i + 2 pixels of value v
+    return m
+
+
+def _visa_lines(rows=VISA_ROWS) -> list[str]:
+    lines = []
+    for obj, split, label, stem, _ in rows:
+        kind = "Anomaly" if label == "anomaly" else "Normal"
+        image = f"{obj}/Data/Images/{kind}/{stem}.JPG"
+        mask = f"{obj}/Data/Masks/Anomaly/{stem}.png" if label == "anomaly" else ""
+        lines.append(f"{obj},{split},{label},{image},{mask}")
+    return lines
+
+
+def _write_csv(root: Path, lines: list[str], header: str = VISA_HEADER) -> Path:
+    path = root / "split_csv" / "1cls.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *lines]) + "\n")
+    return path
+
+
+def _make_visa(root: Path) -> Path:
+    for obj, _, label, stem, values in VISA_ROWS:
+        kind = "Anomaly" if label == "anomaly" else "Normal"
+        img = root / obj / "Data" / "Images" / kind / f"{stem}.JPG"
+        img.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(img, format="JPEG")
+        if values is not None:
+            mask_path = root / obj / "Data" / "Masks" / "Anomaly" / f"{stem}.png"
+            _write_png(mask_path, _visa_mask(values))
+    _write_csv(root, _visa_lines())
+    return root
+
+
+@pytest.fixture(scope="module")
+def visa_root(tmp_path_factory) -> Path:
+    return _make_visa(tmp_path_factory.mktemp("visa"))
+
+
+@pytest.fixture
+def visa_copy(tmp_path) -> Path:
+    """A private, writable VisA tree for tests that break things."""
+    return _make_visa(tmp_path / "visa")
+
+
+def test_visa_loads_test_split_in_csv_order(visa_root):
+    samples = load_visa(visa_root)
+    assert [(s.category, s.defect, s.path.name) for s in samples] == [
+        ("candle", "good", "0002.JPG"),
+        ("candle", "anomaly", "000.JPG"),
+        ("pcb1", "anomaly", "001.JPG"),
+        ("pcb1", "good", "0103.JPG"),
+        ("pcb1", "anomaly", "000.JPG"),
+    ]
+    for s in samples:
+        assert s.split == "test" and s.path.is_file()
+        kind = "Anomaly" if s.is_anomalous else "Normal"
+        assert s.path == visa_root / s.category / "Data" / "Images" / kind / s.path.name
+        if s.is_anomalous:
+            assert s.mask_path == (
+                visa_root / s.category / "Data" / "Masks" / "Anomaly" / f"{s.path.stem}.png"
+            )
+            assert s.mask_any_nonzero
+        else:
+            assert s.mask_path is None
+    assert load_visa(visa_root) == samples  # deterministic
+
+
+def test_visa_train_split_and_category_selection(visa_root):
+    train = load_visa(visa_root, split="train")
+    assert [(s.category, s.path.name) for s in train] == [
+        ("candle", "0001.JPG"),
+        ("pcb1", "0102.JPG"),
+        ("pcb1", "0101.JPG"),
+    ]
+    assert not any(s.is_anomalous or s.mask_path for s in train)
+    assert {s.category for s in load_visa(visa_root, "pcb1")} == {"pcb1"}
+    both = load_visa(visa_root, ["pcb1", "candle"])
+    assert [s.category for s in both] == ["pcb1"] * 3 + ["candle"] * 2  # caller's order kept
+    assert load_visa(visa_root, []) == []
+
+
+def test_visa_categories(visa_root, synth_root):
+    assert list_visa_categories(visa_root) == ["candle", "pcb1"]
+    assert dataset_categories(visa_root) == ["candle", "pcb1"]
+    assert dataset_categories(synth_root) == ["pill", "weave"]
+    assert dataset_categories(visa_root, format="visa") == ["candle", "pcb1"]
+
+
+def test_visa_masks_any_nonzero_is_defective(visa_root):
+    by_key = {(s.category, s.path.stem): s for s in load_visa(visa_root)}
+    for (cat, stem), values in [
+        (("pcb1", "001"), (0, 1)),
+        (("pcb1", "000"), (0, 2, 200)),
+        (("candle", "000"), (0, 255)),
+    ]:
+        m = load_mask(by_key[(cat, stem)])
+        assert m.dtype == bool and m.shape == (8, 8)
+        assert np.array_equal(m, _visa_mask(values) > 0)
+        assert m.sum() == sum(range(2, len(values) + 1))
+    assert not load_mask(by_key[("pcb1", "0103")]).any()
+    assert load_mask(by_key[("pcb1", "000")], size=(4, 16)).shape == (4, 16)
+    assert load_mask(by_key[("pcb1", "000")], size=16).sum() == 4 * 5
+
+
+def test_visa_csv_with_bom_crlf_blank_lines_and_column_order(visa_copy):
+    lines = []
+    for line in _visa_lines():
+        obj, split, label, image, mask = line.split(",")
+        lines.append(f"{mask},{image},{label},{split},{obj}")
+    lines.insert(3, "")
+    path = visa_copy / "split_csv" / "1cls.csv"
+    text = "\r\n".join(["mask, image ,label,split,object", *lines]) + "\r\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [s.path.name for s in load_visa(visa_copy, "pcb1")] == ["001.JPG", "0103.JPG", "000.JPG"]
+
+
+def test_detect_format_and_load_dataset(visa_root, synth_root):
+    assert detect_format(visa_root) == "visa"
+    assert detect_format(synth_root) == "mvtec"
+    assert load_dataset(visa_root) == load_visa(visa_root)
+    assert load_dataset(visa_root, format="visa", categories="candle", split="train") == (
+        load_visa(visa_root, "candle", "train")
+    )
+    assert load_dataset(synth_root) == load_mvtec(synth_root)
+    assert load_dataset(synth_root, "mvtec", ["weave"], "train") == load_mvtec(
+        synth_root, ["weave"], "train"
+    )
+    with pytest.raises(DatasetError, match="format must be.*'coco'"):
+        load_dataset(synth_root, format="coco")
+    with pytest.raises(DatasetError, match="format must be"):
+        dataset_categories(synth_root, format="coco")
+
+
+def test_detect_format_unknown_layout_explains_both(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    with pytest.raises(DatasetError) as info:
+        detect_format(tmp_path)
+    msg = str(info.value)
+    assert str(tmp_path) in msg and "MVTec AD" in msg and "VisA" in msg
+    assert "split_csv/1cls.csv" in msg and "ground_truth" in msg
+    with pytest.raises(DatasetError, match="does not exist"):
+        detect_format(tmp_path / "nope")
+    with pytest.raises(DatasetError, match="cannot tell"):
+        load_dataset(tmp_path)
+
+
+def test_detect_format_hints_at_visa_without_csv(visa_copy):
+    csv_path = visa_copy / "split_csv" / "1cls.csv"
+    csv_path.unlink()
+    with pytest.raises(DatasetError) as info:
+        detect_format(visa_copy)
+    msg = str(info.value)
+    assert "candle, pcb1 look like VisA" in msg and str(csv_path) in msg
+
+
+def test_visa_missing_csv(visa_copy):
+    csv_path = visa_copy / "split_csv" / "1cls.csv"
+    csv_path.unlink()
+    for call in (load_visa, list_visa_categories, lambda r: load_dataset(r, format="visa")):
+        with pytest.raises(DatasetError) as info:
+            call(visa_copy)
+        msg = str(info.value)
+        assert str(csv_path) in msg and "split CSV" in msg and "object,split,label" in msg
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("object,split,label,image", "missing column(s) mask"),
+        ("object,split,label,image,mask,note", "unexpected column(s) 'note'"),
+        ("object,split,label,image,image", "missing column(s) mask"),
+        ("object,split,kind,image,mask", "missing column(s) label"),
+    ],
+)
+def test_visa_bad_header(visa_copy, header, expected):
+    csv_path = _write_csv(visa_copy, [], header=header)
+    with pytest.raises(DatasetError) as info:
+        load_visa(visa_copy)
+    msg = str(info.value)
+    assert str(csv_path) in msg and expected in msg
+    assert "expected the columns object,split,label,image,mask" in msg
+
+
+def test_visa_empty_csv(visa_copy):
+    csv_path = visa_copy / "split_csv" / "1cls.csv"
+    csv_path.write_text("")
+    with pytest.raises(DatasetError, match="is empty"):
+        load_visa(visa_copy)
+    _write_csv(visa_copy, [])
+    with pytest.raises(DatasetError, match="has no rows"):
+        load_visa(visa_copy)
+    assert list_visa_categories(visa_copy) == []
+
+
+@pytest.mark.parametrize(
+    "column, value, expected",
+    [
+        (1, "val", "line 4: unknown split 'val', expected one of train, test"),
+        (2, "bad", "line 4: unknown label 'bad', expected one of normal, anomaly"),
+        (4, "", "line 4: anomalous image 'pcb1/Data/Images/Anomaly/001.JPG' has no mask"),
+    ],
+)
+def test_visa_bad_row_values_name_the_line(visa_copy, column, value, expected):
+    lines = _visa_lines()
+    fields = lines[2].split(",")  # third data row: line 4 of the file
+    fields[column] = value
+    lines[2] = ",".join(fields)
+    csv_path = _write_csv(visa_copy, lines)
+    with pytest.raises(DatasetError) as info:
+        load_visa(visa_copy, split="train")  # values are checked whatever the split
+    msg = str(info.value)
+    assert str(csv_path) in msg and expected in msg
+
+
+def test_visa_row_with_wrong_field_count(visa_copy):
+    lines = _visa_lines()
+    lines[4] += ",extra"
+    _write_csv(visa_copy, lines)
+    with pytest.raises(DatasetError, match="line 6 has 6 field"):
+        load_visa(visa_copy)
+
+
+def test_visa_missing_image_names_file_and_line(visa_copy):
+    img = visa_copy / "pcb1" / "Data" / "Images" / "Normal" / "0103.JPG"
+    img.unlink()
+    with pytest.raises(DatasetError) as info:
+        load_visa(visa_copy)
+    msg = str(info.value)
+    assert str(img) in msg and "line 5" in msg and "1cls.csv" in msg
+    # Only the loaded split's files are checked.
+    assert len(load_visa(visa_copy, split="train")) == 3
+    assert len(load_visa(visa_copy, "candle")) == 2
+
+
+def test_visa_missing_mask_names_file_and_line(visa_copy):
+    mask = visa_copy / "candle" / "Data" / "Masks" / "Anomaly" / "000.png"
+    mask.unlink()
+    with pytest.raises(DatasetError) as info:
+        load_visa(visa_copy)
+    msg = str(info.value)
+    assert str(mask) in msg and "line 9" in msg and "1cls.csv" in msg
+    assert str(visa_copy / "candle" / "Data" / "Images" / "Anomaly" / "000.JPG") in msg
+
+
+def test_visa_unknown_category_lists_csv_categories(visa_root):
+    with pytest.raises(DatasetError) as info:
+        load_visa(visa_root, ["pcb1", "bottle"])
+    msg = str(info.value)
+    assert "'bottle'" in msg and "candle, pcb1" in msg and "1cls.csv" in msg
+
+
+def test_visa_category_without_rows_in_split(visa_copy):
+    lines = [ln for ln in _visa_lines() if not ln.startswith("candle,test")]
+    _write_csv(visa_copy, lines)
+    with pytest.raises(DatasetError, match="'candle' has no 'test' rows"):
+        load_visa(visa_copy)
+    assert len(load_visa(visa_copy, split="train")) == 3
+
+
+def test_visa_bad_split_argument_and_root(visa_root, tmp_path):
+    with pytest.raises(DatasetError, match="split"):
+        load_visa(visa_root, split="val")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_visa(tmp_path / "nope")
+
