@@ -154,7 +154,8 @@ def pixel_auroc(masks, maps) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _tp_fp_per_threshold(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _tp_fp_per_threshold(y: np.ndarray, s: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True / false positives when predicting ``score >= t``, for each distinct score t.
 
     Args:
@@ -163,7 +164,7 @@ def _tp_fp_per_threshold(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.n
 
     Returns:
         tp, fp: (T,) int64 counts, T = number of distinct scores, thresholds in descending
-        order (so both are non-decreasing).
+        order (so both are non-decreasing); and the thresholds (T,) themselves.
     """
     order = np.argsort(s, kind="stable")[::-1]  # descending; order within ties is irrelevant
     s_sorted = s[order]
@@ -174,7 +175,7 @@ def _tp_fp_per_threshold(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.n
     ends = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])
     tp = tp[ends]
     fp = ends + 1 - tp
-    return tp, fp
+    return tp, fp, s_sorted[ends]
 
 
 def average_precision(labels, scores) -> float:
@@ -199,7 +200,7 @@ def average_precision(labels, scores) -> float:
     """
     y, s = _labels_and_scores(labels, scores, "average precision")
     n_pos = _positives(y, "average precision")
-    tp, fp = _tp_fp_per_threshold(y, s)
+    tp, fp, _ = _tp_fp_per_threshold(y, s)
     precision = tp / (tp + fp)  # tp + fp >= 1 at every threshold (it is a real score value)
     recall_gain = np.diff(tp, prepend=0) / n_pos  # R_n - R_{n-1}
     return float(np.dot(recall_gain, precision))
@@ -233,12 +234,21 @@ def f1_max(labels, scores) -> float:
         ValueError: shapes differ, labels not binary, scores not real or NaN, or no positive
             label (recall is undefined).
     """
+    return f1_max_threshold(labels, scores)[0]
+
+
+def f1_max_threshold(labels, scores) -> tuple[float, float]:
+    """(F1-max, the threshold reaching it): the largest score t such that predicting
+    ``score >= t`` gives the best F1 (ties between thresholds go to the higher one, fewer alarms).
+    Same arguments and errors as :func:`f1_max`."""
     y, s = _labels_and_scores(labels, scores, "F1-max")
     n_pos = _positives(y, "F1-max")
-    tp, fp = _tp_fp_per_threshold(y, s)
+    tp, fp, thresholds = _tp_fp_per_threshold(y, s)
     fn = n_pos - tp
     # Denominator >= n_pos > 0 at every threshold.
-    return float(np.max(2 * tp / (2 * tp + fp + fn)))
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    best = int(np.argmax(f1))  # first maximum = highest threshold (descending order)
+    return float(f1[best]), float(thresholds[best])
 
 
 # --------------------------------------------------------------------------------------------

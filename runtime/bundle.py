@@ -118,7 +118,7 @@ class CategoryData:
     text_prototypes: np.ndarray
     memory: dict[str, np.ndarray] | None
     shots: int
-    thresholds: dict[str, float] | None
+    thresholds: dict[str, dict[str, Any]] | None  # "<precision>/<mode>" -> {"image", "pixel", ...}
 
 
 class Bundle:
@@ -286,10 +286,13 @@ class Bundle:
                 raise BundleError(f"category {category!r} was removed from the bundle meanwhile")
             m["categories"][category]["memory"] = entry
 
-    def set_thresholds(self, category: str, thresholds: dict[str, float]) -> None:
+    def set_thresholds(self, category: str, key: str, thresholds: dict[str, Any]) -> None:
+        """Store decision thresholds of ``category`` under ``key`` ("<precision>/<mode>"):
+        ``image`` and/or ``pixel`` (scores >= threshold are anomalous) plus how they were set."""
         self.category(category)
         with self.updating() as m:
-            m["categories"][category]["thresholds"] = {k: float(v) for k, v in thresholds.items()}
+            entry = m["categories"][category]
+            entry["thresholds"] = {**(entry.get("thresholds") or {}), key: thresholds}
 
 
 def _files_of(manifest: dict[str, Any]) -> set[str]:

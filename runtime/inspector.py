@@ -18,12 +18,18 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .backends import OrtBackend, default_threads
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
 from .images import ImageError, ImageInput, describe, preprocess, to_rgb_array
 from .maps import gaussian_blur, upsample
 
 MODES = ("auto", "zero-shot", "few-shot")
+HEADS = {"zero-shot": "head_zeroshot", "few-shot": "head_fewshot"}
+
+
+def threshold_key(precision: str, mode: str) -> str:
+    """Thresholds depend on the graphs and the scoring: stored per precision and mode."""
+    return f"{precision}/{mode}"
 
 
 @dataclass
@@ -62,7 +68,9 @@ class InspectionResult:
 
 
 @dataclass
-class _Loaded:
+class LoadedImage:
+    """One input after the load stage; ``error`` set (tensor None) if it could not be used."""
+
     index: int
     source: str
     tensor: np.ndarray | None = None   # (3, h, w) float32
@@ -94,7 +102,7 @@ class Inspector:
         return cls(bundle, backend, precision)
 
     # --------------------------------------------------------------- loading
-    def _load_one(self, index: int, item: ImageInput, keep_image: bool) -> _Loaded:
+    def _load_one(self, index: int, item: ImageInput, keep_image: bool) -> LoadedImage:
         """Never raises: whatever goes wrong with one image becomes that image's error."""
         source = describe(item)
         try:
@@ -102,13 +110,13 @@ class Inspector:
             cfg = self.bundle.manifest["input"]
             tensor = preprocess(rgb, self.bundle.input_size, cfg["mean"], cfg["std"])
         except ImageError as e:
-            return _Loaded(index, source, error=str(e))
+            return LoadedImage(index, source, error=str(e))
         except Exception as e:  # e.g. MemoryError on a huge image: still only this image
-            return _Loaded(index, source, error=f"{source}: {type(e).__name__}: {e}")
-        return _Loaded(index, source, tensor, rgb.shape[:2], rgb if keep_image else None)
+            return LoadedImage(index, source, error=f"{source}: {type(e).__name__}: {e}")
+        return LoadedImage(index, source, tensor, rgb.shape[:2], rgb if keep_image else None)
 
     def _batches(self, items: Sequence[ImageInput], batch_size: int, keep_image: bool,
-                 workers: int = 2) -> Iterator[list[_Loaded]]:
+                 workers: int = 2) -> Iterator[list[LoadedImage]]:
         """Yield loaded batches; the next batch decodes while the caller runs the current one."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch size must be a whole number >= 1, got {batch_size!r}")
@@ -126,25 +134,45 @@ class Inspector:
                 yield current
 
     # ------------------------------------------------------------ embeddings
-    def embed(self, images: Sequence[ImageInput], batch_size: int = 8
-              ) -> tuple[dict[str, np.ndarray], list[str], list[tuple[str, str]]]:
-        """Encoder outputs of the usable images, concatenated over the batch axis.
+    def iter_encoded(self, images: Sequence[ImageInput], batch_size: int = 8,
+                     keep_images: bool = False
+                     ) -> Iterator[tuple[list[LoadedImage], list[LoadedImage], dict | None]]:
+        """Per batch: (all loaded inputs, the usable ones, their encoder outputs or None).
 
-        Returns (outputs, sources used, [(source, error)] of images that could not be used).
+        The encoder outputs can be scored several ways (:meth:`score`) without encoding again.
+        """
+        for batch in self._batches(list(images), batch_size, keep_images):
+            good = [b for b in batch if b.error is None]
+            encoded = None
+            if good:
+                t0 = time.perf_counter()
+                encoded = self.backend.encode(np.stack([b.tensor for b in good]))
+                self.stage_seconds["encode"] += time.perf_counter() - t0
+            yield batch, good, encoded
+
+    def build_memory(self, images: Sequence[ImageInput], batch_size: int = 8
+                     ) -> tuple[dict[str, np.ndarray], list[str], list[tuple[str, str]]]:
+        """Few-shot reference memory from normal images, without storing it.
+
+        Returns (memory arrays for the few-shot head, sources used, [(source, error)]).
         """
         chunks: dict[str, list[np.ndarray]] = {}
         used: list[str] = []
         failed: list[tuple[str, str]] = []
-        for batch in self._batches(list(images), batch_size, keep_image=False):
-            good = [b for b in batch if b.error is None]
+        for batch, good, encoded in self.iter_encoded(images, batch_size):
             failed += [(b.source, b.error) for b in batch if b.error is not None]
-            if not good:
-                continue
-            encoded = self.backend.to_host(self.backend.encode(np.stack([b.tensor for b in good])))
-            for k, v in encoded.items():
-                chunks.setdefault(k, []).append(v)
-            used += [b.source for b in good]
-        return {k: np.concatenate(v) for k, v in chunks.items()}, used, failed
+            if encoded is not None:
+                for k, v in self.backend.to_host(encoded).items():
+                    chunks.setdefault(k, []).append(v)
+                used += [b.source for b in good]
+        if not used:
+            detail = "; ".join(f"{s}: {e}" for s, e in failed[:3])
+            raise ImageError(f"no usable reference image: {detail or 'none given'}")
+        outputs = {k: np.concatenate(v) for k, v in chunks.items()}
+        names = ["patch_tokens"] + [f"window_embeddings_{k}" for k in self.bundle.scales]
+        memory = {f"memory_{n}": np.ascontiguousarray(outputs[n].reshape(-1, outputs[n].shape[-1]))
+                  for n in names}
+        return memory, used, failed
 
     def add_references(self, category: str, images: Sequence[ImageInput], batch_size: int = 8
                        ) -> tuple[int, list[tuple[str, str]]]:
@@ -153,15 +181,7 @@ class Inspector:
         Replaces earlier memory of the category. Returns (shots stored, failed images).
         """
         self.bundle.category(category)  # unknown category -> error before any work
-        outputs, used, failed = self.embed(images, batch_size)
-        if not used:
-            detail = "; ".join(f"{s}: {e}" for s, e in failed[:3])
-            raise ImageError(f"no usable reference image for {category!r}: {detail or 'none given'}")
-        memory = {"memory_patch_tokens": outputs["patch_tokens"].reshape(
-            -1, outputs["patch_tokens"].shape[-1])}
-        for k in self.bundle.scales:
-            emb = outputs[f"window_embeddings_{k}"]
-            memory[f"memory_window_embeddings_{k}"] = emb.reshape(-1, emb.shape[-1])
+        memory, used, failed = self.build_memory(images, batch_size)
         self.bundle.set_memory(category, memory, used, shots=len(used))
         self._categories.pop(category, None)
         return len(used), failed
@@ -169,23 +189,39 @@ class Inspector:
     # ------------------------------------------------------------- inspection
     def check(self, category: str, mode: str = "auto") -> str:
         """Validate a category and mode before any work; returns the mode that will be used."""
-        head, _, _ = self._category_inputs(category, mode)
-        return "few-shot" if head == "head_fewshot" else "zero-shot"
+        return self._category_inputs(category, mode)[0]
 
-    def _category_inputs(self, category: str, mode: str) -> tuple[str, dict[str, np.ndarray], object]:
+    def _category_inputs(self, category: str, mode: str,
+                         memory: dict[str, np.ndarray] | None = None
+                         ) -> tuple[str, dict[str, np.ndarray], CategoryData]:
+        """-> (mode used, extra head inputs, category data). ``memory`` replaces the stored
+        reference memory (evaluation of several shot counts without touching the bundle)."""
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if category not in self._categories:
             self._categories[category] = self.bundle.category(category)
         data = self._categories[category]
-        if mode == "few-shot" and data.memory is None:
+        memory = data.memory if memory is None else memory
+        if mode == "few-shot" and memory is None:
             raise BundleError(f"category {category!r} has no reference images; add them with "
                               f"'clipinspect fewshot {self.bundle.root} --category {category} DIR'")
-        use_fewshot = data.memory is not None and mode != "zero-shot"
-        extra = {"text_prototypes": data.text_prototypes}
-        if use_fewshot:
-            extra.update(data.memory)
-        return ("head_fewshot" if use_fewshot else "head_zeroshot"), extra, data
+        use_fewshot = memory is not None and mode != "zero-shot"
+        extra = {"text_prototypes": data.text_prototypes, **(memory if use_fewshot else {})}
+        return ("few-shot" if use_fewshot else "zero-shot"), extra, data
+
+    def score(self, encoded: dict, category: str, mode: str = "auto",
+              memory: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+        """Encoder outputs of a batch -> (image scores (B,), grid maps (B, gh, gw), mode used)."""
+        mode_used, extra, _ = self._category_inputs(category, mode, memory)
+        t0 = time.perf_counter()
+        out = self.backend.score(encoded, HEADS[mode_used], extra)
+        self.stage_seconds["score"] += time.perf_counter() - t0
+        return out["image_score"], out["anomaly_grid"], mode_used
+
+    def thresholds(self, category: str, mode_used: str) -> dict[str, float]:
+        """Thresholds stored for this category, precision and mode ({} if none)."""
+        entry = self.bundle.manifest["categories"].get(category) or {}
+        return (entry.get("thresholds") or {}).get(threshold_key(self.precision, mode_used), {})
 
     def inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
                 batch_size: int = 8, mode: str = "auto", smoothing_sigma: float = 0.0,
@@ -209,32 +245,24 @@ class Inspector:
         long run can be written out as it goes with memory bounded by a few batches."""
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
             images = [images]
-        head, extra, data = self._category_inputs(category, mode)
-        mode_used = "few-shot" if head == "head_fewshot" else "zero-shot"
-        thresholds = data.thresholds or {}
-        for batch in self._batches(list(images), batch_size, keep_images):
+        mode_used = self.check(category, mode)
+        thresholds = self.thresholds(category, mode_used)
+        for batch, good, encoded in self.iter_encoded(images, batch_size, keep_images):
             results: dict[int, InspectionResult] = {
                 b.index: InspectionResult(b.source, error=b.error) for b in batch if b.error}
-            good = [b for b in batch if b.error is None]
-            if good:
+            if encoded is not None:
+                scores, grids, _ = self.score(encoded, category, mode)
                 t0 = time.perf_counter()
-                encoded = self.backend.encode(np.stack([b.tensor for b in good]))
-                t1 = time.perf_counter()
-                scored = self.backend.score(encoded, head, extra)
-                t2 = time.perf_counter()
-                self.stage_seconds["encode"] += t1 - t0
-                self.stage_seconds["score"] += t2 - t1
                 for j, b in enumerate(good):
-                    results[b.index] = self._finish(b, float(scored["image_score"][j]),
-                                                    scored["anomaly_grid"][j], thresholds,
+                    results[b.index] = self._finish(b, float(scores[j]), grids[j], thresholds,
                                                     smoothing_sigma, mode_used)
-                self.stage_seconds["post"] += time.perf_counter() - t2
+                self.stage_seconds["post"] += time.perf_counter() - t0
             if progress:
                 progress(len(batch))
             yield from (results[b.index] for b in batch)
 
     @staticmethod
-    def _finish(b: _Loaded, score: float, grid: np.ndarray, thresholds: dict, sigma: float,
+    def _finish(b: LoadedImage, score: float, grid: np.ndarray, thresholds: dict, sigma: float,
                 mode: str) -> InspectionResult:
         amap = upsample(grid, b.size)
         if sigma > 0:

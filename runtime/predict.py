@@ -35,13 +35,12 @@ def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category:
     Overlay colours span [vmin, vmax]; by default [0.5, 1.5] x the category's pixel threshold
     when it has one (hot = above threshold), else each map's own range (relative only).
     """
-    inspector.check(category, mode)
+    thresholds = inspector.thresholds(category, inspector.check(category, mode))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for wanted, folder in ((overlays, "overlays"), (save_maps, "maps")):
         if wanted:
             (out / folder).mkdir(exist_ok=True)
-    thresholds = inspector.bundle.category(category).thresholds or {}
     if "pixel" in thresholds and vmin is None and vmax is None:
         vmin, vmax = 0.5 * thresholds["pixel"], 1.5 * thresholds["pixel"]
     images = list(images)

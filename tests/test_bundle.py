@@ -64,13 +64,16 @@ def test_few_shot_mode_without_references_is_an_error(small_bundle_path):
 def test_memory_and_thresholds_persist_and_verify(bundle_copy, rng):
     inspector = Inspector.open(bundle_copy)
     inspector.add_references("weave", [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] * 2)
-    inspector.bundle.set_thresholds("weave", {"image": 0.0, "pixel": 2.0})
+    inspector.bundle.set_thresholds("weave", "fp32/few-shot", {"image": 0.0, "pixel": 2.0})
+    inspector.bundle.set_thresholds("weave", "fp32/zero-shot", {"image": 2.0})
     reopened = Inspector.open(bundle_copy)  # verifies the new checksums
     data = reopened.bundle.category("weave")
     assert data.shots == 2 and data.memory["memory_patch_tokens"].shape == (2 * 196, 384)
     r = reopened.inspect([rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)], "weave")[0]
     assert r.is_anomalous is True                      # every score >= 0
     assert r.mask.shape == (50, 70) and not r.mask.any()  # no map value reaches 2
+    zero = reopened.inspect([np.zeros((20, 20, 3), np.uint8)], "weave", mode="zero-shot")[0]
+    assert zero.is_anomalous is False and zero.mask is None  # its own thresholds, no pixel one
 
 
 def test_export_refuses_non_empty_output(tmp_path):

@@ -1,0 +1,224 @@
+"""``clipinspect eval``: accuracy, agreement with FP32 and speed per category, precision and
+number of reference shots, on MVTec AD or VisA style data.
+
+Test images are encoded once per precision and scored for every shot count. Pixel metrics are
+computed at ``pixel_size`` x ``pixel_size`` (maps upsampled from the patch grid, masks resized
+nearest-neighbour), as common in the literature, to bound memory. Each category's result is
+written as soon as it is done; a rerun with the same settings reuses it (``resume``), and a
+failure in one category is recorded without losing the others.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clipinspect.runtime import Bundle, Inspector
+from clipinspect.runtime.bundle import atomic_write_bytes
+from clipinspect.runtime.errors import UsageError
+from clipinspect.runtime.maps import upsample
+from clipinspect.runtime.progress import Progress
+
+from .datasets import dataset_categories, load_dataset, load_mask
+from .metrics import average_precision, f1_max, image_auroc, pixel_auroc, pro_auc
+
+METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
+           "pro")
+
+
+def _safe(fn, *args) -> float | None:
+    """A metric that is undefined for this data (one class only) is reported as None."""
+    try:
+        return float(fn(*args))
+    except ValueError:
+        return None
+
+
+def metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict:
+    """labels (N,), scores (N,), masks (N, S, S) bool, maps (N, S, S) -> the METRICS."""
+    return {"image_auroc": _safe(image_auroc, labels, scores),
+            "image_ap": _safe(average_precision, labels, scores),
+            "image_f1_max": _safe(f1_max, labels, scores),
+            "pixel_auroc": _safe(pixel_auroc, masks, maps),
+            "pixel_ap": _safe(average_precision, masks, maps),
+            "pixel_f1_max": _safe(f1_max, masks, maps),
+            "pro": _safe(pro_auc, masks, maps)}
+
+
+def evaluate_category(inspectors: dict[str, Inspector], root: Path, fmt: str, category: str,
+                      shots: Sequence[int], batch_size: int, pixel_size: int,
+                      bar: Progress) -> dict:
+    test = load_dataset(root, fmt, [category], split="test")
+    train = [s for s in load_dataset(root, fmt, [category], split="train") if not s.is_anomalous]
+    size = (pixel_size, pixel_size)
+    labels = np.array([s.is_anomalous for s in test])
+    masks = np.stack([load_mask(s, size=size) for s in test])
+    out: dict = {"images": len(test), "anomalous": int(labels.sum()), "runs": {}, "notes": []}
+    fp32_maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for precision, inspector in inspectors.items():
+        memories: dict[int, dict | None] = {}
+        for k in shots:
+            if k == 0:
+                memories[0] = None
+            elif k > len(train):
+                out["notes"].append(f"{k}-shot skipped: only {len(train)} normal training images")
+            else:
+                memories[k] = inspector.build_memory([s.path for s in train[:k]], batch_size)[0]
+        scores = {k: np.full(len(test), np.nan) for k in memories}
+        maps = {k: np.zeros((len(test), *size), np.float32) for k in memories}
+        seconds = {k: 0.0 for k in memories}
+        encode_before = inspector.stage_seconds["encode"]
+        failed = []
+        for batch, good, encoded in inspector.iter_encoded([s.path for s in test], batch_size):
+            failed += [f"{b.source}: {b.error}" for b in batch if b.error]
+            for k, memory in memories.items():
+                if encoded is None:
+                    continue
+                t0 = time.perf_counter()
+                s, grids, _ = inspector.score(encoded, category,
+                                              "few-shot" if k else "zero-shot", memory)
+                seconds[k] += time.perf_counter() - t0
+                for j, b in enumerate(good):
+                    scores[k][b.index] = s[j]
+                    maps[k][b.index] = upsample(grids[j], size)
+            bar.update(len(batch))
+        seconds["encode"] = inspector.stage_seconds["encode"] - encode_before
+        if failed:
+            out["notes"].append(f"{precision}: {len(failed)} unreadable image(s) left out, e.g. "
+                                f"{failed[0]}")
+        for k in memories:
+            ok = ~np.isnan(scores[k])
+            run = metrics(labels[ok], scores[k][ok], masks[ok], maps[k][ok])
+            run["images_per_second"] = int(ok.sum()) / max(seconds["encode"] + seconds[k], 1e-9)
+            if precision == "fp32":
+                fp32_maps[k] = (scores[k], maps[k])
+            elif k in fp32_maps:
+                ref_scores, ref_maps = fp32_maps[k]
+                run["map_pearson_vs_fp32"] = float(np.corrcoef(ref_maps[ok].ravel(),
+                                                               maps[k][ok].ravel())[0, 1])
+                run["max_image_score_diff_vs_fp32"] = float(np.abs(ref_scores[ok] -
+                                                                   scores[k][ok]).max())
+            out["runs"][f"{precision}/{k}-shot"] = run
+    return out
+
+
+def evaluate(bundle: str | Path, data: str | Path, out: str | Path, fmt: str = "auto",
+             categories: Sequence[str] | None = None, precisions: Sequence[str] = ("fp32",),
+             shots: Sequence[int] = (0,), batch_size: int = 8, pixel_size: int = 256,
+             provider: str = "cpu", resume: bool = True) -> dict:
+    out = Path(out)
+    (out / "categories").mkdir(parents=True, exist_ok=True)
+    b = Bundle.open(bundle)
+    categories = list(categories or dataset_categories(data, fmt))
+    missing = [c for c in categories if c not in b.manifest["categories"]]
+    if missing:
+        raise UsageError(f"the bundle has no text embeddings for {', '.join(map(repr, missing))}; "
+                         f"add them with 'clipinspect add-category {bundle} "
+                         f"{' '.join(map(repr, missing))}' or pass --categories")
+    # FP32 first: the other precisions are compared against it.
+    wanted = sorted(dict.fromkeys(precisions), key=lambda p: p != "fp32")
+    skipped = {p: f"the bundle has no {p} graphs" for p in wanted if p not in b.precisions}
+    inspectors = {p: Inspector.open(b, p, provider) for p in wanted if p not in skipped}
+    config = {"bundle": b.identity, "data": str(Path(data).resolve()), "format": fmt,
+              "precisions": list(inspectors), "shots": sorted(set(shots)),
+              "batch_size": batch_size, "pixel_size": pixel_size, "provider": provider}
+    report = {"config": config, "skipped_precisions": skipped, "categories": {}}
+    todo = []
+    for c in categories:
+        path = out / "categories" / f"{c.replace(' ', '_')}.json"
+        previous = json.loads(path.read_text()) if resume and path.is_file() else None
+        if previous and previous.get("config") == config and "error" not in previous:
+            report["categories"][c] = previous["result"]
+        else:
+            todo.append((c, path))
+    total = sum(len(load_dataset(data, fmt, [c], "test")) for c, _ in todo) * len(inspectors)
+    with Progress(total, "eval") as bar:
+        for c, path in todo:
+            try:
+                result = evaluate_category(inspectors, Path(data), fmt, c, config["shots"],
+                                           batch_size, pixel_size, bar)
+                record = {"config": config, "result": result}
+            except Exception as e:  # one broken category must not lose the others
+                result = {"error": f"{type(e).__name__}: {e}"}
+                record = {"config": config, "result": result, "error": traceback.format_exc()}
+            atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
+            report["categories"][c] = result
+    report["mean"] = mean_over_categories(report["categories"])
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(out / "report.md", render_markdown(report).encode())
+    chart(report, out / "report.png")
+    return report
+
+
+def mean_over_categories(categories: dict) -> dict:
+    runs: dict[str, dict[str, list[float]]] = {}
+    for result in categories.values():
+        for name, run in result.get("runs", {}).items():
+            for key, value in run.items():
+                if value is not None:
+                    runs.setdefault(name, {}).setdefault(key, []).append(value)
+    return {name: {k: float(np.mean(v)) for k, v in values.items()} for name, values in runs.items()}
+
+
+def _fmt(value, pct: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}" if pct else f"{value:.3g}"
+
+
+def render_markdown(report: dict) -> str:
+    c = report["config"]
+    lines = ["# clipinspect evaluation", "",
+             f"Bundle `{c['bundle']}`, data `{c['data']}` ({c['format']}), provider {c['provider']}, "
+             f"batch {c['batch_size']}, pixel metrics at {c['pixel_size']}x{c['pixel_size']}. "
+             "Metrics in percent; PRO integrated to FPR 0.3 (official MVTec definition); "
+             "images/s = encoder + scoring head, decoding excluded.", ""]
+    for p, why in report["skipped_precisions"].items():
+        lines.append(f"- {p} skipped: {why}")
+    header = ("| category | run | image AUROC | image AP | image F1-max | pixel AUROC | pixel AP | "
+              "pixel F1-max | PRO | images/s | map Pearson vs FP32 | max score diff vs FP32 |")
+    lines += ["", header, "|" + "---|" * 12]
+    rows = list(report["categories"].items()) + [("**mean**", {"runs": report["mean"]})]
+    for name, result in rows:
+        if "error" in result:
+            lines.append(f"| {name} | failed: {result['error']} |" + " |" * 10)
+            continue
+        for run_name, r in result["runs"].items():
+            lines.append("| " + " | ".join([name, run_name] + [_fmt(r.get(m)) for m in METRICS] + [
+                _fmt(r.get("images_per_second"), False), _fmt(r.get("map_pearson_vs_fp32"), False),
+                _fmt(r.get("max_image_score_diff_vs_fp32"), False)]) + " |")
+    notes = [f"- {n}: {note}" for n, r in report["categories"].items() for note in r.get("notes", [])]
+    return "\n".join(lines + ([""] + notes if notes else []) + [""])
+
+
+def chart(report: dict, path: Path) -> bool:
+    """Grouped bars of the mean image AUROC, pixel AUROC and PRO per run; False without
+    matplotlib (the Markdown and JSON reports are written regardless)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = report["mean"]
+    names = list(runs)
+    keys = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("pro", "PRO")]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 3.6))
+    for i, (key, label) in enumerate(keys):
+        values = [100 * (runs[n].get(key) or 0) for n in names]
+        ax.bar(x + (i - 1) * 0.27, values, 0.27, label=label)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel("mean over categories (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"clipinspect eval: {report['config']['bundle']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

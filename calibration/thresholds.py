@@ -1,0 +1,117 @@
+"""Decision thresholds per category: from normal images at a target false-positive rate, or
+from an annotated validation set at the F1-maximizing point. Stored in the bundle per precision
+and mode; the runtime then sets ``is_anomalous`` and the binary mask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clipinspect.runtime import Inspector
+from clipinspect.runtime.errors import UsageError
+from clipinspect.runtime.images import ImageInput
+from clipinspect.runtime.inspector import threshold_key
+
+from .datasets import load_dataset, load_mask
+from .metrics import f1_max_threshold
+
+MAX_PIXELS = 20_000_000  # pooled pixel values kept for a pixel threshold (a random subsample)
+
+
+def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> tuple[float, float]:
+    """Lowest threshold t whose false-positive rate on these normal scores is at most ``fpr``
+    (anomalous means score >= t). Returns (t, the rate measured on the scores)."""
+    if not 0.0 <= fpr < 1.0:
+        raise UsageError(f"--fpr {fpr} is not a rate in [0, 1), e.g. 0.01 for 1%")
+    s = np.sort(np.ravel(np.asarray(normal_scores)))[::-1]
+    if s.size == 0:
+        raise UsageError("no normal scores to set a threshold on")
+    allowed = int(np.floor(fpr * s.size))  # false positives the target permits
+    # Everything strictly above the (allowed+1)-th largest score is flagged: at most `allowed`.
+    # The step up is taken in the scores' own dtype: float32 maps compare in float32, where a
+    # float64 step would round back onto the score itself.
+    kth = s[min(allowed, s.size - 1)]
+    t = float(np.nextafter(kth, np.array(np.inf, dtype=kth.dtype)))
+    return t, float(np.count_nonzero(s >= t) / s.size)
+
+
+def _pooled(maps: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    values = np.concatenate([m.ravel() for m in maps])
+    if values.size > MAX_PIXELS:
+        values = rng.choice(values, MAX_PIXELS, replace=False)
+    return values
+
+
+def from_normal_images(inspector: Inspector, category: str, images: Sequence[ImageInput],
+                       fpr: float, mode: str = "auto", batch_size: int = 8) -> dict:
+    """Image and pixel thresholds at ``fpr`` on normal images (all their pixels are normal)."""
+    results = [r for r in inspector.inspect(images, category, batch_size, mode) if r.ok]
+    if len(results) < 2:
+        raise UsageError(f"need at least 2 usable normal images of {category!r}, got "
+                         f"{len(results)}")
+    scores = np.array([r.image_score for r in results])
+    image_t, image_fpr = threshold_at_fpr(scores, fpr)
+    pixels = _pooled([r.anomaly_map for r in results], np.random.default_rng(0))
+    pixel_t, pixel_fpr = threshold_at_fpr(pixels, fpr)
+    return {"image": image_t, "pixel": pixel_t, "method": "normal images at a target FPR",
+            "target_fpr": fpr, "measured_image_fpr": image_fpr, "measured_pixel_fpr": pixel_fpr,
+            "images": len(results), "smallest_measurable_image_fpr": 1.0 / len(results),
+            "mode": results[0].mode}
+
+
+def from_validation(inspector: Inspector, category: str, root: str | Path, fmt: str = "auto",
+                    mode: str = "auto", batch_size: int = 8) -> dict:
+    """Thresholds at the F1-max points of an annotated set (the category's test split)."""
+    samples = load_dataset(root, fmt, [category], split="test")
+    results = inspector.inspect([s.path for s in samples], category, batch_size, mode)
+    pairs = [(s, r) for s, r in zip(samples, results) if r.ok]
+    labels = np.array([s.is_anomalous for s, _ in pairs])
+    if labels.all() or not labels.any():
+        raise UsageError(f"the validation set of {category!r} under {str(root)!r} needs both "
+                         "normal and anomalous images")
+    scores = np.array([r.image_score for _, r in pairs])
+    image_f1, image_t = f1_max_threshold(labels, scores)
+    masks = [load_mask(s, size=r.anomaly_map.shape) for s, r in pairs]
+    pixel_f1, pixel_t = f1_max_threshold(np.concatenate([m.ravel() for m in masks]),
+                                         np.concatenate([r.anomaly_map.ravel() for _, r in pairs]))
+    normal = scores[~labels]
+    return {"image": image_t, "pixel": pixel_t, "method": "F1-max on a validation set",
+            "image_f1": image_f1, "pixel_f1": pixel_f1,
+            "measured_image_fpr": float(np.mean(normal >= image_t)), "images": len(pairs),
+            "mode": pairs[0][1].mode}
+
+
+def describe(category: str, key: str, t: dict) -> str:
+    lines = [f"{category} ({key}): image threshold {t['image']:.6g}, pixel threshold "
+             f"{t['pixel']:.6g} ({t['method']}, {t['images']} images)"]
+    if "target_fpr" in t:
+        lines.append(
+            f"  expected false-positive rate about {100 * t['target_fpr']:.2g}% of normal parts; "
+            f"measured on these images: {100 * t['measured_image_fpr']:.2g}% of images, "
+            f"{100 * t['measured_pixel_fpr']:.2g}% of pixels")
+        if t["target_fpr"] < t["smallest_measurable_image_fpr"]:
+            lines.append(f"  WARNING: with {t['images']} images the smallest non-zero image FPR "
+                         f"that can be measured is {100 * t['smallest_measurable_image_fpr']:.2g}%;"
+                         f" use about {int(np.ceil(10 / max(t['target_fpr'], 1e-9)))} normal "
+                         "images for a reliable threshold at this rate")
+    else:
+        lines.append(f"  F1 image {t['image_f1']:.3f}, pixel {t['pixel_f1']:.3f}; false-positive "
+                     f"rate on the normal validation images {100 * t['measured_image_fpr']:.2g}%")
+    return "\n".join(lines)
+
+
+def calibrate(inspector: Inspector, category: str, normal: Sequence[ImageInput] | None = None,
+              fpr: float = 0.01, validation: str | Path | None = None, fmt: str = "auto",
+              mode: str = "auto", batch_size: int = 8) -> tuple[str, dict]:
+    """Compute thresholds one way or the other and store them in the bundle."""
+    if (normal is None) == (validation is None):
+        raise UsageError("give either normal images (--normal DIR) or a validation set "
+                         "(--validation ROOT), not both and not neither")
+    t = (from_normal_images(inspector, category, normal, fpr, mode, batch_size)
+         if normal is not None else
+         from_validation(inspector, category, validation, fmt, mode, batch_size))
+    key = threshold_key(inspector.precision, t["mode"])
+    inspector.bundle.set_thresholds(category, key, t)
+    return key, t
