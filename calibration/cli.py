@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from clipinspect.runtime.cli import csv_list, int_list, positive_int
 from clipinspect.runtime.progress import Progress
 
 
@@ -28,25 +29,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers >= 0, e.g. 0,1,2,4")
-    return values
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     report = evaluate(args.bundle, args.data, args.out, args.format,
-                      _csv(args.categories) or None, _csv(args.precisions), args.shots,
+                      csv_list(args.categories) or None, csv_list(args.precisions), args.shots,
                       args.batch_size, args.pixel_size, args.provider, resume=not args.no_resume)
     for p, why in report["skipped_precisions"].items():
         print(f"clipinspect: {p} skipped: {why}", file=sys.stderr)
@@ -74,7 +61,6 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from clipinspect.runtime.cli import positive_int
 
     p = sub.add_parser("eval", help="accuracy, FP32 agreement and speed on MVTec AD / VisA data")
     p.add_argument("bundle")
@@ -82,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa"])
     p.add_argument("--categories", default="", help="comma-separated (default: all in the data)")
     p.add_argument("--precisions", default="fp32", help="comma-separated, e.g. fp32,fp16,int8")
-    p.add_argument("--shots", type=_ints, default=[0], help="reference shots, e.g. 0,1,2,4")
+    p.add_argument("--shots", type=int_list(0, "0,1,2,4"), default=[0], help="reference shots, e.g. 0,1,2,4")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--pixel-size", type=positive_int, default=256,

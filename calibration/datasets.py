@@ -139,17 +139,22 @@ def load_mvtec(
                 f"<root>/<category>/train/good/ (MVTec AD layout)"
             )
     else:
-        cats = [categories] if isinstance(categories, str) else list(categories)
-        missing = [c for c in cats if c not in found]
-        if missing:
-            raise DatasetError(
-                f"category {missing[0]!r} not found under {str(root)!r}; "
-                f"categories found: {', '.join(found) if found else '(none)'}"
-            )
+        cats = _select(categories, found, f"under {str(root)!r}", "categories found")
     samples: list[Sample] = []
     for cat in cats:
         samples.extend(_load_split(root, cat, split))
     return samples
+
+
+def _select(categories: Iterable[str] | str, found: list[str], where: str, listing: str
+            ) -> list[str]:
+    """The requested categories (one name or several), each of which must be among ``found``."""
+    cats = [categories] if isinstance(categories, str) else list(categories)
+    missing = [c for c in cats if c not in found]
+    if missing:
+        raise DatasetError(f"category {missing[0]!r} not found {where}; "
+                           f"{listing}: {', '.join(found) if found else '(none)'}")
+    return cats
 
 
 def load_mask(sample: Sample, size: int | tuple[int, int] | None = None) -> np.ndarray:
@@ -262,13 +267,7 @@ def load_visa(
         if not cats:
             raise DatasetError(f"VisA split CSV {str(csv_path)!r} has no rows")
     else:
-        cats = [categories] if isinstance(categories, str) else list(categories)
-        missing = [c for c in cats if c not in found]
-        if missing:
-            raise DatasetError(
-                f"category {missing[0]!r} not found in {str(csv_path)!r}; "
-                f"categories in the CSV: {', '.join(found) if found else '(none)'}"
-            )
+        cats = _select(categories, found, f"in {str(csv_path)!r}", "categories in the CSV")
     by_cat: dict[str, list[_VisaRow]] = {c: [] for c in cats}
     for row in rows:
         if row.split == split and row.category in by_cat:

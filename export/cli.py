@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from clipinspect.runtime.cli import csv_list, int_list
 from clipinspect.runtime.errors import ClipInspectError
 
 
@@ -21,24 +22,9 @@ def _exporter():
     return exporter
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _scales(text: str) -> list[int]:
-    try:
-        scales = [int(k) for k in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, "
-                                         "e.g. 2,3") from None
-    if not scales or min(scales) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: window scales must be >= 1, e.g. 2,3")
-    return scales
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     ex = _exporter()
-    ex.export_bundle(args.out, args.model, args.pretrained, _csv(args.categories),
+    ex.export_bundle(args.out, args.model, args.pretrained, csv_list(args.categories),
                      scales=args.scales, opset=args.opset,
                      tolerance=ex.PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
                      strict=not args.no_strict_parity,
@@ -60,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise MissingExtra(f"the demo needs the export extra ({e.name or e} is not installed): "
                            "pip install 'clipinspect[export,cpu]'") from e
     run_demo(args.out, model=args.model, pretrained=args.pretrained, shots=args.shots,
-             categories=_csv(args.categories) or None, seed=args.seed, batch_size=args.batch_size)
+             categories=csv_list(args.categories) or None, seed=args.seed, batch_size=args.batch_size)
     return 0
 
 
@@ -71,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="open_clip tag, local checkpoint file, or 'none' (random init, for tests)")
     p.add_argument("--categories", default="", help="comma-separated category names")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--scales", type=_scales, default=[2, 3], help="window scales (default 2,3)")
+    p.add_argument("--scales", type=int_list(1, "2,3"), default=[2, 3], help="window scales (default 2,3)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest |onnxruntime - torch| accepted (FP32), default 1e-4")

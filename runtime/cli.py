@@ -16,6 +16,25 @@ from pathlib import Path
 from .errors import ClipInspectError
 
 
+def csv_list(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def int_list(minimum: int, example: str):
+    """argparse type for comma-separated whole numbers >= minimum (e.g. scales, shot counts)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in csv_list(text)]
+        except ValueError:
+            values = []
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers "
+                                             f">= {minimum}, e.g. {example}")
+        return values
+    return parse
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
