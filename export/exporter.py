@@ -286,7 +286,7 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
         parity = check_parity(tmp, files, encoder, heads, prototypes)
         worst = max(parity.values())
         passed = bool(np.isfinite(worst)) and worst <= tolerance
-        log(f"      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
+        log("      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
                                                              parity.items()))
         if not passed and strict:
             raise ExportError(f"exported graphs differ from PyTorch by {worst:.3e} > {tolerance:g} "
