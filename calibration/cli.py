@@ -60,7 +60,50 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_bundle
+
+    record = quantize_bundle(args.bundle, args.precision, args.calibration, args.method,
+                             args.target, args.holdout, args.max_images, args.sensitivity,
+                             args.overwrite, args.threads)
+    a = record["agreement_vs_fp32"]
+    print(f"{args.precision}: map Pearson vs FP32 {a['map_pearson_min']:.5f} (worst category/mode "
+          f"on {a['images']} held-out image(s)), largest image score difference "
+          f"{a['max_image_score_diff']:.2e}")
+    excluded = record.get("sensitivity", {}).get("excluded_weights", [])
+    if excluded:
+        print(f"kept in FP32 by the sensitivity pass: {', '.join(excluded)}")
+    print(f"compare accuracy and speed: clipinspect eval {args.bundle} --data ROOT "
+          f"--precisions fp32,{args.precision}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from .quantize import DEFAULT_HOLDOUT, DEFAULT_MAX_IMAGES, DEFAULT_TARGET, METHODS
+
+    p = sub.add_parser("quantize", help="add FP16 or INT8 graphs to a bundle, checked against FP32")
+    p.add_argument("bundle")
+    p.add_argument("--precision", required=True, choices=["fp16", "int8"])
+    p.add_argument("--calibration", help="normal images of the line (a folder, searched "
+                   "recursively, or an MVTec AD / VisA root whose train images are used); "
+                   "required for int8, optional for fp16 (else synthetic probe images)")
+    p.add_argument("--method", default="minmax", choices=list(METHODS),
+                   help="activation calibration (default minmax)")
+    p.add_argument("--target", type=float, default=DEFAULT_TARGET,
+                   help=f"map Pearson vs FP32 the INT8 graph must reach on held-out images; the "
+                   f"sensitivity pass keeps weights in FP32 until it does (default "
+                   f"{DEFAULT_TARGET})")
+    p.add_argument("--holdout", type=positive_int, default=DEFAULT_HOLDOUT,
+                   help=f"images held out of calibration to check the maps (default "
+                   f"{DEFAULT_HOLDOUT})")
+    p.add_argument("--max-images", type=positive_int, default=DEFAULT_MAX_IMAGES,
+                   help=f"calibration images used at most (default {DEFAULT_MAX_IMAGES})")
+    p.add_argument("--sensitivity", default="auto", choices=["auto", "always", "off"],
+                   help="auto: only when the fully quantized graph misses --target")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace existing graphs of this "
+                   "precision")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="accuracy, FP32 agreement and speed on MVTec AD / VisA data")
     p.add_argument("bundle")

@@ -171,6 +171,10 @@ def _fmt(value, pct: bool = True) -> str:
     return f"{100 * value:.1f}" if pct else f"{value:.3g}"
 
 
+def _fmt4(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def render_markdown(report: dict) -> str:
     c = report["config"]
     lines = ["# clipinspect evaluation", "",
@@ -190,7 +194,7 @@ def render_markdown(report: dict) -> str:
             continue
         for run_name, r in result["runs"].items():
             lines.append("| " + " | ".join([name, run_name] + [_fmt(r.get(m)) for m in METRICS] + [
-                _fmt(r.get("images_per_second"), False), _fmt(r.get("map_pearson_vs_fp32"), False),
+                _fmt(r.get("images_per_second"), False), _fmt4(r.get("map_pearson_vs_fp32")),
                 _fmt(r.get("max_image_score_diff_vs_fp32"), False)]) + " |")
     notes = [f"- {n}: {note}" for n, r in report["categories"].items() for note in r.get("notes", [])]
     return "\n".join(lines + ([""] + notes if notes else []) + [""])

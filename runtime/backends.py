@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ClipInspectError
+from .qdq import cpu_has_vnni, unsigned_activations
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -64,16 +65,17 @@ def available_providers() -> list[str]:
     return [names[p] for p in ort.get_available_providers() if p in names]
 
 
-def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = False
-                     ) -> list[Any]:
-    """onnxruntime provider list for ``provider`` (cpu|cuda|tensorrt)."""
+def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = False,
+                     int8: bool = False) -> list[Any]:
+    """onnxruntime provider list for ``provider`` (cpu|cuda|tensorrt). ``int8``: the graph is
+    explicitly quantized (QDQ); TensorRT takes its scales from the graph, no calibration table."""
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
         return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
                 "CPUExecutionProvider"]
     if provider == "tensorrt":
-        opts: dict[str, Any] = {"trt_fp16_enable": bool(fp16)}
+        opts: dict[str, Any] = {"trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8)}
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
@@ -83,7 +85,10 @@ def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = 
 
 
 def make_session(path: Path, provider: str, threads: int | None = None,
-                 cache_dir: Path | None = None, fp16: bool = False):
+                 cache_dir: Path | None = None, fp16: bool = False, int8: bool = False):
+    """An onnxruntime session for the graph at ``path``. ``int8``: the graph is the bundle's
+    QDQ INT8 graph; on an x86 CPU with VNNI it is loaded with unsigned activations (exact, see
+    :mod:`.qdq`). The session's ``clipinspect_graph_form`` says which form runs."""
     ort = _import_ort()
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
@@ -98,8 +103,14 @@ def make_session(path: Path, provider: str, threads: int | None = None,
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(str(path), sess_options=so,
-                                   providers=provider_options(provider, cache_dir, fp16))
+    model: str | bytes = str(path)
+    form = "as stored"
+    if int8 and provider == "cpu" and cpu_has_vnni():
+        model, rewritten = unsigned_activations(path)
+        form = f"uint8 activations for x86 VNNI ({rewritten} quantizers, exact)"
+    session = ort.InferenceSession(model, sess_options=so,
+                                   providers=provider_options(provider, cache_dir, fp16, int8))
+    session.clipinspect_graph_form = form
     if PROVIDERS[provider] not in session.get_providers():
         # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
         raise ProviderError(f"onnxruntime did not register {PROVIDERS[provider]} for {path.name} "
@@ -115,13 +126,16 @@ class OrtBackend:
     """
 
     def __init__(self, encoder_path: Path, head_paths: dict[str, Path], provider: str = "cpu",
-                 threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False):
+                 threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False,
+                 int8: bool = False):
         conflict = ort_conflict()
         if conflict:
             warnings.warn(conflict, RuntimeWarning, stacklevel=2)
         self.provider = provider
-        self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16)
-        self.heads = {name: make_session(p, provider, threads, cache_dir, fp16)
+        self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16, int8)
+        self.graph_form = self.encoder.clipinspect_graph_form
+        # The heads are FP32 graphs in every variant: TensorRT must not lower them to FP16.
+        self.heads = {name: make_session(p, provider, threads, cache_dir)
                       for name, p in head_paths.items()}
         # Where IO binding keeps tensors; None = plain numpy in and out (CPU provider).
         self.device: str | None = "cuda" if provider in ("cuda", "tensorrt") else None

@@ -294,10 +294,29 @@ class Bundle:
             entry = m["categories"][category]
             entry["thresholds"] = {**(entry.get("thresholds") or {}), key: thresholds}
 
+    def set_precision(self, precision: str, encoder: dict[str, Any], record: dict[str, Any],
+                      overwrite: bool = False) -> None:
+        """Register a precision variant: its own encoder graph (already written), the FP32
+        scoring heads, and how it was made (``quantization.<precision>``). Thresholds set for an
+        earlier graph of this precision no longer apply and are dropped."""
+        if precision == "fp32":
+            raise BundleError("the fp32 graphs are written by export, not replaced")
+        with self.updating() as m:
+            if precision in m["graphs"] and not overwrite:
+                raise BundleError(f"bundle {str(self.root)!r} already has {precision} graphs")
+            fp32 = m["graphs"]["fp32"]
+            m["graphs"][precision] = {"encoder": encoder, "head_zeroshot": fp32["head_zeroshot"],
+                                      "head_fewshot": fp32["head_fewshot"]}
+            m.setdefault("quantization", {})[precision] = record
+            for entry in m["categories"].values():
+                for key in [k for k in entry.get("thresholds") or {}
+                            if k.startswith(precision + "/")]:
+                    del entry["thresholds"][key]
+
 
 def _files_of(manifest: dict[str, Any]) -> set[str]:
-    """Relative paths of the category files a manifest points to."""
-    files = set()
+    """Relative paths of the category files and graphs a manifest points to."""
+    files = {g["file"] for graphs in manifest.get("graphs", {}).values() for g in graphs.values()}
     for entry in manifest.get("categories", {}).values():
         for key in ("text", "prompts", "memory"):
             if entry.get(key):

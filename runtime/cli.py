@@ -109,6 +109,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     for precision, parity in m.get("parity", {}).items():
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in parity["max_abs_diff"].items())
         print(f"parity      {precision}: {diffs} (tolerance {parity['tolerance']:g})")
+    for precision, q in m.get("quantization", {}).items():
+        a = q["agreement_vs_fp32"]
+        how = ""
+        if "calibration" in q:
+            kept = q["sensitivity"]["excluded_weights"]
+            how = (f"; {q['calibration']['method']} calibration on {q['calibration']['images']} "
+                   f"images, {len(kept)} weight(s) kept FP32")
+        print(f"parity      {precision} vs fp32: map Pearson {a['map_pearson_min']:.5f}, image "
+              f"score diff {a['max_image_score_diff']:.1e} ({a['images']} held-out images{how})")
     for name in bundle.categories:
         entry = m["categories"][name]
         mem = entry.get("memory")

@@ -98,7 +98,8 @@ class Inspector:
                                                                       "head_fewshot")}
         backend = OrtBackend(bundle.graph_path(precision, "encoder"), heads, provider=provider,
                              threads=threads or default_threads(),
-                             cache_dir=bundle.root / "cache" / "ort-trt", fp16=precision == "fp16")
+                             cache_dir=bundle.root / "cache" / "ort-trt", fp16=precision == "fp16",
+                             int8=precision == "int8")
         return cls(bundle, backend, precision)
 
     # --------------------------------------------------------------- loading

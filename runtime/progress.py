@@ -7,8 +7,9 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, label: str = "", stream=None, width: int = 28):
-        self.total, self.label, self.width = max(int(total), 0), label, width
+    def __init__(self, total: int, label: str = "", stream=None, width: int = 28,
+                 unit: str = "img"):
+        self.total, self.label, self.width, self.unit = max(int(total), 0), label, width, unit
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.done = 0
@@ -32,7 +33,7 @@ class Progress:
         bar = "#" * int(frac * self.width)
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         self.stream.write(f"{prefix}{self.label} [{bar:<{self.width}}] {self.done}/{self.total} "
-                          f"{rate:.2f} img/s, {elapsed:.0f}s elapsed, eta {eta:.0f}s{end}")
+                          f"{rate:.2f} {self.unit}/s, {elapsed:.0f}s elapsed, eta {eta:.0f}s{end}")
         self.stream.flush()
 
     def close(self) -> None:

@@ -1,0 +1,137 @@
+"""Full WinCLIP throughput per precision (FP32, FP16, INT8), side by side in one process.
+
+    python -m clipinspect.benchmarks.precisions BUNDLE --precisions fp32,fp16,int8 \
+        --out benchmarks/results/precisions_cpu
+
+The bundle needs the precision variants (``clipinspect quantize``). Every precision inspects the
+same decoded synthetic images end to end (preprocessing, encoder, scoring head, upsampling to
+the image size) in the chosen mode; rounds cycle through the precisions so that machine noise
+hits all alike. Reports the median images/s per precision and its ratio to FP32, and how far
+each precision's scores and maps are from FP32's on these images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .winclip_vs_torch import machine
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--precisions", default="fp32,fp16,int8")
+    ap.add_argument("--mode", default="few-shot", choices=["zero-shot", "few-shot"])
+    ap.add_argument("--shots", type=int, default=4, help="reference images for few-shot")
+    ap.add_argument("--images", type=int, default=8, help="images per round")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/precisions_cpu",
+                    help="output path without extension (.json and .md are written)")
+    args = ap.parse_args(argv)
+    return measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import onnxruntime
+
+    from clipinspect.calibration.synth import render_sample
+    from clipinspect.runtime import Bundle, Inspector
+    from clipinspect.runtime.backends import OrtBackend
+    from clipinspect.runtime.maps import upsample
+
+    bundle = Bundle.open(args.bundle)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    missing = [p for p in precisions if p not in bundle.precisions]
+    if missing:
+        raise SystemExit(f"the bundle has no {', '.join(missing)} graphs; make them with "
+                         f"'clipinspect quantize {args.bundle} --precision ...'")
+    category = bundle.categories[0]
+    defects = ["good", "scratch", "hole", "stain", "crack"]
+    images = [render_sample(category, "test", defects[i % 5], i, image_size=256)[0]
+              for i in range(args.images)]
+    refs = [render_sample(category, "train", "good", i, image_size=256)[0]
+            for i in range(args.shots)]
+    inspectors = {p: Inspector.open(bundle, p) for p in precisions}
+    if "int8" in precisions and inspectors["int8"].backend.graph_form != "as stored":
+        # The same INT8 graph without the runtime's exact unsigned-activation rewrite, to show
+        # what that rewrite is worth on this CPU.
+        heads = {n: bundle.graph_path("int8", n) for n in ("head_zeroshot", "head_fewshot")}
+        backend = OrtBackend(bundle.graph_path("int8", "encoder"), heads, "cpu")
+        inspectors["int8 (signed, as stored)"] = Inspector(bundle, backend, "int8")
+        precisions.append("int8 (signed, as stored)")
+    memories = {p: (insp.build_memory(refs)[0] if args.mode == "few-shot" else None)
+                for p, insp in inspectors.items()}
+
+    def run(p: str):
+        insp = inspectors[p]
+        scores, maps = [], []
+        for _, good, encoded in insp.iter_encoded(images, args.batch_size):
+            s, grids, _ = insp.score(encoded, category, args.mode, memories[p])
+            scores.append(s)
+            maps += [upsample(g, b.size) for b, g in zip(good, grids)]
+        return np.concatenate(scores), np.stack(maps)
+
+    outputs = {p: run(p) for p in precisions}  # also the warm-up
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    for r in range(args.rounds):
+        for p in precisions:
+            t0 = time.perf_counter()
+            run(p)
+            times[p].append(time.perf_counter() - t0)
+            print(f"round {r + 1}/{args.rounds} {p}: {args.images / times[p][-1]:.3f} img/s",
+                  flush=True)
+    ips = {p: args.images / statistics.median(t) for p, t in times.items()}
+    base = "fp32" if "fp32" in ips else precisions[0]
+    ref_scores, ref_maps = outputs[base]
+    agreement = {p: {"map_pearson": float(np.corrcoef(ref_maps.ravel(), m.ravel())[0, 1]),
+                     "max_image_score_diff": float(np.abs(ref_scores - s).max())}
+                 for p, (s, m) in outputs.items()}
+    result = {
+        "benchmark": "precisions", "bundle": bundle.identity,
+        "model": bundle.manifest["model"]["name"],
+        "weights": bundle.manifest["model"]["weights"]["kind"], "category": category,
+        "mode": args.mode, "shots": args.shots if args.mode == "few-shot" else 0,
+        "images_per_round": args.images, "image_size": [256, 256], "batch_size": args.batch_size,
+        "rounds": args.rounds, "provider": "cpu",
+        "timed": "end to end from decoded RGB: preprocessing, encoder, scoring head, upsampling",
+        "seconds_per_round": times, "images_per_second": ips,
+        "ratio_to_fp32": {p: v / ips[base] for p, v in ips.items()},
+        "agreement_vs_fp32": agreement,
+        "graph_form": {p: insp.backend.graph_form for p, insp in inspectors.items()},
+        "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+        "machine": machine(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(result))
+    print(render(result))
+    return result
+
+
+def render(r: dict) -> str:
+    lines = [f"# Throughput per precision: {r['model']} ({r['weights']} weights), {r['mode']}"
+             f"{' ' + str(r['shots']) + '-shot' if r['shots'] else ''}", "",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores; "
+             f"onnxruntime {r['versions']['onnxruntime']}, provider {r['provider']}. "
+             f"{r['images_per_round']} images of {r['image_size'][0]}x{r['image_size'][1]} per "
+             f"round, batch {r['batch_size']}, median of {r['rounds']} rounds cycling through "
+             f"the precisions; timed {r['timed']}.", "",
+             "| precision | images/s | ratio to FP32 | map Pearson vs FP32 | max image score diff |"
+             " graph form |", "|---|---|---|---|---|---|"]
+    for p, v in r["images_per_second"].items():
+        a = r["agreement_vs_fp32"][p]
+        lines.append(f"| {p} | {v:.3f} | {r['ratio_to_fp32'][p]:.2f}x | {a['map_pearson']:.5f} | "
+                     f"{a['max_image_score_diff']:.2e} | {r['graph_form'][p]} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""``clipinspect quantize``: FP16 and INT8 variants of a bundle's encoder graph.
+
+FP16: every float tensor in half precision except the attention softmax (its exponentials
+overflow FP16 and its small differences are what ranks tokens); LayerNormalization is the
+opset-17 node, whose statistics are accumulated in FP32 (``stash_type`` 1). Inputs and outputs
+stay FP32, so the runtime feeds and reads the same arrays for every precision.
+
+INT8: static quantization in QDQ form of every MatMul with a weight: weights signed 8-bit,
+symmetric, one scale per output channel; activations signed 8-bit, symmetric, one scale per
+tensor, from calibration on normal images; all zero points 0. That one graph is what TensorRT's
+explicit quantization and onnxruntime CUDA accept; on x86 CPUs the runtime loads it with an
+exact unsigned-activation rewrite (``clipinspect.runtime.qdq``).
+
+The scoring heads (cosines, softmax over two classes, harmonic aggregation, nearest-neighbour
+search) stay FP32 in every variant: they are a small share of the work, and they are where
+rounding would reorder scores.
+
+A sensitivity pass keeps the weights whose quantization hurts the anomaly maps most in FP32
+until the maps of held-out normal images agree with FP32 (Pearson correlation) at a target.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from clipinspect.runtime import Bundle, Inspector
+from clipinspect.runtime.backends import OrtBackend
+from clipinspect.runtime.bundle import write_versioned
+from clipinspect.runtime.errors import ClipInspectError, UsageError
+from clipinspect.runtime.images import ImageError, preprocess, to_rgb_array
+from clipinspect.runtime.progress import Progress
+
+PRECISIONS = ("fp16", "int8")
+METHODS = ("minmax", "entropy", "percentile")
+FP16_KEEP_FP32 = ("Softmax",)
+DEFAULT_TARGET = 0.99
+DEFAULT_HOLDOUT = 3
+DEFAULT_MAX_IMAGES = 32
+MIN_CALIBRATION_IMAGES = 2
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class QuantizeError(ClipInspectError, RuntimeError):
+    """A precision variant that cannot be made as asked; the message says what to do."""
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------ graphs
+def clean_graph(path: Path):
+    """The graph after onnxruntime's provider-independent optimizations (constant folding,
+    Identity removal): each shared weight becomes one initializer that a MatMul reads directly."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="clipinspect-quantize-") as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(tmp) / "clean.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
+
+
+def to_fp16(model):
+    """FP16 graph with FP32 inputs and outputs; FP16_KEEP_FP32 ops stay FP32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    keep = list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32)
+    return convert_float_to_float16(model, keep_io_types=True, op_block_list=keep)
+
+
+@dataclass
+class WeightGroup:
+    """One weight matrix (K, N) and the MatMul nodes that read it (a weight is shared by the
+    full-image pass and the window passes of every scale)."""
+
+    index: int
+    weight: str
+    nodes: list[str]
+    shape: tuple[int, int]
+
+    @property
+    def label(self) -> str:
+        return (f"#{self.index:02d} {self.nodes[0]} ({self.shape[0]}x{self.shape[1]}, "
+                f"{len(self.nodes)} node{'s' if len(self.nodes) > 1 else ''})")
+
+
+def weight_groups(model) -> list[WeightGroup]:
+    """MatMuls whose second input is a 2-D float weight, grouped by weight, in graph order."""
+    import onnx
+
+    inits = {t.name: t for t in model.graph.initializer}
+    groups: dict[str, WeightGroup] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        w = inits[node.input[1]]
+        if w.data_type != onnx.TensorProto.FLOAT or len(w.dims) != 2:
+            continue
+        if w.name not in groups:
+            groups[w.name] = WeightGroup(len(groups), w.name, [], (int(w.dims[0]), int(w.dims[1])))
+        groups[w.name].nodes.append(node.name)
+    return list(groups.values())
+
+
+def quantize_int8(model, groups: Sequence[WeightGroup], activation_amax: dict[str, float],
+                  exclude: set[str] = frozenset()):
+    """A copy of ``model`` with QDQ pairs around every MatMul of ``groups`` except the
+    weights in ``exclude``. activation_amax: calibrated max |value| of each MatMul input."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    chosen = {g.weight for g in groups if g.weight not in exclude}
+    taken = set(inits) | {o for n in graph.node for o in n.output}
+
+    def fresh(name: str) -> str:
+        if name in taken:
+            raise QuantizeError(f"graph already has a tensor named {name!r}; export it again")
+        taken.add(name)
+        return name
+
+    nodes, new_inits = [], []
+    weight_dq: dict[str, str] = {}
+    act_dq: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in chosen:
+            x, w = node.input[0], node.input[1]
+            if w not in weight_dq:
+                wf = numpy_helper.to_array(inits[w]).astype(np.float32)      # (K, N)
+                scale = np.maximum(np.abs(wf).max(axis=0), 1e-12) / 127.0    # (N,)
+                q = np.clip(np.rint(wf / scale), -127, 127).astype(np.int8)
+                names = [fresh(f"{w}_int8"), fresh(f"{w}_scale"), fresh(f"{w}_zero_point")]
+                new_inits += [numpy_helper.from_array(q, names[0]),
+                              numpy_helper.from_array(scale.astype(np.float32), names[1]),
+                              numpy_helper.from_array(np.zeros(q.shape[1], np.int8), names[2])]
+                weight_dq[w] = fresh(f"{w}_dequantized")
+                nodes.append(helper.make_node("DequantizeLinear", names, [weight_dq[w]], axis=1,
+                                              name=fresh(f"{w}_DequantizeLinear")))
+            if x not in act_dq:
+                if x not in activation_amax:
+                    raise QuantizeError(f"no calibration range for {x!r} (input of {node.name})")
+                s = max(float(activation_amax[x]), 1e-12) / 127.0
+                names = [fresh(f"{x}_scale"), fresh(f"{x}_zero_point")]
+                new_inits += [numpy_helper.from_array(np.array(s, np.float32), names[0]),
+                              numpy_helper.from_array(np.array(0, np.int8), names[1])]
+                q_out, act_dq[x] = fresh(f"{x}_quantized"), fresh(f"{x}_dequantized")
+                nodes.append(helper.make_node("QuantizeLinear", [x, *names], [q_out],
+                                              name=fresh(f"{x}_QuantizeLinear")))
+                nodes.append(helper.make_node("DequantizeLinear", [q_out, *names], [act_dq[x]],
+                                              name=fresh(f"{x}_DequantizeLinear")))
+            quantized = onnx.NodeProto()
+            quantized.CopyFrom(node)
+            quantized.input[0], quantized.input[1] = act_dq[x], weight_dq[w]
+            nodes.append(quantized)
+        else:
+            nodes.append(node)
+    still_read = {i for n in nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name in still_read]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    return out
+
+
+# ------------------------------------------------------------------------------ calibration
+def find_images(source: str | Path) -> list[Path]:
+    """Normal images for calibration: the normal training images of every category when
+    ``source`` is an MVTec AD / VisA root (interleaved across categories), else every image
+    file under the directory (recursively, sorted)."""
+    from .datasets import DatasetError, detect_format, load_dataset
+
+    root = Path(source)
+    if not root.is_dir():
+        raise UsageError(f"--calibration {str(root)!r} is not a directory; pass a folder of "
+                         "normal images or an MVTec AD / VisA dataset root")
+    try:
+        fmt = detect_format(root)
+    except DatasetError:
+        fmt = None
+    if fmt is not None:
+        per_category: dict[str, list[Path]] = {}
+        for s in load_dataset(root, fmt, None, split="train"):
+            if not s.is_anomalous:
+                per_category.setdefault(s.category, []).append(Path(s.path))
+        lists = list(per_category.values())
+        paths = [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists
+                 if i < len(lst)]
+    else:
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and p.is_file() and not p.stem.endswith("_mask"))
+    if not paths:
+        raise UsageError(f"no images found under {str(root)!r} (looked for "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def load_tensors(bundle: Bundle, paths: Sequence[Path]) -> np.ndarray:
+    """(N, 3, H, W) preprocessed images; an unreadable file is an error naming it."""
+    cfg = bundle.manifest["input"]
+    out = []
+    for p in paths:
+        try:
+            out.append(preprocess(to_rgb_array(p), bundle.input_size, cfg["mean"], cfg["std"]))
+        except ImageError as e:
+            raise UsageError(f"calibration image {str(p)!r} cannot be used ({e}); remove it or "
+                             "replace it") from e
+    return np.stack(out)
+
+
+def probe_images(bundle: Bundle, n: int) -> np.ndarray:
+    """Deterministic synthetic normal images, for agreement checks when the user gave none."""
+    from .synth import CATEGORIES, render_sample
+
+    cfg = bundle.manifest["input"]
+    names = list(CATEGORIES)
+    rgbs = [render_sample(names[i % len(names)], "train", "good", i)[0] for i in range(n)]
+    return np.stack([preprocess(r, bundle.input_size, cfg["mean"], cfg["std"]) for r in rgbs])
+
+
+class _OneImage:
+    """onnxruntime's CalibrationDataReader protocol, for one image at a time."""
+
+    def __init__(self, image: np.ndarray):
+        self._items = [{"images": image[None]}]
+
+    def get_next(self):
+        return self._items.pop() if self._items else None
+
+
+def activation_ranges(model_path: Path, images: np.ndarray, method: str,
+                      progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Max |value| of every MatMul input over the calibration images (``method``: minmax,
+    entropy or percentile, as onnxruntime's calibrators compute them), one image at a time so
+    memory stays bounded."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise UsageError(f"unknown calibration method {method!r}: choose one of "
+                         f"{', '.join(METHODS)}")
+    # One image per collect_data call: each call folds its tensors into the running ranges
+    # (minmax) or histograms and drops them, so memory does not grow with the image count.
+    extra = {} if method == "minmax" else {"symmetric": True}
+    with tempfile.TemporaryDirectory(prefix="clipinspect-calibrate-") as tmp:
+        calibrator = create_calibrator(str(model_path), ["MatMul"],
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=methods[method], extra_options=extra)
+        for image in images:
+            calibrator.collect_data(_OneImage(image))
+            if progress:
+                progress(1)
+        data = calibrator.compute_data()
+    amax = {}
+    for name, value in data.data.items():
+        lo, hi = (np.asarray(v, dtype=np.float64).ravel() for v in value.range_value)
+        amax[name] = float(max(np.abs(lo).max(), np.abs(hi).max()))
+    return amax
+
+
+# -------------------------------------------------------------------------------- agreement
+class MapAgreement:
+    """Scores a fixed set of images with a candidate encoder and the bundle's FP32 heads, for
+    every category (zero-shot, and few-shot where it has reference images), and compares the
+    patch-grid anomaly maps and image scores with those of the FP32 encoder."""
+
+    def __init__(self, bundle: Bundle, images: np.ndarray, tmp: Path, threads: int | None = None):
+        if not bundle.categories:
+            raise UsageError(f"bundle {str(bundle.root)!r} has no category to score maps with; "
+                             "add one with 'clipinspect add-category' first")
+        self.bundle, self.images, self.tmp, self.threads = bundle, images, tmp, threads
+        self.runs = [(c, "zero-shot") for c in bundle.categories]
+        self.runs += [(c, "few-shot") for c in bundle.categories
+                      if bundle.manifest["categories"][c].get("memory")]
+        self.reference = self.scores_and_maps(bundle.graph_path("fp32", "encoder"), int8=False)
+
+    def inspector(self, encoder_path: Path, int8: bool) -> Inspector:
+        heads = {n: self.bundle.graph_path("fp32", n) for n in ("head_zeroshot", "head_fewshot")}
+        backend = OrtBackend(encoder_path, heads, "cpu", threads=self.threads, int8=int8)
+        return Inspector(self.bundle, backend, "candidate")
+
+    def scores_and_maps(self, encoder_path: Path, int8: bool
+                        ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+        inspector = self.inspector(encoder_path, int8)
+        encoded = inspector.backend.encode(self.images)
+        out = {}
+        for category, mode in self.runs:
+            scores, grids, _ = inspector.score(encoded, category, mode)
+            out[(category, mode)] = (scores, grids)
+        return out
+
+    def measure(self, model, int8: bool) -> dict:
+        """Agreement of the graph ``model`` with FP32: the smallest Pearson correlation of maps
+        over (category, mode) runs, pooled over the images, and the largest score difference."""
+        path = self.tmp / "candidate.onnx"
+        path.write_bytes(model.SerializeToString())
+        got = self.scores_and_maps(path, int8)
+        per_run, worst_score = {}, 0.0
+        for run, (ref_scores, ref_maps) in self.reference.items():
+            scores, maps = got[run]
+            finite = np.isfinite(maps).all() and np.isfinite(scores).all()
+            r = float(np.corrcoef(ref_maps.ravel(), maps.ravel())[0, 1]) if finite else -1.0
+            per_run[f"{run[0]}/{run[1]}"] = r if np.isfinite(r) else -1.0
+            worst_score = max(worst_score, float(np.abs(ref_scores - scores).max())
+                              if finite else float("inf"))
+        return {"map_pearson_min": min(per_run.values()), "map_pearson": per_run,
+                "max_image_score_diff": worst_score, "images": int(len(self.images))}
+
+
+# ---------------------------------------------------------------------------------- driver
+def _existing(bundle: Bundle, precision: str, overwrite: bool) -> None:
+    if precision in bundle.manifest["graphs"] and not overwrite:
+        raise UsageError(f"bundle {str(bundle.root)!r} already has {precision} graphs; pass "
+                         "--overwrite to replace them")
+
+
+def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | Path | None = None,
+                    method: str = "minmax", target: float = DEFAULT_TARGET,
+                    holdout: int = DEFAULT_HOLDOUT, max_images: int = DEFAULT_MAX_IMAGES,
+                    sensitivity: str = "auto", overwrite: bool = False,
+                    threads: int | None = None) -> dict:
+    """Make the ``precision`` variant of a bundle's encoder, check it against FP32, store it.
+    Returns the record written to the manifest under ``quantization.<precision>``."""
+    bundle = Bundle.open(bundle_path)
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)} "
+                         "(fp32 is what export writes)")
+    if sensitivity not in ("auto", "always", "off"):
+        raise UsageError(f"--sensitivity {sensitivity!r}: choose auto, always or off")
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"--target {target} is not a correlation in (0, 1], e.g. 0.99")
+    if holdout < 1:
+        raise UsageError(f"--holdout {holdout}: at least 1 held-out image is needed")
+    _existing(bundle, precision, overwrite)
+    t_start = time.perf_counter()
+    if calibration is None:
+        if precision == "int8":
+            raise UsageError("INT8 needs --calibration DIR: a folder of normal images of the "
+                             "line (or an MVTec AD / VisA root, whose train images are used)")
+        paths, held, source = [], probe_images(bundle, holdout), "synthetic probe images"
+    else:
+        paths = find_images(calibration)
+        source = str(Path(calibration).resolve())
+        if precision == "int8" and len(paths) < holdout + MIN_CALIBRATION_IMAGES:
+            raise UsageError(f"found {len(paths)} images under {str(calibration)!r}; INT8 needs "
+                             f"at least {holdout + MIN_CALIBRATION_IMAGES} ({holdout} held out "
+                             f"to check the maps, the rest to calibrate); add images or lower "
+                             f"--holdout")
+        held_paths = paths[-holdout:] if len(paths) > holdout else paths
+        paths = paths[:-holdout][:max_images] if len(paths) > holdout else []
+        log(f"loading {len(held_paths)} held-out image(s)" +
+            (f" and {len(paths)} calibration image(s)" if precision == "int8" else ""))
+        held = load_tensors(bundle, held_paths)
+    log("[1] preparing the FP32 graph")
+    model = clean_graph(bundle.graph_path("fp32", "encoder"))
+    with tempfile.TemporaryDirectory(prefix="clipinspect-quantize-") as tmp:
+        tmp = Path(tmp)
+        agreement = MapAgreement(bundle, held, tmp, threads)
+        if precision == "fp16":
+            log("[2] converting to FP16 (softmax kept FP32, FP32 inputs and outputs)")
+            variant = to_fp16(model)
+            measured = None
+            record = {"scheme": {"format": "FP16", "kept_fp32_ops": list(FP16_KEEP_FP32),
+                                 "io": "float32",
+                                 "layer_norm": "opset-17 LayerNormalization, FP32 statistics"}}
+        else:
+            variant, record, measured = _int8(model, bundle, paths, method, target, sensitivity,
+                                              agreement, tmp)
+        if measured is None:
+            log(f"[3] checking the FP16 maps against FP32 on {len(held)} held-out image(s)")
+            measured = agreement.measure(variant, int8=False)
+        log(f"    map Pearson (worst category/mode) {measured['map_pearson_min']:.5f}, largest "
+            f"image score difference {measured['max_image_score_diff']:.2e}")
+        if not np.isfinite(measured["max_image_score_diff"]) or measured["map_pearson_min"] < 0:
+            raise QuantizeError(f"the {precision} graph gives non-finite or unrelated maps; "
+                                "nothing was written")
+        data = variant.SerializeToString()
+    record.update({
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "agreement_vs_fp32": {**measured, "source": source, "target": target,
+                              "measured_on": "patch-grid maps of held-out normal images"},
+        "versions": _versions(),
+    })
+    rel = write_versioned(bundle.root, precision, "encoder.onnx", data)
+    entry = bundle.file_entry(rel, inputs=bundle.manifest["graphs"]["fp32"]["encoder"]["inputs"],
+                              outputs=bundle.manifest["graphs"]["fp32"]["encoder"]["outputs"])
+    bundle.set_precision(precision, entry, record, overwrite)
+    log(f"{precision} graphs stored in {bundle.root} ({len(data) / 1e6:.0f} MB encoder) in "
+        f"{time.perf_counter() - t_start:.0f} s")
+    return record
+
+
+def _int8(model, bundle: Bundle, paths: list[Path], method: str, target: float,
+          sensitivity: str, agreement: MapAgreement, tmp: Path):
+    """Calibrate, quantize, run the sensitivity pass; -> (graph, manifest record, its
+    agreement with FP32)."""
+    import onnx
+
+    groups = weight_groups(model)
+    if not groups:
+        raise QuantizeError("the encoder has no MatMul with a weight to quantize")
+    images = load_tensors(bundle, paths)
+    clean_path = tmp / "clean.onnx"
+    onnx.save(model, str(clean_path))
+    log(f"[2] calibrating activations ({method}) on {len(images)} normal image(s)")
+    with Progress(len(images), "calibrate") as bar:
+        amax = activation_ranges(clean_path, images, method, bar.update)
+    log(f"[3] quantizing {sum(len(g.nodes) for g in groups)} MatMuls ({len(groups)} weights)")
+    full = agreement.measure(quantize_int8(model, groups, amax), int8=True)
+    log(f"    all quantized: map Pearson {full['map_pearson_min']:.5f} (target {target})")
+    ran = sensitivity == "always" or (sensitivity == "auto" and full["map_pearson_min"] < target)
+    ranking: list[dict] = []
+    excluded: list[WeightGroup] = []
+    measured = full
+    if ran:
+        log(f"[4] sensitivity: map agreement with each of the {len(groups)} weights kept FP32")
+        with Progress(len(groups), "sensitivity", unit="weights") as bar:
+            ranking, excluded, measured = sensitivity_pass(
+                groups, lambda keep: agreement.measure(
+                    quantize_int8(model, groups, amax, keep), int8=True),
+                full, target, bar.update)
+    else:
+        log("[4] sensitivity pass " + ("off" if sensitivity == "off" else
+                                      "not needed: the target is met with every MatMul quantized"))
+    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded})
+    n_quantized = sum(len(g.nodes) for g in groups if g not in excluded)
+    record = {
+        "scheme": {"format": "QDQ", "ops": ["MatMul"],
+                   "weights": "int8, symmetric, per output channel, zero point 0",
+                   "activations": "int8, symmetric, per tensor, zero point 0"},
+        "calibration": {"method": method, "images": len(images)},
+        "quantized_nodes": n_quantized,
+        "fp32_nodes": sum(len(g.nodes) for g in excluded),
+        "all_quantized_agreement": full,
+        "sensitivity": {"ran": ran, "mode": sensitivity, "target": target,
+                        "ranking": ranking[:20],
+                        "excluded_weights": [g.label for g in excluded],
+                        "excluded_nodes": [n for g in excluded for n in g.nodes]},
+    }
+    if len(excluded) > len(groups) // 2:
+        log(f"warning: {len(excluded)} of {len(groups)} weights had to stay FP32 to reach map "
+            f"Pearson {target}; expect little speed-up (try --method entropy or percentile, or "
+            "a lower --target)")
+    return variant, record, measured
+
+
+def sensitivity_pass(groups: Sequence[WeightGroup], measure: Callable[[set[str]], dict],
+                     full: dict, target: float, progress: Callable[[], None] | None = None
+                     ) -> tuple[list[dict], list[WeightGroup], dict]:
+    """Rank the weights by how much keeping each one alone in FP32 raises the map agreement
+    (``measure(weights kept FP32)`` against FP32), then keep them in FP32 in that order until
+    the agreement reaches ``target``. -> (ranking, weights kept FP32, last measurement)."""
+    ranking = []
+    for g in groups:
+        r = measure({g.weight})
+        ranking.append({"weight": g.label, "nodes": g.nodes,
+                        "map_pearson_if_fp32": r["map_pearson_min"],
+                        "gain": r["map_pearson_min"] - full["map_pearson_min"]})
+        if progress:
+            progress()
+    order = sorted(range(len(groups)), key=lambda i: -ranking[i]["gain"])
+    excluded: list[WeightGroup] = []
+    measured = full
+    for i in order:
+        if measured["map_pearson_min"] >= target:
+            break
+        excluded.append(groups[i])
+        measured = measure({g.weight for g in excluded})
+        log(f"    keeping {groups[i].label} in FP32: map Pearson "
+            f"{measured['map_pearson_min']:.5f}")
+    return [ranking[i] for i in order], excluded, measured
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
