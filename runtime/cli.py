@@ -46,7 +46,9 @@ def positive_int(text: str) -> int:
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="fp32", help="graph precision in the bundle (fp32)")
+    p.add_argument("--precision", default="fp32",
+                   help="graph precision: fp32 (default), or fp16 / int8 after 'clipinspect "
+                        "quantize'")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution provider (default cpu)")
     p.add_argument("--batch-size", type=positive_int, default=8,

@@ -62,6 +62,9 @@ def test_predict_with_one_bad_image_reports_it_and_keeps_the_rest(small_bundle_p
     (["fewshot", "{bundle}", "{empty}", "--category", "weave"], "holds no image files"),
     (["predict", "{bundle}", "x.png", "--category", "weave", "--out", "{out}", "--batch-size", "0"],
      "expected a whole number >= 1"),
+    (["quantize", "{bundle}", "--precision", "int8"], "INT8 needs --calibration DIR"),
+    (["quantize", "{bundle}", "--precision", "fp16", "--calibration", "{missing}"],
+     "is not a directory"),
     (["export", "--pretrained", "none", "--out", "{out}", "--scales", "2,x"],
      "expected comma-separated whole numbers"),
     (["export", "--model", "ViT-S-16", "--pretrained", "none", "--out", "{out}",
@@ -123,3 +126,14 @@ def test_synth_is_deterministic_through_the_cli(tmp_path):
     assert len(files_a) == 1 + 1 + 4 + 4  # train, good, 4 defects, 4 masks
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_quantize_fp16_then_info_and_predict_with_it(bundle_copy, images, tmp_path):
+    proc = run("quantize", bundle_copy, "--precision", "fp16", "--holdout", "1", check=True)
+    assert "fp16: map Pearson vs FP32 " in proc.stdout
+    info = run("info", bundle_copy, check=True).stdout
+    assert "precisions  fp16, fp32" in info and "fp16 vs fp32: map Pearson" in info
+    out = tmp_path / "o"
+    run("predict", bundle_copy, images / "hole", "--category", "weave", "--out", out,
+        "--precision", "fp16", check=True)
+    assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["image_score"] > 0
