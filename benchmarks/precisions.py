@@ -43,7 +43,6 @@ def measure(args: argparse.Namespace) -> dict:
 
     from clipinspect.calibration.synth import render_sample
     from clipinspect.runtime import Bundle, Inspector
-    from clipinspect.runtime.backends import OrtBackend
     from clipinspect.runtime.maps import upsample
 
     bundle = Bundle.open(args.bundle)
@@ -59,13 +58,6 @@ def measure(args: argparse.Namespace) -> dict:
     refs = [render_sample(category, "train", "good", i, image_size=256)[0]
             for i in range(args.shots)]
     inspectors = {p: Inspector.open(bundle, p) for p in precisions}
-    if "int8" in precisions and inspectors["int8"].backend.graph_form != "as stored":
-        # The same INT8 graph without the runtime's exact unsigned-activation rewrite, to show
-        # what that rewrite is worth on this CPU.
-        heads = {n: bundle.graph_path("int8", n) for n in ("head_zeroshot", "head_fewshot")}
-        backend = OrtBackend(bundle.graph_path("int8", "encoder"), heads, "cpu")
-        inspectors["int8 (signed, as stored)"] = Inspector(bundle, backend, "int8")
-        precisions.append("int8 (signed, as stored)")
     memories = {p: (insp.build_memory(refs)[0] if args.mode == "few-shot" else None)
                 for p, insp in inspectors.items()}
 
@@ -104,7 +96,6 @@ def measure(args: argparse.Namespace) -> dict:
         "seconds_per_round": times, "images_per_second": ips,
         "ratio_to_fp32": {p: v / ips[base] for p, v in ips.items()},
         "agreement_vs_fp32": agreement,
-        "graph_form": {p: insp.backend.graph_form for p, insp in inspectors.items()},
         "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "machine": machine(),
     }
@@ -124,12 +115,12 @@ def render(r: dict) -> str:
              f"{r['images_per_round']} images of {r['image_size'][0]}x{r['image_size'][1]} per "
              f"round, batch {r['batch_size']}, median of {r['rounds']} rounds cycling through "
              f"the precisions; timed {r['timed']}.", "",
-             "| precision | images/s | ratio to FP32 | map Pearson vs FP32 | max image score diff |"
-             " graph form |", "|---|---|---|---|---|---|"]
+             "| precision | images/s | ratio to FP32 | map Pearson vs FP32 | max image score diff |",
+             "|---|---|---|---|---|"]
     for p, v in r["images_per_second"].items():
         a = r["agreement_vs_fp32"][p]
         lines.append(f"| {p} | {v:.3f} | {r['ratio_to_fp32'][p]:.2f}x | {a['map_pearson']:.5f} | "
-                     f"{a['max_image_score_diff']:.2e} | {r['graph_form'][p]} |")
+                     f"{a['max_image_score_diff']:.2e} |")
     return "\n".join(lines) + "\n"
 
 

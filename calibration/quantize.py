@@ -8,8 +8,8 @@ stay FP32, so the runtime feeds and reads the same arrays for every precision.
 INT8: static quantization in QDQ form of every MatMul with a weight: weights signed 8-bit,
 symmetric, one scale per output channel; activations signed 8-bit, symmetric, one scale per
 tensor, from calibration on normal images; all zero points 0. That one graph is what TensorRT's
-explicit quantization and onnxruntime CUDA accept; on x86 CPUs the runtime loads it with an
-exact unsigned-activation rewrite (``clipinspect.runtime.qdq``).
+explicit quantization requires, and onnxruntime runs it on the CPU (VNNI kernels on x86) and
+with CUDA.
 
 The scoring heads (cosines, softmax over two classes, harmonic aggregation, nearest-neighbour
 search) stay FP32 in every variant: they are a small share of the work, and they are where
@@ -286,16 +286,16 @@ class MapAgreement:
         self.runs = [(c, "zero-shot") for c in bundle.categories]
         self.runs += [(c, "few-shot") for c in bundle.categories
                       if bundle.manifest["categories"][c].get("memory")]
-        self.reference = self.scores_and_maps(bundle.graph_path("fp32", "encoder"), int8=False)
+        self.reference = self.scores_and_maps(bundle.graph_path("fp32", "encoder"))
 
-    def inspector(self, encoder_path: Path, int8: bool) -> Inspector:
+    def inspector(self, encoder_path: Path) -> Inspector:
         heads = {n: self.bundle.graph_path("fp32", n) for n in ("head_zeroshot", "head_fewshot")}
-        backend = OrtBackend(encoder_path, heads, "cpu", threads=self.threads, int8=int8)
+        backend = OrtBackend(encoder_path, heads, "cpu", threads=self.threads)
         return Inspector(self.bundle, backend, "candidate")
 
-    def scores_and_maps(self, encoder_path: Path, int8: bool
+    def scores_and_maps(self, encoder_path: Path
                         ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-        inspector = self.inspector(encoder_path, int8)
+        inspector = self.inspector(encoder_path)
         encoded = inspector.backend.encode(self.images)
         out = {}
         for category, mode in self.runs:
@@ -303,12 +303,12 @@ class MapAgreement:
             out[(category, mode)] = (scores, grids)
         return out
 
-    def measure(self, model, int8: bool) -> dict:
+    def measure(self, model) -> dict:
         """Agreement of the graph ``model`` with FP32: the smallest Pearson correlation of maps
         over (category, mode) runs, pooled over the images, and the largest score difference."""
         path = self.tmp / "candidate.onnx"
         path.write_bytes(model.SerializeToString())
-        got = self.scores_and_maps(path, int8)
+        got = self.scores_and_maps(path)
         per_run, worst_score = {}, 0.0
         for run, (ref_scores, ref_maps) in self.reference.items():
             scores, maps = got[run]
@@ -382,7 +382,7 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
                                               agreement, tmp)
         if measured is None:
             log(f"[3] checking the FP16 maps against FP32 on {len(held)} held-out image(s)")
-            measured = agreement.measure(variant, int8=False)
+            measured = agreement.measure(variant)
         log(f"    map Pearson (worst category/mode) {measured['map_pearson_min']:.5f}, largest "
             f"image score difference {measured['max_image_score_diff']:.2e}")
         if not np.isfinite(measured["max_image_score_diff"]) or measured["map_pearson_min"] < 0:
@@ -420,7 +420,7 @@ def _int8(model, bundle: Bundle, paths: list[Path], method: str, target: float,
     with Progress(len(images), "calibrate") as bar:
         amax = activation_ranges(clean_path, images, method, bar.update)
     log(f"[3] quantizing {sum(len(g.nodes) for g in groups)} MatMuls ({len(groups)} weights)")
-    full = agreement.measure(quantize_int8(model, groups, amax), int8=True)
+    full = agreement.measure(quantize_int8(model, groups, amax))
     log(f"    all quantized: map Pearson {full['map_pearson_min']:.5f} (target {target})")
     ran = sensitivity == "always" or (sensitivity == "auto" and full["map_pearson_min"] < target)
     ranking: list[dict] = []
@@ -431,7 +431,7 @@ def _int8(model, bundle: Bundle, paths: list[Path], method: str, target: float,
         with Progress(len(groups), "sensitivity", unit="weights") as bar:
             ranking, excluded, measured = sensitivity_pass(
                 groups, lambda keep: agreement.measure(
-                    quantize_int8(model, groups, amax, keep), int8=True),
+                    quantize_int8(model, groups, amax, keep)),
                 full, target, bar.update)
     else:
         log("[4] sensitivity pass " + ("off" if sensitivity == "off" else

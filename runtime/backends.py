@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from .errors import ClipInspectError
-from .qdq import cpu_has_vnni, unsigned_activations
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -86,9 +85,8 @@ def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = 
 
 def make_session(path: Path, provider: str, threads: int | None = None,
                  cache_dir: Path | None = None, fp16: bool = False, int8: bool = False):
-    """An onnxruntime session for the graph at ``path``. ``int8``: the graph is the bundle's
-    QDQ INT8 graph; on an x86 CPU with VNNI it is loaded with unsigned activations (exact, see
-    :mod:`.qdq`). The session's ``clipinspect_graph_form`` says which form runs."""
+    """An onnxruntime session for the graph at ``path`` (``fp16`` / ``int8``: the graph's
+    precision, for the TensorRT provider's options)."""
     ort = _import_ort()
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
@@ -103,14 +101,8 @@ def make_session(path: Path, provider: str, threads: int | None = None,
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = int(threads)
-    model: str | bytes = str(path)
-    form = "as stored"
-    if int8 and provider == "cpu" and cpu_has_vnni():
-        model, rewritten = unsigned_activations(path)
-        form = f"uint8 activations for x86 VNNI ({rewritten} quantizers, exact)"
-    session = ort.InferenceSession(model, sess_options=so,
+    session = ort.InferenceSession(str(path), sess_options=so,
                                    providers=provider_options(provider, cache_dir, fp16, int8))
-    session.clipinspect_graph_form = form
     if PROVIDERS[provider] not in session.get_providers():
         # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
         raise ProviderError(f"onnxruntime did not register {PROVIDERS[provider]} for {path.name} "
@@ -133,7 +125,6 @@ class OrtBackend:
             warnings.warn(conflict, RuntimeWarning, stacklevel=2)
         self.provider = provider
         self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16, int8)
-        self.graph_form = self.encoder.clipinspect_graph_form
         # The heads are FP32 graphs in every variant: TensorRT must not lower them to FP16.
         self.heads = {name: make_session(p, provider, threads, cache_dir)
                       for name, p in head_paths.items()}

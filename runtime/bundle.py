@@ -6,6 +6,8 @@ A bundle is a directory::
     fp32/encoder.onnx                      images -> image / window embeddings, patch tokens
     fp32/head_zeroshot.onnx                embeddings + text prototypes -> scores, grid map
     fp32/head_fewshot.onnx                 ... + reference memory -> scores, grid map
+    fp16/encoder-<digest>.onnx             FP16 / INT8 variants of the encoder ('quantize');
+    int8/encoder-<digest>.onnx             they use the FP32 heads
     categories/<name>/text-<digest>.npz    prompt-ensemble text embeddings of one category
     categories/<name>/prompts-<digest>.json  the prompts used
     categories/<name>/memory-<digest>.npz  few-shot reference memory (optional)
