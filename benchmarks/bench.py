@@ -1,0 +1,516 @@
+"""``clipinspect bench``: latency and throughput of the whole inspection pipeline per backend,
+precision, mode and batch size, with the PyTorch eager evaluation of the same algorithm in the
+same run, and a fixed-frame-rate stream mode.
+
+Stages are timed separately on every run: decode and resize (host), encoder, scoring head,
+post-processing (upsampling to the image size, thresholding), and end to end. onnxruntime's
+``run`` and ``run_with_iobinding`` return when the device work is done, so GPU stage times are
+synchronized. Warm-up runs are excluded from every statistic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from clipinspect.runtime import Bundle, Inspector
+from clipinspect.runtime.backends import ProviderError, available_providers
+from clipinspect.runtime.images import preprocess, to_rgb_array
+from clipinspect.runtime.maps import upsample
+
+from .stats import run_stream, summarize
+
+STAGES = ("decode", "encoder", "head", "post", "end_to_end")
+DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
+IMAGE_SIZE = 256
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------ environment
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _command(*args: str) -> str | None:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def machine() -> dict:
+    """CPU, GPU (name, driver, CUDA), Jetson model and power mode, package versions."""
+    cpu = platform.processor()
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(),
+                            "platform": platform.platform(), "python": platform.python_version()}
+    smi = _command("nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                   "--format=csv,noheader")
+    if smi:
+        info["gpus"] = [dict(zip(("name", "driver", "memory"), (x.strip() for x in line.split(","))))
+                        for line in smi.splitlines()]
+        header = _command("nvidia-smi") or ""
+        if "CUDA Version:" in header:
+            info["cuda"] = header.split("CUDA Version:", 1)[1].split()[0]
+    tegra = _read("/etc/nv_tegra_release")
+    if tegra:
+        info["jetson"] = {"release": tegra.splitlines()[0],
+                          "model": (_read("/proc/device-tree/model") or "").strip("\x00"),
+                          "power_mode": _command("nvpmodel", "-q")}
+    versions = {}
+    for name in ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "open_clip_torch",
+                 "tensorrt"):
+        try:
+            import importlib.metadata as md
+
+            versions[name] = md.version(name)
+        except Exception:
+            pass
+    info["versions"] = versions
+    return info
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux), so each configuration reports
+    its own peak. False where that is not possible (the peak then includes earlier ones)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:
+        return None
+
+
+def gpu_memory_mb() -> float | None:
+    """GPU memory this process holds (onnxruntime's arena only grows, so after a configuration
+    this is its peak plus what earlier configurations left)."""
+    out = _command("nvidia-smi", "--query-compute-apps=pid,used_memory",
+                   "--format=csv,noheader,nounits")
+    if not out:
+        return None
+    for line in out.splitlines():
+        pid, used = (x.strip() for x in line.split(","))
+        if pid == str(os.getpid()):
+            return float(used)
+    return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = f"{type(e).__name__}: {e}".lower()
+    return isinstance(e, MemoryError) or any(s in text for s in (
+        "out of memory", "failed to allocate", "cudaerrormemoryallocation", "bad_alloc"))
+
+
+# --------------------------------------------------------------------------------- pipeline
+@dataclass
+class Workload:
+    """Images on disk (decoded on every run, as on a line) and their category."""
+
+    paths: list[Path]
+    references: list[Path]
+    category: str
+
+    def batch(self, run: int, size: int) -> list[Path]:
+        return [self.paths[(run * size + j) % len(self.paths)] for j in range(size)]
+
+
+def make_workload(bundle: Bundle, folder: Path, n_images: int, shots: int) -> Workload:
+    from PIL import Image
+
+    from clipinspect.calibration.synth import CATEGORIES, render_sample
+
+    category = next((c for c in bundle.categories if c in CATEGORIES), bundle.categories[0])
+    style = category if category in CATEGORIES else "weave"
+    defects = ["good", "scratch", "hole", "stain", "crack"]
+    paths, refs = [], []
+    for i in range(n_images):
+        p = folder / f"test_{i:03d}.png"
+        Image.fromarray(render_sample(style, "test", defects[i % 5], i, image_size=IMAGE_SIZE)[0]
+                        ).save(p)
+        paths.append(p)
+    for i in range(shots):
+        p = folder / f"ref_{i:03d}.png"
+        Image.fromarray(render_sample(style, "train", "good", i, image_size=IMAGE_SIZE)[0]).save(p)
+        refs.append(p)
+    return Workload(paths, refs, category)
+
+
+def time_runtime(inspector: Inspector, work: Workload, mode: str, memory: dict | None,
+                 batch: int, runs: int) -> dict[str, list[float]]:
+    """Stage seconds of ``runs`` batches through the runtime."""
+    cfg = inspector.bundle.manifest["input"]
+    size = inspector.bundle.input_size
+    thresholds = {"pixel": 0.5}  # thresholding is part of post-processing on a line
+    times: dict[str, list[float]] = {s: [] for s in STAGES}
+    for r in range(runs):
+        t0 = time.perf_counter()
+        rgbs = [to_rgb_array(p) for p in work.batch(r, batch)]
+        x = np.stack([preprocess(im, size, cfg["mean"], cfg["std"]) for im in rgbs])
+        t1 = time.perf_counter()
+        encoded = inspector.backend.encode(x)
+        t2 = time.perf_counter()
+        scores, grids, _ = inspector.score(encoded, work.category, mode, memory)
+        t3 = time.perf_counter()
+        for im, g in zip(rgbs, grids):
+            _ = upsample(g, im.shape[:2]) >= thresholds["pixel"]
+        t4 = time.perf_counter()
+        for stage, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+            times[stage].append(dt)
+    return times
+
+
+class TorchBaseline:
+    """The PyTorch eager evaluation of the same algorithm (export/reference.py) on the bundle's
+    weights: FP32 on the CPU; FP32 and FP16 on a CUDA GPU."""
+
+    def __init__(self, bundle: Bundle, device: str, dtype: str):
+        import torch
+
+        from clipinspect.export.exporter import load_clip
+        from clipinspect.export.reference import WinClipReference
+
+        weights = bundle.manifest["model"]["weights"]
+        if weights["kind"] == "random":
+            pretrained = None
+        elif weights["kind"] == "tag":
+            pretrained = weights["tag"]
+        else:
+            pretrained = weights.get("path")
+            if not pretrained or not Path(pretrained).is_file():
+                raise RuntimeError(f"the bundle's checkpoint {pretrained!r} is not on this machine")
+        model, _, _ = load_clip(bundle.manifest["model"]["name"], pretrained,
+                                weights.get("seed", 0))
+        self.torch = torch
+        self.device = torch.device(device)
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+        model = model.to(self.device, self.dtype).eval()
+        self.reference = WinClipReference(model, bundle.scales)
+        self.bundle = bundle
+
+    def tensor(self, x: np.ndarray):
+        return self.torch.from_numpy(x).to(self.device, self.dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def memory(self, work: Workload):
+        cfg, size = self.bundle.manifest["input"], self.bundle.input_size
+        x = np.stack([preprocess(to_rgb_array(p), size, cfg["mean"], cfg["std"])
+                      for p in work.references])
+        return self.reference.features(self.tensor(x))
+
+    def time(self, work: Workload, mode: str, memory, batch: int, runs: int
+             ) -> dict[str, list[float]]:
+        cfg, size = self.bundle.manifest["input"], self.bundle.input_size
+        data = self.bundle.category(work.category)
+        prototypes = self.tensor(data.text_prototypes)
+        times: dict[str, list[float]] = {"decode": [], "model_and_post": [], "end_to_end": []}
+        for r in range(runs):
+            t0 = time.perf_counter()
+            rgbs = [to_rgb_array(p) for p in work.batch(r, batch)]
+            x = np.stack([preprocess(im, size, cfg["mean"], cfg["std"]) for im in rgbs])
+            t1 = time.perf_counter()
+            scores, maps = self.reference(self.tensor(x), prototypes, rgbs[0].shape[:2],
+                                          memory if mode == "few-shot" else None)
+            _ = (maps >= 0.5).cpu()
+            self.sync()
+            t2 = time.perf_counter()
+            times["decode"].append(t1 - t0)
+            times["model_and_post"].append(t2 - t1)
+            times["end_to_end"].append(t2 - t0)
+        return times
+
+
+# ------------------------------------------------------------------------------------ sweep
+def _row(kind: str, backend: str, precision: str, mode: str, batch: int,
+         times: dict[str, list[float]], warmup: int) -> dict:
+    return {"kind": kind, "backend": backend, "precision": precision, "mode": mode,
+            "batch": batch,
+            "stages": {s: summarize(v, warmup, batch) for s, v in times.items()},
+            "images_per_second": summarize(times["end_to_end"], warmup, batch)["images_per_second"]}
+
+
+def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] = ("cpu",),
+              precisions: Sequence[str] = ("fp32",), modes: Sequence[str] = ("few-shot",),
+              batches: Sequence[int] = DEFAULT_BATCHES, shots: int = 4, runs: int = 5,
+              warmup: int = 1, images: int = 16, baseline: bool = True,
+              stream_fps: float | None = None, stream_frames: int = 30,
+              stream_deadline_ms: float | None = None, threads: int | None = None,
+              progress: Callable[[str], None] = log) -> dict:
+    """Sweep, write ``out``/bench.json, bench.md and bench.png, and return the result."""
+    from clipinspect.runtime.backends import PROVIDERS
+    from clipinspect.runtime.errors import UsageError
+
+    for name, values, known in (("backend", backends, PROVIDERS), ("mode", modes,
+                                ("zero-shot", "few-shot")), ("precision", precisions,
+                                                             ("fp32", "fp16", "int8"))):
+        bad = [v for v in values if v not in known]
+        if bad or not values:
+            raise UsageError(f"unknown {name} {bad[0] if bad else '(none given)'!r}: choose from "
+                             f"{', '.join(known)}")
+    if warmup < 0 or runs < 1:
+        raise UsageError(f"need --runs >= 1 and --warmup >= 0, got {runs} and {warmup}")
+    bundle = Bundle.open(bundle_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "schema": "clipinspect-bench/1", "bundle": bundle.identity,
+        "model": bundle.manifest["model"]["name"],
+        "weights": bundle.manifest["model"]["weights"]["kind"],
+        "config": {"backends": list(backends), "precisions": list(precisions),
+                   "modes": list(modes), "batches": list(batches), "shots": shots, "runs": runs,
+                   "warmup": warmup, "images": images, "image_size": [IMAGE_SIZE, IMAGE_SIZE]},
+        "machine": machine(), "rows": [], "skipped": [], "stream": [],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    have = set(available_providers()) if _has_ort() else set()
+    with tempfile.TemporaryDirectory(prefix="clipinspect-bench-") as tmp:
+        work = make_workload(bundle, Path(tmp), images, shots)
+        for backend in backends:
+            if backend not in have:
+                result["skipped"].append({"what": f"backend {backend}", "reason":
+                                          f"not available in this onnxruntime "
+                                          f"(has: {', '.join(sorted(have)) or 'none'})"})
+                continue
+            for precision in precisions:
+                if precision not in bundle.precisions:
+                    result["skipped"].append({"what": f"{backend}/{precision}", "reason":
+                                              f"the bundle has no {precision} graphs ('clipinspect "
+                                              f"quantize')"})
+                    continue
+                try:
+                    inspector = Inspector.open(bundle, precision, backend, threads)
+                except ProviderError as e:
+                    result["skipped"].append({"what": f"{backend}/{precision}", "reason": str(e)})
+                    continue
+                _sweep(result, "runtime", backend, precision, modes, batches, runs, warmup,
+                       lambda mode: (inspector.build_memory(work.references)[0]
+                                     if mode == "few-shot" else None),
+                       lambda mode, mem, b: time_runtime(inspector, work, mode, mem, b,
+                                                         warmup + runs), progress)
+                if stream_fps:
+                    result["stream"].append(_stream(inspector, work, modes[0], stream_fps,
+                                                    stream_frames, stream_deadline_ms, backend,
+                                                    precision))
+                    st = result["stream"][-1]
+                    progress(f"stream   {backend:8s} {precision:5s} {st['fps']:g} frames/s: "
+                             f"{st['deadline_misses']}/{st['frames']} deadline misses")
+        if baseline:
+            _baselines(result, bundle, work, backends, modes, batches, runs, warmup, progress)
+    _ratios(result)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "bench.md").write_text(render(result))
+    plot(result, out / "bench.png")
+    return result
+
+
+def _has_ort() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sweep(result: dict, kind: str, backend: str, precision: str, modes: Sequence[str],
+           batches: Sequence[int], runs: int, warmup: int, memory_for, timer,
+           progress: Callable[[str], None]) -> None:
+    for mode in modes:
+        memory = memory_for(mode)
+        for b in sorted(batches):
+            reset = reset_peak_rss()
+            try:
+                times = timer(mode, memory, b)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                result["skipped"].append({"what": f"{kind} {backend}/{precision}/{mode} batch "
+                                                  f">= {b}", "reason": "out of memory"})
+                break
+            row = _row(kind, backend, precision, mode, b, times, warmup)
+            row["peak_host_rss_mb"] = peak_rss_mb()
+            row["peak_rss_is_per_configuration"] = reset
+            row["gpu_memory_mb"] = gpu_memory_mb() if backend != "cpu" else None
+            result["rows"].append(row)
+            progress(f"{kind:8s} {backend:8s} {precision:5s} {mode:9s} batch {b:3d}: "
+                     f"{row['images_per_second']:8.3f} img/s, p50 "
+                     f"{row['stages']['end_to_end']['p50_ms']:.0f} ms")
+
+
+def _baselines(result, bundle, work, backends, modes, batches, runs, warmup, progress) -> None:
+    try:
+        import torch
+    except ImportError:
+        result["skipped"].append({"what": "PyTorch baseline", "reason":
+                                  "torch is not installed (pip install 'clipinspect[export]')"})
+        return
+    targets = [("cpu", "fp32")]
+    if any(b in ("cuda", "tensorrt") for b in backends):
+        if torch.cuda.is_available():
+            targets = [("cuda", "fp32"), ("cuda", "fp16")]
+        else:
+            result["skipped"].append({"what": "PyTorch baseline on the GPU",
+                                      "reason": "torch.cuda is not available; baseline on the CPU"})
+    for device, dtype in targets:
+        try:
+            base = TorchBaseline(bundle, device, dtype)
+        except Exception as e:
+            result["skipped"].append({"what": f"PyTorch baseline {device}/{dtype}",
+                                      "reason": f"{type(e).__name__}: {e}"})
+            continue
+        _sweep(result, "pytorch", device, dtype, modes, batches, runs, warmup,
+               lambda mode: base.memory(work) if mode == "few-shot" else None,
+               lambda mode, mem, b: base.time(work, mode, mem, b, warmup + runs), progress)
+
+
+def _ratios(result: dict) -> None:
+    """Each runtime row's throughput over the PyTorch baseline's at the same mode and batch
+    (the FP32 baseline on the same kind of device)."""
+    base = {}
+    for r in result["rows"]:
+        if r["kind"] == "pytorch" and r["precision"] == "fp32":
+            base[(r["backend"] == "cpu", r["mode"], r["batch"])] = r["images_per_second"]
+    for r in result["rows"]:
+        if r["kind"] != "runtime":
+            continue
+        ref = base.get((r["backend"] == "cpu", r["mode"], r["batch"]))
+        r["ratio_to_pytorch_fp32"] = r["images_per_second"] / ref if ref else None
+
+
+def _stream(inspector: Inspector, work: Workload, mode: str, fps: float, frames: int,
+            deadline_ms: float | None, backend: str, precision: str) -> dict:
+    memory = inspector.build_memory(work.references)[0] if mode == "few-shot" else None
+    time_runtime(inspector, work, mode, memory, 1, 1)  # warm
+
+    def process(i: int) -> None:
+        one = Workload([work.paths[i % len(work.paths)]], work.references, work.category)
+        time_runtime(inspector, one, mode, memory, 1, 1)
+
+    res = run_stream(process, fps, frames, None if deadline_ms is None else deadline_ms / 1e3)
+    return {"backend": backend, "precision": precision, "mode": mode, **res.summary()}
+
+
+# ----------------------------------------------------------------------------------- output
+def _f(v, fmt=".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def render(r: dict) -> str:
+    m = r["machine"]
+    gpu = "; ".join(g["name"] for g in m.get("gpus", [])) or "none"
+    lines = [f"# clipinspect bench: {r['model']} ({r['weights']} weights)", "",
+             f"Machine: {m['cpu']}, {m['logical_cores']} logical cores; GPU: {gpu}"
+             + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
+             + (f"; Jetson {m['jetson']['model']}, power mode {m['jetson']['power_mode']}"
+                if m.get("jetson") else "") + ".",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+             f"Bundle `{r['bundle']}`. {r['config']['images']} synthetic "
+             f"{IMAGE_SIZE}x{IMAGE_SIZE} PNG images decoded on every run; "
+             f"{r['config']['runs']} timed runs per row after {r['config']['warmup']} warm-up "
+             f"run(s); few-shot uses {r['config']['shots']} references. Latency is per batch, "
+             "in ms; images/s = batch / median end-to-end latency; ratio = images/s over the "
+             "PyTorch FP32 eager evaluation of the same algorithm on the same kind of device "
+             "at the same mode and batch.", "",
+             "| kind | backend | precision | mode | batch | images/s | ratio to PyTorch FP32 | "
+             "p50 | p90 | p95 | p99 | max | decode p50 | encoder p50 | head p50 | post p50 | "
+             "peak RSS MB | GPU MB |", "|" + "---|" * 18]
+    for row in r["rows"]:
+        s = row["stages"]
+        e = s["end_to_end"]
+        stage = ([_f(s[k]["p50_ms"], ".1f") for k in ("decode", "encoder", "head", "post")]
+                 if row["kind"] == "runtime" else
+                 [_f(s["decode"]["p50_ms"], ".1f"), "model+post " +
+                  _f(s["model_and_post"]["p50_ms"], ".1f"), "", ""])
+        ratio = row.get("ratio_to_pytorch_fp32")
+        lines.append("| " + " | ".join([
+            row["kind"], row["backend"], row["precision"], row["mode"], str(row["batch"]),
+            _f(row["images_per_second"]), f"{ratio:.2f}x" if ratio else "",
+            *(_f(e[k], ".0f") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
+            *stage, _f(row.get("peak_host_rss_mb"), ".0f"), _f(row.get("gpu_memory_mb"), ".0f"),
+        ]) + " |")
+    if r["skipped"]:
+        lines += ["", "Skipped:"] + [f"- {s['what']}: {s['reason']}" for s in r["skipped"]]
+    if r.get("stream"):
+        st0 = r["stream"][0]
+        lines += ["", f"Stream mode: a camera at {st0['fps']:g} frames/s, one image per frame, "
+                      f"{st0['frames']} frames, deadline {st0['deadline_ms']:.0f} ms from arrival "
+                      f"to result, {st0['mode']}; frames queue (none dropped).", "",
+                  "| backend | precision | deadline misses | latency p50 | p99 | max | "
+                  "queueing mean | queueing max | keeps up |", "|" + "---|" * 9]
+        for st in r["stream"]:
+            lat, qd = st["latency_ms"], st["queueing_ms"]
+            lines.append(f"| {st['backend']} | {st['precision']} | {st['deadline_misses']}/"
+                         f"{st['frames']} | {lat['p50']:.0f} ms | {lat['p99']:.0f} ms | "
+                         f"{lat['max']:.0f} ms | {qd['mean']:.0f} ms | {qd['max']:.0f} ms | "
+                         f"{'yes' if st['sustained'] else 'NO: the queue grows'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> bool:
+    """Throughput and p50 / p99 latency against batch size, one line per configuration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series: dict[str, list[dict]] = {}
+    for row in r["rows"]:
+        key = f"{row['kind']} {row['backend']} {row['precision']} {row['mode']}"
+        series.setdefault(key, []).append(row)
+    if not series:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, rows in series.items():
+        bs = [x["batch"] for x in rows]
+        style = "--" if key.startswith("pytorch") else "-"
+        a.plot(bs, [x["images_per_second"] for x in rows], style, marker="o", label=key)
+        line, = b.plot(bs, [x["stages"]["end_to_end"]["p50_ms"] for x in rows], style, marker="o",
+                       label=f"{key} p50")
+        b.plot(bs, [x["stages"]["end_to_end"]["p99_ms"] for x in rows], ":", marker="x",
+               color=line.get_color())
+    for ax, title, unit in ((a, "throughput", "images/s"), (b, "latency per batch (p50 solid, "
+                                                                "p99 dotted)", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    fig.suptitle(f"{r['model']} ({r['weights']} weights) on {r['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,49 @@
+"""``clipinspect bench``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clipinspect.runtime.cli import csv_list, int_list, positive_int
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    result = run_bench(args.bundle, args.out, csv_list(args.backends), csv_list(args.precisions),
+                       csv_list(args.modes), args.batch_sizes, args.shots, args.runs, args.warmup,
+                       args.images, not args.no_baseline, args.stream_fps, args.stream_frames,
+                       args.deadline_ms, args.threads)
+    for s in result["skipped"]:
+        print(f"skipped: {s['what']}: {s['reason']}")
+    out = Path(args.out)
+    print(f"results: {out / 'bench.md'} (also bench.json, bench.png)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .bench import DEFAULT_BATCHES
+
+    p = sub.add_parser("bench", help="latency and throughput per backend, precision, mode and "
+                                     "batch size, with the PyTorch baseline in the same run")
+    p.add_argument("bundle")
+    p.add_argument("--out", required=True, help="directory for bench.json, bench.md, bench.png")
+    p.add_argument("--backends", default="cpu", help="comma-separated: cpu,cuda,tensorrt")
+    p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,int8")
+    p.add_argument("--modes", default="few-shot", help="comma-separated: zero-shot,few-shot")
+    p.add_argument("--batch-sizes", type=int_list(1, ",".join(map(str, DEFAULT_BATCHES))),
+                   default=list(DEFAULT_BATCHES),
+                   help="default 1,2,4,8,16,32 (stops cleanly at out-of-memory)")
+    p.add_argument("--shots", type=positive_int, default=4, help="references for few-shot")
+    p.add_argument("--runs", type=positive_int, default=5, help="timed runs per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--images", type=positive_int, default=16, help="distinct synthetic images")
+    p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch eager baseline")
+    p.add_argument("--stream-fps", type=float, default=None,
+                   help="also simulate a camera at this frame rate (one image per frame)")
+    p.add_argument("--stream-frames", type=positive_int, default=30)
+    p.add_argument("--deadline-ms", type=float, default=None,
+                   help="per-frame deadline in stream mode (default: one frame period)")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,153 @@
+"""clipinspect bench: statistics with known timings, the stream accounting, out-of-memory
+handling, and one small end-to-end sweep."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from clipinspect.benchmarks import bench
+from clipinspect.benchmarks.stats import run_stream, summarize
+from clipinspect.runtime import Bundle, Inspector
+from clipinspect.runtime.errors import UsageError
+
+
+def test_summary_excludes_warmup_and_matches_numpy():
+    runs = [9.0, 0.010, 0.030, 0.020, 0.040]  # a slow first (warm-up) run
+    s = summarize(runs, warmup=1, images_per_run=4)
+    kept = np.array(runs[1:]) * 1e3
+    assert s["runs"] == 4 and s["warmup_excluded"] == 1
+    assert s["mean_ms"] == pytest.approx(25.0) and s["max_ms"] == pytest.approx(40.0)
+    assert s["p50_ms"] == pytest.approx(25.0)  # mean of the two middle runs
+    for p in (90, 95, 99):
+        assert s[f"p{p}_ms"] == pytest.approx(np.percentile(kept, p))
+    assert s["p99_ms"] == pytest.approx(30 + 0.97 * 10)  # linear between 30 and 40 ms
+    assert s["images_per_second"] == pytest.approx(4 / 0.025)
+
+
+def test_summary_refuses_to_summarize_nothing():
+    with pytest.raises(ValueError, match="no runs left"):
+        summarize([0.1, 0.2], warmup=2)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, dt):
+        self.now += dt
+
+
+def test_stream_accounting_with_known_service_times():
+    clock = FakeClock()
+    service = [0.05, 0.25, 0.05, 0.05, 0.05]
+
+    def process(i):
+        clock.now += service[i]
+
+    res = run_stream(process, fps=10, frames=5, deadline_s=0.12, clock=clock, sleep=clock.sleep)
+    np.testing.assert_allclose(res.start, [0, 0.1, 0.35, 0.40, 0.45], atol=1e-9)
+    np.testing.assert_allclose(res.finish, [0.05, 0.35, 0.40, 0.45, 0.50], atol=1e-9)
+    s = res.summary()
+    assert s["deadline_misses"] == 3  # latencies 0.25, 0.20, 0.15 exceed 0.12
+    assert s["queueing_ms"]["max"] == pytest.approx(150)
+    assert s["latency_ms"]["max"] == pytest.approx(250)
+    assert s["sustained"]  # the last frame is back within its deadline
+
+
+def test_stream_that_cannot_keep_up_is_reported():
+    clock = FakeClock()
+    res = run_stream(lambda i: setattr(clock, "now", clock.now + 0.2), fps=10, frames=20,
+                     clock=clock, sleep=clock.sleep)
+    s = res.summary()
+    assert s["deadline_misses"] == 20 and not s["sustained"]  # each frame takes 2 periods
+    assert s["queueing_ms"]["max"] == pytest.approx(19 * 100, rel=1e-6)
+
+
+class SleepyBackend:
+    """Encoder 30 ms, head 10 ms per batch: stage times must come out as that."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def encode(self, images):
+        time.sleep(0.03)
+        return {"n": len(images)}
+
+    def score(self, encoded, head, extra):
+        time.sleep(0.01)
+        n = encoded["n"]
+        return {"image_score": np.zeros(n, np.float32),
+                "anomaly_grid": np.zeros((n, *self.grid), np.float32)}
+
+
+def test_stage_times_of_a_backend_with_known_timings(small_bundle_path, tmp_path):
+    b = Bundle.open(small_bundle_path)
+    inspector = Inspector(b, SleepyBackend(b.grid), "fp32")
+    work = bench.make_workload(b, tmp_path, 3, 0)
+    times = bench.time_runtime(inspector, work, "zero-shot", None, 2, 4)
+    enc, head = summarize(times["encoder"]), summarize(times["head"])
+    assert 30 <= enc["p50_ms"] < 45 and 10 <= head["p50_ms"] < 25
+    e2e = np.array(times["end_to_end"])
+    parts = sum(np.array(times[s]) for s in ("decode", "encoder", "head", "post"))
+    np.testing.assert_allclose(e2e, parts, rtol=1e-6)
+
+
+def test_out_of_memory_stops_larger_batches_cleanly():
+    result = {"rows": [], "skipped": []}
+
+    def timer(mode, memory, batch):
+        if batch >= 4:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: "
+                               "out of memory")
+        return {s: [0.01 * batch] * 3 for s in bench.STAGES}
+
+    bench._sweep(result, "runtime", "cuda", "fp16", ["zero-shot"], [1, 2, 4, 8], 2, 1,
+                 lambda mode: None, timer, lambda msg: None)
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    assert result["skipped"] == [{"what": "runtime cuda/fp16/zero-shot batch >= 4",
+                                  "reason": "out of memory"}]
+
+
+def test_other_errors_are_not_mistaken_for_out_of_memory():
+    def timer(mode, memory, batch):
+        raise ValueError("shape mismatch")
+
+    with pytest.raises(ValueError):
+        bench._sweep({"rows": [], "skipped": []}, "runtime", "cpu", "fp32", ["zero-shot"], [1],
+                     1, 0, lambda mode: None, timer, lambda msg: None)
+
+
+def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
+    out = tmp_path / "bench"
+    r = bench.run_bench(small_bundle_path, out, backends=["cpu", "cuda"],
+                        precisions=["fp32", "int8"], modes=["zero-shot", "few-shot"],
+                        batches=[1, 2], shots=1, runs=2, warmup=1, images=3,
+                        stream_fps=50, stream_frames=3)
+    kinds = {(row["kind"], row["mode"], row["batch"]) for row in r["rows"]}
+    assert kinds == {(k, m, b) for k in ("runtime", "pytorch") for m in ("zero-shot", "few-shot")
+                     for b in (1, 2)}
+    for row in r["rows"]:
+        assert row["stages"]["end_to_end"]["runs"] == 2
+        assert row["peak_host_rss_mb"] > 0
+        if row["kind"] == "runtime":
+            assert row["ratio_to_pytorch_fp32"] > 0
+    skipped = " ".join(s["what"] for s in r["skipped"])
+    assert "backend cuda" in skipped and "cpu/int8" in skipped
+    assert [(s["precision"], s["frames"], s["fps"]) for s in r["stream"]] == [("fp32", 3, 50)]
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["schema"] == "clipinspect-bench/1" and saved["machine"]["logical_cores"] >= 1
+    md = (out / "bench.md").read_text()
+    assert "| runtime | cpu | fp32 | few-shot | 2 |" in md and "Stream mode:" in md
+    assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_bench_refuses_unknown_names(small_bundle_path, tmp_path):
+    with pytest.raises(UsageError, match="unknown mode 'patch'"):
+        bench.run_bench(small_bundle_path, tmp_path, modes=["patch"])
