@@ -131,6 +131,47 @@ def is_out_of_memory(e: BaseException) -> bool:
         "out of memory", "failed to allocate", "cudaerrormemoryallocation", "bad_alloc"))
 
 
+def transformer_layers(bundle: Bundle) -> int:
+    """Depth of the vision transformer: from the manifest, or, for bundles exported before it
+    was recorded there, the number of MLP input weights (width x 4 width) in the encoder."""
+    layers = bundle.manifest["dims"].get("layers")
+    if layers:
+        return int(layers)
+    import onnx
+
+    c = bundle.manifest["dims"]["width"]
+    model = onnx.load(str(bundle.graph_path("fp32", "encoder")))
+    return sum(1 for t in model.graph.initializer if list(t.dims) == [c, 4 * c])
+
+
+def cpu_gemm_peak(repeats: int = 5) -> float:
+    """GFLOP/s of one large FP32 matrix product shaped like a window MLP layer (numpy's BLAS,
+    all cores, median): the practical FP32 ceiling of this CPU."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6760, 896), dtype=np.float32)
+    b = rng.standard_normal((896, 3584), dtype=np.float32)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * 6760 * 896 * 3584 / float(np.median(times)) / 1e9
+
+
+def ceiling(bundle: Bundle) -> dict:
+    """The FP32 ceiling implied by this CPU's GEMM peak and the WinCLIP cost model
+    (METHODS.md section 3): how many images/s a perfect FP32 implementation could reach."""
+    from .winclip_vs_torch import winclip_gflops
+
+    gflops = winclip_gflops(bundle.manifest, transformer_layers(bundle))["executed_by_runtime"]
+    peak = cpu_gemm_peak()
+    return {"gflops_per_image": gflops, "cpu_fp32_gemm_peak_gflops_per_second": peak,
+            "cpu_fp32_ceiling_images_per_second": peak / gflops,
+            "note": "cost model counts matrix-product FLOPs of the encoder as exported; "
+                    "INT8 rows can exceed it (integer products are faster than FP32 ones)"}
+
+
 # --------------------------------------------------------------------------------- pipeline
 @dataclass
 class Workload:
@@ -329,6 +370,12 @@ def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] 
         if baseline:
             _baselines(result, bundle, work, backends, modes, batches, runs, warmup, progress)
     _ratios(result)
+    if "cpu" in backends:
+        result["ceiling"] = ceiling(bundle)
+        for row in result["rows"]:
+            if row["kind"] == "runtime" and row["backend"] == "cpu":
+                row["share_of_cpu_fp32_ceiling"] = (
+                    row["images_per_second"] / result["ceiling"]["cpu_fp32_ceiling_images_per_second"])
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "bench.md").write_text(render(result))
     plot(result, out / "bench.png")
@@ -459,6 +506,17 @@ def render(r: dict) -> str:
             *(_f(e[k], ".0f") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
             *stage, _f(row.get("peak_host_rss_mb"), ".0f"), _f(row.get("gpu_memory_mb"), ".0f"),
         ]) + " |")
+    c = r.get("ceiling")
+    if c:
+        shares = ", ".join(f"{row['precision']} batch {row['batch']} {row['mode']}: "
+                           f"{100 * row['share_of_cpu_fp32_ceiling']:.0f}%"
+                           for row in r["rows"] if "share_of_cpu_fp32_ceiling" in row)
+        lines += ["", f"Ceiling: this CPU's FP32 GEMM peak is "
+                      f"{c['cpu_fp32_gemm_peak_gflops_per_second']:.0f} GFLOP/s and the encoder "
+                      f"executes {c['gflops_per_image']:.0f} GFLOP per image (cost model), so a "
+                      f"perfect FP32 implementation would reach "
+                      f"{c['cpu_fp32_ceiling_images_per_second']:.3f} images/s. Share of that "
+                      f"ceiling reached: {shares}."]
     if r["skipped"]:
         lines += ["", "Skipped:"] + [f"- {s['what']}: {s['reason']}" for s in r["skipped"]]
     if r.get("stream"):

@@ -141,6 +141,11 @@ def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
     skipped = " ".join(s["what"] for s in r["skipped"])
     assert "backend cuda" in skipped and "cpu/int8" in skipped
     assert [(s["precision"], s["frames"], s["fps"]) for s in r["stream"]] == [("fp32", 3, 50)]
+    c = r["ceiling"]
+    assert c["cpu_fp32_ceiling_images_per_second"] == pytest.approx(
+        c["cpu_fp32_gemm_peak_gflops_per_second"] / c["gflops_per_image"])
+    assert all(row["share_of_cpu_fp32_ceiling"] > 0 for row in r["rows"] if row["kind"] == "runtime")
+    assert "Ceiling:" in (out / "bench.md").read_text()
     saved = json.loads((out / "bench.json").read_text())
     assert saved["schema"] == "clipinspect-bench/1" and saved["machine"]["logical_cores"] >= 1
     md = (out / "bench.md").read_text()
@@ -151,3 +156,10 @@ def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
 def test_bench_refuses_unknown_names(small_bundle_path, tmp_path):
     with pytest.raises(UsageError, match="unknown mode 'patch'"):
         bench.run_bench(small_bundle_path, tmp_path, modes=["patch"])
+
+
+def test_transformer_depth_from_manifest_or_graph(bundle_copy):
+    b = Bundle.open(bundle_copy)
+    assert b.manifest["dims"]["layers"] == 12 and bench.transformer_layers(b) == 12
+    del b.manifest["dims"]["layers"]  # a bundle exported before the depth was recorded
+    assert bench.transformer_layers(b) == 12
