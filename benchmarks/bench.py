@@ -66,7 +66,8 @@ def machine() -> dict:
     smi = _command("nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                    "--format=csv,noheader")
     if smi:
-        info["gpus"] = [dict(zip(("name", "driver", "memory"), (x.strip() for x in line.split(","))))
+        fields = ("name", "driver", "memory")
+        info["gpus"] = [dict(zip(fields, (x.strip() for x in line.split(","))))
                         for line in smi.splitlines()]
         header = _command("nvidia-smi") or ""
         if "CUDA Version:" in header:
@@ -372,10 +373,10 @@ def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] 
     _ratios(result)
     if "cpu" in backends:
         result["ceiling"] = ceiling(bundle)
+        limit = result["ceiling"]["cpu_fp32_ceiling_images_per_second"]
         for row in result["rows"]:
             if row["kind"] == "runtime" and row["backend"] == "cpu":
-                row["share_of_cpu_fp32_ceiling"] = (
-                    row["images_per_second"] / result["ceiling"]["cpu_fp32_ceiling_images_per_second"])
+                row["share_of_cpu_fp32_ceiling"] = row["images_per_second"] / limit
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "bench.md").write_text(render(result))
     plot(result, out / "bench.png")
