@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,67 +25,17 @@ from clipinspect.runtime.backends import ProviderError, available_providers
 from clipinspect.runtime.images import preprocess, to_rgb_array
 from clipinspect.runtime.maps import upsample
 
+from .report import command, machine, read_text
 from .stats import run_stream, summarize
 
 STAGES = ("decode", "encoder", "head", "post", "end_to_end")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
 IMAGE_SIZE = 256
+PIXEL_THRESHOLD = 0.5  # thresholding a map is part of post-processing on a line
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-# ------------------------------------------------------------------------------ environment
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def _command(*args: str) -> str | None:
-    try:
-        out = subprocess.run(args, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def machine() -> dict:
-    """CPU, GPU (name, driver, CUDA), Jetson model and power mode, package versions."""
-    cpu = platform.processor()
-    for line in (_read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(),
-                            "platform": platform.platform(), "python": platform.python_version()}
-    smi = _command("nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                   "--format=csv,noheader")
-    if smi:
-        fields = ("name", "driver", "memory")
-        info["gpus"] = [dict(zip(fields, (x.strip() for x in line.split(","))))
-                        for line in smi.splitlines()]
-        header = _command("nvidia-smi") or ""
-        if "CUDA Version:" in header:
-            info["cuda"] = header.split("CUDA Version:", 1)[1].split()[0]
-    tegra = _read("/etc/nv_tegra_release")
-    if tegra:
-        info["jetson"] = {"release": tegra.splitlines()[0],
-                          "model": (_read("/proc/device-tree/model") or "").strip("\x00"),
-                          "power_mode": _command("nvpmodel", "-q")}
-    versions = {}
-    for name in ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "open_clip_torch",
-                 "tensorrt"):
-        try:
-            import importlib.metadata as md
-
-            versions[name] = md.version(name)
-        except Exception:
-            pass
-    info["versions"] = versions
-    return info
 
 
 def reset_peak_rss() -> bool:
@@ -101,7 +49,7 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_mb() -> float | None:
-    for line in (_read("/proc/self/status") or "").splitlines():
+    for line in (read_text("/proc/self/status") or "").splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     try:
@@ -115,7 +63,7 @@ def peak_rss_mb() -> float | None:
 def gpu_memory_mb() -> float | None:
     """GPU memory this process holds (onnxruntime's arena only grows, so after a configuration
     this is its peak plus what earlier configurations left)."""
-    out = _command("nvidia-smi", "--query-compute-apps=pid,used_memory",
+    out = command("nvidia-smi", "--query-compute-apps=pid,used_memory",
                    "--format=csv,noheader,nounits")
     if not out:
         return None
@@ -206,7 +154,6 @@ def time_runtime(inspector: Inspector, work: Workload, mode: str, memory: dict |
     """Stage seconds of ``runs`` batches through the runtime."""
     cfg = inspector.bundle.manifest["input"]
     size = inspector.bundle.input_size
-    thresholds = {"pixel": 0.5}  # thresholding is part of post-processing on a line
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     for r in range(runs):
         t0 = time.perf_counter()
@@ -218,7 +165,7 @@ def time_runtime(inspector: Inspector, work: Workload, mode: str, memory: dict |
         scores, grids, _ = inspector.score(encoded, work.category, mode, memory)
         t3 = time.perf_counter()
         for im, g in zip(rgbs, grids):
-            _ = upsample(g, im.shape[:2]) >= thresholds["pixel"]
+            _ = upsample(g, im.shape[:2]) >= PIXEL_THRESHOLD
         t4 = time.perf_counter()
         for stage, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
             times[stage].append(dt)
@@ -330,7 +277,10 @@ def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] 
         "machine": machine(), "rows": [], "skipped": [], "stream": [],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    have = set(available_providers()) if _has_ort() else set()
+    try:
+        have = set(available_providers())
+    except ProviderError:  # onnxruntime not installed: every backend is skipped with a reason
+        have = set()
     with tempfile.TemporaryDirectory(prefix="clipinspect-bench-") as tmp:
         work = make_workload(bundle, Path(tmp), images, shots)
         for backend in backends:
@@ -380,14 +330,6 @@ def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] 
     (out / "bench.md").write_text(render(result))
     plot(result, out / "bench.png")
     return result
-
-
-def _has_ort() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _sweep(result: dict, kind: str, backend: str, precision: str, modes: Sequence[str],

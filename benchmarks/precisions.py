@@ -13,14 +13,12 @@ each precision's scores and maps are from FP32's on these images.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-from .winclip_vs_torch import machine
+from .report import machine, write_results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,11 +97,7 @@ def measure(args: argparse.Namespace) -> dict:
         "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(result))
-    print(render(result))
+    write_results(result, args.out, render)
     return result
 
 
@@ -115,7 +109,8 @@ def render(r: dict) -> str:
              f"{r['images_per_round']} images of {r['image_size'][0]}x{r['image_size'][1]} per "
              f"round, batch {r['batch_size']}, median of {r['rounds']} rounds cycling through "
              f"the precisions; timed {r['timed']}.", "",
-             "| precision | images/s | ratio to FP32 | map Pearson vs FP32 | max image score diff |",
+             "| precision | images/s | ratio to FP32 | map Pearson vs FP32 "
+             "| max image score diff |",
              "|---|---|---|---|---|"]
     for p, v in r["images_per_second"].items():
         a = r["agreement_vs_fp32"][p]

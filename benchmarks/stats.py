@@ -51,7 +51,8 @@ class StreamResult:
                "deadline_misses": misses, "miss_rate": misses / max(arrival.size, 1),
                "queueing_ms": {"mean": float(queueing.mean() * 1e3),
                                "max": float(queueing.max() * 1e3)},
-               "latency_ms": {"mean": float(latency.mean() * 1e3), "max": float(latency.max() * 1e3),
+               "latency_ms": {"mean": float(latency.mean() * 1e3),
+                              "max": float(latency.max() * 1e3),
                               **{f"p{p}": float(np.percentile(latency, p) * 1e3)
                                  for p in PERCENTILES}},
                "sustained": bool(finish[-1] - arrival[-1] <= self.deadline_s)}

@@ -12,15 +12,14 @@ throughput in GFLOP/s of the WinCLIP cost model (METHODS.md section 3).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .report import machine, write_results
 
 
 def vit_gflops(width: int, layers: int, seq_lens: list[int], patch_flops: float = 0.0) -> float:
@@ -57,19 +56,6 @@ def gemm_peak(repeats: int = 5) -> float:
         torch.mm(a, b)
         times.append(time.perf_counter() - t0)
     return 2 * 6760 * 896 * 3584 / statistics.median(times) / 1e9
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -174,11 +160,7 @@ def measure(args: argparse.Namespace, inspector) -> dict:
                      "numpy": np.__version__},
         "machine": machine(), "bundle": bundle.identity,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(result))
-    print(render(result))
+    write_results(result, args.out, render)
     return result
 
 

@@ -31,7 +31,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime.backends import OrtBackend
 from clipinspect.runtime.bundle import write_versioned
 from clipinspect.runtime.errors import ClipInspectError, UsageError
 from clipinspect.runtime.images import ImageError, preprocess, to_rgb_array
@@ -278,37 +277,42 @@ class MapAgreement:
     every category (zero-shot, and few-shot where it has reference images), and compares the
     patch-grid anomaly maps and image scores with those of the FP32 encoder."""
 
-    def __init__(self, bundle: Bundle, images: np.ndarray, tmp: Path, threads: int | None = None):
+    def __init__(self, bundle: Bundle, images: np.ndarray, threads: int | None = None):
         if not bundle.categories:
             raise UsageError(f"bundle {str(bundle.root)!r} has no category to score maps with; "
                              "add one with 'clipinspect add-category' first")
-        self.bundle, self.images, self.tmp, self.threads = bundle, images, tmp, threads
+        self.images, self.threads = images, threads
         self.runs = [(c, "zero-shot") for c in bundle.categories]
         self.runs += [(c, "few-shot") for c in bundle.categories
                       if bundle.manifest["categories"][c].get("memory")]
-        self.reference = self.scores_and_maps(bundle.graph_path("fp32", "encoder"))
+        # The FP32 encoder and heads, opened once; a candidate only brings its encoder.
+        self.inspector = Inspector.open(bundle, "fp32", "cpu", threads)
+        self.reference = self.scores_and_maps(self.inspector.backend.encode(images))
 
-    def inspector(self, encoder_path: Path) -> Inspector:
-        heads = {n: self.bundle.graph_path("fp32", n) for n in ("head_zeroshot", "head_fewshot")}
-        backend = OrtBackend(encoder_path, heads, "cpu", threads=self.threads)
-        return Inspector(self.bundle, backend, "candidate")
-
-    def scores_and_maps(self, encoder_path: Path
+    def scores_and_maps(self, encoded: dict[str, np.ndarray]
                         ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-        inspector = self.inspector(encoder_path)
-        encoded = inspector.backend.encode(self.images)
         out = {}
         for category, mode in self.runs:
-            scores, grids, _ = inspector.score(encoded, category, mode)
+            scores, grids, _ = self.inspector.score(encoded, category, mode)
             out[(category, mode)] = (scores, grids)
         return out
+
+    def encode(self, model) -> dict[str, np.ndarray]:
+        """Encoder outputs of the images through the graph ``model`` (onnxruntime CPU)."""
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+        session = ort.InferenceSession(model.SerializeToString(), so,
+                                       providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(None, {"images": self.images})))
 
     def measure(self, model) -> dict:
         """Agreement of the graph ``model`` with FP32: the smallest Pearson correlation of maps
         over (category, mode) runs, pooled over the images, and the largest score difference."""
-        path = self.tmp / "candidate.onnx"
-        path.write_bytes(model.SerializeToString())
-        got = self.scores_and_maps(path)
+        got = self.scores_and_maps(self.encode(model))
         per_run, worst_score = {}, 0.0
         for run, (ref_scores, ref_maps) in self.reference.items():
             scores, maps = got[run]
@@ -369,7 +373,7 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
     model = clean_graph(bundle.graph_path("fp32", "encoder"))
     with tempfile.TemporaryDirectory(prefix="clipinspect-quantize-") as tmp:
         tmp = Path(tmp)
-        agreement = MapAgreement(bundle, held, tmp, threads)
+        agreement = MapAgreement(bundle, held, threads)
         if precision == "fp16":
             log("[2] converting to FP16 (softmax kept FP32, FP32 inputs and outputs)")
             variant = to_fp16(model)
