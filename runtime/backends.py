@@ -5,7 +5,7 @@ The protocol is small on purpose, so a new backend (native TensorRT, say) is one
     backend.encode(images) -> dict of encoder outputs (opaque to the caller)
     backend.score(encoded, head, extra_inputs) -> {"image_score": (B,), "anomaly_grid": (B, gh, gw)}
 
-Only onnxruntime lives here. Providers are never silently swapped: asking for one that is not
+onnxruntime lives here; the native TensorRT backend is trt_backend.py. Providers are never silently swapped: asking for one that is not
 installed, or that onnxruntime does not actually assign, is an error.
 """
 
@@ -64,29 +64,50 @@ def available_providers() -> list[str]:
     return [names[p] for p in ort.get_available_providers() if p in names]
 
 
+def _shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
+    """onnxruntime's profile-shape syntax: 'images:1x3x224x224,text_prototypes:2x640'."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
+
+
 def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = False,
-                     int8: bool = False) -> list[Any]:
-    """onnxruntime provider list for ``provider`` (cpu|cuda|tensorrt). ``int8``: the graph is
-    explicitly quantized (QDQ); TensorRT takes its scales from the graph, no calibration table."""
+                     int8: bool = False,
+                     profile: dict[str, tuple[tuple[int, ...], ...]] | None = None) -> list[Any]:
+    """onnxruntime provider list for ``provider`` (cpu|cuda|tensorrt).
+
+    TensorRT: ``fp16`` lets it run the FP16 graph's layers in FP16, with LayerNormalization
+    kept in FP32 (its variance overflows FP16); ``int8``: the graph is explicitly quantized
+    (QDQ), so TensorRT takes its scales from the graph and needs no calibration table.
+    ``profile`` {input: (min, opt, max) shape} is the optimization profile, so one engine
+    serves the whole batch range instead of a rebuild for each new batch size. Engines and
+    timing caches are kept in ``cache_dir``.
+    """
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
         return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
                 "CPUExecutionProvider"]
     if provider == "tensorrt":
-        opts: dict[str, Any] = {"trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8)}
+        opts: dict[str, Any] = {"trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8),
+                                "trt_layer_norm_fp32_fallback": bool(fp16)}
+        if int8:
+            opts["trt_int8_use_native_calibration_table"] = False
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
                         trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+        if profile:
+            for i, which in enumerate(("min", "opt", "max")):
+                opts[f"trt_profile_{which}_shapes"] = _shapes_option(
+                    {name: shapes[i] for name, shapes in profile.items()})
         return [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
     raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
 
 
 def make_session(path: Path, provider: str, threads: int | None = None,
-                 cache_dir: Path | None = None, fp16: bool = False, int8: bool = False):
+                 cache_dir: Path | None = None, fp16: bool = False, int8: bool = False,
+                 profile: dict[str, tuple[tuple[int, ...], ...]] | None = None):
     """An onnxruntime session for the graph at ``path`` (``fp16`` / ``int8``: the graph's
-    precision, for the TensorRT provider's options)."""
+    precision, ``profile``: its TensorRT optimization profile; for the TensorRT provider)."""
     ort = _import_ort()
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
@@ -102,7 +123,8 @@ def make_session(path: Path, provider: str, threads: int | None = None,
     if threads:
         so.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(str(path), sess_options=so,
-                                   providers=provider_options(provider, cache_dir, fp16, int8))
+                                   providers=provider_options(provider, cache_dir, fp16, int8,
+                                                              profile))
     if PROVIDERS[provider] not in session.get_providers():
         # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
         raise ProviderError(f"onnxruntime did not register {PROVIDERS[provider]} for {path.name} "
@@ -111,7 +133,7 @@ def make_session(path: Path, provider: str, threads: int | None = None,
 
 
 class OrtBackend:
-    """Encoder + scoring heads on onnxruntime.
+    """Encoder + scoring heads on onnxruntime (``profiles``: {graph: TensorRT profile}).
 
     On CUDA and TensorRT, IO binding keeps the encoder outputs on the device and hands them to
     the head without a host round trip; category arrays are uploaded once and cached.
@@ -119,14 +141,17 @@ class OrtBackend:
 
     def __init__(self, encoder_path: Path, head_paths: dict[str, Path], provider: str = "cpu",
                  threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False,
-                 int8: bool = False):
+                 int8: bool = False, profiles: dict[str, dict] | None = None):
         conflict = ort_conflict()
         if conflict:
             warnings.warn(conflict, RuntimeWarning, stacklevel=2)
         self.provider = provider
-        self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16, int8)
+        profiles = profiles or {}
+        self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16, int8,
+                                    profiles.get("encoder"))
         # The heads are FP32 graphs in every variant: TensorRT must not lower them to FP16.
-        self.heads = {name: make_session(p, provider, threads, cache_dir)
+        self.heads = {name: make_session(p, provider, threads, cache_dir,
+                                         profile=profiles.get(name))
                       for name, p in head_paths.items()}
         # Where IO binding keeps tensors; None = plain numpy in and out (CPU provider).
         self.device: str | None = "cuda" if provider in ("cuda", "tensorrt") else None

@@ -11,6 +11,7 @@ A bundle is a directory::
     categories/<name>/text-<digest>.npz    prompt-ensemble text embeddings of one category
     categories/<name>/prompts-<digest>.json  the prompts used
     categories/<name>/memory-<digest>.npz  few-shot reference memory (optional)
+    engines/<device>/<precision>/*.plan    TensorRT engines ('build-engine'; see trt_engine.py)
 
 Text prototypes and memory are graph *inputs*, never constants, so adding a category or
 reference images never touches a graph. Category files are content-addressed and written before
@@ -315,10 +316,23 @@ class Bundle:
                             if k.startswith(precision + "/")]:
                     del entry["thresholds"][key]
 
+    def set_engines(self, key: str, device: dict[str, str], precision: str,
+                    record: dict[str, Any]) -> None:
+        """Register TensorRT engines (already written) of ``precision`` built on the device
+        ``key``; the engines they replace are deleted."""
+        with self.updating() as m:
+            entry = m.setdefault("engines", {}).setdefault(key, {})
+            entry["device"] = device
+            entry[precision] = record
+
 
 def _files_of(manifest: dict[str, Any]) -> set[str]:
-    """Relative paths of the category files and graphs a manifest points to."""
+    """Relative paths of the category files, graphs and TensorRT engines a manifest points to."""
     files = {g["file"] for graphs in manifest.get("graphs", {}).values() for g in graphs.values()}
+    for device in (manifest.get("engines") or {}).values():
+        for key, record in device.items():
+            if key != "device":
+                files |= {record[g]["file"] for g in GRAPH_NAMES}
     for entry in manifest.get("categories", {}).values():
         for key in ("text", "prompts", "memory"):
             if entry.get(key):

@@ -49,8 +49,10 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32",
                    help="graph precision: fp32 (default), or fp16 / int8 after 'clipinspect "
                         "quantize'")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                   help="onnxruntime execution provider (default cpu)")
+    p.add_argument("--provider", default="cpu",
+                   choices=["cpu", "cuda", "tensorrt", "tensorrt-native"],
+                   help="onnxruntime execution provider (default cpu), or tensorrt-native: the "
+                        "engines of 'clipinspect build-engine' without onnxruntime")
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="images per inference batch")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -139,6 +141,30 @@ def cmd_providers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from .trt_compat import BatchRange
+    from .trt_engine import build_engines
+
+    build_engines(args.bundle, args.precision, BatchRange(args.min_batch, args.opt_batch,
+                                                          args.max_batch),
+                  args.max_shots, args.workspace)
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from .triton import write_repository
+
+    out = write_repository(args.bundle, args.out, args.platform, args.precision,
+                           args.max_batch, args.overwrite, args.categories_only, args.engine_key)
+    if args.categories_only:
+        print(f"category files in {out} refreshed; a running server reads them on the next "
+              "request")
+    else:
+        print(f"Triton model repository written to {out}; serve it with "
+              f"'tritonserver --model-repository {out}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipinspect", description="CLIP zero-/few-shot anomaly detection, exported and fast.")
@@ -174,6 +200,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("build-engine", help="build TensorRT engines for this GPU into the bundle")
+    p.add_argument("bundle")
+    p.add_argument("--precision", required=True, choices=["fp32", "fp16", "int8"],
+                   help="which graphs to build from (fp16 / int8: made by 'clipinspect quantize')")
+    p.add_argument("--min-batch", type=positive_int, default=1)
+    p.add_argument("--opt-batch", type=positive_int, default=8,
+                   help="the batch size TensorRT tunes for (default 8)")
+    p.add_argument("--max-batch", type=positive_int, default=32)
+    p.add_argument("--max-shots", type=positive_int, default=16,
+                   help="most reference images the few-shot engine accepts (default 16)")
+    p.add_argument("--workspace", type=positive_int, default=2048, metavar="MB",
+                   help="TensorRT builder workspace in MB (default 2048)")
+    p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser("triton", help="write a Triton Inference Server model repository")
+    p.add_argument("bundle")
+    p.add_argument("--out", required=True, help="model repository directory to write")
+    p.add_argument("--platform", default="onnx", choices=["onnx", "tensorrt"],
+                   help="onnx: graphs for Triton's onnxruntime backend (default); tensorrt: the "
+                        "engines 'build-engine' made on the serving GPU")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--max-batch", type=positive_int, default=32,
+                   help="largest batch the encoder's dynamic batcher forms (default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
+    p.add_argument("--categories-only", action="store_true",
+                   help="only (re)write the category files of an existing repository (after "
+                        "add-category or fewshot); no model is touched")
+    p.add_argument("--engine-key", default=None,
+                   help="with --platform tensorrt: which device's engines, when the bundle has "
+                        "several")
+    p.set_defaults(func=cmd_triton)
 
     p = sub.add_parser("providers", help="list the onnxruntime providers installed")
     p.set_defaults(func=cmd_providers)

@@ -92,14 +92,30 @@ class Inspector:
     @classmethod
     def open(cls, bundle: str | Path | Bundle, precision: str = "fp32", provider: str = "cpu",
              threads: int | None = None, verify_checksums: bool = True) -> "Inspector":
+        """provider: cpu, cuda or tensorrt (onnxruntime execution providers), or
+        tensorrt-native (engines from 'clipinspect build-engine', no onnxruntime)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify_checksums=verify_checksums)
+        bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
+        if provider == "tensorrt-native":
+            from .trt_backend import TrtBackend
+
+            return cls(bundle, TrtBackend(bundle, precision, verify_checksums), precision)
         heads = {name: bundle.graph_path(precision, name) for name in ("head_zeroshot",
                                                                       "head_fewshot")}
+        profiles = None
+        if provider == "tensorrt":
+            import onnx
+
+            from .trt_compat import BatchRange, profile_shapes
+
+            profiles = {name: profile_shapes(bundle, onnx.load(str(bundle.graph_path(
+                precision, name)), load_external_data=False), BatchRange())
+                for name in ("encoder", *heads)}
         backend = OrtBackend(bundle.graph_path(precision, "encoder"), heads, provider=provider,
                              threads=threads or default_threads(),
                              cache_dir=bundle.root / "cache" / "ort-trt", fp16=precision == "fp16",
-                             int8=precision == "int8")
+                             int8=precision == "int8", profiles=profiles)
         return cls(bundle, backend, precision)
 
     # --------------------------------------------------------------- loading

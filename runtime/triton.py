@@ -1,0 +1,258 @@
+"""``clipinspect triton``: a Triton Inference Server model repository from a bundle.
+
+Models (one bundle per repository)::
+
+    clipinspect_encoder        images -> embeddings; batching model with a dynamic batcher, so
+                               concurrent requests from many cameras share one GPU batch
+    clipinspect_categories     category name -> text prototypes, few-shot memory (Python
+                               backend, arrays stored as files next to it: triton_categories.py)
+    clipinspect_head_zeroshot  embeddings + text prototypes -> image score, anomaly grid
+    clipinspect_head_fewshot   ... + reference memory
+    clipinspect_zeroshot       ensemble: {images, category} -> {image_score, anomaly_grid}
+    clipinspect_fewshot        ensemble, few-shot (WinCLIP+)
+
+Why the categories model and not client-supplied tensors: few-shot memory is shots x (patches +
+windows) x width floats (several MB per request for ViT-B-16-plus-240 at 4 shots), which every
+request would otherwise carry; served from the repository it costs a name. The heads take the
+arrays as inputs (as in the bundle), so a category or reference set is added by writing files,
+never by rebuilding an engine.
+
+The heads and the category model are not batched by Triton (their category inputs have no batch
+axis); the encoder, where the time goes, is. The ensembles pass whole request batches.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes
+from .errors import UsageError
+
+ENCODER = "clipinspect_encoder"
+CATEGORIES = "clipinspect_categories"
+HEADS = {"zeroshot": "clipinspect_head_zeroshot", "fewshot": "clipinspect_head_fewshot"}
+ENSEMBLES = {"zeroshot": "clipinspect_zeroshot", "fewshot": "clipinspect_fewshot"}
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan",
+                                                                      "model.plan")}
+DEFAULT_QUEUE_DELAY_US = 2000
+
+
+def _dims(dims) -> str:
+    return "[ " + ", ".join(str(int(d)) for d in dims) + " ]"
+
+
+def _tensor(name: str, dims, dtype: str = "TYPE_FP32") -> str:
+    return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims(dims)}\n  }}'
+
+
+def _block(key: str, tensors: list[str]) -> str:
+    return f"{key} [\n" + ",\n".join(tensors) + "\n]\n"
+
+
+class Shapes:
+    """Per-sample shapes of every tensor, from the manifest."""
+
+    def __init__(self, bundle: Bundle):
+        m = bundle.manifest
+        h, w = bundle.input_size
+        d, c, p = int(m["dims"]["embed"]), int(m["dims"]["width"]), int(m["dims"]["patches"])
+        self.images = [3, h, w]
+        self.encoder = {"image_embedding": [d], "patch_tokens": [p, c],
+                        **{f"window_embeddings_{k}": [int(n), d]
+                           for k, n in m["windows"].items()}}
+        self.category = {"text_prototypes": [2, d], "memory_patch_tokens": [-1, c],
+                         **{f"memory_window_embeddings_{k}": [-1, d] for k in m["windows"]}}
+        self.grid = list(bundle.grid)
+
+
+def _head_inputs(bundle: Bundle, mode: str) -> list[str]:
+    return list(bundle.manifest["graphs"]["fp32"][f"head_{mode}"]["inputs"])
+
+
+def encoder_config(bundle: Bundle, platform: str, max_batch: int) -> str:
+    s = Shapes(bundle)
+    inp = bundle.manifest["input"]
+    # What a client needs to prepare images, readable through Triton's model-config API.
+    preprocessing = json.dumps({"size": list(bundle.input_size), "mean": inp["mean"],
+                                "std": inp["std"], "resize": inp["resize"],
+                                "layout": inp["layout"], "bundle": bundle.identity})
+    preferred = sorted({b for b in (4, 8, 16, max_batch) if b <= max_batch})
+    return (f'name: "{ENCODER}"\nplatform: "{PLATFORMS[platform][0]}"\n'
+            f"max_batch_size: {max_batch}\n"
+            + _block("input", [_tensor("images", s.images)])
+            + _block("output", [_tensor(n, d) for n, d in s.encoder.items()])
+            + f"dynamic_batching {{\n  preferred_batch_size: {_dims(preferred)}\n"
+              f"  max_queue_delay_microseconds: {DEFAULT_QUEUE_DELAY_US}\n}}\n"
+            + "instance_group [\n  {\n    kind: KIND_GPU\n    count: 1\n  }\n]\n"
+            + 'parameters {\n  key: "clipinspect_preprocessing"\n  value: {\n'
+              f"    string_value: {json.dumps(preprocessing)}\n  }}\n}}\n")
+
+
+def head_config(bundle: Bundle, platform: str, mode: str) -> str:
+    s = Shapes(bundle)
+    inputs = []
+    for n in _head_inputs(bundle, mode):
+        dims = s.category[n] if n in s.category else [-1, *s.encoder[n]]
+        inputs.append(_tensor(n, dims))
+    outputs = [_tensor("image_score", [-1]), _tensor("anomaly_grid", [-1, *s.grid])]
+    return (f'name: "{HEADS[mode]}"\nplatform: "{PLATFORMS[platform][0]}"\nmax_batch_size: 0\n'
+            + _block("input", inputs) + _block("output", outputs)
+            + "instance_group [\n  {\n    kind: KIND_GPU\n    count: 1\n  }\n]\n")
+
+
+def categories_config(bundle: Bundle) -> str:
+    s = Shapes(bundle)
+    return (f'name: "{CATEGORIES}"\nbackend: "python"\nmax_batch_size: 0\n'
+            + _block("input", [_tensor("category", [1], "TYPE_STRING")])
+            + _block("output", [_tensor(n, d) for n, d in s.category.items()])
+            + "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n")
+
+
+def _map(kind: str, pairs: list[tuple[str, str]]) -> str:
+    return "".join(f'      {kind} {{\n        key: "{k}"\n        value: "{v}"\n      }}\n'
+                   for k, v in pairs)
+
+
+def ensemble_config(bundle: Bundle, mode: str) -> str:
+    s = Shapes(bundle)
+    head_inputs = _head_inputs(bundle, mode)
+    from_encoder = [n for n in head_inputs if n in s.encoder]
+    from_store = [n for n in head_inputs if n in s.category]
+    steps = [(ENCODER, [("images", "images")], [(n, n) for n in from_encoder]),
+             (CATEGORIES, [("category", "category")], [(n, n) for n in from_store]),
+             (HEADS[mode], [(n, n) for n in head_inputs],
+              [("image_score", "image_score"), ("anomaly_grid", "anomaly_grid")])]
+    body = ",\n".join(f'    {{\n      model_name: "{model}"\n      model_version: -1\n'
+                      + _map("input_map", ins) + _map("output_map", outs) + "    }"
+                      for model, ins, outs in steps)
+    return (f'name: "{ENSEMBLES[mode]}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+            + _block("input", [_tensor("images", [-1, *s.images]),
+                               _tensor("category", [1], "TYPE_STRING")])
+            + _block("output", [_tensor("image_score", [-1]),
+                                _tensor("anomaly_grid", [-1, *s.grid])])
+            + f"ensemble_scheduling {{\n  step [\n{body}\n  ]\n}}\n")
+
+
+# -------------------------------------------------------------------------------- writing
+def _place(src: Path, dst: Path) -> None:
+    """Hard link when possible (graphs and engines are large), else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_categories(bundle: Bundle, repo: Path) -> list[str]:
+    """Write every category's arrays into the categories model (atomically, file by file)."""
+    root = repo / CATEGORIES / "1"
+    names = []
+    for name in bundle.categories:
+        data = bundle.category(name)
+        folder = root / category_dir(name)
+        atomic_write_bytes(folder / "text_prototypes.npy", _npy(data.text_prototypes))
+        if data.memory:
+            atomic_write_bytes(folder / "memory.npz", npz_bytes(data.memory))
+        else:
+            (folder / "memory.npz").unlink(missing_ok=True)
+        names.append(name)
+    return names
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32))
+    return buf.getvalue()
+
+
+def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> dict[str, Any]:
+    engines = {k: v for k, v in (bundle.manifest.get("engines") or {}).items() if precision in v}
+    build = f"clipinspect build-engine {bundle.root} --precision {precision}"
+    if not engines:
+        raise UsageError(f"--platform tensorrt needs {precision} engines built on the serving "
+                         f"GPU's model: run '{build}' there first, or use --platform onnx")
+    if engine_key is None:
+        if len(engines) > 1:
+            raise UsageError(f"the bundle has {precision} engines for several devices "
+                             f"({', '.join(sorted(engines))}); choose one with --engine-key")
+        engine_key = next(iter(engines))
+    if engine_key not in engines:
+        raise UsageError(f"no {precision} engines for device {engine_key!r}; the bundle has "
+                         f"{', '.join(sorted(engines))}")
+    from .trt_engine import GRAPHS
+
+    record = engines[engine_key][precision]
+    for name in GRAPHS:
+        if record["source_graphs"][name] != bundle.manifest["graphs"][precision][name]["sha256"]:
+            raise UsageError(f"the {precision} {name} engine is older than its graph; rebuild "
+                             f"with '{build}'")
+    return record
+
+
+def write_repository(bundle_path, out, platform: str = "onnx", precision: str = "fp32",
+                     max_batch: int = 32, overwrite: bool = False,
+                     categories_only: bool = False, engine_key: str | None = None) -> Path:
+    """Write the model repository; ``categories_only`` refreshes the category files of an
+    existing repository (what a running server picks up without a restart)."""
+    bundle = Bundle.open(bundle_path)
+    out = Path(out)
+    if platform not in PLATFORMS:
+        raise UsageError(f"--platform {platform!r}: choose onnx or tensorrt")
+    if max_batch < 1:
+        raise UsageError(f"--max-batch {max_batch}: need at least 1")
+    bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
+    if categories_only:
+        if not (out / CATEGORIES / "config.pbtxt").is_file():
+            raise UsageError(f"{str(out)!r} is not a clipinspect model repository; write it "
+                             "first without --categories-only")
+        write_categories(bundle, out)
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not (out / ENCODER / "config.pbtxt").is_file():
+            raise UsageError(f"{str(out)!r} exists, is not empty and is not a clipinspect model "
+                             "repository; choose another --out")
+        if not overwrite:
+            raise UsageError(f"{str(out)!r} already holds a model repository; pass --overwrite "
+                             "to replace it, or --categories-only to refresh the categories")
+    record = _engine_record(bundle, precision, engine_key) if platform == "tensorrt" else None
+    # Written next to the target and swapped in whole: a failure leaves the old one intact.
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    filename = PLATFORMS[platform][1]
+
+    def model_file(graph: str) -> Path:
+        if record is not None:
+            return bundle.root / record[graph]["file"]
+        return bundle.graph_path(precision, graph)
+
+    try:
+        configs = {ENCODER: encoder_config(bundle, platform, max_batch),
+                   CATEGORIES: categories_config(bundle)}
+        _place(model_file("encoder"), tmp / ENCODER / "1" / filename)
+        for mode, name in HEADS.items():
+            configs[name] = head_config(bundle, platform, mode)
+            _place(model_file(f"head_{mode}"), tmp / name / "1" / filename)
+        for mode, name in ENSEMBLES.items():
+            configs[name] = ensemble_config(bundle, mode)
+            (tmp / name / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir
+        (tmp / CATEGORIES / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(__file__).with_name("triton_categories.py"),
+                     tmp / CATEGORIES / "1" / "model.py")
+        for name, text in configs.items():
+            atomic_write_bytes(tmp / name / "config.pbtxt", text.encode())
+        write_categories(bundle, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

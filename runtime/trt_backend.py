@@ -1,0 +1,130 @@
+"""The native TensorRT backend (provider ``tensorrt-native``): engines from 'build-engine', GPU
+buffers from cupy, no onnxruntime and no torch.
+
+Encoder and heads share device memory two ways: the encoder's outputs stay on the GPU and are
+bound as the head's inputs as they are (no copy, no host round trip), and the three execution
+contexts share one scratch block of the largest size any of them needs, since they run one after
+the other on one CUDA stream. Category arrays (text prototypes, reference memory) are uploaded
+once and cached until the category or its memory changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, sha256_file
+from .errors import UsageError
+from .trt_engine import GRAPHS, EngineError, current_device, find_engines, import_tensorrt
+
+
+def _memory_size(engine) -> int:
+    # device_memory_size_v2 (TensorRT >= 10.1) also counts what weight streaming needs.
+    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+
+
+class TrtBackend:
+    """Same protocol as OrtBackend: encode(images), score(encoded, head, extra), to_host()."""
+
+    provider = "tensorrt-native"
+    device = "cuda"
+
+    def __init__(self, bundle: Bundle, precision: str, verify_checksums: bool = True):
+        trt, cp = import_tensorrt()
+        self.trt, self.cp = trt, cp
+        self.record = find_engines(bundle, precision, current_device(trt, cp))
+        self.max_batch = int(self.record["profile"]["batch"][2])
+        self.max_shots = int(self.record["profile"]["max_shots"])
+        self.rebuild = f"clipinspect build-engine {bundle.root} --precision {precision}"
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engines = {}
+        for name in GRAPHS:
+            entry = self.record[name]
+            path = bundle.root / entry["file"]
+            if not path.is_file() or (verify_checksums and sha256_file(path) != entry["sha256"]):
+                raise EngineError(f"engine file {entry['file']!r} is missing or modified; "
+                                  f"rebuild with '{self.rebuild}'")
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise EngineError(f"TensorRT could not load {entry['file']!r} (built by another "
+                                  f"TensorRT version or GPU?); rebuild with '{self.rebuild}'")
+            self.engines[name] = engine
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.scratch = cp.cuda.alloc(max(_memory_size(e) for e in self.engines.values()) or 1)
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = {}
+        for name, engine in self.engines.items():
+            context = engine.create_execution_context(strategy)
+            if hasattr(context, "set_device_memory"):   # TensorRT >= 10.1
+                context.set_device_memory(self.scratch.ptr, _memory_size(engine))
+            else:
+                context.device_memory = self.scratch.ptr
+            self.contexts[name] = context
+        self.io = {name: self._io(engine) for name, engine in self.engines.items()}
+        self.encoder_outputs = self.io["encoder"][1]
+        self._device_cache: dict[str, tuple[np.ndarray, Any]] = {}
+
+    def _io(self, engine) -> tuple[list[str], list[str]]:
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+        return inputs, [n for n in names if n not in inputs]
+
+    def _run(self, name: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Bind device arrays ``feeds``, allocate the outputs, enqueue; nothing synchronizes."""
+        engine, context = self.engines[name], self.contexts[name]
+        inputs, outputs = self.io[name]
+        for n in inputs:
+            arr = feeds[n]
+            context.set_input_shape(n, tuple(arr.shape))
+            context.set_tensor_address(n, arr.data.ptr)
+        result = {}
+        for n in outputs:
+            dtype = self.trt.nptype(engine.get_tensor_dtype(n))
+            result[n] = self.cp.empty(tuple(context.get_tensor_shape(n)), dtype=dtype)
+            context.set_tensor_address(n, result[n].data.ptr)
+        if not context.execute_async_v3(self.stream.ptr):
+            raise EngineError(f"TensorRT failed to run the {name} engine")
+        return result
+
+    def encode(self, images: np.ndarray) -> dict[str, Any]:
+        if len(images) > self.max_batch:
+            raise UsageError(f"batch of {len(images)} images, the engines take at most "
+                             f"{self.max_batch}: lower --batch-size or rebuild with --max-batch "
+                             f"(with '{self.rebuild} --max-batch N')")
+        with self.stream:
+            x = self.cp.asarray(np.ascontiguousarray(images, dtype=np.float32))
+            out = self._run("encoder", {"images": x})
+        out["_input"] = x  # keeps the input alive until the stream has used it
+        return out
+
+    def score(self, encoded: dict[str, Any], head: str, extra: dict[str, np.ndarray]
+              ) -> dict[str, np.ndarray]:
+        inputs, _ = self.io[head]
+        feeds = {n: encoded[n] if n in encoded else self._on_device(n, extra[n]) for n in inputs}
+        with self.stream:
+            out = self._run(head, feeds)
+            host = {n: self.cp.asnumpy(v, stream=self.stream) for n, v in out.items()}
+        self.stream.synchronize()
+        return host
+
+    def _on_device(self, name: str, arr: np.ndarray):
+        if name.startswith("memory_"):
+            rows = self.engines["head_fewshot"].get_tensor_profile_shape(name, 0)[2][0]
+            if arr.shape[0] > rows:
+                raise UsageError(f"the reference memory has more images than the engines take "
+                                 f"({self.max_shots}); rebuild with '{self.rebuild} "
+                                 "--max-shots N' or store fewer references")
+        cached = self._device_cache.get(name)
+        if cached is None or cached[0] is not arr:
+            with self.stream:
+                cached = (arr, self.cp.asarray(np.ascontiguousarray(arr, dtype=np.float32)))
+            self._device_cache[name] = cached
+        return cached[1]
+
+    def to_host(self, encoded: dict[str, Any]) -> dict[str, np.ndarray]:
+        host = {k: self.cp.asnumpy(v, stream=self.stream) for k, v in encoded.items()
+                if k in self.encoder_outputs}
+        self.stream.synchronize()
+        return host

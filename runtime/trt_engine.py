@@ -1,0 +1,228 @@
+"""``clipinspect build-engine``: TensorRT engines from a bundle's graphs, stored in the bundle.
+
+Engines are built as *strongly typed* networks: the precision of every tensor is the one in the
+graph (the FP16 graph, or the INT8 QDQ graph with its calibrated scales), never chosen by the
+builder. That is the only mode TensorRT 11 has (it dropped the FP16 / INT8 builder flags and the
+implicit INT8 calibrator) and it exists in TensorRT 10, the version JetPack ships, so one code
+path serves both. The scoring heads are FP32 graphs in every variant and are built as such.
+
+An engine only runs on the GPU model, compute capability and TensorRT version it was built
+with. Engines are therefore stored per device key::
+
+    engines/<key>/<precision>/{encoder,head_zeroshot,head_fewshot}-<digest>.plan
+    cache/tensorrt/<key>.timing-cache        reused by the next build on the same device
+
+and the manifest records, under ``engines.<key>``, the device, and per precision the files, the
+optimization profile (batch range, most reference images) and the digests of the graphs they
+were built from. Loading on another device, or after the graphs were replaced, is an error that
+says to rebuild.
+
+tensorrt and cupy are imported only when an engine is built or loaded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .bundle import Bundle, atomic_write_bytes, write_versioned
+from .errors import ClipInspectError, UsageError
+from .progress import Progress
+from .trt_compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes, require_compatible
+
+GRAPHS = ("encoder", "head_zeroshot", "head_fewshot")
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_WORKSPACE_MB = 2048
+
+
+class EngineError(ClipInspectError, RuntimeError):
+    """No usable engine (missing, built elsewhere, stale) or TensorRT missing or failing."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """What an engine is bound to."""
+
+    gpu: str
+    compute_capability: str   # "8.7"
+    tensorrt: str             # "10.3.0.30"
+
+    @property
+    def key(self) -> str:
+        """Folder-safe key, e.g. 'nvidia-jetson-orin-nano_sm87_trt10.3.0.30'."""
+        gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-") or "gpu"
+        return f"{gpu}_sm{self.compute_capability.replace('.', '')}_trt{self.tensorrt}"
+
+    def describe(self) -> str:
+        return (f"{self.gpu} (compute capability {self.compute_capability}), TensorRT "
+                f"{self.tensorrt}")
+
+    def to_json(self) -> dict[str, str]:
+        return {"gpu": self.gpu, "compute_capability": self.compute_capability,
+                "tensorrt": self.tensorrt}
+
+
+def import_tensorrt():
+    """-> (tensorrt, cupy), or an error that says how to install them."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise EngineError(
+            "TensorRT's Python package is not installed: on a Jetson it comes with JetPack "
+            "(apt install python3-libnvinfer; use a virtual environment created with "
+            "--system-site-packages), on a workstation pip install 'clipinspect[tensorrt]'. "
+            "Without TensorRT use --provider cuda or cpu") from e
+    try:
+        import cupy
+    except ImportError as e:
+        raise EngineError("cupy (GPU buffers for the TensorRT backend) is not installed: "
+                          "pip install cupy-cuda12x (or the cupy build matching your CUDA)") from e
+    return trt, cupy
+
+
+def current_device(trt, cupy, device_id: int = 0) -> Device:
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    return Device(name, f"{props['major']}.{props['minor']}", str(trt.__version__))
+
+
+# ------------------------------------------------------------------------------ lookup
+def find_engines(bundle: Bundle, precision: str, device: Device) -> dict[str, Any]:
+    """The engine record of ``precision`` for ``device``; an error that says how to rebuild
+    when there is none, it was built on another device, or its graphs changed since."""
+    rebuild = f"clipinspect build-engine {bundle.root} --precision {precision}"
+    engines = bundle.manifest.get("engines") or {}
+    entry = engines.get(device.key, {}).get(precision)
+    if entry is None:
+        elsewhere = [f"{e['device']['gpu']} (sm {e['device']['compute_capability']}, "
+                     f"TensorRT {e['device']['tensorrt']})"
+                     for e in engines.values() if precision in e]
+        if elsewhere:
+            raise EngineError(f"the {precision} engines in {str(bundle.root)!r} were built for "
+                              f"{'; '.join(elsewhere)}, not for this {device.describe()}; "
+                              f"TensorRT engines only run where they were built: rebuild here "
+                              f"with '{rebuild}'")
+        raise EngineError(f"bundle {str(bundle.root)!r} has no {precision} TensorRT engines for "
+                          f"this {device.describe()}; build them with '{rebuild}'")
+    for name in GRAPHS:
+        now = bundle.manifest["graphs"][precision][name]["sha256"]
+        if entry["source_graphs"][name] != now:
+            raise EngineError(f"the {precision} {name} graph changed after its engine was built "
+                              f"(re-export or quantize --overwrite); rebuild with '{rebuild}'")
+    return entry
+
+
+# ------------------------------------------------------------------------------ building
+def _progress_monitor(trt, stream):
+    """A TensorRT IProgressMonitor printing the builder's top-level phases (TensorRT >= 10)."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                print(f"    {phase_name} ({num_steps} steps)", file=stream, flush=True)
+
+        def step_complete(self, phase_name, step):
+            return True  # never cancel
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Monitor()
+
+
+def _build_one(trt, logger, path, shapes, workspace_mb: int, cache_bytes: bytes,
+               monitor) -> tuple[bytes, bytes]:
+    """One strongly typed engine from the ONNX file at ``path`` -> (plan, timing cache)."""
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed is not None:  # deprecated (always on) in TensorRT 11, still accepted
+        flags |= 1 << int(strongly_typed)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT could not parse {path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"TensorRT failed to build an engine from {path.name} (see the "
+                          "TensorRT messages above); a larger --workspace may help")
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
+
+
+def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
+                  max_shots: int = DEFAULT_MAX_SHOTS, workspace_mb: int = DEFAULT_WORKSPACE_MB,
+                  stream=None) -> dict[str, Any]:
+    """Build the encoder and both head engines of ``precision`` for this GPU and store them in
+    the bundle (replacing earlier ones for the same device). Returns the manifest record."""
+    import onnx
+
+    stream = stream or sys.stderr
+    bundle = Bundle.open(bundle_path)
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in bundle.manifest["graphs"]:
+        raise UsageError(f"bundle {str(bundle.root)!r} has no {precision} graphs; make them first "
+                         f"with 'clipinspect quantize {bundle.root} --precision {precision}'")
+    if workspace_mb < 16:
+        raise UsageError(f"--workspace {workspace_mb} MB is too small; give at least 16")
+    batch.validate()
+    labels = [f"{precision}/encoder", "fp32/head_zeroshot", "fp32/head_fewshot"]
+    require_compatible(bundle, labels, batch=batch, max_shots=max_shots)
+    trt, cupy = import_tensorrt()
+    device = current_device(trt, cupy)
+    logger = trt.Logger(trt.Logger.WARNING)
+    cache_path = bundle.root / "cache" / "tensorrt" / f"{device.key}.timing-cache"
+    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    print(f"building {precision} TensorRT engines for {device.describe()}: batch "
+          f"{batch.min}/{batch.opt}/{batch.max}, up to {max_shots} reference images, workspace "
+          f"{workspace_mb} MB{', reusing the timing cache' if cache_bytes else ''}",
+          file=stream, flush=True)
+    monitor = _progress_monitor(trt, stream)
+    folder = f"engines/{device.key}/{precision}"
+    files, seconds = {}, {}
+    with Progress(len(GRAPHS), "build-engine", stream=stream, unit="engine") as bar:
+        for name in GRAPHS:
+            path = bundle.graph_path(precision, name)
+            shapes = profile_shapes(bundle, onnx.load(str(path), load_external_data=False),
+                                    batch, max_shots)
+            t0 = time.perf_counter()
+            plan, cache_bytes = _build_one(trt, logger, path, shapes, workspace_mb,
+                                           cache_bytes, monitor)
+            seconds[name] = round(time.perf_counter() - t0, 1)
+            # Saved after each engine: an interrupted build keeps the timings measured so far.
+            atomic_write_bytes(cache_path, cache_bytes)
+            files[name] = bundle.file_entry(write_versioned(bundle.root, folder,
+                                                            f"{name}.plan", plan))
+            bar.update()
+    record = {
+        **files,
+        "profile": {"batch": [batch.min, batch.opt, batch.max], "max_shots": int(max_shots)},
+        "workspace_mb": int(workspace_mb),
+        "source_graphs": {n: bundle.manifest["graphs"][precision][n]["sha256"] for n in GRAPHS},
+        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": seconds,
+    }
+    bundle.set_engines(device.key, device.to_json(), precision, record)
+    print(f"{precision} engines stored under {bundle.root / folder}", file=stream, flush=True)
+    return record

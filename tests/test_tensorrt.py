@@ -1,0 +1,186 @@
+"""TensorRT engines and the native backend.
+
+Without TensorRT (CI): engine keys, storage and the rebuild errors, the onnxruntime TensorRT
+provider options, and the errors a user without TensorRT gets. With TensorRT and a GPU: FP16 and
+INT8 engines of ViT-S-16 (random weights) are built, run, and compared with onnxruntime FP32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipinspect.runtime import Bundle, Inspector
+from clipinspect.runtime import trt_engine as te
+from clipinspect.runtime.backends import provider_options
+from clipinspect.runtime.bundle import write_versioned
+from clipinspect.runtime.cli import main
+from clipinspect.runtime.errors import UsageError
+from clipinspect.runtime.trt_compat import BatchRange, CompatibilityError
+
+HERE = te.Device("NVIDIA Jetson AGX Orin (64GB)", "8.7", "10.3.0.30")
+THERE = te.Device("NVIDIA H200", "9.0", "10.15.1")
+
+
+def test_device_key_is_folder_safe_and_distinguishes_each_part():
+    assert HERE.key == "nvidia-jetson-agx-orin-64gb_sm87_trt10.3.0.30"
+    keys = {HERE.key, THERE.key, te.Device(HERE.gpu, "8.6", HERE.tensorrt).key,
+            te.Device(HERE.gpu, HERE.compute_capability, "10.4.0").key}
+    assert len(keys) == 4 and all("/" not in k and " " not in k for k in keys)
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(small_bundle_path, tmp_path_factory):
+    """The small bundle with stand-in fp32 'engines' registered for THERE."""
+    path = tmp_path_factory.mktemp("engines") / "bundle"
+    shutil.copytree(small_bundle_path, path)
+    register(Bundle.open(path), THERE, b"plan")
+    return path
+
+
+def register(bundle: Bundle, device: te.Device, content: bytes) -> dict:
+    files = {g: bundle.file_entry(write_versioned(bundle.root, f"engines/{device.key}/fp32",
+                                                  f"{g}.plan", content + g.encode()))
+             for g in te.GRAPHS}
+    record = {**files, "profile": {"batch": [1, 8, 32], "max_shots": 16},
+              "source_graphs": {g: bundle.manifest["graphs"]["fp32"][g]["sha256"]
+                                for g in te.GRAPHS}}
+    bundle.set_engines(device.key, device.to_json(), "fp32", record)
+    return record
+
+
+def test_engines_are_found_for_their_own_device_only(engine_bundle):
+    b = Bundle.open(engine_bundle)
+    assert te.find_engines(b, "fp32", THERE)["profile"]["max_shots"] == 16
+    with pytest.raises(te.EngineError, match=r"built for NVIDIA H200 \(sm 9.0, TensorRT 10.15.1\)"
+                                             r".*rebuild here with 'clipinspect build-engine"):
+        te.find_engines(b, "fp32", HERE)
+    with pytest.raises(te.EngineError, match="no fp16 TensorRT engines .* --precision fp16"):
+        te.find_engines(b, "fp16", THERE)
+
+
+def test_engines_of_replaced_graphs_must_be_rebuilt(engine_bundle, tmp_path):
+    path = shutil.copytree(engine_bundle, tmp_path / "b")
+    b = Bundle.open(path)
+    with b.updating() as m:
+        m["engines"][THERE.key]["fp32"]["source_graphs"]["encoder"] = "0" * 64
+    with pytest.raises(te.EngineError, match="encoder graph changed .* rebuild"):
+        te.find_engines(Bundle.open(path), "fp32", THERE)
+
+
+def test_rebuilt_engines_replace_the_old_files(engine_bundle, tmp_path):
+    path = shutil.copytree(engine_bundle, tmp_path / "b")
+    b = Bundle.open(path)
+    old = {g: path / b.manifest["engines"][THERE.key]["fp32"][g]["file"] for g in te.GRAPHS}
+    register(b, THERE, b"rebuilt")
+    register(b, HERE, b"other device")
+    m = Bundle.open(path).manifest
+    assert set(m["engines"]) == {THERE.key, HERE.key}
+    assert all(not p.exists() for p in old.values())
+    assert all((path / m["engines"][k]["fp32"][g]["file"]).is_file()
+               for k in m["engines"] for g in te.GRAPHS)
+    assert m["engines"][HERE.key]["device"] == HERE.to_json()
+
+
+def test_ort_tensorrt_options_follow_the_graph_precision(tmp_path):
+    profile = {"images": ((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224)),
+               "text_prototypes": ((2, 384),) * 3}
+    [(name, fp16), *_] = provider_options("tensorrt", tmp_path / "c", fp16=True, profile=profile)
+    assert name == "TensorrtExecutionProvider"
+    assert fp16["trt_fp16_enable"] and fp16["trt_layer_norm_fp32_fallback"]
+    assert not fp16["trt_int8_enable"]
+    assert fp16["trt_engine_cache_enable"] and fp16["trt_timing_cache_enable"]
+    assert fp16["trt_engine_cache_path"] == fp16["trt_timing_cache_path"] == str(tmp_path / "c")
+    assert fp16["trt_profile_min_shapes"] == "images:1x3x224x224,text_prototypes:2x384"
+    assert fp16["trt_profile_opt_shapes"] == "images:8x3x224x224,text_prototypes:2x384"
+    assert fp16["trt_profile_max_shapes"] == "images:32x3x224x224,text_prototypes:2x384"
+    [(_, int8), *_] = provider_options("tensorrt", None, int8=True)
+    assert int8["trt_int8_enable"] and not int8["trt_fp16_enable"]
+    assert not int8["trt_layer_norm_fp32_fallback"]
+    assert int8["trt_int8_use_native_calibration_table"] is False
+    assert "trt_int8_calibration_table_name" not in int8  # QDQ: scales are in the graph
+    assert "trt_engine_cache_enable" not in int8 and "trt_profile_min_shapes" not in int8
+
+
+TRT_MISSING = importlib.util.find_spec("tensorrt") is None
+
+
+@pytest.mark.skipif(not TRT_MISSING, reason="tests the message shown where TensorRT is missing")
+def test_build_engine_without_tensorrt_says_how_to_install(engine_bundle, capsys):
+    assert main(["build-engine", str(engine_bundle), "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT's Python package is not installed" in err and "JetPack" in err
+    assert main(["predict", str(engine_bundle), "x.png", "--category", "weave", "--out",
+                 "unused", "--provider", "tensorrt-native"]) == 2
+    assert "TensorRT's Python package is not installed" in capsys.readouterr().err
+
+
+def test_build_engine_refuses_bad_requests_before_any_work(engine_bundle, capsys):
+    with pytest.raises(UsageError, match="quantize .* --precision int8"):
+        te.build_engines(engine_bundle, "int8")
+    with pytest.raises(CompatibilityError, match="min 8, opt 4"):
+        te.build_engines(engine_bundle, "fp32", BatchRange(8, 4, 16))
+    with pytest.raises(UsageError, match="--workspace 8 MB"):
+        te.build_engines(engine_bundle, "fp32", workspace_mb=8)
+    with pytest.raises(SystemExit):
+        main(["build-engine", str(engine_bundle), "--precision", "fp32", "--max-batch", "0"])
+    assert "expected a whole number >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- GPU only
+def _gpu_reason() -> str | None:
+    if TRT_MISSING:
+        return "TensorRT's Python package is not installed (no TensorRT on this machine)"
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA GPU"
+    except Exception as e:  # cupy missing or no driver
+        return f"no usable CUDA GPU through cupy ({type(e).__name__}: {e})"
+    return None
+
+
+GPU_REASON = _gpu_reason()
+# Tolerances against onnxruntime FP32 on the CPU, per image and per grid map:
+# FP16 engines: map Pearson >= 0.999, |image score difference| <= 2e-3;
+# INT8 engines (QDQ from min-max calibration on synthetic normal images): map Pearson >= 0.98,
+# |image score difference| <= 1e-2 (the quantize step itself is checked at 0.99 on CPU).
+TOLERANCES = {"fp16": (0.999, 2e-3), "int8": (0.98, 1e-2)}
+
+
+@pytest.fixture(scope="module")
+def gpu_bundle(small_bundle_path, tmp_path_factory):
+    if GPU_REASON:
+        pytest.skip(GPU_REASON)
+    from clipinspect.calibration import quantize as q
+    from clipinspect.calibration.synth import generate
+
+    root = tmp_path_factory.mktemp("gpu")
+    generate(root / "data", seed=5, categories=["weave"], image_size=128, n_train=4,
+             n_test_good=1, n_test_defect_per_type=1)
+    path = Path(shutil.copytree(small_bundle_path, root / "bundle"))
+    q.quantize_bundle(path, "fp16", holdout=1)
+    q.quantize_bundle(path, "int8", root / "data", holdout=1)
+    return path
+
+
+@pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_engines_agree_with_onnxruntime_fp32(gpu_bundle, precision, rng):
+    te.build_engines(gpu_bundle, precision, BatchRange(1, 2, 4), max_shots=2, workspace_mb=1024)
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    reference = Inspector.open(gpu_bundle, "fp32", "cpu")
+    reference.add_references("weave", images[:2])
+    engine = Inspector.open(gpu_bundle, precision, "tensorrt-native")
+    min_pearson, max_diff = TOLERANCES[precision]
+    for mode in ("zero-shot", "few-shot"):
+        want = reference.inspect(images, "weave", batch_size=4, mode=mode)
+        got = engine.inspect(images, "weave", batch_size=4, mode=mode)
+        for w, g in zip(want, got):
+            assert abs(w.image_score - g.image_score) <= max_diff
+            assert np.corrcoef(w.anomaly_map.ravel(), g.anomaly_map.ravel())[0, 1] >= min_pearson
