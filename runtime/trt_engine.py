@@ -151,7 +151,7 @@ def _build_one(trt, logger, path, shapes, workspace_mb: int, cache_bytes: bytes,
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise EngineError(f"TensorRT could not parse {path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
