@@ -122,6 +122,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                    f"images, {len(kept)} weight(s) kept FP32")
         print(f"parity      {precision} vs fp32: map Pearson {a['map_pearson_min']:.5f}, image "
               f"score diff {a['max_image_score_diff']:.1e} ({a['images']} held-out images{how})")
+    for key, engines in (m.get("engines") or {}).items():
+        built = ", ".join(sorted(p for p in engines if p != "device"))
+        print(f"engines     {key}: {built or 'none'} (TensorRT; 'clipinspect build-engine')")
     for name in bundle.categories:
         entry = m["categories"][name]
         mem = entry.get("memory")
