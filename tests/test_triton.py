@@ -257,3 +257,16 @@ def test_client_request_is_what_the_ensemble_declares(repo):
     assert {i.name(): i.datatype() for i in inputs} == {"images": "FP32", "category": "BYTES"}
     assert declared == {"images": "TYPE_FP32", "category": "TYPE_STRING"}
     assert inputs[0].shape() == [2, 3, 224, 224] and inputs[1].shape() == [1]
+
+
+def test_cli_writes_and_refreshes_a_repository(bundle_path, tmp_path, capsys):
+    from clipinspect.runtime.cli import main
+
+    out = tmp_path / "models"
+    assert main(["triton", str(bundle_path), "--out", str(out), "--max-batch", "4"]) == 0
+    assert "tritonserver --model-repository" in capsys.readouterr().out
+    assert parse(out / triton.ENCODER / "config.pbtxt").max_batch_size == 4
+    assert main(["triton", str(bundle_path), "--out", str(out), "--categories-only"]) == 0
+    assert "refreshed" in capsys.readouterr().out
+    assert main(["triton", str(bundle_path), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
