@@ -135,9 +135,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from .backends import available_providers, ort_conflict
 
-    print(", ".join(available_providers()) or "none")
+    # Only whether the packages are there: importing TensorRT takes seconds.
+    native = all(importlib.util.find_spec(m) for m in ("tensorrt", "cupy"))
+    print(", ".join(available_providers() + (["tensorrt-native"] if native else [])) or "none")
     conflict = ort_conflict()
     if conflict:
         print(f"WARNING: {conflict}", file=sys.stderr)
@@ -236,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "several")
     p.set_defaults(func=cmd_triton)
 
-    p = sub.add_parser("providers", help="list the onnxruntime providers installed")
+    p = sub.add_parser("providers", help="list the providers installed (onnxruntime's, and "
+                                         "tensorrt-native where TensorRT and cupy are)")
     p.set_defaults(func=cmd_providers)
 
     for ep in sorted(importlib.metadata.entry_points(group="clipinspect.cli"), key=lambda e: e.name):
