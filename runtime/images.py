@@ -140,7 +140,7 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], mean: Sequence[float],
 
 def expand_inputs(items: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
     """Accept one input or a sequence; directories expand to their image files (sorted)."""
-    if isinstance(items, (str, os.PathLike, Image.Image, np.ndarray)):
+    if isinstance(items, (str, os.PathLike, Image.Image, np.ndarray, EncodedImage)):
         items = [items]
     out: list[ImageInput] = []
     for item in items:

@@ -20,7 +20,7 @@ import numpy as np
 from .backends import OrtBackend, default_threads
 from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
-from .images import ImageError, ImageInput, describe, preprocess, to_rgb_array
+from .images import EncodedImage, ImageError, ImageInput, describe, preprocess, to_rgb_array
 from .maps import gaussian_blur, upsample
 
 MODES = ("auto", "zero-shot", "few-shot")
@@ -247,7 +247,7 @@ class Inspector:
                      ) -> Iterator[InspectionResult]:
         """Like :meth:`inspect`, yielding results in input order as each batch completes, so a
         long run can be written out as it goes with memory bounded by a few batches."""
-        if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
+        if isinstance(images, (str, Path, np.ndarray, EncodedImage)) or hasattr(images, "getpixel"):
             images = [images]
         mode_used = self.check(category, mode)
         thresholds = self.thresholds(category, mode_used)

@@ -465,10 +465,10 @@ def openapi_schema(categories: list[str], config: ServeConfig) -> dict:
                 "summary": "Inspect one image",
                 "security": security,
                 "parameters": [
-                    {"name": "category", "in": "query", "required": False,
-                     "description": "product category (or a 'category' form field); one of "
-                                    + ", ".join(categories),
-                     "schema": {"type": "string"}},
+                    {"name": "category", "in": "query", "required": True,
+                     "description": "product category; one of " + ", ".join(categories)
+                                    + " (a multipart 'category' field takes precedence)",
+                     "schema": {"type": "string", "enum": categories}},
                     {"name": "mode", "in": "query", "required": False,
                      "schema": {"type": "string", "enum": list(MODES)}},
                     {"name": "heatmap", "in": "query", "required": False,
@@ -480,7 +480,8 @@ def openapi_schema(categories: list[str], config: ServeConfig) -> dict:
                     "image/jpeg": {"schema": binary},
                     "multipart/form-data": {"schema": {
                         "type": "object", "required": ["image"],
-                        "properties": {"image": binary, "category": {"type": "string"},
+                        "properties": {"image": binary,
+                                       "category": {"type": "string", "enum": categories},
                                        "mode": {"type": "string", "enum": list(MODES)}}}},
                 }},
                 "responses": {"200": {"description": "the verdict", "content": {
