@@ -170,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     from .inspector import Inspector
     from .journal import Journal, JsonlSink
-    from .watch import FolderWatcher, watch_source
+    from .watch import FolderWatcher, opencv, watch_source
 
     if (args.input is None) == (args.source is None):
         raise UsageError("give exactly one of --input DIR (hot folder) or --source "
@@ -180,6 +180,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if not base.is_dir():
             raise UsageError(f"--input {args.input!r} is not a folder")
     else:
+        opencv()  # missing OpenCV: say so before loading the model
         base = Path(".")
     journal_path = Path(args.journal or base / "journal.sqlite")
     out = Path(args.out or base / "results.jsonl")

@@ -148,15 +148,20 @@ class FolderWatcher:
         return any((name, *key) not in self._kept for name, key in self._last_stat.items())
 
 
-def watch_source(inspector: Inspector, source: str, category: str, journal: Journal,
-                 sink: JsonlSink, mode: str = "auto", every: int = 1,
-                 max_frames: int | None = None) -> int:
-    """Inspect frames of a camera, stream or video file; returns the number inspected."""
+def opencv():
     try:
         import cv2
     except ImportError:
         raise UsageError("--source needs OpenCV, which is not installed: "
                          "pip install 'clipinspect[camera]' (opencv-python-headless)") from None
+    return cv2
+
+
+def watch_source(inspector: Inspector, source: str, category: str, journal: Journal,
+                 sink: JsonlSink, mode: str = "auto", every: int = 1,
+                 max_frames: int | None = None) -> int:
+    """Inspect frames of a camera, stream or video file; returns the number inspected."""
+    cv2 = opencv()
     capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
     if not capture.isOpened():
         raise UsageError(f"--source {source!r} cannot be opened by OpenCV: check the device "

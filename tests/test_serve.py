@@ -206,7 +206,7 @@ def test_fuzz_api_from_openapi_schema(live):
                          ("/healthz", "GET")):
         operation = schema[path][method]
 
-        @settings(max_examples=25 if method == "POST" else 3, deadline=None, database=None,
+        @settings(max_examples=12 if method == "POST" else 3, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def fuzz(case):
