@@ -138,3 +138,21 @@ def test_source_without_opencv_says_how_to_install(small_bundle_path, tmp_path, 
     assert main(["watch", str(small_bundle_path), "--source", "0", "--category",
                  CATEGORY]) == 2
     assert "clipinspect[camera]" in capsys.readouterr().err
+
+
+def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
+    cv2 = pytest.importorskip("cv2")
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (40, 40))
+    for i in range(5):
+        writer.write(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    writer.release()
+    monkeypatch.chdir(tmp_path)
+    assert main(["watch", str(small_bundle_path), "--source", str(video), "--category",
+                 CATEGORY, "--every", "2", "--threads", "2"]) == 0
+    rows = jsonl(tmp_path / "results.jsonl")
+    assert [r["image_id"].split("-")[-1] for r in rows] == ["frame00000001", "frame00000003",
+                                                            "frame00000005"]
+    assert all(r["origin"] == f"source:{video}" and r["error"] is None for r in rows)
+    journal = Journal(tmp_path / "journal.sqlite")
+    assert [r["image_score"] for r in journal.rows()] == [r["image_score"] for r in rows]
