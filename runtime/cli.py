@@ -195,7 +195,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                                 args.batch_size, args.settle)
         print(f"clipinspect watch: {base} -> {out} and {journal_path}; inspected files "
               f"{'stay in place' if done is None else f'move to {done}'}"
-              f"{'; until the folder is empty' if args.once else '; Ctrl-C to stop'}",
+              f"{'; until every file present is done' if args.once else '; Ctrl-C to stop'}",
               file=sys.stderr, flush=True)
         watcher.run(args.interval, args.once)
     else:
