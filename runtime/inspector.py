@@ -247,7 +247,8 @@ class Inspector:
                      ) -> Iterator[InspectionResult]:
         """Like :meth:`inspect`, yielding results in input order as each batch completes, so a
         long run can be written out as it goes with memory bounded by a few batches."""
-        if isinstance(images, (str, Path, np.ndarray, EncodedImage)) or hasattr(images, "getpixel"):
+        if (isinstance(images, (str, Path, np.ndarray, EncodedImage))
+                or hasattr(images, "getpixel")):
             images = [images]
         mode_used = self.check(category, mode)
         thresholds = self.thresholds(category, mode_used)
