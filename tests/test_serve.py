@@ -22,6 +22,7 @@ from clipinspect.runtime import Inspector  # noqa: E402
 from clipinspect.runtime.cli import main  # noqa: E402
 from clipinspect.runtime.errors import UsageError  # noqa: E402
 from clipinspect.runtime.images import EncodedImage  # noqa: E402
+from clipinspect.runtime.journal import Journal  # noqa: E402
 from clipinspect.runtime.server import (Batcher, HTTPError, Job, Metrics, ServeConfig,  # noqa: E402
                                         check_exposure, create_app)
 
@@ -70,9 +71,15 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(inspector):
+def journal_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve") / "journal.sqlite"
+
+
+@pytest.fixture(scope="module")
+def live(inspector, journal_path):
     server = Live(inspector, ServeConfig(max_batch=4, max_wait_ms=50, max_queue=16,
-                                         max_body_bytes=100_000, api_key=KEY))
+                                         max_body_bytes=100_000, api_key=KEY,
+                                         journal=journal_path))
     yield server
     server.stop()
 
@@ -83,7 +90,7 @@ def post(url: str, body: bytes, key: str | None = KEY, **params) -> httpx.Respon
                       headers=headers, timeout=120)
 
 
-def test_concurrent_requests_are_batched_and_equal_offline(live, inspector):
+def test_concurrent_requests_are_batched_and_equal_offline(live, inspector, journal_path):
     images = [png(i) for i in range(3)]
     offline = [inspector.inspect(EncodedImage(b), CATEGORY, batch_size=1)[0].image_score
                for b in images]
@@ -98,6 +105,12 @@ def test_concurrent_requests_are_batched_and_equal_offline(live, inspector):
     assert b["bundle"]["identity"] == inspector.bundle.identity
     assert b["threshold"] is None and b["is_anomalous"] is None  # no threshold set
     assert set(b["timings_ms"]) == {"decode", "queue", "inference", "total"}
+    # Every answer is in the journal under its image id.
+    rows = {r["image_id"]: r for r in Journal(journal_path).rows("http")}
+    for body in bodies:
+        row = rows[body["image_id"]]
+        assert (row["image_score"], row["category"], row["bundle"], row["error"]) == (
+            body["image_score"], CATEGORY, inspector.bundle.identity, None)
 
 
 def test_multipart_and_heatmap(live):
