@@ -156,6 +156,7 @@ def run_loadtest(bundle: str, data: str | None, out: str, clients: list[int], du
     from clipinspect.runtime import Bundle
 
     known = Bundle.open(bundle).categories
+    data_label = "synthetic, generated for this run (seed 0)" if data is None else Path(data).name
     with tempfile.TemporaryDirectory(prefix="clipinspect-loadtest-") as tmp:
         if data is None:  # the built-in synthetic dataset, written for this run
             from clipinspect.calibration.synth import CATEGORIES, generate
@@ -222,7 +223,7 @@ def run_loadtest(bundle: str, data: str | None, out: str, clients: list[int], du
         "config": {"bundle": Bundle.open(bundle, verify_checksums=False).identity,
                    "precision": precision, "batch_size": batch_size,
                    "max_wait_ms": max_wait_ms, "threads": threads, "categories": categories,
-                   "images": len(chosen), "data": "synthetic (clipinspect synth layout)"},
+                   "images": len(chosen), "data": data_label},
         "phases": phases, "throughput_img_s": by_clients, "score_check": check,
         "speedup_vs_1_client": ({n: t / by_clients[1] for n, t in by_clients.items()}
                                 if by_clients.get(1) else None),
