@@ -22,8 +22,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from .loadtest import cmd_loadtest as run
+
+    return run(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from .bench import DEFAULT_BATCHES
+    from .loadtest import add_arguments as loadtest_arguments
+
+    p = sub.add_parser("loadtest", help="loopback load test of 'clipinspect serve': clients, "
+                                        "throughput, latency, scores checked against offline")
+    loadtest_arguments(p)
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("bench", help="latency and throughput per backend, precision, mode and "
                                      "batch size, with the PyTorch baseline in the same run")

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ClipInspectError
+from .errors import ClipInspectError, UsageError
 
 
 def csv_list(text: str) -> list[str]:
@@ -172,6 +172,75 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_key(path: str | None) -> str | None:
+    """The key from --api-key-file or CLIPINSPECT_API_KEY (never the command line: ps shows it)."""
+    import os
+
+    if path:
+        try:
+            key = Path(path).read_text().strip()
+        except OSError as e:
+            raise UsageError(f"--api-key-file {path!r} cannot be read: {e}") from None
+        if not key:
+            raise UsageError(f"--api-key-file {path!r} is empty")
+        return key
+    return os.environ.get("CLIPINSPECT_API_KEY") or None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import ServeConfig, serve
+    except ImportError as e:
+        raise UsageError(f"'serve' needs the serve extra ({e}): pip install "
+                         "'clipinspect[serve]'") from None
+    config = ServeConfig(args.batch_size, args.max_wait_ms, args.max_queue,
+                         int(args.max_body_mb * (1 << 20)), _api_key(args.api_key_file),
+                         args.journal)
+    serve(args.bundle, args.host, args.port, config, args.precision, args.provider, args.threads)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .inspector import Inspector
+    from .journal import Journal, JsonlSink
+    from .watch import FolderWatcher, opencv, watch_source
+
+    if (args.input is None) == (args.source is None):
+        raise UsageError("give exactly one of --input DIR (hot folder) or --source "
+                         "CAMERA|URL|VIDEO")
+    if args.input is not None:
+        base = Path(args.input)
+        if not base.is_dir():
+            raise UsageError(f"--input {args.input!r} is not a folder")
+    else:
+        opencv()  # missing OpenCV: say so before loading the model
+        base = Path(".")
+    journal_path = Path(args.journal or base / "journal.sqlite")
+    out = Path(args.out or base / "results.jsonl")
+    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
+    inspector.check(args.category, args.mode)
+    journal = Journal(journal_path)
+    if args.input is not None:
+        origin = f"watch:{base.resolve()}"
+        sink = JsonlSink(out, journal, origin)
+        done = None if args.keep else Path(args.done or base / "done")
+        watcher = FolderWatcher(inspector, base, args.category, journal, sink, done, args.mode,
+                                args.batch_size, args.settle)
+        print(f"clipinspect watch: {base} -> {out} and {journal_path}; inspected files "
+              f"{'stay in place' if done is None else f'move to {done}'}"
+              f"{'; until every file present is done' if args.once else '; Ctrl-C to stop'}",
+              file=sys.stderr, flush=True)
+        watcher.run(args.interval, args.once)
+    else:
+        sink = JsonlSink(out, journal, f"source:{args.source}")
+        n = watch_source(inspector, args.source, args.category, journal, sink, args.mode,
+                         args.every, args.max_frames)
+        print(f"{n} frame(s) inspected; results in {out} and {journal_path}")
+    sink.close()
+    journal.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipinspect", description="CLIP zero-/few-shot anomaly detection, exported and fast.")
@@ -201,6 +270,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     add_runtime_options(p)
     p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("serve", help="HTTP inspection service with micro-batching")
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other needs an API key)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the API key clients send in X-API-Key (or set "
+                        "CLIPINSPECT_API_KEY); required unless bound to loopback")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long an idle worker waits for more requests to batch (default 5); "
+                        "--batch-size is the most images per batch")
+    p.add_argument("--max-queue", type=positive_int, default=64,
+                   help="requests waiting beyond this get 503 + Retry-After (default 64)")
+    p.add_argument("--max-body-mb", type=float, default=32.0,
+                   help="largest request body accepted, MiB (default 32)")
+    p.add_argument("--journal", default=None, help="SQLite results journal (default: none)")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("watch", help="inspect a hot folder (or a camera / stream) as images "
+                                     "arrive, exactly once each, into a journal")
+    p.add_argument("bundle")
+    p.add_argument("--input", default=None, help="hot folder: image files written into it")
+    p.add_argument("--source", default=None,
+                   help="instead: OpenCV camera index, RTSP/HTTP URL or video file")
+    p.add_argument("--category", required=True)
+    p.add_argument("--mode", default="auto", choices=["auto", "zero-shot", "few-shot"])
+    p.add_argument("--journal", default=None,
+                   help="SQLite results journal (default INPUT/journal.sqlite)")
+    p.add_argument("--out", default=None, help="JSON lines (default INPUT/results.jsonl)")
+    p.add_argument("--done", default=None,
+                   help="where inspected files are moved (default INPUT/done)")
+    p.add_argument("--keep", action="store_true",
+                   help="leave inspected files in place (the journal marks them)")
+    p.add_argument("--settle", type=float, default=1.0,
+                   help="seconds a file must stay unchanged before it is read (default 1)")
+    p.add_argument("--interval", type=float, default=0.5, help="polling interval, s")
+    p.add_argument("--once", action="store_true",
+                   help="stop when every file in the folder is done")
+    p.add_argument("--every", type=positive_int, default=1, help="--source: every n-th frame")
+    p.add_argument("--max-frames", type=positive_int, default=None,
+                   help="--source: stop after this many inspected frames")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("info", help="describe and verify a bundle")
     p.add_argument("bundle")

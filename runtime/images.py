@@ -9,7 +9,9 @@ Preprocessing follows the WinCLIP reference: the whole image resized to the mode
 
 from __future__ import annotations
 
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -18,7 +20,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ClipInspectError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """The bytes of an image file held in memory (an upload, a camera frame); ``name`` is how
+    error messages refer to it."""
+
+    data: bytes
+    name: str = "<uploaded image>"
+
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, EncodedImage]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -31,6 +43,8 @@ def describe(item: ImageInput) -> str:
         return str(item)
     if isinstance(item, Image.Image):
         return f"<PIL image {item.mode} {item.size[0]}x{item.size[1]}>"
+    if isinstance(item, EncodedImage):
+        return item.name
     if isinstance(item, np.ndarray):
         return f"<array {item.dtype} {'x'.join(map(str, item.shape))}>"
     return f"<{type(item).__name__}>"
@@ -44,21 +58,9 @@ def to_rgb_array(item: ImageInput) -> np.ndarray:
             raise ImageError(f"{str(path)!r} is a directory, expected an image file")
         if not path.exists():
             raise ImageError(f"{str(path)!r} does not exist")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                # Camera and phone JPEGs store their rotation in EXIF; apply it as viewers do.
-                return _pil_to_rgb(ImageOps.exif_transpose(im), str(path))
-        except UnidentifiedImageError:
-            raise ImageError(f"{str(path)!r} is not an image file PIL can read "
-                             "(corrupt or unsupported format)") from None
-        except PermissionError:
-            raise ImageError(f"{str(path)!r} cannot be read: permission denied") from None
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"{str(path)!r} is too large to decode safely ({e}); downscale it "
-                             "or raise PIL.Image.MAX_IMAGE_PIXELS") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{str(path)!r} is corrupt or truncated: {e}") from None
+        return _decode_file(path, repr(str(path)))
+    if isinstance(item, EncodedImage):
+        return _decode_file(io.BytesIO(item.data), item.name)
     if isinstance(item, Image.Image):
         try:
             return _pil_to_rgb(item, describe(item))
@@ -67,8 +69,27 @@ def to_rgb_array(item: ImageInput) -> np.ndarray:
                              f"{e}") from None
     if isinstance(item, np.ndarray):
         return _array_to_rgb(item)
-    raise ImageError(f"unsupported image input {describe(item)}: pass a file path, a PIL image "
-                     "or an HxWx3 uint8 array")
+    raise ImageError(f"unsupported image input {describe(item)}: pass a file path, an "
+                     "EncodedImage, a PIL image or an HxWx3 uint8 array")
+
+
+def _decode_file(file, name: str) -> np.ndarray:
+    """An encoded image file (a path or a binary file object) -> RGB uint8."""
+    try:
+        with Image.open(file) as im:
+            im.load()
+            # Camera and phone JPEGs store their rotation in EXIF; apply it as viewers do.
+            return _pil_to_rgb(ImageOps.exif_transpose(im), name)
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image file PIL can read "
+                         "(corrupt or unsupported format)") from None
+    except PermissionError:
+        raise ImageError(f"{name} cannot be read: permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name} is too large to decode safely ({e}); downscale it "
+                         "or raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name} is corrupt or truncated: {e}") from None
 
 
 def _pil_to_rgb(im: Image.Image, name: str) -> np.ndarray:
@@ -119,7 +140,7 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], mean: Sequence[float],
 
 def expand_inputs(items: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
     """Accept one input or a sequence; directories expand to their image files (sorted)."""
-    if isinstance(items, (str, os.PathLike, Image.Image, np.ndarray)):
+    if isinstance(items, (str, os.PathLike, Image.Image, np.ndarray, EncodedImage)):
         items = [items]
     out: list[ImageInput] = []
     for item in items:

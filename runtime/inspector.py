@@ -20,7 +20,7 @@ import numpy as np
 from .backends import OrtBackend, default_threads
 from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
-from .images import ImageError, ImageInput, describe, preprocess, to_rgb_array
+from .images import EncodedImage, ImageError, ImageInput, describe, preprocess, to_rgb_array
 from .maps import gaussian_blur, upsample
 
 MODES = ("auto", "zero-shot", "few-shot")
@@ -160,12 +160,15 @@ class Inspector:
         """
         for batch in self._batches(list(images), batch_size, keep_images):
             good = [b for b in batch if b.error is None]
-            encoded = None
-            if good:
-                t0 = time.perf_counter()
-                encoded = self.backend.encode(np.stack([b.tensor for b in good]))
-                self.stage_seconds["encode"] += time.perf_counter() - t0
-            yield batch, good, encoded
+            yield batch, good, self._encode(good)
+
+    def _encode(self, good: list[LoadedImage]) -> dict | None:
+        if not good:
+            return None
+        t0 = time.perf_counter()
+        encoded = self.backend.encode(np.stack([b.tensor for b in good]))
+        self.stage_seconds["encode"] += time.perf_counter() - t0
+        return encoded
 
     def build_memory(self, images: Sequence[ImageInput], batch_size: int = 8
                      ) -> tuple[dict[str, np.ndarray], list[str], list[tuple[str, str]]]:
@@ -260,23 +263,43 @@ class Inspector:
                      ) -> Iterator[InspectionResult]:
         """Like :meth:`inspect`, yielding results in input order as each batch completes, so a
         long run can be written out as it goes with memory bounded by a few batches."""
-        if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel"):
+        if (isinstance(images, (str, Path, np.ndarray, EncodedImage))
+                or hasattr(images, "getpixel")):
             images = [images]
         mode_used = self.check(category, mode)
         thresholds = self.thresholds(category, mode_used)
         for batch, good, encoded in self.iter_encoded(images, batch_size, keep_images):
-            results: dict[int, InspectionResult] = {
-                b.index: InspectionResult(b.source, error=b.error) for b in batch if b.error}
-            if encoded is not None:
-                scores, grids, _ = self.score(encoded, category, mode)
-                t0 = time.perf_counter()
-                for j, b in enumerate(good):
-                    results[b.index] = self._finish(b, float(scores[j]), grids[j], thresholds,
-                                                    smoothing_sigma, mode_used)
-                self.stage_seconds["post"] += time.perf_counter() - t0
+            results = self._results(batch, good, encoded, category, mode, mode_used, thresholds,
+                                    smoothing_sigma)
             if progress:
                 progress(len(batch))
-            yield from (results[b.index] for b in batch)
+            yield from results
+
+    def load(self, item: ImageInput, keep_image: bool = False) -> LoadedImage:
+        """The load stage of one input, callable from any thread (a server decodes each request
+        as it arrives); never raises: an unusable input comes back with ``error`` set."""
+        return self._load_one(0, item, keep_image)
+
+    def inspect_loaded(self, batch: Sequence[LoadedImage], category: str, mode: str = "auto",
+                       smoothing_sigma: float = 0.0) -> list[InspectionResult]:
+        """Inspect inputs already through :meth:`load` as one batch; one result per input."""
+        mode_used = self.check(category, mode)
+        good = [b for b in batch if b.error is None]
+        return self._results(list(batch), good, self._encode(good), category, mode, mode_used,
+                             self.thresholds(category, mode_used), smoothing_sigma)
+
+    def _results(self, batch: list[LoadedImage], good: list[LoadedImage], encoded: dict | None,
+                 category: str, mode: str, mode_used: str, thresholds: dict, sigma: float
+                 ) -> list[InspectionResult]:
+        done: dict[int, InspectionResult] = {}
+        if encoded is not None:
+            scores, grids, _ = self.score(encoded, category, mode)
+            t0 = time.perf_counter()
+            for j, b in enumerate(good):
+                done[id(b)] = self._finish(b, float(scores[j]), grids[j], thresholds, sigma,
+                                           mode_used)
+            self.stage_seconds["post"] += time.perf_counter() - t0
+        return [done.get(id(b)) or InspectionResult(b.source, error=b.error) for b in batch]
 
     @staticmethod
     def _finish(b: LoadedImage, score: float, grid: np.ndarray, thresholds: dict, sigma: float,

@@ -23,6 +23,17 @@ def overlay_name(index: int, source: str) -> str:
     return f"{index:05d}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem)[:80] or 'image'}.png"
 
 
+def colour_range(thresholds: dict, amap: np.ndarray, vmin: float | None = None,
+                 vmax: float | None = None) -> tuple[float, float]:
+    """Overlay colours span [vmin, vmax]; by default [0.5, 1.5] x the category's pixel
+    threshold when it has one (hot = above threshold), else the map's own range (relative only)."""
+    if "pixel" in thresholds and vmin is None and vmax is None:
+        vmin, vmax = 0.5 * thresholds["pixel"], 1.5 * thresholds["pixel"]
+    lo = float(amap.min()) if vmin is None else vmin
+    hi = float(amap.max()) if vmax is None else vmax
+    return lo, max(hi, lo + 1e-6)
+
+
 def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category: str,
                    out: str | Path, batch_size: int = 8, mode: str = "auto",
                    smoothing_sigma: float = 0.0, overlays: bool = True, save_maps: bool = False,
@@ -32,8 +43,7 @@ def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category:
     with ``save_maps``, ``maps/*.npy`` (float32 H x W). Results are written as they arrive, so
     an interruption keeps what was done; the category is checked before anything is written.
 
-    Overlay colours span [vmin, vmax]; by default [0.5, 1.5] x the category's pixel threshold
-    when it has one (hot = above threshold), else each map's own range (relative only).
+    Overlay colours: :func:`colour_range`.
     """
     thresholds = inspector.thresholds(category, inspector.check(category, mode))
     out = Path(out)
@@ -41,8 +51,6 @@ def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category:
     for wanted, folder in ((overlays, "overlays"), (save_maps, "maps")):
         if wanted:
             (out / folder).mkdir(exist_ok=True)
-    if "pixel" in thresholds and vmin is None and vmax is None:
-        vmin, vmax = 0.5 * thresholds["pixel"], 1.5 * thresholds["pixel"]
     images = list(images)
     results: list[InspectionResult] = []
     with open(out / "results.jsonl", "w") as jsonl, Progress(len(images), label) as bar:
@@ -52,9 +60,8 @@ def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category:
             record = {"index": i, "category": category, **r.to_json()}
             name = overlay_name(i, r.source)
             if r.ok and overlays:
-                lo = float(r.anomaly_map.min()) if vmin is None else vmin
-                hi = float(r.anomaly_map.max()) if vmax is None else vmax
-                Image.fromarray(overlay(r.image, r.anomaly_map, vmin=lo, vmax=max(hi, lo + 1e-6),
+                lo, hi = colour_range(thresholds, r.anomaly_map, vmin, vmax)
+                Image.fromarray(overlay(r.image, r.anomaly_map, vmin=lo, vmax=hi,
                                         mask=r.mask)).save(out / "overlays" / name)
                 record["overlay"] = f"overlays/{name}"
             if r.ok and save_maps:

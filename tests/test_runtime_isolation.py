@@ -9,7 +9,7 @@ CHECK = """
 import sys
 import clipinspect.runtime
 from clipinspect.runtime.cli import build_parser
-from clipinspect.runtime import Inspector, maps, predict
+from clipinspect.runtime import Inspector, journal, maps, predict, server, watch
 build_parser()
 heavy = sorted(m for m in ("torch", "open_clip", "torchvision", "onnx") if m in sys.modules)
 print(",".join(heavy) or "clean")

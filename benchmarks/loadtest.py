@@ -1,0 +1,303 @@
+"""Loopback load test of ``clipinspect serve``: N concurrent clients for T seconds each phase.
+
+Starts the server on 127.0.0.1 (a free port) as a child process, waits until it is ready, runs
+one phase per client count (e.g. 1 then 8 clients, same server, same run), stops the server
+(SIGTERM: it finishes what is queued), then inspects every image used offline with the same
+bundle, batch size 1, and compares each returned score with it. Reports throughput, latency
+percentiles, errors, mean batch size per phase and the largest score difference.
+
+    python -m clipinspect.benchmarks.loadtest BUNDLE --data DATA --clients 1,8 --duration 60 \\
+        --out benchmarks/results/loadtest_cpu_s16/loadtest
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from clipinspect.runtime.cli import csv_list, int_list, positive_int
+from clipinspect.runtime.images import IMAGE_SUFFIXES
+
+from .report import machine, write_results
+
+HOST = "127.0.0.1"
+
+
+def pick_images(data: Path, categories: list[str], per_category: int) -> list[tuple[str, Path]]:
+    """Test images of each category spread over its good and defect folders."""
+    chosen = []
+    for category in categories:
+        files = sorted(p for p in (data / category / "test").rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SystemExit(f"loadtest: no test images under {data / category / 'test'}")
+        step = max(1, len(files) // per_category)
+        chosen += [(category, f) for f in files[::step][:per_category]]
+    return chosen
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def batch_histogram(port: int) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram."""
+    text = get(port, "/metrics")[1]
+    total = float(re.search(r"^clipinspect_batch_size_sum (\S+)$", text, re.M).group(1))
+    count = float(re.search(r"^clipinspect_batch_size_count (\S+)$", text, re.M).group(1))
+    return total, count
+
+
+def client(port: int, images: list[tuple[str, bytes]], offset: int, end: float,
+           records: list) -> None:
+    """One client: posts images one after another (keep-alive) until ``end``."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=300)
+    i = offset
+    while time.perf_counter() < end:
+        index = i % len(images)
+        category, data = images[index]
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", f"/v1/inspect?category={category}", body=data,
+                         headers={"Content-Type": "image/png"})
+            response = conn.getresponse()
+            body = response.read()
+            t1 = time.perf_counter()
+            if response.status == 200:
+                r = json.loads(body)
+                records.append({"image": index, "ok": True, "latency": t1 - t0, "done": t1,
+                                "score": r["image_score"], "batch": r["batch_size"]})
+            else:
+                records.append({"image": index, "ok": False, "latency": t1 - t0, "done": t1,
+                                "error": f"{response.status} {body[:200]!r}"})
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            conn.close()
+            conn = http.client.HTTPConnection(HOST, port, timeout=300)
+            records.append({"image": index, "ok": False, "latency": time.perf_counter() - t0,
+                            "done": time.perf_counter(), "error": f"{type(e).__name__}: {e}"})
+        i += 1
+    conn.close()
+
+
+def run_phase(port: int, images: list[tuple[str, bytes]], clients: int, duration: float) -> dict:
+    records: list[dict] = []
+    before = batch_histogram(port)
+    start = time.perf_counter()
+    end = start + duration
+    threads = [threading.Thread(target=client, args=(port, images, k * len(images) // clients,
+                                                     end, records)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = batch_histogram(port)
+    ok = [r for r in records if r["ok"]]
+    elapsed = max([r["done"] for r in records], default=end) - start
+    lat = np.array([r["latency"] for r in ok]) * 1e3
+    batches = after[1] - before[1]
+    return {
+        "clients": clients, "duration_s": duration, "elapsed_s": elapsed,
+        "requests_ok": len(ok), "errors": len(records) - len(ok),
+        "error_samples": sorted({r["error"] for r in records if not r["ok"]})[:5],
+        "throughput_img_s": len(ok) / elapsed if elapsed > 0 else 0.0,
+        "latency_ms": ({f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)}
+                       | {"max": float(lat.max()), "mean": float(lat.mean())}) if len(ok) else {},
+        "mean_batch_size": (after[0] - before[0]) / batches if batches else None,
+        "batches": int(batches),
+        "_records": records,
+    }
+
+
+def offline_check(bundle: str, chosen: list[tuple[str, Path]], phases: list[dict],
+                  precision: str, threads: int | None, tolerance: float) -> dict:
+    """Every returned score against the same image inspected alone, offline."""
+    from clipinspect.runtime import Inspector
+
+    inspector = Inspector.open(bundle, precision, threads=threads)
+    used = sorted({r["image"] for p in phases for r in p["_records"] if r["ok"]})
+    offline = {i: inspector.inspect(chosen[i][1], chosen[i][0], batch_size=1)[0].image_score
+               for i in used}
+    diffs = np.array([abs(r["score"] - offline[r["image"]])
+                      for p in phases for r in p["_records"] if r["ok"]])
+    return {"compared": int(diffs.size), "distinct_images": len(used),
+            "identical": int((diffs == 0).sum()), "max_abs_diff": float(diffs.max(initial=0.0)),
+            "tolerance": tolerance, "mismatches": int((diffs > tolerance).sum())}
+
+
+def run_loadtest(bundle: str, data: str | None, out: str, clients: list[int], duration: float,
+                 per_category: int = 6, categories: list[str] | None = None,
+                 batch_size: int = 8, max_wait_ms: float = 5.0, precision: str = "fp32",
+                 threads: int | None = None, tolerance: float = 0.0, note: str = "") -> dict:
+    from clipinspect.runtime import Bundle
+
+    known = Bundle.open(bundle).categories
+    data_label = "synthetic, generated for this run (seed 0)" if data is None else Path(data).name
+    with tempfile.TemporaryDirectory(prefix="clipinspect-loadtest-") as tmp:
+        if data is None:  # the built-in synthetic dataset, written for this run
+            from clipinspect.calibration.synth import CATEGORIES, generate
+
+            data = str(Path(tmp) / "data")
+            generate(data, seed=0, categories=[c for c in known if c in CATEGORIES] or None)
+        root = Path(data)
+        categories = categories or [c for c in known if (root / c / "test").is_dir()]
+        if not categories:
+            raise SystemExit(f"loadtest: none of the bundle's categories ({', '.join(known)}) "
+                             f"has a test folder under {data}")
+        chosen = pick_images(root, categories, per_category)
+        images = [(c, p.read_bytes()) for c, p in chosen]
+
+        port = free_port()
+        cmd = [sys.executable, "-m", "clipinspect.runtime.cli", "serve", bundle, "--host", HOST,
+               "--port", str(port), "--batch-size", str(batch_size), "--max-wait-ms",
+               str(max_wait_ms), "--precision", precision,
+               "--max-queue", str(max(64, 4 * max(clients)))]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        env = {k: v for k, v in os.environ.items() if k != "CLIPINSPECT_API_KEY"}
+        log = open(Path(tmp) / "server.log", "w+")
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            t0 = time.time()
+            while True:
+                try:
+                    if get(port, "/readyz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.time() - t0 > 600:
+                    log.seek(0)
+                    raise SystemExit(f"loadtest: the server did not become ready:\n{log.read()}")
+                time.sleep(0.5)
+            load_before = os.getloadavg()
+            phases = []
+            for n in clients:
+                print(f"loadtest: {n} client(s) for {duration:g} s ...", file=sys.stderr,
+                      flush=True)
+                phases.append(run_phase(port, images, n, duration))
+            load_after = os.getloadavg()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(120)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            log.close()
+        print("loadtest: offline check ...", file=sys.stderr, flush=True)
+        check = offline_check(bundle, chosen, phases, precision, threads, tolerance)
+
+    for p in phases:
+        del p["_records"]
+    # Phases with the same client count (--clients 1,8,1,8 interleaves them against the drift
+    # of a shared machine) are pooled: all their answers over all their time.
+    by_clients = {n: sum(p["requests_ok"] for p in phases if p["clients"] == n)
+                  / sum(p["elapsed_s"] for p in phases if p["clients"] == n)
+                  for n in dict.fromkeys(p["clients"] for p in phases)}
+    result = {
+        "benchmark": "loadtest", "machine": machine(), "note": note,
+        "load_average_1m": {"before": load_before[0], "after": load_after[0]},
+        "config": {"bundle": Bundle.open(bundle, verify_checksums=False).identity,
+                   "precision": precision, "batch_size": batch_size,
+                   "max_wait_ms": max_wait_ms, "threads": threads, "categories": categories,
+                   "images": len(chosen), "data": data_label},
+        "phases": phases, "throughput_img_s": by_clients, "score_check": check,
+        "speedup_vs_1_client": ({n: t / by_clients[1] for n, t in by_clients.items()}
+                                if by_clients.get(1) else None),
+    }
+    write_results(result, out, render)
+    return result
+
+
+def render(r: dict) -> str:
+    c, s = r["config"], r["score_check"]
+    lines = [f"# Loopback load test of clipinspect serve ({c['bundle']}, {c['precision']})", "",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores. "
+             f"Max batch {c['batch_size']}, max wait {c['max_wait_ms']:g} ms, "
+             f"{c['images']} images of {', '.join(c['categories'])}.", ""]
+    if r.get("note"):
+        lines += [r["note"], ""]
+    lines += ["| clients | duration s | ok | errors | img/s | p50 ms | p90 ms | p99 ms | "
+              "mean batch |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in r["phases"]:
+        lat = p["latency_ms"] or {}
+        mb = p["mean_batch_size"]
+        lines.append(f"| {p['clients']} | {p['elapsed_s']:.1f} | {p['requests_ok']} | "
+                     f"{p['errors']} | {p['throughput_img_s']:.2f} | {lat.get('p50', 0):.0f} | "
+                     f"{lat.get('p90', 0):.0f} | {lat.get('p99', 0):.0f} | "
+                     f"{'-' if mb is None else f'{mb:.2f}'} |")
+    lines += ["", f"Scores: {s['compared']} returned scores of {s['distinct_images']} distinct "
+                  f"images compared with offline single-image inspection: {s['identical']} "
+                  f"identical, max abs difference {s['max_abs_diff']:.3g}, "
+                  f"{s['mismatches']} beyond tolerance {s['tolerance']:g}."]
+    lines.append("Throughput pooled per client count: " + ", ".join(
+        f"{n} client(s) {v:.2f} img/s" for n, v in r["throughput_img_s"].items()) + (
+        "; relative to 1 client: " + ", ".join(f"{n}: {v:.2f}x" for n, v in
+                                               r["speedup_vs_1_client"].items())
+        if r.get("speedup_vs_1_client") else ""))
+    lines.append(f"1-minute load average: {r['load_average_1m']['before']:.2f} before, "
+                 f"{r['load_average_1m']['after']:.2f} after.")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle")
+    p.add_argument("--data", default=None,
+                   help="MVTec-layout dataset (default: synthesize one for this run)")
+    p.add_argument("--out", required=True, help="result path without extension (.json, .md)")
+    p.add_argument("--clients", type=int_list(1, "1,8"), default=[1, 8],
+                   help="client counts, one phase each, in this order (default 1,8); repeat "
+                        "them (1,8,1,8) to interleave on a machine whose speed drifts")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
+    p.add_argument("--images-per-category", type=positive_int, default=6)
+    p.add_argument("--categories", default=None, help="comma-separated (default: all found)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="server max batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="largest accepted |served - offline| score difference (default 0: equal)")
+    p.add_argument("--note", default="", help="free text stored with the result")
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    r = run_loadtest(args.bundle, args.data, args.out, args.clients, args.duration,
+                     args.images_per_category, csv_list(args.categories or "") or None,
+                     args.batch_size, args.max_wait_ms, args.precision, args.threads,
+                     args.tolerance, args.note)
+    failed = sum(p["errors"] for p in r["phases"]) + r["score_check"]["mismatches"]
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clipinspect.benchmarks.loadtest",
+                                description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return cmd_loadtest(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

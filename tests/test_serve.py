@@ -1,0 +1,234 @@
+"""clipinspect serve: micro-batching, scores equal to offline inspection, bad input, auth,
+backpressure, metrics, graceful shutdown, and a fuzz of the API from its OpenAPI schema."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from clipinspect.runtime import Inspector  # noqa: E402
+from clipinspect.runtime.cli import main  # noqa: E402
+from clipinspect.runtime.errors import UsageError  # noqa: E402
+from clipinspect.runtime.images import EncodedImage  # noqa: E402
+from clipinspect.runtime.journal import Journal  # noqa: E402
+from clipinspect.runtime.server import (Batcher, HTTPError, Job, Metrics, ServeConfig,  # noqa: E402
+                                        check_exposure, create_app)
+
+KEY = "test-key"
+CATEGORY = "weave"
+
+
+def png(seed: int, size: int = 48) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def inspector(small_bundle_path):
+    return Inspector.open(small_bundle_path, threads=2)
+
+
+class Live:
+    """A real uvicorn server in a thread, on a free loopback port."""
+
+    def __init__(self, inspector: Inspector, config: ServeConfig):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(inspector, config),
+                                                    host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("test server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(120)
+
+
+@pytest.fixture(scope="module")
+def journal_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve") / "journal.sqlite"
+
+
+@pytest.fixture(scope="module")
+def live(inspector, journal_path):
+    server = Live(inspector, ServeConfig(max_batch=4, max_wait_ms=50, max_queue=16,
+                                         max_body_bytes=100_000, api_key=KEY,
+                                         journal=journal_path))
+    yield server
+    server.stop()
+
+
+def post(url: str, body: bytes, key: str | None = KEY, **params) -> httpx.Response:
+    headers = {"Content-Type": "image/png"} | ({"X-API-Key": key} if key else {})
+    return httpx.post(url + "/v1/inspect", content=body, params={"category": CATEGORY} | params,
+                      headers=headers, timeout=120)
+
+
+def test_concurrent_requests_are_batched_and_equal_offline(live, inspector, journal_path):
+    images = [png(i) for i in range(3)]
+    offline = [inspector.inspect(EncodedImage(b), CATEGORY, batch_size=1)[0].image_score
+               for b in images]
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda i: post(live.url, images[i % 3]), range(6)))
+    assert [r.status_code for r in responses] == [200] * 6
+    bodies = [r.json() for r in responses]
+    assert max(b["batch_size"] for b in bodies) > 1  # requests did share batches
+    # Exact: an image's score does not depend on what else is in its batch.
+    assert [b["image_score"] for b in bodies] == [offline[i % 3] for i in range(6)]
+    b = bodies[0]
+    assert b["bundle"]["identity"] == inspector.bundle.identity
+    assert b["threshold"] is None and b["is_anomalous"] is None  # no threshold set
+    assert set(b["timings_ms"]) == {"decode", "queue", "inference", "total"}
+    # Every answer is in the journal under its image id.
+    rows = {r["image_id"]: r for r in Journal(journal_path).rows("http")}
+    for body in bodies:
+        row = rows[body["image_id"]]
+        assert (row["image_score"], row["category"], row["bundle"], row["error"]) == (
+            body["image_score"], CATEGORY, inspector.bundle.identity, None)
+
+
+def test_multipart_and_heatmap(live):
+    r = httpx.post(live.url + "/v1/inspect", files={"image": ("a.png", png(7), "image/png")},
+                   data={"category": CATEGORY}, params={"heatmap": "true"},
+                   headers={"X-API-Key": KEY}, timeout=120)
+    assert r.status_code == 200, r.text
+    import base64
+    heat = Image.open(io.BytesIO(base64.b64decode(r.json()["heatmap_png"])))
+    assert heat.size == (48, 48)
+
+
+@pytest.mark.parametrize("case", ["not an image", "truncated", "oversize", "unknown category",
+                                  "no category", "bad mode", "few-shot without references",
+                                  "empty", "json body", "multipart without image",
+                                  "missing key", "wrong key"])
+def test_bad_input_gets_4xx_json_and_serving_goes_on(live, case):
+    good = png(3, 64)
+    url = live.url + "/v1/inspect"
+    key = {"X-API-Key": KEY}
+    request = {
+        "not an image": lambda: post(live.url, b"GIF89a definitely not"),
+        "truncated": lambda: post(live.url, good[:len(good) // 2]),
+        "oversize": lambda: post(live.url, b"\x89PNG" + bytes(200_000)),
+        "unknown category": lambda: post(live.url, good, category="no-such-thing"),
+        "no category": lambda: httpx.post(url, content=good, headers=key),
+        "bad mode": lambda: post(live.url, good, mode="sideways"),
+        "few-shot without references": lambda: post(live.url, good, mode="few-shot"),
+        "empty": lambda: post(live.url, b""),
+        "json body": lambda: httpx.post(url, json={"image": "x"}, params={"category": CATEGORY},
+                                        headers=key),
+        "multipart without image": lambda: httpx.post(url, files={"picture": ("a", good)},
+                                                      data={"category": CATEGORY}, headers=key),
+        "missing key": lambda: post(live.url, good, key=None),
+        "wrong key": lambda: post(live.url, good, key="nope"),
+    }[case]
+    r = request()
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error["status"] == r.status_code and error["message"]
+    assert httpx.get(live.url + "/readyz").status_code == 200
+
+
+def test_health_ready_and_metrics(live):
+    assert httpx.get(live.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(live.url + "/readyz").json()["status"] == "ready"
+    assert httpx.get(live.url + "/metrics").status_code == 401
+    text = httpx.get(live.url + "/metrics", headers={"X-API-Key": KEY}).text
+    for name in ("clipinspect_requests_total", "clipinspect_errors_total",
+                 "clipinspect_request_seconds_bucket", "clipinspect_batch_size_bucket",
+                 "clipinspect_batch_inference_seconds_bucket", "clipinspect_queue_depth"):
+        assert name in text, name
+
+
+def test_full_queue_answers_503_with_retry_after(inspector):
+    config = ServeConfig(max_queue=2)
+    batcher = Batcher(inspector, config, Metrics(config.max_batch), None)
+
+    async def scenario():
+        loaded = inspector.load(np.zeros((8, 8, 3), np.uint8))
+        future = asyncio.get_running_loop().create_future()
+        for _ in range(2):
+            batcher.submit(Job(loaded, CATEGORY, "auto", "id", future))
+        with pytest.raises(HTTPError) as e:
+            batcher.submit(Job(loaded, CATEGORY, "auto", "id", future))
+        return e.value
+
+    error = asyncio.run(scenario())
+    batcher.worker.shutdown()
+    assert error.status == 503 and int(error.headers["Retry-After"]) >= 1
+
+
+def test_other_addresses_require_an_api_key(small_bundle_path, capsys):
+    with pytest.raises(UsageError, match="API key"):
+        check_exposure("0.0.0.0", None)
+    with pytest.raises(UsageError):
+        check_exposure("192.168.1.20", None)
+    assert "no API key" in check_exposure("127.0.0.1", None)
+    assert "no API key" in check_exposure("::1", None)
+    assert "required" in check_exposure("0.0.0.0", "k")
+    # The command refuses before loading anything.
+    assert main(["serve", str(small_bundle_path), "--host", "0.0.0.0"]) == 2
+    assert "API key" in capsys.readouterr().err
+
+
+def test_graceful_shutdown_finishes_queued_requests(inspector):
+    server = Live(inspector, ServeConfig(max_batch=1, max_wait_ms=0, max_queue=16))
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(post, server.url, png(10 + i), None) for i in range(3)]
+        time.sleep(1.0)  # all three sent: one inferring, two queued
+        server.stop()
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 3
+    assert not server.thread.is_alive()
+
+
+def test_fuzz_api_from_openapi_schema(live):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
+    headers = {"X-API-Key": KEY}
+    for path, method in (("/v1/inspect", "POST"), ("/metrics", "GET"), ("/readyz", "GET"),
+                         ("/healthz", "GET")):
+        operation = schema[path][method]
+
+        @settings(max_examples=12 if method == "POST" else 3, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def fuzz(case):
+            response = case.call(base_url=live.url, headers=headers, timeout=120)
+            # Documented status, content type and body schema; never a 5xx. Not "every
+            # schema-valid request succeeds": a schema can say "binary", not "a decodable image",
+            # so random bytes rightly get 400.
+            case.validate_response(response, headers=headers,
+                                   excluded_checks=[positive_data_acceptance])
+
+        fuzz()
+    assert httpx.get(live.url + "/readyz").status_code == 200

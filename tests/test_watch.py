@@ -1,0 +1,158 @@
+"""clipinspect watch and the results journal: exactly once per image, across kill -9."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipinspect.runtime import Inspector
+from clipinspect.runtime.cli import main
+from clipinspect.runtime.images import EncodedImage
+from clipinspect.runtime.journal import Entry, Journal, JsonlSink
+from clipinspect.runtime.watch import FolderWatcher
+
+CATEGORY = "weave"
+
+
+def png(seed: int, size: int = 40) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_catches_up_with_the_journal_after_a_crash(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    origin = "watch:/line"
+    journal.record(Entry(origin, f"img{i}", CATEGORY, "b", "fp32", image_score=0.1 * i)
+                   for i in range(3))
+    JsonlSink(tmp_path / "r.jsonl", journal, origin).close()
+    # A crash after the journal commit, in the middle of writing the line of the next row.
+    journal.record([Entry(origin, "img3", CATEGORY, "b", "fp32", image_score=0.3)])
+    with open(tmp_path / "r.jsonl", "a") as f:
+        f.write('{"id": 4, "orig')
+    JsonlSink(tmp_path / "r.jsonl", journal, origin).close()
+    rows = jsonl(tmp_path / "r.jsonl")
+    assert [r["id"] for r in rows] == [1, 2, 3, 4]
+    assert rows[3]["image_id"] == "img3" and rows[3]["image_score"] == 0.3
+    # An image id is unique within its origin; a failed batch writes nothing.
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.record([Entry(origin, "img9", CATEGORY, "b", "fp32"),
+                        Entry(origin, "img0", CATEGORY, "b", "fp32")])
+    assert len(journal.rows(origin)) == 4
+    assert not journal.has(origin, "img9")
+
+
+def test_file_still_being_written_is_read_once_complete(small_bundle_path, tmp_path):
+    inspector = Inspector.open(small_bundle_path, threads=2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    journal = Journal(tmp_path / "j.sqlite")
+    sink = JsonlSink(tmp_path / "r.jsonl", journal, "watch")
+    watcher = FolderWatcher(inspector, folder, CATEGORY, journal, sink, tmp_path / "done",
+                            settle=0.5)
+    data = png(1)
+    with open(folder / "part.png", "wb") as f:
+        f.write(data[:len(data) // 2])  # the camera has written half of it
+        f.flush()
+        assert watcher.poll() == 0  # first sight
+        time.sleep(0.3)
+        f.write(data[len(data) // 2:])
+    assert watcher.poll() == 0  # changed since the last poll
+    time.sleep(0.6)
+    assert watcher.poll() == 1
+    row, = jsonl(tmp_path / "r.jsonl")
+    assert row["error"] is None
+    assert row["image_score"] == inspector.inspect(EncodedImage(data), CATEGORY)[0].image_score
+    assert (tmp_path / "done" / "part.png").read_bytes() == data
+    assert not list(folder.iterdir())
+
+
+def test_kill_9_in_the_middle_then_restart_gives_every_image_exactly_one_result(
+        small_bundle_path, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    n = 10
+    for i in range(n):
+        (folder / f"img{i:02d}.png").write_bytes(png(100 + i))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    old = time.time() - 60  # written a while ago: ready at the second poll
+    for p in folder.iterdir():
+        os.utime(p, (old, old))
+    cmd = [sys.executable, "-m", "clipinspect.runtime.cli", "watch", str(small_bundle_path),
+           "--input", str(folder), "--category", CATEGORY, "--batch-size", "2",
+           "--settle", "0.1", "--interval", "0.1", "--threads", "2", "--once"]
+    journal_path = folder / "journal.sqlite"
+
+    def journaled() -> int:
+        if not journal_path.exists():
+            return 0
+        with sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True) as db:
+            try:
+                return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+            except sqlite3.OperationalError:  # table not created yet
+                return 0
+
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while journaled() < 2 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before = journaled()
+    assert 2 <= done_before < n + 1, "the kill did not land in the middle of the folder"
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    with sqlite3.connect(journal_path) as db:
+        ids = [r[0] for r in db.execute("SELECT image_id FROM results")]
+        errors = [r[0] for r in db.execute("SELECT image_id FROM results WHERE error IS NOT NULL")]
+    names = sorted(i.split("@")[0] for i in ids)
+    assert names == sorted([f"img{i:02d}.png" for i in range(n)] + ["broken.png"])
+    assert [e.split("@")[0] for e in errors] == ["broken.png"]
+    lines = jsonl(folder / "results.jsonl")
+    assert sorted(r["image_id"] for r in lines) == sorted(ids)
+    assert len({r["id"] for r in lines}) == len(lines)
+    assert sorted(p.name for p in (folder / "done").iterdir()) == names
+    assert not [p for p in folder.iterdir() if p.suffix == ".png"]
+
+
+def test_source_without_opencv_says_how_to_install(small_bundle_path, tmp_path, monkeypatch,
+                                                   capsys):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
+    monkeypatch.chdir(tmp_path)
+    assert main(["watch", str(small_bundle_path), "--source", "0", "--category",
+                 CATEGORY]) == 2
+    assert "clipinspect[camera]" in capsys.readouterr().err
+
+
+def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
+    cv2 = pytest.importorskip("cv2")
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (40, 40))
+    for i in range(5):
+        writer.write(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    writer.release()
+    monkeypatch.chdir(tmp_path)
+    assert main(["watch", str(small_bundle_path), "--source", str(video), "--category",
+                 CATEGORY, "--every", "2", "--threads", "2"]) == 0
+    rows = jsonl(tmp_path / "results.jsonl")
+    assert [r["image_id"].split("-")[-1] for r in rows] == ["frame00000001", "frame00000003",
+                                                            "frame00000005"]
+    assert all(r["origin"] == f"source:{video}" and r["error"] is None for r in rows)
+    journal = Journal(tmp_path / "journal.sqlite")
+    assert [r["image_score"] for r in journal.rows()] == [r["image_score"] for r in rows]
