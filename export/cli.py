@@ -37,7 +37,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                      tolerance=ex.PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
                      strict=not args.no_strict_parity,
                      overwrite=args.overwrite, seed=args.seed, method=args.method,
-                     dense_blocks=args.dense_blocks, adaptation=adaptation, prompts=args.prompts)
+                     options={"dense_blocks": args.dense_blocks}, adaptation=adaptation,
+                     prompts=args.prompts)
     return 0
 
 

@@ -251,13 +251,14 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
                   scales: Sequence[int] | None = None, opset: int = 17,
                   tolerance: float = PARITY_TOLERANCE, strict: bool = True,
                   overwrite: bool = False, seed: int = 0, method: str = "winclip",
-                  dense_blocks: int | None = None, adaptation: Adaptation | None = None,
+                  options: dict | None = None, adaptation: Adaptation | None = None,
                   prompts: str | Path | None = None) -> Bundle:
     """Export a bundle to ``out``. Written to a temporary directory next to it and moved into
     place only when complete, so a failure never leaves a half bundle behind.
 
-    method: a key of ``methods.METHODS`` ("winclip", "patch"); scales (winclip) and
-    dense_blocks (patch) are its options, None = the method's default. adaptation: contextual
+    method: a key of ``methods.METHODS`` ("winclip", "patch"); options: the method's options
+    (e.g. {"dense_blocks": 2} for patch; None values = the method's default); ``scales`` is
+    WinCLIP's option, kept as an argument of its own. adaptation: contextual
     prompt adaptation in the heads (with the ambiguity filter at export), None = off.
     prompts: a prompt file whose descriptions join the ensemble of the categories it names.
     """
@@ -265,7 +266,7 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
     categories = [check_category_name(c) for c in categories]
     for i, name in enumerate(categories):
         check_category_dir_free({"categories": dict.fromkeys(categories[:i])}, name)
-    options = _method_options(method, {"scales": scales, "dense_blocks": dense_blocks})
+    options = _method_options(method, {**(options or {}), "scales": scales})
     _check_adaptation(adaptation)
     descriptions = _prompt_file(prompts, categories)
     if opset < 17:

@@ -223,7 +223,7 @@ def text_input_names(adaptation: Adaptation | None) -> list[str]:
 
 
 def head_text(named: dict[str, torch.Tensor], image_embedding: torch.Tensor,
-                  adaptation: Adaptation | None) -> torch.Tensor:
+              adaptation: Adaptation | None) -> torch.Tensor:
     """Normalized [normal, anomalous] text of the head's inputs: (2, D), or (B, 2, D) adapted to
     each image."""
     if adaptation is None:

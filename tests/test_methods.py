@@ -225,7 +225,7 @@ def test_adaptation_without_prompt_pools_is_refused(bundle_copy):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "patch", "scales": [2]}, "--scales does not apply to method 'patch'"),
-    ({"method": "winclip", "dense_blocks": 2}, "--dense-blocks does not apply"),
+    ({"method": "winclip", "options": {"dense_blocks": 2}}, "--dense-blocks does not apply"),
     ({"method": "sliding"}, "unknown method 'sliding'"),
 ])
 def test_export_refuses_options_of_other_methods(tmp_path, kwargs, message):
@@ -234,3 +234,33 @@ def test_export_refuses_options_of_other_methods(tmp_path, kwargs, message):
     with pytest.raises(ExportError, match=message):
         export_bundle(tmp_path / "b", "ViT-S-16", None, ["weave"], **kwargs)
     assert not (tmp_path / "b").exists()
+
+
+def test_add_category_with_prompt_file_gets_pools_and_filter(patch_bundle, tmp_path):
+    from clipinspect.export.exporter import add_categories
+
+    copy = shutil.copytree(patch_bundle, tmp_path / "b")
+    path = tmp_path / "screw.json"
+    path.write_text(json.dumps({"categories": {"screw": {"anomalous": ["a {} with a bent thread"]}}}))
+    add_categories(copy, ["screw"], prompts=path, progress=lambda m: None)
+    bundle = Bundle.open(copy)
+    entry = bundle.manifest["categories"]["screw"]
+    assert entry["n_anomalous_prompts"] == 85 and entry["prompt_file"]["n_anomalous"] == 1
+    text = bundle.category("screw").text
+    assert len(text["text_anomalous"]) == 85 - len(entry["ambiguity_filter_dropped"]["anomalous"])
+    assert Inspector.open(bundle).inspect([np.zeros((40, 40, 3), np.uint8)], "screw")[0].ok
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "patch", "--scales", "2"], "--scales does not apply to method 'patch'"),
+    (["--top-k", "3"], "--tau-ctx and --top-k set the prompt adaptation: add --adapt"),
+    (["--adapt", "--tau-ctx", "0"], "the adaptation temperature must be > 0"),
+])
+def test_export_command_explains_wrong_method_options(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "clipinspect.runtime.cli", "export", "--model",
+                           "ViT-S-16", "--pretrained", "none", "--out", str(tmp_path / "b"), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr
