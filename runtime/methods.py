@@ -6,7 +6,7 @@ made of encoder output X of the reference images, and ``text_*`` inputs come fro
 category's text file (``bundle.head_text_arrays``). An entry here names the graphs a bundle of
 that method must list and the encoder outputs its manifest must declare, so that a bundle whose
 graphs do not match its method is refused on load rather than failing inside onnxruntime.
-The export side's counterpart is ``clipinspect.export.methods``.
+The export side keeps its counterpart in export/methods.py (how each method is built).
 """
 
 from __future__ import annotations
