@@ -136,6 +136,7 @@ def test_manifest_records_method_adaptation_prompts_and_parity(patch_bundle, pro
         assert set(dropped[state]) <= set(prompts[state])
 
 
+@pytest.mark.slow  # a second full export (WinCLIP graphs with the adapted heads)
 def test_winclip_with_adaptation_equals_reference(tmp_path, reference, rng):
     from clipinspect.export.exporter import export_bundle
     from clipinspect.export.winclip_torch import Adaptation
