@@ -109,10 +109,11 @@ def cpu_gemm_peak(repeats: int = 5) -> float:
 
 
 def gflops_per_image(bundle: Bundle) -> float:
-    """Matrix-product GFLOPs the exported encoder executes per image (METHODS.md section 3)."""
-    from .winclip_vs_torch import winclip_gflops
+    """Matrix-product GFLOPs the exported encoder executes per image (METHODS.md section 3;
+    the cost model of the bundle's method)."""
+    from .methods import gflops_per_image as cost
 
-    return winclip_gflops(bundle.manifest, transformer_layers(bundle))["executed_by_runtime"]
+    return cost(bundle.manifest, transformer_layers(bundle))
 
 
 # --------------------------------------------------------------------------------- pipeline
@@ -362,6 +363,12 @@ def _sweep(result: dict, kind: str, backend: str, precision: str, modes: Sequenc
 
 
 def _baselines(result, bundle, work, backends, modes, batches, runs, warmup, progress) -> None:
+    if bundle.manifest.get("method", "winclip") != "winclip" or bundle.manifest.get("adaptation"):
+        from clipinspect.runtime.methods import describe
+        result["skipped"].append({"what": "PyTorch baseline", "reason": (
+            "the baseline is the eager reference of plain WinCLIP; this bundle's method is "
+            f"{describe(bundle.manifest)}")})
+        return
     try:
         import torch
     except ImportError:

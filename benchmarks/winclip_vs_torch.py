@@ -95,6 +95,11 @@ def measure(args: argparse.Namespace, inspector) -> dict:
     if bundle.manifest["model"]["weights"]["kind"] != "random":
         raise SystemExit("this benchmark rebuilds the same weights from the seed: use a bundle "
                          "exported with --pretrained none")
+    if bundle.manifest.get("method", "winclip") != "winclip" or bundle.manifest.get("adaptation"):
+        raise SystemExit("this benchmark compares plain WinCLIP with its eager reference; the "
+                         "bundle's method is " + bundle.manifest["method"]
+                         + (" with prompt adaptation" if bundle.manifest.get("adaptation") else "")
+                         + " (compare methods with python -m clipinspect.benchmarks.methods)")
     model, _, _ = load_clip(args.model, None, bundle.manifest["model"]["weights"]["seed"])
     reference = WinClipReference(model, bundle.scales)
     category = bundle.categories[0]

@@ -1,4 +1,5 @@
-"""Export an open_clip CLIP into a WinCLIP bundle (ONNX graphs + text embeddings + manifest)."""
+"""Export an open_clip CLIP into a bundle (ONNX graphs + text embeddings + manifest) for one of
+the scoring methods of ``methods.py``."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ import torch
 from clipinspect.runtime.errors import ClipInspectError
 from clipinspect.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
                                         category_dir, check_category_dir_free,
-                                        check_category_name, default_mode, file_entry, npz_bytes,
-                                        sha256_file, write_versioned)
+                                        check_category_name, default_mode, file_entry,
+                                        head_text_arrays, npz_bytes, sha256_file, write_versioned)
 
+from . import prompt_files
+from .methods import METHODS, method_options
 from .text import category_text, encode_texts, load_ensemble
-from .winclip_torch import TEMPERATURE, WinClipEncoder, WinClipHead
+from .winclip_torch import TEMPERATURE, Adaptation
 
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
@@ -152,17 +155,13 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
     onnx.checker.check_model(str(path))
 
 
-def encoder_names(scales: Sequence[int]) -> list[str]:
-    return ["image_embedding", *[f"window_embeddings_{k}" for k in scales], "patch_tokens"]
-
-
-def export_graphs(encoder: WinClipEncoder, heads: dict[str, WinClipHead], root: Path,
+def export_graphs(encoder: torch.nn.Module, heads: dict[str, torch.nn.Module], root: Path,
                   opset: int) -> dict[str, str]:
     """Write fp32/encoder.onnx and fp32/head_*.onnx; returns name -> relative path."""
     size = encoder.visual.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     example = torch.randn(2, 3, *size)
-    outs = encoder_names(encoder.scales)
+    outs = encoder.output_names()
     files = {"encoder": "fp32/encoder.onnx"}
     _export(encoder, (example,), root / files["encoder"], ["images"], outs,
             {"images": {0: "batch"}, **{n: {0: "batch"} for n in outs}}, opset)
@@ -170,7 +169,7 @@ def export_graphs(encoder: WinClipEncoder, heads: dict[str, WinClipHead], root: 
         encoded = dict(zip(outs, encoder(example)))
     for name, head in heads.items():
         inputs = head_example_inputs(head, encoded)
-        axes = {n: ({0: "memory_" + n[len("memory_"):]} if n.startswith("memory_")
+        axes = {n: ({0: n} if n.startswith("memory_") or n in ("text_normal", "text_anomalous")
                     else {} if n == "text_prototypes" else {0: "batch"}) for n in inputs}
         axes.update(image_score={0: "batch"}, anomaly_grid={0: "batch"})
         files[name] = f"fp32/{name}.onnx"
@@ -179,24 +178,35 @@ def export_graphs(encoder: WinClipEncoder, heads: dict[str, WinClipHead], root: 
     return files
 
 
-def head_example_inputs(head: WinClipHead, encoded: dict[str, torch.Tensor],
-                        prototypes: torch.Tensor | None = None,
+def example_text(head: torch.nn.Module, dim: int) -> dict[str, torch.Tensor]:
+    """Random category text for a head: prototypes (2, D), or prompt pools of two different
+    sizes (so the traced graph keeps them dynamic), each at least top-k long."""
+    gen = torch.Generator().manual_seed(1)
+    if head.adaptation is None:
+        return {"text_prototypes": torch.randn(2, dim, generator=gen)}
+    n = (head.adaptation.top_k or 1) + 4
+    return {"text_normal": torch.randn(n + 1, dim, generator=gen),
+            "text_anomalous": torch.randn(n, dim, generator=gen)}
+
+
+def head_example_inputs(head: torch.nn.Module, encoded: dict[str, torch.Tensor],
+                        text: dict[str, torch.Tensor] | None = None,
                         memory: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    dim = encoded["image_embedding"].shape[-1]
-    if prototypes is None:
-        prototypes = torch.randn(2, dim, generator=torch.Generator().manual_seed(1))
+    """The head's inputs by name: encoder outputs, category text, few-shot memory (``memory_X``
+    holds encoder output X of reference images, flattened over images)."""
+    if text is None:
+        text = example_text(head, encoded["image_embedding"].shape[-1])
     if memory is None:
         # Memory of a *different* shape from the batch, so the traced graph keeps it dynamic.
-        memory = {"memory_patch_tokens": encoded["patch_tokens"][:1].flatten(0, 1)}
-        memory.update({f"memory_{n}": encoded[n][:1].flatten(0, 1)
-                       for n in encoded if n.startswith("window_embeddings_")})
-    pool = {**encoded, "text_prototypes": prototypes, **memory}
+        memory = {n: encoded[n[len("memory_"):]][:1].flatten(0, 1) for n in head.input_names()
+                  if n.startswith("memory_")}
+    pool = {**encoded, **text, **memory}
     return {n: pool[n] for n in head.input_names()}
 
 
 # ------------------------------------------------------------------------------- parity check
-def check_parity(root: Path, files: dict[str, str], encoder: WinClipEncoder,
-                 heads: dict[str, WinClipHead], prototypes: torch.Tensor,
+def check_parity(root: Path, files: dict[str, str], encoder: torch.nn.Module,
+                 heads: dict[str, torch.nn.Module], text: dict[str, torch.Tensor],
                  n_images: int = PARITY_IMAGES,
                  seed: int = 123) -> dict:
     """Run onnxruntime and the torch modules on the same inputs; max |difference| per graph."""
@@ -207,7 +217,7 @@ def check_parity(root: Path, files: dict[str, str], encoder: WinClipEncoder,
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(n_images, 3, *size, generator=gen)
     references = torch.randn(2, 3, *size, generator=gen)
-    names = encoder_names(encoder.scales)
+    names = encoder.output_names()
 
     def session(name):
         return ort.InferenceSession(str(root / files[name]), providers=["CPUExecutionProvider"])
@@ -218,11 +228,9 @@ def check_parity(root: Path, files: dict[str, str], encoder: WinClipEncoder,
         torch_ref = dict(zip(names, encoder(references)))
     ort_out = dict(zip(names, enc.run(None, {"images": images.numpy()})))
     result = {"encoder": max(max_abs_diff(ort_out[n], torch_out[n].numpy()) for n in names)}
-    memory = {"memory_patch_tokens": torch_ref["patch_tokens"].flatten(0, 1)}
-    memory.update({f"memory_{n}": torch_ref[n].flatten(0, 1) for n in names
-                   if n.startswith("window_")})
+    memory = {f"memory_{n}": torch_ref[n].flatten(0, 1) for n in names}
     for name, head in heads.items():
-        inputs = head_example_inputs(head, torch_out, prototypes, memory)
+        inputs = head_example_inputs(head, torch_out, text, memory)
         with torch.no_grad():
             expected = [t.numpy() for t in head(*inputs.values())]
         got = session(name).run(None, {k: v.numpy() for k, v in inputs.items()})
@@ -240,16 +248,27 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------ bundle
 def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
                   pretrained: str | None = DEFAULT_PRETRAINED, categories: Sequence[str] = (),
-                  scales: Sequence[int] = (2, 3), opset: int = 17,
+                  scales: Sequence[int] | None = None, opset: int = 17,
                   tolerance: float = PARITY_TOLERANCE, strict: bool = True,
-                  overwrite: bool = False, seed: int = 0) -> Bundle:
+                  overwrite: bool = False, seed: int = 0, method: str = "winclip",
+                  options: dict | None = None, adaptation: Adaptation | None = None,
+                  prompts: str | Path | None = None) -> Bundle:
     """Export a bundle to ``out``. Written to a temporary directory next to it and moved into
-    place only when complete, so a failure never leaves a half bundle behind."""
+    place only when complete, so a failure never leaves a half bundle behind.
+
+    method: a key of ``methods.METHODS`` ("winclip", "patch"); options: the method's options
+    (e.g. {"dense_blocks": 2} for patch; None values = the method's default); ``scales`` is
+    WinCLIP's option, kept as an argument of its own. adaptation: contextual
+    prompt adaptation in the heads (with the ambiguity filter at export), None = off.
+    prompts: a prompt file whose descriptions join the ensemble of the categories it names.
+    """
     out = Path(out)
     categories = [check_category_name(c) for c in categories]
     for i, name in enumerate(categories):
         check_category_dir_free({"categories": dict.fromkeys(categories[:i])}, name)
-    scales = tuple(sorted({int(k) for k in scales}))
+    options = _method_options(method, {**(options or {}), "scales": scales})
+    _check_adaptation(adaptation)
+    descriptions = _prompt_file(prompts, categories)
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset >= 17")
     if out.exists() and not overwrite and any(out.iterdir()):
@@ -259,13 +278,18 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
     log(f"[1/5] loading {model_name} (weights: {pretrained or 'random'})")
     model, tokenizer, weights = load_clip(model_name, pretrained, seed)
     grid = tuple(int(g) for g in model.visual.grid_size)
-    bad = [k for k in scales if not 1 <= k <= min(grid)]
+    bad = [k for k in options.get("scales", ()) if not 1 <= k <= min(grid)]
     if bad:
         raise ExportError(f"window scale {bad[0]} does not fit the {grid[0]}x{grid[1]} patch grid "
                           f"of {model_name}; use scales from 1 to {min(grid)} (WinCLIP: 2,3)")
-    encoder = WinClipEncoder(model.visual, scales).eval()
-    heads = {"head_zeroshot": WinClipHead(encoder.grid, scales, few_shot=False).eval(),
-             "head_fewshot": WinClipHead(encoder.grid, scales, few_shot=True).eval()}
+    try:
+        encoder = METHODS[method].encoder(model.visual, **options).eval()
+    except ValueError as e:  # an option the model cannot take (e.g. more dense blocks than it has)
+        raise ExportError(f"method {method!r} on {model_name}: {e}") from e
+    heads = {"head_zeroshot": METHODS[method].head(encoder, False, adaptation).eval(),
+             "head_fewshot": METHODS[method].head(encoder, True, adaptation).eval()}
+    scales = tuple(getattr(encoder, "scales", ()))
+    adaptation_record = adaptation.record() if adaptation else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(default_mode(directory=True))
@@ -276,14 +300,15 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
         text_entries = {}
         for i, name in enumerate(categories):
             log(f"[3/5] text embeddings for {name!r} ({i + 1}/{len(categories)})")
-            text_entries[name] = write_category_text(tmp, model, tokenizer, name, ensemble)
+            text_entries[name] = write_category_text(tmp, model, tokenizer, name, ensemble,
+                                                     descriptions, adaptation_record)
         log("[4/5] checking onnxruntime against PyTorch")
         if categories:
             with np.load(tmp / text_entries[categories[0]]["text"]["file"]) as t:
-                prototypes = torch.from_numpy(t["prototypes"])
+                text = {k: torch.from_numpy(v) for k, v in head_text_arrays(t).items()}
         else:
-            prototypes = torch.randn(2, model.visual.output_dim)
-        parity = check_parity(tmp, files, encoder, heads, prototypes)
+            text = example_text(heads["head_zeroshot"], model.visual.output_dim)
+        parity = check_parity(tmp, files, encoder, heads, text)
         worst = max(parity.values())
         passed = bool(np.isfinite(worst)) and worst <= tolerance
         log("      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
@@ -293,13 +318,17 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
                               "(FP32); pass --no-strict-parity to keep them anyway")
         log("[5/5] writing manifest")
         manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": "winclip",
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": method,
+            "method_options": {k: list(v) if isinstance(v, tuple) else v
+                               for k, v in options.items()},
+            "adaptation": adaptation_record,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": model_name, "weights": weights},
             "input": preprocess_config(model),
             "grid": list(encoder.grid), "patch_size": int(model.visual.patch_size[0]),
             "scales": list(scales),
             "windows": {str(k): int(getattr(encoder, f"windows_{k}").shape[0]) for k in scales},
+            "outputs": encoder.output_names(),
             "dims": {"embed": int(model.visual.output_dim),
                      "width": int(model.visual.conv1.out_channels),
                      "patches": encoder.grid[0] * encoder.grid[1],
@@ -349,27 +378,84 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict) -> dict:
-    """Write a category's text embeddings and prompts; returns its manifest entry."""
-    arrays, record = category_text(model, tokenizer, name, ensemble)
+def _method_options(method: str, given: dict) -> dict:
+    if method not in METHODS:
+        raise ExportError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    try:
+        options = method_options(method, given)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    if "scales" in options:
+        options["scales"] = tuple(sorted({int(k) for k in options["scales"]}))
+    return options
+
+
+def _check_adaptation(adaptation: Adaptation | None) -> None:
+    if adaptation is None:
+        return
+    if not adaptation.tau > 0:
+        raise ExportError(f"--tau-ctx {adaptation.tau!r}: the adaptation temperature must be > 0 "
+                          "(e.g. 0.01)")
+    if adaptation.top_k is not None and adaptation.top_k < 1:
+        raise ExportError(f"--top-k {adaptation.top_k!r}: keep at least 1 prompt per state, or "
+                          "leave --top-k out to weight all")
+
+
+def _prompt_file(path: str | Path | None, categories: Sequence[str]) -> dict | None:
+    """The validated prompt file with its identity (None without one); says which categories
+    get no descriptions from it, since that is easy to get wrong (a typo in a name)."""
+    if path is None:
+        return None
+    entries = prompt_files.load(path)
+    missing = [c for c in categories if c not in entries]
+    if missing:
+        log(f"note: prompt file {str(path)!r} has no descriptions for "
+            f"{', '.join(map(repr, missing))}; they use the ensemble only (file has: "
+            f"{', '.join(map(repr, entries))})")
+    return {"file": str(Path(path).resolve()), "sha256": sha256_file(Path(path)),
+            "categories": entries}
+
+
+def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict,
+                        descriptions: dict | None = None, adaptation: dict | None = None) -> dict:
+    """Write a category's text embeddings and prompts; returns its manifest entry.
+
+    descriptions: a loaded prompt file (``_prompt_file``) or None; adaptation: the bundle's
+    adaptation record or None (then no prompt pools and no ambiguity filter)."""
+    entry_descriptions = (descriptions or {}).get("categories", {}).get(name)
+    try:
+        arrays, record = category_text(model, tokenizer, name, ensemble, entry_descriptions,
+                                       adaptation)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
     folder = category_dir(name)
     text = write_versioned(root, folder, "text.npz", npz_bytes(arrays))
     prompts = write_versioned(root, folder, "prompts.json",
                               (json.dumps(record, indent=1) + "\n").encode())
+    source = None
+    if entry_descriptions:
+        source = {"file": descriptions["file"], "sha256": descriptions["sha256"],
+                  **{f"n_{s}": len(v) for s, v in entry_descriptions.items()}}
+    dropped = record.get("dropped_by_ambiguity_filter")
     return {"text": file_entry(root, text), "prompts": file_entry(root, prompts),
             "n_normal_prompts": len(record["normal"]),
-            "n_anomalous_prompts": len(record["anomalous"]), "memory": None, "thresholds": None}
+            "n_anomalous_prompts": len(record["anomalous"]),
+            "prompt_file": source, "ambiguity_filter_dropped": dropped,
+            "memory": None, "thresholds": None}
 
 
 def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: str | None = None,
-                   replace: bool = False, progress: Callable[[str], None] = log) -> Bundle:
-    """Add categories' text embeddings to an existing bundle (reloads the same CLIP weights)."""
+                   replace: bool = False, progress: Callable[[str], None] = log,
+                   prompts: str | Path | None = None) -> Bundle:
+    """Add categories' text embeddings to an existing bundle (reloads the same CLIP weights).
+    ``prompts``: a prompt file whose descriptions join the ensemble, as at export."""
     bundle = Bundle.open(bundle_path)
     names = [check_category_name(n) for n in names]
     existing = [n for n in names if n in bundle.manifest["categories"]]
     if existing and not replace:
         raise ExportError(f"category {existing[0]!r} is already in the bundle; pass --replace to "
                           "recompute its text embeddings")
+    descriptions = _prompt_file(prompts, names)
     model_name = bundle.manifest["model"]["name"]
     weights = bundle.manifest["model"]["weights"]
     source = pretrained or {"tag": weights.get("tag"), "file": weights.get("path"),
@@ -385,10 +471,12 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
         raise ExportError("the loaded CLIP weights are not the ones this bundle was exported with "
                           "(text-tower fingerprint differs); pass the right --pretrained")
     ensemble = load_ensemble("winclip")
+    adaptation = bundle.manifest.get("adaptation")
     for name in names:
         check_category_dir_free(bundle.manifest, name)
         progress(f"text embeddings for {name!r}")
-        entry = write_category_text(bundle.root, model, tokenizer, name, ensemble)
+        entry = write_category_text(bundle.root, model, tokenizer, name, ensemble, descriptions,
+                                    adaptation)
         with bundle.updating() as m:
             check_category_dir_free(m, name)
             old = m["categories"].get(name, {})

@@ -1,10 +1,11 @@
-"""Plain PyTorch eager evaluation of WinCLIP / WinCLIP+, written straight from METHODS.md.
+"""Plain PyTorch eager evaluation of every method, written straight from METHODS.md.
 
 This is the yardstick, not the exported code: it uses open_clip's own forward for the image
 embedding and patch tokens, builds each scale's windows with an explicit loop (as published
 implementations do) and runs them through the whole transformer scale by scale, and aggregates
-window scores with scatter-adds rather than a matrix product. Tests and benchmarks compare the
-exported graphs against it.
+window scores with scatter-adds rather than a matrix product. The patch-only method's dense path
+runs open_clip's own blocks and computes value-value attention head by head; prompt adaptation
+is computed image by image. Tests and benchmarks compare the exported graphs against it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,35 @@ class ReferenceFeatures:
     image_embedding: torch.Tensor          # (B, D)
     window_embeddings: dict[int, torch.Tensor]  # k -> (B, W_k, D)
     patch_tokens: torch.Tensor             # (B, P, C)
+    patch_embeddings: torch.Tensor | None = None  # (B, P, D), patch-only method
+
+    def image(self, i: int) -> "ReferenceFeatures":
+        """The features of image i alone (batch of one)."""
+        pick = slice(i, i + 1)
+        return ReferenceFeatures(
+            self.image_embedding[pick], {k: w[pick] for k, w in self.window_embeddings.items()},
+            self.patch_tokens[pick],
+            None if self.patch_embeddings is None else self.patch_embeddings[pick])
+
+
+def adapted_prototypes(image_embedding: torch.Tensor, text_normal: torch.Tensor,
+                       text_anomalous: torch.Tensor, tau: float, top_k: int | None
+                       ) -> torch.Tensor:
+    """(B, D) image embeddings, prompt pools (N_n, D), (N_a, D) -> (B, 2, D) per-image
+    [normal, anomalous] prototypes (METHODS.md section 5), one image and one state at a time."""
+    out = []
+    for v in image_embedding:
+        rows = []
+        for pool in (text_normal, text_anomalous):
+            t = F.normalize(pool, dim=-1)
+            r = F.cosine_similarity(v[None], t, dim=-1)                 # (N,)
+            chosen = torch.arange(len(r))
+            if top_k is not None:
+                chosen = (r >= torch.sort(r, descending=True).values[top_k - 1]).nonzero()[:, 0]
+            w = torch.softmax(r[chosen] / tau, dim=0)
+            rows.append(F.normalize((w[:, None] * t[chosen]).sum(0), dim=-1))
+        out.append(torch.stack(rows))
+    return torch.stack(out)
 
 
 class WinClipReference:
@@ -92,8 +122,13 @@ class WinClipReference:
     @torch.no_grad()
     def score(self, f: ReferenceFeatures, prototypes: torch.Tensor,
               memory: ReferenceFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> image_score (B,), grid map (B, gh, gw). ``memory`` holds the K reference images'
-        features (few-shot) or is None (zero-shot)."""
+        """-> image_score (B,), grid map (B, gh, gw). ``prototypes``: (2, D), or (B, 2, D) per
+        image (prompt adaptation). ``memory`` holds the K reference images' features (few-shot)
+        or is None (zero-shot)."""
+        if prototypes.dim() == 3:
+            per_image = [self.score(f.image(i), prototypes[i], memory)
+                         for i in range(len(prototypes))]
+            return tuple(torch.cat(parts) for parts in zip(*per_image))
         s_img = self.class_score(f.image_embedding, prototypes)
         per_scale = [self.harmonic(self.class_score(f.window_embeddings[k], prototypes), k)
                      for k in self.scales]
@@ -111,9 +146,72 @@ class WinClipReference:
         return score, ((zero_shot + few_shot) / 2).reshape(-1, *self.grid)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int],
-                 memory: ReferenceFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, h, w) normalized -> image_score (B,), anomaly_map (B, H, W)."""
-        score, grid = self.score(self.features(images), prototypes, memory)
+    def __call__(self, images: torch.Tensor, prototypes, size: tuple[int, int],
+                 memory: ReferenceFeatures | None = None, adaptation: dict | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, h, w) normalized -> image_score (B,), anomaly_map (B, H, W).
+
+        prototypes: the category's (2, D) raw prototypes; with ``adaptation`` (the manifest's
+        record: tau, top_k) the pair (text_normal (N_n, D), text_anomalous (N_a, D)) instead.
+        """
+        f = self.features(images)
+        if adaptation is not None:
+            prototypes = adapted_prototypes(f.image_embedding, *prototypes, adaptation["tau"],
+                                            adaptation["top_k"])
+        score, grid = self.score(f, prototypes, memory)
         amap = F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         return score, amap
+
+
+class PatchReference(WinClipReference):
+    """Eager patch-only method (export/patch_torch.py documents the formula) on an open_clip
+    model: open_clip's own blocks for the ordinary pass, value-value attention head by head."""
+
+    def __init__(self, model: torch.nn.Module, dense_blocks: int = 1):
+        super().__init__(model, scales=())
+        self.dense_blocks = dense_blocks
+
+    @staticmethod
+    def value_value(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        width = h.shape[-1]
+        d = width // attn.num_heads
+        v = F.linear(h, attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
+        heads = []
+        for i in range(attn.num_heads):
+            vh = v[..., i * d:(i + 1) * d]                                   # (B, L, d)
+            heads.append(torch.softmax(vh @ vh.transpose(1, 2) / d ** 0.5, dim=-1) @ vh)
+        return attn.out_proj(torch.cat(heads, dim=-1))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> ReferenceFeatures:
+        f = super().features(images)
+        v = self.visual
+        x = v.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1],
+                                                          dtype=x.dtype, device=x.device)
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
+        blocks = list(v.transformer.resblocks)
+        dense = torch.zeros_like(x)
+        for i, block in enumerate(blocks):
+            if i >= len(blocks) - self.dense_blocks:
+                dense = dense + self.value_value(block, block.ln_1(x))
+            x = block(x)
+        f.patch_embeddings = v.ln_post(dense[:, 1:]) @ v.proj
+        return f
+
+    @torch.no_grad()
+    def score(self, f: ReferenceFeatures, prototypes: torch.Tensor,
+              memory: ReferenceFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if prototypes.dim() == 3:
+            per_image = [self.score(f.image(i), prototypes[i], memory)
+                         for i in range(len(prototypes))]
+            return tuple(torch.cat(parts) for parts in zip(*per_image))
+        s_img = self.class_score(f.image_embedding, prototypes)
+        zero_shot = self.class_score(f.patch_embeddings, prototypes)
+        if memory is None:
+            return s_img, zero_shot.reshape(-1, *self.grid)
+        few_shot = self.association(f.patch_tokens, memory.patch_tokens.flatten(0, 1))
+        score = (s_img + few_shot.max(dim=-1).values) / 2
+        return score, ((zero_shot + few_shot) / 2).reshape(-1, *self.grid)

@@ -1,10 +1,15 @@
-"""WinCLIP / WinCLIP+ as exportable torch modules (METHODS.md sections 1-2).
+"""WinCLIP / WinCLIP+ as exportable torch modules (METHODS.md sections 1-2), and the scoring
+functions every method shares: class score, contextual prompt adaptation (section 5),
+harmonic aggregation, nearest-neighbour association.
 
 Shapes: B images, C vision width, D joint embedding width, P = gh*gw patches, W_k windows of
-scale k, M memory entries. Everything here is traced into ONNX; nothing per product is baked in.
+scale k, M memory entries, N_n / N_a normal / anomalous prompts. Everything here is traced into
+ONNX; nothing per product is baked in.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,24 +41,15 @@ def incidence(grid: tuple[int, int], k: int) -> torch.Tensor:
     return a
 
 
-class WinClipEncoder(nn.Module):
-    """images (B, 3, H, W) -> image_embedding (B, D), window_embeddings_k (B, W_k, D) per scale,
-    patch_tokens (B, P, C).
+class ClipTower(nn.Module):
+    """The pieces of an open_clip VisionTransformer every encoder here is built from: token
+    embedding and residual blocks, with attention written batch-first from the blocks' weights."""
 
-    Wraps an open_clip VisionTransformer. Window sequences are [class token, the window's patch
-    tokens] taken after patch + class + positional embedding (before ln_pre); all windows of one
-    scale run through the transformer as one batch. In the last block only the class token's
-    output is needed, so only its query, attention and MLP are computed (exactly the same value).
-    """
-
-    def __init__(self, visual: nn.Module, scales: tuple[int, ...]):
+    def __init__(self, visual: nn.Module):
         super().__init__()
         check_supported(visual)
         self.visual = visual
         self.grid = tuple(int(g) for g in visual.grid_size)
-        self.scales = tuple(int(k) for k in scales)
-        for k in self.scales:
-            self.register_buffer(f"windows_{k}", window_indices(self.grid, k) + 1, persistent=False)
 
     def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + P, C): patch embedding, class token, positional embedding."""
@@ -99,6 +95,26 @@ class WinClipEncoder(nn.Module):
         for i, block in enumerate(blocks):
             x = self.block(block, x, class_only and i == len(blocks) - 1)
         return x
+
+
+class WinClipEncoder(ClipTower):
+    """images (B, 3, H, W) -> image_embedding (B, D), window_embeddings_k (B, W_k, D) per scale,
+    patch_tokens (B, P, C).
+
+    Wraps an open_clip VisionTransformer. Window sequences are [class token, the window's patch
+    tokens] taken after patch + class + positional embedding (before ln_pre); all windows of one
+    scale run through the transformer as one batch. In the last block only the class token's
+    output is needed, so only its query, attention and MLP are computed (exactly the same value).
+    """
+
+    def __init__(self, visual: nn.Module, scales: tuple[int, ...]):
+        super().__init__(visual)
+        self.scales = tuple(int(k) for k in scales)
+        for k in self.scales:
+            self.register_buffer(f"windows_{k}", window_indices(self.grid, k) + 1, persistent=False)
+
+    def output_names(self) -> list[str]:
+        return ["image_embedding", *[f"window_embeddings_{k}" for k in self.scales], "patch_tokens"]
 
     def window_embeddings(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """tokens (B, 1 + P, C) -> (B, W_k, D)."""
@@ -154,9 +170,67 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def class_score(x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """(..., D) embeddings, (2, D) normalized [normal, anomalous] -> (...) anomalous probability."""
-    logits = normalize(x) @ text.T / TEMPERATURE
-    return logits.softmax(dim=-1)[..., 1]
+    """Anomalous probability ``softmax([cos(x, t_n), cos(x, t_a)] / 0.07)[a]``.
+
+    x (B, ..., D); text (2, D) normalized rows [normal, anomalous] shared by the batch, or
+    (B, 2, D) per image (adapted prototypes). -> (B, ...).
+    """
+    x = normalize(x)
+    if text.dim() == 2:
+        logits = x @ text.T
+    else:
+        b, d = x.shape[0], x.shape[-1]
+        logits = (x.reshape(b, -1, d) @ text.transpose(1, 2)).reshape(*x.shape[:-1], 2)
+    return (logits / TEMPERATURE).softmax(dim=-1)[..., 1]
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """Contextual prompt adaptation (METHODS.md section 5, our formulation).
+
+    tau: temperature of the relevance softmax within each state; top_k: keep only the k most
+    relevant prompts of each state (ties at the k-th relevance are kept), None = all.
+    """
+
+    tau: float = 0.01
+    top_k: int | None = None
+
+    def record(self) -> dict:
+        return {"kind": "contextual", "tau": self.tau, "top_k": self.top_k}
+
+
+def contextual_prototype(image_embedding: torch.Tensor, pool: torch.Tensor, adaptation: Adaptation
+                         ) -> torch.Tensor:
+    """One state's per-image prototype.
+
+    image_embedding (B, D); pool (N, D) prompt embeddings of the state -> (B, D) normalized:
+    relevance ``r_i = cos(v, t_i)``, weights ``softmax(r / tau)`` over the (top-k) prompts,
+    prototype = normalize(sum_i w_i normalize(t_i)).
+    """
+    pool = normalize(pool)
+    relevance = normalize(image_embedding) @ pool.T                          # (B, N)
+    if adaptation.top_k is not None:
+        kth = relevance.topk(adaptation.top_k, dim=-1).values[:, -1:]
+        relevance = relevance.masked_fill(relevance < kth, float("-inf"))
+    weights = (relevance / adaptation.tau).softmax(dim=-1)
+    return normalize(weights @ pool)
+
+
+def text_input_names(adaptation: Adaptation | None) -> list[str]:
+    """Head inputs carrying a category's text: the prototypes (2, D), or with adaptation the
+    prompt pools text_normal (N_n, D) and text_anomalous (N_a, D)."""
+    return ["text_normal", "text_anomalous"] if adaptation else ["text_prototypes"]
+
+
+def head_text(named: dict[str, torch.Tensor], image_embedding: torch.Tensor,
+              adaptation: Adaptation | None) -> torch.Tensor:
+    """Normalized [normal, anomalous] text of the head's inputs: (2, D), or (B, 2, D) adapted to
+    each image."""
+    if adaptation is None:
+        return normalize(named["text_prototypes"])
+    return torch.stack([contextual_prototype(image_embedding, named["text_normal"], adaptation),
+                        contextual_prototype(image_embedding, named["text_anomalous"], adaptation)],
+                       dim=1)
 
 
 def harmonic_to_patches(scores: torch.Tensor, incidence_wp: torch.Tensor, counts: torch.Tensor
@@ -174,17 +248,20 @@ class WinClipHead(nn.Module):
     """Scoring graph. Inputs (in this order):
 
     image_embedding (B, D), window_embeddings_k (B, W_k, D) per scale, [few-shot: patch_tokens
-    (B, P, C)], text_prototypes (2, D), [few-shot: memory_patch_tokens (M_p, C),
+    (B, P, C)], text_prototypes (2, D) or with adaptation text_normal (N_n, D) and
+    text_anomalous (N_a, D), [few-shot: memory_patch_tokens (M_p, C),
     memory_window_embeddings_k (M_k, D) per scale].
 
     Outputs: image_score (B,), anomaly_grid (B, gh, gw).
     """
 
-    def __init__(self, grid: tuple[int, int], scales: tuple[int, ...], few_shot: bool):
+    def __init__(self, grid: tuple[int, int], scales: tuple[int, ...], few_shot: bool,
+                 adaptation: Adaptation | None = None):
         super().__init__()
         self.grid = tuple(grid)
         self.scales = tuple(scales)
         self.few_shot = few_shot
+        self.adaptation = adaptation
         for k in self.scales:
             a = incidence(self.grid, k)
             self.register_buffer(f"incidence_{k}", a, persistent=False)
@@ -194,7 +271,7 @@ class WinClipHead(nn.Module):
         names = ["image_embedding", *[f"window_embeddings_{k}" for k in self.scales]]
         if self.few_shot:
             names.append("patch_tokens")
-        names.append("text_prototypes")
+        names += text_input_names(self.adaptation)
         if self.few_shot:
             names += ["memory_patch_tokens", *[f"memory_window_embeddings_{k}" for k in self.scales]]
         return names
@@ -205,7 +282,7 @@ class WinClipHead(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         named = dict(zip(self.input_names(), inputs))
-        text = normalize(named["text_prototypes"])
+        text = head_text(named, named["image_embedding"], self.adaptation)
         image_score = class_score(named["image_embedding"], text)                       # (B,)
         maps = [image_score[:, None].expand(-1, self.grid[0] * self.grid[1])]
         maps += [self.aggregate(class_score(named[f"window_embeddings_{k}"], text), k)

@@ -9,6 +9,7 @@ A bundle is a directory::
     fp16/encoder-<digest>.onnx             FP16 / INT8 variants of the encoder ('quantize');
     int8/encoder-<digest>.onnx             they use the FP32 heads
     categories/<name>/text-<digest>.npz    prompt-ensemble text embeddings of one category
+                                           (+ normalized prompt pools with prompt adaptation)
     categories/<name>/prompts-<digest>.json  the prompts used
     categories/<name>/memory-<digest>.npz  few-shot reference memory (optional)
     engines/<device>/<precision>/*.plan    TensorRT engines ('build-engine'; see trt_engine.py)
@@ -29,18 +30,18 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from .errors import ClipInspectError
+from .methods import MethodError, method_of
 
 FORMAT_NAME = "clipinspect-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-GRAPH_NAMES = ("encoder", "head_zeroshot", "head_fewshot")
 _CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
 
 
@@ -113,8 +114,11 @@ class CategoryData:
     """Arrays the scoring head needs for one category.
 
     text_prototypes: (2, D) float32, rows [normal, anomalous], raw (not normalized) means.
-    memory: few-shot reference memory or None; keys ``memory_patch_tokens`` (K*P, C) and
-        ``memory_window_embeddings_<k>`` (K*W_k, D) per scale.
+    memory: few-shot reference memory or None; ``memory_X`` holds encoder output X of the K
+        reference images, flattened over them (WinCLIP: ``memory_patch_tokens`` (K*P, C),
+        ``memory_window_embeddings_<k>`` (K*W_k, D) per scale).
+    text: the category's text as head inputs (``head_text_arrays``): text_prototypes, and with
+        prompt adaptation text_normal (N_n, D) and text_anomalous (N_a, D).
     """
 
     name: str
@@ -122,6 +126,15 @@ class CategoryData:
     memory: dict[str, np.ndarray] | None
     shots: int
     thresholds: dict[str, dict[str, Any]] | None  # "<precision>/<mode>" -> {"image", "pixel", ...}
+    text: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def head_text_arrays(text_npz) -> dict[str, np.ndarray]:
+    """A category's ``text.npz`` -> its arrays under the scoring heads' input names."""
+    arrays = {"text_prototypes": text_npz["prototypes"]}
+    arrays.update({k: text_npz[k] for k in ("text_normal", "text_anomalous")
+                   if k in text_npz.files})
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
 
 
 class Bundle:
@@ -167,10 +180,14 @@ class Bundle:
         for key in ("model", "input", "grid", "scales", "dims", "graphs", "categories"):
             if key not in m:
                 raise BundleError(f"manifest of {str(self.root)!r} lacks {key!r}; export it again")
+        try:
+            self.method = method_of(m, f"bundle {str(self.root)!r}")
+        except MethodError as e:
+            raise BundleError(str(e)) from e
         if "fp32" not in m["graphs"]:
             raise BundleError(f"bundle {str(self.root)!r} has no fp32 graphs; export it again")
         for precision, graphs in m["graphs"].items():
-            for name in GRAPH_NAMES:
+            for name in self.method.graphs:
                 if name not in graphs:
                     raise BundleError(f"bundle {str(self.root)!r} lists no {precision} {name} graph; "
                                       "export it again")
@@ -242,15 +259,20 @@ class Bundle:
             raise BundleError(f"unknown category {name!r}; this bundle has: {known}. Add it with "
                               f"'clipinspect add-category {self.root} {name!r}'")
         entry = entries[name]
-        with np.load(self.root / entry["text"]["file"]) as text:
-            prototypes = np.ascontiguousarray(text["prototypes"], dtype=np.float32)
+        with np.load(self.root / entry["text"]["file"]) as npz:
+            text = head_text_arrays(npz)
+        if self.manifest.get("adaptation") and "text_normal" not in text:
+            raise BundleError(f"category {name!r} of bundle {str(self.root)!r} has no prompt pools, "
+                              "which its prompt adaptation needs; recompute it with "
+                              f"'clipinspect add-category {self.root} {name!r} --replace'")
         memory = None
         shots = 0
         if entry.get("memory"):
             with np.load(self.root / entry["memory"]["file"]) as mem:
                 memory = {k: np.ascontiguousarray(mem[k], dtype=np.float32) for k in mem.files}
             shots = int(entry["memory"]["shots"])
-        return CategoryData(name, prototypes, memory, shots, entry.get("thresholds"))
+        return CategoryData(name, text["text_prototypes"], memory, shots, entry.get("thresholds"),
+                            text)
 
     # ----------------------------------------------------------------- writing
     def file_entry(self, relpath: str, **extra: Any) -> dict[str, Any]:
@@ -307,9 +329,8 @@ class Bundle:
         with self.updating() as m:
             if precision in m["graphs"] and not overwrite:
                 raise BundleError(f"bundle {str(self.root)!r} already has {precision} graphs")
-            fp32 = m["graphs"]["fp32"]
-            m["graphs"][precision] = {"encoder": encoder, "head_zeroshot": fp32["head_zeroshot"],
-                                      "head_fewshot": fp32["head_fewshot"]}
+            heads = {k: v for k, v in m["graphs"]["fp32"].items() if k != "encoder"}
+            m["graphs"][precision] = {"encoder": encoder, **heads}
             m.setdefault("quantization", {})[precision] = record
             for entry in m["categories"].values():
                 for key in [k for k in entry.get("thresholds") or {}

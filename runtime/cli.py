@@ -96,6 +96,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .bundle import Bundle
+    from .methods import describe
 
     bundle = Bundle.open(args.bundle, verify_checksums=not args.no_verify)
     m = bundle.manifest
@@ -103,7 +104,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(m, indent=2))
         return 0
     weights = m["model"]["weights"]
-    print(f"bundle      {bundle.root} (format {m['format_version']}, {m['method']})")
+    print(f"bundle      {bundle.root} (format {m['format_version']}, {describe(m)})")
     print(f"model       {m['model']['name']}, weights {weights['kind']}"
           f"{': ' + weights.get('tag', '') if weights['kind'] == 'tag' else ''}"
           f"{'  <-- RANDOM WEIGHTS, not for inspection' if weights['kind'] == 'random' else ''}")
@@ -128,8 +129,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name in bundle.categories:
         entry = m["categories"][name]
         mem = entry.get("memory")
+        dropped = entry.get("ambiguity_filter_dropped")
+        kept = (f" ({len(dropped['normal'])}+{len(dropped['anomalous'])} dropped as ambiguous)"
+                if dropped else "")
         print(f"category    {name}: {entry['n_normal_prompts']}+{entry['n_anomalous_prompts']} "
-              f"prompts, {mem['shots'] if mem else 0}-shot memory, thresholds "
+              f"prompts{kept}{', prompt file' if entry.get('prompt_file') else ''}, "
+              f"{mem['shots'] if mem else 0}-shot memory, thresholds "
               f"{entry.get('thresholds') or 'none'}")
     return 0
 

@@ -2,7 +2,8 @@
 
 Stages, each nameable and timeable on its own:
   load      decode + resize + normalize on the host (worker threads, overlapping inference)
-  encode    encoder graph: image embedding, window embeddings per scale, patch tokens
+  encode    encoder graph: image embedding and the method's embeddings (WinCLIP: window
+            embeddings per scale and patch tokens; patch-only: patch embeddings and tokens)
   score     scoring head graph: image scores and the anomaly map on the patch grid
   post      upsampling of the grid map to each input's size, optional smoothing, thresholds
 """
@@ -189,9 +190,10 @@ class Inspector:
             detail = "; ".join(f"{s}: {e}" for s, e in failed[:3])
             raise ImageError(f"no usable reference image: {detail or 'none given'}")
         outputs = {k: np.concatenate(v) for k, v in chunks.items()}
-        names = ["patch_tokens"] + [f"window_embeddings_{k}" for k in self.bundle.scales]
-        memory = {f"memory_{n}": np.ascontiguousarray(outputs[n].reshape(-1, outputs[n].shape[-1]))
-                  for n in names}
+        # The few-shot head says what memory it takes: memory_X is encoder output X.
+        names = [n for n in self.backend.head_io[HEADS["few-shot"]][0] if n.startswith("memory_")]
+        memory = {n: np.ascontiguousarray(outputs[n[len("memory_"):]].reshape(
+            -1, outputs[n[len("memory_"):]].shape[-1])) for n in names}
         return memory, used, failed
 
     def add_references(self, category: str, images: Sequence[ImageInput], batch_size: int = 8
@@ -226,7 +228,7 @@ class Inspector:
             raise BundleError(f"category {category!r} has no reference images; add them with "
                               f"'clipinspect fewshot {self.bundle.root} --category {category} DIR'")
         use_fewshot = memory is not None and mode != "zero-shot"
-        extra = {"text_prototypes": data.text_prototypes, **(memory if use_fewshot else {})}
+        extra = {**data.text, **(memory if use_fewshot else {})}
         return ("few-shot" if use_fewshot else "zero-shot"), extra, data
 
     def score(self, encoded: dict, category: str, mode: str = "auto",

@@ -1,0 +1,190 @@
+"""Prompt files: the schema, its errors, and generation through an OpenAI-compatible endpoint
+(a local HTTP server started here plays the endpoint)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from clipinspect.export import prompt_files
+from clipinspect.export.prompt_files import GenerationError, PromptFileError
+
+VALID = {"format": "clipinspect-prompts", "version": 1, "source": "a person",
+         "categories": {"metal nut": {"normal": ["a shiny {} with clean threads"],
+                                      "anomalous": ["a {} with a bent flange", "a scratched nut"]},
+                        "bottle": {"anomalous": ["a bottle with a broken rim"]}}}
+
+
+def test_valid_json_and_yaml_files_load_the_same(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "p.json").write_text(json.dumps(VALID))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(VALID))
+    from_json = prompt_files.load(tmp_path / "p.json")
+    assert from_json == prompt_files.load(tmp_path / "p.yaml")
+    assert from_json["bottle"] == {"normal": [], "anomalous": ["a bottle with a broken rim"]}
+    assert prompt_files.expand(from_json["metal nut"]["anomalous"], "metal nut") == [
+        "a metal nut with a bent flange", "a scratched nut"]
+
+
+def test_every_problem_is_reported_with_its_path_and_value(tmp_path):
+    bad = {"format": "other", "extra": 1, "categories": {
+        "bottle": {"normal": ["fine", 42, "", "fine", "a {} with {braces}"], "anomalus": []},
+        "cable": [], "bad/name": {"normal": ["x"]}, "screw": {"normal": [], "anomalous": []}}}
+    (tmp_path / "p.json").write_text(json.dumps(bad))
+    with pytest.raises(PromptFileError) as e:
+        prompt_files.load(tmp_path / "p.json")
+    text = str(e.value)
+    for expected in ("extra: unknown top-level key", "format: 'other'; expected 'clipinspect-prompts'",
+                     "categories.bottle.normal[1]: expected a non-empty string, got 42 (int)",
+                     "categories.bottle.normal[2]: expected a non-empty string, got ''",
+                     "categories.bottle.normal[3]: 'fine' appears twice",
+                     "categories.bottle.normal[4]: 'a {} with {braces}' has braces",
+                     "categories.bottle.anomalus: unknown key",
+                     "categories.cable: expected an object", "(and 2 more)"):
+        assert expected in text, expected
+    bad = {"categories": {"bad/name": {"normal": ["x"]}, "screw": {"normal": []}}}
+    (tmp_path / "p.json").write_text(json.dumps(bad))
+    with pytest.raises(PromptFileError, match=r"(?s)'bad/name'.*invalid category name.*"
+                                              r"categories.screw: no descriptions"):
+        prompt_files.load(tmp_path / "p.json")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON: Expecting property name enclosed in double quotes at line 1"),
+    ("[]", "expected a JSON/YAML object with a 'categories' key, got a list"),
+    ('{"categories": {}}', "categories: expected an object mapping category names"),
+])
+def test_unreadable_files_are_explained(tmp_path, content, message):
+    (tmp_path / "p.json").write_text(content)
+    with pytest.raises(PromptFileError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        prompt_files.load(tmp_path / "p.json")
+
+
+# ------------------------------------------------------------------------ a local endpoint
+class Endpoint:
+    """Answers POST requests with whatever ``reply`` returns for the parsed request body:
+    (status, bytes) or a float = sleep that long first (for timeouts)."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.reply = None
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append({"path": self.path, "body": body,
+                                          "auth": self.headers.get("Authorization")})
+                status, data = endpoint.reply(body)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def endpoint():
+    e = Endpoint()
+    yield e
+    e.server.shutdown()
+    e.server.server_close()
+
+
+def chat(content) -> tuple[int, bytes]:
+    return 200, json.dumps({"choices": [{"message": {"role": "assistant",
+                                                     "content": content}}]}).encode()
+
+
+def answer(category: str) -> str:
+    return json.dumps({"normal": [f"an intact {category}", "a clean surface"],
+                       "anomalous": [f"a {category} with a crack", "a dented surface"]})
+
+
+def test_generate_sends_chat_requests_and_writes_a_valid_file(endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-test")
+    # One answer plain, one inside a Markdown code fence, as chat models often write.
+    endpoint.reply = lambda body: chat(answer("screw") if "screw" in body["messages"][1]["content"]
+                                       else "```json\n" + answer("cable") + "\n```")
+    out = tmp_path / "prompts.json"
+    data = prompt_files.generate(endpoint.url, "local-model", ["screw", "cable"], out,
+                                 per_state=4, api_key_env="TEST_LLM_KEY", progress=lambda m: None)
+    assert [r["path"] for r in endpoint.requests] == ["/v1/chat/completions"] * 2
+    first = endpoint.requests[0]
+    assert first["auth"] == "Bearer sk-test" and first["body"]["model"] == "local-model"
+    assert [m["role"] for m in first["body"]["messages"]] == ["system", "user"]
+    assert "screw" in first["body"]["messages"][1]["content"] and "4" in first["body"]["messages"][1]["content"]
+    assert prompt_files.load(out) == data["categories"]
+    assert data["categories"]["cable"]["anomalous"] == ["a cable with a crack", "a dented surface"]
+    assert data["source"]["model"] == "local-model"
+
+
+@pytest.mark.parametrize("reply, error, message", [
+    (lambda b: (500, b'{"error": "overloaded"}'), GenerationError, r"HTTP 500.*overloaded"),
+    (lambda b: (401, b"bad key"), GenerationError, r"HTTP 401.*check the API key variable"),
+    (lambda b: (200, b"<html>gateway</html>"), GenerationError, "not JSON"),
+    (lambda b: (200, b'{"result": "ok"}'), GenerationError, "without choices\\[0\\].message.content"),
+    (lambda b: chat("Sure! Here are some descriptions: ..."), PromptFileError, "not a JSON object"),
+    (lambda b: chat('{"normal": ["fine"], "anomalous": []}'), PromptFileError,
+     r"answer for 'screw'.anomalous: no descriptions"),
+    (lambda b: chat('{"normal": ["fine", 3], "anomalous": ["bad"]}'), PromptFileError,
+     r"normal\[1\]: expected a non-empty string, got 3"),
+])
+def test_bad_answers_fail_clearly_and_write_nothing(endpoint, tmp_path, reply, error, message):
+    endpoint.reply = reply
+    out = tmp_path / "prompts.json"
+    with pytest.raises(error, match=message):
+        prompt_files.generate(endpoint.url + "/chat/completions", "m", ["screw"], out,
+                              progress=lambda m: None)
+    assert not out.exists()
+
+
+def test_timeout_and_unreachable_server(endpoint, tmp_path):
+    def slow(body):
+        time.sleep(1.5)
+        return chat(answer("screw"))
+    endpoint.reply = slow
+    with pytest.raises(GenerationError, match="did not answer within 0.3 s"):
+        prompt_files.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json", timeout=0.3,
+                              progress=lambda m: None)
+    with pytest.raises(GenerationError, match="cannot reach"):
+        prompt_files.generate("http://127.0.0.1:9/v1", "m", ["screw"], tmp_path / "p.json",
+                              timeout=2, progress=lambda m: None)
+    with pytest.raises(GenerationError, match="expected an http"):
+        prompt_files.generate("localhost:8000", "m", ["screw"], tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_check_and_generate(endpoint, tmp_path):
+    endpoint.reply = lambda body: chat(answer("screw"))
+    out = tmp_path / "p.json"
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "clipinspect.runtime.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+    proc = run("prompts", "generate", "--url", endpoint.url, "--model", "m", "--categories",
+               "screw", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("prompts", "check", out)
+    assert proc.returncode == 0 and "screw: 2 normal, 2 anomalous" in proc.stdout
+    out.write_text(json.dumps({"categories": {"screw": {"normal": "one"}}}))
+    proc = run("prompts", "check", out)
+    assert proc.returncode == 2
+    assert "categories.screw.normal: expected a list of descriptions, got 'one' (str)" in proc.stderr
