@@ -353,7 +353,7 @@ def _files_of(manifest: dict[str, Any]) -> set[str]:
     for device in (manifest.get("engines") or {}).values():
         for key, record in device.items():
             if key != "device":
-                files |= {record[g]["file"] for g in GRAPH_NAMES}
+                files |= {v["file"] for v in record.values() if isinstance(v, dict) and "file" in v}
     for entry in manifest.get("categories", {}).values():
         for key in ("text", "prompts", "memory"):
             if entry.get(key):

@@ -23,14 +23,12 @@ axis); the encoder, where the time goes, is. The ensembles pass whole request ba
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes
 from .errors import UsageError
@@ -57,18 +55,18 @@ def _block(key: str, tensors: list[str]) -> str:
 
 
 class Shapes:
-    """Per-sample shapes of every tensor, from the manifest."""
+    """Per-sample shapes of every tensor, read off the bundle's scoring heads (what they take is
+    what the encoder gives and the categories model serves; -1 where a size varies)."""
 
     def __init__(self, bundle: Bundle):
-        m = bundle.manifest
+        from .trt_compat import head_inputs, is_category_input
+
         h, w = bundle.input_size
-        d, c, p = int(m["dims"]["embed"]), int(m["dims"]["width"]), int(m["dims"]["patches"])
         self.images = [3, h, w]
-        self.encoder = {"image_embedding": [d], "patch_tokens": [p, c],
-                        **{f"window_embeddings_{k}": [int(n), d]
-                           for k, n in m["windows"].items()}}
-        self.category = {"text_prototypes": [2, d], "memory_patch_tokens": [-1, c],
-                         **{f"memory_window_embeddings_{k}": [-1, d] for k in m["windows"]}}
+        inputs = {n: [-1 if d is None else int(d) for d in dims]
+                  for n, dims in head_inputs(bundle).items()}
+        self.encoder = {n: dims[1:] for n, dims in inputs.items() if not is_category_input(n)}
+        self.category = {n: dims for n, dims in inputs.items() if is_category_input(n)}
         self.grid = list(bundle.grid)
 
 
@@ -158,19 +156,13 @@ def write_categories(bundle: Bundle, repo: Path) -> list[str]:
     for name in bundle.categories:
         data = bundle.category(name)
         folder = root / category_dir(name)
-        atomic_write_bytes(folder / "text_prototypes.npy", _npy(data.text_prototypes))
+        atomic_write_bytes(folder / "text.npz", npz_bytes(data.text))
         if data.memory:
             atomic_write_bytes(folder / "memory.npz", npz_bytes(data.memory))
         else:
             (folder / "memory.npz").unlink(missing_ok=True)
         names.append(name)
     return names
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32))
-    return buf.getvalue()
 
 
 def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> dict[str, Any]:

@@ -4,8 +4,8 @@ Copied by ``clipinspect triton`` to ``clipinspect_categories/1/model.py``; it im
 clipinspect nor anything beyond numpy, so it runs in a stock Triton container. The arrays live
 next to it::
 
-    1/categories/<category, spaces as '_'>/text_prototypes.npy   (2, D) float32
-    1/categories/<category, spaces as '_'>/memory.npz            few-shot memory (optional)
+    1/categories/<category, spaces as '_'>/text.npz     text_prototypes (2, D) float32 [+ prompt pools]
+    1/categories/<category, spaces as '_'>/memory.npz   few-shot memory (optional)
 
 Adding a category or new reference images means adding or replacing these files (``clipinspect
 triton BUNDLE --out REPO --categories-only`` writes them atomically); the files are re-read when
@@ -32,7 +32,7 @@ class TritonPythonModel:
         if not NAME.match(name):
             raise ValueError(f"invalid category name {name!r}")
         folder = os.path.join(self.root, name.replace(" ", "_"))
-        text = os.path.join(folder, "text_prototypes.npy")
+        text = os.path.join(folder, "text.npz")
         memory = os.path.join(folder, "memory.npz")
         if not os.path.isfile(text):
             known = sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
@@ -41,7 +41,8 @@ class TritonPythonModel:
         stamp = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else 0 for p in (text, memory))
         cached = self.cache.get(name)
         if cached is None or cached[0] != stamp:
-            arrays = {"text_prototypes": np.load(text).astype(np.float32)}
+            with np.load(text) as npz:
+                arrays = {k: npz[k].astype(np.float32) for k in npz.files}
             if os.path.exists(memory):
                 with np.load(memory) as mem:
                     arrays.update({k: mem[k].astype(np.float32) for k in mem.files})

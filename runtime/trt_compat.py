@@ -35,6 +35,9 @@ MIN_OPSET = 17
 # JetPack 6.1 / 6.2 ship TensorRT 10.3: the oldest TensorRT this project builds engines with.
 DEFAULT_TARGET = "10.3"
 DEFAULT_MAX_SHOTS = 16
+# Prompts per state in a category's pool (prompt adaptation): the compositional ensemble has 147
+# normal and 84 anomalous prompts before the ambiguity filter; prompt files add to them.
+PROMPT_POOL = (1, 256, 2048)
 
 
 class CompatibilityError(ClipInspectError, ValueError):
@@ -160,12 +163,42 @@ class BatchRange:
         return self
 
 
+def value_dims(value) -> list[int | None]:
+    """Dimensions of a graph input or output (``onnx.ValueInfoProto``); None where dynamic."""
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in value.type.tensor_type.shape.dim]
+
+
+def head_inputs(bundle: Bundle) -> dict[str, list[int | None]]:
+    """{input: dims} of the bundle's FP32 scoring heads, merged. By the bundle's convention an
+    input ``memory_X`` is few-shot memory made of encoder output X, ``text_*`` comes from the
+    category's text file, and every other input is an encoder output of the same name."""
+    import onnx
+
+    inputs: dict[str, list[int | None]] = {}
+    for name in ("head_zeroshot", "head_fewshot"):
+        model = onnx.load(str(bundle.graph_path("fp32", name)), load_external_data=False)
+        inputs.update({v.name: value_dims(v) for v in model.graph.input})
+    return inputs
+
+
+def is_category_input(name: str) -> bool:
+    """Head inputs that come from the category (text, few-shot memory), not from the encoder."""
+    return name.startswith(("text_", "memory_"))
+
+
 def dynamic_rows(bundle: Bundle) -> dict[str, int]:
-    """Rows per reference image of each few-shot memory input (memory = shots x rows)."""
-    m = bundle.manifest
-    rows = {"memory_patch_tokens": int(m["dims"]["patches"])}
-    for k, n in m["windows"].items():
-        rows[f"memory_window_embeddings_{k}"] = int(n)
+    """Rows per reference image of each few-shot memory input (memory = shots x rows): encoder
+    output X of shape (B, N, D) gives N rows per image, one of shape (B, D) one row."""
+    inputs = head_inputs(bundle)
+    rows = {}
+    for name in inputs:
+        if name.startswith("memory_"):
+            source = inputs.get(name[len("memory_"):])
+            if source is None or any(d is None for d in source[1:]):
+                raise CompatibilityError(f"few-shot memory input {name!r} has no encoder output "
+                                         f"of static shape to size its profile: {source}")
+            rows[name] = int(np.prod(source[1:-1], dtype=np.int64)) if len(source) > 2 else 1
     return rows
 
 
@@ -197,11 +230,13 @@ def profile_shapes(bundle: Bundle, model, batch: BatchRange, max_shots: int = DE
             elif axis == 0 and value.name in rows:
                 r = rows[value.name]
                 span = (r, r * opt_shots, r * max_shots)
+            elif axis == 0 and value.name.startswith("text_"):
+                span = PROMPT_POOL  # a category's prompt pool (prompt adaptation)
             elif axis == 0:
                 span = (batch.min, batch.opt, batch.max)
             else:
                 problems.append(f"input {value.name!r} axis {axis} is dynamic; only the batch "
-                                "axis and few-shot memory rows may be")
+                                "axis, few-shot memory rows and prompt pools may be")
                 break
             lo.append(span[0])
             opt.append(span[1])

@@ -14,31 +14,6 @@ from clipinspect.runtime import Bundle, BundleError, Inspector
 from clipinspect.runtime.images import preprocess, to_rgb_array
 
 TOL = 1e-4
-PROMPTS = {"format": "clipinspect-prompts", "version": 1, "source": "written for this test",
-           "categories": {"weave": {"normal": ["a tightly woven {} with even threads",
-                                               "a uniform fabric texture"],
-                                    "anomalous": ["a {} with a torn hole",
-                                                  "a fabric with a dark stain"]}}}
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.json"
-    path.write_text(json.dumps(PROMPTS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def patch_bundle(tmp_path_factory, prompt_file):
-    """Patch-only method with prompt adaptation (top-k) and a prompt file."""
-    from clipinspect.export.exporter import export_bundle
-    from clipinspect.export.winclip_torch import Adaptation
-
-    path = tmp_path_factory.mktemp("patch") / "bundle"
-    export_bundle(path, "ViT-S-16", None, ["weave"], seed=0, method="patch",
-                  adaptation=Adaptation(tau=0.02, top_k=6), prompts=prompt_file)
-    return path
-
 
 def _tensor(bundle, images):
     cfg = bundle.manifest["input"]
@@ -66,10 +41,10 @@ def _images(rng):
             rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)]
 
 
-def test_patch_method_equals_reference_zero_and_few_shot(patch_bundle, small_model, rng, tmp_path):
+def test_patch_method_equals_reference_zero_and_few_shot(patch_bundle_path, small_model, rng, tmp_path):
     from clipinspect.export.reference import PatchReference
 
-    bundle_path = shutil.copytree(patch_bundle, tmp_path / "b")
+    bundle_path = shutil.copytree(patch_bundle_path, tmp_path / "b")
     reference = PatchReference(small_model[0], dense_blocks=1)
     inspector = Inspector.open(bundle_path)
     images = _images(rng)
@@ -88,12 +63,12 @@ def test_patch_method_equals_reference_zero_and_few_shot(patch_bundle, small_mod
         assert abs(r.image_score - score) <= TOL and np.abs(r.anomaly_map - amap).max() <= TOL
 
 
-def test_patch_encoder_outputs_equal_reference(patch_bundle, small_model):
+def test_patch_encoder_outputs_equal_reference(patch_bundle_path, small_model):
     import onnxruntime as ort
 
     from clipinspect.export.reference import PatchReference
 
-    session = ort.InferenceSession(str(Bundle.open(patch_bundle).graph_path("fp32", "encoder")),
+    session = ort.InferenceSession(str(Bundle.open(patch_bundle_path).graph_path("fp32", "encoder")),
                                    providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     out = dict(zip([o.name for o in session.get_outputs()],
@@ -111,8 +86,8 @@ def test_patch_encoder_outputs_equal_reference(patch_bundle, small_model):
     assert np.abs(out["patch_embeddings"] - projected.numpy()).max() > 1e-2
 
 
-def test_manifest_records_method_adaptation_prompts_and_parity(patch_bundle, prompt_file):
-    m = Bundle.open(patch_bundle).manifest
+def test_manifest_records_method_adaptation_prompts_and_parity(patch_bundle_path, prompt_file):
+    m = Bundle.open(patch_bundle_path).manifest
     assert m["method"] == "patch" and m["method_options"] == {"dense_blocks": 1}
     assert m["adaptation"] == {"kind": "contextual", "tau": 0.02, "top_k": 6}
     assert m["outputs"] == ["image_embedding", "patch_embeddings", "patch_tokens"]
@@ -124,11 +99,11 @@ def test_manifest_records_method_adaptation_prompts_and_parity(patch_bundle, pro
     entry = m["categories"]["weave"]
     assert entry["n_normal_prompts"] == 147 + 2 and entry["n_anomalous_prompts"] == 84 + 2
     assert entry["prompt_file"]["n_normal"] == 2 and entry["prompt_file"]["n_anomalous"] == 2
-    prompts = json.loads((patch_bundle / entry["prompts"]["file"]).read_text())
+    prompts = json.loads((patch_bundle_path / entry["prompts"]["file"]).read_text())
     assert "a tightly woven weave with even threads" in prompts["normal"]
     assert "a weave with a torn hole" in prompts["anomalous"]
     dropped = entry["ambiguity_filter_dropped"]
-    text = Bundle.open(patch_bundle).category("weave").text
+    text = Bundle.open(patch_bundle_path).category("weave").text
     for state, n in (("normal", 149), ("anomalous", 86)):
         pool = text[f"text_{state}"]
         assert pool.shape == (n - len(dropped[state]), 384)
@@ -237,10 +212,10 @@ def test_export_refuses_options_of_other_methods(tmp_path, kwargs, message):
     assert not (tmp_path / "b").exists()
 
 
-def test_add_category_with_prompt_file_gets_pools_and_filter(patch_bundle, tmp_path):
+def test_add_category_with_prompt_file_gets_pools_and_filter(patch_bundle_path, tmp_path):
     from clipinspect.export.exporter import add_categories
 
-    copy = shutil.copytree(patch_bundle, tmp_path / "b")
+    copy = shutil.copytree(patch_bundle_path, tmp_path / "b")
     path = tmp_path / "screw.json"
     path.write_text(json.dumps({"categories": {"screw": {"anomalous": ["a {} with a bent thread"]}}}))
     add_categories(copy, ["screw"], prompts=path, progress=lambda m: None)

@@ -66,6 +66,19 @@ def test_profiles_cover_batch_and_memory(variant_bundle):
         tc.profile_shapes(b, head, tc.BatchRange(4, 2, 8))
 
 
+def test_patch_method_with_prompt_pools_passes_and_gets_profiles(patch_bundle_path):
+    """Other methods are covered through their graphs: the patch-only heads take prompt pools
+    of per-category length and memory made of the encoder's patch tokens."""
+    b = Bundle.open(patch_bundle_path)
+    assert tc.check_bundle(b) == {k: [] for k in ("fp32/encoder", "fp32/head_zeroshot",
+                                                  "fp32/head_fewshot")}
+    head = onnx.load(str(b.graph_path("fp32", "head_fewshot")))
+    shapes = tc.profile_shapes(b, head, tc.BatchRange(1, 2, 4), max_shots=2, opt_shots=1)
+    assert shapes["text_normal"] == ((1, 384), (256, 384), (2048, 384))
+    assert shapes["patch_embeddings"] == ((1, 196, 384), (2, 196, 384), (4, 196, 384))
+    assert shapes["memory_patch_tokens"] == ((196, 384), (196, 384), (392, 384))
+
+
 # ------------------------------------------------------------------- the checker on small graphs
 def _model(nodes, inits=(), opset=17, inputs=None, outputs=("y",)):
     inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])]

@@ -53,6 +53,25 @@ def repo(bundle_path, tmp_path_factory):
                                    max_batch=16)
 
 
+@pytest.fixture(scope="module")
+def patch_served(patch_bundle_path, tmp_path_factory, images):
+    """The patch-only method with prompt adaptation: its heads take per-category prompt pools
+    whose length varies, and its memory is made of other encoder outputs than WinCLIP's."""
+    path = tmp_path_factory.mktemp("triton-patch") / "bundle"
+    shutil.copytree(patch_bundle_path, path)
+    Inspector.open(path).add_references(CATEGORY_WITH_MEMORY, images[:1])
+    return triton.write_repository(path, tmp_path_factory.mktemp("repo") / "models",
+                                   max_batch=16), Inspector.open(path)
+
+
+@pytest.fixture(params=["winclip", "patch+adaptation"])
+def served(request):
+    """(repository, Inspector of the same bundle), for each method."""
+    if request.param == "winclip":
+        return request.getfixturevalue("repo"), request.getfixturevalue("inspector")
+    return request.getfixturevalue("patch_served")
+
+
 @functools.lru_cache(maxsize=None)
 def session(path: str):
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -66,7 +85,8 @@ def configs(repo: Path) -> dict:
     return {d.name: parse(d / "config.pbtxt") for d in sorted(repo.iterdir())}
 
 
-def test_every_config_parses_with_tritons_schema(repo):
+def test_every_config_parses_with_tritons_schema(served):
+    repo = served[0]
     cfgs = configs(repo)
     assert set(cfgs) == {triton.ENCODER, triton.CATEGORIES, *triton.HEADS.values(),
                          *triton.ENSEMBLES.values()}
@@ -83,7 +103,8 @@ def test_every_config_parses_with_tritons_schema(repo):
         assert {s.model_name for s in cfgs[name].ensemble_scheduling.step} <= set(cfgs)
 
 
-def test_ensemble_steps_name_real_inputs_and_outputs(repo):
+def test_ensemble_steps_name_real_inputs_and_outputs(served):
+    repo = served[0]
     cfgs = configs(repo)
     for name in triton.ENSEMBLES.values():
         for step in cfgs[name].ensemble_scheduling.step:
@@ -178,7 +199,8 @@ def run_ensemble(repo: Path, ensemble: str, feeds: dict, pb_utils) -> dict[str, 
 
 
 @pytest.mark.parametrize("mode", ["zeroshot", "fewshot"])
-def test_ensemble_gives_the_runtimes_scores_and_maps(repo, inspector, images, pb_utils, mode):
+def test_ensemble_gives_the_runtimes_scores_and_maps(served, images, pb_utils, mode):
+    repo, inspector = served
     from clipinspect.runtime.triton_client import prepare, preprocessing_from_config
 
     enc = json_format.MessageToDict(parse(repo / triton.ENCODER / "config.pbtxt"))
