@@ -349,9 +349,11 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict) -> dict:
-    """Write a category's text embeddings and prompts; returns its manifest entry."""
-    arrays, record = category_text(model, tokenizer, name, ensemble)
+def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict,
+                        text: Callable = category_text) -> dict:
+    """Write a category's text embeddings and prompts; returns its manifest entry. ``text``:
+    the method's (model, tokenizer, name, ensemble) -> (arrays, prompt record)."""
+    arrays, record = text(model, tokenizer, name, ensemble)
     folder = category_dir(name)
     text = write_versioned(root, folder, "text.npz", npz_bytes(arrays))
     prompts = write_versioned(root, folder, "prompts.json",
@@ -384,11 +386,15 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
     if not np.allclose(loaded["text_probe"], weights["text_probe"], rtol=1e-3, atol=1e-4):
         raise ExportError("the loaded CLIP weights are not the ones this bundle was exported with "
                           "(text-tower fingerprint differs); pass the right --pretrained")
-    ensemble = load_ensemble("winclip")
+    if bundle.manifest.get("method") == "aprillab":
+        from .aprillab import write_text
+    else:
+        def write_text(root, model, tokenizer, name):
+            return write_category_text(root, model, tokenizer, name, load_ensemble("winclip"))
     for name in names:
         check_category_dir_free(bundle.manifest, name)
         progress(f"text embeddings for {name!r}")
-        entry = write_category_text(bundle.root, model, tokenizer, name, ensemble)
+        entry = write_text(bundle.root, model, tokenizer, name)
         with bundle.updating() as m:
             check_category_dir_free(m, name)
             old = m["categories"].get(name, {})

@@ -170,7 +170,9 @@ class Inspector:
             detail = "; ".join(f"{s}: {e}" for s, e in failed[:3])
             raise ImageError(f"no usable reference image: {detail or 'none given'}")
         outputs = {k: np.concatenate(v) for k, v in chunks.items()}
-        names = ["patch_tokens"] + [f"window_embeddings_{k}" for k in self.bundle.scales]
+        # Whatever the method, the few-shot head names its memory inputs memory_<encoder output>.
+        names = [n[len("memory_"):] for n in self.backend.head_io["head_fewshot"][0]
+                 if n.startswith("memory_")]
         memory = {f"memory_{n}": np.ascontiguousarray(outputs[n].reshape(-1, outputs[n].shape[-1]))
                   for n in names}
         return memory, used, failed
