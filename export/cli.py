@@ -24,6 +24,16 @@ def _exporter():
 
 def cmd_export(args: argparse.Namespace) -> int:
     ex = _exporter()
+    if args.method == "aprillab":
+        from .aprillab import export_aprillab_bundle
+        export_aprillab_bundle(args.out, args.model, args.pretrained, csv_list(args.categories),
+                               adapters=args.adapters, layers=args.layers,
+                               image_size=args.image_size, opset=args.opset,
+                               tolerance=(ex.PARITY_TOLERANCE if args.tolerance is None
+                                          else args.tolerance),
+                               strict=not args.no_strict_parity, overwrite=args.overwrite,
+                               seed=args.seed)
+        return 0
     ex.export_bundle(args.out, args.model, args.pretrained, csv_list(args.categories),
                      scales=args.scales, opset=args.opset,
                      tolerance=ex.PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
@@ -39,6 +49,19 @@ def cmd_add_category(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_adapters(args: argparse.Namespace) -> int:
+    _exporter()  # the same extra
+    from .train_adapters import train_adapters
+    meta = train_adapters(args.data, args.out, args.model, args.pretrained, layers=args.layers,
+                          image_size=args.image_size, categories=csv_list(args.categories) or None,
+                          fmt=args.format, split=args.split, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          cache=args.cache, resume=args.resume, overwrite=args.overwrite)
+    print(f"projections after {meta['epochs']} epochs written to {args.out}; loss per epoch "
+          f"{meta['loss_per_epoch']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from .demo import run_demo
@@ -48,6 +71,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, model=args.model, pretrained=args.pretrained, shots=args.shots,
              categories=csv_list(args.categories) or None, seed=args.seed, batch_size=args.batch_size)
     return 0
+
+
+def _aprillab_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int_list(1, "6,12,18,24"), default=None,
+                   help="aprillab: 1-based blocks whose tokens are the feature levels (default: "
+                        "quarter points of the depth, 6,12,18,24 for 24 blocks)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="aprillab: square input side, a multiple of the patch size, if not the "
+                        "model's own (positional embedding resampled bicubically; APRIL-GAN: 518)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +97,35 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the bundle even if the parity check fails (it is recorded)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init with 'none'")
+    p.add_argument("--method", choices=("winclip", "aprillab"), default="winclip",
+                   help="scoring method (default winclip)")
+    p.add_argument("--adapters", default=None,
+                   help="aprillab: per-level projection checkpoint (train-adapters' or "
+                        "APRIL-GAN's), or 'none' for random projections")
+    _aprillab_options(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train-adapters",
+                       help="train AprilLab's per-level projections on an annotated dataset (torch)")
+    p.add_argument("data", help="dataset root, MVTec AD or VisA layout, with masks")
+    p.add_argument("--out", required=True, help="checkpoint file to write (after every epoch)")
+    p.add_argument("--model", default="ViT-L-14-336", help="open_clip model name")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip tag, local checkpoint file, or 'none' (random init, for tests)")
+    p.add_argument("--categories", default="", help="comma-separated categories (default all)")
+    p.add_argument("--format", default="auto", choices=("auto", "mvtec", "visa"))
+    p.add_argument("--split", default="test", choices=("train", "test"),
+                   help="split with annotated defects (default test, as APRIL-GAN)")
+    p.add_argument("--epochs", type=int, default=5, help="0 writes the untrained projections")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (betas 0.5, 0.999)")
+    p.add_argument("--seed", type=int, default=0, help="projection init and shuffling")
+    p.add_argument("--cache", default=None,
+                   help="feature cache folder (default: <out>.features next to the checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="start again over an existing --out")
+    _aprillab_options(p)
+    p.set_defaults(func=cmd_train_adapters)
 
     p = sub.add_parser("add-category", help="add categories' text embeddings to a bundle (torch)")
     p.add_argument("bundle")
