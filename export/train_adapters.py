@@ -36,14 +36,24 @@ BETAS = (0.5, 0.999)
 
 
 class FeatureCache:
-    """Level tokens (L, P, C) float16 and the mask of each image, one .npz per image, under a
-    folder named by everything that determines them."""
+    """Level tokens (L, P, C) float16 and the mask of each image, one .npz per image, and each
+    category's text prototypes, under a folder named by everything that determines them."""
 
     def __init__(self, root: Path, key: dict):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.root = Path(root) / digest
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / "key.json", (json.dumps(key, indent=1) + "\n").encode())
+
+    def text(self, category: str, compute) -> torch.Tensor:
+        """(2, D) text prototypes of ``category``, computed by ``compute(category)`` once: the
+        text tower over the whole prompt ensemble costs more than a small training run."""
+        path = self.root / f"text-{hashlib.sha256(category.encode()).hexdigest()[:16]}.npy"
+        if not path.is_file():
+            buf = io.BytesIO()
+            np.save(buf, compute(category))
+            atomic_write_bytes(path, buf.getvalue())
+        return torch.from_numpy(np.load(path))
 
     def path(self, sample: Sample) -> Path:
         st = sample.path.stat()
@@ -150,15 +160,14 @@ def train_adapters(data: str | Path, out: str | Path, model_name: str, pretraine
         meta.update(epochs=old["epochs"], loss_per_epoch=old["loss_per_epoch"])
         log(f"resuming after epoch {old['epochs']}")
     cfg = preprocess_config(model)
+    ensemble = load_ensemble("aprillab")
     cache = FeatureCache(Path(cache) if cache else out.with_name(out.name + ".features"),
                          {"model": model_name, "weights": weights, "layers": list(layers),
-                          "size": list(size), "mean": cfg["mean"], "std": cfg["std"]})
+                          "size": list(size), "mean": cfg["mean"], "std": cfg["std"],
+                          "prompts": ensemble})
     cache.fill(samples, encoder, cfg["mean"], cfg["std"], batch_size)
-    text = {}
-    ensemble = load_ensemble("aprillab")
-    for name in meta["categories"]:
-        arrays, _ = category_text(model, tokenizer, name, ensemble)
-        text[name] = torch.from_numpy(arrays["prototypes"])
+    text = {name: cache.text(name, lambda n: category_text(model, tokenizer, n, ensemble)[0]
+                             ["prototypes"]) for name in meta["categories"]}
     if meta["epochs"] == 0 and epochs == 0:
         save_checkpoint(out, projections, optimizer, meta)
     gen = torch.Generator().manual_seed(seed)
