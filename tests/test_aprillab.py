@@ -18,6 +18,10 @@ MODEL = "ViT-S-16"
 SIZE = 160            # not the model's 224: exercises the positional-embedding resampling
 LAYERS = (3, 6, 9, 12)
 WIDTH = DIM = 384
+# The full ensemble (420 prompts) costs minutes of text tower on a shared CPU; the formula under
+# test does not depend on the prompt count.
+SMALL_ENSEMBLE = {"normal_states": ["{}", "flawless {}"], "anomalous_states": ["damaged {}",
+                  "broken {}"], "templates": ["a photo of a {}.", "a close-up photo of the {}."]}
 
 
 def random_state(seed: int = 7) -> dict:
@@ -28,14 +32,18 @@ def random_state(seed: int = 7) -> dict:
 
 
 @pytest.fixture(scope="module")
-def aprillab_bundle(tmp_path_factory):
-    from clipinspect.export.aprillab import export_aprillab_bundle
+def aprillab_bundle(tmp_path_factory, small_model):
+    from clipinspect.export.aprillab import category_text, export_aprillab_bundle
+    from clipinspect.export.exporter import write_category_text
 
     root = tmp_path_factory.mktemp("aprillab")
     ckpt = root / "april-gan.pth"
     torch.save({"trainable_linearlayer": random_state()}, ckpt)  # APRIL-GAN's checkpoint form
-    bundle = export_aprillab_bundle(root / "bundle", MODEL, None, ["weave"], adapters=str(ckpt),
+    bundle = export_aprillab_bundle(root / "bundle", MODEL, None, [], adapters=str(ckpt),
                                     image_size=SIZE)
+    entry = write_category_text(bundle.root, *small_model, "weave", SMALL_ENSEMBLE, category_text)
+    with bundle.updating() as m:
+        m["categories"]["weave"] = entry
     return bundle.root
 
 
@@ -148,10 +156,13 @@ def test_checkpoint_forms_and_errors():
         projection_state(wrong, WIDTH, DIM, 4)
 
 
-def test_short_training_lowers_the_loss_resumes_and_exports(tmp_path):
+def test_short_training_lowers_the_loss_resumes_and_exports(tmp_path, monkeypatch):
     from clipinspect.calibration.synth import generate
+    from clipinspect.export import train_adapters as module
     from clipinspect.export.aprillab import load_projections
     from clipinspect.export.train_adapters import train_adapters
+
+    monkeypatch.setattr(module, "load_ensemble", lambda name: SMALL_ENSEMBLE)
 
     generate(tmp_path / "data", seed=0, categories=["weave"], image_size=64, n_train=1,
              n_test_good=2, n_test_defect_per_type=2)
