@@ -47,36 +47,44 @@ def write_text(root: Path, model, tokenizer, name: str) -> dict:
     return write_category_text(root, model, tokenizer, name, load_ensemble(METHOD), category_text)
 
 
-def load_projections(adapters: str | None, width: int, dim: int, layers: Sequence[int],
+def require_adapters(adapters: str | Path | None) -> None:
+    if adapters in (None, ""):
+        raise ExportError("the aprillab method needs its per-level projections: pass --adapters "
+                          "FILE (written by 'clipinspect train-adapters', or APRIL-GAN's "
+                          "checkpoint), or --adapters none for random ones (tests only)")
+
+
+def load_projections(adapters: str | Path | None, width: int, dim: int, layers: Sequence[int],
                      model_name: str, seed: int = 0) -> tuple[LevelProjections, dict]:
     """-> (projections, manifest record). ``adapters``: a checkpoint file (APRIL-GAN's form or
-    train-adapters'), or None / "none" for a seeded random init (warned, recorded)."""
-    if adapters in (None, "", "none", "None"):
+    train-adapters'), or "none" for a seeded random init (warned, recorded)."""
+    require_adapters(adapters)
+    if str(adapters).lower() == "none":
         log(RANDOM_PROJECTIONS_WARNING)
         torch.manual_seed(seed)
         return LevelProjections(width, dim, len(layers)).eval(), {"kind": "random", "seed": seed}
     path = Path(adapters)
     if not path.is_file():
-        raise ExportError(f"adapter checkpoint {adapters!r} does not exist; pass the file written "
+        raise ExportError(f"adapter checkpoint {str(adapters)!r} does not exist; pass the file written "
                           "by 'clipinspect train-adapters' (or APRIL-GAN's), or 'none'")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a file that is not a checkpoint
-        raise ExportError(f"could not read adapter checkpoint {adapters!r}: {e}") from e
+        raise ExportError(f"could not read adapter checkpoint {str(adapters)!r}: {e}") from e
     if not isinstance(checkpoint, dict):
-        raise ExportError(f"adapter checkpoint {adapters!r} holds a {type(checkpoint).__name__}, "
+        raise ExportError(f"adapter checkpoint {str(adapters)!r} holds a {type(checkpoint).__name__}, "
                           "not a state dict")
     meta = checkpoint.get("clipinspect") or {}
     if meta and (list(meta.get("layers", layers)) != list(layers)
                  or meta.get("model", model_name) != model_name):
-        raise ExportError(f"adapter checkpoint {adapters!r} was trained for {meta.get('model')} "
+        raise ExportError(f"adapter checkpoint {str(adapters)!r} was trained for {meta.get('model')} "
                           f"layers {meta.get('layers')}, not {model_name} layers {list(layers)}; "
                           "export with the same --model and --layers")
     projections = LevelProjections(width, dim, len(layers))
     try:
         projections.load_state_dict(projection_state(checkpoint, width, dim, len(layers)))
     except ValueError as e:
-        raise ExportError(f"adapter checkpoint {adapters!r}: {e}") from e
+        raise ExportError(f"adapter checkpoint {str(adapters)!r}: {e}") from e
     record = {"kind": "file", "path": str(path.resolve()), "sha256": sha256_file(path)}
     if meta:
         record["trained"] = {k: meta[k] for k in ("epochs", "data", "categories", "loss")
@@ -160,7 +168,7 @@ def check_parity(root: Path, files: dict[str, str], encoder: AprilLabEncoder,
 
 
 def export_aprillab_bundle(out: str | Path, model_name: str, pretrained: str | None,
-                           categories: Sequence[str] = (), adapters: str | None = None,
+                           categories: Sequence[str] = (), adapters: str | Path | None = None,
                            layers: Sequence[int] | None = None, image_size: int | None = None,
                            opset: int = 17, tolerance: float = PARITY_TOLERANCE,
                            strict: bool = True, overwrite: bool = False, seed: int = 0) -> Bundle:
@@ -168,7 +176,7 @@ def export_aprillab_bundle(out: str | Path, model_name: str, pretrained: str | N
 
     layers: 1-based block numbers (default: quarter points of the depth, 6,12,18,24 for 24).
     image_size: square input side if not the model's own (positional embedding resampled).
-    adapters: projection checkpoint, or None / "none" for random projections.
+    adapters: projection checkpoint, or "none" for random projections.
     """
     out = Path(out)
     categories = [check_category_name(c) for c in categories]
@@ -179,6 +187,7 @@ def export_aprillab_bundle(out: str | Path, model_name: str, pretrained: str | N
     if out.exists() and not overwrite and any(out.iterdir()):
         raise ExportError(f"{str(out)!r} exists and is not empty; choose another --out or pass "
                           "--overwrite")
+    require_adapters(adapters)
     t_start = time.perf_counter()
     log(f"[1/5] loading {model_name} (weights: {pretrained or 'random'})")
     model, tokenizer, weights = load_clip(model_name, pretrained, seed)

@@ -24,6 +24,10 @@ def _exporter():
 
 def cmd_export(args: argparse.Namespace) -> int:
     ex = _exporter()
+    given = [f"--{n.replace('_', '-')}" for n in ("adapters", "layers", "image_size")
+             if getattr(args, n) is not None]
+    if args.method != "aprillab" and given:
+        raise ex.ExportError(f"{', '.join(given)} apply to --method aprillab only")
     if args.method == "aprillab":
         from .aprillab import export_aprillab_bundle
         export_aprillab_bundle(args.out, args.model, args.pretrained, csv_list(args.categories),
