@@ -93,6 +93,12 @@ class FeatureCache:
         return list(levels.unbind(dim=1)), torch.from_numpy(np.stack(masks))
 
 
+def cache_key(model_name: str, weights: dict, layers, size, cfg: dict, ensemble: dict) -> dict:
+    """Everything the cached tokens and text prototypes depend on."""
+    return {"model": model_name, "weights": weights, "layers": list(layers), "size": list(size),
+            "mean": cfg["mean"], "std": cfg["std"], "prompts": ensemble}
+
+
 def save_checkpoint(path: Path, projections, optimizer, meta: dict) -> None:
     buf = io.BytesIO()
     torch.save({CHECKPOINT_KEY: projections.state_dict(), "clipinspect": meta,
@@ -162,9 +168,7 @@ def train_adapters(data: str | Path, out: str | Path, model_name: str, pretraine
     cfg = preprocess_config(model)
     ensemble = load_ensemble("aprillab")
     cache = FeatureCache(Path(cache) if cache else out.with_name(out.name + ".features"),
-                         {"model": model_name, "weights": weights, "layers": list(layers),
-                          "size": list(size), "mean": cfg["mean"], "std": cfg["std"],
-                          "prompts": ensemble})
+                         cache_key(model_name, weights, layers, size, cfg, ensemble))
     cache.fill(samples, encoder, cfg["mean"], cfg["std"], batch_size)
     text = {name: cache.text(name, lambda n: category_text(model, tokenizer, n, ensemble)[0]
                              ["prototypes"]) for name in meta["categories"]}
