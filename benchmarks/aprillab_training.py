@@ -9,7 +9,7 @@ baseline is the seeded initialisation every training run starts from (``--epochs
 computed with the scoring head's torch module (the one the ONNX head is traced from; their
 agreement within 1e-4 is tested separately) on cached level tokens, at the 224x224 input size.
 
-    python -m clipinspect.benchmarks.aprillab_training --work /tmp/aprillab-bench \
+    python -m clipinspect.benchmarks.aprillab_training --work scratch/aprillab \
         --out benchmarks/results/aprillab_training_synth
 """
 
