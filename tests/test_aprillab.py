@@ -180,3 +180,31 @@ def test_short_training_lowers_the_loss_resumes_and_exports(tmp_path, monkeypatc
     assert record["kind"] == "file" and record["trained"]["epochs"] == 4
     with pytest.raises(Exception, match="trained for ViT-S-16 layers"):
         load_projections(str(ckpt), WIDTH, DIM, (4, 8, 12), MODEL)
+
+
+def test_add_category_uses_the_aprillab_recipe(aprillab_bundle, tmp_path, small_model,
+                                               monkeypatch):
+    import shutil
+
+    from clipinspect.export import aprillab
+    from clipinspect.export.exporter import add_categories
+
+    monkeypatch.setattr(aprillab, "load_ensemble", lambda name: SMALL_ENSEMBLE)
+    path = shutil.copytree(aprillab_bundle, tmp_path / "b")
+    bundle = add_categories(path, ["grain"], progress=lambda msg: None)
+    got = bundle.category("grain").text_prototypes
+    want = aprillab.category_text(*small_model, "grain", SMALL_ENSEMBLE)[0]["prototypes"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "3"], "--layers apply to --method aprillab only"),
+    (["--method", "aprillab"], "needs its per-level projections: pass --adapters"),
+])
+def test_export_cli_checks_method_options_before_loading(args, message, tmp_path, capsys):
+    from clipinspect.runtime.cli import main
+
+    assert main(["export", "--out", str(tmp_path / "b"), "--model", MODEL, "--pretrained",
+                 "none", *args]) == 2
+    assert message in capsys.readouterr().err
