@@ -350,10 +350,10 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict,
-                        text: Callable = category_text) -> dict:
-    """Write a category's text embeddings and prompts; returns its manifest entry. ``text``:
+                        compute: Callable = category_text) -> dict:
+    """Write a category's text embeddings and prompts; returns its manifest entry. ``compute``:
     the method's (model, tokenizer, name, ensemble) -> (arrays, prompt record)."""
-    arrays, record = text(model, tokenizer, name, ensemble)
+    arrays, record = compute(model, tokenizer, name, ensemble)
     folder = category_dir(name)
     text = write_versioned(root, folder, "text.npz", npz_bytes(arrays))
     prompts = write_versioned(root, folder, "prompts.json",
