@@ -32,6 +32,27 @@ def cmd_export(args: argparse.Namespace) -> int:
         adaptation = Adaptation(tau=args.tau_ctx, top_k=args.top_k)
     elif args.top_k is not None or args.tau_ctx != DEFAULT_TAU_CTX:
         raise ex.ExportError("--tau-ctx and --top-k set the prompt adaptation: add --adapt")
+    given = [f"--{n.replace('_', '-')}" for n in ("adapters", "layers", "image_size")
+             if getattr(args, n) is not None]
+    if args.method != "aprillab" and given:
+        raise ex.ExportError(f"{', '.join(given)} apply to --method aprillab only")
+    if args.method == "aprillab":
+        other = [flag for flag, value in (("--scales", args.scales),
+                                          ("--dense-blocks", args.dense_blocks),
+                                          ("--adapt", adaptation), ("--prompts", args.prompts))
+                 if value is not None]
+        if other:
+            raise ex.ExportError(f"{', '.join(other)} do not apply to --method aprillab (it uses "
+                                 "its own prompt recipe and projections)")
+        from .aprillab import export_aprillab_bundle
+        export_aprillab_bundle(args.out, args.model, args.pretrained, csv_list(args.categories),
+                               adapters=args.adapters, layers=args.layers,
+                               image_size=args.image_size, opset=args.opset,
+                               tolerance=(ex.PARITY_TOLERANCE if args.tolerance is None
+                                          else args.tolerance),
+                               strict=not args.no_strict_parity, overwrite=args.overwrite,
+                               seed=args.seed)
+        return 0
     ex.export_bundle(args.out, args.model, args.pretrained, csv_list(args.categories),
                      scales=args.scales, opset=args.opset,
                      tolerance=ex.PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
@@ -47,6 +68,19 @@ def cmd_add_category(args: argparse.Namespace) -> int:
     ex.add_categories(args.bundle, args.names, args.pretrained, replace=args.replace,
                       prompts=args.prompts)
     print(f"added {', '.join(args.names)} to {args.bundle}")
+    return 0
+
+
+def cmd_train_adapters(args: argparse.Namespace) -> int:
+    _exporter()  # the same extra
+    from .train_adapters import train_adapters
+    meta = train_adapters(args.data, args.out, args.model, args.pretrained, layers=args.layers,
+                          image_size=args.image_size, categories=csv_list(args.categories) or None,
+                          fmt=args.format, split=args.split, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          cache=args.cache, resume=args.resume, overwrite=args.overwrite)
+    print(f"projections after {meta['epochs']} epochs written to {args.out}; loss per epoch "
+          f"{meta['loss_per_epoch']}")
     return 0
 
 
@@ -85,6 +119,13 @@ def cmd_prompts_generate(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({len(categories)} categor{'y' if len(categories) == 1 else 'ies'}); "
           "review it, then pass it to 'clipinspect export --prompts'")
     return 0
+def _aprillab_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int_list(1, "6,12,18,24"), default=None,
+                   help="aprillab: 1-based blocks whose tokens are the feature levels (default: "
+                        "quarter points of the depth, 6,12,18,24 for 24 blocks)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="aprillab: square input side, a multiple of the patch size, if not the "
+                        "model's own (positional embedding resampled bicubically; APRIL-GAN: 518)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,9 +135,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="open_clip tag, local checkpoint file, or 'none' (random init, for tests)")
     p.add_argument("--categories", default="", help="comma-separated category names")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--method", default="winclip", choices=["winclip", "patch"],
-                   help="scoring method: winclip (windows + patches, default) or patch "
-                        "(patch-only, one encoder pass)")
+    p.add_argument("--method", default="winclip", choices=["winclip", "patch", "aprillab"],
+                   help="scoring method: winclip (windows + patches, default), patch "
+                        "(patch-only, one encoder pass) or aprillab (multi-layer learned "
+                        "projections, needs --adapters)")
     p.add_argument("--scales", type=int_list(1, "2,3"), default=None,
                    help="winclip: window scales (default 2,3)")
     p.add_argument("--dense-blocks", type=int, default=None,
@@ -118,7 +160,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the bundle even if the parity check fails (it is recorded)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init with 'none'")
+    p.add_argument("--adapters", default=None,
+                   help="aprillab: per-level projection checkpoint (train-adapters' or "
+                        "APRIL-GAN's), or 'none' for random projections")
+    _aprillab_options(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train-adapters",
+                       help="train AprilLab's per-level projections on an annotated dataset (torch)")
+    p.add_argument("data", help="dataset root, MVTec AD or VisA layout, with masks")
+    p.add_argument("--out", required=True, help="checkpoint file to write (after every epoch)")
+    p.add_argument("--model", default="ViT-L-14-336", help="open_clip model name")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip tag, local checkpoint file, or 'none' (random init, for tests)")
+    p.add_argument("--categories", default="", help="comma-separated categories (default all)")
+    p.add_argument("--format", default="auto", choices=("auto", "mvtec", "visa"))
+    p.add_argument("--split", default="test", choices=("train", "test"),
+                   help="split with annotated defects (default test, as APRIL-GAN)")
+    p.add_argument("--epochs", type=int, default=5, help="0 writes the untrained projections")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (betas 0.5, 0.999)")
+    p.add_argument("--seed", type=int, default=0, help="projection init and shuffling")
+    p.add_argument("--cache", default=None,
+                   help="feature cache folder (default: <out>.features next to the checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="start again over an existing --out")
+    _aprillab_options(p)
+    p.set_defaults(func=cmd_train_adapters)
 
     p = sub.add_parser("add-category", help="add categories' text embeddings to a bundle (torch)")
     p.add_argument("bundle")

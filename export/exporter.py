@@ -417,15 +417,21 @@ def _prompt_file(path: str | Path | None, categories: Sequence[str]) -> dict | N
 
 
 def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict,
-                        descriptions: dict | None = None, adaptation: dict | None = None) -> dict:
+                        descriptions: dict | None = None, adaptation: dict | None = None,
+                        compute: Callable | None = None) -> dict:
     """Write a category's text embeddings and prompts; returns its manifest entry.
 
     descriptions: a loaded prompt file (``_prompt_file``) or None; adaptation: the bundle's
-    adaptation record or None (then no prompt pools and no ambiguity filter)."""
+    adaptation record or None (then no prompt pools and no ambiguity filter). compute: a
+    method's own text recipe, (model, tokenizer, name, ensemble) -> (arrays, prompt record),
+    which takes neither (aprillab)."""
     entry_descriptions = (descriptions or {}).get("categories", {}).get(name)
     try:
-        arrays, record = category_text(model, tokenizer, name, ensemble, entry_descriptions,
-                                       adaptation)
+        if compute is not None:
+            arrays, record = compute(model, tokenizer, name, ensemble)
+        else:
+            arrays, record = category_text(model, tokenizer, name, ensemble, entry_descriptions,
+                                           adaptation)
     except ValueError as e:
         raise ExportError(str(e)) from e
     folder = category_dir(name)
@@ -470,13 +476,21 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
     if not np.allclose(loaded["text_probe"], weights["text_probe"], rtol=1e-3, atol=1e-4):
         raise ExportError("the loaded CLIP weights are not the ones this bundle was exported with "
                           "(text-tower fingerprint differs); pass the right --pretrained")
-    ensemble = load_ensemble("winclip")
-    adaptation = bundle.manifest.get("adaptation")
+    if bundle.manifest.get("method") == "aprillab":
+        if descriptions is not None:
+            raise ExportError("--prompts does not apply to an aprillab bundle (it uses its own "
+                              "prompt recipe)")
+        from .aprillab import write_text
+    else:
+        ensemble, adaptation = load_ensemble("winclip"), bundle.manifest.get("adaptation")
+
+        def write_text(root, model, tokenizer, name):
+            return write_category_text(root, model, tokenizer, name, ensemble, descriptions,
+                                       adaptation)
     for name in names:
         check_category_dir_free(bundle.manifest, name)
         progress(f"text embeddings for {name!r}")
-        entry = write_category_text(bundle.root, model, tokenizer, name, ensemble, descriptions,
-                                    adaptation)
+        entry = write_text(bundle.root, model, tokenizer, name)
         with bundle.updating() as m:
             check_category_dir_free(m, name)
             old = m["categories"].get(name, {})

@@ -43,6 +43,10 @@ METHODS: dict[str, Method] = {
         "patch", "patch-only: one encoder pass, dense value-value patch embeddings scored "
                  "against the text (no window passes)",
         lambda m: ["image_embedding", "patch_embeddings", "patch_tokens"]),
+    "aprillab": Method(
+        "aprillab", "AprilLab (after APRIL-GAN): intermediate-layer tokens through learned "
+                    "per-level projections, scored against the text",
+        lambda m: ["image_embedding", *[f"level_tokens_{n}" for n in m["aprillab"]["layers"]]]),
 }
 
 

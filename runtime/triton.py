@@ -67,7 +67,9 @@ class Shapes:
                   for n, dims in head_inputs(bundle).items()}
         self.encoder = {n: dims[1:] for n, dims in inputs.items() if not is_category_input(n)}
         self.category = {n: dims for n, dims in inputs.items() if is_category_input(n)}
-        self.grid = list(bundle.grid)
+        # The map the heads return: the patch grid, or the input size (aprillab upsamples).
+        grid = head_inputs(bundle, outputs=True)["anomaly_grid"][1:]
+        self.grid = [-1 if d is None else int(d) for d in grid]
 
 
 def _head_inputs(bundle: Bundle, mode: str) -> list[str]:

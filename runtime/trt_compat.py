@@ -169,17 +169,19 @@ def value_dims(value) -> list[int | None]:
             for d in value.type.tensor_type.shape.dim]
 
 
-def head_inputs(bundle: Bundle) -> dict[str, list[int | None]]:
-    """{input: dims} of the bundle's FP32 scoring heads, merged. By the bundle's convention an
-    input ``memory_X`` is few-shot memory made of encoder output X, ``text_*`` comes from the
-    category's text file, and every other input is an encoder output of the same name."""
+def head_inputs(bundle: Bundle, outputs: bool = False) -> dict[str, list[int | None]]:
+    """{input: dims} of the bundle's FP32 scoring heads, merged (``outputs``: their outputs). By
+    the bundle's convention an input ``memory_X`` is few-shot memory made of encoder output X,
+    ``text_*`` comes from the category's text file, and every other input is an encoder output
+    of the same name."""
     import onnx
 
-    inputs: dict[str, list[int | None]] = {}
+    found: dict[str, list[int | None]] = {}
     for name in ("head_zeroshot", "head_fewshot"):
         model = onnx.load(str(bundle.graph_path("fp32", name)), load_external_data=False)
-        inputs.update({v.name: value_dims(v) for v in model.graph.input})
-    return inputs
+        values = model.graph.output if outputs else model.graph.input
+        found.update({v.name: value_dims(v) for v in values})
+    return found
 
 
 def is_category_input(name: str) -> bool:
