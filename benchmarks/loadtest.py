@@ -7,7 +7,7 @@ bundle, batch size 1, and compares each returned score with it. Reports throughp
 percentiles, errors, mean batch size per phase and the largest score difference.
 
     python -m clipinspect.benchmarks.loadtest BUNDLE --data DATA --clients 1,8 --duration 60 \\
-        --out benchmarks/results/loadtest_cpu_s16/loadtest
+        --out benchmarks/results/loadtest_cpu_s16_winclip/loadtest
 """
 
 from __future__ import annotations
