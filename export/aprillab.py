@@ -20,9 +20,9 @@ from clipinspect.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
 
 from .aprillab_torch import (LOGIT_SCALE, AprilLabEncoder, AprilLabHead, LevelProjections,
                              check_layers, default_layers, projection_state, text_prototypes)
-from .exporter import (PARITY_IMAGES, PARITY_TOLERANCE, ExportError, _export, _io_names,
-                       _move_into_place, load_clip, log, max_abs_diff, package_versions,
-                       preprocess_config, write_category_text)
+from .exporter import (PARITY_TOLERANCE, ExportError, check_parity, export_graphs,
+                       judge_parity, load_clip, log, package_versions, preprocess_config,
+                       write_category_text, write_manifest_and_move)
 from .text import encode_texts, expand_prompts, load_ensemble
 
 METHOD = "aprillab"
@@ -106,68 +106,6 @@ def build(model, layers: Sequence[int] | None, image_size: int | None,
     return encoder, heads
 
 
-def head_inputs(head: AprilLabHead, encoded: dict[str, torch.Tensor], prototypes: torch.Tensor,
-                memory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    pool = {**encoded, "text_prototypes": prototypes, **memory}
-    return {n: pool[n] for n in head.input_names()}
-
-
-def memory_of(encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reference images' encoder outputs -> few-shot memory inputs (M, C) per level."""
-    return {f"memory_{n}": t.flatten(0, 1) for n, t in encoded.items()
-            if n.startswith("level_tokens_")}
-
-
-def export_graphs(encoder: AprilLabEncoder, heads: dict[str, AprilLabHead], root: Path,
-                  opset: int) -> dict[str, str]:
-    example = torch.randn(2, 3, *encoder.image_size)
-    outs = encoder.output_names()
-    files = {"encoder": "fp32/encoder.onnx"}
-    _export(encoder, (example,), root / files["encoder"], ["images"], outs,
-            {"images": {0: "batch"}, **{n: {0: "batch"} for n in outs}}, opset)
-    with torch.no_grad():
-        encoded = dict(zip(outs, encoder(example)))
-    prototypes = torch.randn(2, encoded["image_embedding"].shape[-1])
-    memory = memory_of({n: t[:1] for n, t in encoded.items()})  # M != batch * P: stays dynamic
-    for name, head in heads.items():
-        inputs = head_inputs(head, encoded, prototypes, memory)
-        axes = {n: ({0: "memory"} if n.startswith("memory_")
-                    else {} if n == "text_prototypes" else {0: "batch"}) for n in inputs}
-        axes.update(image_score={0: "batch"}, anomaly_grid={0: "batch"})
-        files[name] = f"fp32/{name}.onnx"
-        _export(head, tuple(inputs.values()), root / files[name], list(inputs),
-                ["image_score", "anomaly_grid"], axes, opset)
-    return files
-
-
-def check_parity(root: Path, files: dict[str, str], encoder: AprilLabEncoder,
-                 heads: dict[str, AprilLabHead], prototypes: torch.Tensor,
-                 n_images: int = PARITY_IMAGES, seed: int = 123) -> dict[str, float]:
-    """onnxruntime vs the torch modules on the same inputs: max |difference| per graph."""
-    import onnxruntime as ort
-
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n_images, 3, *encoder.image_size, generator=gen)
-    references = torch.randn(2, 3, *encoder.image_size, generator=gen)
-    names = encoder.output_names()
-
-    def session(name):
-        return ort.InferenceSession(str(root / files[name]), providers=["CPUExecutionProvider"])
-
-    with torch.no_grad():
-        torch_out = dict(zip(names, encoder(images)))
-        memory = memory_of(dict(zip(names, encoder(references))))
-    ort_out = dict(zip(names, session("encoder").run(None, {"images": images.numpy()})))
-    result = {"encoder": max(max_abs_diff(ort_out[n], torch_out[n].numpy()) for n in names)}
-    for name, head in heads.items():
-        inputs = head_inputs(head, torch_out, prototypes, memory)
-        with torch.no_grad():
-            expected = [t.numpy() for t in head(*inputs.values())]
-        got = session(name).run(None, {k: v.numpy() for k, v in inputs.items()})
-        result[name] = max(max_abs_diff(g, e) for g, e in zip(got, expected))
-    return result
-
-
 def export_aprillab_bundle(out: str | Path, model_name: str, pretrained: str | None,
                            categories: Sequence[str] = (), adapters: str | Path | None = None,
                            layers: Sequence[int] | None = None, image_size: int | None = None,
@@ -219,14 +157,8 @@ def export_aprillab_bundle(out: str | Path, model_name: str, pretrained: str | N
                 prototypes = torch.from_numpy(t["prototypes"])
         else:
             prototypes = torch.randn(2, dim)
-        parity = check_parity(tmp, files, encoder, heads, prototypes)
-        worst = max(parity.values())
-        passed = bool(np.isfinite(worst)) and worst <= tolerance
-        log("      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
-                                                             parity.items()))
-        if not passed and strict:
-            raise ExportError(f"exported graphs differ from PyTorch by {worst:.3e} > {tolerance:g} "
-                              "(FP32); pass --no-strict-parity to keep them anyway")
+        parity = judge_parity(check_parity(tmp, files, encoder, heads,
+                                           {"text_prototypes": prototypes}), tolerance, strict)
         log("[5/5] writing manifest")
         own = list(preprocess_config(model)["size"])
         input_cfg = {**preprocess_config(model), "size": list(encoder.image_size)}
@@ -251,19 +183,11 @@ def export_aprillab_bundle(out: str | Path, model_name: str, pretrained: str | N
             },
             "opset": opset,
             "graphs": {},
-            "parity": {"fp32": {"max_abs_diff": parity, "tolerance": tolerance, "passed": passed,
-                                "images": PARITY_IMAGES,
-                                "reference": "the torch modules the graphs were traced from"}},
+            "parity": {"fp32": parity},
             "versions": package_versions(),
             "categories": text_entries,
         }
-        bundle = Bundle(tmp, manifest)
-        manifest["graphs"]["fp32"] = {
-            name: bundle.file_entry(rel, inputs=_io_names(tmp / rel, "inputs"),
-                                    outputs=_io_names(tmp / rel, "outputs"))
-            for name, rel in files.items()}
-        bundle.save_manifest()
-        _move_into_place(tmp, out, overwrite)
+        write_manifest_and_move(tmp, out, manifest, files, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -155,12 +155,16 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
     onnx.checker.check_model(str(path))
 
 
+def input_size(encoder: torch.nn.Module) -> tuple[int, int]:
+    """(H, W) the encoder takes: its own when it resamples positions (aprillab), else CLIP's."""
+    size = getattr(encoder, "image_size", None) or encoder.visual.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def export_graphs(encoder: torch.nn.Module, heads: dict[str, torch.nn.Module], root: Path,
                   opset: int) -> dict[str, str]:
     """Write fp32/encoder.onnx and fp32/head_*.onnx; returns name -> relative path."""
-    size = encoder.visual.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    example = torch.randn(2, 3, *size)
+    example = torch.randn(2, 3, *input_size(encoder))
     outs = encoder.output_names()
     files = {"encoder": "fp32/encoder.onnx"}
     _export(encoder, (example,), root / files["encoder"], ["images"], outs,
@@ -182,7 +186,7 @@ def example_text(head: torch.nn.Module, dim: int) -> dict[str, torch.Tensor]:
     """Random category text for a head: prototypes (2, D), or prompt pools of two different
     sizes (so the traced graph keeps them dynamic), each at least top-k long."""
     gen = torch.Generator().manual_seed(1)
-    if head.adaptation is None:
+    if getattr(head, "adaptation", None) is None:
         return {"text_prototypes": torch.randn(2, dim, generator=gen)}
     n = (head.adaptation.top_k or 1) + 4
     return {"text_normal": torch.randn(n + 1, dim, generator=gen),
@@ -212,8 +216,7 @@ def check_parity(root: Path, files: dict[str, str], encoder: torch.nn.Module,
     """Run onnxruntime and the torch modules on the same inputs; max |difference| per graph."""
     import onnxruntime as ort
 
-    size = encoder.visual.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = input_size(encoder)
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(n_images, 3, *size, generator=gen)
     references = torch.randn(2, 3, *size, generator=gen)
@@ -308,14 +311,7 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
                 text = {k: torch.from_numpy(v) for k, v in head_text_arrays(t).items()}
         else:
             text = example_text(heads["head_zeroshot"], model.visual.output_dim)
-        parity = check_parity(tmp, files, encoder, heads, text)
-        worst = max(parity.values())
-        passed = bool(np.isfinite(worst)) and worst <= tolerance
-        log("      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
-                                                             parity.items()))
-        if not passed and strict:
-            raise ExportError(f"exported graphs differ from PyTorch by {worst:.3e} > {tolerance:g} "
-                              "(FP32); pass --no-strict-parity to keep them anyway")
+        parity = judge_parity(check_parity(tmp, files, encoder, heads, text), tolerance, strict)
         log("[5/5] writing manifest")
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": method,
@@ -336,24 +332,43 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
             "temperature": TEMPERATURE,
             "opset": opset,
             "graphs": {},
-            "parity": {"fp32": {"max_abs_diff": parity, "tolerance": tolerance, "passed": passed,
-                                "images": PARITY_IMAGES,
-                                "reference": "the torch modules the graphs were traced from"}},
+            "parity": {"fp32": parity},
             "versions": package_versions(),
             "categories": text_entries,
         }
-        bundle = Bundle(tmp, manifest)
-        manifest["graphs"]["fp32"] = {
-            name: bundle.file_entry(rel, inputs=_io_names(tmp / rel, "inputs"),
-                                    outputs=_io_names(tmp / rel, "outputs"))
-            for name, rel in files.items()}
-        bundle.save_manifest()
-        _move_into_place(tmp, out, overwrite)
+        write_manifest_and_move(tmp, out, manifest, files, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"bundle written to {out} in {time.perf_counter() - t_start:.0f} s")
     return Bundle.open(out)
+
+
+def judge_parity(parity: dict[str, float], tolerance: float, strict: bool) -> dict:
+    """The manifest's parity record of the measured differences; raises when they exceed the
+    tolerance and ``strict``."""
+    worst = max(parity.values())
+    passed = bool(np.isfinite(worst)) and worst <= tolerance
+    log("      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
+                                                         parity.items()))
+    if not passed and strict:
+        raise ExportError(f"exported graphs differ from PyTorch by {worst:.3e} > {tolerance:g} "
+                          "(FP32); pass --no-strict-parity to keep them anyway")
+    return {"max_abs_diff": parity, "tolerance": tolerance, "passed": passed,
+            "images": PARITY_IMAGES, "reference": "the torch modules the graphs were traced from"}
+
+
+def write_manifest_and_move(tmp: Path, out: Path, manifest: dict, files: dict[str, str],
+                            overwrite: bool) -> None:
+    """Record the graphs (with their input and output names), write the manifest of the bundle
+    built in ``tmp`` and move it to ``out``."""
+    bundle = Bundle(tmp, manifest)
+    manifest["graphs"]["fp32"] = {
+        name: bundle.file_entry(rel, inputs=_io_names(tmp / rel, "inputs"),
+                                outputs=_io_names(tmp / rel, "outputs"))
+        for name, rel in files.items()}
+    bundle.save_manifest()
+    _move_into_place(tmp, out, overwrite)
 
 
 def _io_names(path: Path, which: str) -> list[str]:
