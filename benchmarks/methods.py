@@ -15,25 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
 
 from .report import machine, write_results
-
-
-def _vit(width: int, layers: int, tokens: int) -> float:
-    """Matmul FLOPs of one sequence through a ViT: 24 n C^2 (qkv, out, MLP) + 4 n^2 C (attention)
-    per layer, 2 FLOPs per multiply-add."""
-    return layers * (24 * tokens * width ** 2 + 4 * tokens * tokens * width)
+from .sidebyside import end_to_end, interleaved_rounds, synthetic_images
+from .winclip_vs_torch import vit_gflops
+from .winclip_vs_torch import winclip_gflops as winclip_cost
 
 
 def winclip_gflops(manifest: dict, layers: int) -> float:
     """One full pass + every window sequence, minus the exact last-block shortcut."""
-    from .winclip_vs_torch import winclip_gflops as cost
-
-    return cost(manifest, layers)["executed_by_runtime"]
+    return winclip_cost(manifest, layers)["executed_by_runtime"]
 
 
 def patch_gflops(manifest: dict, layers: int) -> float:
@@ -41,13 +34,25 @@ def patch_gflops(manifest: dict, layers: int) -> float:
     projection of every token and value-value attention, then ln_post and proj of the patches."""
     c, d, p = manifest["dims"]["width"], manifest["dims"]["embed"], manifest["dims"]["patches"]
     n = p + 1
-    embed = 2 * p * c * 3 * manifest["patch_size"] ** 2
     dense = manifest["method_options"]["dense_blocks"] * (4 * n * c * c + 4 * n * n * c)
-    return (_vit(c, layers, n) + embed + dense + 2 * p * c * d) / 1e9
+    return full_pass_gflops(manifest, layers) + (dense + 2 * p * c * d) / 1e9
+
+
+def aprillab_gflops(manifest: dict, layers: int) -> float:
+    """One full pass at the bundle's input size + one (C -> D) projection of every patch token
+    per feature level (in the scoring head)."""
+    c, d, p = manifest["dims"]["width"], manifest["dims"]["embed"], manifest["dims"]["patches"]
+    levels = len(manifest["aprillab"]["layers"])
+    return full_pass_gflops(manifest, layers) + levels * 2 * p * c * d / 1e9
+
+
+def full_pass_gflops(manifest: dict, layers: int) -> float:
+    c, p = manifest["dims"]["width"], manifest["dims"]["patches"]
+    return vit_gflops(c, layers, [p + 1], 2 * p * c * 3 * manifest["patch_size"] ** 2)
 
 
 # Cost model per method: (manifest, transformer depth) -> GFLOPs the encoder executes per image.
-COST_MODELS = {"winclip": winclip_gflops, "patch": patch_gflops}
+COST_MODELS = {"winclip": winclip_gflops, "patch": patch_gflops, "aprillab": aprillab_gflops}
 
 
 def gflops_per_image(manifest: dict, layers: int) -> float:
@@ -73,10 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     import onnxruntime
 
-    from clipinspect.calibration.synth import render_sample
     from clipinspect.runtime import Bundle, Inspector
     from clipinspect.runtime.methods import describe
-    from clipinspect.runtime.maps import upsample
 
     from .bench import transformer_layers
 
@@ -91,33 +94,18 @@ def measure(args: argparse.Namespace) -> dict:
     if not category:
         raise SystemExit("the bundles share no category; export them with the same --categories")
     category = category[0]
-    defects = ["good", "scratch", "hole", "stain", "crack"]
-    images = [render_sample(category, "test", defects[i % 5], i, image_size=256)[0]
-              for i in range(args.images)]
-    refs = [render_sample(category, "train", "good", i, image_size=256)[0]
-            for i in range(args.shots)]
+    images, refs = synthetic_images(category, args.images, args.shots)
     inspectors = [Inspector.open(b, "fp32") for b in bundles]
     memories = [insp.build_memory(refs)[0] if args.mode == "few-shot" else None
                 for insp in inspectors]
 
-    def run(i: int) -> None:
-        insp = inspectors[i]
-        for _, good, encoded in insp.iter_encoded(images, args.batch_size):
-            _, grids, _ = insp.score(encoded, category, args.mode, memories[i])
-            for b, g in zip(good, grids):
-                upsample(g, b.size)
+    def run(i: int):
+        return end_to_end(inspectors[i], images, args.batch_size, category, args.mode,
+                          memories[i])
 
     for i in range(len(bundles)):  # warm-up
         run(i)
-    times: list[list[float]] = [[] for _ in bundles]
-    for r in range(args.rounds):
-        for i, label in enumerate(labels):
-            t0 = time.perf_counter()
-            run(i)
-            times[i].append(time.perf_counter() - t0)
-            print(f"round {r + 1}/{args.rounds} {label}: {args.images / times[i][-1]:.3f} img/s",
-                  flush=True)
-    ips = [args.images / statistics.median(t) for t in times]
+    times, ips = interleaved_rounds(labels, run, args.rounds, args.images)
     rows = [{"bundle": label, "method": b.manifest.get("method", "winclip"),
              "adaptation": b.manifest.get("adaptation"),
              "gflops_per_image": gflops_per_image(b.manifest, transformer_layers(b)),

@@ -13,12 +13,11 @@ each precision's scores and maps are from FP32's on these images.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
 from .report import machine, write_results
+from .sidebyside import end_to_end, interleaved_rounds, synthetic_images
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,9 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     import onnxruntime
 
-    from clipinspect.calibration.synth import render_sample
     from clipinspect.runtime import Bundle, Inspector
-    from clipinspect.runtime.maps import upsample
 
     bundle = Bundle.open(args.bundle)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -50,34 +47,19 @@ def measure(args: argparse.Namespace) -> dict:
         raise SystemExit(f"the bundle has no {', '.join(missing)} graphs; make them with "
                          f"'clipinspect quantize {args.bundle} --precision ...'")
     category = bundle.categories[0]
-    defects = ["good", "scratch", "hole", "stain", "crack"]
-    images = [render_sample(category, "test", defects[i % 5], i, image_size=256)[0]
-              for i in range(args.images)]
-    refs = [render_sample(category, "train", "good", i, image_size=256)[0]
-            for i in range(args.shots)]
+    images, refs = synthetic_images(category, args.images, args.shots)
     inspectors = {p: Inspector.open(bundle, p) for p in precisions}
     memories = {p: (insp.build_memory(refs)[0] if args.mode == "few-shot" else None)
                 for p, insp in inspectors.items()}
 
-    def run(p: str):
-        insp = inspectors[p]
-        scores, maps = [], []
-        for _, good, encoded in insp.iter_encoded(images, args.batch_size):
-            s, grids, _ = insp.score(encoded, category, args.mode, memories[p])
-            scores.append(s)
-            maps += [upsample(g, b.size) for b, g in zip(good, grids)]
-        return np.concatenate(scores), np.stack(maps)
+    def run(i: int):
+        p = precisions[i]
+        return end_to_end(inspectors[p], images, args.batch_size, category, args.mode,
+                          memories[p])
 
-    outputs = {p: run(p) for p in precisions}  # also the warm-up
-    times: dict[str, list[float]] = {p: [] for p in precisions}
-    for r in range(args.rounds):
-        for p in precisions:
-            t0 = time.perf_counter()
-            run(p)
-            times[p].append(time.perf_counter() - t0)
-            print(f"round {r + 1}/{args.rounds} {p}: {args.images / times[p][-1]:.3f} img/s",
-                  flush=True)
-    ips = {p: args.images / statistics.median(t) for p, t in times.items()}
+    outputs = {p: run(i) for i, p in enumerate(precisions)}  # also the warm-up
+    seconds, rates = interleaved_rounds(precisions, run, args.rounds, args.images)
+    times, ips = dict(zip(precisions, seconds)), dict(zip(precisions, rates))
     base = "fp32" if "fp32" in ips else precisions[0]
     ref_scores, ref_maps = outputs[base]
     agreement = {p: {"map_pearson": float(np.corrcoef(ref_maps.ravel(), m.ravel())[0, 1]),

@@ -165,3 +165,18 @@ def test_transformer_depth_from_manifest_or_graph(bundle_copy):
     assert b.manifest["dims"]["layers"] == 12 and bench.transformer_layers(b) == 12
     del b.manifest["dims"]["layers"]  # a bundle exported before the depth was recorded
     assert bench.transformer_layers(b) == 12
+
+
+def test_every_method_has_a_cost_model():
+    """bench's CPU ceiling needs one for whatever method a bundle holds."""
+    from clipinspect.benchmarks.methods import COST_MODELS, gflops_per_image
+    from clipinspect.runtime.methods import METHODS
+
+    assert set(COST_MODELS) == set(METHODS)
+    # ViT-L-14-336 at 518 x 518 with APRIL-GAN's four levels: one pass (1,370 tokens) plus
+    # four 1024 -> 768 projections of the 1,369 patch tokens.
+    manifest = {"method": "aprillab", "dims": {"width": 1024, "embed": 768, "patches": 1369},
+                "patch_size": 14, "aprillab": {"layers": [6, 12, 18, 24]}}
+    one_pass = 24 * (24 * 1370 * 1024 ** 2 + 4 * 1370 ** 2 * 1024) + 2 * 1369 * 1024 * 3 * 14 ** 2
+    assert gflops_per_image(manifest, 24) == pytest.approx(
+        (one_pass + 4 * 2 * 1369 * 1024 * 768) / 1e9)
