@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime.backends import ProviderError, available_providers
-from clipinspect.runtime.images import preprocess, to_rgb_array
-from clipinspect.runtime.maps import upsample
+from clipinspect.runtime.core.backends import ProviderError, available_providers
+from clipinspect.runtime.core.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.maps import upsample
 
 from .report import command, machine, read_text
 from .stats import run_stream, summarize
@@ -253,8 +253,8 @@ def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] 
               stream_deadline_ms: float | None = None, threads: int | None = None,
               progress: Callable[[str], None] = log) -> dict:
     """Sweep, write ``out``/bench.json, bench.md and bench.png, and return the result."""
-    from clipinspect.runtime.backends import PROVIDERS
-    from clipinspect.runtime.errors import UsageError
+    from clipinspect.runtime.core.backends import PROVIDERS
+    from clipinspect.runtime.core.errors import UsageError
 
     for name, values, known in (("backend", backends, PROVIDERS), ("mode", modes,
                                 ("zero-shot", "few-shot")), ("precision", precisions,

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from clipinspect.runtime.cli import csv_list, int_list, positive_int
-from clipinspect.runtime.images import IMAGE_SUFFIXES
+from clipinspect.runtime.core.images import IMAGE_SUFFIXES
 
 from .report import machine, write_results
 

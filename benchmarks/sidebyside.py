@@ -29,7 +29,7 @@ def end_to_end(inspector, images: Sequence[np.ndarray], batch_size: int, categor
                mode: str, memory) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessing, encoder, scoring head and upsampling to each image's size ->
     (image scores (N,), maps (N, H, W))."""
-    from clipinspect.runtime.maps import upsample
+    from clipinspect.runtime.core.maps import upsample
 
     scores, maps = [], []
     for _, good, encoded in inspector.iter_encoded(images, batch_size):

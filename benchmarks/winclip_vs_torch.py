@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace, inspector) -> dict:
     from clipinspect.calibration.synth import render_sample
     from clipinspect.export.exporter import load_clip
     from clipinspect.export.reference import WinClipReference
-    from clipinspect.runtime.images import preprocess
+    from clipinspect.runtime.core.images import preprocess
 
     bundle = inspector.bundle
     if bundle.manifest["model"]["weights"]["kind"] != "random":

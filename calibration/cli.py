@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from clipinspect.runtime.cli import csv_list, int_list, positive_int
-from clipinspect.runtime.progress import Progress
+from clipinspect.runtime.core.progress import Progress
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -47,7 +47,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_threshold(args: argparse.Namespace) -> int:
     from clipinspect.runtime import Inspector
-    from clipinspect.runtime.images import expand_inputs
+    from clipinspect.runtime.core.images import expand_inputs
 
     from .thresholds import calibrate, describe
 

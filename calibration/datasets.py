@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipinspect.runtime.errors import ClipInspectError
+from clipinspect.runtime.core.errors import ClipInspectError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 """Lower-case suffixes recognised as images (matched case-insensitively)."""

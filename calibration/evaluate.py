@@ -19,10 +19,10 @@ from typing import Sequence
 import numpy as np
 
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime.bundle import atomic_write_bytes
-from clipinspect.runtime.errors import UsageError
-from clipinspect.runtime.maps import upsample
-from clipinspect.runtime.progress import Progress
+from clipinspect.runtime.core.bundle import atomic_write_bytes
+from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.maps import upsample
+from clipinspect.runtime.core.progress import Progress
 
 from .datasets import dataset_categories, load_dataset, load_mask
 from .metrics import average_precision, f1_max, image_auroc, pixel_auroc, pro_auc

@@ -31,10 +31,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime.bundle import write_versioned
-from clipinspect.runtime.errors import ClipInspectError, UsageError
-from clipinspect.runtime.images import ImageError, preprocess, to_rgb_array
-from clipinspect.runtime.progress import Progress
+from clipinspect.runtime.core.bundle import write_versioned
+from clipinspect.runtime.core.errors import ClipInspectError, UsageError
+from clipinspect.runtime.core.images import ImageError, preprocess, to_rgb_array
+from clipinspect.runtime.core.progress import Progress
 
 PRECISIONS = ("fp16", "int8")
 METHODS = ("minmax", "entropy", "percentile")

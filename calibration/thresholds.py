@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 
 from clipinspect.runtime import Inspector
-from clipinspect.runtime.errors import UsageError
-from clipinspect.runtime.images import ImageInput
-from clipinspect.runtime.inspector import threshold_key
+from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.images import ImageInput
+from clipinspect.runtime.core.inspector import threshold_key
 
 from .datasets import load_dataset, load_mask
 from .metrics import f1_max_threshold

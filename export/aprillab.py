@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clipinspect.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
+from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
                                         check_category_dir_free, check_category_name, default_mode,
                                         sha256_file)
 

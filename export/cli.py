@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from clipinspect.runtime.cli import csv_list, int_list
-from clipinspect.runtime.errors import ClipInspectError, UsageError
+from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 
 DEFAULT_TAU_CTX = 0.01  # the default of winclip_torch.Adaptation; not imported: that needs torch
 

@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from clipinspect.runtime.errors import ClipInspectError
-from clipinspect.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
+from clipinspect.runtime.core.errors import ClipInspectError
+from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
                                         category_dir, check_category_dir_free,
                                         check_category_name, default_mode, file_entry,
                                         head_text_arrays, npz_bytes, sha256_file, write_versioned)

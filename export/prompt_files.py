@@ -36,8 +36,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from clipinspect.runtime.bundle import _CATEGORY_RE, atomic_write_bytes
-from clipinspect.runtime.errors import ClipInspectError
+from clipinspect.runtime.core.bundle import _CATEGORY_RE, atomic_write_bytes
+from clipinspect.runtime.core.errors import ClipInspectError
 
 FORMAT = "clipinspect-prompts"
 VERSION = 1

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from clipinspect.calibration.datasets import Sample, load_dataset, load_mask
-from clipinspect.runtime.bundle import atomic_write_bytes
-from clipinspect.runtime.images import preprocess, to_rgb_array
-from clipinspect.runtime.progress import Progress
+from clipinspect.runtime.core.bundle import atomic_write_bytes
+from clipinspect.runtime.core.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.progress import Progress
 
 from .aprillab import build, category_text
 from .aprillab_torch import (CHECKPOINT_KEY, LevelProjections, adapter_loss, check_layers,

@@ -6,10 +6,10 @@
     results[0].image_score, results[0].anomaly_map
 """
 
-from .bundle import Bundle, BundleError
-from .images import ImageError
-from .inspector import InspectionResult, Inspector
-from .backends import ProviderError, available_providers
+from .core.bundle import Bundle, BundleError
+from .core.images import ImageError
+from .core.inspector import InspectionResult, Inspector
+from .core.backends import ProviderError, available_providers
 
 __all__ = ["Bundle", "BundleError", "ImageError", "InspectionResult", "Inspector",
            "ProviderError", "available_providers"]

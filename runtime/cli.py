@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ClipInspectError, UsageError
+from .core.errors import ClipInspectError, UsageError
 
 
 def csv_list(text: str) -> list[str]:
@@ -60,12 +60,12 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 
 def _images(items: list[str]):
-    from .images import expand_inputs
+    from .core.images import expand_inputs
     return expand_inputs(items)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inspector import Inspector
+    from .core.inspector import Inspector
     from .predict import predict_to_dir
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
@@ -84,7 +84,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
-    from .inspector import Inspector
+    from .core.inspector import Inspector
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
     shots, failed = inspector.add_references(args.category, _images(args.images), args.batch_size)
@@ -95,7 +95,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
+    from .core.bundle import Bundle
     from .methods import describe
 
     bundle = Bundle.open(args.bundle, verify_checksums=not args.no_verify)
@@ -142,7 +142,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_providers(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from .backends import available_providers, ort_conflict
+    from .core.backends import available_providers, ort_conflict
 
     # Only whether the packages are there: importing TensorRT takes seconds.
     native = all(importlib.util.find_spec(m) for m in ("tensorrt", "cupy"))
@@ -154,8 +154,8 @@ def cmd_providers(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from .trt_compat import BatchRange
-    from .trt_engine import build_engines
+    from .tensorrt.compat import BatchRange
+    from .tensorrt.engine import build_engines
 
     build_engines(args.bundle, args.precision, BatchRange(args.min_batch, args.opt_batch,
                                                           args.max_batch),
@@ -164,7 +164,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from .triton import write_repository
+    from .triton.repository import write_repository
 
     out = write_repository(args.bundle, args.out, args.platform, args.precision,
                            args.max_batch, args.overwrite, args.categories_only, args.engine_key)
@@ -194,7 +194,7 @@ def _api_key(path: str | None) -> str | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import ServeConfig, serve
+        from .serving.server import ServeConfig, serve
     except ImportError as e:
         raise UsageError(f"'serve' needs the serve extra ({e}): pip install "
                          "'clipinspect[serve]'") from None
@@ -206,9 +206,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .inspector import Inspector
-    from .journal import Journal, JsonlSink
-    from .watch import FolderWatcher, opencv, watch_source
+    from .core.inspector import Inspector
+    from .serving.journal import Journal, JsonlSink
+    from .serving.watch import FolderWatcher, opencv, watch_source
 
     if (args.input is None) == (args.source is None):
         raise UsageError("give exactly one of --input DIR (hot folder) or --source "

@@ -10,10 +10,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .images import ImageInput
-from .inspector import InspectionResult, Inspector
-from .maps import overlay
-from .progress import Progress
+from .core.images import ImageInput
+from .core.inspector import InspectionResult, Inspector
+from .core.maps import overlay
+from .core.progress import Progress
 
 
 def overlay_name(index: int, source: str) -> str:

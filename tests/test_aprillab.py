@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from clipinspect.runtime import Inspector
-from clipinspect.runtime.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.images import preprocess, to_rgb_array
 
 TOL = 1e-4
 MODEL = "ViT-S-16"
@@ -108,7 +108,7 @@ def test_manifest_records_method_levels_size_and_parity(aprillab_bundle):
 def test_graphs_pass_the_static_tensorrt_checks_and_get_profiles(aprillab_bundle):
     pytest.importorskip("onnx")
     from clipinspect.runtime import Bundle
-    from clipinspect.runtime import trt_compat as tc
+    from clipinspect.runtime.tensorrt import compat as tc
 
     b = Bundle.open(aprillab_bundle)
     assert tc.check_bundle(b) == {k: [] for k in ("fp32/encoder", "fp32/head_zeroshot",

@@ -12,7 +12,7 @@ import pytest
 from clipinspect.benchmarks import bench
 from clipinspect.benchmarks.stats import run_stream, summarize
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime.errors import UsageError
+from clipinspect.runtime.core.errors import UsageError
 
 
 def test_summary_excludes_warmup_and_matches_numpy():

@@ -127,7 +127,7 @@ def test_replacing_memory_keeps_one_valid_file_and_others_can_read_it(bundle_cop
 
 
 def test_category_folders_cannot_collide():
-    from clipinspect.runtime.bundle import check_category_dir_free
+    from clipinspect.runtime.core.bundle import check_category_dir_free
 
     with pytest.raises(BundleError, match="'metal_nut' would share the folder.*'metal nut'"):
         check_category_dir_free({"categories": {"metal nut": {}}}, "metal_nut")

@@ -12,7 +12,7 @@ from clipinspect.calibration.datasets import load_mvtec
 from clipinspect.calibration.synth import generate
 from clipinspect.calibration.thresholds import calibrate, threshold_at_fpr
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime.errors import UsageError
+from clipinspect.runtime.core.errors import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from clipinspect.export.reference import WinClipReference, windows_of_scale
 from clipinspect.export.winclip_torch import WinClipHead, harmonic_to_patches, incidence, window_indices
-from clipinspect.runtime.maps import bilinear_matrix, gaussian_blur, overlay, upsample
+from clipinspect.runtime.core.maps import bilinear_matrix, gaussian_blur, overlay, upsample
 
 
 @pytest.mark.parametrize("size", [(240, 240), (15, 15), (7, 9), (1023, 517), (1, 1)])

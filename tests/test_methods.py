@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clipinspect.runtime import Bundle, BundleError, Inspector
-from clipinspect.runtime.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.images import preprocess, to_rgb_array
 
 TOL = 1e-4
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipinspect.runtime import Inspector
-from clipinspect.runtime.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.images import preprocess, to_rgb_array
 
 TOL = 1e-4
 

@@ -12,7 +12,7 @@ import pytest
 from clipinspect.calibration import quantize as q
 from clipinspect.calibration.synth import generate
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime.errors import UsageError
+from clipinspect.runtime.core.errors import UsageError
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

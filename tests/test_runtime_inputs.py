@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from clipinspect.runtime import Inspector, ProviderError
-from clipinspect.runtime.images import ImageError, expand_inputs, to_rgb_array
+from clipinspect.runtime.core.images import ImageError, expand_inputs, to_rgb_array
 
 
 @pytest.fixture(scope="module")

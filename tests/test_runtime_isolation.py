@@ -9,7 +9,9 @@ CHECK = """
 import sys
 import clipinspect.runtime
 from clipinspect.runtime.cli import build_parser
-from clipinspect.runtime import Inspector, journal, maps, predict, server, watch
+from clipinspect.runtime import Inspector, predict
+from clipinspect.runtime.core import maps
+from clipinspect.runtime.serving import journal, server, watch
 build_parser()
 heavy = sorted(m for m in ("torch", "open_clip", "torchvision", "onnx") if m in sys.modules)
 print(",".join(heavy) or "clean")
@@ -27,7 +29,7 @@ def test_runtime_sources_never_import_export_or_torch():
 
     import clipinspect.runtime as runtime
 
-    for path in Path(runtime.__file__).parent.glob("*.py"):
+    for path in Path(runtime.__file__).parent.rglob("*.py"):
         text = path.read_text()
         for banned in ("import torch", "from torch", "open_clip", "clipinspect.export",
                        "clipinspect.calibration"):

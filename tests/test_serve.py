@@ -20,10 +20,10 @@ httpx = pytest.importorskip("httpx")
 
 from clipinspect.runtime import Inspector  # noqa: E402
 from clipinspect.runtime.cli import main  # noqa: E402
-from clipinspect.runtime.errors import UsageError  # noqa: E402
-from clipinspect.runtime.images import EncodedImage  # noqa: E402
-from clipinspect.runtime.journal import Journal  # noqa: E402
-from clipinspect.runtime.server import (Batcher, HTTPError, Job, Metrics, ServeConfig,  # noqa: E402
+from clipinspect.runtime.core.errors import UsageError  # noqa: E402
+from clipinspect.runtime.core.images import EncodedImage  # noqa: E402
+from clipinspect.runtime.serving.journal import Journal  # noqa: E402
+from clipinspect.runtime.serving.server import (Batcher, HTTPError, Job, Metrics, ServeConfig,  # noqa: E402
                                         check_exposure, create_app)
 
 KEY = "test-key"

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime import trt_engine as te
-from clipinspect.runtime.backends import provider_options
-from clipinspect.runtime.bundle import write_versioned
+from clipinspect.runtime.tensorrt import engine as te
+from clipinspect.runtime.core.backends import provider_options
+from clipinspect.runtime.core.bundle import write_versioned
 from clipinspect.runtime.cli import main
-from clipinspect.runtime.errors import UsageError
-from clipinspect.runtime.trt_compat import BatchRange, CompatibilityError
+from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.tensorrt.compat import BatchRange, CompatibilityError
 
 HERE = te.Device("NVIDIA Jetson AGX Orin (64GB)", "8.7", "10.3.0.30")
 THERE = te.Device("NVIDIA H200", "9.0", "10.15.1")

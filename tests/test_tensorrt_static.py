@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clipinspect.runtime import Bundle
-from clipinspect.runtime import trt_compat as tc
+from clipinspect.runtime.tensorrt import compat as tc
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -21,7 +21,7 @@ def variant_bundle(small_bundle_path, tmp_path_factory):
     them, without the calibration and agreement passes (unit ranges stand in for calibrated
     ones: the structure, not the accuracy, is under test here)."""
     from clipinspect.calibration import quantize as q
-    from clipinspect.runtime.bundle import write_versioned
+    from clipinspect.runtime.core.bundle import write_versioned
 
     path = tmp_path_factory.mktemp("trt-static") / "bundle"
     shutil.copytree(small_bundle_path, path)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime import triton
-from clipinspect.runtime.errors import UsageError
-from clipinspect.runtime.maps import upsample
+from clipinspect.runtime.triton import repository as triton
+from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.maps import upsample
 
 ort = pytest.importorskip("onnxruntime")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -201,7 +201,7 @@ def run_ensemble(repo: Path, ensemble: str, feeds: dict, pb_utils) -> dict[str, 
 @pytest.mark.parametrize("mode", ["zeroshot", "fewshot"])
 def test_ensemble_gives_the_runtimes_scores_and_maps(served, images, pb_utils, mode):
     repo, inspector = served
-    from clipinspect.runtime.triton_client import prepare, preprocessing_from_config
+    from clipinspect.runtime.triton.client import prepare, preprocessing_from_config
 
     enc = json_format.MessageToDict(parse(repo / triton.ENCODER / "config.pbtxt"))
     batch = prepare(images, preprocessing_from_config(enc))
@@ -271,7 +271,7 @@ def test_repository_errors(bundle_path, repo, tmp_path):
 
 def test_client_request_is_what_the_ensemble_declares(repo):
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    from clipinspect.runtime.triton_client import make_inputs
+    from clipinspect.runtime.triton.client import make_inputs
 
     cfg = parse(repo / triton.ENSEMBLES["zeroshot"] / "config.pbtxt")
     inputs = make_inputs(grpcclient, np.zeros((2, 3, 224, 224), np.float32), "metal nut")

@@ -17,9 +17,9 @@ from PIL import Image
 
 from clipinspect.runtime import Inspector
 from clipinspect.runtime.cli import main
-from clipinspect.runtime.images import EncodedImage
-from clipinspect.runtime.journal import Entry, Journal, JsonlSink
-from clipinspect.runtime.watch import FolderWatcher
+from clipinspect.runtime.core.images import EncodedImage
+from clipinspect.runtime.serving.journal import Entry, Journal, JsonlSink
+from clipinspect.runtime.serving.watch import FolderWatcher
 
 CATEGORY = "weave"
 

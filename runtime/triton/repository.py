@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 
-from .bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes
-from .errors import UsageError
+from ..core.bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes
+from ..core.errors import UsageError
 
 ENCODER = "clipinspect_encoder"
 CATEGORIES = "clipinspect_categories"
@@ -59,7 +59,7 @@ class Shapes:
     what the encoder gives and the categories model serves; -1 where a size varies)."""
 
     def __init__(self, bundle: Bundle):
-        from .trt_compat import head_inputs, is_category_input
+        from ..tensorrt.compat import head_inputs, is_category_input
 
         h, w = bundle.input_size
         self.images = [3, h, w]
@@ -181,7 +181,7 @@ def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> di
     if engine_key not in engines:
         raise UsageError(f"no {precision} engines for device {engine_key!r}; the bundle has "
                          f"{', '.join(sorted(engines))}")
-    from .trt_engine import GRAPHS
+    from ..tensorrt.engine import GRAPHS
 
     record = engines[engine_key][precision]
     for name in GRAPHS:
@@ -238,7 +238,7 @@ def write_repository(bundle_path, out, platform: str = "onnx", precision: str = 
             configs[name] = ensemble_config(bundle, mode)
             (tmp / name / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir
         (tmp / CATEGORIES / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(__file__).with_name("triton_categories.py"),
+        shutil.copy2(Path(__file__).with_name("categories.py"),
                      tmp / CATEGORIES / "1" / "model.py")
         for name, text in configs.items():
             atomic_write_bytes(tmp / name / "config.pbtxt", text.encode())

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .errors import ClipInspectError
-from .methods import MethodError, method_of
+from ..methods import MethodError, method_of
 
 FORMAT_NAME = "clipinspect-bundle"
 FORMAT_VERSION = 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import ClipInspectError
+from ..core.errors import ClipInspectError
 
 GRAPHS = ("encoder", "head_zeroshot", "head_fewshot")
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ClipInspectError, UsageError
-from .images import IMAGE_SUFFIXES, EncodedImage
-from .inspector import Inspector
+from ..core.errors import ClipInspectError, UsageError
+from ..core.images import IMAGE_SUFFIXES, EncodedImage
+from ..core.inspector import Inspector
 from .journal import Entry, Journal, JsonlSink
 
 

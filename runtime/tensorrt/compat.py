@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle
-from .errors import ClipInspectError
+from ..core.bundle import Bundle
+from ..core.errors import ClipInspectError
 
-OPS_FILE = Path(__file__).with_name("tensorrt_onnx_ops.json")
+OPS_FILE = Path(__file__).with_name("onnx_ops.json")
 MIN_OPSET = 17
 # JetPack 6.1 / 6.2 ship TensorRT 10.3: the oldest TensorRT this project builds engines with.
 DEFAULT_TARGET = "10.3"

@@ -34,12 +34,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import ClipInspectError, UsageError
-from .images import EncodedImage
-from .inspector import MODES, InspectionResult, Inspector, LoadedImage
+from ..core.errors import ClipInspectError, UsageError
+from ..core.images import EncodedImage
+from ..core.inspector import MODES, InspectionResult, Inspector, LoadedImage
 from .journal import Entry, Journal
-from .maps import overlay
-from .predict import colour_range
+from ..core.maps import overlay
+from ..predict import colour_range
 
 API_KEY_HEADER = "X-API-Key"
 MiB = 1 << 20

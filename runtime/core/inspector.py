@@ -99,7 +99,7 @@ class Inspector:
             bundle = Bundle.open(bundle, verify_checksums=verify_checksums)
         bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
         if provider == "tensorrt-native":
-            from .trt_backend import TrtBackend
+            from ..tensorrt.backend import TrtBackend
 
             return cls(bundle, TrtBackend(bundle, precision, verify_checksums), precision)
         heads = {name: bundle.graph_path(precision, name) for name in ("head_zeroshot",
@@ -108,7 +108,7 @@ class Inspector:
         if provider == "tensorrt":
             import onnx
 
-            from .trt_compat import BatchRange, profile_shapes
+            from ..tensorrt.compat import BatchRange, profile_shapes
 
             profiles = {name: profile_shapes(bundle, onnx.load(str(bundle.graph_path(
                 precision, name)), load_external_data=False), BatchRange())

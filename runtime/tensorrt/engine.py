@@ -29,10 +29,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .bundle import Bundle, atomic_write_bytes, write_versioned
-from .errors import ClipInspectError, UsageError
-from .progress import Progress
-from .trt_compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes, require_compatible
+from ..core.bundle import Bundle, atomic_write_bytes, write_versioned
+from ..core.errors import ClipInspectError, UsageError
+from ..core.progress import Progress
+from .compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes, require_compatible
 
 GRAPHS = ("encoder", "head_zeroshot", "head_fewshot")
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -1,7 +1,7 @@
 """A small Triton client for a repository written by ``clipinspect triton``.
 
     pip install "clipinspect[triton]"
-    python -m clipinspect.runtime.triton_client --url localhost:8001 --category bottle a.png b.png
+    python -m clipinspect.runtime.triton.client --url localhost:8001 --category bottle a.png b.png
 
 Images are prepared exactly as the runtime prepares them (same resize and normalization, read
 from the encoder's model config, so the client needs no bundle), sent with the category name to
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .images import preprocess, to_rgb_array
-from .triton import ENCODER, ENSEMBLES
+from ..core.images import preprocess, to_rgb_array
+from .repository import ENCODER, ENSEMBLES
 
 
 def preprocessing_from_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ClipInspectError
-from .inspector import InspectionResult
+from ..core.errors import ClipInspectError
+from ..core.inspector import InspectionResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (

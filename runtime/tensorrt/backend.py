@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, sha256_file
-from .errors import UsageError
-from .trt_engine import GRAPHS, EngineError, current_device, find_engines, import_tensorrt
+from ..core.bundle import Bundle, sha256_file
+from ..core.errors import UsageError
+from .engine import GRAPHS, EngineError, current_device, find_engines, import_tensorrt
 
 
 def _memory_size(engine) -> int:
