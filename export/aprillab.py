@@ -120,7 +120,7 @@ def export_aprillab_bundle(out: str | Path, model_name: str, pretrained: str | N
     out = Path(out)
     categories = [check_category_name(c) for c in categories]
     for i, name in enumerate(categories):
-        check_category_dir_free({"categories": dict.fromkeys(categories[:i])}, name)
+        check_category_dir_free(categories[:i], name)
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset >= 17")
     if out.exists() and not overwrite and any(out.iterdir()):
@@ -167,7 +167,7 @@ def export_aprillab_bundle(out: str | Path, model_name: str, pretrained: str | N
             "outputs": encoder.output_names(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": model_name, "weights": weights},
-            "input": input_cfg,
+            "preprocess": input_cfg,
             "grid": list(encoder.grid), "patch_size": int(visual.patch_size[0]),
             "scales": [],
             "dims": {"embed": dim, "width": width, "patches": encoder.grid[0] * encoder.grid[1],

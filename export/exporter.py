@@ -25,6 +25,7 @@ from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle
                                         category_dir, check_category_dir_free,
                                         check_category_name, default_mode, file_entry,
                                         head_text_arrays, npz_bytes, sha256_file, write_versioned)
+from clipinspect.runtime.core.manifest import Manifest
 
 from . import prompt_files
 from .methods import METHODS, method_options
@@ -268,7 +269,7 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
     out = Path(out)
     categories = [check_category_name(c) for c in categories]
     for i, name in enumerate(categories):
-        check_category_dir_free({"categories": dict.fromkeys(categories[:i])}, name)
+        check_category_dir_free(categories[:i], name)
     options = _method_options(method, {**(options or {}), "scales": scales})
     _check_adaptation(adaptation)
     descriptions = _prompt_file(prompts, categories)
@@ -320,7 +321,7 @@ def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
             "adaptation": adaptation_record,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": model_name, "weights": weights},
-            "input": preprocess_config(model),
+            "preprocess": preprocess_config(model),
             "grid": list(encoder.grid), "patch_size": int(model.visual.patch_size[0]),
             "scales": list(scales),
             "windows": {str(k): int(getattr(encoder, f"windows_{k}").shape[0]) for k in scales},
@@ -362,12 +363,11 @@ def write_manifest_and_move(tmp: Path, out: Path, manifest: dict, files: dict[st
                             overwrite: bool) -> None:
     """Record the graphs (with their input and output names), write the manifest of the bundle
     built in ``tmp`` and move it to ``out``."""
-    bundle = Bundle(tmp, manifest)
     manifest["graphs"]["fp32"] = {
-        name: bundle.file_entry(rel, inputs=_io_names(tmp / rel, "inputs"),
-                                outputs=_io_names(tmp / rel, "outputs"))
+        name: file_entry(tmp, rel, inputs=_io_names(tmp / rel, "inputs"),
+                         outputs=_io_names(tmp / rel, "outputs"))
         for name, rel in files.items()}
-    bundle.save_manifest()
+    Bundle(tmp, Manifest.from_dict(manifest, f"exported bundle {str(out)!r}")).save_manifest()
     _move_into_place(tmp, out, overwrite)
 
 
@@ -472,43 +472,38 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
     ``prompts``: a prompt file whose descriptions join the ensemble, as at export."""
     bundle = Bundle.open(bundle_path)
     names = [check_category_name(n) for n in names]
-    existing = [n for n in names if n in bundle.manifest["categories"]]
+    existing = [n for n in names if n in bundle.manifest.categories]
     if existing and not replace:
         raise ExportError(f"category {existing[0]!r} is already in the bundle; pass --replace to "
                           "recompute its text embeddings")
     descriptions = _prompt_file(prompts, names)
-    model_name = bundle.manifest["model"]["name"]
-    weights = bundle.manifest["model"]["weights"]
-    source = pretrained or {"tag": weights.get("tag"), "file": weights.get("path"),
-                            "random": None}[weights["kind"]]
-    if weights["kind"] == "file" and pretrained is None and not os.path.isfile(source):
+    model_name = bundle.manifest.model.name
+    weights = bundle.manifest.model.weights
+    source = pretrained or {"tag": weights.tag, "file": weights.path, "random": None}[weights.kind]
+    if weights.kind == "file" and pretrained is None and not os.path.isfile(source or ""):
         raise ExportError(f"the checkpoint this bundle was exported from, {source!r}, is not there; "
                           "pass its new location with --pretrained PATH")
-    model, tokenizer, loaded = load_clip(model_name, source, seed=weights.get("seed", 0))
-    if weights["kind"] == "file" and loaded.get("sha256") != weights["sha256"]:
+    model, tokenizer, loaded = load_clip(model_name, source, seed=weights.seed or 0)
+    if weights.kind == "file" and loaded.get("sha256") != weights.sha256:
         raise ExportError(f"checkpoint {source!r} is not the one this bundle was exported from "
                           "(sha256 differs)")
-    if not np.allclose(loaded["text_probe"], weights["text_probe"], rtol=1e-3, atol=1e-4):
+    if not np.allclose(loaded["text_probe"], weights.text_probe, rtol=1e-3, atol=1e-4):
         raise ExportError("the loaded CLIP weights are not the ones this bundle was exported with "
                           "(text-tower fingerprint differs); pass the right --pretrained")
-    if bundle.manifest.get("method") == "aprillab":
+    if bundle.manifest.method == "aprillab":
         if descriptions is not None:
             raise ExportError("--prompts does not apply to an aprillab bundle (it uses its own "
                               "prompt recipe)")
         from .aprillab import write_text
     else:
-        ensemble, adaptation = load_ensemble("winclip"), bundle.manifest.get("adaptation")
+        ensemble = load_ensemble("winclip")
+        adaptation = bundle.manifest.adaptation.to_dict() if bundle.manifest.adaptation else None
 
         def write_text(root, model, tokenizer, name):
             return write_category_text(root, model, tokenizer, name, ensemble, descriptions,
                                        adaptation)
     for name in names:
-        check_category_dir_free(bundle.manifest, name)
+        check_category_dir_free(bundle.manifest.categories, name)
         progress(f"text embeddings for {name!r}")
-        entry = write_text(bundle.root, model, tokenizer, name)
-        with bundle.updating() as m:
-            check_category_dir_free(m, name)
-            old = m["categories"].get(name, {})
-            entry["memory"], entry["thresholds"] = old.get("memory"), old.get("thresholds")
-            m["categories"][name] = entry
+        bundle.set_category(name, write_text(bundle.root, model, tokenizer, name))
     return bundle

@@ -234,14 +234,15 @@ def file_entry_dict(file: str, sha256: str, size: int, **extra: Any) -> dict[str
 @dataclass
 class Weights:
     """Where the CLIP weights came from: kind "tag" (open_clip tag), "file" (checkpoint path
-    and sha256) or "random" (seed); text_probe fingerprints the text tower."""
+    and sha256) or "random" (seed); text_probe fingerprints the text tower (add-category checks
+    that it loaded the same weights)."""
 
     kind: str
     tag: str | None = None
     path: str | None = None
     sha256: str | None = None
     seed: int | None = None
-    text_probe: list[float] | None = None
+    text_probe: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     _KNOWN = ("kind", "tag", "path", "sha256", "seed", "text_probe")
@@ -255,8 +256,7 @@ class Weights:
                    path=_str(d, "path", at, optional=True),
                    sha256=_str(d, "sha256", at, optional=need != "sha256"),
                    seed=_take(d, "seed", at, "a whole number", _is_int, optional=need != "seed"),
-                   text_probe=_list(d, "text_probe", at, "a list of numbers", _is_num,
-                                    optional=True),
+                   text_probe=_list(d, "text_probe", at, "a list of numbers", _is_num),
                    extra=_rest(d, cls._KNOWN))
 
     def to_dict(self) -> dict[str, Any]:
@@ -708,3 +708,9 @@ def _aprillab(d: dict, at: _At, method: str) -> dict[str, Any] | None:
         _list(section, "layers", at / "aprillab", "a list of transformer block numbers",
               lambda v: _is_int(v) and v >= 0)
     return section
+
+
+def parse(kind: type, d: Any, where: str, path: str = "") -> Any:
+    """A part of a manifest (``Category``, ``GraphFile``, ``Quantization``, ``EngineBuild``, ...)
+    from its JSON form, validated like a whole manifest; ``path`` names it in errors."""
+    return kind.from_dict(d, _At(where, path))

@@ -12,9 +12,12 @@ The export side keeps its counterpart in export/methods.py (how each method is b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..core.errors import ClipInspectError
+
+if TYPE_CHECKING:
+    from ..core.manifest import Manifest
 
 GRAPHS = ("encoder", "head_zeroshot", "head_fewshot")
 
@@ -30,14 +33,14 @@ class Method:
 
     name: str
     summary: str
-    outputs: Callable[[dict[str, Any]], list[str]]
+    outputs: Callable[["Manifest"], list[str]]
     graphs: tuple[str, ...] = GRAPHS
 
 
 METHODS: dict[str, Method] = {
     "winclip": Method(
         "winclip", "WinCLIP / WinCLIP+: image, window (sliding, per scale) and patch scores",
-        lambda m: ["image_embedding", *[f"window_embeddings_{k}" for k in m["scales"]],
+        lambda m: ["image_embedding", *[f"window_embeddings_{k}" for k in m.scales],
                    "patch_tokens"]),
     "patch": Method(
         "patch", "patch-only: one encoder pass, dense value-value patch embeddings scored "
@@ -46,37 +49,27 @@ METHODS: dict[str, Method] = {
     "aprillab": Method(
         "aprillab", "AprilLab (after APRIL-GAN): intermediate-layer tokens through learned "
                     "per-level projections, scored against the text",
-        lambda m: ["image_embedding", *[f"level_tokens_{n}" for n in m["aprillab"]["layers"]]]),
+        lambda m: ["image_embedding", *[f"level_tokens_{n}" for n in m.aprillab["layers"]]]),
 }
 
 
-def method_of(manifest: dict[str, Any], where: str = "bundle") -> Method:
-    """The bundle's method, checked against its manifest. Bundles written before methods were
-    recorded are WinCLIP."""
-    name = manifest.get("method", "winclip")
+def method_of(manifest: "Manifest", where: str = "bundle") -> Method:
+    """The bundle's method, checked against its manifest (bundles written before methods were
+    recorded are WinCLIP; the manifest's prompt adaptation is validated with the manifest)."""
+    name = manifest.method
     if name not in METHODS:
         raise MethodError(f"{where} uses method {name!r}, which this clipinspect does not know "
                           f"(it knows {', '.join(METHODS)}); upgrade clipinspect")
     method = METHODS[name]
-    declared = manifest.get("outputs")
+    declared = manifest.outputs
     if declared is not None and declared != method.outputs(manifest):
         raise MethodError(f"{where}: its manifest lists encoder outputs {declared}, but method "
                           f"{name!r} has {method.outputs(manifest)}; export the bundle again")
-    adaptation = manifest.get("adaptation")
-    if adaptation is not None:
-        tau, top_k = adaptation.get("tau"), adaptation.get("top_k")
-        if adaptation.get("kind") != "contextual" or not (isinstance(tau, (int, float)) and tau > 0) \
-                or not (top_k is None or (isinstance(top_k, int) and top_k >= 1)):
-            raise MethodError(f"{where}: unknown or invalid prompt adaptation {adaptation!r}; "
-                              "export the bundle again")
     return method
 
 
-def describe(manifest: dict[str, Any]) -> str:
+def describe(manifest: "Manifest") -> str:
     """'patch + contextual prompt adaptation (tau 0.01, top-k 5)' and the like."""
-    name = manifest.get("method", "winclip")
-    adaptation = manifest.get("adaptation")
-    if not adaptation:
-        return name
-    top_k = f", top-k {adaptation['top_k']}" if adaptation.get("top_k") else ""
-    return f"{name} + contextual prompt adaptation (tau {adaptation['tau']:g}{top_k})"
+    if not manifest.adaptation:
+        return manifest.method
+    return f"{manifest.method} + {manifest.adaptation.describe()}"
