@@ -22,7 +22,7 @@ import numpy as np
 
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backends import ProviderError, available_providers
-from clipinspect.runtime.core.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.images import to_rgb_array
 from clipinspect.runtime.core.maps import upsample
 
 from .report import command, machine, read_text
@@ -83,12 +83,12 @@ def is_out_of_memory(e: BaseException) -> bool:
 def transformer_layers(bundle: Bundle) -> int:
     """Depth of the vision transformer: from the manifest, or, for bundles exported before it
     was recorded there, the number of MLP input weights (width x 4 width) in the encoder."""
-    layers = bundle.manifest["dims"].get("layers")
+    layers = bundle.manifest.dims.layers
     if layers:
         return int(layers)
     import onnx
 
-    c = bundle.manifest["dims"]["width"]
+    c = bundle.manifest.dims.width
     model = onnx.load(str(bundle.graph_path("fp32", "encoder")))
     return sum(1 for t in model.graph.initializer if list(t.dims) == [c, 4 * c])
 
@@ -153,13 +153,11 @@ def make_workload(bundle: Bundle, folder: Path, n_images: int, shots: int) -> Wo
 def time_runtime(inspector: Inspector, work: Workload, mode: str, memory: dict | None,
                  batch: int, runs: int) -> dict[str, list[float]]:
     """Stage seconds of ``runs`` batches through the runtime."""
-    cfg = inspector.bundle.manifest["input"]
-    size = inspector.bundle.input_size
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     for r in range(runs):
         t0 = time.perf_counter()
         rgbs = [to_rgb_array(p) for p in work.batch(r, batch)]
-        x = np.stack([preprocess(im, size, cfg["mean"], cfg["std"]) for im in rgbs])
+        x = inspector.bundle.preprocess.batch(rgbs)
         t1 = time.perf_counter()
         encoded = inspector.backend.encode(x)
         t2 = time.perf_counter()
@@ -183,17 +181,16 @@ class TorchBaseline:
         from clipinspect.export.exporter import load_clip
         from clipinspect.export.reference import WinClipReference
 
-        weights = bundle.manifest["model"]["weights"]
-        if weights["kind"] == "random":
+        weights = bundle.manifest.model.weights
+        if weights.kind == "random":
             pretrained = None
-        elif weights["kind"] == "tag":
-            pretrained = weights["tag"]
+        elif weights.kind == "tag":
+            pretrained = weights.tag
         else:
-            pretrained = weights.get("path")
+            pretrained = weights.path
             if not pretrained or not Path(pretrained).is_file():
                 raise RuntimeError(f"the bundle's checkpoint {pretrained!r} is not on this machine")
-        model, _, _ = load_clip(bundle.manifest["model"]["name"], pretrained,
-                                weights.get("seed", 0))
+        model, _, _ = load_clip(bundle.manifest.model.name, pretrained, weights.seed or 0)
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
@@ -209,21 +206,18 @@ class TorchBaseline:
             self.torch.cuda.synchronize()
 
     def memory(self, work: Workload):
-        cfg, size = self.bundle.manifest["input"], self.bundle.input_size
-        x = np.stack([preprocess(to_rgb_array(p), size, cfg["mean"], cfg["std"])
-                      for p in work.references])
+        x = self.bundle.preprocess.batch([to_rgb_array(p) for p in work.references])
         return self.reference.features(self.tensor(x))
 
     def time(self, work: Workload, mode: str, memory, batch: int, runs: int
              ) -> dict[str, list[float]]:
-        cfg, size = self.bundle.manifest["input"], self.bundle.input_size
         data = self.bundle.category(work.category)
         prototypes = self.tensor(data.text_prototypes)
         times: dict[str, list[float]] = {"decode": [], "model_and_post": [], "end_to_end": []}
         for r in range(runs):
             t0 = time.perf_counter()
             rgbs = [to_rgb_array(p) for p in work.batch(r, batch)]
-            x = np.stack([preprocess(im, size, cfg["mean"], cfg["std"]) for im in rgbs])
+            x = self.bundle.preprocess.batch(rgbs)
             t1 = time.perf_counter()
             scores, maps = self.reference(self.tensor(x), prototypes, rgbs[0].shape[:2],
                                           memory if mode == "few-shot" else None)
@@ -270,8 +264,8 @@ def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] 
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "schema": "clipinspect-bench/1", "bundle": bundle.identity,
-        "model": bundle.manifest["model"]["name"],
-        "weights": bundle.manifest["model"]["weights"]["kind"],
+        "model": bundle.manifest.model.name,
+        "weights": bundle.manifest.model.weights.kind,
         "config": {"backends": list(backends), "precisions": list(precisions),
                    "modes": list(modes), "batches": list(batches), "shots": shots, "runs": runs,
                    "warmup": warmup, "images": images, "image_size": [IMAGE_SIZE, IMAGE_SIZE]},
@@ -363,7 +357,7 @@ def _sweep(result: dict, kind: str, backend: str, precision: str, modes: Sequenc
 
 
 def _baselines(result, bundle, work, backends, modes, batches, runs, warmup, progress) -> None:
-    if bundle.manifest.get("method", "winclip") != "winclip" or bundle.manifest.get("adaptation"):
+    if bundle.manifest.method != "winclip" or bundle.manifest.adaptation:
         from clipinspect.runtime.methods import describe
         result["skipped"].append({"what": "PyTorch baseline", "reason": (
             "the baseline is the eager reference of plain WinCLIP; this bundle's method is "

@@ -18,45 +18,47 @@ import json
 
 import numpy as np
 
+from clipinspect.runtime.core.manifest import Manifest
+
 from .report import machine, write_results
 from .sidebyside import end_to_end, interleaved_rounds, synthetic_images
 from .winclip_vs_torch import vit_gflops
 from .winclip_vs_torch import winclip_gflops as winclip_cost
 
 
-def winclip_gflops(manifest: dict, layers: int) -> float:
+def winclip_gflops(manifest: Manifest, layers: int) -> float:
     """One full pass + every window sequence, minus the exact last-block shortcut."""
     return winclip_cost(manifest, layers)["executed_by_runtime"]
 
 
-def patch_gflops(manifest: dict, layers: int) -> float:
+def patch_gflops(manifest: Manifest, layers: int) -> float:
     """One full pass + the dense path: per dense block the value projection and output
     projection of every token and value-value attention, then ln_post and proj of the patches."""
-    c, d, p = manifest["dims"]["width"], manifest["dims"]["embed"], manifest["dims"]["patches"]
+    c, d, p = manifest.dims.width, manifest.dims.embed, manifest.dims.patches
     n = p + 1
-    dense = manifest["method_options"]["dense_blocks"] * (4 * n * c * c + 4 * n * n * c)
+    dense = manifest.method_options["dense_blocks"] * (4 * n * c * c + 4 * n * n * c)
     return full_pass_gflops(manifest, layers) + (dense + 2 * p * c * d) / 1e9
 
 
-def aprillab_gflops(manifest: dict, layers: int) -> float:
+def aprillab_gflops(manifest: Manifest, layers: int) -> float:
     """One full pass at the bundle's input size + one (C -> D) projection of every patch token
     per feature level (in the scoring head)."""
-    c, d, p = manifest["dims"]["width"], manifest["dims"]["embed"], manifest["dims"]["patches"]
-    levels = len(manifest["aprillab"]["layers"])
+    c, d, p = manifest.dims.width, manifest.dims.embed, manifest.dims.patches
+    levels = len(manifest.aprillab["layers"])
     return full_pass_gflops(manifest, layers) + levels * 2 * p * c * d / 1e9
 
 
-def full_pass_gflops(manifest: dict, layers: int) -> float:
-    c, p = manifest["dims"]["width"], manifest["dims"]["patches"]
-    return vit_gflops(c, layers, [p + 1], 2 * p * c * 3 * manifest["patch_size"] ** 2)
+def full_pass_gflops(manifest: Manifest, layers: int) -> float:
+    c, p = manifest.dims.width, manifest.dims.patches
+    return vit_gflops(c, layers, [p + 1], 2 * p * c * 3 * manifest.patch_size ** 2)
 
 
 # Cost model per method: (manifest, transformer depth) -> GFLOPs the encoder executes per image.
 COST_MODELS = {"winclip": winclip_gflops, "patch": patch_gflops, "aprillab": aprillab_gflops}
 
 
-def gflops_per_image(manifest: dict, layers: int) -> float:
-    method = manifest.get("method", "winclip")
+def gflops_per_image(manifest: Manifest, layers: int) -> float:
+    method = manifest.method
     if method not in COST_MODELS:
         raise ValueError(f"no cost model for method {method!r} (known: {', '.join(COST_MODELS)})")
     return COST_MODELS[method](manifest, layers)
@@ -84,7 +86,7 @@ def measure(args: argparse.Namespace) -> dict:
     from .bench import transformer_layers
 
     bundles = [Bundle.open(b) for b in args.bundles]
-    models = {(b.manifest["model"]["name"], json_key(b.manifest["model"]["weights"]))
+    models = {(b.manifest.model.name, json_key(b.manifest.model.weights.to_dict()))
               for b in bundles}
     if len(models) > 1:
         raise SystemExit("the bundles come from different models or weights; compare methods on "
@@ -106,14 +108,14 @@ def measure(args: argparse.Namespace) -> dict:
     for i in range(len(bundles)):  # warm-up
         run(i)
     times, ips = interleaved_rounds(labels, run, args.rounds, args.images)
-    rows = [{"bundle": label, "method": b.manifest.get("method", "winclip"),
-             "adaptation": b.manifest.get("adaptation"),
+    rows = [{"bundle": label, "method": b.manifest.method,
+             "adaptation": b.manifest.adaptation.to_dict() if b.manifest.adaptation else None,
              "gflops_per_image": gflops_per_image(b.manifest, transformer_layers(b)),
              "seconds_per_round": t, "images_per_second": v, "ratio_to_first": v / ips[0]}
             for label, b, t, v in zip(labels, bundles, times, ips)]
     result = {
-        "benchmark": "methods", "model": bundles[0].manifest["model"]["name"],
-        "weights": bundles[0].manifest["model"]["weights"]["kind"], "category": category,
+        "benchmark": "methods", "model": bundles[0].manifest.model.name,
+        "weights": bundles[0].manifest.model.weights.kind, "category": category,
         "mode": args.mode, "shots": args.shots if args.mode == "few-shot" else 0,
         "images_per_round": args.images, "image_size": [256, 256], "batch_size": args.batch_size,
         "rounds": args.rounds, "provider": "cpu", "precision": "fp32",

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clipinspect.runtime.core.manifest import Manifest
+
 from .report import machine, write_results
 
 
@@ -28,17 +30,17 @@ def vit_gflops(width: int, layers: int, seq_lens: list[int], patch_flops: float 
     return (layers * per_layer + patch_flops) / 1e9
 
 
-def winclip_gflops(manifest: dict, layers: int) -> dict:
+def winclip_gflops(manifest: Manifest, layers: int) -> dict:
     """Cost model: one full pass + every window sequence through the whole transformer."""
-    c = manifest["dims"]["width"]
-    p = manifest["dims"]["patches"]
-    patch = 2 * p * c * 3 * manifest["patch_size"] ** 2
+    c = manifest.dims.width
+    p = manifest.dims.patches
+    patch = 2 * p * c * 3 * manifest.patch_size ** 2
     encode = vit_gflops(c, layers, [p + 1], patch)
-    windows = vit_gflops(c, layers, [1 + k * k for k in manifest["scales"]
-                                     for _ in range(manifest["windows"][str(k)])])
+    windows = vit_gflops(c, layers, [1 + k * k for k in manifest.scales
+                                     for _ in range(manifest.windows[str(k)])])
     # The exported encoder skips, in the last block of the window passes, the query, output
     # projection and MLP of every token but the class token: 20 C^2 FLOPs per skipped token.
-    skipped = sum(k * k * manifest["windows"][str(k)] for k in manifest["scales"]) * 20 * c * c / 1e9
+    skipped = sum(k * k * manifest.windows[str(k)] for k in manifest.scales) * 20 * c * c / 1e9
     return {"encode": encode, "windows": windows, "total": encode + windows,
             "executed_by_runtime": encode + windows - skipped}
 
@@ -89,18 +91,17 @@ def measure(args: argparse.Namespace, inspector) -> dict:
     from clipinspect.calibration.synth import render_sample
     from clipinspect.export.exporter import load_clip
     from clipinspect.export.reference import WinClipReference
-    from clipinspect.runtime.core.images import preprocess
 
     bundle = inspector.bundle
-    if bundle.manifest["model"]["weights"]["kind"] != "random":
+    if bundle.manifest.model.weights.kind != "random":
         raise SystemExit("this benchmark rebuilds the same weights from the seed: use a bundle "
                          "exported with --pretrained none")
-    if bundle.manifest.get("method", "winclip") != "winclip" or bundle.manifest.get("adaptation"):
+    if bundle.manifest.method != "winclip" or bundle.manifest.adaptation:
         raise SystemExit("this benchmark compares plain WinCLIP with its eager reference; the "
-                         "bundle's method is " + bundle.manifest["method"]
-                         + (" with prompt adaptation" if bundle.manifest.get("adaptation") else "")
+                         "bundle's method is " + bundle.manifest.method
+                         + (" with prompt adaptation" if bundle.manifest.adaptation else "")
                          + " (compare methods with python -m clipinspect.benchmarks.methods)")
-    model, _, _ = load_clip(args.model, None, bundle.manifest["model"]["weights"]["seed"])
+    model, _, _ = load_clip(args.model, None, bundle.manifest.model.weights.seed)
     reference = WinClipReference(model, bundle.scales)
     category = bundle.categories[0]
 
@@ -111,11 +112,8 @@ def measure(args: argparse.Namespace, inspector) -> dict:
     inspector.add_references(category, refs)
     data = bundle.category(category)
     prototypes = torch.from_numpy(data.text_prototypes)
-    cfg = bundle.manifest["input"]
-
     def to_tensor(batch):
-        return torch.from_numpy(np.stack([preprocess(im, bundle.input_size, cfg["mean"], cfg["std"])
-                                          for im in batch]))
+        return torch.from_numpy(bundle.preprocess.batch(batch))
 
     memory = reference.features(to_tensor(refs))
 

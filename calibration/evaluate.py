@@ -115,7 +115,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path, fmt: str = "
     (out / "categories").mkdir(parents=True, exist_ok=True)
     b = Bundle.open(bundle)
     categories = list(categories or dataset_categories(data, fmt))
-    missing = [c for c in categories if c not in b.manifest["categories"]]
+    missing = [c for c in categories if c not in b.manifest.categories]
     if missing:
         raise UsageError(f"the bundle has no text embeddings for {', '.join(map(repr, missing))}; "
                          f"add them with 'clipinspect add-category {bundle} "

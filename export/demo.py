@@ -32,9 +32,9 @@ def _bundle_matches(path: Path, model: str, pretrained: str | None, categories: 
         m = Bundle.open(path).manifest
     except Exception:
         return False
-    w = m["model"]["weights"]
-    same_weights = (w["kind"] == "random") if pretrained is None else w.get("tag") == pretrained
-    return m["model"]["name"] == model and same_weights and set(categories) <= set(m["categories"])
+    w = m.model.weights
+    same_weights = (w.kind == "random") if pretrained is None else w.tag == pretrained
+    return m.model.name == model and same_weights and set(categories) <= set(m.categories)
 
 
 def export_for_demo(path: Path, model: str, pretrained: str, categories: Sequence[str],
@@ -83,9 +83,10 @@ def run_demo(out: str | Path = "demo-output", model: str = "ViT-B-16-plus-240",
     log(f"== 2/4 export {model} -> {out / 'bundle'}")
     bundle, weights_warning = export_for_demo(out / "bundle", model, pretrained, categories, seed)
     inspector = Inspector.open(bundle)
-    report = {"model": model, "weights": bundle.manifest["model"]["weights"]["kind"],
+    report = {"model": model, "weights": bundle.manifest.model.weights.kind,
               "weights_warning": weights_warning, "bundle": bundle.identity,
-              "parity_fp32": bundle.manifest["parity"]["fp32"], "shots": shots, "categories": {}}
+              "parity_fp32": bundle.manifest.parity["fp32"].to_dict(), "shots": shots,
+              "categories": {}}
     for name in categories:
         train = [s.path for s in load_mvtec(data, [name], split="train")][:shots]
         log(f"== 3/4 {name}: {len(train)}-shot references")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from clipinspect.runtime import Inspector
-from clipinspect.runtime.core.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.images import to_rgb_array
 
 TOL = 1e-4
 MODEL = "ViT-S-16"
@@ -85,18 +85,16 @@ def eager_reference(model, state, images, text, memory_images=None):
 
 
 def _tensors(bundle, images):
-    cfg = bundle.manifest["input"]
-    return np.stack([preprocess(to_rgb_array(im), bundle.input_size, cfg["mean"], cfg["std"])
-                     for im in images])
+    return bundle.preprocess.batch([to_rgb_array(im) for im in images])
 
 
 def test_manifest_records_method_levels_size_and_parity(aprillab_bundle):
     from clipinspect.runtime import Bundle
 
-    m = Bundle.open(aprillab_bundle).manifest
+    m = Bundle.open(aprillab_bundle).manifest.to_dict()
     assert m["method"] == "aprillab"
     assert m["aprillab"]["layers"] == list(LAYERS)
-    assert m["input"]["size"] == [SIZE, SIZE] and m["grid"] == [SIZE // 16, SIZE // 16]
+    assert m["preprocess"]["size"] == [SIZE, SIZE] and m["grid"] == [SIZE // 16, SIZE // 16]
     assert "resampled bicubically from 224x224" in m["aprillab"]["positional_embedding"]
     assert m["aprillab"]["projections"]["kind"] == "file"
     parity = m["parity"]["fp32"]

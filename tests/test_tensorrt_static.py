@@ -29,7 +29,7 @@ def variant_bundle(small_bundle_path, tmp_path_factory):
     clean = q.clean_graph(b.graph_path("fp32", "encoder"))
     groups = q.weight_groups(clean)
     amax = {n.input[0]: 1.0 for n in clean.graph.node if n.op_type == "MatMul"}
-    fp32 = b.manifest["graphs"]["fp32"]["encoder"]
+    fp32 = b.manifest.graphs["fp32"]["encoder"].to_dict()
     for precision, model in (("fp16", q.to_fp16(clean)), ("int8", q.quantize_int8(clean, groups,
                                                                                    amax))):
         rel = write_versioned(path, precision, "encoder.onnx", model.SerializeToString())

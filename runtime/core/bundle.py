@@ -35,9 +35,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .manifest import (FORMAT_NAME, FORMAT_VERSION, BundleError, Category, EngineBuild,
-                       EngineDevice, FileEntry, GraphFile, Manifest, MemoryFile, Preprocess,
-                       Quantization, is_category_name, parse)
+# FORMAT_NAME and BundleError are imported from here by the export side.
+from .manifest import (FORMAT_NAME, FORMAT_VERSION, BundleError, Category,  # noqa: F401
+                       EngineBuild, EngineDevice, FileEntry, GraphFile, Manifest, MemoryFile,
+                       Preprocess, Quantization, is_category_name, parse)
 from ..methods import MethodError, method_of
 
 MANIFEST = "manifest.json"

@@ -81,6 +81,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
@@ -387,9 +391,7 @@ class Parity:
     @classmethod
     def from_dict(cls, d: dict, at: _At) -> "Parity":
         diffs = _take(d, "max_abs_diff", at, "an object of graph -> number",
-                      lambda v: isinstance(v, dict) and all(
-                          isinstance(x, (int, float)) and not isinstance(x, bool)
-                          for x in v.values()))
+                      lambda v: isinstance(v, dict) and all(map(_is_real, v.values())))
         return cls(diffs, _num(d, "tolerance", at),
                    _take(d, "passed", at, "true or false", lambda v: isinstance(v, bool),
                          optional=True), _rest(d, ("max_abs_diff", "tolerance", "passed")))
@@ -414,8 +416,8 @@ class Quantization:
     def from_dict(cls, d: dict, at: _At) -> "Quantization":
         agreement = _dict(d, "agreement_vs_fp32", at)
         a = at / "agreement_vs_fp32"
-        _num(agreement, "map_pearson_min", a)
-        _num(agreement, "max_image_score_diff", a)
+        for key in ("map_pearson_min", "max_image_score_diff"):
+            _take(agreement, key, a, "a number", _is_real)
         _int(agreement, "images", a)
         calibration = _dict(d, "calibration", at, optional=True)
         if calibration is not None:
@@ -436,10 +438,12 @@ class Quantization:
 @dataclass
 class EngineBuild:
     """TensorRT engines of one precision built on one device: a plan file per graph, the
-    sha256 of the ONNX graphs they were built from, and how (profile, workspace, ...)."""
+    sha256 of the ONNX graphs they were built from, the optimization profile (``batch``:
+    [min, opt, max], ``max_shots``) and how they were built (workspace, times, ...)."""
 
     files: dict[str, FileEntry]
     source_graphs: dict[str, str]
+    profile: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -449,10 +453,14 @@ class EngineBuild:
         sources = _take(d, "source_graphs", at, "an object of graph -> sha256",
                         lambda v: isinstance(v, dict)
                         and all(isinstance(x, str) for x in v.values()))
-        return cls(files, sources, _rest(d, (*files, "source_graphs")))
+        profile = _dict(d, "profile", at)
+        _list(profile, "batch", at / "profile", "[min, opt, max] batch sizes",
+              lambda v: _is_int(v) and v > 0, length=3)
+        _int(profile, "max_shots", at / "profile")
+        return cls(files, sources, profile, _rest(d, (*files, "source_graphs", "profile")))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: v.to_dict() for k, v in self.files.items()},
+        return {**{k: v.to_dict() for k, v in self.files.items()}, "profile": self.profile,
                 "source_graphs": self.source_graphs, **self.extra}
 
 

@@ -280,8 +280,8 @@ def create_app(inspector: Inspector, config: ServeConfig | None = None) -> Starl
     state = {"ready": False, "batcher": None}
     bundle = inspector.bundle
     identity = {"identity": bundle.identity, "precision": inspector.precision,
-                "model": bundle.manifest["model"]["name"],
-                "weights": bundle.manifest["model"]["weights"]["kind"]}
+                "model": bundle.manifest.model.name,
+                "weights": bundle.manifest.model.weights.kind}
 
     def authorize(request: Request) -> None:
         if config.api_key is None:
@@ -330,7 +330,7 @@ def create_app(inspector: Inspector, config: ServeConfig | None = None) -> Starl
                             f"(this bundle has: {', '.join(bundle.categories)})")
         if mode not in MODES:
             raise HTTPError(422, "bad_parameter", f"mode={mode!r}: use one of {', '.join(MODES)}")
-        if category not in bundle.manifest["categories"]:
+        if category not in bundle.manifest.categories:
             raise HTTPError(422, "unknown_category", f"unknown category {category!r}; this "
                             f"bundle has: {', '.join(bundle.categories)}")
         try:

@@ -96,12 +96,12 @@ def find_engines(bundle: Bundle, precision: str, device: Device) -> dict[str, An
     """The engine record of ``precision`` for ``device``; an error that says how to rebuild
     when there is none, it was built on another device, or its graphs changed since."""
     rebuild = f"clipinspect build-engine {bundle.root} --precision {precision}"
-    engines = bundle.manifest.get("engines") or {}
-    entry = engines.get(device.key, {}).get(precision)
+    engines = bundle.manifest.engines
+    entry = engines[device.key].builds.get(precision) if device.key in engines else None
     if entry is None:
-        elsewhere = [f"{e['device']['gpu']} (sm {e['device']['compute_capability']}, "
-                     f"TensorRT {e['device']['tensorrt']})"
-                     for e in engines.values() if precision in e]
+        elsewhere = [f"{e.device['gpu']} (sm {e.device['compute_capability']}, "
+                     f"TensorRT {e.device['tensorrt']})"
+                     for e in engines.values() if precision in e.builds]
         if elsewhere:
             raise EngineError(f"the {precision} engines in {str(bundle.root)!r} were built for "
                               f"{'; '.join(elsewhere)}, not for this {device.describe()}; "
@@ -110,8 +110,8 @@ def find_engines(bundle: Bundle, precision: str, device: Device) -> dict[str, An
         raise EngineError(f"bundle {str(bundle.root)!r} has no {precision} TensorRT engines for "
                           f"this {device.describe()}; build them with '{rebuild}'")
     for name in GRAPHS:
-        now = bundle.manifest["graphs"][precision][name]["sha256"]
-        if entry["source_graphs"][name] != now:
+        now = bundle.manifest.graphs[precision][name].sha256
+        if entry.source_graphs.get(name) != now:
             raise EngineError(f"the {precision} {name} graph changed after its engine was built "
                               f"(re-export or quantize --overwrite); rebuild with '{rebuild}'")
     return entry
@@ -181,7 +181,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
     bundle = Bundle.open(bundle_path)
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision not in bundle.manifest["graphs"]:
+    if precision not in bundle.manifest.graphs:
         raise UsageError(f"bundle {str(bundle.root)!r} has no {precision} graphs; make them first "
                          f"with 'clipinspect quantize {bundle.root} --precision {precision}'")
     if workspace_mb < 16:
@@ -219,7 +219,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
         **files,
         "profile": {"batch": [batch.min, batch.opt, batch.max], "max_shots": int(max_shots)},
         "workspace_mb": int(workspace_mb),
-        "source_graphs": {n: bundle.manifest["graphs"][precision][n]["sha256"] for n in GRAPHS},
+        "source_graphs": {n: bundle.manifest.graphs[precision][n].sha256 for n in GRAPHS},
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": seconds,
     }

@@ -27,11 +27,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
 
 from ..core.bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes
 from ..core.errors import UsageError
+from ..core.manifest import EngineBuild
 
 ENCODER = "clipinspect_encoder"
 CATEGORIES = "clipinspect_categories"
@@ -73,16 +72,13 @@ class Shapes:
 
 
 def _head_inputs(bundle: Bundle, mode: str) -> list[str]:
-    return list(bundle.manifest["graphs"]["fp32"][f"head_{mode}"]["inputs"])
+    return list(bundle.manifest.graphs["fp32"][f"head_{mode}"].inputs or [])
 
 
 def encoder_config(bundle: Bundle, platform: str, max_batch: int) -> str:
     s = Shapes(bundle)
-    inp = bundle.manifest["input"]
     # What a client needs to prepare images, readable through Triton's model-config API.
-    preprocessing = json.dumps({"size": list(bundle.input_size), "mean": inp["mean"],
-                                "std": inp["std"], "resize": inp["resize"],
-                                "layout": inp["layout"], "bundle": bundle.identity})
+    preprocessing = json.dumps({**bundle.preprocess.to_dict(), "bundle": bundle.identity})
     preferred = sorted({b for b in (4, 8, 16, max_batch) if b <= max_batch})
     return (f'name: "{ENCODER}"\nplatform: "{PLATFORMS[platform][0]}"\n'
             f"max_batch_size: {max_batch}\n"
@@ -167,8 +163,8 @@ def write_categories(bundle: Bundle, repo: Path) -> list[str]:
     return names
 
 
-def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> dict[str, Any]:
-    engines = {k: v for k, v in (bundle.manifest.get("engines") or {}).items() if precision in v}
+def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> EngineBuild:
+    engines = {k: v.builds for k, v in bundle.manifest.engines.items() if precision in v.builds}
     build = f"clipinspect build-engine {bundle.root} --precision {precision}"
     if not engines:
         raise UsageError(f"--platform tensorrt needs {precision} engines built on the serving "
@@ -185,7 +181,7 @@ def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> di
 
     record = engines[engine_key][precision]
     for name in GRAPHS:
-        if record["source_graphs"][name] != bundle.manifest["graphs"][precision][name]["sha256"]:
+        if record.source_graphs.get(name) != bundle.manifest.graphs[precision][name].sha256:
             raise UsageError(f"the {precision} {name} engine is older than its graph; rebuild "
                              f"with '{build}'")
     return record
@@ -224,7 +220,7 @@ def write_repository(bundle_path, out, platform: str = "onnx", precision: str = 
 
     def model_file(graph: str) -> Path:
         if record is not None:
-            return bundle.root / record[graph]["file"]
+            return bundle.root / record.files[graph].file
         return bundle.graph_path(precision, graph)
 
     try:
