@@ -85,6 +85,10 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
@@ -598,7 +602,7 @@ class Manifest:
         if not isinstance(d, dict):
             raise at.error(d, "a JSON object")
         d = migrate(d, where)
-        positive = lambda v: _is_int(v) and v > 0  # noqa: E731
+        positive = _is_positive_int
         adaptation = _dict(d, "adaptation", at, optional=True)
         method = _str(d, "method", at, optional=True) or "winclip"
         return cls(
