@@ -22,7 +22,7 @@ def _tensor(bundle, images):
 def _expected(reference, bundle, images, category, memory=None):
     """Eager reference per image, with the bundle's text and adaptation record."""
     data = bundle.category(category)
-    adaptation = bundle.manifest.adaptation
+    adaptation = bundle.manifest.adaptation and bundle.manifest.adaptation.to_dict()
     text = (torch.from_numpy(data.text["text_normal"]), torch.from_numpy(data.text["text_anomalous"])
             ) if adaptation else torch.from_numpy(data.text_prototypes)
     out = []
