@@ -43,8 +43,7 @@ def aprillab_bundle(tmp_path_factory, small_model):
                                     image_size=SIZE)
     entry = write_category_text(bundle.root, *small_model, "weave", SMALL_ENSEMBLE,
                                 compute=category_text)
-    with bundle.updating() as m:
-        m["categories"]["weave"] = entry
+    bundle.set_category("weave", entry)
     return bundle.root
 
 

@@ -241,7 +241,7 @@ def file_entry_dict(file: str, sha256: str, size: int, **extra: Any) -> dict[str
 # ------------------------------------------------------------------------------ model, input
 @dataclass
 class Weights:
-    """Where the CLIP weights came from: kind "tag" (open_clip tag), "file" (checkpoint path
+    """Where the CLIP weights came from: kind "tag" (a pretrained tag), "file" (checkpoint path
     and sha256) or "random" (seed); text_probe fingerprints the text tower (add-category checks
     that it loaded the same weights)."""
 
