@@ -45,6 +45,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+class MaxMegapixels(argparse.Action):
+    """--max-megapixels: sets the one pixel limit of every decode in this process."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .core.images import ImageError, set_max_megapixels
+        try:
+            set_max_megapixels(float(values))
+        except (ValueError, ImageError):
+            parser.error(f"{option_string} {values!r}: expected a number of megapixels > 0")
+        setattr(namespace, self.dest, float(values))
+
+
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32",
                    help="graph precision: fp32 (default), or fp16 / int8 after 'clipinspect "
@@ -57,6 +69,10 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="images per inference batch")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="onnxruntime intra-op threads (default: one per physical core)")
+    p.add_argument("--max-megapixels", action=MaxMegapixels, default=None, metavar="MP",
+                   help="largest image decoded, width x height in megapixels (default 40, or "
+                        "$CLIPINSPECT_MAX_MEGAPIXELS); larger JPEGs are decoded reduced, other "
+                        "formats refused")
 
 
 def _images(items: list[str]):
