@@ -216,7 +216,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "'clipinspect[serve]'") from None
     config = ServeConfig(args.batch_size, args.max_wait_ms, args.max_queue,
                          int(args.max_body_mb * (1 << 20)), _api_key(args.api_key_file),
-                         args.journal)
+                         args.journal, max_map_side=args.max_map_side,
+                         body_timeout_s=args.body_timeout, max_connections=args.max_connections)
     serve(args.bundle, args.host, args.port, config, args.precision, args.provider, args.threads)
     return 0
 
@@ -308,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=32.0,
                    help="largest request body accepted, MiB (default 32)")
     p.add_argument("--journal", default=None, help="SQLite results journal (default: none)")
+    p.add_argument("--max-map-side", type=positive_int, default=1024,
+                   help="longest side of the heat map returned, pixels (default 1024)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive, else 408 (default 30)")
+    p.add_argument("--max-connections", type=positive_int, default=256,
+                   help="open connections; more get 503 at once (default 256)")
     add_runtime_options(p)
     p.set_defaults(func=cmd_serve)
 
