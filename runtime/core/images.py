@@ -45,6 +45,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 DEFAULT_MAX_MEGAPIXELS = 40.0
 MAX_MEGAPIXELS_ENV = "CLIPINSPECT_MAX_MEGAPIXELS"
+# In every error of a file that is an image but does not decode: it may still be being written.
+CORRUPT = "corrupt or truncated"
 _max_megapixels: float | None = None  # set_max_megapixels; else the environment; else default
 
 
@@ -118,7 +120,7 @@ def to_rgb_array(item: ImageInput) -> np.ndarray:
         try:
             return _pil_to_rgb(item, describe(item))
         except (OSError, SyntaxError, ValueError) as e:  # a lazily loaded, broken file behind it
-            raise ImageError(f"{describe(item)} cannot be decoded (corrupt or truncated): "
+            raise ImageError(f"{describe(item)} cannot be decoded ({CORRUPT}): "
                              f"{e}") from None
     if isinstance(item, np.ndarray):
         if item.ndim >= 2:
@@ -147,7 +149,7 @@ def _decode_file(file, name: str) -> np.ndarray:
         raise ImageError(f"{name} is too large to decode safely ({e}); downscale it, or raise "
                          f"the limit with --max-megapixels or {MAX_MEGAPIXELS_ENV}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name} is corrupt or truncated: {e}") from None
+        raise ImageError(f"{name} is {CORRUPT}: {e}") from None
 
 
 def _fit_to_limit(im: Image.Image, name: str) -> None:
