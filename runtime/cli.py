@@ -45,6 +45,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+class MaxMegapixels(argparse.Action):
+    """--max-megapixels: sets the one pixel limit of every decode in this process."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .core.images import ImageError, set_max_megapixels
+        try:
+            set_max_megapixels(float(values))
+        except (ValueError, ImageError):
+            parser.error(f"{option_string} {values!r}: expected a number of megapixels > 0")
+        setattr(namespace, self.dest, float(values))
+
+
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32",
                    help="graph precision: fp32 (default), or fp16 / int8 after 'clipinspect "
@@ -57,6 +69,10 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="images per inference batch")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="onnxruntime intra-op threads (default: one per physical core)")
+    p.add_argument("--max-megapixels", action=MaxMegapixels, default=None, metavar="MP",
+                   help="largest image decoded, width x height in megapixels (default 40, or "
+                        "$CLIPINSPECT_MAX_MEGAPIXELS); larger JPEGs are decoded reduced, other "
+                        "formats refused")
 
 
 def _images(items: list[str]):
@@ -200,7 +216,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "'clipinspect[serve]'") from None
     config = ServeConfig(args.batch_size, args.max_wait_ms, args.max_queue,
                          int(args.max_body_mb * (1 << 20)), _api_key(args.api_key_file),
-                         args.journal)
+                         args.journal, max_map_side=args.max_map_side,
+                         body_timeout_s=args.body_timeout, max_connections=args.max_connections)
     serve(args.bundle, args.host, args.port, config, args.precision, args.provider, args.threads)
     return 0
 
@@ -292,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=32.0,
                    help="largest request body accepted, MiB (default 32)")
     p.add_argument("--journal", default=None, help="SQLite results journal (default: none)")
+    p.add_argument("--max-map-side", type=positive_int, default=1024,
+                   help="longest side of the heat map returned, pixels (default 1024)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive, else 408 (default 30)")
+    p.add_argument("--max-connections", type=positive_int, default=256,
+                   help="open connections; more get 503 at once (default 256)")
     add_runtime_options(p)
     p.set_defaults(func=cmd_serve)
 
