@@ -76,8 +76,9 @@ def add_provider(p: argparse.ArgumentParser, *, choices: Sequence[str] = PROVIDE
     p.add_argument("--provider", default="cpu", choices=list(choices), help=help)
 
 
-def add_batch_size(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
-    p.add_argument("--batch-size", type=positive_int, default=8, help=help)
+def add_batch_size(p: argparse.ArgumentParser, *, default: int = 8,
+                   help: str | None = None) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=default, help=help)
 
 
 def add_threads(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
