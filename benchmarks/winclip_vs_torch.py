@@ -82,6 +82,18 @@ def main(argv: list[str] | None = None) -> dict:
         return measure(args, Inspector.open(bundle_path))
 
 
+def _check_bundle(bundle) -> None:
+    """Only a random-weights plain WinCLIP bundle has an eager reference this can rebuild."""
+    if bundle.manifest["model"]["weights"]["kind"] != "random":
+        raise SystemExit("this benchmark rebuilds the same weights from the seed: use a bundle "
+                         "exported with --pretrained none")
+    if bundle.manifest.get("method", "winclip") != "winclip" or bundle.manifest.get("adaptation"):
+        raise SystemExit("this benchmark compares plain WinCLIP with its eager reference; the "
+                         "bundle's method is " + bundle.manifest["method"]
+                         + (" with prompt adaptation" if bundle.manifest.get("adaptation") else "")
+                         + " (compare methods with python -m clipinspect.benchmarks.methods)")
+
+
 def measure(args: argparse.Namespace, inspector) -> dict:
     import onnxruntime
     import torch
@@ -92,14 +104,7 @@ def measure(args: argparse.Namespace, inspector) -> dict:
     from clipinspect.runtime.core.images import preprocess
 
     bundle = inspector.bundle
-    if bundle.manifest["model"]["weights"]["kind"] != "random":
-        raise SystemExit("this benchmark rebuilds the same weights from the seed: use a bundle "
-                         "exported with --pretrained none")
-    if bundle.manifest.get("method", "winclip") != "winclip" or bundle.manifest.get("adaptation"):
-        raise SystemExit("this benchmark compares plain WinCLIP with its eager reference; the "
-                         "bundle's method is " + bundle.manifest["method"]
-                         + (" with prompt adaptation" if bundle.manifest.get("adaptation") else "")
-                         + " (compare methods with python -m clipinspect.benchmarks.methods)")
+    _check_bundle(bundle)
     model, _, _ = load_clip(args.model, None, bundle.manifest["model"]["weights"]["seed"])
     reference = WinClipReference(model, bundle.scales)
     category = bundle.categories[0]

@@ -333,7 +333,7 @@ def _existing(bundle: Bundle, precision: str, overwrite: bool) -> None:
 
 
 def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | Path | None = None,
-                    method: str = "minmax", target: float = DEFAULT_TARGET,
+                    *, method: str = "minmax", target: float = DEFAULT_TARGET,
                     holdout: int = DEFAULT_HOLDOUT, max_images: int = DEFAULT_MAX_IMAGES,
                     sensitivity: str = "auto", overwrite: bool = False,
                     threads: int | None = None) -> dict:
@@ -382,8 +382,9 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
                                  "io": "float32",
                                  "layer_norm": "opset-17 LayerNormalization, FP32 statistics"}}
         else:
-            variant, record, measured = _int8(model, bundle, paths, method, target, sensitivity,
-                                              agreement, tmp)
+            variant, record, measured = _int8(model, bundle, paths, agreement, tmp,
+                                              method=method, target=target,
+                                              sensitivity=sensitivity)
         if measured is None:
             log(f"[3] checking the FP16 maps against FP32 on {len(held)} held-out image(s)")
             measured = agreement.measure(variant)
@@ -408,8 +409,8 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
     return record
 
 
-def _int8(model, bundle: Bundle, paths: list[Path], method: str, target: float,
-          sensitivity: str, agreement: MapAgreement, tmp: Path):
+def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp: Path, *,
+          method: str, target: float, sensitivity: str):
     """Calibrate, quantize, run the sensitivity pass; -> (graph, manifest record, its
     agreement with FP32)."""
     import onnx
@@ -457,8 +458,8 @@ def _int8(model, bundle: Bundle, paths: list[Path], method: str, target: float,
     }
     if len(excluded) > len(groups) // 2:
         log(f"warning: {len(excluded)} of {len(groups)} weights had to stay FP32 to reach map "
-            f"Pearson {target}; expect little speed-up (try --method entropy or percentile, or "
-            "a lower --target)")
+            f"Pearson {target}; expect little speed-up (try --calibration-method entropy or "
+            "percentile, or a lower --target)")
     return variant, record, measured
 
 

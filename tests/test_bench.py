@@ -108,7 +108,8 @@ def test_out_of_memory_stops_larger_batches_cleanly():
                                "out of memory")
         return {s: [0.01 * batch] * 3 for s in bench.STAGES}
 
-    bench._sweep(result, "runtime", "cuda", "fp16", ["zero-shot"], [1, 2, 4, 8], 2, 1,
+    bench._sweep(result, bench.Target("runtime", "cuda", "fp16"),
+                 bench.BenchOptions(modes=["zero-shot"], batches=[1, 2, 4, 8], runs=2, warmup=1),
                  lambda mode: None, timer, lambda msg: None)
     assert [r["batch"] for r in result["rows"]] == [1, 2]
     assert result["skipped"] == [{"what": "runtime cuda/fp16/zero-shot batch >= 4",
@@ -120,16 +121,16 @@ def test_other_errors_are_not_mistaken_for_out_of_memory():
         raise ValueError("shape mismatch")
 
     with pytest.raises(ValueError):
-        bench._sweep({"rows": [], "skipped": []}, "runtime", "cpu", "fp32", ["zero-shot"], [1],
-                     1, 0, lambda mode: None, timer, lambda msg: None)
+        bench._sweep({"rows": [], "skipped": []}, bench.Target("runtime", "cpu", "fp32"),
+                     bench.BenchOptions(modes=["zero-shot"], batches=[1], runs=1, warmup=0),
+                     lambda mode: None, timer, lambda msg: None)
 
 
 def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
     out = tmp_path / "bench"
-    r = bench.run_bench(small_bundle_path, out, backends=["cpu", "cuda"],
-                        precisions=["fp32", "int8"], modes=["zero-shot", "few-shot"],
-                        batches=[1, 2], shots=1, runs=2, warmup=1, images=3,
-                        stream_fps=50, stream_frames=3)
+    r = bench.run_bench(small_bundle_path, out, bench.BenchOptions(
+        backends=["cpu", "cuda"], precisions=["fp32", "int8"], modes=["zero-shot", "few-shot"],
+        batches=[1, 2], shots=1, runs=2, warmup=1, images=3, stream_fps=50, stream_frames=3))
     kinds = {(row["kind"], row["mode"], row["batch"]) for row in r["rows"]}
     assert kinds == {(k, m, b) for k in ("runtime", "pytorch") for m in ("zero-shot", "few-shot")
                      for b in (1, 2)}
@@ -157,7 +158,7 @@ def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
 
 def test_bench_refuses_unknown_names(small_bundle_path, tmp_path):
     with pytest.raises(UsageError, match="unknown mode 'patch'"):
-        bench.run_bench(small_bundle_path, tmp_path, modes=["patch"])
+        bench.run_bench(small_bundle_path, tmp_path, bench.BenchOptions(modes=["patch"]))
 
 
 def test_transformer_depth_from_manifest_or_graph(bundle_copy):

@@ -65,14 +65,14 @@ def test_eval_report_is_complete_and_failure_safe(small_bundle_path, dataset, tm
     out = tmp_path / "report"
     original = evaluation.evaluate_category
 
-    def flaky(inspectors, root, fmt, category, *args):
+    def flaky(inspectors, root, category, *args):
         if category == "washer":
             raise RuntimeError("disk on fire")
-        return original(inspectors, root, fmt, category, *args)
+        return original(inspectors, root, category, *args)
 
     monkeypatch.setattr(evaluation, "evaluate_category", flaky)
-    report = evaluation.evaluate(small_bundle_path, dataset, out, precisions=["fp32", "int8"],
-                                 shots=[0, 1], batch_size=4)
+    report = evaluation.evaluate(small_bundle_path, dataset, out, evaluation.EvalOptions(
+        precisions=["fp32", "int8"], shots=[0, 1], batch_size=4))
     assert report["skipped_precisions"] == {"int8": "the bundle has no int8 graphs"}
     assert report["categories"]["washer"] == {"error": "RuntimeError: disk on fire"}
     runs = report["categories"]["weave"]["runs"]
@@ -87,9 +87,9 @@ def test_eval_report_is_complete_and_failure_safe(small_bundle_path, dataset, tm
     monkeypatch.setattr(evaluation, "evaluate_category", original)
     calls = []
     monkeypatch.setattr(evaluation, "evaluate_category",
-                        lambda *a: calls.append(a[3]) or original(*a))
-    again = evaluation.evaluate(small_bundle_path, dataset, out, precisions=["fp32"],
-                                shots=[0, 1], batch_size=4)
+                        lambda *a: calls.append(a[2]) or original(*a))
+    again = evaluation.evaluate(small_bundle_path, dataset, out, evaluation.EvalOptions(
+        precisions=["fp32"], shots=[0, 1], batch_size=4))
     assert calls == ["washer"] and "error" not in again["categories"]["washer"]
     assert again["categories"]["weave"] == json.loads(
         (out / "categories" / "weave.json").read_text())["result"]
@@ -104,7 +104,7 @@ def test_eval_agreement_columns_compare_against_fp32(small_bundle_path, dataset,
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["graphs"]["copy"] = manifest["graphs"]["fp32"]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    report = evaluation.evaluate(bundle, dataset, tmp_path / "r", categories=["weave"],
-                                 precisions=["copy", "fp32"], shots=[1], batch_size=4)
+    report = evaluation.evaluate(bundle, dataset, tmp_path / "r", evaluation.EvalOptions(
+        categories=["weave"], precisions=["copy", "fp32"], shots=[1], batch_size=4))
     run = report["categories"]["weave"]["runs"]["copy/1-shot"]
     assert run["map_pearson_vs_fp32"] > 0.999999 and run["max_image_score_diff_vs_fp32"] < 1e-6

@@ -137,3 +137,61 @@ def test_quantize_fp16_then_info_and_predict_with_it(bundle_copy, images, tmp_pa
     run("predict", bundle_copy, images / "hole", "--category", "weave", "--out", out,
         "--precision", "fp16", check=True)
     assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["image_score"] > 0
+
+
+# ------------------------------------------------------------------ options shared by commands
+def _options(command: str) -> dict:
+    import argparse
+
+    from clipinspect.runtime.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {o: a for a in sub.choices[command]._actions for o in a.option_strings}
+
+
+def test_shared_options_mean_the_same_in_every_command():
+    from clipinspect.runtime.cli.options import MODES, positive_int
+
+    for command in ("predict", "fewshot", "serve", "watch", "eval", "threshold", "loadtest"):
+        batch = _options(command)["--batch-size"]
+        assert (batch.type, batch.default) == (positive_int, 8), command
+    for command in ("predict", "watch", "threshold"):
+        mode = _options(command)["--mode"]
+        assert (tuple(mode.choices), mode.default) == (MODES, "auto"), command
+    for command in ("predict", "fewshot", "serve", "watch", "quantize", "bench"):
+        assert _options(command)["--threads"].type is positive_int, command
+    assert "tensorrt-native" in _options("predict")["--provider"].choices
+    assert "tensorrt-native" not in _options("eval")["--provider"].choices
+
+
+@pytest.mark.parametrize("spelling, deprecated", [("--calibration-method", False),
+                                                  ("--method", True)])
+def test_quantize_calibration_method_and_its_old_spelling(spelling, deprecated, monkeypatch,
+                                                          capsys):
+    from clipinspect.calibration import quantize
+    from clipinspect.runtime.cli import main
+
+    calls = []
+
+    def fake_quantize(bundle, precision, calibration, **options):
+        calls.append(options)
+        return {"agreement_vs_fp32": {"map_pearson_min": 1.0, "images": 1,
+                                      "max_image_score_diff": 0.0}}
+
+    monkeypatch.setattr(quantize, "quantize_bundle", fake_quantize)
+    assert main(["quantize", "b", "--precision", "int8", "--calibration", "c",
+                 spelling, "entropy"]) == 0
+    assert calls[0]["method"] == "entropy"
+    warning = "--method is deprecated, use --calibration-method"
+    assert (warning in capsys.readouterr().err) == deprecated
+    calls.clear()
+    assert main(["quantize", "b", "--precision", "fp16"]) == 0
+    assert calls[0]["method"] == "minmax"
+
+
+def test_quantize_old_method_spelling_still_checks_its_values(capsys):
+    from clipinspect.runtime.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "b", "--precision", "int8", "--method", "kl"])
+    assert "invalid choice: 'kl'" in capsys.readouterr().err

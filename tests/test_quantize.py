@@ -275,10 +275,10 @@ def test_unknown_calibration_method(clean, tmp_path):
 
 
 def test_eval_compares_the_variants_with_fp32(quantized, normal_images, tmp_path):
-    from clipinspect.calibration.evaluate import evaluate
+    from clipinspect.calibration.evaluate import EvalOptions, evaluate
 
-    report = evaluate(quantized, normal_images, tmp_path / "r", categories=["weave"],
-                      precisions=["int8", "fp16", "fp32"], shots=[0, 1], batch_size=4)
+    report = evaluate(quantized, normal_images, tmp_path / "r", EvalOptions(
+        categories=["weave"], precisions=["int8", "fp16", "fp32"], shots=[0, 1], batch_size=4))
     runs = report["categories"]["weave"]["runs"]
     assert list(runs)[:2] == ["fp32/0-shot", "fp32/1-shot"]
     for p in ("fp16", "int8"):

@@ -246,7 +246,7 @@ class Inspector:
         return (entry.get("thresholds") or {}).get(threshold_key(self.precision, mode_used), {})
 
     def inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
-                batch_size: int = 8, mode: str = "auto", smoothing_sigma: float = 0.0,
+                batch_size: int = 8, mode: str = "auto", *, smoothing_sigma: float = 0.0,
                 keep_images: bool = False,
                 progress: Callable[[int], None] | None = None) -> list[InspectionResult]:
         """Inspect images of one category; one result per input, in order.
@@ -256,11 +256,12 @@ class Inspector:
         smoothing_sigma: Gaussian smoothing of the upsampled map in pixels (0 = off, as the
             reference). One unusable image yields a result with ``error`` set; the rest proceed.
         """
-        return list(self.iter_inspect(images, category, batch_size, mode, smoothing_sigma,
-                                      keep_images, progress))
+        return list(self.iter_inspect(images, category, batch_size, mode,
+                                      smoothing_sigma=smoothing_sigma, keep_images=keep_images,
+                                      progress=progress))
 
     def iter_inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
-                     batch_size: int = 8, mode: str = "auto", smoothing_sigma: float = 0.0,
+                     batch_size: int = 8, mode: str = "auto", *, smoothing_sigma: float = 0.0,
                      keep_images: bool = False, progress: Callable[[int], None] | None = None
                      ) -> Iterator[InspectionResult]:
         """Like :meth:`inspect`, yielding results in input order as each batch completes, so a
@@ -271,8 +272,9 @@ class Inspector:
         mode_used = self.check(category, mode)
         thresholds = self.thresholds(category, mode_used)
         for batch, good, encoded in self.iter_encoded(images, batch_size, keep_images):
-            results = self._results(batch, good, encoded, category, mode, mode_used, thresholds,
-                                    smoothing_sigma)
+            results = self._results(batch, good, encoded, category, mode=mode,
+                                    mode_used=mode_used, thresholds=thresholds,
+                                    sigma=smoothing_sigma)
             if progress:
                 progress(len(batch))
             yield from results
@@ -287,11 +289,12 @@ class Inspector:
         """Inspect inputs already through :meth:`load` as one batch; one result per input."""
         mode_used = self.check(category, mode)
         good = [b for b in batch if b.error is None]
-        return self._results(list(batch), good, self._encode(good), category, mode, mode_used,
-                             self.thresholds(category, mode_used), smoothing_sigma)
+        return self._results(list(batch), good, self._encode(good), category, mode=mode,
+                             mode_used=mode_used, thresholds=self.thresholds(category, mode_used),
+                             sigma=smoothing_sigma)
 
     def _results(self, batch: list[LoadedImage], good: list[LoadedImage], encoded: dict | None,
-                 category: str, mode: str, mode_used: str, thresholds: dict, sigma: float
+                 category: str, *, mode: str, mode_used: str, thresholds: dict, sigma: float
                  ) -> list[InspectionResult]:
         done: dict[int, InspectionResult] = {}
         if encoded is not None:

@@ -61,7 +61,7 @@ class Entry:
     error: str | None = None
 
     @classmethod
-    def of(cls, result: InspectionResult, origin: str, image_id: str, category: str,
+    def of(cls, result: InspectionResult, origin: str, image_id: str, category: str, *,
            bundle: str, precision: str, threshold: float | None) -> "Entry":
         return cls(origin, image_id, category, bundle, precision, result.mode, result.image_score,
                    result.is_anomalous, threshold if result.ok else None, result.error)

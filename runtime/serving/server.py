@@ -226,8 +226,8 @@ class Batcher:
         if self.journal is not None:
             bundle, precision = self.inspector.bundle.identity, self.inspector.precision
             self.journal.record(
-                Entry.of(r, "http", j.image_id, j.category, bundle, precision,
-                         self.inspector.thresholds(j.category, r.mode or "").get("image"))
+                Entry.of(r, "http", j.image_id, j.category, bundle=bundle, precision=precision,
+                         threshold=self.inspector.thresholds(j.category, r.mode or "").get("image"))
                 for j, r in zip(batch, results))
         return [Done(r, len(batch), start - j.enqueued, inference_s)
                 for j, r in zip(batch, results)]
@@ -638,7 +638,7 @@ def openapi_schema(categories: list[str], config: ServeConfig) -> dict:
     }
 
 
-def serve(bundle: str, host: str, port: int, config: ServeConfig, precision: str = "fp32",
+def serve(bundle: str, host: str, port: int, config: ServeConfig, *, precision: str = "fp32",
           provider: str = "cpu", threads: int | None = None) -> None:
     """Bind first, then load the bundle: /readyz answers 503 until it is loaded and warm."""
     import uvicorn

@@ -111,8 +111,8 @@ def move(path: Path, folder: Path) -> Path:
 
 class FolderWatcher:
     def __init__(self, inspector: Inspector, input_dir: str | os.PathLike, category: str,
-                 journal: Journal, sink: JsonlSink, done_dir: str | os.PathLike | None,
-                 mode: str = "auto", batch_size: int = 8, settle: float = 1.0, *,
+                 journal: Journal, sink: JsonlSink, done_dir: str | os.PathLike | None, *,
+                 mode: str = "auto", batch_size: int = 8, settle: float = 1.0,
                  quarantine_dir: str | os.PathLike | None = None,
                  max_file_bytes: int = MAX_FILE_BYTES, incomplete_s: float = 30.0):
         self.inspector, self.category, self.mode = inspector, category, mode
@@ -191,8 +191,9 @@ class FolderWatcher:
         results = self.inspector.inspect_loaded(loaded, self.category, self.mode)
         final = [(p, r) for p, r in zip(batch, results) if not self._still_incomplete(p, r)]
         entries = [Entry.of(r, self.origin, p.image_id, self.category,
-                            self.inspector.bundle.identity, self.inspector.precision,
-                            self.threshold) for p, r in final]
+                            bundle=self.inspector.bundle.identity,
+                            precision=self.inspector.precision, threshold=self.threshold)
+                   for p, r in final]
         self._record(entries)
         for p, r in final:
             verdict = ("error: " + r.error if not r.ok else f"score {r.image_score:.4f}" + (
@@ -281,7 +282,7 @@ def opencv():
 
 
 def watch_source(inspector: Inspector, source: str, category: str, journal: Journal,
-                 sink: JsonlSink, mode: str = "auto", every: int = 1,
+                 sink: JsonlSink, *, mode: str = "auto", every: int = 1,
                  max_frames: int | None = None) -> int:
     """Inspect frames of a camera, stream or video file; returns the number inspected."""
     cv2 = opencv()
@@ -308,8 +309,9 @@ def watch_source(inspector: Inspector, source: str, category: str, journal: Jour
             # A restart begins a new series: frame numbers are unique within one run.
             image_id = f"{started}-frame{frame_no:08d}"
             sink.write(journal.record([Entry.of(result, origin, image_id, category,
-                                                inspector.bundle.identity, inspector.precision,
-                                                threshold)]))
+                                                bundle=inspector.bundle.identity,
+                                                precision=inspector.precision,
+                                                threshold=threshold)]))
             inspected += 1
             log(f"frame {frame_no}: " + (f"score {result.image_score:.4f}" if result.ok
                                           else f"error: {result.error}"))
