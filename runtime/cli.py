@@ -68,7 +68,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core.inspector import Inspector
     from .predict import predict_to_dir
 
-    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
+    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
+                               batch_size=args.batch_size)
     images = _images(args.images)
     results = predict_to_dir(inspector, images, args.category, args.out, args.batch_size,
                              args.mode, args.smooth, overlays=not args.no_overlays,
@@ -86,7 +87,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_fewshot(args: argparse.Namespace) -> int:
     from .core.inspector import Inspector
 
-    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
+    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
+                               batch_size=args.batch_size)
     shots, failed = inspector.add_references(args.category, _images(args.images), args.batch_size)
     for source, error in failed:
         print(f"clipinspect: skipped {error}", file=sys.stderr)
@@ -222,7 +224,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         base = Path(".")
     journal_path = Path(args.journal or base / "journal.sqlite")
     out = Path(args.out or base / "results.jsonl")
-    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
+    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
+                               batch_size=args.batch_size)
     inspector.check(args.category, args.mode)
     journal = Journal(journal_path)
     if args.input is not None:
@@ -348,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: graphs for Triton's onnxruntime backend (default); tensorrt: the "
                         "engines 'build-engine' made on the serving GPU")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
-    p.add_argument("--max-batch", type=positive_int, default=32,
-                   help="largest batch the encoder's dynamic batcher forms (default 32)")
+    p.add_argument("--max-batch", type=positive_int, default=None,
+                   help="largest batch the encoder's dynamic batcher forms (default 32 for "
+                        "onnx; for tensorrt the engines' profile maximum, never more)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
     p.add_argument("--categories-only", action="store_true",
                    help="only (re)write the category files of an existing repository (after "
