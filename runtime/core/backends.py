@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from .bundle import Bundle
 
 __all__ = ["BACKEND_CLASSES", "PROVIDERS", "ProfileError", "ProviderError", "OrtBackend",
-           "available_providers", "backend_class", "default_threads", "open_backend", "ort_conflict",
-           "ort_tensorrt_profiles"]
+           "available_providers", "backend_class", "default_threads", "open_backend",
+           "ort_conflict", "ort_tensorrt_profiles"]
 
 # provider -> (module, class); modules relative to clipinspect.runtime, imported on demand.
 BACKEND_CLASSES = {

@@ -95,13 +95,15 @@ def import_tensorrt():
         raise EngineError(
             "TensorRT's Python package is not installed: on a Jetson it comes with JetPack "
             "(apt install python3-libnvinfer; use a virtual environment created with "
-            "--system-site-packages), on a workstation pip install 'clipinspect[tensorrt]'. "
+            "--system-site-packages), on a workstation pip install 'clipinspect[tensorrt-cu12]' "
+            "(CUDA 12) or 'clipinspect[tensorrt-cu13]' (CUDA 13). "
             "Without TensorRT use --provider cuda or cpu") from e
     try:
         import cupy
     except ImportError as e:
         raise EngineError("cupy (GPU buffers for the TensorRT backend) is not installed: "
-                          "pip install cupy-cuda12x (or the cupy build matching your CUDA)") from e
+                          "pip install cupy-cuda12x (CUDA 12, JetPack 6) or cupy-cuda13x (CUDA 13, "
+                          "JetPack 7)") from e
     return trt, cupy
 
 
