@@ -76,8 +76,9 @@ def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = 
     """onnxruntime provider list for ``provider`` (cpu|cuda|tensorrt).
 
     TensorRT: ``fp16`` lets it run the FP16 graph's layers in FP16 (the graph itself keeps
-    LayerNormalization in FP32 with casts around it: see calibration/quantize.py); ``int8``: the graph is explicitly quantized
-    (QDQ), so TensorRT takes its scales from the graph and needs no calibration table.
+    LayerNormalization in FP32 with casts around it: see calibration/quantize.py); ``int8``:
+    the graph is explicitly quantized (QDQ), so TensorRT takes its scales from the graph and
+    needs no calibration table.
     ``profile`` {input: (min, opt, max) shape} is the optimization profile, so one engine
     serves the whole batch range instead of a rebuild for each new batch size. Engines and
     timing caches are kept in ``cache_dir``.
@@ -103,7 +104,7 @@ def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = 
     raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
 
 
-def make_session(path: Path, provider: str, threads: int | None = None,
+def make_session(path: Path, provider: str, *, threads: int | None = None,
                  cache_dir: Path | None = None, fp16: bool = False, int8: bool = False,
                  profile: dict[str, tuple[tuple[int, ...], ...]] | None = None):
     """An onnxruntime session for the graph at ``path`` (``fp16`` / ``int8``: the graph's
@@ -139,7 +140,7 @@ class OrtBackend:
     the head without a host round trip; category arrays are uploaded once and cached.
     """
 
-    def __init__(self, encoder_path: Path, head_paths: dict[str, Path], provider: str = "cpu",
+    def __init__(self, encoder_path: Path, head_paths: dict[str, Path], provider: str = "cpu", *,
                  threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False,
                  int8: bool = False, profiles: dict[str, dict] | None = None):
         conflict = ort_conflict()
@@ -147,10 +148,10 @@ class OrtBackend:
             warnings.warn(conflict, RuntimeWarning, stacklevel=2)
         self.provider = provider
         self.profiles = profiles or {}
-        self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16, int8,
-                                    self.profiles.get("encoder"))
+        self.encoder = make_session(encoder_path, provider, threads=threads, cache_dir=cache_dir,
+                                    fp16=fp16, int8=int8, profile=self.profiles.get("encoder"))
         # The heads are FP32 graphs in every variant: TensorRT must not lower them to FP16.
-        self.heads = {name: make_session(p, provider, threads, cache_dir,
+        self.heads = {name: make_session(p, provider, threads=threads, cache_dir=cache_dir,
                                          profile=self.profiles.get(name))
                       for name, p in head_paths.items()}
         # Where IO binding keeps tensors; None = plain numpy in and out (CPU provider).
