@@ -13,14 +13,6 @@ MAX_LINES = 80
 MAX_POSITIONAL = 6
 # Add "export" once its restructuring is in.
 CHECKED = ("runtime", "calibration", "benchmarks")
-# Known offenders in code other changes are reworking right now, as "folder/file.py:function".
-# Each entry must still offend (else the test asks for it to be removed); none may be added.
-KNOWN = {
-    "runtime/core/backends.py:make_session",
-    "runtime/core/backends.py:__init__",
-    "runtime/tensorrt/engine.py:_build_one",
-    "runtime/triton/repository.py:write_repository",
-}
 
 
 def positional(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
@@ -54,14 +46,9 @@ def all_offences() -> dict[str, list[str]]:
 
 
 def test_no_function_is_too_long_or_takes_too_many_positional_parameters():
-    new = {k: v for k, v in all_offences().items() if k not in KNOWN}
-    assert not new, "over the limits:\n" + "\n".join(f"{k}: {', '.join(v)}"
-                                                     for k, v in sorted(new.items()))
-
-
-def test_known_offenders_are_removed_from_the_list_once_fixed():
-    fixed = KNOWN - set(all_offences())
-    assert not fixed, f"no longer over the limits, remove from KNOWN: {sorted(fixed)}"
+    found = all_offences()
+    assert not found, "over the limits:\n" + "\n".join(f"{k}: {', '.join(v)}"
+                                                       for k, v in sorted(found.items()))
 
 
 @pytest.mark.parametrize("source, expected", [

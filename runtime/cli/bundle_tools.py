@@ -82,8 +82,10 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 def cmd_triton(args: argparse.Namespace) -> int:
     from ..triton.repository import write_repository
 
-    out = write_repository(args.bundle, args.out, args.platform, args.precision,
-                           args.max_batch, args.overwrite, args.categories_only, args.engine_key)
+    out = write_repository(args.bundle, args.out, platform=args.platform,
+                           precision=args.precision, max_batch=args.max_batch,
+                           overwrite=args.overwrite, categories_only=args.categories_only,
+                           engine_key=args.engine_key)
     if args.categories_only:
         print(f"category files in {out} refreshed; a running server reads them on the next "
               "request")
@@ -121,8 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnx: graphs for Triton's onnxruntime backend (default); tensorrt: the "
                         "engines 'build-engine' made on the serving GPU")
     add_precision(p, choices=PRECISIONS)
-    p.add_argument("--max-batch", type=positive_int, default=32,
-                   help="largest batch the encoder's dynamic batcher forms (default 32)")
+    p.add_argument("--max-batch", type=positive_int, default=None,
+                   help="largest batch the encoder's dynamic batcher forms (default 32 for "
+                        "onnx; for tensorrt the engines' profile maximum, never more)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
     p.add_argument("--categories-only", action="store_true",
                    help="only (re)write the category files of an existing repository (after "

@@ -19,7 +19,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..core.inspector import Inspector
     from ..predict import predict_to_dir
 
-    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
+    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
+                               batch_size=args.batch_size)
     images = _images(args.images)
     results = predict_to_dir(inspector, images, args.category, args.out, args.batch_size,
                              mode=args.mode, smoothing_sigma=args.smooth,
@@ -37,7 +38,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_fewshot(args: argparse.Namespace) -> int:
     from ..core.inspector import Inspector
 
-    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
+    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
+                               batch_size=args.batch_size)
     shots, failed = inspector.add_references(args.category, _images(args.images), args.batch_size)
     for source, error in failed:
         print(f"clipinspect: skipped {error}", file=sys.stderr)
@@ -92,7 +94,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         base = Path(".")
     journal_path = Path(args.journal or base / "journal.sqlite")
     out = Path(args.out or base / "results.jsonl")
-    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads)
+    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
+                               batch_size=args.batch_size)
     inspector.check(args.category, args.mode)
     journal = Journal(journal_path)
     if args.input is not None:

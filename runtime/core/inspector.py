@@ -18,7 +18,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .backends import OrtBackend, default_threads
+from .backend import Backend
+from .backends import open_backend
 from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
 from .images import EncodedImage, ImageError, ImageInput, describe, preprocess, to_rgb_array
@@ -83,7 +84,7 @@ class LoadedImage:
 class Inspector:
     """Runs a bundle. Create with :meth:`Inspector.open`."""
 
-    def __init__(self, bundle: Bundle, backend: OrtBackend, precision: str):
+    def __init__(self, bundle: Bundle, backend: Backend, precision: str):
         self.bundle = bundle
         self.backend = backend
         self.precision = precision
@@ -92,32 +93,17 @@ class Inspector:
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, precision: str = "fp32", provider: str = "cpu",
-             threads: int | None = None, verify_checksums: bool = True) -> "Inspector":
+             threads: int | None = None, verify_checksums: bool = True, *,
+             batch_size: int | None = None) -> "Inspector":
         """provider: cpu, cuda or tensorrt (onnxruntime execution providers), or
-        tensorrt-native (engines from 'clipinspect build-engine', no onnxruntime)."""
+        tensorrt-native (engines from 'clipinspect build-engine', no onnxruntime).
+        ``batch_size``: the largest batch that will be run (sizes TensorRT's profiles)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify_checksums=verify_checksums)
         bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
-        if provider == "tensorrt-native":
-            from ..tensorrt.backend import TrtBackend
-
-            return cls(bundle, TrtBackend(bundle, precision, verify_checksums), precision)
-        heads = {name: bundle.graph_path(precision, name) for name in ("head_zeroshot",
-                                                                      "head_fewshot")}
-        profiles = None
-        if provider == "tensorrt":
-            import onnx
-
-            from ..tensorrt.compat import BatchRange, profile_shapes
-
-            profiles = {name: profile_shapes(bundle, onnx.load(str(bundle.graph_path(
-                precision, name)), load_external_data=False), BatchRange())
-                for name in ("encoder", *heads)}
-        backend = OrtBackend(bundle.graph_path(precision, "encoder"), heads, provider=provider,
-                             threads=threads or default_threads(),
-                             cache_dir=bundle.root / "cache" / "ort-trt", fp16=precision == "fp16",
-                             int8=precision == "int8", profiles=profiles)
-        return cls(bundle, backend, precision)
+        return cls(bundle, open_backend(bundle, precision, provider, threads=threads,
+                                        batch_size=batch_size,
+                                        verify_checksums=verify_checksums), precision)
 
     # --------------------------------------------------------------- loading
     def _load_one(self, index: int, item: ImageInput, keep_image: bool) -> LoadedImage:
