@@ -24,6 +24,8 @@ from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backends import ProviderError, available_providers
 from clipinspect.runtime.core.images import preprocess, to_rgb_array
 from clipinspect.runtime.core.maps import upsample
+from clipinspect.runtime.methods import gflops_per_image as method_gflops
+from clipinspect.runtime.methods import transformer_layers
 
 from .report import command, machine, read_text
 from .stats import run_stream, summarize
@@ -80,19 +82,6 @@ def is_out_of_memory(e: BaseException) -> bool:
         "out of memory", "failed to allocate", "cudaerrormemoryallocation", "bad_alloc"))
 
 
-def transformer_layers(bundle: Bundle) -> int:
-    """Depth of the vision transformer: from the manifest, or, for bundles exported before it
-    was recorded there, the number of MLP input weights (width x 4 width) in the encoder."""
-    layers = bundle.manifest["dims"].get("layers")
-    if layers:
-        return int(layers)
-    import onnx
-
-    c = bundle.manifest["dims"]["width"]
-    model = onnx.load(str(bundle.graph_path("fp32", "encoder")))
-    return sum(1 for t in model.graph.initializer if list(t.dims) == [c, 4 * c])
-
-
 def cpu_gemm_peak(repeats: int = 5) -> float:
     """GFLOP/s of one large FP32 matrix product shaped like a window MLP layer (numpy's BLAS,
     all cores, median): the practical FP32 ceiling of this CPU."""
@@ -111,9 +100,7 @@ def cpu_gemm_peak(repeats: int = 5) -> float:
 def gflops_per_image(bundle: Bundle) -> float:
     """Matrix-product GFLOPs the exported encoder executes per image (METHODS.md section 3;
     the cost model of the bundle's method)."""
-    from .methods import gflops_per_image as cost
-
-    return cost(bundle.manifest, transformer_layers(bundle))
+    return method_gflops(bundle.manifest, transformer_layers(bundle))
 
 
 # --------------------------------------------------------------------------------- pipeline
@@ -181,7 +168,7 @@ class TorchBaseline:
         import torch
 
         from clipinspect.export.exporter import load_clip
-        from clipinspect.export.reference import WinClipReference
+        from clipinspect.export.methods.winclip import WinClipReference
 
         weights = bundle.manifest["model"]["weights"]
         if weights["kind"] == "random":

@@ -19,28 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from clipinspect.runtime.methods.winclip import cost as winclip_gflops
+
 from .report import machine, write_results
-
-
-def vit_gflops(width: int, layers: int, seq_lens: list[int], patch_flops: float = 0.0) -> float:
-    """Matmul FLOPs of running sequences of the given lengths through a ViT (2 per MAC)."""
-    per_layer = sum(24 * n * width ** 2 + 4 * n * n * width for n in seq_lens)
-    return (layers * per_layer + patch_flops) / 1e9
-
-
-def winclip_gflops(manifest: dict, layers: int) -> dict:
-    """Cost model: one full pass + every window sequence through the whole transformer."""
-    c = manifest["dims"]["width"]
-    p = manifest["dims"]["patches"]
-    patch = 2 * p * c * 3 * manifest["patch_size"] ** 2
-    encode = vit_gflops(c, layers, [p + 1], patch)
-    windows = vit_gflops(c, layers, [1 + k * k for k in manifest["scales"]
-                                     for _ in range(manifest["windows"][str(k)])])
-    # The exported encoder skips, in the last block of the window passes, the query, output
-    # projection and MLP of every token but the class token: 20 C^2 FLOPs per skipped token.
-    skipped = sum(k * k * manifest["windows"][str(k)] for k in manifest["scales"]) * 20 * c * c / 1e9
-    return {"encode": encode, "windows": windows, "total": encode + windows,
-            "executed_by_runtime": encode + windows - skipped}
 
 
 def gemm_peak(repeats: int = 5) -> float:
@@ -72,13 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="output path without extension (.json and .md are written)")
     args = ap.parse_args(argv)
 
-    from clipinspect.export.exporter import export_bundle
+    from clipinspect.export.exporter import ExportOptions, export_bundle
     from clipinspect.runtime import Inspector
 
     with tempfile.TemporaryDirectory(prefix="clipinspect-bench-") as work:
         bundle_path = Path(args.bundle) if args.bundle else Path(work) / "bundle"
         if not args.bundle:
-            export_bundle(bundle_path, args.model, None, ["weave"], seed=0)
+            export_bundle(ExportOptions(bundle_path, args.model, None, ["weave"], seed=0))
         return measure(args, Inspector.open(bundle_path))
 
 
@@ -100,7 +81,7 @@ def measure(args: argparse.Namespace, inspector) -> dict:
 
     from clipinspect.calibration.synth import render_sample
     from clipinspect.export.exporter import load_clip
-    from clipinspect.export.reference import WinClipReference
+    from clipinspect.export.methods.winclip import WinClipReference
     from clipinspect.runtime.core.images import preprocess
 
     bundle = inspector.bundle

@@ -257,7 +257,7 @@ def parse_answer(content: str, category: str) -> dict[str, list[str]]:
     return {s: [t.strip() for t in entry[s]] for s in STATES}
 
 
-def generate(url: str, model: str, categories: Sequence[str], out: str | os.PathLike,
+def generate(url: str, model: str, categories: Sequence[str], out: str | os.PathLike, *,
              per_state: int = 10, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
              temperature: float = 0.7, progress: Callable[[str], None] = print) -> dict:
     """Ask the endpoint for each category's descriptions; write the validated prompt file

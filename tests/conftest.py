@@ -16,10 +16,10 @@ CATEGORIES = ("weave", "washer")
 @pytest.fixture(scope="session")
 def small_bundle_path(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
-    from clipinspect.export.exporter import export_bundle
+    from clipinspect.export.exporter import ExportOptions, export_bundle
 
     path = tmp_path_factory.mktemp("bundles") / "vit-s-16"
-    export_bundle(path, SMALL_MODEL, None, CATEGORIES, seed=0)
+    export_bundle(ExportOptions(path, SMALL_MODEL, None, CATEGORIES, seed=0))
     return path
 
 
@@ -42,12 +42,12 @@ def prompt_file(tmp_path_factory) -> Path:
 def patch_bundle_path(tmp_path_factory, prompt_file) -> Path:
     """Patch-only method with prompt adaptation (top-k) and a prompt file."""
     pytest.importorskip("torch")
-    from clipinspect.export.exporter import export_bundle
-    from clipinspect.export.winclip_torch import Adaptation
+    from clipinspect.export.exporter import ExportOptions, export_bundle
+    from clipinspect.export.methods import Adaptation
 
     path = tmp_path_factory.mktemp("patch") / "bundle"
-    export_bundle(path, SMALL_MODEL, None, ["weave"], seed=0, method="patch",
-                  adaptation=Adaptation(tau=0.02, top_k=6), prompts=prompt_file)
+    export_bundle(ExportOptions(path, SMALL_MODEL, None, ["weave"], seed=0, method="patch",
+                                adaptation=Adaptation(tau=0.02, top_k=6), prompts=prompt_file))
     return path
 
 
@@ -68,7 +68,7 @@ def small_model():
 
 @pytest.fixture(scope="session")
 def reference(small_model):
-    from clipinspect.export.reference import WinClipReference
+    from clipinspect.export.methods.winclip import WinClipReference
 
     return WinClipReference(small_model[0], (2, 3))
 

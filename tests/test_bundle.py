@@ -76,20 +76,20 @@ def test_memory_and_thresholds_persist_and_verify(bundle_copy, rng):
 
 
 def test_export_refuses_non_empty_output(tmp_path):
-    from clipinspect.export.exporter import ExportError, export_bundle
+    from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
 
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(ExportError, match="exists and is not empty.*--overwrite"):
-        export_bundle(tmp_path, "ViT-S-16", None, ["weave"])
+        export_bundle(ExportOptions(tmp_path, "ViT-S-16", None, ["weave"]))
     assert (tmp_path / "keep.txt").read_text() == "user data"
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path):
-    from clipinspect.export.exporter import ExportError, export_bundle
+    from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
 
     # A tolerance no float computation meets: the parity check must fail and clean up.
     with pytest.raises(ExportError, match="differ from PyTorch"):
-        export_bundle(tmp_path / "b", "ViT-S-16", None, ["weave"], tolerance=0.0)
+        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["weave"], tolerance=0.0))
     assert list(tmp_path.iterdir()) == []
 
 

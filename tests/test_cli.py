@@ -195,3 +195,37 @@ def test_quantize_old_method_spelling_still_checks_its_values(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "b", "--precision", "int8", "--method", "kl"])
     assert "invalid choice: 'kl'" in capsys.readouterr().err
+
+
+def test_category_names_are_given_the_same_way_to_every_command(tmp_path, capsys):
+    from clipinspect.runtime.cli import build_parser, main
+
+    parser = build_parser()
+    export = parser.parse_args(["export", "--out", "b", "--categories", "bottle,metal nut",
+                                "screw"])
+    assert export.categories == ["bottle", "metal nut", "screw"]
+    new = parser.parse_args(["add-category", "B", "--categories", "screw", "cable,pill"])
+    old = parser.parse_args(["add-category", "B", "screw"])  # the positional form still works
+    assert (new.names, new.categories) == ([], ["screw", "cable", "pill"])
+    assert (old.names, old.categories) == (["screw"], [])
+    assert main(["add-category", str(tmp_path)]) == 2
+    assert "name at least one category" in capsys.readouterr().err
+
+
+def test_export_and_train_adapters_take_every_methods_options_from_the_registry(capsys):
+    from clipinspect.export.methods import METHODS
+    from clipinspect.runtime.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "--help"])
+    shown = capsys.readouterr().out
+    for method in METHODS.values():
+        assert method.name in shown and method.summary.split(",")[0] in shown
+        for option in method.options:
+            assert option.flag in shown, option.flag
+    args = parser.parse_args(["export", "--out", "b", "--dense-blocks", "2", "--layers", "3,6"])
+    assert (args.method, args.dense_blocks, args.layers, args.scales) == ("winclip", 2, [3, 6],
+                                                                          None)
+    args = parser.parse_args(["train-adapters", "data", "--out", "a.pt", "--image-size", "518"])
+    assert (args.image_size, args.layers) == (518, None)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipinspect.export.reference import WinClipReference, windows_of_scale
-from clipinspect.export.winclip_torch import WinClipHead, harmonic_to_patches, incidence, window_indices
+from clipinspect.export.methods.winclip import (WinClipHead, WinClipReference, harmonic_to_patches,
+                                                incidence, window_indices, windows_of_scale)
 from clipinspect.runtime.core.maps import bilinear_matrix, gaussian_blur, overlay, upsample
 
 
