@@ -7,11 +7,11 @@ import copy
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+torch = pytest.importorskip("torch")  # compares with torch: the export extra
+import torch.nn.functional as F  # noqa: E402
 
-from clipinspect.runtime import Inspector
-from clipinspect.runtime.core.images import preprocess, to_rgb_array
+from clipinspect.runtime import Inspector  # noqa: E402
+from clipinspect.runtime.core.images import preprocess, to_rgb_array  # noqa: E402
 
 TOL = 1e-4
 MODEL = "ViT-S-16"

@@ -57,8 +57,8 @@ def test_jsonl_catches_up_with_the_journal_after_a_crash(tmp_path):
     assert not journal.has(origin, "img9")
 
 
-def test_file_still_being_written_is_read_once_complete(small_bundle_path, tmp_path):
-    inspector = Inspector.open(small_bundle_path, threads=2)
+def test_file_still_being_written_is_read_once_complete(tiny_bundle_path, tmp_path):
+    inspector = Inspector.open(tiny_bundle_path, threads=2)
     folder = tmp_path / "in"
     folder.mkdir()
     journal = Journal(tmp_path / "j.sqlite")
@@ -131,16 +131,16 @@ def test_kill_9_in_the_middle_then_restart_gives_every_image_exactly_one_result(
     assert not [p for p in folder.iterdir() if p.suffix == ".png"]
 
 
-def test_source_without_opencv_says_how_to_install(small_bundle_path, tmp_path, monkeypatch,
+def test_source_without_opencv_says_how_to_install(tiny_bundle_path, tmp_path, monkeypatch,
                                                    capsys):
     monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
     monkeypatch.chdir(tmp_path)
-    assert main(["watch", str(small_bundle_path), "--source", "0", "--category",
+    assert main(["watch", str(tiny_bundle_path), "--source", "0", "--category",
                  CATEGORY]) == 2
     assert "clipinspect[camera]" in capsys.readouterr().err
 
 
-def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
+def test_source_reads_a_video_file(tiny_bundle_path, tmp_path, monkeypatch):
     cv2 = pytest.importorskip("cv2")
     video = tmp_path / "line.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (40, 40))
@@ -148,7 +148,7 @@ def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
         writer.write(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     writer.release()
     monkeypatch.chdir(tmp_path)
-    assert main(["watch", str(small_bundle_path), "--source", str(video), "--category",
+    assert main(["watch", str(tiny_bundle_path), "--source", str(video), "--category",
                  CATEGORY, "--every", "2", "--threads", "2"]) == 0
     rows = jsonl(tmp_path / "results.jsonl")
     assert [r["image_id"].split("-")[-1] for r in rows] == ["frame00000001", "frame00000003",
