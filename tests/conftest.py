@@ -26,15 +26,24 @@ def missing_export_modules() -> list[str]:
     return [m for m in EXPORT_MODULES if importlib.util.find_spec(m) is None]
 
 
+# Fixtures that export or load a real open_clip model: their tests, and those of modules that
+# import torch, are marked ``torch`` too, so that ``-m "not torch"`` selects exactly the tests
+# that run without the export extra.
+REAL_MODEL_FIXTURES = {"small_bundle_path", "patch_bundle_path", "bundle_copy", "small_model",
+                       "reference"}
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``torch`` are skipped, with the reason, where the export extra is absent."""
     missing = missing_export_modules()
-    if missing:
-        skip = pytest.mark.skip(reason=f"needs the export extra ({', '.join(missing)} not "
-                                       "installed)")
-        for item in items:
-            if item.get_closest_marker("torch") is not None:
-                item.add_marker(skip)
+    skip = pytest.mark.skip(reason=f"needs the export extra ({', '.join(missing)} not installed)")
+    for item in items:
+        module = getattr(item, "module", None)
+        if (REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or (module is not None and "torch" in vars(module))):
+            item.add_marker(pytest.mark.torch)
+        if missing and item.get_closest_marker("torch") is not None:
+            item.add_marker(skip)
 
 
 def needs_export() -> None:
