@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
-from clipinspect.runtime import Inspector
-from clipinspect.runtime.core.images import preprocess, to_rgb_array
+from clipinspect.runtime import Inspector  # noqa: E402
+from clipinspect.runtime.core.images import preprocess, to_rgb_array  # noqa: E402
 
 TOL = 1e-4
 MODEL = "ViT-S-16"

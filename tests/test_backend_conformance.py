@@ -104,9 +104,9 @@ def _unavailable(provider: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def bundle(small_bundle_path, tmp_path_factory):
+def bundle(tiny_bundle_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("conformance") / "bundle"
-    shutil.copytree(small_bundle_path, path)
+    shutil.copytree(tiny_bundle_path, path)
     return Bundle.open(path)
 
 

@@ -87,8 +87,8 @@ class SleepyBackend:
                 "anomaly_grid": np.zeros((n, *self.grid), np.float32)}
 
 
-def test_stage_times_of_a_backend_with_known_timings(small_bundle_path, tmp_path):
-    b = Bundle.open(small_bundle_path)
+def test_stage_times_of_a_backend_with_known_timings(tiny_bundle_path, tmp_path):
+    b = Bundle.open(tiny_bundle_path)
     inspector = Inspector(b, SleepyBackend(b.grid), "fp32")
     work = bench.make_workload(b, tmp_path, 3, 0)
     times = bench.time_runtime(inspector, work, "zero-shot", None, 2, 4)
@@ -156,9 +156,9 @@ def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
     assert (out / "bench.png").stat().st_size > 1000
 
 
-def test_bench_refuses_unknown_names(small_bundle_path, tmp_path):
+def test_bench_refuses_unknown_names(tiny_bundle_path, tmp_path):
     with pytest.raises(UsageError, match="unknown mode 'patch'"):
-        bench.run_bench(small_bundle_path, tmp_path, bench.BenchOptions(modes=["patch"]))
+        bench.run_bench(tiny_bundle_path, tmp_path, bench.BenchOptions(modes=["patch"]))
 
 
 def test_transformer_depth_from_manifest_or_graph(bundle_copy):

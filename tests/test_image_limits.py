@@ -93,13 +93,13 @@ def test_other_formats_are_refused_naming_the_accepted_ones(data, tmp_path):
         to_rgb_array(path)
 
 
-def test_cli_max_megapixels_applies_to_predict(small_bundle_path, tmp_path, capsys):
+def test_cli_max_megapixels_applies_to_predict(tiny_bundle_path, tmp_path, capsys):
     image = tmp_path / "wide.png"
     image.write_bytes(encoded((64, 48), "PNG"))
-    assert main(["predict", str(small_bundle_path), str(image), "--category", "weave",
+    assert main(["predict", str(tiny_bundle_path), str(image), "--category", "weave",
                  "--out", str(tmp_path / "out"), "--max-megapixels", "0.001"]) == 2
     err = capsys.readouterr().err
     assert "wide.png' is 64x48" in err and "--max-megapixels" in err
     with pytest.raises(SystemExit):
-        main(["predict", str(small_bundle_path), str(image), "--category", "weave",
+        main(["predict", str(tiny_bundle_path), str(image), "--category", "weave",
               "--out", str(tmp_path / "out"), "--max-megapixels", "-1"])

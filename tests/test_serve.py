@@ -39,8 +39,8 @@ def png(seed: int, size: int = 48) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def inspector(small_bundle_path):
-    return Inspector.open(small_bundle_path, threads=2)
+def inspector(tiny_bundle_path):
+    return Inspector.open(tiny_bundle_path, threads=2)
 
 
 class Live:
@@ -184,7 +184,7 @@ def test_full_queue_answers_503_with_retry_after(inspector):
     assert error.status == 503 and int(error.headers["Retry-After"]) >= 1
 
 
-def test_other_addresses_require_an_api_key(small_bundle_path, capsys):
+def test_other_addresses_require_an_api_key(tiny_bundle_path, capsys):
     with pytest.raises(UsageError, match="API key"):
         check_exposure("0.0.0.0", None)
     with pytest.raises(UsageError):
@@ -193,7 +193,7 @@ def test_other_addresses_require_an_api_key(small_bundle_path, capsys):
     assert "no API key" in check_exposure("::1", None)
     assert "required" in check_exposure("0.0.0.0", "k")
     # The command refuses before loading anything.
-    assert main(["serve", str(small_bundle_path), "--host", "0.0.0.0"]) == 2
+    assert main(["serve", str(tiny_bundle_path), "--host", "0.0.0.0"]) == 2
     assert "API key" in capsys.readouterr().err
 
 

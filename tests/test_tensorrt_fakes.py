@@ -152,11 +152,11 @@ def fake_tensorrt(engines: dict[str, FakeEngine]) -> types.SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def stand_in(small_bundle_path, tmp_path_factory):
+def stand_in(tiny_bundle_path, tmp_path_factory):
     """(bundle, engine record, stand-in engines) with plan files holding each graph's name."""
     from clipinspect.runtime.tensorrt.compat import dynamic_rows, head_inputs
 
-    bundle = Bundle.open(small_bundle_path)
+    bundle = Bundle.open(tiny_bundle_path)
     root = tmp_path_factory.mktemp("plans")
     record = {"profile": {"batch": [1, 2, 4], "max_shots": 2}}
     engines = {}

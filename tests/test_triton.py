@@ -36,9 +36,9 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def bundle_path(small_bundle_path, tmp_path_factory, images):
+def bundle_path(tiny_bundle_path, tmp_path_factory, images):
     path = tmp_path_factory.mktemp("triton") / "bundle"
-    shutil.copytree(small_bundle_path, path)
+    shutil.copytree(tiny_bundle_path, path)
     Inspector.open(path).add_references(CATEGORY_WITH_MEMORY, images[:1])
     return path
 
@@ -55,11 +55,11 @@ def repo(bundle_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def patch_served(patch_bundle_path, tmp_path_factory, images):
+def patch_served(tiny_patch_bundle_path, tmp_path_factory, images):
     """The patch-only method with prompt adaptation: its heads take per-category prompt pools
     whose length varies, and its memory is made of other encoder outputs than WinCLIP's."""
     path = tmp_path_factory.mktemp("triton-patch") / "bundle"
-    shutil.copytree(patch_bundle_path, path)
+    shutil.copytree(tiny_patch_bundle_path, path)
     Inspector.open(path).add_references(CATEGORY_WITH_MEMORY, images[:1])
     return triton.write_repository(path, tmp_path_factory.mktemp("repo") / "models",
                                    max_batch=16), Inspector.open(path)

@@ -61,8 +61,8 @@ def test_jsonl_catches_up_with_the_journal_after_a_crash(tmp_path):
     assert not journal.has(origin, "img9")
 
 
-def test_file_still_being_written_is_read_once_complete(small_bundle_path, tmp_path):
-    inspector = Inspector.open(small_bundle_path, threads=2)
+def test_file_still_being_written_is_read_once_complete(tiny_bundle_path, tmp_path):
+    inspector = Inspector.open(tiny_bundle_path, threads=2)
     folder = tmp_path / "in"
     folder.mkdir()
     journal = Journal(tmp_path / "j.sqlite")
@@ -135,16 +135,16 @@ def test_kill_9_in_the_middle_then_restart_gives_every_image_exactly_one_result(
     assert not [p for p in folder.iterdir() if p.suffix == ".png"]
 
 
-def test_source_without_opencv_says_how_to_install(small_bundle_path, tmp_path, monkeypatch,
+def test_source_without_opencv_says_how_to_install(tiny_bundle_path, tmp_path, monkeypatch,
                                                    capsys):
     monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
     monkeypatch.chdir(tmp_path)
-    assert main(["watch", str(small_bundle_path), "--source", "0", "--category",
+    assert main(["watch", str(tiny_bundle_path), "--source", "0", "--category",
                  CATEGORY]) == 2
     assert "clipinspect[camera]" in capsys.readouterr().err
 
 
-def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
+def test_source_reads_a_video_file(tiny_bundle_path, tmp_path, monkeypatch):
     cv2 = pytest.importorskip("cv2")
     video = tmp_path / "line.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (40, 40))
@@ -152,7 +152,7 @@ def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
         writer.write(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     writer.release()
     monkeypatch.chdir(tmp_path)
-    assert main(["watch", str(small_bundle_path), "--source", str(video), "--category",
+    assert main(["watch", str(tiny_bundle_path), "--source", str(video), "--category",
                  CATEGORY, "--every", "2", "--threads", "2"]) == 0
     rows = jsonl(tmp_path / "results.jsonl")
     assert [r["image_id"].split("-")[-1] for r in rows] == ["frame00000001", "frame00000003",
@@ -190,8 +190,8 @@ def poll_in_thread(watcher: FolderWatcher) -> int:
 
 
 @pytest.fixture(scope="module")
-def watch_inspector(small_bundle_path):
-    return Inspector.open(small_bundle_path, threads=2)
+def watch_inspector(tiny_bundle_path):
+    return Inspector.open(tiny_bundle_path, threads=2)
 
 
 def test_unusable_files_are_quarantined_and_the_watcher_goes_on(watch_inspector, tmp_path,
@@ -288,13 +288,13 @@ def test_a_done_folder_on_another_file_system_is_filled_by_copy(watch_inspector,
     assert not (folder / "a.png").exists()
 
 
-def test_a_damaged_journal_is_a_one_line_error(small_bundle_path, tmp_path, capsys):
+def test_a_damaged_journal_is_a_one_line_error(tiny_bundle_path, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "journal.sqlite").write_bytes(b"this is not a database" * 100)
     with pytest.raises(ClipInspectError, match="Move it away"):
         Journal(folder / "journal.sqlite")
-    assert main(["watch", str(small_bundle_path), "--input", str(folder), "--category",
+    assert main(["watch", str(tiny_bundle_path), "--input", str(folder), "--category",
                  CATEGORY, "--once"]) == 2
     err = capsys.readouterr().err.strip()
     assert "journal.sqlite" in err and "Traceback" not in err and len(err.splitlines()) == 1
