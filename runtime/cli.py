@@ -344,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("triton", help="write a Triton Inference Server model repository")
     p.add_argument("bundle")
     p.add_argument("--out", required=True, help="model repository directory to write")
-    p.add_argument("--platform", default="onnx", choices=["onnx", "tensorrt"],
+    p.add_argument("--platform", default="onnx", choices=["onnx", "tensorrt", "python"],
                    help="onnx: graphs for Triton's onnxruntime backend (default); tensorrt: the "
-                        "engines 'build-engine' made on the serving GPU")
+                        "engines 'build-engine' made on the serving GPU; python: the graphs run "
+                        "by onnxruntime in Triton's Python backend, on the CPU (tests, no GPU)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--max-batch", type=positive_int, default=32,
                    help="largest batch the encoder's dynamic batcher forms (default 32)")

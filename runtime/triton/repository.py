@@ -39,6 +39,8 @@ HEADS = {"zeroshot": "clipinspect_head_zeroshot", "fewshot": "clipinspect_head_f
 ENSEMBLES = {"zeroshot": "clipinspect_zeroshot", "fewshot": "clipinspect_fewshot"}
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan",
                                                                       "model.plan")}
+# Python-backend models running the ONNX graphs with onnxruntime (CPU; python_model.py).
+PLATFORMS["python"] = ("python", "model.onnx")
 DEFAULT_QUEUE_DELAY_US = 2000
 
 
@@ -199,7 +201,7 @@ def write_repository(bundle_path, out, platform: str = "onnx", precision: str = 
     bundle = Bundle.open(bundle_path)
     out = Path(out)
     if platform not in PLATFORMS:
-        raise UsageError(f"--platform {platform!r}: choose onnx or tensorrt")
+        raise UsageError(f"--platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
     if max_batch < 1:
         raise UsageError(f"--max-batch {max_batch}: need at least 1")
     bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
@@ -240,6 +242,10 @@ def write_repository(bundle_path, out, platform: str = "onnx", precision: str = 
         (tmp / CATEGORIES / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy2(Path(__file__).with_name("categories.py"),
                      tmp / CATEGORIES / "1" / "model.py")
+        if platform == "python":
+            from .python_model import as_python_models
+
+            as_python_models(tmp, configs, [ENCODER, *HEADS.values()], CATEGORIES)
         for name, text in configs.items():
             atomic_write_bytes(tmp / name / "config.pbtxt", text.encode())
         write_categories(bundle, tmp)
