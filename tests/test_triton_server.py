@@ -109,7 +109,8 @@ def running_server(repo: Path, workdir: Path):
             [str(root / "bin" / "tritonserver"), f"--model-repository={repo}",
              f"--backend-directory={backends}", "--http-address=127.0.0.1",
              "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
-             f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"],
+             f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+             "--exit-timeout-secs=5"],
             env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, f"127.0.0.1:{http}", log)
@@ -154,6 +155,20 @@ def patch(patch_bundle_path, tmp_path_factory, images):
         yield path, server
 
 
+@pytest.fixture(scope="module")
+def runtime(images):
+    """(bundle, category, mode) -> ``Inspector.inspect`` on the test images, computed once."""
+    cache = {}
+
+    def results(path: Path, category: str, mode: str):
+        key = (str(path), category, mode)
+        if key not in cache:
+            cache[key] = Inspector.open(path).inspect(images, category, mode=MODES[mode])
+        return cache[key]
+
+    return results
+
+
 @pytest.fixture(params=["winclip", "patch+adaptation"])
 def served(request):
     return request.getfixturevalue({"winclip": "winclip", "patch+adaptation": "patch"}[
@@ -180,8 +195,7 @@ def infer(server: Server, protocol: str, images: np.ndarray, category: str, mode
     return result.as_numpy("image_score"), result.as_numpy("anomaly_grid")
 
 
-def assert_matches_runtime(scores, grids, inspector, images, category, mode) -> None:
-    expected = inspector.inspect(images, category, mode=MODES[mode])
+def assert_matches_runtime(scores, grids, expected, images) -> None:
     np.testing.assert_allclose(scores, [r.image_score for r in expected], rtol=0, atol=1e-5)
     for grid, r, img in zip(grids, expected, images):
         np.testing.assert_allclose(upsample(grid, img.shape[:2]), r.anomaly_map, rtol=0,
@@ -200,18 +214,17 @@ def test_every_model_and_ensemble_is_ready(served):
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("mode", ["zeroshot", "fewshot"])
-def test_ensembles_give_the_runtimes_scores_and_maps(served, images, protocol, mode):
+def test_ensembles_give_the_runtimes_scores_and_maps(served, images, runtime, protocol, mode):
     path, server = served
     scores, grids = infer(server, protocol, batch_for(server, images), CATEGORY, mode)
     assert scores.shape == (len(images),) and grids.shape == (len(images), 14, 14)
-    inspector = Inspector.open(path)
-    assert_matches_runtime(scores, grids, inspector, images, CATEGORY, mode)
+    assert_matches_runtime(scores, grids, runtime(path, CATEGORY, mode), images)
     if mode == "fewshot":  # not the zero-shot numbers by accident
-        zero = inspector.inspect(images, CATEGORY, mode="zero-shot")
+        zero = runtime(path, CATEGORY, "zeroshot")
         assert np.abs(scores - [r.image_score for r in zero]).max() > 1e-4
 
 
-def test_a_category_added_later_is_served_without_a_restart(winclip, images):
+def test_a_category_added_later_is_served_without_a_restart(winclip, images, runtime):
     from clipinspect.export.exporter import add_categories
 
     path, server = winclip
@@ -223,7 +236,7 @@ def test_a_category_added_later_is_served_without_a_restart(winclip, images):
     # The categories model re-reads a category's files when they change: same server process,
     # no model control call.
     scores, grids = infer(server, "grpc", batch, "grain", "zeroshot")
-    assert_matches_runtime(scores, grids, Inspector.open(path), images, "grain", "zeroshot")
+    assert_matches_runtime(scores, grids, runtime(path, "grain", "zeroshot"), images)
 
 
 def batch_stats(server: Server) -> dict[int, int]:
@@ -234,10 +247,10 @@ def batch_stats(server: Server) -> dict[int, int]:
             for b in model.get("batch_stats", [])}
 
 
-def test_concurrent_requests_are_batched_with_unchanged_scores(winclip, images):
+def test_concurrent_requests_are_batched_with_unchanged_scores(winclip, images, runtime):
     path, server = winclip
     batch = batch_for(server, images)
-    singles = [batch[i % len(images)][None] for i in range(12)]
+    singles = [batch[i % len(images)][None] for i in range(6)]
     before = batch_stats(server)
     with ThreadPoolExecutor(len(singles)) as pool:
         results = list(pool.map(
@@ -247,8 +260,7 @@ def test_concurrent_requests_are_batched_with_unchanged_scores(winclip, images):
             if after[size] > before.get(size, 0)}
     assert sum(size * n for size, n in grew.items()) == len(singles)
     assert max(grew) > 1, f"no execution with more than one image: {grew}"
-    expected = [r.image_score for r in Inspector.open(path).inspect(images, CATEGORY,
-                                                                      mode="zero-shot")]
+    expected = [r.image_score for r in runtime(path, CATEGORY, "zeroshot")]
     np.testing.assert_allclose(np.concatenate(results),
                                [expected[i % len(images)] for i in range(len(singles))],
                                rtol=0, atol=1e-5)
@@ -266,7 +278,7 @@ def raw_input(name: str, array: np.ndarray, datatype: str):
     ("wrong dtype", "FP64"),
     ("missing input", "missing"),
 ])
-def test_bad_requests_fail_and_the_server_keeps_serving(winclip, images, case, message):
+def test_bad_requests_fail_and_the_server_keeps_serving(winclip, images, runtime, case, message):
     path, server = winclip
     batch = batch_for(server, images)
     name = np.array([CATEGORY.encode()], dtype=np.object_)
@@ -283,7 +295,7 @@ def test_bad_requests_fail_and_the_server_keeps_serving(winclip, images, case, m
         client.infer(triton.ENSEMBLES["zeroshot"], inputs)
     assert client.is_server_live() and client.is_server_ready()
     scores, grids = infer(server, "grpc", batch, CATEGORY, "zeroshot")
-    assert_matches_runtime(scores, grids, Inspector.open(path), images, CATEGORY, "zeroshot")
+    assert_matches_runtime(scores, grids, runtime(path, CATEGORY, "zeroshot"), images)
 
 
 def test_metrics_endpoint_counts_inferences(winclip, images):
