@@ -119,9 +119,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("triton", help="write a Triton Inference Server model repository")
     add_bundle(p)
     p.add_argument("--out", required=True, help="model repository directory to write")
-    p.add_argument("--platform", default="onnx", choices=["onnx", "tensorrt"],
+    p.add_argument("--platform", default="onnx", choices=["onnx", "tensorrt", "python"],
                    help="onnx: graphs for Triton's onnxruntime backend (default); tensorrt: the "
-                        "engines 'build-engine' made on the serving GPU")
+                        "engines 'build-engine' made on the serving GPU; python: the graphs run "
+                        "by onnxruntime in Triton's Python backend, on the CPU (tests, no GPU)")
     add_precision(p, choices=PRECISIONS)
     p.add_argument("--max-batch", type=positive_int, default=None,
                    help="largest batch the encoder's dynamic batcher forms (default 32 for "

@@ -37,8 +37,10 @@ ENCODER = "clipinspect_encoder"
 CATEGORIES = "clipinspect_categories"
 HEADS = {"zeroshot": "clipinspect_head_zeroshot", "fewshot": "clipinspect_head_fewshot"}
 ENSEMBLES = {"zeroshot": "clipinspect_zeroshot", "fewshot": "clipinspect_fewshot"}
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan",
-                                                                      "model.plan")}
+# platform -> (Triton platform or backend, model file); python: Python-backend models running
+# the ONNX graphs with onnxruntime on the CPU (python_model.py).
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan"),
+             "python": ("python", "model.onnx")}
 DEFAULT_QUEUE_DELAY_US = 2000
 DEFAULT_MAX_BATCH = 32   # --platform onnx; tensorrt defaults to the engines' profile maximum
 # Which bundle a repository was written from, next to the categories model (Triton ignores
@@ -256,7 +258,7 @@ def write_repository(bundle_path, out, *, platform: str = "onnx", precision: str
     bundle = Bundle.open(bundle_path)
     out = Path(out)
     if platform not in PLATFORMS:
-        raise UsageError(f"--platform {platform!r}: choose onnx or tensorrt")
+        raise UsageError(f"--platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
     if max_batch is not None and max_batch < 1:
         raise UsageError(f"--max-batch {max_batch}: need at least 1")
     bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
@@ -304,6 +306,10 @@ def write_repository(bundle_path, out, *, platform: str = "onnx", precision: str
         (tmp / CATEGORIES / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy2(Path(__file__).with_name("categories.py"),
                      tmp / CATEGORIES / "1" / "model.py")
+        if platform == "python":
+            from .python_model import as_python_models
+
+            as_python_models(tmp, configs, [ENCODER, *HEADS.values()], CATEGORIES)
         for name, text in configs.items():
             atomic_write_bytes(tmp / name / "config.pbtxt", text.encode())
         write_categories(bundle, tmp)
