@@ -98,7 +98,7 @@ def cpu_gemm_peak(repeats: int = 5) -> float:
 
 
 def gflops_per_image(bundle: Bundle) -> float:
-    """Matrix-product GFLOPs the exported encoder executes per image (METHODS.md section 3;
+    """Matrix-product GFLOPs the exported encoder executes per image (docs/methods.md#cost-model;
     the cost model of the bundle's method)."""
     return method_gflops(bundle.manifest, transformer_layers(bundle))
 

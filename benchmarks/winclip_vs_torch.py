@@ -6,7 +6,7 @@
 Both sides start from the same decoded RGB images and include preprocessing and upsampling to
 the image size; rounds alternate runtime / reference so that machine noise hits both alike.
 Reports images/s (median over rounds), the ratio, the largest output differences, and the
-throughput in GFLOP/s of the WinCLIP cost model (METHODS.md section 3).
+throughput in GFLOP/s of the WinCLIP cost model (docs/methods.md#cost-model).
 """
 
 from __future__ import annotations

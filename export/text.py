@@ -33,7 +33,7 @@ def encode_texts(model, tokenizer, prompts: list[str], batch_size: int = 64) -> 
 
 def ambiguity_filter(normal: np.ndarray, anomalous: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Offline ambiguity filter (METHODS.md section 5, our formulation).
+    """Offline ambiguity filter (docs/methods.md#ambiguity-filter, our formulation).
 
     normal (N_n, D), anomalous (N_a, D) raw embeddings -> boolean keep masks (N_n,), (N_a,): a
     prompt is dropped when its normalized embedding has a higher cosine with the other state's

@@ -1,5 +1,5 @@
 """``clipinspect train-adapters``: train AprilLab's per-level projections with CLIP frozen
-(METHODS.md section 4) on an annotated dataset in MVTec AD or VisA layout.
+(docs/methods.md#training-the-projections) on an annotated dataset in MVTec AD or VisA layout.
 
 CLIP never changes during training, so each image's level tokens are computed once and cached
 on disk (float16, keyed by model, weights, levels, input size and the image file); every epoch

@@ -1,4 +1,4 @@
-"""AprilLab (METHODS.md section 4): exported graphs vs an eager evaluation written from the
+"""AprilLab (docs/methods.md#aprillab-after-april-gan): exported graphs vs an eager evaluation written from the
 formula on open_clip's own forward, runtime maps and few-shot, checkpoint forms, training."""
 
 from __future__ import annotations

@@ -84,9 +84,12 @@ def test_relative_links_resolve(path: Path):
     assert broken_links(path) == []
 
 
-def test_docs_cite_the_methods_page_not_the_old_spec():
-    stale = [p.relative_to(ROOT).as_posix() for p in markdown_files()
-             if "METHODS.md" in p.read_text(encoding="utf-8")]
+def test_docs_and_code_cite_the_methods_page_not_the_old_spec():
+    sources = [p for folder in ("runtime", "export", "calibration", "benchmarks", "tests")
+               for p in (ROOT / folder).rglob("*.py") if p != Path(__file__)]
+    old = "METHODS" + ".md"
+    stale = [p.relative_to(ROOT).as_posix() for p in [*markdown_files(), *sources]
+             if old in p.read_text(encoding="utf-8")]
     assert stale == [], "cite docs/methods.md (with an anchor) instead of METHODS.md"
 
 

@@ -1,4 +1,4 @@
-"""onnxruntime FP32 outputs equal a direct PyTorch evaluation of METHODS.md sections 1-2."""
+"""onnxruntime FP32 outputs equal a direct PyTorch evaluation of the WinCLIP / WinCLIP+ formulas of docs/methods.md."""
 
 from __future__ import annotations
 

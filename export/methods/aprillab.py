@@ -1,5 +1,5 @@
 """AprilLab: multi-layer patch alignment with learned per-level projections (APRIL-GAN, VAND
-2023, METHODS.md section 4): exportable torch modules, projection checkpoints, options, text
+2023, docs/methods.md#aprillab-after-april-gan): exportable torch modules, projection checkpoints, options, text
 recipe and eager reference. Export, parity check and adapter training all use these modules, so
 the trained and the exported formula are one.
 

@@ -1,5 +1,5 @@
 """Torch building blocks every scoring method shares: the CLIP tower wrapper the encoders are
-built from, normalization, class score, contextual prompt adaptation (METHODS.md section 5),
+built from, normalization, class score, contextual prompt adaptation (docs/methods.md#contextual-prompt-adaptation-our-formulation),
 nearest-neighbour association; and their plain eager counterparts for the references.
 
 Shapes: B images, C vision width, D joint embedding width, L tokens, P = gh*gw patches, M memory
@@ -124,7 +124,7 @@ def class_score(x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Adaptation:
-    """Contextual prompt adaptation (METHODS.md section 5, our formulation).
+    """Contextual prompt adaptation (docs/methods.md#per-image-prototypes, our formulation).
 
     tau: temperature of the relevance softmax within each state; top_k: keep only the k most
     relevant prompts of each state (ties at the k-th relevance are kept), None = all.
@@ -177,7 +177,7 @@ def association(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------- eager counterparts (references)
-# Written straight from METHODS.md, on open_clip's own modules, one image or head at a time where
+# Written straight from the formulas of docs/methods.md, on open_clip's own modules, one image or head at a time where
 # that is how the formula reads: the yardstick the exported graphs are tested against.
 
 def eager_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -207,7 +207,7 @@ def adapted_prototypes(image_embedding: torch.Tensor, text_normal: torch.Tensor,
                        text_anomalous: torch.Tensor, tau: float, top_k: int | None
                        ) -> torch.Tensor:
     """(B, D) image embeddings, prompt pools (N_n, D), (N_a, D) -> (B, 2, D) per-image
-    [normal, anomalous] prototypes (METHODS.md section 5), one image and one state at a time."""
+    [normal, anomalous] prototypes (docs/methods.md#per-image-prototypes), one image and one state at a time."""
     out = []
     for v in image_embedding:
         rows = []

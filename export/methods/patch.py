@@ -1,4 +1,4 @@
-"""Patch-only method: the training-free fine-grained aligner (METHODS.md section 5, our
+"""Patch-only method: the training-free fine-grained aligner (docs/methods.md#patch-only-method-our-formulation, our
 formulation): exportable torch modules, options and eager reference.
 
 One encoder pass, no window passes. Besides the ordinary CLIP image embedding, the encoder

@@ -1,4 +1,4 @@
-"""WinCLIP / WinCLIP+ (METHODS.md sections 1-2): exportable torch modules, options, text recipe
+"""WinCLIP / WinCLIP+ (docs/methods.md#winclip-zero-shot and #winclip-few-shot): exportable torch modules, options, text recipe
 and eager reference.
 
 Shapes: B images, C vision width, D joint embedding width, P = gh*gw patches, W_k windows of

@@ -1,4 +1,4 @@
-"""Cost-model arithmetic the methods share (METHODS.md section 3): matrix-product FLOPs of a ViT,
+"""Cost-model arithmetic the methods share (docs/methods.md#cost-model): matrix-product FLOPs of a ViT,
 2 per multiply-add. Pure arithmetic on manifest numbers, so the runtime and the benchmarks can
 state a bundle's cost without torch."""
 
