@@ -30,26 +30,27 @@ def run(work: Path, epochs: int, train_seed: int, eval_seed: int) -> dict:
     from clipinspect.calibration.datasets import load_dataset
     from clipinspect.calibration.metrics import pixel_auroc
     from clipinspect.calibration.synth import CATEGORIES, generate
-    from clipinspect.export.aprillab import build, category_text
-    from clipinspect.export.aprillab_torch import CHECKPOINT_KEY, LevelProjections
-    from clipinspect.export.exporter import load_clip, preprocess_config
+    from clipinspect.export.clip import load_clip, preprocess_config
+    from clipinspect.export.methods.aprillab import (CHECKPOINT_KEY, LevelProjections,
+                                                     build_modules, category_text)
     from clipinspect.export.text import load_ensemble
-    from clipinspect.export.train_adapters import (FeatureCache, cache_key, encoder_preprocess,
-                                                   train_adapters)
+    from clipinspect.export.train_adapters import (FeatureCache, TrainOptions, cache_key,
+                                                   encoder_preprocess, train_adapters)
 
     t0 = time.perf_counter()
     train_data, eval_data, cache = work / "train-data", work / "eval-data", work / "features"
     generate(train_data, seed=train_seed)
     generate(eval_data, seed=eval_seed)
     categories = list(CATEGORIES)
-    common = dict(model_name=MODEL, pretrained=None, cache=cache, overwrite=True)
-    train_adapters(train_data, work / "untrained.pt", epochs=0, **common)
-    losses = {c: train_adapters(train_data, work / f"trained-{c}.pt", categories=[c],
-                                epochs=epochs, **common)["loss_per_epoch"] for c in categories}
+    common = dict(data=train_data, model=MODEL, pretrained=None, cache=cache, overwrite=True)
+    train_adapters(TrainOptions(out=work / "untrained.pt", epochs=0, **common))
+    losses = {c: train_adapters(TrainOptions(out=work / f"trained-{c}.pt", categories=[c],
+                                             epochs=epochs, **common))["loss_per_epoch"]
+              for c in categories}
 
     model, tokenizer, weights = load_clip(MODEL, None, 0)
     projections = LevelProjections(model.visual.conv1.out_channels, model.visual.output_dim, 4)
-    encoder, heads = build(model, None, None, projections)
+    encoder, heads = build_modules(model, None, None, projections)
     cfg, ensemble = preprocess_config(model), load_ensemble("aprillab")
     features = FeatureCache(cache, cache_key(MODEL, weights, encoder.layers, encoder.image_size,
                                              cfg, ensemble))

@@ -24,6 +24,8 @@ from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backends import ProviderError, available_providers
 from clipinspect.runtime.core.images import to_rgb_array
 from clipinspect.runtime.core.maps import upsample
+from clipinspect.runtime.methods import gflops_per_image as method_gflops
+from clipinspect.runtime.methods import transformer_layers
 
 from .report import command, machine, read_text
 from .stats import run_stream, summarize
@@ -80,19 +82,6 @@ def is_out_of_memory(e: BaseException) -> bool:
         "out of memory", "failed to allocate", "cudaerrormemoryallocation", "bad_alloc"))
 
 
-def transformer_layers(bundle: Bundle) -> int:
-    """Depth of the vision transformer: from the manifest, or, for bundles exported before it
-    was recorded there, the number of MLP input weights (width x 4 width) in the encoder."""
-    layers = bundle.manifest.dims.layers
-    if layers:
-        return int(layers)
-    import onnx
-
-    c = bundle.manifest.dims.width
-    model = onnx.load(str(bundle.graph_path("fp32", "encoder")))
-    return sum(1 for t in model.graph.initializer if list(t.dims) == [c, 4 * c])
-
-
 def cpu_gemm_peak(repeats: int = 5) -> float:
     """GFLOP/s of one large FP32 matrix product shaped like a window MLP layer (numpy's BLAS,
     all cores, median): the practical FP32 ceiling of this CPU."""
@@ -109,11 +98,9 @@ def cpu_gemm_peak(repeats: int = 5) -> float:
 
 
 def gflops_per_image(bundle: Bundle) -> float:
-    """Matrix-product GFLOPs the exported encoder executes per image (METHODS.md section 3;
+    """Matrix-product GFLOPs the exported encoder executes per image (docs/methods.md#cost-model;
     the cost model of the bundle's method)."""
-    from .methods import gflops_per_image as cost
-
-    return cost(bundle.manifest, transformer_layers(bundle))
+    return method_gflops(bundle.manifest, transformer_layers(bundle))
 
 
 # --------------------------------------------------------------------------------- pipeline
@@ -179,7 +166,7 @@ class TorchBaseline:
         import torch
 
         from clipinspect.export.exporter import load_clip
-        from clipinspect.export.reference import WinClipReference
+        from clipinspect.export.methods.winclip import WinClipReference
 
         weights = bundle.manifest.model.weights
         if weights.kind == "random":
@@ -231,34 +218,69 @@ class TorchBaseline:
 
 
 # ------------------------------------------------------------------------------------ sweep
-def _row(kind: str, backend: str, precision: str, mode: str, batch: int,
-         times: dict[str, list[float]], warmup: int) -> dict:
-    return {"kind": kind, "backend": backend, "precision": precision, "mode": mode,
-            "batch": batch,
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``clipinspect bench`` sweeps, and how long.
+
+    batches: batch sizes, tried in increasing order until out of memory. shots: references for
+    few-shot. runs / warmup: timed and untimed runs per row. images: distinct synthetic images.
+    baseline: also time the PyTorch eager evaluation. stream_fps: also simulate a camera at this
+    frame rate, stream_frames frames, deadline stream_deadline_ms (default one frame period).
+    threads: onnxruntime intra-op threads (None: one per physical core).
+    """
+
+    backends: Sequence[str] = ("cpu",)
+    precisions: Sequence[str] = ("fp32",)
+    modes: Sequence[str] = ("few-shot",)
+    batches: Sequence[int] = DEFAULT_BATCHES
+    shots: int = 4
+    runs: int = 5
+    warmup: int = 1
+    images: int = 16
+    baseline: bool = True
+    stream_fps: float | None = None
+    stream_frames: int = 30
+    stream_deadline_ms: float | None = None
+    threads: int | None = None
+
+    def check(self) -> None:
+        from clipinspect.runtime.core.backends import PROVIDERS
+        from clipinspect.runtime.core.errors import UsageError
+
+        for name, values, known in (("backend", self.backends, PROVIDERS),
+                                    ("mode", self.modes, ("zero-shot", "few-shot")),
+                                    ("precision", self.precisions, ("fp32", "fp16", "int8"))):
+            bad = [v for v in values if v not in known]
+            if bad or not values:
+                raise UsageError(f"unknown {name} {bad[0] if bad else '(none given)'!r}: choose "
+                                 f"from {', '.join(known)}")
+        if self.warmup < 0 or self.runs < 1:
+            raise UsageError(f"need --runs >= 1 and --warmup >= 0, got {self.runs} and "
+                             f"{self.warmup}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a row times: the runtime or the PyTorch baseline, on which backend (device) and
+    precision (dtype)."""
+
+    kind: str
+    backend: str
+    precision: str
+
+
+def _row(target: Target, mode: str, batch: int, times: dict[str, list[float]],
+         warmup: int) -> dict:
+    return {"kind": target.kind, "backend": target.backend, "precision": target.precision,
+            "mode": mode, "batch": batch,
             "stages": {s: summarize(v, warmup, batch) for s, v in times.items()},
             "images_per_second": summarize(times["end_to_end"], warmup, batch)["images_per_second"]}
 
 
-def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] = ("cpu",),
-              precisions: Sequence[str] = ("fp32",), modes: Sequence[str] = ("few-shot",),
-              batches: Sequence[int] = DEFAULT_BATCHES, shots: int = 4, runs: int = 5,
-              warmup: int = 1, images: int = 16, baseline: bool = True,
-              stream_fps: float | None = None, stream_frames: int = 30,
-              stream_deadline_ms: float | None = None, threads: int | None = None,
+def run_bench(bundle_path: str | Path, out: str | Path, options: BenchOptions = BenchOptions(),
               progress: Callable[[str], None] = log) -> dict:
     """Sweep, write ``out``/bench.json, bench.md and bench.png, and return the result."""
-    from clipinspect.runtime.core.backends import PROVIDERS
-    from clipinspect.runtime.core.errors import UsageError
-
-    for name, values, known in (("backend", backends, PROVIDERS), ("mode", modes,
-                                ("zero-shot", "few-shot")), ("precision", precisions,
-                                                             ("fp32", "fp16", "int8"))):
-        bad = [v for v in values if v not in known]
-        if bad or not values:
-            raise UsageError(f"unknown {name} {bad[0] if bad else '(none given)'!r}: choose from "
-                             f"{', '.join(known)}")
-    if warmup < 0 or runs < 1:
-        raise UsageError(f"need --runs >= 1 and --warmup >= 0, got {runs} and {warmup}")
+    options.check()
     bundle = Bundle.open(bundle_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,73 +288,88 @@ def run_bench(bundle_path: str | Path, out: str | Path, backends: Sequence[str] 
         "schema": "clipinspect-bench/1", "bundle": bundle.identity,
         "model": bundle.manifest.model.name,
         "weights": bundle.manifest.model.weights.kind,
-        "config": {"backends": list(backends), "precisions": list(precisions),
-                   "modes": list(modes), "batches": list(batches), "shots": shots, "runs": runs,
-                   "warmup": warmup, "images": images, "image_size": [IMAGE_SIZE, IMAGE_SIZE]},
+        "config": {"backends": list(options.backends), "precisions": list(options.precisions),
+                   "modes": list(options.modes), "batches": list(options.batches),
+                   "shots": options.shots, "runs": options.runs, "warmup": options.warmup,
+                   "images": options.images, "image_size": [IMAGE_SIZE, IMAGE_SIZE]},
         "machine": machine(), "rows": [], "skipped": [], "stream": [],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    try:
-        have = set(available_providers())
-    except ProviderError:  # onnxruntime not installed: every backend is skipped with a reason
-        have = set()
     with tempfile.TemporaryDirectory(prefix="clipinspect-bench-") as tmp:
-        work = make_workload(bundle, Path(tmp), images, shots)
-        for backend in backends:
-            if backend not in have:
-                result["skipped"].append({"what": f"backend {backend}", "reason":
-                                          f"not available in this onnxruntime "
-                                          f"(has: {', '.join(sorted(have)) or 'none'})"})
-                continue
-            for precision in precisions:
-                if precision not in bundle.precisions:
-                    result["skipped"].append({"what": f"{backend}/{precision}", "reason":
-                                              f"the bundle has no {precision} graphs ('clipinspect "
-                                              f"quantize')"})
-                    continue
-                try:
-                    inspector = Inspector.open(bundle, precision, backend, threads)
-                except ProviderError as e:
-                    result["skipped"].append({"what": f"{backend}/{precision}", "reason": str(e)})
-                    continue
-                _sweep(result, "runtime", backend, precision, modes, batches, runs, warmup,
-                       lambda mode: (inspector.build_memory(work.references)[0]
-                                     if mode == "few-shot" else None),
-                       lambda mode, mem, b: time_runtime(inspector, work, mode, mem, b,
-                                                         warmup + runs), progress)
-                if stream_fps:
-                    result["stream"].append(_stream(inspector, work, modes[0], stream_fps,
-                                                    stream_frames, stream_deadline_ms, backend,
-                                                    precision))
-                    st = result["stream"][-1]
-                    progress(f"stream   {backend:8s} {precision:5s} {st['fps']:g} frames/s: "
-                             f"{st['deadline_misses']}/{st['frames']} deadline misses")
-        if baseline:
-            _baselines(result, bundle, work, backends, modes, batches, runs, warmup, progress)
+        work = make_workload(bundle, Path(tmp), options.images, options.shots)
+        _runtime_rows(result, bundle, work, options, progress)
+        if options.baseline:
+            _baselines(result, bundle, work, options, progress)
     _ratios(result)
-    if any(r.get("cpu_fp32_gemm_peak_gflops_per_second") for r in result["rows"]):
-        gflops = gflops_per_image(bundle)
-        result["ceiling"] = {"gflops_per_image": gflops, "note": (
-            "the FP32 ceiling of a CPU row is the GEMM peak measured just before it divided by "
-            "the cost model's GFLOPs per image; INT8 rows can exceed it (integer products are "
-            "not bound by the FP32 peak)")}
-        for row in result["rows"]:
-            peak = row.get("cpu_fp32_gemm_peak_gflops_per_second")
-            if peak:
-                row["cpu_fp32_ceiling_images_per_second"] = peak / gflops
-                row["share_of_cpu_fp32_ceiling"] = row["images_per_second"] * gflops / peak
+    _ceiling(result, bundle)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "bench.md").write_text(render(result))
     plot(result, out / "bench.png")
     return result
 
 
-def _sweep(result: dict, kind: str, backend: str, precision: str, modes: Sequence[str],
-           batches: Sequence[int], runs: int, warmup: int, memory_for, timer,
+def _runtime_rows(result: dict, bundle: Bundle, work: Workload, options: BenchOptions,
+                  progress: Callable[[str], None]) -> None:
+    """The runtime's rows (and stream runs) for every backend and precision that can run."""
+    try:
+        have = set(available_providers())
+    except ProviderError:  # onnxruntime not installed: every backend is skipped with a reason
+        have = set()
+    for backend in options.backends:
+        if backend not in have:
+            result["skipped"].append({"what": f"backend {backend}", "reason":
+                                      f"not available in this onnxruntime "
+                                      f"(has: {', '.join(sorted(have)) or 'none'})"})
+            continue
+        for precision in options.precisions:
+            if precision not in bundle.precisions:
+                result["skipped"].append({"what": f"{backend}/{precision}", "reason":
+                                          f"the bundle has no {precision} graphs ('clipinspect "
+                                          f"quantize')"})
+                continue
+            try:
+                inspector = Inspector.open(bundle, precision, backend, options.threads)
+            except ProviderError as e:
+                result["skipped"].append({"what": f"{backend}/{precision}", "reason": str(e)})
+                continue
+            target = Target("runtime", backend, precision)
+            _sweep(result, target, options,
+                   lambda mode: (inspector.build_memory(work.references)[0]
+                                 if mode == "few-shot" else None),
+                   lambda mode, mem, b: time_runtime(inspector, work, mode, mem, b,
+                                                     options.warmup + options.runs), progress)
+            if options.stream_fps:
+                result["stream"].append(_stream(inspector, work, target, options))
+                st = result["stream"][-1]
+                progress(f"stream   {backend:8s} {precision:5s} {st['fps']:g} frames/s: "
+                         f"{st['deadline_misses']}/{st['frames']} deadline misses")
+
+
+def _ceiling(result: dict, bundle: Bundle) -> None:
+    """Each CPU row's share of the FP32 ceiling: the GEMM peak measured before it over the cost
+    model's GFLOPs per image."""
+    if not any(r.get("cpu_fp32_gemm_peak_gflops_per_second") for r in result["rows"]):
+        return
+    gflops = gflops_per_image(bundle)
+    result["ceiling"] = {"gflops_per_image": gflops, "note": (
+        "the FP32 ceiling of a CPU row is the GEMM peak measured just before it divided by "
+        "the cost model's GFLOPs per image; INT8 rows can exceed it (integer products are "
+        "not bound by the FP32 peak)")}
+    for row in result["rows"]:
+        peak = row.get("cpu_fp32_gemm_peak_gflops_per_second")
+        if peak:
+            row["cpu_fp32_ceiling_images_per_second"] = peak / gflops
+            row["share_of_cpu_fp32_ceiling"] = row["images_per_second"] * gflops / peak
+
+
+def _sweep(result: dict, target: Target, options: BenchOptions, memory_for, timer,
            progress: Callable[[str], None]) -> None:
-    for mode in modes:
+    """One row per mode and batch size of ``target``: ``memory_for(mode)`` builds the few-shot
+    memory, ``timer(mode, memory, batch)`` returns the stage times of all runs."""
+    kind, backend, precision = target.kind, target.backend, target.precision
+    for mode in options.modes:
         memory = memory_for(mode)
-        for b in sorted(batches):
+        for b in sorted(options.batches):
             # The yardstick is measured right before the row: this machine's speed drifts.
             peak = cpu_gemm_peak(3) if (kind, backend) == ("runtime", "cpu") else None
             reset = reset_peak_rss()
@@ -344,7 +381,7 @@ def _sweep(result: dict, kind: str, backend: str, precision: str, modes: Sequenc
                 result["skipped"].append({"what": f"{kind} {backend}/{precision}/{mode} batch "
                                                   f">= {b}", "reason": "out of memory"})
                 break
-            row = _row(kind, backend, precision, mode, b, times, warmup)
+            row = _row(target, mode, b, times, options.warmup)
             row["peak_host_rss_mb"] = peak_rss_mb()
             row["peak_rss_is_per_configuration"] = reset
             row["gpu_memory_mb"] = gpu_memory_mb() if backend != "cpu" else None
@@ -356,7 +393,8 @@ def _sweep(result: dict, kind: str, backend: str, precision: str, modes: Sequenc
                      f"{row['stages']['end_to_end']['p50_ms']:.0f} ms")
 
 
-def _baselines(result, bundle, work, backends, modes, batches, runs, warmup, progress) -> None:
+def _baselines(result: dict, bundle: Bundle, work: Workload, options: BenchOptions,
+               progress: Callable[[str], None]) -> None:
     if bundle.manifest.method != "winclip" or bundle.manifest.adaptation:
         from clipinspect.runtime.methods import describe
         result["skipped"].append({"what": "PyTorch baseline", "reason": (
@@ -370,7 +408,7 @@ def _baselines(result, bundle, work, backends, modes, batches, runs, warmup, pro
                                   "torch is not installed (pip install 'clipinspect[export]')"})
         return
     targets = [("cpu", "fp32")]
-    if any(b in ("cuda", "tensorrt") for b in backends):
+    if any(b in ("cuda", "tensorrt") for b in options.backends):
         if torch.cuda.is_available():
             targets = [("cuda", "fp32"), ("cuda", "fp16")]
         else:
@@ -383,9 +421,10 @@ def _baselines(result, bundle, work, backends, modes, batches, runs, warmup, pro
             result["skipped"].append({"what": f"PyTorch baseline {device}/{dtype}",
                                       "reason": f"{type(e).__name__}: {e}"})
             continue
-        _sweep(result, "pytorch", device, dtype, modes, batches, runs, warmup,
+        _sweep(result, Target("pytorch", device, dtype), options,
                lambda mode: base.memory(work) if mode == "few-shot" else None,
-               lambda mode, mem, b: base.time(work, mode, mem, b, warmup + runs), progress)
+               lambda mode, mem, b: base.time(work, mode, mem, b, options.warmup + options.runs),
+               progress)
 
 
 def _ratios(result: dict) -> None:
@@ -402,8 +441,9 @@ def _ratios(result: dict) -> None:
         r["ratio_to_pytorch_fp32"] = r["images_per_second"] / ref if ref else None
 
 
-def _stream(inspector: Inspector, work: Workload, mode: str, fps: float, frames: int,
-            deadline_ms: float | None, backend: str, precision: str) -> dict:
+def _stream(inspector: Inspector, work: Workload, target: Target, options: BenchOptions) -> dict:
+    """A camera at ``options.stream_fps`` feeding the first mode, one image per frame."""
+    mode = options.modes[0]
     memory = inspector.build_memory(work.references)[0] if mode == "few-shot" else None
     time_runtime(inspector, work, mode, memory, 1, 1)  # warm
 
@@ -411,8 +451,11 @@ def _stream(inspector: Inspector, work: Workload, mode: str, fps: float, frames:
         one = Workload([work.paths[i % len(work.paths)]], work.references, work.category)
         time_runtime(inspector, one, mode, memory, 1, 1)
 
-    res = run_stream(process, fps, frames, None if deadline_ms is None else deadline_ms / 1e3)
-    return {"backend": backend, "precision": precision, "mode": mode, **res.summary()}
+    deadline_ms = options.stream_deadline_ms
+    res = run_stream(process, options.stream_fps, options.stream_frames,
+                     None if deadline_ms is None else deadline_ms / 1e3)
+    return {"backend": target.backend, "precision": target.precision, "mode": mode,
+            **res.summary()}
 
 
 # ----------------------------------------------------------------------------------- output

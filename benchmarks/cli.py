@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipinspect.runtime.cli import csv_list, int_list, positive_int
+from clipinspect.runtime.cli.options import (add_bundle, add_threads, csv_list, int_list,
+                                             positive_int)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import BenchOptions, run_bench
 
-    result = run_bench(args.bundle, args.out, csv_list(args.backends), csv_list(args.precisions),
-                       csv_list(args.modes), args.batch_sizes, args.shots, args.runs, args.warmup,
-                       args.images, not args.no_baseline, args.stream_fps, args.stream_frames,
-                       args.deadline_ms, args.threads)
+    options = BenchOptions(backends=csv_list(args.backends), precisions=csv_list(args.precisions),
+                           modes=csv_list(args.modes), batches=args.batch_sizes, shots=args.shots,
+                           runs=args.runs, warmup=args.warmup, images=args.images,
+                           baseline=not args.no_baseline, stream_fps=args.stream_fps,
+                           stream_frames=args.stream_frames,
+                           stream_deadline_ms=args.deadline_ms, threads=args.threads)
+    result = run_bench(args.bundle, args.out, options)
     for s in result["skipped"]:
         print(f"skipped: {s['what']}: {s['reason']}")
     out = Path(args.out)
@@ -39,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="latency and throughput per backend, precision, mode and "
                                      "batch size, with the PyTorch baseline in the same run")
-    p.add_argument("bundle")
+    add_bundle(p)
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md, bench.png")
     p.add_argument("--backends", default="cpu", help="comma-separated: cpu,cuda,tensorrt")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,int8")
@@ -57,5 +61,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream-frames", type=positive_int, default=30)
     p.add_argument("--deadline-ms", type=float, default=None,
                    help="per-frame deadline in stream mode (default: one frame period)")
-    p.add_argument("--threads", type=positive_int, default=None)
+    add_threads(p)
     p.set_defaults(func=cmd_bench)

@@ -26,11 +26,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from clipinspect.runtime.cli import csv_list, int_list, positive_int
+from clipinspect.runtime.cli.options import (add_batch_size, add_bundle, add_precision,
+                                             add_threads, csv_list, int_list, positive_int)
 from clipinspect.runtime.core.images import IMAGE_SUFFIXES
 
 from .report import machine, write_results
@@ -149,10 +152,32 @@ def offline_check(bundle: str, chosen: list[tuple[str, Path]], phases: list[dict
             "tolerance": tolerance, "mismatches": int((diffs > tolerance).sum())}
 
 
-def run_loadtest(bundle: str, data: str | None, out: str, clients: list[int], duration: float,
-                 per_category: int = 6, categories: list[str] | None = None,
-                 batch_size: int = 8, max_wait_ms: float = 5.0, precision: str = "fp32",
-                 threads: int | None = None, tolerance: float = 0.0, note: str = "") -> dict:
+@dataclass(frozen=True)
+class LoadtestOptions:
+    """How ``clipinspect loadtest`` loads the server.
+
+    clients: client counts, one phase of ``duration`` seconds each, in this order.
+    per_category: test images chosen per category. categories: None for all the bundle has
+    test images of. batch_size, max_wait_ms, precision, threads: the server's settings.
+    tolerance: largest accepted |served - offline| score difference. note: stored as is.
+    """
+
+    clients: Sequence[int] = (1, 8)
+    duration: float = 60.0
+    per_category: int = 6
+    categories: Sequence[str] | None = None
+    batch_size: int = 8
+    max_wait_ms: float = 5.0
+    precision: str = "fp32"
+    threads: int | None = None
+    tolerance: float = 0.0
+    note: str = ""
+
+
+def run_loadtest(bundle: str, data: str | None, out: str,
+                 options: LoadtestOptions = LoadtestOptions()) -> dict:
+    """Load the server, check its scores, write ``out``.json and .md; ``data`` None: a
+    synthetic dataset written for this run."""
     from clipinspect.runtime import Bundle
 
     known = Bundle.open(bundle).categories
@@ -164,51 +189,16 @@ def run_loadtest(bundle: str, data: str | None, out: str, clients: list[int], du
             data = str(Path(tmp) / "data")
             generate(data, seed=0, categories=[c for c in known if c in CATEGORIES] or None)
         root = Path(data)
-        categories = categories or [c for c in known if (root / c / "test").is_dir()]
+        categories = list(options.categories or [c for c in known if (root / c / "test").is_dir()])
         if not categories:
             raise SystemExit(f"loadtest: none of the bundle's categories ({', '.join(known)}) "
                              f"has a test folder under {data}")
-        chosen = pick_images(root, categories, per_category)
+        chosen = pick_images(root, categories, options.per_category)
         images = [(c, p.read_bytes()) for c, p in chosen]
-
-        port = free_port()
-        cmd = [sys.executable, "-m", "clipinspect.runtime.cli", "serve", bundle, "--host", HOST,
-               "--port", str(port), "--batch-size", str(batch_size), "--max-wait-ms",
-               str(max_wait_ms), "--precision", precision,
-               "--max-queue", str(max(64, 4 * max(clients)))]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        env = {k: v for k, v in os.environ.items() if k != "CLIPINSPECT_API_KEY"}
-        log = open(Path(tmp) / "server.log", "w+")
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            t0 = time.time()
-            while True:
-                try:
-                    if get(port, "/readyz")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if server.poll() is not None or time.time() - t0 > 600:
-                    log.seek(0)
-                    raise SystemExit(f"loadtest: the server did not become ready:\n{log.read()}")
-                time.sleep(0.5)
-            load_before = os.getloadavg()
-            phases = []
-            for n in clients:
-                print(f"loadtest: {n} client(s) for {duration:g} s ...", file=sys.stderr,
-                      flush=True)
-                phases.append(run_phase(port, images, n, duration))
-            load_after = os.getloadavg()
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(120)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            log.close()
+        phases, load_before, load_after = _serve_and_load(bundle, images, options, Path(tmp))
         print("loadtest: offline check ...", file=sys.stderr, flush=True)
-        check = offline_check(bundle, chosen, phases, precision, threads, tolerance)
+        check = offline_check(bundle, chosen, phases, options.precision, options.threads,
+                              options.tolerance)
 
     for p in phases:
         del p["_records"]
@@ -218,18 +208,61 @@ def run_loadtest(bundle: str, data: str | None, out: str, clients: list[int], du
                   / sum(p["elapsed_s"] for p in phases if p["clients"] == n)
                   for n in dict.fromkeys(p["clients"] for p in phases)}
     result = {
-        "benchmark": "loadtest", "machine": machine(), "note": note,
+        "benchmark": "loadtest", "machine": machine(), "note": options.note,
         "load_average_1m": {"before": load_before[0], "after": load_after[0]},
         "config": {"bundle": Bundle.open(bundle, verify_checksums=False).identity,
-                   "precision": precision, "batch_size": batch_size,
-                   "max_wait_ms": max_wait_ms, "threads": threads, "categories": categories,
-                   "images": len(chosen), "data": data_label},
+                   "precision": options.precision, "batch_size": options.batch_size,
+                   "max_wait_ms": options.max_wait_ms, "threads": options.threads,
+                   "categories": categories, "images": len(chosen), "data": data_label},
         "phases": phases, "throughput_img_s": by_clients, "score_check": check,
         "speedup_vs_1_client": ({n: t / by_clients[1] for n, t in by_clients.items()}
                                 if by_clients.get(1) else None),
     }
     write_results(result, out, render)
     return result
+
+
+def _serve_and_load(bundle: str, images: list[tuple[str, bytes]], options: LoadtestOptions,
+                    tmp: Path) -> tuple[list[dict], tuple, tuple]:
+    """Start the server, run one phase per client count, stop it (SIGTERM: it finishes what is
+    queued). -> (phases, load averages before, after)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "clipinspect.runtime.cli", "serve", bundle, "--host", HOST,
+           "--port", str(port), "--batch-size", str(options.batch_size), "--max-wait-ms",
+           str(options.max_wait_ms), "--precision", options.precision,
+           "--max-queue", str(max(64, 4 * max(options.clients)))]
+    if options.threads:
+        cmd += ["--threads", str(options.threads)]
+    env = {k: v for k, v in os.environ.items() if k != "CLIPINSPECT_API_KEY"}
+    log = open(tmp / "server.log", "w+")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                if get(port, "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() - t0 > 600:
+                log.seek(0)
+                raise SystemExit(f"loadtest: the server did not become ready:\n{log.read()}")
+            time.sleep(0.5)
+        load_before = os.getloadavg()
+        phases = []
+        for n in options.clients:
+            print(f"loadtest: {n} client(s) for {options.duration:g} s ...", file=sys.stderr,
+                  flush=True)
+            phases.append(run_phase(port, images, n, options.duration))
+        load_after = os.getloadavg()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    return phases, load_before, load_after
 
 
 def render(r: dict) -> str:
@@ -264,7 +297,7 @@ def render(r: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle")
+    add_bundle(p)
     p.add_argument("--data", default=None,
                    help="MVTec-layout dataset (default: synthesize one for this run)")
     p.add_argument("--out", required=True, help="result path without extension (.json, .md)")
@@ -274,20 +307,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
     p.add_argument("--images-per-category", type=positive_int, default=6)
     p.add_argument("--categories", default=None, help="comma-separated (default: all found)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="server max batch")
+    add_batch_size(p, help="server max batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--threads", type=positive_int, default=None)
+    add_precision(p)
+    add_threads(p)
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="largest accepted |served - offline| score difference (default 0: equal)")
     p.add_argument("--note", default="", help="free text stored with the result")
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    r = run_loadtest(args.bundle, args.data, args.out, args.clients, args.duration,
-                     args.images_per_category, csv_list(args.categories or "") or None,
-                     args.batch_size, args.max_wait_ms, args.precision, args.threads,
-                     args.tolerance, args.note)
+    options = LoadtestOptions(clients=args.clients, duration=args.duration,
+                              per_category=args.images_per_category,
+                              categories=csv_list(args.categories or "") or None,
+                              batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
+                              precision=args.precision, threads=args.threads,
+                              tolerance=args.tolerance, note=args.note)
+    r = run_loadtest(args.bundle, args.data, args.out, options)
     failed = sum(p["errors"] for p in r["phases"]) + r["score_check"]["mismatches"]
     return 1 if failed else 0
 

@@ -8,7 +8,7 @@ Every bundle inspects the same decoded synthetic images end to end (preprocessin
 scoring head, upsampling to the image size), FP32, onnxruntime CPU; rounds cycle through the
 bundles so that machine noise hits all alike. Reports the median images/s per bundle, its ratio
 to the first bundle, and each method's matrix-product GFLOPs per image from the cost model
-(``gflops_per_image``).
+(``clipinspect.runtime.methods.gflops_per_image``).
 """
 
 from __future__ import annotations
@@ -18,50 +18,10 @@ import json
 
 import numpy as np
 
-from clipinspect.runtime.core.manifest import Manifest
+from clipinspect.runtime.methods import gflops_per_image, transformer_layers
 
 from .report import machine, write_results
 from .sidebyside import end_to_end, interleaved_rounds, synthetic_images
-from .winclip_vs_torch import vit_gflops
-from .winclip_vs_torch import winclip_gflops as winclip_cost
-
-
-def winclip_gflops(manifest: Manifest, layers: int) -> float:
-    """One full pass + every window sequence, minus the exact last-block shortcut."""
-    return winclip_cost(manifest, layers)["executed_by_runtime"]
-
-
-def patch_gflops(manifest: Manifest, layers: int) -> float:
-    """One full pass + the dense path: per dense block the value projection and output
-    projection of every token and value-value attention, then ln_post and proj of the patches."""
-    c, d, p = manifest.dims.width, manifest.dims.embed, manifest.dims.patches
-    n = p + 1
-    dense = manifest.method_options["dense_blocks"] * (4 * n * c * c + 4 * n * n * c)
-    return full_pass_gflops(manifest, layers) + (dense + 2 * p * c * d) / 1e9
-
-
-def aprillab_gflops(manifest: Manifest, layers: int) -> float:
-    """One full pass at the bundle's input size + one (C -> D) projection of every patch token
-    per feature level (in the scoring head)."""
-    c, d, p = manifest.dims.width, manifest.dims.embed, manifest.dims.patches
-    levels = len(manifest.aprillab["layers"])
-    return full_pass_gflops(manifest, layers) + levels * 2 * p * c * d / 1e9
-
-
-def full_pass_gflops(manifest: Manifest, layers: int) -> float:
-    c, p = manifest.dims.width, manifest.dims.patches
-    return vit_gflops(c, layers, [p + 1], 2 * p * c * 3 * manifest.patch_size ** 2)
-
-
-# Cost model per method: (manifest, transformer depth) -> GFLOPs the encoder executes per image.
-COST_MODELS = {"winclip": winclip_gflops, "patch": patch_gflops, "aprillab": aprillab_gflops}
-
-
-def gflops_per_image(manifest: Manifest, layers: int) -> float:
-    method = manifest.method
-    if method not in COST_MODELS:
-        raise ValueError(f"no cost model for method {method!r} (known: {', '.join(COST_MODELS)})")
-    return COST_MODELS[method](manifest, layers)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,8 +42,6 @@ def measure(args: argparse.Namespace) -> dict:
 
     from clipinspect.runtime import Bundle, Inspector
     from clipinspect.runtime.methods import describe
-
-    from .bench import transformer_layers
 
     bundles = [Bundle.open(b) for b in args.bundles]
     models = {(b.manifest.model.name, json_key(b.manifest.model.weights.to_dict()))

@@ -6,7 +6,7 @@
 Both sides start from the same decoded RGB images and include preprocessing and upsampling to
 the image size; rounds alternate runtime / reference so that machine noise hits both alike.
 Reports images/s (median over rounds), the ratio, the largest output differences, and the
-throughput in GFLOP/s of the WinCLIP cost model (METHODS.md section 3).
+throughput in GFLOP/s of the WinCLIP cost model (docs/methods.md#cost-model).
 """
 
 from __future__ import annotations
@@ -19,30 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipinspect.runtime.core.manifest import Manifest
+from clipinspect.runtime.methods.winclip import cost as winclip_gflops
 
 from .report import machine, write_results
-
-
-def vit_gflops(width: int, layers: int, seq_lens: list[int], patch_flops: float = 0.0) -> float:
-    """Matmul FLOPs of running sequences of the given lengths through a ViT (2 per MAC)."""
-    per_layer = sum(24 * n * width ** 2 + 4 * n * n * width for n in seq_lens)
-    return (layers * per_layer + patch_flops) / 1e9
-
-
-def winclip_gflops(manifest: Manifest, layers: int) -> dict:
-    """Cost model: one full pass + every window sequence through the whole transformer."""
-    c = manifest.dims.width
-    p = manifest.dims.patches
-    patch = 2 * p * c * 3 * manifest.patch_size ** 2
-    encode = vit_gflops(c, layers, [p + 1], patch)
-    windows = vit_gflops(c, layers, [1 + k * k for k in manifest.scales
-                                     for _ in range(manifest.windows[str(k)])])
-    # The exported encoder skips, in the last block of the window passes, the query, output
-    # projection and MLP of every token but the class token: 20 C^2 FLOPs per skipped token.
-    skipped = sum(k * k * manifest.windows[str(k)] for k in manifest.scales) * 20 * c * c / 1e9
-    return {"encode": encode, "windows": windows, "total": encode + windows,
-            "executed_by_runtime": encode + windows - skipped}
 
 
 def gemm_peak(repeats: int = 5) -> float:
@@ -74,25 +53,18 @@ def main(argv: list[str] | None = None) -> dict:
                     help="output path without extension (.json and .md are written)")
     args = ap.parse_args(argv)
 
-    from clipinspect.export.exporter import export_bundle
+    from clipinspect.export.exporter import ExportOptions, export_bundle
     from clipinspect.runtime import Inspector
 
     with tempfile.TemporaryDirectory(prefix="clipinspect-bench-") as work:
         bundle_path = Path(args.bundle) if args.bundle else Path(work) / "bundle"
         if not args.bundle:
-            export_bundle(bundle_path, args.model, None, ["weave"], seed=0)
+            export_bundle(ExportOptions(bundle_path, args.model, None, ["weave"], seed=0))
         return measure(args, Inspector.open(bundle_path))
 
 
-def measure(args: argparse.Namespace, inspector) -> dict:
-    import onnxruntime
-    import torch
-
-    from clipinspect.calibration.synth import render_sample
-    from clipinspect.export.exporter import load_clip
-    from clipinspect.export.reference import WinClipReference
-
-    bundle = inspector.bundle
+def _check_bundle(bundle) -> None:
+    """Only a random-weights plain WinCLIP bundle has an eager reference this can rebuild."""
     if bundle.manifest.model.weights.kind != "random":
         raise SystemExit("this benchmark rebuilds the same weights from the seed: use a bundle "
                          "exported with --pretrained none")
@@ -101,6 +73,18 @@ def measure(args: argparse.Namespace, inspector) -> dict:
                          "bundle's method is " + bundle.manifest.method
                          + (" with prompt adaptation" if bundle.manifest.adaptation else "")
                          + " (compare methods with python -m clipinspect.benchmarks.methods)")
+
+
+def measure(args: argparse.Namespace, inspector) -> dict:
+    import onnxruntime
+    import torch
+
+    from clipinspect.calibration.synth import render_sample
+    from clipinspect.export.exporter import load_clip
+    from clipinspect.export.methods.winclip import WinClipReference
+
+    bundle = inspector.bundle
+    _check_bundle(bundle)
     model, _, _ = load_clip(args.model, None, bundle.manifest.model.weights.seed)
     reference = WinClipReference(model, bundle.scales)
     category = bundle.categories[0]

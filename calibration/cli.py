@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipinspect.runtime.cli import csv_list, int_list, positive_int
+from clipinspect.runtime.cli.options import (ORT_PROVIDERS, add_batch_size, add_bundle,
+                                             add_category, add_mode, add_precision, add_provider,
+                                             add_threads, csv_list, deprecated_alias, int_list,
+                                             positive_int)
 from clipinspect.runtime.core.progress import Progress
 
 
@@ -30,11 +33,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluate import EvalOptions, evaluate
 
-    report = evaluate(args.bundle, args.data, args.out, args.format,
-                      csv_list(args.categories) or None, csv_list(args.precisions), args.shots,
-                      args.batch_size, args.pixel_size, args.provider, resume=not args.no_resume)
+    options = EvalOptions(fmt=args.format, categories=csv_list(args.categories) or None,
+                          precisions=csv_list(args.precisions), shots=args.shots,
+                          batch_size=args.batch_size, pixel_size=args.pixel_size,
+                          provider=args.provider, resume=not args.no_resume)
+    report = evaluate(args.bundle, args.data, args.out, options)
     for p, why in report["skipped_precisions"].items():
         print(f"clipinspect: {p} skipped: {why}", file=sys.stderr)
     failed = [c for c, r in report["categories"].items() if "error" in r]
@@ -53,8 +58,9 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider)
     normal = expand_inputs(args.normal) if args.normal else None
-    key, t = calibrate(inspector, args.category, normal, args.fpr, args.validation, args.format,
-                       args.mode, args.batch_size)
+    key, t = calibrate(inspector, args.category, normal=normal, fpr=args.fpr,
+                       validation=args.validation, fmt=args.format, mode=args.mode,
+                       batch_size=args.batch_size)
     print(describe(args.category, key, t))
     print(f"stored in {args.bundle}; 'clipinspect predict' now reports is_anomalous and masks")
     return 0
@@ -63,9 +69,11 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize_bundle
 
-    record = quantize_bundle(args.bundle, args.precision, args.calibration, args.method,
-                             args.target, args.holdout, args.max_images, args.sensitivity,
-                             args.overwrite, args.threads)
+    record = quantize_bundle(args.bundle, args.precision, args.calibration,
+                             method=args.calibration_method, target=args.target,
+                             holdout=args.holdout, max_images=args.max_images,
+                             sensitivity=args.sensitivity, overwrite=args.overwrite,
+                             threads=args.threads)
     a = record["agreement_vs_fp32"]
     print(f"{args.precision}: map Pearson vs FP32 {a['map_pearson_min']:.5f} (worst category/mode "
           f"on {a['images']} held-out image(s)), largest image score difference "
@@ -82,13 +90,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .quantize import DEFAULT_HOLDOUT, DEFAULT_MAX_IMAGES, DEFAULT_TARGET, METHODS
 
     p = sub.add_parser("quantize", help="add FP16 or INT8 graphs to a bundle, checked against FP32")
-    p.add_argument("bundle")
-    p.add_argument("--precision", required=True, choices=["fp16", "int8"])
+    add_bundle(p)
+    add_precision(p, default=None, choices=("fp16", "int8"))
     p.add_argument("--calibration", help="normal images of the line (a folder, searched "
                    "recursively, or an MVTec AD / VisA root whose train images are used); "
                    "required for int8, optional for fp16 (else synthetic probe images)")
-    p.add_argument("--method", default="minmax", choices=list(METHODS),
+    p.add_argument("--calibration-method", default="minmax", choices=list(METHODS),
                    help="activation calibration (default minmax)")
+    # The old spelling; --method is the scoring method in 'export'.
+    p.add_argument("--method", dest="calibration_method", choices=list(METHODS),
+                   action=deprecated_alias("--calibration-method"), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--target", type=float, default=DEFAULT_TARGET,
                    help=f"map Pearson vs FP32 the INT8 graph must reach on held-out images; the "
                    f"sensitivity pass keeps weights in FP32 until it does (default "
@@ -100,42 +112,41 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"calibration images used at most (default {DEFAULT_MAX_IMAGES})")
     p.add_argument("--sensitivity", default="auto", choices=["auto", "always", "off"],
                    help="auto: only when the fully quantized graph misses --target")
-    p.add_argument("--threads", type=positive_int, default=None)
+    add_threads(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing graphs of this "
                    "precision")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="accuracy, FP32 agreement and speed on MVTec AD / VisA data")
-    p.add_argument("bundle")
+    add_bundle(p)
     p.add_argument("--data", required=True, help="dataset root (MVTec AD or VisA layout)")
     p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa"])
     p.add_argument("--categories", default="", help="comma-separated (default: all in the data)")
     p.add_argument("--precisions", default="fp32", help="comma-separated, e.g. fp32,fp16,int8")
     p.add_argument("--shots", type=int_list(0, "0,1,2,4"), default=[0], help="reference shots, e.g. 0,1,2,4")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    add_batch_size(p)
     p.add_argument("--pixel-size", type=positive_int, default=256,
                    help="resolution of the pixel metrics (default 256)")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    add_provider(p, choices=ORT_PROVIDERS)
     p.add_argument("--no-resume", action="store_true",
                    help="recompute categories already in the report directory")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("threshold", help="set a category's image and pixel decision thresholds")
-    p.add_argument("bundle")
-    p.add_argument("--category", required=True)
+    add_bundle(p)
+    add_category(p)
     p.add_argument("--normal", nargs="+", help="normal images or directories (with --fpr)")
     p.add_argument("--fpr", type=float, default=0.01,
                    help="target false-positive rate on normal parts (default 0.01)")
     p.add_argument("--validation", help="annotated dataset root whose test split sets F1-max "
                                         "thresholds")
     p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa"])
-    p.add_argument("--mode", default="auto", choices=["auto", "zero-shot", "few-shot"])
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    add_mode(p)
+    add_precision(p)
+    add_provider(p, choices=ORT_PROVIDERS)
+    add_batch_size(p)
     p.set_defaults(func=cmd_threshold)
-
 
     p = sub.add_parser("synth", help="write a synthetic defect dataset in MVTec AD layout")
     p.add_argument("--out", required=True)

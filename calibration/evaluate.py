@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +30,25 @@ from .metrics import average_precision, f1_max, image_auroc, pixel_auroc, pro_au
 
 METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
            "pro")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``clipinspect eval`` measures, and how.
+
+    fmt: dataset layout, "auto", "mvtec" or "visa". categories: None for all in the data.
+    shots: reference counts (0 = zero-shot). pixel_size: side of the pixel metrics' grid.
+    resume: reuse categories already in the report directory with the same settings.
+    """
+
+    fmt: str = "auto"
+    categories: Sequence[str] | None = None
+    precisions: Sequence[str] = ("fp32",)
+    shots: Sequence[int] = (0,)
+    batch_size: int = 8
+    pixel_size: int = 256
+    provider: str = "cpu"
+    resume: bool = True
 
 
 def _safe(fn, *args) -> float | None:
@@ -50,19 +70,19 @@ def metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.
             "pro": _safe(pro_auc, masks, maps)}
 
 
-def evaluate_category(inspectors: dict[str, Inspector], root: Path, fmt: str, category: str,
-                      shots: Sequence[int], batch_size: int, pixel_size: int,
-                      bar: Progress) -> dict:
+def evaluate_category(inspectors: dict[str, Inspector], root: Path, category: str,
+                      options: EvalOptions, bar: Progress) -> dict:
+    fmt, batch_size = options.fmt, options.batch_size
     test = load_dataset(root, fmt, [category], split="test")
     train = [s for s in load_dataset(root, fmt, [category], split="train") if not s.is_anomalous]
-    size = (pixel_size, pixel_size)
+    size = (options.pixel_size, options.pixel_size)
     labels = np.array([s.is_anomalous for s in test])
     masks = np.stack([load_mask(s, size=size) for s in test])
     out: dict = {"images": len(test), "anomalous": int(labels.sum()), "runs": {}, "notes": []}
     fp32_maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for precision, inspector in inspectors.items():
         memories: dict[int, dict | None] = {}
-        for k in shots:
+        for k in sorted(set(options.shots)):
             if k == 0:
                 memories[0] = None
             elif k > len(train):
@@ -107,31 +127,33 @@ def evaluate_category(inspectors: dict[str, Inspector], root: Path, fmt: str, ca
     return out
 
 
-def evaluate(bundle: str | Path, data: str | Path, out: str | Path, fmt: str = "auto",
-             categories: Sequence[str] | None = None, precisions: Sequence[str] = ("fp32",),
-             shots: Sequence[int] = (0,), batch_size: int = 8, pixel_size: int = 256,
-             provider: str = "cpu", resume: bool = True) -> dict:
+def evaluate(bundle: str | Path, data: str | Path, out: str | Path,
+             options: EvalOptions = EvalOptions()) -> dict:
+    """Evaluate, write ``out``/report.json, report.md, report.png (and one file per category
+    under ``out``/categories), and return the report."""
+    fmt, provider = options.fmt, options.provider
     out = Path(out)
     (out / "categories").mkdir(parents=True, exist_ok=True)
     b = Bundle.open(bundle)
-    categories = list(categories or dataset_categories(data, fmt))
+    categories = list(options.categories or dataset_categories(data, fmt))
     missing = [c for c in categories if c not in b.manifest.categories]
     if missing:
         raise UsageError(f"the bundle has no text embeddings for {', '.join(map(repr, missing))}; "
                          f"add them with 'clipinspect add-category {bundle} "
                          f"{' '.join(map(repr, missing))}' or pass --categories")
     # FP32 first: the other precisions are compared against it.
-    wanted = sorted(dict.fromkeys(precisions), key=lambda p: p != "fp32")
+    wanted = sorted(dict.fromkeys(options.precisions), key=lambda p: p != "fp32")
     skipped = {p: f"the bundle has no {p} graphs" for p in wanted if p not in b.precisions}
     inspectors = {p: Inspector.open(b, p, provider) for p in wanted if p not in skipped}
     config = {"bundle": b.identity, "data": str(Path(data).resolve()), "format": fmt,
-              "precisions": list(inspectors), "shots": sorted(set(shots)),
-              "batch_size": batch_size, "pixel_size": pixel_size, "provider": provider}
+              "precisions": list(inspectors), "shots": sorted(set(options.shots)),
+              "batch_size": options.batch_size, "pixel_size": options.pixel_size,
+              "provider": provider}
     report = {"config": config, "skipped_precisions": skipped, "categories": {}}
     todo = []
     for c in categories:
         path = out / "categories" / f"{c.replace(' ', '_')}.json"
-        previous = json.loads(path.read_text()) if resume and path.is_file() else None
+        previous = json.loads(path.read_text()) if options.resume and path.is_file() else None
         if previous and previous.get("config") == config and "error" not in previous:
             report["categories"][c] = previous["result"]
         else:
@@ -140,8 +162,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path, fmt: str = "
     with Progress(total, "eval") as bar:
         for c, path in todo:
             try:
-                result = evaluate_category(inspectors, Path(data), fmt, c, config["shots"],
-                                           batch_size, pixel_size, bar)
+                result = evaluate_category(inspectors, Path(data), c, options, bar)
                 record = {"config": config, "result": result}
             except Exception as e:  # one broken category must not lose the others
                 result = {"error": f"{type(e).__name__}: {e}"}

@@ -407,13 +407,33 @@ def pro_auc(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = No
             ``num_thresholds``.
     """
     gt, scores = _masks_and_maps(masks, maps, "PRO")
+    fpr_limit = _check_pro_options(fpr_limit, num_thresholds)
+    n_anomalous = int(np.count_nonzero(gt))
+    n_normal = gt.size - n_anomalous
+    _need_both_classes(n_anomalous, n_normal, "PRO", "pixel(s)")
+
+    region_weight, n_regions = _region_weights(gt)
+    normal = ~gt.ravel()
+    s = scores.ravel()
+    if num_thresholds is None:
+        fp, overlap = _counts_at_every_score(s, normal, region_weight)
+    else:
+        fp, overlap = _counts_at_spaced_thresholds(s, normal, region_weight, int(num_thresholds))
+
+    # Rounding in the float sums can push the last PRO a hair above 1.
+    fpr = np.r_[0.0, fp / n_normal]
+    pro = np.r_[0.0, np.minimum(overlap / n_regions, 1.0)]
+    # fpr[-1] == 1 exactly (lowest threshold takes every pixel), so the limit is always covered.
+    return _area_to_limit(fpr, pro, fpr_limit) / fpr_limit
+
+
+def _check_pro_options(fpr_limit, num_thresholds) -> float:
     if (
         isinstance(fpr_limit, bool)
         or not isinstance(fpr_limit, numbers.Real)
         or not 0.0 < float(fpr_limit) <= 1.0
     ):
         raise ValueError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}; 0.3 is standard")
-    fpr_limit = float(fpr_limit)
     if num_thresholds is not None and (
         isinstance(num_thresholds, bool)
         or not isinstance(num_thresholds, numbers.Integral)
@@ -422,13 +442,14 @@ def pro_auc(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = No
         raise ValueError(
             f"num_thresholds must be None (exact) or an integer >= 2, got {num_thresholds!r}"
         )
+    return float(fpr_limit)
 
-    n_anomalous = int(np.count_nonzero(gt))
-    n_normal = gt.size - n_anomalous
-    _need_both_classes(n_anomalous, n_normal, "PRO", "pixel(s)")
 
-    # Per-pixel weight 1/|region| on anomalous pixels: summing it over the pixels above a
-    # threshold gives sum over regions of their overlap, i.e. n_regions * PRO(t).
+def _region_weights(gt: np.ndarray) -> tuple[np.ndarray, int]:
+    """gt (N, H, W) bool -> (per-pixel weight (N*H*W,) float64, number of regions).
+
+    Weight 1/|region| on anomalous pixels: summing it over the pixels above a threshold gives
+    the sum over regions of their overlap, i.e. n_regions * PRO(t)."""
     region_weight = np.zeros(gt.shape, dtype=np.float64)
     n_regions = 0
     for i in range(gt.shape[0]):
@@ -439,38 +460,38 @@ def pro_auc(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = No
         inv_size[1:] = 1.0 / np.bincount(lab.ravel(), minlength=n + 1)[1:]
         region_weight[i] = inv_size[lab]
         n_regions += n
-    normal = ~gt.ravel()
-    region_weight = region_weight.ravel()
-    s = scores.ravel()
+    return region_weight.ravel(), n_regions
 
-    if num_thresholds is None:
-        order = np.argsort(s, kind="stable")[::-1]  # descending score
-        s_sorted = s[order]
-        fp = np.cumsum(normal[order], dtype=np.int64)
-        overlap = np.cumsum(region_weight[order])
-        del order
-        # One curve point per distinct score: the cumulative sums at the end of each run.
-        ends = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])
-        fp, overlap = fp[ends], overlap[ends]
-    else:
-        if not np.isfinite(s).all():
-            raise ValueError(
-                "maps contain +-inf; num_thresholds needs finite maps to space thresholds "
-                "between min and max (use num_thresholds=None for the exact curve)"
-            )
-        thresholds = np.linspace(s.min(), s.max(), int(num_thresholds))
-        # Pixel p is >= thresholds[j] exactly for j < bin[p] (bin = #thresholds <= score).
-        bins = np.searchsorted(thresholds, s, side="right")
-        t = thresholds.size
-        fp_in_bin = np.bincount(bins, weights=normal, minlength=t + 1)
-        overlap_in_bin = np.bincount(bins, weights=region_weight, minlength=t + 1)
-        # Value at threshold j = sum over bins > j; listed from the highest threshold down.
-        fp = np.cumsum(fp_in_bin[::-1])[:-1]
-        overlap = np.cumsum(overlap_in_bin[::-1])[:-1]
-        fp = np.rint(fp).astype(np.int64)  # exact integer counts summed in float64
 
-    # Rounding in the float sums can push the last PRO a hair above 1.
-    fpr = np.r_[0.0, fp / n_normal]
-    pro = np.r_[0.0, np.minimum(overlap / n_regions, 1.0)]
-    # fpr[-1] == 1 exactly (lowest threshold takes every pixel), so the limit is always covered.
-    return _area_to_limit(fpr, pro, fpr_limit) / fpr_limit
+def _counts_at_every_score(s: np.ndarray, normal: np.ndarray, region_weight: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(false positives, summed overlap) at every distinct score, from the highest down."""
+    order = np.argsort(s, kind="stable")[::-1]  # descending score
+    s_sorted = s[order]
+    fp = np.cumsum(normal[order], dtype=np.int64)
+    overlap = np.cumsum(region_weight[order])
+    del order
+    # One curve point per distinct score: the cumulative sums at the end of each run.
+    ends = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])
+    return fp[ends], overlap[ends]
+
+
+def _counts_at_spaced_thresholds(s: np.ndarray, normal: np.ndarray, region_weight: np.ndarray,
+                                 num_thresholds: int) -> tuple[np.ndarray, np.ndarray]:
+    """(false positives, summed overlap) at ``num_thresholds`` evenly spaced thresholds from
+    max(s) down to min(s)."""
+    if not np.isfinite(s).all():
+        raise ValueError(
+            "maps contain +-inf; num_thresholds needs finite maps to space thresholds "
+            "between min and max (use num_thresholds=None for the exact curve)"
+        )
+    thresholds = np.linspace(s.min(), s.max(), num_thresholds)
+    # Pixel p is >= thresholds[j] exactly for j < bin[p] (bin = #thresholds <= score).
+    bins = np.searchsorted(thresholds, s, side="right")
+    t = thresholds.size
+    fp_in_bin = np.bincount(bins, weights=normal, minlength=t + 1)
+    overlap_in_bin = np.bincount(bins, weights=region_weight, minlength=t + 1)
+    # Value at threshold j = sum over bins > j; listed from the highest threshold down.
+    fp = np.cumsum(fp_in_bin[::-1])[:-1]
+    overlap = np.cumsum(overlap_in_bin[::-1])[:-1]
+    return np.rint(fp).astype(np.int64), overlap  # exact integer counts summed in float64

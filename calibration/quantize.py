@@ -1,9 +1,12 @@
 """``clipinspect quantize``: FP16 and INT8 variants of a bundle's encoder graph.
 
 FP16: every float tensor in half precision except the attention softmax (its exponentials
-overflow FP16 and its small differences are what ranks tokens); LayerNormalization is the
-opset-17 node, whose statistics are accumulated in FP32 (``stash_type`` 1). Inputs and outputs
-stay FP32, so the runtime feeds and reads the same arrays for every precision.
+overflow FP16 and its small differences are what ranks tokens) and LayerNormalization (its
+variance overflows FP16): both run in FP32 between Cast nodes written into the graph. The graph
+itself carries that, because TensorRT builds strongly typed engines from the tensor types and
+ignores ``stash_type`` (the FP32 accumulation an FP16 LayerNormalization would otherwise ask
+for). Inputs and outputs stay FP32, so the runtime feeds and reads the same arrays for every
+precision.
 
 INT8: static quantization in QDQ form of every MatMul with a weight: weights signed 8-bit,
 symmetric, one scale per output channel; activations signed 8-bit, symmetric, one scale per
@@ -38,7 +41,7 @@ from clipinspect.runtime.core.progress import Progress
 
 PRECISIONS = ("fp16", "int8")
 METHODS = ("minmax", "entropy", "percentile")
-FP16_KEEP_FP32 = ("Softmax",)
+FP16_KEEP_FP32 = ("Softmax", "LayerNormalization")
 DEFAULT_TARGET = 0.99
 DEFAULT_HOLDOUT = 3
 DEFAULT_MAX_IMAGES = 32
@@ -69,7 +72,8 @@ def clean_graph(path: Path):
 
 
 def to_fp16(model):
-    """FP16 graph with FP32 inputs and outputs; FP16_KEEP_FP32 ops stay FP32."""
+    """FP16 graph with FP32 inputs and outputs; FP16_KEEP_FP32 ops stay FP32, with their
+    weights (LayerNormalization's scale and bias), a Cast to FP32 before and to FP16 after."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     keep = list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32)
@@ -330,7 +334,7 @@ def _existing(bundle: Bundle, precision: str, overwrite: bool) -> None:
 
 
 def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | Path | None = None,
-                    method: str = "minmax", target: float = DEFAULT_TARGET,
+                    *, method: str = "minmax", target: float = DEFAULT_TARGET,
                     holdout: int = DEFAULT_HOLDOUT, max_images: int = DEFAULT_MAX_IMAGES,
                     sensitivity: str = "auto", overwrite: bool = False,
                     threads: int | None = None) -> dict:
@@ -372,15 +376,17 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
         tmp = Path(tmp)
         agreement = MapAgreement(bundle, held, threads)
         if precision == "fp16":
-            log("[2] converting to FP16 (softmax kept FP32, FP32 inputs and outputs)")
+            log("[2] converting to FP16 (softmax and layer norm kept FP32, FP32 inputs and "
+                "outputs)")
             variant = to_fp16(model)
             measured = None
             record = {"scheme": {"format": "FP16", "kept_fp32_ops": list(FP16_KEEP_FP32),
                                  "io": "float32",
-                                 "layer_norm": "opset-17 LayerNormalization, FP32 statistics"}}
+                                 "layer_norm": "LayerNormalization in FP32 (Cast in and out)"}}
         else:
-            variant, record, measured = _int8(model, bundle, paths, method, target, sensitivity,
-                                              agreement, tmp)
+            variant, record, measured = _int8(model, bundle, paths, agreement, tmp,
+                                              method=method, target=target,
+                                              sensitivity=sensitivity)
         if measured is None:
             log(f"[3] checking the FP16 maps against FP32 on {len(held)} held-out image(s)")
             measured = agreement.measure(variant)
@@ -405,8 +411,8 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
     return record
 
 
-def _int8(model, bundle: Bundle, paths: list[Path], method: str, target: float,
-          sensitivity: str, agreement: MapAgreement, tmp: Path):
+def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp: Path, *,
+          method: str, target: float, sensitivity: str):
     """Calibrate, quantize, run the sensitivity pass; -> (graph, manifest record, its
     agreement with FP32)."""
     import onnx
@@ -454,8 +460,8 @@ def _int8(model, bundle: Bundle, paths: list[Path], method: str, target: float,
     }
     if len(excluded) > len(groups) // 2:
         log(f"warning: {len(excluded)} of {len(groups)} weights had to stay FP32 to reach map "
-            f"Pearson {target}; expect little speed-up (try --method entropy or percentile, or "
-            "a lower --target)")
+            f"Pearson {target}; expect little speed-up (try --calibration-method entropy or "
+            "percentile, or a lower --target)")
     return variant, record, measured
 
 

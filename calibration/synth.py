@@ -52,6 +52,7 @@ ProgressFn = Callable[[int, int], None]
 
 def generate(
     out_dir: str | Path,
+    *,
     seed: int = 0,
     categories: Iterable[str] | None = None,
     image_size: int = 256,
@@ -88,12 +89,7 @@ def generate(
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable(n_done, n_total) or None, got {progress!r}")
 
-    root = Path(out_dir)
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(
-            f"out_dir {str(root)!r} exists and is not a directory; "
-            "pass a directory path (it is created if missing)"
-        )
+    root = _dataset_root(out_dir)
 
     n_total = len(cats) * (n_train + n_test_good + len(defs) * n_def)
     n_done = 0
@@ -138,6 +134,7 @@ def render_sample(
     split: str = "test",
     defect: str = "good",
     index: int = 0,
+    *,
     seed: int = 0,
     image_size: int = 256,
     paint_defect: bool = True,
@@ -193,6 +190,16 @@ def render_sample(
 
 
 # ------------------------------------------------------------------- validation
+
+
+def _dataset_root(out_dir: str | Path) -> Path:
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"out_dir {str(root)!r} exists and is not a directory; "
+            "pass a directory path (it is created if missing)"
+        )
+    return root
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

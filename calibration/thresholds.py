@@ -102,9 +102,10 @@ def describe(category: str, key: str, t: dict) -> str:
     return "\n".join(lines)
 
 
-def calibrate(inspector: Inspector, category: str, normal: Sequence[ImageInput] | None = None,
-              fpr: float = 0.01, validation: str | Path | None = None, fmt: str = "auto",
-              mode: str = "auto", batch_size: int = 8) -> tuple[str, dict]:
+def calibrate(inspector: Inspector, category: str, *,
+              normal: Sequence[ImageInput] | None = None, fpr: float = 0.01,
+              validation: str | Path | None = None, fmt: str = "auto", mode: str = "auto",
+              batch_size: int = 8) -> tuple[str, dict]:
     """Compute thresholds one way or the other and store them in the bundle."""
     if (normal is None) == (validation is None):
         raise UsageError("give either normal images (--normal DIR) or a validation set "

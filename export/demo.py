@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,8 @@ from clipinspect.calibration.synth import generate
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.predict import predict_to_dir
 
-from .exporter import RANDOM_WEIGHTS_WARNING, ExportError, export_bundle, log
+from .exporter import (DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_WARNING, ExportError,
+                       ExportOptions, export_bundle, log)
 
 DEMO_CATEGORIES = ("weave", "washer")
 
@@ -43,15 +45,17 @@ def export_for_demo(path: Path, model: str, pretrained: str, categories: Sequenc
     if _bundle_matches(path, model, pretrained, categories):
         log(f"reusing the bundle in {path}")
         return Bundle.open(path), None
+    options = ExportOptions(path, model, pretrained, categories, overwrite=True, seed=seed)
     try:
-        return export_bundle(path, model, pretrained, categories, overwrite=True, seed=seed), None
+        return export_bundle(options), None
     except ExportError as e:
         warning = f"pretrained weights {model}/{pretrained} could not be loaded ({e})."
         log(f"WARNING: {warning} Continuing with random weights.")
     if _bundle_matches(path, model, None, categories):
         log(f"reusing the random-weights bundle in {path}")
         return Bundle.open(path), warning
-    return export_bundle(path, model, None, categories, overwrite=True, seed=seed), warning
+    options.pretrained = None
+    return export_bundle(options), warning
 
 
 def contact_sheet(overlay_dir: Path, records: list[dict], out: Path, thumb: int = 128,
@@ -70,18 +74,32 @@ def contact_sheet(overlay_dir: Path, records: list[dict], out: Path, thumb: int 
     sheet.save(out)
 
 
-def run_demo(out: str | Path = "demo-output", model: str = "ViT-B-16-plus-240",
-             pretrained: str = "laion400m_e31", shots: int = 2,
-             categories: Sequence[str] | None = None, seed: int = 0, batch_size: int = 4) -> dict:
-    out = Path(out)
-    categories = list(categories or DEMO_CATEGORIES)
+@dataclass
+class DemoOptions:
+    """What ``run_demo`` does: output folder, model and weights (random ones, loudly reported,
+    if ``pretrained`` cannot be loaded), few-shot reference count, synthetic categories (None =
+    DEMO_CATEGORIES), seed of data and random weights, inspection batch size."""
+
+    out: str | Path = "demo-output"
+    model: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+    shots: int = 2
+    categories: Sequence[str] | None = None
+    seed: int = 0
+    batch_size: int = 4
+
+
+def run_demo(options: DemoOptions) -> dict:
+    out, model, shots, seed = Path(options.out), options.model, options.shots, options.seed
+    batch_size, categories = options.batch_size, list(options.categories or DEMO_CATEGORIES)
     t0 = time.perf_counter()
     data = out / "data"
     log(f"== 1/4 synthetic dataset ({', '.join(categories)}) -> {data}")
     generate(data, seed=seed, categories=categories, n_train=max(shots, 2), n_test_good=4,
              n_test_defect_per_type=2)
     log(f"== 2/4 export {model} -> {out / 'bundle'}")
-    bundle, weights_warning = export_for_demo(out / "bundle", model, pretrained, categories, seed)
+    bundle, weights_warning = export_for_demo(out / "bundle", model, options.pretrained,
+                                               categories, seed)
     inspector = Inspector.open(bundle)
     report = {"model": model, "weights": bundle.manifest.model.weights.kind,
               "weights_warning": weights_warning, "bundle": bundle.identity,

@@ -1,368 +1,212 @@
-"""Export an open_clip CLIP into a bundle (ONNX graphs + text embeddings + manifest) for one of
-the scoring methods of ``methods.py``."""
+"""Export an open_clip CLIP into a bundle (ONNX graphs + text embeddings + manifest): one
+skeleton for every scoring method of ``methods``.
+
+load CLIP -> the method builds encoder and heads -> ONNX graphs -> text per category (the
+method's recipe) -> parity of onnxruntime against the torch modules -> manifest (one function,
+``build_manifest``) -> moved into place. ``add_categories`` adds text to a bundle the same way.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from clipinspect.runtime.core.errors import ClipInspectError
-from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
-                                        category_dir, check_category_dir_free,
-                                        check_category_name, default_mode, file_entry,
-                                        head_text_arrays, npz_bytes, sha256_file, write_versioned)
+from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle, category_dir,
+                                             check_category_dir_free, check_category_name,
+                                             default_mode, file_entry, head_text_arrays,
+                                             npz_bytes, sha256_file, write_versioned)
 from clipinspect.runtime.core.manifest import Manifest
 
 from . import prompt_files
-from .methods import METHODS, method_options
-from .text import category_text, encode_texts, load_ensemble
-from .winclip_torch import TEMPERATURE, Adaptation
+from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
+from .errors import ExportError, log
+from .graphs import (PARITY_TOLERANCE, check_parity, example_text, export_graphs, input_size,
+                     judge_parity, max_abs_diff)
+from .methods import METHODS, Adaptation, Built, Clip, ExportMethod, method_options
+from .text import load_ensemble
 
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
-PARITY_TOLERANCE = 1e-4
-PARITY_IMAGES = 3
-PROBE_PROMPT = "a photo of an object."
-RANDOM_WEIGHTS_WARNING = (
-    "WARNING: exporting with RANDOM weights (--pretrained none). Scores and maps are meaningless "
-    "for inspection; use this only for tests and benchmarks. The bundle records it.")
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "PARITY_TOLERANCE", "RANDOM_WEIGHTS_WARNING",
+           "ExportError", "ExportOptions", "TextRecipe", "add_categories", "build_manifest",
+           "export_bundle", "load_clip", "log", "max_abs_diff", "write_category_text"]
 
 
-class ExportError(ClipInspectError, RuntimeError):
-    """Export cannot go on; the message says what to change."""
+@dataclass
+class ExportOptions:
+    """What ``export_bundle`` writes.
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("clipinspect", "torch", "open_clip_torch", "onnx", "onnxruntime",
-                 "onnxruntime-gpu", "numpy"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-# ----------------------------------------------------------------------------- model loading
-def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
-    """-> (model in eval mode, tokenizer, weights record for the manifest).
-
-    pretrained: an open_clip tag, a local open_clip checkpoint file, or None / "none" for a
-    seeded random init (recorded, and warned about).
+    method: a key of ``methods.METHODS``; method_options: that method's own options by name
+    (e.g. {"scales": [2, 3]}, {"dense_blocks": 2}, {"adapters": "none"}; None values = the
+    method's default; another method's option is refused). adaptation: contextual prompt
+    adaptation in the heads (with the ambiguity filter at export), None = off. prompts: a prompt
+    file whose descriptions join the ensemble of the categories it names. pretrained: an
+    open_clip tag, a checkpoint file, or None for seeded random weights.
     """
-    import open_clip
 
-    if model_name not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if model_name.lower()[:5] in m.lower()][:8]
-        raise ExportError(f"unknown open_clip model {model_name!r}"
-                          + (f"; similar: {', '.join(close)}" if close else "")
-                          + ". See open_clip.list_models()")
-    if pretrained in (None, "", "none", "None"):
-        log(RANDOM_WEIGHTS_WARNING)
-        torch.manual_seed(seed)
-        with _quiet_loggers("root"):
-            model = open_clip.create_model(model_name, pretrained=None)
-        weights = {"kind": "random", "seed": seed}
-    elif os.path.isfile(pretrained):
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained)
-        except Exception as e:  # open_clip raises several types for a wrong checkpoint
-            raise ExportError(f"could not load checkpoint {pretrained!r} into {model_name}: {e}. "
-                              "Is it an open_clip checkpoint of this model?") from e
-        weights = {"kind": "file", "path": str(Path(pretrained).resolve()),
-                   "sha256": sha256_file(Path(pretrained))}
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        if pretrained not in tags:
-            hint = f"known tags for {model_name}: {', '.join(tags) or 'none'}"
-            if os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")):
-                hint = f"no such file ({hint})"
-            raise ExportError(f"--pretrained {pretrained!r} is neither a local checkpoint file nor "
-                              f"an open_clip tag; {hint}; or 'none' for random weights")
-        try:
-            with _quiet_loggers("huggingface_hub"):  # its retry warnings; our error says more
-                model = open_clip.create_model(model_name, pretrained=pretrained)
-        except Exception as e:
-            raise ExportError(
-                f"could not load pretrained weights {model_name}/{pretrained}: {e}. Without "
-                "internet access, download the checkpoint elsewhere and pass its path with "
-                "--pretrained PATH (or --pretrained none for random weights)") from e
-        weights = {"kind": "tag", "tag": pretrained}
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(model_name)
-    weights["text_probe"] = text_probe(model, tokenizer)
-    return model, tokenizer, weights
+    out: str | Path
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    categories: Sequence[str] = ()
+    method: str = "winclip"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    adaptation: Adaptation | None = None
+    prompts: str | Path | None = None
+    opset: int = 17
+    tolerance: float = PARITY_TOLERANCE
+    strict: bool = True
+    overwrite: bool = False
+    seed: int = 0
 
 
-@contextlib.contextmanager
-def _quiet_loggers(*names: str):
-    """Silence other libraries' warnings where ours say more (random init, download retries)."""
-    import logging
+@dataclass(frozen=True)
+class TextRecipe:
+    """Everything a category's text embeddings come from: the method's recipe
+    (``ExportMethod.category_text``) and its ensemble, a loaded prompt file (``_prompt_file``)
+    or None, the bundle's adaptation record or None."""
 
-    loggers = [logging.getLogger(None if n == "root" else n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    model: torch.nn.Module
+    tokenizer: Callable
+    compute: Callable[..., tuple[dict, dict]]
+    ensemble: dict
+    descriptions: dict | None = None
+    adaptation: dict | None = None
+
+    @classmethod
+    def of(cls, method: ExportMethod, model, tokenizer, descriptions: dict | None,
+           adaptation: dict | None) -> "TextRecipe":
+        return cls(model, tokenizer, method.category_text, load_ensemble(method.ensemble),
+                   descriptions, adaptation)
+
+
+def export_bundle(options: ExportOptions) -> Bundle:
+    """Export a bundle to ``options.out``. Written to a temporary directory next to it and moved
+    into place only when complete, so a failure never leaves a half bundle behind."""
+    method, own_options, descriptions = _checked(options)
+    out, t_start = Path(options.out), time.perf_counter()
+    log(f"[1/5] loading {options.model} (weights: {options.pretrained or 'random'})")
+    clip = Clip(options.model, *load_clip(options.model, options.pretrained, options.seed),
+                seed=options.seed)
     try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def text_probe(model, tokenizer) -> list[float]:
-    """A fingerprint of the text tower: lets add-category prove it loaded the same weights."""
-    return [round(float(v), 6) for v in encode_texts(model, tokenizer, [PROBE_PROMPT])[0, :16]]
-
-
-def preprocess_config(model) -> dict:
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-    size = model.visual.image_size
-    size = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    return {"size": size, "mean": [float(v) for v in cfg.get("mean", OPENAI_DATASET_MEAN)],
-            "std": [float(v) for v in cfg.get("std", OPENAI_DATASET_STD)],
-            "resize": "bicubic-antialiased, whole image, no crop", "layout": "NCHW float32 RGB"}
-
-
-# ------------------------------------------------------------------------------- ONNX export
-def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
-            output_names: list[str], dynamic_axes: dict, opset: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values
-        torch.onnx.export(module, args, str(path), input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes,
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
-    import onnx
-    onnx.checker.check_model(str(path))
-
-
-def input_size(encoder: torch.nn.Module) -> tuple[int, int]:
-    """(H, W) the encoder takes: its own when it resamples positions (aprillab), else CLIP's."""
-    size = getattr(encoder, "image_size", None) or encoder.visual.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def export_graphs(encoder: torch.nn.Module, heads: dict[str, torch.nn.Module], root: Path,
-                  opset: int) -> dict[str, str]:
-    """Write fp32/encoder.onnx and fp32/head_*.onnx; returns name -> relative path."""
-    example = torch.randn(2, 3, *input_size(encoder))
-    outs = encoder.output_names()
-    files = {"encoder": "fp32/encoder.onnx"}
-    _export(encoder, (example,), root / files["encoder"], ["images"], outs,
-            {"images": {0: "batch"}, **{n: {0: "batch"} for n in outs}}, opset)
-    with torch.no_grad():
-        encoded = dict(zip(outs, encoder(example)))
-    for name, head in heads.items():
-        inputs = head_example_inputs(head, encoded)
-        axes = {n: ({0: n} if n.startswith("memory_") or n in ("text_normal", "text_anomalous")
-                    else {} if n == "text_prototypes" else {0: "batch"}) for n in inputs}
-        axes.update(image_score={0: "batch"}, anomaly_grid={0: "batch"})
-        files[name] = f"fp32/{name}.onnx"
-        _export(head, tuple(inputs.values()), root / files[name], list(inputs),
-                ["image_score", "anomaly_grid"], axes, opset)
-    return files
-
-
-def example_text(head: torch.nn.Module, dim: int) -> dict[str, torch.Tensor]:
-    """Random category text for a head: prototypes (2, D), or prompt pools of two different
-    sizes (so the traced graph keeps them dynamic), each at least top-k long."""
-    gen = torch.Generator().manual_seed(1)
-    if getattr(head, "adaptation", None) is None:
-        return {"text_prototypes": torch.randn(2, dim, generator=gen)}
-    n = (head.adaptation.top_k or 1) + 4
-    return {"text_normal": torch.randn(n + 1, dim, generator=gen),
-            "text_anomalous": torch.randn(n, dim, generator=gen)}
-
-
-def head_example_inputs(head: torch.nn.Module, encoded: dict[str, torch.Tensor],
-                        text: dict[str, torch.Tensor] | None = None,
-                        memory: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The head's inputs by name: encoder outputs, category text, few-shot memory (``memory_X``
-    holds encoder output X of reference images, flattened over images)."""
-    if text is None:
-        text = example_text(head, encoded["image_embedding"].shape[-1])
-    if memory is None:
-        # Memory of a *different* shape from the batch, so the traced graph keeps it dynamic.
-        memory = {n: encoded[n[len("memory_"):]][:1].flatten(0, 1) for n in head.input_names()
-                  if n.startswith("memory_")}
-    pool = {**encoded, **text, **memory}
-    return {n: pool[n] for n in head.input_names()}
-
-
-# ------------------------------------------------------------------------------- parity check
-def check_parity(root: Path, files: dict[str, str], encoder: torch.nn.Module,
-                 heads: dict[str, torch.nn.Module], text: dict[str, torch.Tensor],
-                 n_images: int = PARITY_IMAGES,
-                 seed: int = 123) -> dict:
-    """Run onnxruntime and the torch modules on the same inputs; max |difference| per graph."""
-    import onnxruntime as ort
-
-    size = input_size(encoder)
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n_images, 3, *size, generator=gen)
-    references = torch.randn(2, 3, *size, generator=gen)
-    names = encoder.output_names()
-
-    def session(name):
-        return ort.InferenceSession(str(root / files[name]), providers=["CPUExecutionProvider"])
-
-    enc = session("encoder")
-    with torch.no_grad():
-        torch_out = dict(zip(names, encoder(images)))
-        torch_ref = dict(zip(names, encoder(references)))
-    ort_out = dict(zip(names, enc.run(None, {"images": images.numpy()})))
-    result = {"encoder": max(max_abs_diff(ort_out[n], torch_out[n].numpy()) for n in names)}
-    memory = {f"memory_{n}": torch_ref[n].flatten(0, 1) for n in names}
-    for name, head in heads.items():
-        inputs = head_example_inputs(head, torch_out, text, memory)
-        with torch.no_grad():
-            expected = [t.numpy() for t in head(*inputs.values())]
-        got = session(name).run(None, {k: v.numpy() for k, v in inputs.items()})
-        result[name] = max(max_abs_diff(g, e) for g, e in zip(got, expected))
-    return result
-
-
-def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest |a - b|; infinity where either side is not finite (a NaN must fail the check)."""
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return float("inf")
-    return float(np.abs(a - b).max())
-
-
-# ------------------------------------------------------------------------------------ bundle
-def export_bundle(out: str | Path, model_name: str = DEFAULT_MODEL,
-                  pretrained: str | None = DEFAULT_PRETRAINED, categories: Sequence[str] = (),
-                  scales: Sequence[int] | None = None, opset: int = 17,
-                  tolerance: float = PARITY_TOLERANCE, strict: bool = True,
-                  overwrite: bool = False, seed: int = 0, method: str = "winclip",
-                  options: dict | None = None, adaptation: Adaptation | None = None,
-                  prompts: str | Path | None = None) -> Bundle:
-    """Export a bundle to ``out``. Written to a temporary directory next to it and moved into
-    place only when complete, so a failure never leaves a half bundle behind.
-
-    method: a key of ``methods.METHODS`` ("winclip", "patch"); options: the method's options
-    (e.g. {"dense_blocks": 2} for patch; None values = the method's default); ``scales`` is
-    WinCLIP's option, kept as an argument of its own. adaptation: contextual
-    prompt adaptation in the heads (with the ambiguity filter at export), None = off.
-    prompts: a prompt file whose descriptions join the ensemble of the categories it names.
-    """
-    out = Path(out)
-    categories = [check_category_name(c) for c in categories]
-    for i, name in enumerate(categories):
-        check_category_dir_free(categories[:i], name)
-    options = _method_options(method, {**(options or {}), "scales": scales})
-    _check_adaptation(adaptation)
-    descriptions = _prompt_file(prompts, categories)
-    if opset < 17:
-        raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset >= 17")
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise ExportError(f"{str(out)!r} exists and is not empty; choose another --out or pass "
-                          "--overwrite")
-    t_start = time.perf_counter()
-    log(f"[1/5] loading {model_name} (weights: {pretrained or 'random'})")
-    model, tokenizer, weights = load_clip(model_name, pretrained, seed)
-    grid = tuple(int(g) for g in model.visual.grid_size)
-    bad = [k for k in options.get("scales", ()) if not 1 <= k <= min(grid)]
-    if bad:
-        raise ExportError(f"window scale {bad[0]} does not fit the {grid[0]}x{grid[1]} patch grid "
-                          f"of {model_name}; use scales from 1 to {min(grid)} (WinCLIP: 2,3)")
-    try:
-        encoder = METHODS[method].encoder(model.visual, **options).eval()
+        built = method.build(clip, own_options, options.adaptation)
     except ValueError as e:  # an option the model cannot take (e.g. more dense blocks than it has)
-        raise ExportError(f"method {method!r} on {model_name}: {e}") from e
-    heads = {"head_zeroshot": METHODS[method].head(encoder, False, adaptation).eval(),
-             "head_fewshot": METHODS[method].head(encoder, True, adaptation).eval()}
-    scales = tuple(getattr(encoder, "scales", ()))
-    adaptation_record = adaptation.record() if adaptation else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(default_mode(directory=True))
-    try:
-        log(f"[2/5] exporting ONNX graphs (opset {opset})")
-        files = export_graphs(encoder, heads, tmp, opset)
-        ensemble = load_ensemble("winclip")
+        raise ExportError(f"method {method.name!r} on {options.model}: {e}") from e
+    recipe = TextRecipe.of(method, clip.model, clip.tokenizer, descriptions,
+                           built.manifest.get("adaptation"))
+    with _staging(out) as tmp:
+        log(f"[2/5] exporting ONNX graphs (opset {options.opset})")
+        files = export_graphs(built, tmp, options.opset)
         text_entries = {}
-        for i, name in enumerate(categories):
-            log(f"[3/5] text embeddings for {name!r} ({i + 1}/{len(categories)})")
-            text_entries[name] = write_category_text(tmp, model, tokenizer, name, ensemble,
-                                                     descriptions, adaptation_record)
+        for i, name in enumerate(options.categories):
+            log(f"[3/5] text embeddings for {name!r} ({i + 1}/{len(options.categories)})")
+            text_entries[name] = write_category_text(tmp, name, recipe)
         log("[4/5] checking onnxruntime against PyTorch")
-        if categories:
-            with np.load(tmp / text_entries[categories[0]]["text"]["file"]) as t:
-                text = {k: torch.from_numpy(v) for k, v in head_text_arrays(t).items()}
-        else:
-            text = example_text(heads["head_zeroshot"], model.visual.output_dim)
-        parity = judge_parity(check_parity(tmp, files, encoder, heads, text), tolerance, strict)
+        text = _parity_text(tmp, built, text_entries, int(clip.model.visual.output_dim))
+        parity = judge_parity(check_parity(tmp, files, built, text), options.tolerance,
+                              options.strict)
         log("[5/5] writing manifest")
-        manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": method,
-            "method_options": {k: list(v) if isinstance(v, tuple) else v
-                               for k, v in options.items()},
-            "adaptation": adaptation_record,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": {"name": model_name, "weights": weights},
-            "preprocess": preprocess_config(model),
-            "grid": list(encoder.grid), "patch_size": int(model.visual.patch_size[0]),
-            "scales": list(scales),
-            "windows": {str(k): int(getattr(encoder, f"windows_{k}").shape[0]) for k in scales},
-            "outputs": encoder.output_names(),
-            "dims": {"embed": int(model.visual.output_dim),
-                     "width": int(model.visual.conv1.out_channels),
-                     "patches": encoder.grid[0] * encoder.grid[1],
-                     "layers": len(model.visual.transformer.resblocks)},
-            "temperature": TEMPERATURE,
-            "opset": opset,
-            "graphs": {},
-            "parity": {"fp32": parity},
-            "versions": package_versions(),
-            "categories": text_entries,
-        }
-        write_manifest_and_move(tmp, out, manifest, files, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = build_manifest(options, clip, built, parity, text_entries)
+        write_manifest_and_move(tmp, out, manifest, files, options.overwrite)
     log(f"bundle written to {out} in {time.perf_counter() - t_start:.0f} s")
     return Bundle.open(out)
 
 
-def judge_parity(parity: dict[str, float], tolerance: float, strict: bool) -> dict:
-    """The manifest's parity record of the measured differences; raises when they exceed the
-    tolerance and ``strict``."""
-    worst = max(parity.values())
-    passed = bool(np.isfinite(worst)) and worst <= tolerance
-    log("      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
-                                                         parity.items()))
-    if not passed and strict:
-        raise ExportError(f"exported graphs differ from PyTorch by {worst:.3e} > {tolerance:g} "
-                          "(FP32); pass --no-strict-parity to keep them anyway")
-    return {"max_abs_diff": parity, "tolerance": tolerance, "passed": passed,
-            "images": PARITY_IMAGES, "reference": "the torch modules the graphs were traced from"}
+def _checked(options: ExportOptions) -> tuple[ExportMethod, dict, dict | None]:
+    """Everything that can be refused before CLIP is loaded -> (method, its resolved options,
+    the loaded prompt file or None)."""
+    names = [check_category_name(c) for c in options.categories]
+    for i, name in enumerate(names):
+        check_category_dir_free(names[:i], name)
+    try:
+        own = method_options(options.method, options.method_options)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    method = METHODS[options.method]
+    if not method.prompt_adaptation:
+        other = [f for f, v in (("--adapt", options.adaptation), ("--prompts", options.prompts))
+                 if v is not None]
+        if other:
+            raise ExportError(f"{', '.join(other)} do not apply to --method {method.name} (it "
+                              "uses its own prompt recipe)")
+    try:
+        method.check(own)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    _check_adaptation(options.adaptation)
+    descriptions = _prompt_file(options.prompts, names)
+    if options.opset < 17:
+        raise ExportError(f"--opset {options.opset} is too old: LayerNormalization needs "
+                          "opset >= 17")
+    out = Path(options.out)
+    if out.exists() and not options.overwrite and any(out.iterdir()):
+        raise ExportError(f"{str(out)!r} exists and is not empty; choose another --out or pass "
+                          "--overwrite")
+    return method, own, descriptions
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A private temporary directory next to ``out``, removed if the block fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(default_mode(directory=True))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _parity_text(root: Path, built: Built, entries: dict[str, dict], dim: int
+                 ) -> dict[str, torch.Tensor]:
+    """The heads' text inputs for the parity check: the first category's, else random ones."""
+    if not entries:
+        return example_text(built.heads["head_zeroshot"], dim)
+    with np.load(root / next(iter(entries.values()))["text"]["file"]) as t:
+        return {k: torch.from_numpy(v) for k, v in head_text_arrays(t).items()}
+
+
+def build_manifest(options: ExportOptions, clip: Clip, built: Built, parity: dict,
+                   categories: dict[str, dict]) -> dict:
+    """The bundle's manifest (``graphs`` filled in when written): what every method records,
+    and the method's own entries (``Built.manifest``)."""
+    encoder, visual = built.encoder, clip.model.visual
+    grid = list(encoder.grid)
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": options.method,
+        **built.manifest,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": clip.name, "weights": clip.weights},
+        "preprocess": {**preprocess_config(clip.model), "size": list(input_size(encoder))},
+        "grid": grid, "patch_size": int(visual.patch_size[0]),
+        "outputs": encoder.output_names(),
+        "dims": {"embed": int(visual.output_dim), "width": int(visual.conv1.out_channels),
+                 "patches": grid[0] * grid[1], "layers": len(visual.transformer.resblocks)},
+        "opset": options.opset,
+        "graphs": {},
+        "parity": {"fp32": parity},
+        "versions": package_versions(),
+        "categories": categories,
+    }
 
 
 def write_manifest_and_move(tmp: Path, out: Path, manifest: dict, files: dict[str, str],
                             overwrite: bool) -> None:
     """Record the graphs (with their input and output names), write the manifest of the bundle
-    built in ``tmp`` and move it to ``out``."""
+    built in ``tmp`` and move it to ``out``. The manifest is validated as a reader would
+    (``Manifest.from_dict``) and written with the bundle's atomic save."""
     manifest["graphs"]["fp32"] = {
         name: file_entry(tmp, rel, inputs=_io_names(tmp / rel, "inputs"),
                          outputs=_io_names(tmp / rel, "outputs"))
@@ -393,18 +237,6 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def _method_options(method: str, given: dict) -> dict:
-    if method not in METHODS:
-        raise ExportError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    try:
-        options = method_options(method, given)
-    except ValueError as e:
-        raise ExportError(str(e)) from e
-    if "scales" in options:
-        options["scales"] = tuple(sorted({int(k) for k in options["scales"]}))
-    return options
-
-
 def _check_adaptation(adaptation: Adaptation | None) -> None:
     if adaptation is None:
         return
@@ -431,22 +263,13 @@ def _prompt_file(path: str | Path | None, categories: Sequence[str]) -> dict | N
             "categories": entries}
 
 
-def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict,
-                        descriptions: dict | None = None, adaptation: dict | None = None,
-                        compute: Callable | None = None) -> dict:
-    """Write a category's text embeddings and prompts; returns its manifest entry.
-
-    descriptions: a loaded prompt file (``_prompt_file``) or None; adaptation: the bundle's
-    adaptation record or None (then no prompt pools and no ambiguity filter). compute: a
-    method's own text recipe, (model, tokenizer, name, ensemble) -> (arrays, prompt record),
-    which takes neither (aprillab)."""
+def write_category_text(root: Path, name: str, recipe: TextRecipe) -> dict:
+    """Write a category's text embeddings and prompts; returns its manifest entry."""
+    descriptions = recipe.descriptions
     entry_descriptions = (descriptions or {}).get("categories", {}).get(name)
     try:
-        if compute is not None:
-            arrays, record = compute(model, tokenizer, name, ensemble)
-        else:
-            arrays, record = category_text(model, tokenizer, name, ensemble, entry_descriptions,
-                                           adaptation)
+        arrays, record = recipe.compute(recipe.model, recipe.tokenizer, name, recipe.ensemble,
+                                        entry_descriptions, recipe.adaptation)
     except ValueError as e:
         raise ExportError(str(e)) from e
     folder = category_dir(name)
@@ -468,15 +291,34 @@ def write_category_text(root: Path, model, tokenizer, name: str, ensemble: dict,
 def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: str | None = None,
                    replace: bool = False, progress: Callable[[str], None] = log,
                    prompts: str | Path | None = None) -> Bundle:
-    """Add categories' text embeddings to an existing bundle (reloads the same CLIP weights).
-    ``prompts``: a prompt file whose descriptions join the ensemble, as at export."""
+    """Add categories' text embeddings to an existing bundle (reloads the same CLIP weights),
+    with the recipe of the bundle's method. ``prompts``: a prompt file whose descriptions join
+    the ensemble, as at export."""
     bundle = Bundle.open(bundle_path)
+    method = METHODS[bundle.method.name]
     names = [check_category_name(n) for n in names]
     existing = [n for n in names if n in bundle.manifest.categories]
     if existing and not replace:
         raise ExportError(f"category {existing[0]!r} is already in the bundle; pass --replace to "
                           "recompute its text embeddings")
+    if prompts is not None and not method.prompt_adaptation:
+        raise ExportError(f"--prompts does not apply to an {method.name} bundle (it uses its own "
+                          "prompt recipe)")
     descriptions = _prompt_file(prompts, names)
+    model, tokenizer = _same_clip(bundle, pretrained)
+    adaptation = bundle.manifest.adaptation
+    recipe = TextRecipe.of(method, model, tokenizer, descriptions,
+                           adaptation.to_dict() if adaptation else None)
+    for name in names:
+        check_category_dir_free(bundle.manifest.categories, name)
+        progress(f"text embeddings for {name!r}")
+        bundle.set_category(name, write_category_text(bundle.root, name, recipe))
+    return bundle
+
+
+def _same_clip(bundle: Bundle, pretrained: str | None) -> tuple[torch.nn.Module, Callable]:
+    """(model, tokenizer) with the weights the bundle was exported with, proven by the recorded
+    checkpoint hash and text-tower fingerprint; ``pretrained`` where the checkpoint is now."""
     model_name = bundle.manifest.model.name
     weights = bundle.manifest.model.weights
     source = pretrained or {"tag": weights.tag, "file": weights.path, "random": None}[weights.kind]
@@ -490,20 +332,4 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
     if not np.allclose(loaded["text_probe"], weights.text_probe, rtol=1e-3, atol=1e-4):
         raise ExportError("the loaded CLIP weights are not the ones this bundle was exported with "
                           "(text-tower fingerprint differs); pass the right --pretrained")
-    if bundle.manifest.method == "aprillab":
-        if descriptions is not None:
-            raise ExportError("--prompts does not apply to an aprillab bundle (it uses its own "
-                              "prompt recipe)")
-        from .aprillab import write_text
-    else:
-        ensemble = load_ensemble("winclip")
-        adaptation = bundle.manifest.adaptation.to_dict() if bundle.manifest.adaptation else None
-
-        def write_text(root, model, tokenizer, name):
-            return write_category_text(root, model, tokenizer, name, ensemble, descriptions,
-                                       adaptation)
-    for name in names:
-        check_category_dir_free(bundle.manifest.categories, name)
-        progress(f"text embeddings for {name!r}")
-        bundle.set_category(name, write_text(bundle.root, model, tokenizer, name))
-    return bundle
+    return model, tokenizer

@@ -180,16 +180,33 @@ def chat_url(url: str) -> str:
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
+MAX_ANSWER_BYTES = 4 << 20  # a chat answer with prompt lists is a few KB
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend the Authorization header (the API key) to
+    wherever the Location points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise GenerationError(f"{req.full_url} answered HTTP {code}, a redirect to {newurl!r}; "
+                              "redirects are not followed (they would carry the API key): if "
+                              "you trust that address, give it with --url")
+
+
 def _post(url: str, body: dict, api_key: str | None, timeout: float) -> dict:
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    opener = urllib.request.build_opener(_NoRedirects)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
+        with opener.open(request, timeout=timeout) as response:
+            raw = response.read(MAX_ANSWER_BYTES + 1)
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise GenerationError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes; that is "
+                                  "not a chat answer: check --url")
     except urllib.error.HTTPError as e:
-        detail = e.read()[:300].decode("utf-8", "replace").strip()
+        detail = e.read(300).decode("utf-8", "replace").strip()
         hint = " (check the API key variable)" if e.code in (401, 403) else ""
         raise GenerationError(f"{url} answered HTTP {e.code} {e.reason}{hint}: "
                               f"{detail or 'no body'}") from e
@@ -241,7 +258,7 @@ def parse_answer(content: str, category: str) -> dict[str, list[str]]:
     return {s: [t.strip() for t in entry[s]] for s in STATES}
 
 
-def generate(url: str, model: str, categories: Sequence[str], out: str | os.PathLike,
+def generate(url: str, model: str, categories: Sequence[str], out: str | os.PathLike, *,
              per_state: int = 10, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
              temperature: float = 0.7, progress: Callable[[str], None] = print) -> dict:
     """Ask the endpoint for each category's descriptions; write the validated prompt file

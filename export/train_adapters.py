@@ -1,5 +1,5 @@
 """``clipinspect train-adapters``: train AprilLab's per-level projections with CLIP frozen
-(METHODS.md section 4) on an annotated dataset in MVTec AD or VisA layout.
+(docs/methods.md#training-the-projections) on an annotated dataset in MVTec AD or VisA layout.
 
 CLIP never changes during training, so each image's level tokens are computed once and cached
 on disk (float16, keyed by model, weights, levels, input size and the image file); every epoch
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,10 +28,10 @@ from clipinspect.runtime.core.images import to_rgb_array
 from clipinspect.runtime.core.manifest import Preprocess, parse
 from clipinspect.runtime.core.progress import Progress
 
-from .aprillab import build, category_text
-from .aprillab_torch import (CHECKPOINT_KEY, LevelProjections, adapter_loss, check_layers,
-                             default_layers)
-from .exporter import ExportError, load_clip, log, preprocess_config
+from .clip import load_clip, preprocess_config
+from .errors import ExportError, log
+from .methods.aprillab import (CHECKPOINT_KEY, LevelProjections, adapter_loss, build_modules,
+                               category_text, check_layers, default_layers)
 from .text import load_ensemble
 
 BETAS = (0.5, 0.999)
@@ -112,93 +113,128 @@ def save_checkpoint(path: Path, projections, optimizer, meta: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def train_adapters(data: str | Path, out: str | Path, model_name: str, pretrained: str | None,
-                   layers: Sequence[int] | None = None, image_size: int | None = None,
-                   categories: Sequence[str] | None = None, fmt: str = "auto",
-                   split: str = "test", epochs: int = 5, batch_size: int = 8, lr: float = 1e-3,
-                   seed: int = 0, cache: str | Path | None = None, resume: bool = False,
-                   overwrite: bool = False) -> dict:
-    """Train the projections; returns the checkpoint's ``clipinspect`` record (loss per epoch).
+@dataclass
+class TrainOptions:
+    """What ``train_adapters`` trains. data: dataset root (MVTec AD or VisA layout, ``fmt``
+    auto-detected), out: checkpoint file; layers None = quarter points of the depth;
+    image_size None = the model's own; categories None = all; ``epochs=0`` writes the untrained
+    (seeded random) projections, the baseline training starts from; ``resume`` continues an
+    interrupted run from ``out`` up to ``epochs``; cache: feature cache folder (default
+    ``<out>.features``)."""
 
-    ``epochs=0`` writes the untrained (seeded random) projections: the baseline that training
-    starts from. ``resume`` continues an interrupted run from ``out`` up to ``epochs``.
-    """
-    out = Path(out)
-    if epochs < 0 or batch_size < 1 or lr <= 0:
-        raise ExportError(f"need epochs >= 0, batch size >= 1 and lr > 0 (got {epochs}, "
-                          f"{batch_size}, {lr})")
-    if out.exists() and not (resume or overwrite):
-        raise ExportError(f"{str(out)!r} exists; pass --resume to continue that run or "
-                          "--overwrite to start again")
-    samples = load_dataset(data, fmt, categories, split)
-    n_anomalous = sum(s.is_anomalous for s in samples)
-    if not n_anomalous:
-        raise ExportError(f"the {split} split of {str(data)!r} has no anomalous image with a mask: "
-                          "the projections are trained on annotated defects (MVTec AD and VisA "
-                          "annotate the test split)")
-    log(f"{len(samples)} images ({n_anomalous} anomalous) of "
-        f"{len({s.category for s in samples})} categories from {data} ({split} split)")
-    model, tokenizer, weights = load_clip(model_name, pretrained, seed)
+    data: str | Path
+    out: str | Path
+    model: str = "ViT-L-14-336"
+    pretrained: str | None = "openai"
+    layers: Sequence[int] | None = None
+    image_size: int | None = None
+    categories: Sequence[str] | None = None
+    fmt: str = "auto"
+    split: str = "test"
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+    cache: str | Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+
+def train_adapters(options: TrainOptions) -> dict:
+    """Train the projections; returns the checkpoint's ``clipinspect`` record (loss per epoch)."""
+    o, out = options, Path(options.out)
+    samples = _checked_samples(o)
+    model, tokenizer, weights = load_clip(o.model, o.pretrained, o.seed)
     visual = model.visual
     for p in model.parameters():
         p.requires_grad_(False)
     width, dim = int(visual.conv1.out_channels), int(visual.output_dim)
     depth = len(visual.transformer.resblocks)
     try:
-        layers = check_layers(layers or default_layers(depth), depth)
+        layers = check_layers(o.layers or default_layers(depth), depth)
     except ValueError as e:
         raise ExportError(str(e)) from e
-    torch.manual_seed(seed)
+    torch.manual_seed(o.seed)
     projections = LevelProjections(width, dim, len(layers))
-    encoder, heads = build(model, layers, image_size, projections)
-    head = heads["head_zeroshot"]
+    encoder, heads = build_modules(model, layers, o.image_size, projections)
     size = encoder.image_size
-    optimizer = torch.optim.Adam(projections.parameters(), lr=lr, betas=BETAS)
-    meta = {"model": model_name, "weights": weights, "layers": list(layers),
-            "image_size": list(size), "data": str(Path(data).resolve()), "split": split,
+    optimizer = torch.optim.Adam(projections.parameters(), lr=o.lr, betas=BETAS)
+    meta = {"model": o.model, "weights": weights, "layers": list(layers),
+            "image_size": list(size), "data": str(Path(o.data).resolve()), "split": o.split,
             "categories": sorted({s.category for s in samples}), "images": len(samples),
-            "batch_size": batch_size, "lr": lr, "betas": list(BETAS), "seed": seed,
+            "batch_size": o.batch_size, "lr": o.lr, "betas": list(BETAS), "seed": o.seed,
             "loss": "focal (gamma 2) + dice on the anomalous channel, summed over levels",
             "epochs": 0, "loss_per_epoch": []}
-    if resume and out.exists():
-        state = torch.load(out, map_location="cpu", weights_only=True)
-        old = state.get("clipinspect", {})
-        for key in ("model", "layers", "image_size", "categories", "split", "batch_size"):
-            if old.get(key) != meta[key]:
-                raise ExportError(f"cannot resume {str(out)!r}: it was trained with {key} "
-                                  f"{old.get(key)!r}, this run has {meta[key]!r}")
-        projections.load_state_dict(state[CHECKPOINT_KEY])
-        optimizer.load_state_dict(state["optimizer"])
-        meta.update(epochs=old["epochs"], loss_per_epoch=old["loss_per_epoch"])
-        log(f"resuming after epoch {old['epochs']}")
+    if o.resume and out.exists():
+        _resume(out, meta, projections, optimizer)
     cfg = preprocess_config(model)
     ensemble = load_ensemble("aprillab")
-    cache = FeatureCache(Path(cache) if cache else out.with_name(out.name + ".features"),
-                         cache_key(model_name, weights, layers, size, cfg, ensemble))
-    cache.fill(samples, encoder, encoder_preprocess(cfg, encoder), batch_size)
+    cache = FeatureCache(Path(o.cache) if o.cache else out.with_name(out.name + ".features"),
+                         cache_key(o.model, weights, layers, size, cfg, ensemble))
+    cache.fill(samples, encoder, encoder_preprocess(cfg, encoder), o.batch_size)
     text = {name: cache.text(name, lambda n: category_text(model, tokenizer, n, ensemble)[0]
                              ["prototypes"]) for name in meta["categories"]}
-    if meta["epochs"] == 0 and epochs == 0:
+    if meta["epochs"] == 0 and o.epochs == 0:
         save_checkpoint(out, projections, optimizer, meta)
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(meta["epochs"] + 1, epochs + 1):
-        gen.manual_seed(seed * 1000 + epoch)  # the same order whether resumed or not
-        order = torch.randperm(len(samples), generator=gen).tolist()
-        total, seen = 0.0, 0
-        with Progress(len(samples), f"epoch {epoch}/{epochs}") as bar:
-            for i in range(0, len(order), batch_size):
-                batch = [samples[j] for j in order[i:i + batch_size]]
-                levels, masks = cache.load(batch, size)
-                prototypes = torch.stack([text[s.category] for s in batch])   # (B, 2, D)
-                loss = adapter_loss(head, levels, prototypes, masks)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-                seen += len(batch)
-                bar.update(len(batch))
+    for epoch in range(meta["epochs"] + 1, o.epochs + 1):
+        loss = _epoch(o, epoch, samples=samples, cache=cache, size=size, text=text,
+                      head=heads["head_zeroshot"], optimizer=optimizer)
         meta["epochs"] = epoch
-        meta["loss_per_epoch"].append(round(total / seen, 6))
+        meta["loss_per_epoch"].append(round(loss, 6))
         save_checkpoint(out, projections, optimizer, meta)
-        log(f"epoch {epoch}: mean loss {total / seen:.4f}; checkpoint {out}")
+        log(f"epoch {epoch}: mean loss {loss:.4f}; checkpoint {out}")
     return meta
+
+
+def _checked_samples(o: TrainOptions) -> list[Sample]:
+    """The annotated samples to train on, after refusing what cannot work."""
+    out = Path(o.out)
+    if o.epochs < 0 or o.batch_size < 1 or o.lr <= 0:
+        raise ExportError(f"need epochs >= 0, batch size >= 1 and lr > 0 (got {o.epochs}, "
+                          f"{o.batch_size}, {o.lr})")
+    if out.exists() and not (o.resume or o.overwrite):
+        raise ExportError(f"{str(out)!r} exists; pass --resume to continue that run or "
+                          "--overwrite to start again")
+    samples = load_dataset(o.data, o.fmt, o.categories, o.split)
+    n_anomalous = sum(s.is_anomalous for s in samples)
+    if not n_anomalous:
+        raise ExportError(f"the {o.split} split of {str(o.data)!r} has no anomalous image with a "
+                          "mask: the projections are trained on annotated defects (MVTec AD and "
+                          "VisA annotate the test split)")
+    log(f"{len(samples)} images ({n_anomalous} anomalous) of "
+        f"{len({s.category for s in samples})} categories from {o.data} ({o.split} split)")
+    return samples
+
+
+def _resume(out: Path, meta: dict, projections, optimizer) -> None:
+    """Load the saved run into ``projections`` and ``optimizer``; refuse another run's file."""
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    old = state.get("clipinspect", {})
+    for key in ("model", "layers", "image_size", "categories", "split", "batch_size"):
+        if old.get(key) != meta[key]:
+            raise ExportError(f"cannot resume {str(out)!r}: it was trained with {key} "
+                              f"{old.get(key)!r}, this run has {meta[key]!r}")
+    projections.load_state_dict(state[CHECKPOINT_KEY])
+    optimizer.load_state_dict(state["optimizer"])
+    meta.update(epochs=old["epochs"], loss_per_epoch=old["loss_per_epoch"])
+    log(f"resuming after epoch {old['epochs']}")
+
+
+def _epoch(o: TrainOptions, epoch: int, *, samples, cache: FeatureCache, size, text: dict,
+           head, optimizer) -> float:
+    """One pass over the samples in this epoch's order; -> mean loss per image."""
+    gen = torch.Generator().manual_seed(o.seed * 1000 + epoch)  # same order resumed or not
+    order = torch.randperm(len(samples), generator=gen).tolist()
+    total = 0.0
+    with Progress(len(samples), f"epoch {epoch}/{o.epochs}") as bar:
+        for i in range(0, len(order), o.batch_size):
+            batch = [samples[j] for j in order[i:i + o.batch_size]]
+            levels, masks = cache.load(batch, size)
+            prototypes = torch.stack([text[s.category] for s in batch])   # (B, 2, D)
+            loss = adapter_loss(head, levels, prototypes, masks)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            bar.update(len(batch))
+    return total / len(samples)

@@ -35,7 +35,7 @@ def colour_range(thresholds: dict, amap: np.ndarray, vmin: float | None = None,
 
 
 def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category: str,
-                   out: str | Path, batch_size: int = 8, mode: str = "auto",
+                   out: str | Path, batch_size: int = 8, *, mode: str = "auto",
                    smoothing_sigma: float = 0.0, overlays: bool = True, save_maps: bool = False,
                    vmin: float | None = None, vmax: float | None = None,
                    label: str = "inspect") -> list[InspectionResult]:
@@ -54,8 +54,9 @@ def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category:
     images = list(images)
     results: list[InspectionResult] = []
     with open(out / "results.jsonl", "w") as jsonl, Progress(len(images), label) as bar:
-        stream = inspector.iter_inspect(images, category, batch_size, mode, smoothing_sigma,
-                                        keep_images=overlays, progress=bar.update)
+        stream = inspector.iter_inspect(images, category, batch_size, mode,
+                                        smoothing_sigma=smoothing_sigma, keep_images=overlays,
+                                        progress=bar.update)
         for i, r in enumerate(stream):
             record = {"index": i, "category": category, **r.to_json()}
             name = overlay_name(i, r.source)

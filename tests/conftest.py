@@ -1,7 +1,15 @@
-"""Shared fixtures: small random-weights bundles (ViT-S-16) exported once per session."""
+"""Shared fixtures, built once per session:
+
+- tiny_* bundles (tests/tinybundle.py): the bundle contract at toy size, built without torch in
+  well under a second; for tests of the runtime, the commands, the service and the hot folder,
+  which need a valid bundle but not CLIP's numbers.
+- small_* bundles: real open_clip exports (ViT-S-16, random weights; need torch and open_clip),
+  for the tests that prove numerics (parity with torch, quantization, methods).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,15 +19,62 @@ import pytest
 
 SMALL_MODEL = "ViT-S-16"
 CATEGORIES = ("weave", "washer")
+EXPORT_MODULES = ("torch", "open_clip")
+
+
+def missing_export_modules() -> list[str]:
+    return [m for m in EXPORT_MODULES if importlib.util.find_spec(m) is None]
+
+
+# Fixtures that export or load a real open_clip model: their tests, and those of modules that
+# import torch, are marked ``torch`` too, so that ``-m "not torch"`` selects exactly the tests
+# that run without the export extra.
+REAL_MODEL_FIXTURES = {"small_bundle_path", "patch_bundle_path", "bundle_copy", "small_model",
+                       "reference"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``torch`` are skipped, with the reason, where the export extra is absent."""
+    missing = missing_export_modules()
+    skip = pytest.mark.skip(reason=f"needs the export extra ({', '.join(missing)} not installed)")
+    for item in items:
+        module = getattr(item, "module", None)
+        if (REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or (module is not None and "torch" in vars(module))):
+            item.add_marker(pytest.mark.torch)
+        if missing and item.get_closest_marker("torch") is not None:
+            item.add_marker(skip)
+
+
+def needs_export() -> None:
+    """Skip the requesting test where torch or open_clip is missing (a torch-free install)."""
+    for module in EXPORT_MODULES:
+        pytest.importorskip(module)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_path(tmp_path_factory) -> Path:
+    """WinCLIP, categories weave and washer, like small_bundle_path."""
+    from tinybundle import build_tiny_bundle
+
+    path = tmp_path_factory.mktemp("tiny") / "bundle"
+    build_tiny_bundle(path, CATEGORIES)
+    return path
+
+
+@pytest.fixture
+def tiny_bundle_copy(tiny_bundle_path, tmp_path) -> Path:
+    """A private copy for tests that change the bundle."""
+    return Path(shutil.copytree(tiny_bundle_path, tmp_path / "bundle"))
 
 
 @pytest.fixture(scope="session")
 def small_bundle_path(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    from clipinspect.export.exporter import export_bundle
+    needs_export()
+    from clipinspect.export.exporter import ExportOptions, export_bundle
 
     path = tmp_path_factory.mktemp("bundles") / "vit-s-16"
-    export_bundle(path, SMALL_MODEL, None, CATEGORIES, seed=0)
+    export_bundle(ExportOptions(path, SMALL_MODEL, None, CATEGORIES, seed=0))
     return path
 
 
@@ -41,13 +96,24 @@ def prompt_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def patch_bundle_path(tmp_path_factory, prompt_file) -> Path:
     """Patch-only method with prompt adaptation (top-k) and a prompt file."""
-    pytest.importorskip("torch")
-    from clipinspect.export.exporter import export_bundle
-    from clipinspect.export.winclip_torch import Adaptation
+    needs_export()
+    from clipinspect.export.exporter import ExportOptions, export_bundle
+    from clipinspect.export.methods import Adaptation
 
     path = tmp_path_factory.mktemp("patch") / "bundle"
-    export_bundle(path, SMALL_MODEL, None, ["weave"], seed=0, method="patch",
-                  adaptation=Adaptation(tau=0.02, top_k=6), prompts=prompt_file)
+    export_bundle(ExportOptions(path, SMALL_MODEL, None, ["weave"], seed=0, method="patch",
+                                adaptation=Adaptation(tau=0.02, top_k=6), prompts=prompt_file))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_patch_bundle_path(tmp_path_factory, prompt_file) -> Path:
+    """As patch_bundle_path: patch-only, prompt adaptation (top-k), a prompt file."""
+    from tinybundle import build_tiny_bundle
+
+    path = tmp_path_factory.mktemp("tiny-patch") / "bundle"
+    build_tiny_bundle(path, ["weave"], "patch", adaptation={"tau": 0.02, "top_k": 6},
+                      prompts=prompt_file)
     return path
 
 
@@ -59,7 +125,7 @@ def bundle_copy(small_bundle_path, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def small_model():
-    pytest.importorskip("torch")
+    needs_export()
     from clipinspect.export.exporter import load_clip
 
     model, tokenizer, _ = load_clip(SMALL_MODEL, None, seed=0)
@@ -68,7 +134,7 @@ def small_model():
 
 @pytest.fixture(scope="session")
 def reference(small_model):
-    from clipinspect.export.reference import WinClipReference
+    from clipinspect.export.methods.winclip import WinClipReference
 
     return WinClipReference(small_model[0], (2, 3))
 

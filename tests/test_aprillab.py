@@ -1,17 +1,14 @@
-"""AprilLab (METHODS.md section 4): exported graphs vs an eager evaluation written from the
+"""AprilLab (docs/methods.md#aprillab-after-april-gan): exported graphs vs an eager evaluation written from the
 formula on open_clip's own forward, runtime maps and few-shot, checkpoint forms, training."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
-from clipinspect.runtime import Inspector
-from clipinspect.runtime.core.images import to_rgb_array
+from clipinspect.runtime import Inspector  # noqa: E402
+from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
 
 TOL = 1e-4
 MODEL = "ViT-S-16"
@@ -33,54 +30,32 @@ def random_state(seed: int = 7) -> dict:
 
 @pytest.fixture(scope="module")
 def aprillab_bundle(tmp_path_factory, small_model):
-    from clipinspect.export.aprillab import category_text, export_aprillab_bundle
-    from clipinspect.export.exporter import write_category_text
+    from clipinspect.export.exporter import (ExportOptions, TextRecipe, export_bundle,
+                                             write_category_text)
+    from clipinspect.export.methods.aprillab import category_text
 
     root = tmp_path_factory.mktemp("aprillab")
     ckpt = root / "april-gan.pth"
     torch.save({"trainable_linearlayer": random_state()}, ckpt)  # APRIL-GAN's checkpoint form
-    bundle = export_aprillab_bundle(root / "bundle", MODEL, None, [], adapters=str(ckpt),
-                                    image_size=SIZE)
-    entry = write_category_text(bundle.root, *small_model, "weave", SMALL_ENSEMBLE,
-                                compute=category_text)
+    bundle = export_bundle(ExportOptions(root / "bundle", MODEL, None, [], method="aprillab",
+                                         method_options={"adapters": str(ckpt),
+                                                         "image_size": SIZE}))
+    entry = write_category_text(bundle.root, "weave",
+                                TextRecipe(*small_model, category_text, SMALL_ENSEMBLE))
     bundle.set_category("weave", entry)
     return bundle.root
 
 
-def eager_reference(model, state, images, text, memory_images=None):
-    """The formula of METHODS.md section 4 on open_clip's forward_intermediates."""
-    v = copy.deepcopy(model.visual)
-    g0, g1 = tuple(v.grid_size), SIZE // 16
-    pos = v.positional_embedding.data
-    grid = pos[1:].reshape(*g0, -1).permute(2, 0, 1)[None]
-    grid = F.interpolate(grid, size=(g1, g1), mode="bicubic", align_corners=False)
-    v.positional_embedding = torch.nn.Parameter(
-        torch.cat([pos[:1], grid[0].permute(1, 2, 0).reshape(g1 * g1, -1)]))
-    v.grid_size = (g1, g1)
+def eager_reference(model, bundle):
+    """The method's eager reference (open_clip's forward_intermediates), from the manifest: the
+    recorded checkpoint, layers and input size."""
+    from clipinspect.export.methods import METHODS
 
-    def features(x):
-        with torch.no_grad():
-            out = v.forward_intermediates(x, indices=[n - 1 for n in LAYERS], output_fmt="NLC",
-                                          intermediates_only=True)
-            return v(x), out["image_intermediates"]
-
-    t = F.normalize(text, dim=-1)
-    embedding, levels = features(images)
-    score = (100 * F.normalize(embedding, dim=-1) @ t.T).softmax(-1)[:, 1]
-    amap = 0
-    for i, x in enumerate(levels):
-        z = x @ state[f"fc.{i}.weight"].T + state[f"fc.{i}.bias"]
-        logits = (100 * F.normalize(z, dim=-1) @ t.T).permute(0, 2, 1).reshape(-1, 2, g1, g1)
-        up = F.interpolate(logits, size=(SIZE, SIZE), mode="bilinear", align_corners=True)
-        amap = amap + up.softmax(dim=1)[:, 1]
-    if memory_images is not None:
-        _, memory = features(memory_images)
-        for x, m in zip(levels, memory):
-            cos = F.normalize(x, dim=-1) @ F.normalize(m.flatten(0, 1), dim=-1).T
-            d = (1 - cos).min(dim=-1).values.reshape(-1, 1, g1, g1)
-            amap = amap + F.interpolate(d, size=(SIZE, SIZE), mode="bilinear",
-                                        align_corners=True)[:, 0]
-    return score.numpy(), amap.numpy()
+    reference = METHODS["aprillab"].reference.from_manifest(model, bundle.manifest)
+    assert reference.layers == LAYERS and reference.size == (SIZE, SIZE)
+    for key, value in random_state().items():
+        assert torch.equal(reference.state[key], value), key
+    return reference
 
 
 def _tensors(bundle, images):
@@ -124,15 +99,16 @@ def test_onnx_zero_and_few_shot_equal_eager_reference(aprillab_bundle, small_mod
     x, r = _tensors(bundle, queries), _tensors(bundle, refs)
     encoded = inspector.backend.encode(x)
     score, amap, mode = inspector.score(encoded, "weave", "zero-shot")
-    want_score, want_map = eager_reference(small_model[0], random_state(), torch.from_numpy(x), text)
+    reference = eager_reference(small_model[0], bundle)
+    want_score, want_map = (t.numpy() for t in reference(torch.from_numpy(x), text))
     assert mode == "zero-shot" and amap.shape == (2, SIZE, SIZE)
     assert np.abs(score - want_score).max() <= TOL
     assert np.abs(amap - want_map).max() <= TOL
     memory, used, _ = inspector.build_memory(refs)
     assert set(memory) == {f"memory_level_tokens_{n}" for n in LAYERS} and len(used) == 2
     score, amap, mode = inspector.score(encoded, "weave", "few-shot", memory)
-    want_score, want_map = eager_reference(small_model[0], random_state(), torch.from_numpy(x),
-                                           text, torch.from_numpy(r))
+    want_score, want_map = (t.numpy() for t in reference(
+        torch.from_numpy(x), text, reference.features(torch.from_numpy(r))))
     assert mode == "few-shot"
     assert np.abs(score - want_score).max() <= TOL
     assert np.abs(amap - want_map).max() <= TOL
@@ -155,7 +131,7 @@ def test_runtime_maps_have_the_image_size_and_references_zero_the_few_shot_term(
 
 
 def test_checkpoint_forms_and_errors():
-    from clipinspect.export.aprillab_torch import projection_state
+    from clipinspect.export.methods.aprillab import projection_state
 
     state = random_state()
     assert projection_state({"trainable_linearlayer": state}, WIDTH, DIM, 4).keys() == state.keys()
@@ -170,22 +146,22 @@ def test_checkpoint_forms_and_errors():
 def test_short_training_lowers_the_loss_resumes_and_exports(tmp_path, monkeypatch):
     from clipinspect.calibration.synth import generate
     from clipinspect.export import train_adapters as module
-    from clipinspect.export.aprillab import load_projections
-    from clipinspect.export.train_adapters import train_adapters
+    from clipinspect.export.methods.aprillab import load_projections
+    from clipinspect.export.train_adapters import TrainOptions, train_adapters
 
     monkeypatch.setattr(module, "load_ensemble", lambda name: SMALL_ENSEMBLE)
 
     generate(tmp_path / "data", seed=0, categories=["weave"], image_size=64, n_train=1,
              n_test_good=2, n_test_defect_per_type=2)
     ckpt, straight = tmp_path / "adapters.pt", tmp_path / "straight.pt"
-    kwargs = dict(model_name=MODEL, pretrained=None, image_size=64, batch_size=4, lr=1e-2,
-                  cache=tmp_path / "cache")
-    first = train_adapters(tmp_path / "data", ckpt, epochs=3, **kwargs)["loss_per_epoch"]
+    kwargs = dict(data=tmp_path / "data", model=MODEL, pretrained=None, image_size=64,
+                  batch_size=4, lr=1e-2, cache=tmp_path / "cache")
+    first = train_adapters(TrainOptions(out=ckpt, epochs=3, **kwargs))["loss_per_epoch"]
     assert len(first) == 3 and first[-1] < first[0]
-    resumed = train_adapters(tmp_path / "data", ckpt, epochs=4, resume=True, **kwargs)
+    resumed = train_adapters(TrainOptions(out=ckpt, epochs=4, resume=True, **kwargs))
     assert resumed["epochs"] == 4
     # Resuming restores the optimizer and the epoch's shuffle: same as four epochs in one go.
-    assert train_adapters(tmp_path / "data", straight, epochs=4, **kwargs)["loss_per_epoch"] \
+    assert train_adapters(TrainOptions(out=straight, epochs=4, **kwargs))["loss_per_epoch"] \
         == pytest.approx(resumed["loss_per_epoch"], rel=1e-5)
     projections, record = load_projections(str(ckpt), WIDTH, DIM, LAYERS, MODEL)
     assert record["kind"] == "file" and record["trained"]["epochs"] == 4
@@ -197,12 +173,15 @@ def test_add_category_uses_the_aprillab_recipe(aprillab_bundle, tmp_path, small_
                                                monkeypatch):
     import shutil
 
-    from clipinspect.export import aprillab
-    from clipinspect.export.exporter import add_categories
+    from clipinspect.export import exporter
+    from clipinspect.export.methods import aprillab
 
-    monkeypatch.setattr(aprillab, "load_ensemble", lambda name: SMALL_ENSEMBLE)
+    ensembles = []
+    monkeypatch.setattr(exporter, "load_ensemble",
+                        lambda name: ensembles.append(name) or SMALL_ENSEMBLE)
     path = shutil.copytree(aprillab_bundle, tmp_path / "b")
-    bundle = add_categories(path, ["grain"], progress=lambda msg: None)
+    bundle = exporter.add_categories(path, ["grain"], progress=lambda msg: None)
+    assert ensembles == ["aprillab"]
     got = bundle.category("grain").text_prototypes
     want = aprillab.category_text(*small_model, "grain", SMALL_ENSEMBLE)[0]["prototypes"]
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -210,7 +189,8 @@ def test_add_category_uses_the_aprillab_recipe(aprillab_bundle, tmp_path, small_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--layers", "3"], "--layers apply to --method aprillab only"),
+    (["--layers", "3"], "--layers does not apply to method 'winclip' (its options: --scales); "
+                        "--layers is an option of --method aprillab"),
     (["--method", "aprillab"], "needs its per-level projections: pass --adapters"),
     (["--method", "aprillab", "--adapters", "none", "--adapt"],
      "--adapt do not apply to --method aprillab"),

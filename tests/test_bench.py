@@ -88,8 +88,8 @@ class SleepyBackend:
                 "anomaly_grid": np.zeros((n, *self.grid), np.float32)}
 
 
-def test_stage_times_of_a_backend_with_known_timings(small_bundle_path, tmp_path):
-    b = Bundle.open(small_bundle_path)
+def test_stage_times_of_a_backend_with_known_timings(tiny_bundle_path, tmp_path):
+    b = Bundle.open(tiny_bundle_path)
     inspector = Inspector(b, SleepyBackend(b.grid), "fp32")
     work = bench.make_workload(b, tmp_path, 3, 0)
     times = bench.time_runtime(inspector, work, "zero-shot", None, 2, 4)
@@ -109,7 +109,8 @@ def test_out_of_memory_stops_larger_batches_cleanly():
                                "out of memory")
         return {s: [0.01 * batch] * 3 for s in bench.STAGES}
 
-    bench._sweep(result, "runtime", "cuda", "fp16", ["zero-shot"], [1, 2, 4, 8], 2, 1,
+    bench._sweep(result, bench.Target("runtime", "cuda", "fp16"),
+                 bench.BenchOptions(modes=["zero-shot"], batches=[1, 2, 4, 8], runs=2, warmup=1),
                  lambda mode: None, timer, lambda msg: None)
     assert [r["batch"] for r in result["rows"]] == [1, 2]
     assert result["skipped"] == [{"what": "runtime cuda/fp16/zero-shot batch >= 4",
@@ -121,16 +122,16 @@ def test_other_errors_are_not_mistaken_for_out_of_memory():
         raise ValueError("shape mismatch")
 
     with pytest.raises(ValueError):
-        bench._sweep({"rows": [], "skipped": []}, "runtime", "cpu", "fp32", ["zero-shot"], [1],
-                     1, 0, lambda mode: None, timer, lambda msg: None)
+        bench._sweep({"rows": [], "skipped": []}, bench.Target("runtime", "cpu", "fp32"),
+                     bench.BenchOptions(modes=["zero-shot"], batches=[1], runs=1, warmup=0),
+                     lambda mode: None, timer, lambda msg: None)
 
 
 def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
     out = tmp_path / "bench"
-    r = bench.run_bench(small_bundle_path, out, backends=["cpu", "cuda"],
-                        precisions=["fp32", "int8"], modes=["zero-shot", "few-shot"],
-                        batches=[1, 2], shots=1, runs=2, warmup=1, images=3,
-                        stream_fps=50, stream_frames=3)
+    r = bench.run_bench(small_bundle_path, out, bench.BenchOptions(
+        backends=["cpu", "cuda"], precisions=["fp32", "int8"], modes=["zero-shot", "few-shot"],
+        batches=[1, 2], shots=1, runs=2, warmup=1, images=3, stream_fps=50, stream_frames=3))
     kinds = {(row["kind"], row["mode"], row["batch"]) for row in r["rows"]}
     assert kinds == {(k, m, b) for k in ("runtime", "pytorch") for m in ("zero-shot", "few-shot")
                      for b in (1, 2)}
@@ -156,9 +157,9 @@ def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
     assert (out / "bench.png").stat().st_size > 1000
 
 
-def test_bench_refuses_unknown_names(small_bundle_path, tmp_path):
+def test_bench_refuses_unknown_names(tiny_bundle_path, tmp_path):
     with pytest.raises(UsageError, match="unknown mode 'patch'"):
-        bench.run_bench(small_bundle_path, tmp_path, modes=["patch"])
+        bench.run_bench(tiny_bundle_path, tmp_path, bench.BenchOptions(modes=["patch"]))
 
 
 def test_transformer_depth_from_manifest_or_graph(bundle_copy):
@@ -170,15 +171,21 @@ def test_transformer_depth_from_manifest_or_graph(bundle_copy):
 
 def test_every_method_has_a_cost_model():
     """bench's CPU ceiling needs one for whatever method a bundle holds."""
-    from clipinspect.benchmarks.methods import COST_MODELS, gflops_per_image
     from clipinspect.runtime.core.manifest import Dims
-    from clipinspect.runtime.methods import METHODS
+    from clipinspect.runtime.methods import METHODS, gflops_per_image
 
-    assert set(COST_MODELS) == set(METHODS)
+    from clipinspect.runtime.methods import full_pass_gflops
+
+    any_method = dict(dims=Dims(embed=384, width=384, patches=196, layers=12), patch_size=16,
+                      scales=[2], windows={"2": 169}, method_options={"dense_blocks": 1},
+                      aprillab={"layers": [3, 6, 9, 12]}, outputs=None)
+    for name in METHODS:  # each adds its own work to the one ordinary pass
+        manifest = SimpleNamespace(**any_method, method=name)
+        assert gflops_per_image(manifest) > full_pass_gflops(manifest, 12)
     # ViT-L-14-336 at 518 x 518 with APRIL-GAN's four levels: one pass (1,370 tokens) plus
     # four 1024 -> 768 projections of the 1,369 patch tokens.
     manifest = SimpleNamespace(method="aprillab", dims=Dims(embed=768, width=1024, patches=1369),
-                               patch_size=14, aprillab={"layers": [6, 12, 18, 24]})
+                               patch_size=14, aprillab={"layers": [6, 12, 18, 24]}, outputs=None)
     one_pass = 24 * (24 * 1370 * 1024 ** 2 + 4 * 1370 ** 2 * 1024) + 2 * 1369 * 1024 * 3 * 14 ** 2
     assert gflops_per_image(manifest, 24) == pytest.approx(
         (one_pass + 4 * 2 * 1369 * 1024 * 768) / 1e9)

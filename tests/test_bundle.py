@@ -10,32 +10,32 @@ import pytest
 from clipinspect.runtime import Bundle, BundleError, Inspector
 
 
-def test_missing_graph_file_names_it(bundle_copy):
-    (bundle_copy / "fp32" / "head_fewshot.onnx").unlink()
+def test_missing_graph_file_names_it(tiny_bundle_copy):
+    (tiny_bundle_copy / "fp32" / "head_fewshot.onnx").unlink()
     with pytest.raises(BundleError, match=r"head_fewshot.onnx' is missing"):
-        Bundle.open(bundle_copy)
+        Bundle.open(tiny_bundle_copy)
 
 
-def test_modified_graph_file_fails_checksum(bundle_copy):
-    with open(bundle_copy / "fp32" / "encoder.onnx", "ab") as f:
+def test_modified_graph_file_fails_checksum(tiny_bundle_copy):
+    with open(tiny_bundle_copy / "fp32" / "encoder.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(BundleError, match=r"encoder.onnx' was modified"):
-        Inspector.open(bundle_copy)
+        Inspector.open(tiny_bundle_copy)
 
 
-def test_modified_category_file_fails_checksum(bundle_copy):
-    path = next((bundle_copy / "categories" / "weave").glob("text-*.npz"))
+def test_modified_category_file_fails_checksum(tiny_bundle_copy):
+    path = next((tiny_bundle_copy / "categories" / "weave").glob("text-*.npz"))
     path.write_bytes(path.read_bytes()[:-1] + b"x")
     with pytest.raises(BundleError, match="text embeddings of category 'weave'"):
-        Bundle.open(bundle_copy)
+        Bundle.open(tiny_bundle_copy)
 
 
-def test_unsupported_format_version(bundle_copy):
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+def test_unsupported_format_version(tiny_bundle_copy):
+    manifest = json.loads((tiny_bundle_copy / "manifest.json").read_text())
     manifest["format_version"] = 99
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    (tiny_bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="format version 99 is not supported.*upgrade"):
-        Bundle.open(bundle_copy)
+        Bundle.open(tiny_bundle_copy)
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -48,24 +48,24 @@ def test_not_a_bundle(tmp_path, setup, message):
         Bundle.open(setup(tmp_path))
 
 
-def test_unknown_category_lists_known_ones(small_bundle_path):
-    inspector = Inspector.open(small_bundle_path)
+def test_unknown_category_lists_known_ones(tiny_bundle_path):
+    inspector = Inspector.open(tiny_bundle_path)
     with pytest.raises(BundleError, match=r"unknown category 'bottle'.*washer, weave.*add-category"):
         inspector.inspect([np.zeros((32, 32, 3), np.uint8)], category="bottle")
 
 
-def test_few_shot_mode_without_references_is_an_error(small_bundle_path):
-    inspector = Inspector.open(small_bundle_path)
+def test_few_shot_mode_without_references_is_an_error(tiny_bundle_path):
+    inspector = Inspector.open(tiny_bundle_path)
     with pytest.raises(BundleError, match="no reference images.*clipinspect fewshot"):
         inspector.inspect([np.zeros((32, 32, 3), np.uint8)], "weave", mode="few-shot")
 
 
-def test_memory_and_thresholds_persist_and_verify(bundle_copy, rng):
-    inspector = Inspector.open(bundle_copy)
+def test_memory_and_thresholds_persist_and_verify(tiny_bundle_copy, rng):
+    inspector = Inspector.open(tiny_bundle_copy)
     inspector.add_references("weave", [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] * 2)
     inspector.bundle.set_thresholds("weave", "fp32/few-shot", {"image": 0.0, "pixel": 2.0})
     inspector.bundle.set_thresholds("weave", "fp32/zero-shot", {"image": 2.0})
-    reopened = Inspector.open(bundle_copy)  # verifies the new checksums
+    reopened = Inspector.open(tiny_bundle_copy)  # verifies the new checksums
     data = reopened.bundle.category("weave")
     assert data.shots == 2 and data.memory["memory_patch_tokens"].shape == (2 * 196, 384)
     r = reopened.inspect([rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)], "weave")[0]
@@ -75,24 +75,27 @@ def test_memory_and_thresholds_persist_and_verify(bundle_copy, rng):
     assert zero.is_anomalous is False and zero.mask is None  # its own thresholds, no pixel one
 
 
+@pytest.mark.torch
 def test_export_refuses_non_empty_output(tmp_path):
-    from clipinspect.export.exporter import ExportError, export_bundle
+    from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
 
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(ExportError, match="exists and is not empty.*--overwrite"):
-        export_bundle(tmp_path, "ViT-S-16", None, ["weave"])
+        export_bundle(ExportOptions(tmp_path, "ViT-S-16", None, ["weave"]))
     assert (tmp_path / "keep.txt").read_text() == "user data"
 
 
+@pytest.mark.torch
 def test_failed_export_leaves_nothing_behind(tmp_path):
-    from clipinspect.export.exporter import ExportError, export_bundle
+    from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
 
     # A tolerance no float computation meets: the parity check must fail and clean up.
     with pytest.raises(ExportError, match="differ from PyTorch"):
-        export_bundle(tmp_path / "b", "ViT-S-16", None, ["weave"], tolerance=0.0)
+        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["weave"], tolerance=0.0))
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.torch
 def test_bad_pretrained_and_model_are_explained():
     from clipinspect.export.exporter import ExportError, load_clip
 
@@ -115,14 +118,14 @@ def test_local_checkpoint_is_loaded_and_identified(tmp_path, small_model):
         assert torch.equal(a, b), name
 
 
-def test_replacing_memory_keeps_one_valid_file_and_others_can_read_it(bundle_copy, rng):
-    inspector = Inspector.open(bundle_copy)
+def test_replacing_memory_keeps_one_valid_file_and_others_can_read_it(tiny_bundle_copy, rng):
+    inspector = Inspector.open(tiny_bundle_copy)
     for shots in (1, 2):
         inspector.add_references("weave", [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] * shots)
-    files = list((bundle_copy / "categories" / "weave").glob("memory-*.npz"))
+    files = list((tiny_bundle_copy / "categories" / "weave").glob("memory-*.npz"))
     assert len(files) == 1                                  # the replaced one was deleted
-    assert Bundle.open(bundle_copy).category("weave").shots == 2
-    for path in [bundle_copy, bundle_copy / "manifest.json", files[0]]:
+    assert Bundle.open(tiny_bundle_copy).category("weave").shots == 2
+    for path in [tiny_bundle_copy, tiny_bundle_copy / "manifest.json", files[0]]:
         assert path.stat().st_mode & 0o044 == 0o044          # readable by group and others
 
 
@@ -136,6 +139,7 @@ def test_category_folders_cannot_collide():
     check_category_dir_free(["bottle"], "bottle")  # itself: replacing is fine
 
 
+@pytest.mark.torch
 def test_parity_check_treats_nan_as_failure():
     from clipinspect.export.exporter import max_abs_diff
 

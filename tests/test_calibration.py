@@ -37,22 +37,22 @@ def test_threshold_at_fpr_allows_at_most_the_target_share():
         threshold_at_fpr(scores, 1.5)
 
 
-def test_normal_image_thresholds_are_stored_and_used(bundle_copy, dataset):
-    inspector = Inspector.open(bundle_copy)
+def test_normal_image_thresholds_are_stored_and_used(tiny_bundle_copy, dataset):
+    inspector = Inspector.open(tiny_bundle_copy)
     normal = [s.path for s in load_mvtec(dataset, ["weave"], split="train")]
     normal += [s.path for s in load_mvtec(dataset, ["weave"]) if not s.is_anomalous]
     key, t = calibrate(inspector, "weave", normal=normal, fpr=0.25)
     assert key == "fp32/zero-shot" and t["images"] == 4 and t["measured_image_fpr"] <= 0.25
-    stored = Bundle.open(bundle_copy).manifest.categories["weave"].thresholds[key]
+    stored = Bundle.open(tiny_bundle_copy).manifest.categories["weave"].thresholds[key]
     assert stored["image"] == t["image"] and stored["target_fpr"] == 0.25
-    results = Inspector.open(bundle_copy).inspect(normal, "weave")
+    results = Inspector.open(tiny_bundle_copy).inspect(normal, "weave")
     assert sum(r.is_anomalous for r in results) <= 1     # 25% of 4 images
     share = np.mean(np.concatenate([r.mask.ravel() for r in results]))
     assert share <= 0.25 + 1e-9
 
 
-def test_validation_thresholds_maximize_f1(bundle_copy, dataset):
-    inspector = Inspector.open(bundle_copy)
+def test_validation_thresholds_maximize_f1(tiny_bundle_copy, dataset):
+    inspector = Inspector.open(tiny_bundle_copy)
     key, t = calibrate(inspector, "washer", validation=dataset)
     assert 0 < t["image_f1"] <= 1 and 0 < t["pixel_f1"] <= 1
     assert t["method"] == "F1-max on a validation set" and t["images"] == 6
@@ -60,19 +60,19 @@ def test_validation_thresholds_maximize_f1(bundle_copy, dataset):
         calibrate(inspector, "washer")
 
 
-def test_eval_report_is_complete_and_failure_safe(small_bundle_path, dataset, tmp_path,
+def test_eval_report_is_complete_and_failure_safe(tiny_bundle_path, dataset, tmp_path,
                                                   monkeypatch):
     out = tmp_path / "report"
     original = evaluation.evaluate_category
 
-    def flaky(inspectors, root, fmt, category, *args):
+    def flaky(inspectors, root, category, *args):
         if category == "washer":
             raise RuntimeError("disk on fire")
-        return original(inspectors, root, fmt, category, *args)
+        return original(inspectors, root, category, *args)
 
     monkeypatch.setattr(evaluation, "evaluate_category", flaky)
-    report = evaluation.evaluate(small_bundle_path, dataset, out, precisions=["fp32", "int8"],
-                                 shots=[0, 1], batch_size=4)
+    report = evaluation.evaluate(tiny_bundle_path, dataset, out, evaluation.EvalOptions(
+        precisions=["fp32", "int8"], shots=[0, 1], batch_size=4))
     assert report["skipped_precisions"] == {"int8": "the bundle has no int8 graphs"}
     assert report["categories"]["washer"] == {"error": "RuntimeError: disk on fire"}
     runs = report["categories"]["weave"]["runs"]
@@ -87,24 +87,24 @@ def test_eval_report_is_complete_and_failure_safe(small_bundle_path, dataset, tm
     monkeypatch.setattr(evaluation, "evaluate_category", original)
     calls = []
     monkeypatch.setattr(evaluation, "evaluate_category",
-                        lambda *a: calls.append(a[3]) or original(*a))
-    again = evaluation.evaluate(small_bundle_path, dataset, out, precisions=["fp32"],
-                                shots=[0, 1], batch_size=4)
+                        lambda *a: calls.append(a[2]) or original(*a))
+    again = evaluation.evaluate(tiny_bundle_path, dataset, out, evaluation.EvalOptions(
+        precisions=["fp32"], shots=[0, 1], batch_size=4))
     assert calls == ["washer"] and "error" not in again["categories"]["washer"]
     assert again["categories"]["weave"] == json.loads(
         (out / "categories" / "weave.json").read_text())["result"]
 
 
-def test_eval_agreement_columns_compare_against_fp32(small_bundle_path, dataset, tmp_path):
+def test_eval_agreement_columns_compare_against_fp32(tiny_bundle_path, dataset, tmp_path):
     # A second "precision" that is the same fp32 graphs must agree perfectly.
     import shutil
 
     bundle = tmp_path / "b"
-    shutil.copytree(small_bundle_path, bundle)
+    shutil.copytree(tiny_bundle_path, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["graphs"]["copy"] = manifest["graphs"]["fp32"]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    report = evaluation.evaluate(bundle, dataset, tmp_path / "r", categories=["weave"],
-                                 precisions=["copy", "fp32"], shots=[1], batch_size=4)
+    report = evaluation.evaluate(bundle, dataset, tmp_path / "r", evaluation.EvalOptions(
+        categories=["weave"], precisions=["copy", "fp32"], shots=[1], batch_size=4))
     run = report["categories"]["weave"]["runs"]["copy/1-shot"]
     assert run["map_pearson_vs_fp32"] > 0.999999 and run["max_image_score_diff_vs_fp32"] < 1e-6

@@ -29,9 +29,9 @@ def images(tmp_path, rng):
     return folder
 
 
-def test_predict_writes_results_and_overlays(small_bundle_path, images, tmp_path):
+def test_predict_writes_results_and_overlays(tiny_bundle_path, images, tmp_path):
     out = tmp_path / "out"
-    proc = run("predict", small_bundle_path, images, "--category", "weave", "--out", out,
+    proc = run("predict", tiny_bundle_path, images, "--category", "weave", "--out", out,
                "--save-maps", check=True)
     assert "2 image(s) inspected (zero-shot), 0 failed" in proc.stdout
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -43,12 +43,12 @@ def test_predict_writes_results_and_overlays(small_bundle_path, images, tmp_path
     assert np.load(out / "maps" / "00000_good_000.npy").shape == (70, 90)
 
 
-def test_predict_with_one_bad_image_reports_it_and_keeps_the_rest(small_bundle_path, images,
+def test_predict_with_one_bad_image_reports_it_and_keeps_the_rest(tiny_bundle_path, images,
                                                                    tmp_path):
     bad = images / "good" / "broken.png"
     bad.write_bytes(b"garbage")
     out = tmp_path / "out"
-    proc = run("predict", small_bundle_path, images, "--category", "weave", "--out", out)
+    proc = run("predict", tiny_bundle_path, images, "--category", "weave", "--out", out)
     assert proc.returncode == 1
     assert "broken.png" in proc.stderr
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -65,14 +65,15 @@ def test_predict_with_one_bad_image_reports_it_and_keeps_the_rest(small_bundle_p
     (["quantize", "{bundle}", "--precision", "int8"], "INT8 needs --calibration DIR"),
     (["quantize", "{bundle}", "--precision", "fp16", "--calibration", "{missing}"],
      "is not a directory"),
-    (["export", "--pretrained", "none", "--out", "{out}", "--scales", "2,x"],
-     "expected comma-separated whole numbers"),
-    (["export", "--model", "ViT-S-16", "--pretrained", "none", "--out", "{out}",
-      "--categories", "metal nut,metal_nut"], "would share the folder"),
+    pytest.param(["export", "--pretrained", "none", "--out", "{out}", "--scales", "2,x"],
+                 "expected comma-separated whole numbers", marks=pytest.mark.torch),
+    pytest.param(["export", "--model", "ViT-S-16", "--pretrained", "none", "--out", "{out}",
+                  "--categories", "metal nut,metal_nut"], "would share the folder",
+                 marks=pytest.mark.torch),
 ])
-def test_errors_are_one_line_without_traceback(args, message, small_bundle_path, tmp_path):
+def test_errors_are_one_line_without_traceback(args, message, tiny_bundle_path, tmp_path):
     (tmp_path / "empty").mkdir()
-    subst = {"missing": tmp_path / "nope", "bundle": small_bundle_path, "empty": tmp_path / "empty",
+    subst = {"missing": tmp_path / "nope", "bundle": tiny_bundle_path, "empty": tmp_path / "empty",
              "out": tmp_path / "out"}
     proc = run(*[a.format(**subst) for a in args])
     assert proc.returncode == 2
@@ -82,22 +83,22 @@ def test_errors_are_one_line_without_traceback(args, message, small_bundle_path,
     assert not (tmp_path / "out" / "results.jsonl").exists()  # nothing written before the check
 
 
-def test_predict_keeps_earlier_results_when_the_category_is_wrong(small_bundle_path, images,
+def test_predict_keeps_earlier_results_when_the_category_is_wrong(tiny_bundle_path, images,
                                                                   tmp_path):
     out = tmp_path / "out"
-    run("predict", small_bundle_path, images, "--category", "weave", "--out", out, check=True)
+    run("predict", tiny_bundle_path, images, "--category", "weave", "--out", out, check=True)
     before = (out / "results.jsonl").read_text()
-    assert run("predict", small_bundle_path, images, "--category", "wevae", "--out",
+    assert run("predict", tiny_bundle_path, images, "--category", "wevae", "--out",
                out).returncode == 2
     assert (out / "results.jsonl").read_text() == before
 
 
-def test_fewshot_then_info_then_predict_uses_references(bundle_copy, images, tmp_path):
-    run("fewshot", bundle_copy, images / "good", "--category", "washer", check=True)
-    info = run("info", bundle_copy, check=True).stdout
+def test_fewshot_then_info_then_predict_uses_references(tiny_bundle_copy, images, tmp_path):
+    run("fewshot", tiny_bundle_copy, images / "good", "--category", "washer", check=True)
+    info = run("info", tiny_bundle_copy, check=True).stdout
     assert "washer: 147+84 prompts, 1-shot memory" in info
     assert "RANDOM WEIGHTS" in info
-    proc = run("predict", bundle_copy, images / "hole", "--category", "washer", "--out",
+    proc = run("predict", tiny_bundle_copy, images / "hole", "--category", "washer", "--out",
                tmp_path / "o", check=True)
     assert "(few-shot)" in proc.stdout
 
@@ -128,12 +129,104 @@ def test_synth_is_deterministic_through_the_cli(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
 
 
-def test_quantize_fp16_then_info_and_predict_with_it(bundle_copy, images, tmp_path):
-    proc = run("quantize", bundle_copy, "--precision", "fp16", "--holdout", "1", check=True)
+def test_quantize_fp16_then_info_and_predict_with_it(tiny_bundle_copy, images, tmp_path):
+    proc = run("quantize", tiny_bundle_copy, "--precision", "fp16", "--holdout", "1", check=True)
     assert "fp16: map Pearson vs FP32 " in proc.stdout
-    info = run("info", bundle_copy, check=True).stdout
+    info = run("info", tiny_bundle_copy, check=True).stdout
     assert "precisions  fp16, fp32" in info and "fp16 vs fp32: map Pearson" in info
     out = tmp_path / "o"
-    run("predict", bundle_copy, images / "hole", "--category", "weave", "--out", out,
+    run("predict", tiny_bundle_copy, images / "hole", "--category", "weave", "--out", out,
         "--precision", "fp16", check=True)
     assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["image_score"] > 0
+
+
+# ------------------------------------------------------------------ options shared by commands
+def _options(command: str) -> dict:
+    import argparse
+
+    from clipinspect.runtime.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {o: a for a in sub.choices[command]._actions for o in a.option_strings}
+
+
+def test_shared_options_mean_the_same_in_every_command():
+    from clipinspect.runtime.cli.options import MODES, positive_int
+
+    for command in ("predict", "fewshot", "serve", "watch", "eval", "threshold", "loadtest"):
+        batch = _options(command)["--batch-size"]
+        assert (batch.type, batch.default) == (positive_int, 8), command
+    for command in ("predict", "watch", "threshold"):
+        mode = _options(command)["--mode"]
+        assert (tuple(mode.choices), mode.default) == (MODES, "auto"), command
+    for command in ("predict", "fewshot", "serve", "watch", "quantize", "bench"):
+        assert _options(command)["--threads"].type is positive_int, command
+    assert "tensorrt-native" in _options("predict")["--provider"].choices
+    assert "tensorrt-native" not in _options("eval")["--provider"].choices
+
+
+@pytest.mark.parametrize("spelling, deprecated", [("--calibration-method", False),
+                                                  ("--method", True)])
+def test_quantize_calibration_method_and_its_old_spelling(spelling, deprecated, monkeypatch,
+                                                          capsys):
+    from clipinspect.calibration import quantize
+    from clipinspect.runtime.cli import main
+
+    calls = []
+
+    def fake_quantize(bundle, precision, calibration, **options):
+        calls.append(options)
+        return {"agreement_vs_fp32": {"map_pearson_min": 1.0, "images": 1,
+                                      "max_image_score_diff": 0.0}}
+
+    monkeypatch.setattr(quantize, "quantize_bundle", fake_quantize)
+    assert main(["quantize", "b", "--precision", "int8", "--calibration", "c",
+                 spelling, "entropy"]) == 0
+    assert calls[0]["method"] == "entropy"
+    warning = "--method is deprecated, use --calibration-method"
+    assert (warning in capsys.readouterr().err) == deprecated
+    calls.clear()
+    assert main(["quantize", "b", "--precision", "fp16"]) == 0
+    assert calls[0]["method"] == "minmax"
+
+
+def test_quantize_old_method_spelling_still_checks_its_values(capsys):
+    from clipinspect.runtime.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "b", "--precision", "int8", "--method", "kl"])
+    assert "invalid choice: 'kl'" in capsys.readouterr().err
+
+
+def test_category_names_are_given_the_same_way_to_every_command(tmp_path, capsys):
+    from clipinspect.runtime.cli import build_parser, main
+
+    parser = build_parser()
+    export = parser.parse_args(["export", "--out", "b", "--categories", "bottle,metal nut",
+                                "screw"])
+    assert export.categories == ["bottle", "metal nut", "screw"]
+    new = parser.parse_args(["add-category", "B", "--categories", "screw", "cable,pill"])
+    old = parser.parse_args(["add-category", "B", "screw"])  # the positional form still works
+    assert (new.names, new.categories) == ([], ["screw", "cable", "pill"])
+    assert (old.names, old.categories) == (["screw"], [])
+    assert main(["add-category", str(tmp_path)]) == 2
+    assert "name at least one category" in capsys.readouterr().err
+
+
+def test_export_and_train_adapters_take_every_methods_options_from_the_registry(capsys):
+    from clipinspect.export.methods import METHODS
+    from clipinspect.runtime.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "--help"])
+    shown = capsys.readouterr().out
+    for method in METHODS.values():
+        assert method.name in shown and method.summary.split(",")[0] in shown
+        for option in method.options:
+            assert option.flag in shown, option.flag
+    args = parser.parse_args(["export", "--out", "b", "--dense-blocks", "2", "--layers", "3,6"])
+    assert (args.method, args.dense_blocks, args.layers, args.scales) == ("winclip", 2, [3, 6],
+                                                                          None)
+    args = parser.parse_args(["train-adapters", "data", "--out", "a.pt", "--image-size", "518"])
+    assert (args.image_size, args.layers) == (518, None)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+torch = pytest.importorskip("torch")  # compares with torch: the export extra
+import torch.nn.functional as F  # noqa: E402
 
-from clipinspect.export.reference import WinClipReference, windows_of_scale
-from clipinspect.export.winclip_torch import WinClipHead, harmonic_to_patches, incidence, window_indices
-from clipinspect.runtime.core.maps import bilinear_matrix, gaussian_blur, overlay, upsample
+from clipinspect.export.methods.winclip import (WinClipHead, WinClipReference, harmonic_to_patches,
+                                                incidence, window_indices, windows_of_scale)  # noqa: E402
+from clipinspect.runtime.core.maps import bilinear_matrix, gaussian_blur, overlay, upsample  # noqa: E402
 
 
 @pytest.mark.parametrize("size", [(240, 240), (15, 15), (7, 9), (1023, 517), (1, 1)])

@@ -8,10 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
-from clipinspect.runtime import Bundle, BundleError, Inspector
-from clipinspect.runtime.core.images import to_rgb_array
+from clipinspect.runtime import Bundle, BundleError, Inspector  # noqa: E402
+from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
 
 TOL = 1e-4
 
@@ -40,10 +40,12 @@ def _images(rng):
 
 
 def test_patch_method_equals_reference_zero_and_few_shot(patch_bundle_path, small_model, rng, tmp_path):
-    from clipinspect.export.reference import PatchReference
+    from clipinspect.export.methods import METHODS
 
     bundle_path = shutil.copytree(patch_bundle_path, tmp_path / "b")
-    reference = PatchReference(small_model[0], dense_blocks=1)
+    reference = METHODS["patch"].reference.from_manifest(small_model[0],
+                                                         Bundle.open(bundle_path).manifest)
+    assert reference.dense_blocks == 1
     inspector = Inspector.open(bundle_path)
     images = _images(rng)
     zero = inspector.inspect(images, "weave", batch_size=2)
@@ -64,7 +66,7 @@ def test_patch_method_equals_reference_zero_and_few_shot(patch_bundle_path, smal
 def test_patch_encoder_outputs_equal_reference(patch_bundle_path, small_model):
     import onnxruntime as ort
 
-    from clipinspect.export.reference import PatchReference
+    from clipinspect.export.methods.patch import PatchReference
 
     session = ort.InferenceSession(str(Bundle.open(patch_bundle_path).graph_path("fp32", "encoder")),
                                    providers=["CPUExecutionProvider"])
@@ -111,14 +113,14 @@ def test_manifest_records_method_adaptation_prompts_and_parity(patch_bundle_path
 
 @pytest.mark.slow  # a second full export (WinCLIP graphs with the adapted heads)
 def test_winclip_with_adaptation_equals_reference(tmp_path, reference, rng):
-    from clipinspect.export.exporter import export_bundle
-    from clipinspect.export.winclip_torch import Adaptation
-
-    from clipinspect.export.reference import WinClipReference
+    from clipinspect.export.exporter import ExportOptions, export_bundle
+    from clipinspect.export.methods import Adaptation
+    from clipinspect.export.methods.winclip import WinClipReference
 
     # One window scale keeps this second export short; the scoring code is the same per scale.
-    bundle = export_bundle(tmp_path / "b", "ViT-S-16", None, ["washer"], seed=0, scales=[3],
-                           adaptation=Adaptation(tau=0.01))
+    bundle = export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["washer"], seed=0,
+                                         method_options={"scales": [3]},
+                                         adaptation=Adaptation(tau=0.01)))
     reference = WinClipReference(reference.model, (3,))
     assert bundle.manifest.method == "winclip" and bundle.manifest.adaptation.top_k is None
     inspector = Inspector.open(bundle)
@@ -137,8 +139,8 @@ def test_winclip_with_adaptation_equals_reference(tmp_path, reference, rng):
 
 
 def test_adapted_prototype_weights_the_relevant_prompts():
-    from clipinspect.export.reference import adapted_prototypes
-    from clipinspect.export.winclip_torch import Adaptation, contextual_prototype
+    from clipinspect.export.methods.common import (Adaptation, adapted_prototypes,
+                                                   contextual_prototype)
 
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(3, 16, generator=gen)
@@ -198,15 +200,16 @@ def test_adaptation_without_prompt_pools_is_refused(bundle_copy):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "patch", "scales": [2]}, "--scales does not apply to method 'patch'"),
-    ({"method": "winclip", "options": {"dense_blocks": 2}}, "--dense-blocks does not apply"),
+    ({"method": "patch", "method_options": {"scales": [2]}},
+     "--scales does not apply to method 'patch'"),
+    ({"method": "winclip", "method_options": {"dense_blocks": 2}}, "--dense-blocks does not apply"),
     ({"method": "sliding"}, "unknown method 'sliding'"),
 ])
 def test_export_refuses_options_of_other_methods(tmp_path, kwargs, message):
-    from clipinspect.export.exporter import ExportError, export_bundle
+    from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
 
     with pytest.raises(ExportError, match=message):
-        export_bundle(tmp_path / "b", "ViT-S-16", None, ["weave"], **kwargs)
+        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["weave"], **kwargs))
     assert not (tmp_path / "b").exists()
 
 

@@ -70,7 +70,8 @@ def test_unreadable_files_are_explained(tmp_path, content, message):
 # ------------------------------------------------------------------------ a local endpoint
 class Endpoint:
     """Answers POST requests with whatever ``reply`` returns for the parsed request body:
-    (status, bytes) or a float = sleep that long first (for timeouts)."""
+    (status, bytes), (status, bytes, extra headers) or a float = sleep that long first (for
+    timeouts)."""
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -82,8 +83,10 @@ class Endpoint:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 endpoint.requests.append({"path": self.path, "body": body,
                                           "auth": self.headers.get("Authorization")})
-                status, data = endpoint.reply(body)
+                status, data, *extra = endpoint.reply(body)
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -188,3 +191,31 @@ def test_cli_check_and_generate(endpoint, tmp_path):
     proc = run("prompts", "check", out)
     assert proc.returncode == 2
     assert "categories.screw.normal: expected a list of descriptions, got 'one' (str)" in proc.stderr
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_generate_never_follows_a_redirect_with_the_api_key(endpoint, tmp_path, monkeypatch,
+                                                             status):
+    elsewhere = Endpoint()  # another origin (port), which must never see the key
+    elsewhere.reply = lambda body: chat(answer("screw"))
+    try:
+        monkeypatch.setenv("TEST_LLM_KEY", "sk-secret")
+        location = elsewhere.url + "/chat/completions"
+        endpoint.reply = lambda body: (status, b"", {"Location": location})
+        with pytest.raises(prompt_files.GenerationError, match="redirect") as e:
+            prompt_files.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json",
+                                  api_key_env="TEST_LLM_KEY", progress=lambda m: None)
+        assert location in str(e.value)
+        assert elsewhere.requests == []
+        assert not (tmp_path / "p.json").exists()
+    finally:
+        elsewhere.server.shutdown()
+        elsewhere.server.server_close()
+
+
+def test_generate_refuses_an_oversized_answer(endpoint, tmp_path, monkeypatch):
+    endpoint.reply = lambda body: (200, b"[" + b"0," * (prompt_files.MAX_ANSWER_BYTES // 2)
+                                   + b"0]")
+    with pytest.raises(prompt_files.GenerationError, match="more than"):
+        prompt_files.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json",
+                              progress=lambda m: None)

@@ -11,8 +11,8 @@ from clipinspect.runtime.core.images import ImageError, expand_inputs, to_rgb_ar
 
 
 @pytest.fixture(scope="module")
-def inspector(small_bundle_path):
-    return Inspector.open(small_bundle_path)
+def inspector(tiny_bundle_path):
+    return Inspector.open(tiny_bundle_path)
 
 
 def test_bad_images_are_reported_individually(inspector, tmp_path, rng):
@@ -47,12 +47,12 @@ def test_a_broken_lazily_loaded_pil_image_is_only_that_images_error(inspector, t
     assert "cannot be decoded" in results[0].error and results[1].ok
 
 
-def test_io_binding_path_gives_the_same_results(small_bundle_path, rng):
+def test_io_binding_path_gives_the_same_results(tiny_bundle_path, rng):
     # The CUDA path keeps encoder outputs as OrtValues bound between the two sessions; binding
     # them on the CPU device runs the same code here.
     images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(3)]
-    plain = Inspector.open(small_bundle_path)
-    bound = Inspector.open(small_bundle_path)
+    plain = Inspector.open(tiny_bundle_path)
+    bound = Inspector.open(tiny_bundle_path)
     bound.backend.device = "cpu"
     for a, b in zip(plain.inspect(images, "weave", batch_size=2),
                     bound.inspect(images, "weave", batch_size=2)):
@@ -90,21 +90,21 @@ def test_directory_inputs_expand_only_where_asked(tmp_path):
         expand_inputs([tmp_path / "empty"])
 
 
-def test_unavailable_provider_names_installed_ones(small_bundle_path, monkeypatch):
+def test_unavailable_provider_names_installed_ones(tiny_bundle_path, monkeypatch):
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(ProviderError, match=r"'cuda'.*not available.*available: cpu"):
-        Inspector.open(small_bundle_path, provider="cuda")
+        Inspector.open(tiny_bundle_path, provider="cuda")
     with pytest.raises(ProviderError, match="unknown provider 'gpu'"):
-        Inspector.open(small_bundle_path, provider="gpu")
+        Inspector.open(tiny_bundle_path, provider="gpu")
 
 
-def test_missing_precision_is_explained(small_bundle_path):
+def test_missing_precision_is_explained(tiny_bundle_path):
     from clipinspect.runtime import BundleError
 
     with pytest.raises(BundleError, match="no 'int8' graphs \\(it has fp32\\)"):
-        Inspector.open(small_bundle_path, precision="int8")
+        Inspector.open(tiny_bundle_path, precision="int8")
 
 
 def test_smoothing_is_off_by_default_and_optional(inspector, rng):

@@ -4,6 +4,7 @@ backpressure, metrics, graceful shutdown, and a fuzz of the API from its OpenAPI
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import socket
 import threading
@@ -21,10 +22,10 @@ httpx = pytest.importorskip("httpx")
 from clipinspect.runtime import Inspector  # noqa: E402
 from clipinspect.runtime.cli import main  # noqa: E402
 from clipinspect.runtime.core.errors import UsageError  # noqa: E402
-from clipinspect.runtime.core.images import EncodedImage  # noqa: E402
+from clipinspect.runtime.core.images import EncodedImage, set_max_megapixels  # noqa: E402
 from clipinspect.runtime.serving.journal import Journal  # noqa: E402
 from clipinspect.runtime.serving.server import (Batcher, HTTPError, Job, Metrics, ServeConfig,  # noqa: E402
-                                        check_exposure, create_app)
+                                        check_exposure, create_app, uvicorn_config)
 
 KEY = "test-key"
 CATEGORY = "weave"
@@ -38,32 +39,32 @@ def png(seed: int, size: int = 48) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def inspector(small_bundle_path):
-    return Inspector.open(small_bundle_path, threads=2)
+def inspector(tiny_bundle_path):
+    return Inspector.open(tiny_bundle_path, threads=2)
 
 
 class Live:
     """A real uvicorn server in a thread, on a free loopback port."""
 
-    def __init__(self, inspector: Inspector, config: ServeConfig):
+    def __init__(self, source, config: ServeConfig, wait_for: int = 200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(inspector, config),
-                                                    host="127.0.0.1", port=port,
-                                                    log_level="warning"))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        uv_config = uvicorn_config(create_app(source, config), "127.0.0.1", self.port, config)
+        uv_config.log_level = "warning"
+        self.server = uvicorn.Server(uv_config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
-                if httpx.get(self.url + "/readyz").status_code == 200:
+                if httpx.get(self.url + "/readyz").status_code == wait_for:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("test server did not become ready")
+        raise RuntimeError(f"test server did not answer {wait_for} on /readyz")
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -118,7 +119,6 @@ def test_multipart_and_heatmap(live):
                    data={"category": CATEGORY}, params={"heatmap": "true"},
                    headers={"X-API-Key": KEY}, timeout=120)
     assert r.status_code == 200, r.text
-    import base64
     heat = Image.open(io.BytesIO(base64.b64decode(r.json()["heatmap_png"])))
     assert heat.size == (48, 48)
 
@@ -184,7 +184,7 @@ def test_full_queue_answers_503_with_retry_after(inspector):
     assert error.status == 503 and int(error.headers["Retry-After"]) >= 1
 
 
-def test_other_addresses_require_an_api_key(small_bundle_path, capsys):
+def test_other_addresses_require_an_api_key(tiny_bundle_path, capsys):
     with pytest.raises(UsageError, match="API key"):
         check_exposure("0.0.0.0", None)
     with pytest.raises(UsageError):
@@ -193,7 +193,7 @@ def test_other_addresses_require_an_api_key(small_bundle_path, capsys):
     assert "no API key" in check_exposure("::1", None)
     assert "required" in check_exposure("0.0.0.0", "k")
     # The command refuses before loading anything.
-    assert main(["serve", str(small_bundle_path), "--host", "0.0.0.0"]) == 2
+    assert main(["serve", str(tiny_bundle_path), "--host", "0.0.0.0"]) == 2
     assert "API key" in capsys.readouterr().err
 
 
@@ -213,8 +213,8 @@ def test_fuzz_api_from_openapi_schema(live):
     from hypothesis import HealthCheck, given, settings
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-    schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
     headers = {"X-API-Key": KEY}
+    schema = schemathesis.openapi.from_url(live.url + "/openapi.json", headers=headers)
     for path, method in (("/v1/inspect", "POST"), ("/metrics", "GET"), ("/readyz", "GET"),
                          ("/healthz", "GET")):
         operation = schema[path][method]
@@ -232,3 +232,155 @@ def test_fuzz_api_from_openapi_schema(live):
 
         fuzz()
     assert httpx.get(live.url + "/readyz").status_code == 200
+
+
+# ----------------------------------------------------------------- untrusted clients
+def raw_request(port: int, declared: int, sent: bytes, path: str = "/v1/inspect") -> socket.socket:
+    """A connection that declares a body of ``declared`` bytes and sends only ``sent``."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    conn.sendall(f"POST {path}?category={CATEGORY} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 f"image/png\r\nContent-Length: {declared}\r\n\r\n".encode() + sent)
+    return conn
+
+
+def status_when_closed(conn: socket.socket) -> int:
+    """The status of the answer, read until the server closes the connection (else timeout)."""
+    conn.settimeout(20)
+    answer = b""
+    while chunk := conn.recv(65536):
+        answer += chunk
+    conn.close()
+    return int(answer.split(b"\r\n", 1)[0].split()[1])
+
+
+def test_a_pixel_bomb_is_refused_before_decoding_and_maps_are_capped(inspector):
+    bomb = io.BytesIO()
+    Image.new("RGB", (3000, 3000)).save(bomb, format="PNG", optimize=True)
+    server = Live(inspector, ServeConfig(max_map_side=32, max_body_bytes=1 << 20))
+    try:
+        set_max_megapixels(4)
+        t0 = time.perf_counter()
+        r = post(server.url, bomb.getvalue(), None, heatmap="true")
+        assert r.status_code == 400 and time.perf_counter() - t0 < 10
+        message = r.json()["error"]["message"]
+        assert "3000x3000" in message and "--max-megapixels" in message
+        # Within the limit: the score is the image's own; the heat map at most 32 pixels long.
+        r = post(server.url, png(5, 48), None, heatmap="true")
+        assert r.status_code == 200, r.text
+        heat = Image.open(io.BytesIO(base64.b64decode(r.json()["heatmap_png"])))
+        assert heat.size == (32, 32)
+        offline = inspector.inspect(EncodedImage(png(5, 48)), CATEGORY)[0].image_score
+        assert r.json()["image_score"] == offline
+    finally:
+        set_max_megapixels(None)
+        server.stop()
+
+
+def test_a_full_server_refuses_before_reading_and_slow_bodies_time_out(inspector):
+    server = Live(inspector, ServeConfig(max_batch=1, max_queue=1, body_timeout_s=2.0))
+    try:
+        # Two clients hold the two slots (queue 1 + batch 1) by trickling their bodies.
+        slow = [raw_request(server.port, 100_000, b"\x89PNG") for _ in range(2)]
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        r = post(server.url, png(1) + bytes(50_000), None)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["Retry-After"]) >= 1 and time.perf_counter() - t0 < 1.5
+        assert [status_when_closed(c) for c in slow] == [408, 408]  # after body_timeout_s
+        assert post(server.url, png(1), None).status_code == 200  # the slots are free again
+    finally:
+        server.stop()
+
+
+def _refused(conn: socket.socket) -> bool:
+    """Whether the server already answered this held connection with 503."""
+    conn.settimeout(0.3)
+    try:
+        return b" 503 " in conn.recv(200).split(b"\r\n", 1)[0]
+    except TimeoutError:
+        return False
+
+
+def test_connections_beyond_the_limit_get_503(inspector):
+    server = Live(inspector, ServeConfig(max_connections=3, body_timeout_s=10.0))
+    held: list[socket.socket] = []
+    try:
+        # uvicorn counts every open connection (the one being answered included), and a
+        # just-closed one may still count for a moment: open trickling clients until the
+        # server refuses one, instead of assuming the exact count.
+        refused = 0
+        for _ in range(8):
+            conn = raw_request(server.port, 100_000, b"x")
+            if _refused(conn):
+                refused += 1
+                conn.close()
+            else:
+                held.append(conn)
+        assert refused >= 5 and 1 <= len(held) <= 3
+        assert post(server.url, png(1), None).status_code == 503
+        for c in held:
+            c.close()
+        held.clear()
+        deadline = time.time() + 10
+        while post(server.url, png(1), None).status_code != 200:  # capacity comes back
+            assert time.time() < deadline, "the server stayed full after the clients left"
+            time.sleep(0.2)
+    finally:
+        for c in held:
+            c.close()
+        server.stop()
+
+
+def test_the_port_answers_503_on_readyz_while_the_model_loads(inspector):
+    loading = threading.Event()
+
+    def load():
+        loading.wait(60)
+        return inspector
+
+    server = Live(load, ServeConfig(), wait_for=503)
+    try:
+        r = httpx.get(server.url + "/readyz")
+        assert r.json()["error"]["code"] == "not_ready" and r.headers["Retry-After"] == "1"
+        assert post(server.url, png(1), None).status_code == 503
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        loading.set()
+        deadline = time.time() + 60
+        while httpx.get(server.url + "/readyz").status_code != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        assert post(server.url, png(1), None).status_code == 200
+    finally:
+        loading.set()
+        server.stop()
+
+
+def test_serve_reports_a_bundle_that_cannot_load(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", str(tmp_path / "missing"), "--port", str(port)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_api_keys_outside_printable_ascii_are_refused_at_start(inspector):
+    for key in ("cl\u00e9", "two words\n", " padded"):
+        with pytest.raises(UsageError, match="printable ASCII"):
+            create_app(inspector, ServeConfig(api_key=key))
+
+
+def test_with_a_key_only_liveness_and_readiness_are_public(live, inspector):
+    assert httpx.get(live.url + "/readyz").json() == {"status": "ready"}
+    full = httpx.get(live.url + "/readyz", headers={"X-API-Key": KEY}).json()
+    assert full["categories"] == inspector.bundle.categories
+    assert httpx.get(live.url + "/openapi.json").status_code == 401
+    assert httpx.get(live.url + "/openapi.json", headers={"X-API-Key": KEY}).status_code == 200
+    # A latin-1 header that is not the key is a 401, never a server error.
+    r = httpx.post(live.url + "/v1/inspect", content=png(1),
+                   headers={"X-API-Key": "test-k\u00e9y".encode("latin-1")})
+    assert r.status_code == 401
+
+
+def test_error_messages_do_not_show_the_bundle_path(live, inspector):
+    r = post(live.url, png(2), mode="few-shot")
+    assert r.status_code == 422
+    assert str(inspector.bundle.root) not in r.text and "BUNDLE" in r.text

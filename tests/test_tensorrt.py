@@ -7,6 +7,7 @@ INT8 engines of ViT-S-16 (random weights) are built, run, and compared with onnx
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 from pathlib import Path
@@ -16,21 +17,67 @@ import pytest
 
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.tensorrt import engine as te
-from clipinspect.runtime.core.backends import provider_options
+from clipinspect.runtime.core.onnxruntime_backend import provider_options
 from clipinspect.runtime.core.bundle import write_versioned
 from clipinspect.runtime.cli import main
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.tensorrt.compat import BatchRange, CompatibilityError
 
-HERE = te.Device("NVIDIA Jetson AGX Orin (64GB)", "8.7", "10.3.0.30")
-THERE = te.Device("NVIDIA H200", "9.0", "10.15.1")
+NANO = "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
+HERE = te.Device("Orin", "8.7", "10.3.0.30", sm_count=8, memory_gib=8, board=NANO)
+THERE = te.Device("NVIDIA H200", "9.0", "10.15.1", sm_count=132, memory_gib=140)
 
 
 def test_device_key_is_folder_safe_and_distinguishes_each_part():
-    assert HERE.key == "nvidia-jetson-agx-orin-64gb_sm87_trt10.3.0.30"
-    keys = {HERE.key, THERE.key, te.Device(HERE.gpu, "8.6", HERE.tensorrt).key,
-            te.Device(HERE.gpu, HERE.compute_capability, "10.4.0").key}
-    assert len(keys) == 4 and all("/" not in k and " " not in k for k in keys)
+    assert HERE.key == ("orin_nvidia-jetson-orin-nano-engineering-reference-developer-kit-super"
+                        "_sm87_8sms_8gib_trt10.3.0.30")
+    assert THERE.key == "nvidia-h200_sm90_132sms_140gib_trt10.15.1"
+    variants = [dict(compute_capability="8.6"), dict(tensorrt="10.4.0"), dict(sm_count=4),
+                dict(memory_gib=16), dict(board="NVIDIA Jetson Orin NX Engineering Reference "
+                                                 "Developer Kit")]
+    keys = {HERE.key, THERE.key, *(dataclasses.replace(HERE, **v).key for v in variants)}
+    assert len(keys) == 7 and all("/" not in k and " " not in k for k in keys)
+    # Before: one key for every Orin module with this TensorRT.
+    assert HERE.legacy_key == dataclasses.replace(HERE, sm_count=4, board="").legacy_key \
+        == "orin_sm87_trt10.3.0.30"
+
+
+def test_board_model_is_read_from_the_device_tree(tmp_path):
+    (tmp_path / "model").write_bytes(NANO.encode() + b"\0")
+    assert te.board_model(tmp_path / "model") == NANO
+    assert te.board_model(tmp_path / "absent") == ""
+
+
+def _legacy(bundle_path, device: te.Device, tmp_path) -> Path:
+    """A copy of the bundle whose engines are recorded as the older clipinspect did."""
+    path = shutil.copytree(bundle_path, tmp_path / "legacy")
+    b = Bundle.open(path)
+    with b.updating() as m:
+        entry = m.engines.pop(THERE.key)
+        entry.device = {k: THERE.to_json()[k] for k in ("gpu", "compute_capability", "tensorrt")}
+        m.engines[device.legacy_key] = entry
+    cache = path / "cache" / "tensorrt" / f"{device.legacy_key}.timing-cache"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(b"timings")
+    return path
+
+
+def test_engines_under_a_legacy_key_are_adopted_where_it_identifies_the_gpu(engine_bundle,
+                                                                          tmp_path):
+    path = _legacy(engine_bundle, THERE, tmp_path)
+    record = te.find_engines(Bundle.open(path), "fp32", THERE)
+    assert (path / record.files["encoder"].file).is_file()
+    m = Bundle.open(path).manifest
+    assert list(m.engines) == [THERE.key] and m.engines[THERE.key].device == \
+        THERE.to_json()
+    assert (path / "cache" / "tensorrt" / f"{THERE.key}.timing-cache").read_bytes() == b"timings"
+
+
+def test_jetson_engines_under_a_legacy_key_must_be_rebuilt(engine_bundle, tmp_path):
+    path = _legacy(engine_bundle, HERE, tmp_path)
+    with pytest.raises(te.EngineError, match="did not tell Jetson modules apart .* rebuild"):
+        te.find_engines(Bundle.open(path), "fp32", HERE)
+    assert HERE.legacy_key in Bundle.open(path).manifest.engines  # left as it was
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +139,10 @@ def test_ort_tensorrt_options_follow_the_graph_precision(tmp_path):
                "text_prototypes": ((2, 384),) * 3}
     [(name, fp16), *_] = provider_options("tensorrt", tmp_path / "c", fp16=True, profile=profile)
     assert name == "TensorrtExecutionProvider"
-    assert fp16["trt_fp16_enable"] and fp16["trt_layer_norm_fp32_fallback"]
+    assert fp16["trt_fp16_enable"]
+    # It only pins decomposed (Pow / ReduceMean) layer norms; the FP16 graph carries its own
+    # FP32 LayerNormalization, so the option is not passed at all.
+    assert not any("layer_norm" in k for k in fp16)
     assert not fp16["trt_int8_enable"]
     assert fp16["trt_engine_cache_enable"] and fp16["trt_timing_cache_enable"]
     assert fp16["trt_engine_cache_path"] == fp16["trt_timing_cache_path"] == str(tmp_path / "c")
@@ -101,10 +151,29 @@ def test_ort_tensorrt_options_follow_the_graph_precision(tmp_path):
     assert fp16["trt_profile_max_shapes"] == "images:32x3x224x224,text_prototypes:2x384"
     [(_, int8), *_] = provider_options("tensorrt", None, int8=True)
     assert int8["trt_int8_enable"] and not int8["trt_fp16_enable"]
-    assert not int8["trt_layer_norm_fp32_fallback"]
     assert int8["trt_int8_use_native_calibration_table"] is False
     assert "trt_int8_calibration_table_name" not in int8  # QDQ: scales are in the graph
     assert "trt_engine_cache_enable" not in int8 and "trt_profile_min_shapes" not in int8
+
+
+def test_ort_tensorrt_profiles_follow_batch_size_and_stored_shots(engine_bundle, tmp_path):
+    from clipinspect.runtime.core.backends import ort_tensorrt_profiles
+
+    path = shutil.copytree(engine_bundle, tmp_path / "b")
+    b = Bundle.open(path)
+    p = ort_tensorrt_profiles(b, "fp32", batch_size=4)
+    assert p["encoder"]["images"] == ((1, 3, 224, 224), (4, 3, 224, 224), (4, 3, 224, 224))
+    rows = 196  # ViT-S-16 at 224: 14 x 14 patch tokens per reference image
+    assert p["head_fewshot"]["memory_patch_tokens"] == ((rows, 384), (4 * rows, 384),
+                                                        (16 * rows, 384))
+    assert ort_tensorrt_profiles(b, "fp32")["encoder"]["images"][2][0] == 32  # not said: 1..32
+    b.set_memory("weave", {"memory_patch_tokens": np.zeros((20 * rows, 384), np.float32)},
+                 ["x"] * 20, shots=20)
+    p = ort_tensorrt_profiles(Bundle.open(path), "fp32", batch_size=2)
+    assert p["head_fewshot"]["memory_patch_tokens"] == ((rows, 384), (20 * rows, 384),
+                                                        (20 * rows, 384))
+    assert all(hi[0] == 2 for name, (_, _, hi) in p["head_zeroshot"].items()
+               if not name.startswith("text_"))
 
 
 TRT_MISSING = importlib.util.find_spec("tensorrt") is None

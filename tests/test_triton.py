@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import shutil
 import sys
 import types
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipinspect.runtime import Bundle, Inspector
+from clipinspect.runtime import Bundle, BundleError, Inspector
 from clipinspect.runtime.triton import repository as triton
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.maps import upsample
@@ -35,9 +36,9 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def bundle_path(small_bundle_path, tmp_path_factory, images):
+def bundle_path(tiny_bundle_path, tmp_path_factory, images):
     path = tmp_path_factory.mktemp("triton") / "bundle"
-    shutil.copytree(small_bundle_path, path)
+    shutil.copytree(tiny_bundle_path, path)
     Inspector.open(path).add_references(CATEGORY_WITH_MEMORY, images[:1])
     return path
 
@@ -54,11 +55,11 @@ def repo(bundle_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def patch_served(patch_bundle_path, tmp_path_factory, images):
+def patch_served(tiny_patch_bundle_path, tmp_path_factory, images):
     """The patch-only method with prompt adaptation: its heads take per-category prompt pools
     whose length varies, and its memory is made of other encoder outputs than WinCLIP's."""
     path = tmp_path_factory.mktemp("triton-patch") / "bundle"
-    shutil.copytree(patch_bundle_path, path)
+    shutil.copytree(tiny_patch_bundle_path, path)
     Inspector.open(path).add_references(CATEGORY_WITH_MEMORY, images[:1])
     return triton.write_repository(path, tmp_path_factory.mktemp("repo") / "models",
                                    max_batch=16), Inspector.open(path)
@@ -292,3 +293,83 @@ def test_cli_writes_and_refreshes_a_repository(bundle_path, tmp_path, capsys):
     assert "refreshed" in capsys.readouterr().out
     assert main(["triton", str(bundle_path), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- TensorRT platform and bundle identity
+def _with_engines(bundle_path: Path, tmp_path: Path, batch=(1, 2, 4)) -> Path:
+    """A copy of the bundle with stand-in fp32 engine files registered (no TensorRT here: the
+    writer only places the files and reads the record)."""
+    from clipinspect.runtime.core.bundle import write_versioned
+    from clipinspect.runtime.tensorrt.engine import GRAPHS
+
+    path = Path(shutil.copytree(bundle_path, tmp_path / "engines"))
+    b = Bundle.open(path)
+    files = {g: b.file_entry(write_versioned(path, "engines/gpu/fp32", f"{g}.plan", g.encode()))
+             for g in GRAPHS}
+    device = {"gpu": "stand-in", "compute_capability": "9.0", "tensorrt": "10.0"}
+    b.set_engines("gpu", device, "fp32", {
+        **files, "profile": {"batch": list(batch), "max_shots": 2},
+        "source_graphs": {g: b.manifest.graphs["fp32"][g].sha256 for g in GRAPHS}})
+    return path
+
+
+def test_tensorrt_max_batch_defaults_to_the_engine_profile_and_never_exceeds_it(bundle_path,
+                                                                              tmp_path):
+    path = _with_engines(bundle_path, tmp_path)
+    out = triton.write_repository(path, tmp_path / "models", platform="tensorrt")
+    enc = parse(out / triton.ENCODER / "config.pbtxt")
+    assert enc.platform == "tensorrt_plan" and enc.max_batch_size == 4
+    assert list(enc.dynamic_batching.preferred_batch_size) == [4]
+    assert (out / triton.ENCODER / "1" / "model.plan").read_bytes() == b"encoder"
+    smaller = triton.write_repository(path, tmp_path / "m2", platform="tensorrt", max_batch=3)
+    assert parse(smaller / triton.ENCODER / "config.pbtxt").max_batch_size == 3
+    with pytest.raises(UsageError, match="--max-batch 8 exceeds the engines' profile maximum 4"
+                                         ".*--max-batch 4 or less"):
+        triton.write_repository(path, tmp_path / "m3", platform="tensorrt", max_batch=8)
+    onnx = triton.write_repository(bundle_path, tmp_path / "onnx-default")
+    assert parse(onnx / triton.ENCODER / "config.pbtxt").max_batch_size == 32
+
+
+def test_tensorrt_engines_whose_profile_starts_above_one_are_refused(bundle_path, tmp_path):
+    path = _with_engines(bundle_path, tmp_path, batch=(2, 4, 8))
+    with pytest.raises(UsageError, match="profile starts at batch 2.*--min-batch 1"):
+        triton.write_repository(path, tmp_path / "models", platform="tensorrt")
+
+
+def test_engine_files_are_checked_against_the_bundle_record(bundle_path, tmp_path):
+    path = _with_engines(bundle_path, tmp_path)
+    b = Bundle.open(path)
+    record = b.manifest.engines["gpu"].builds["fp32"]
+    (path / record.files["encoder"].file).write_bytes(b"another engine")
+    with pytest.raises(UsageError, match="encoder engine file .* does not match the checksum"):
+        triton.write_repository(path, tmp_path / "m1", platform="tensorrt")
+    outside = tmp_path / "outside.plan"
+    outside.write_bytes(b"head_zeroshot")
+    # A manifest naming a file outside the bundle is refused when the bundle is opened (a
+    # typed manifest confines its paths), before anything is copied into a repository.
+    manifest = json.loads((path / "manifest.json").read_text())
+    entry = manifest["engines"]["gpu"]["fp32"]
+    entry["encoder"]["sha256"] = triton.sha256_file(path / entry["encoder"]["file"])
+    entry["head_zeroshot"]["file"] = "../outside.plan"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="head_zeroshot.file' is '../outside.plan', expected a "
+                                          "relative path inside the bundle"):
+        triton.write_repository(path, tmp_path / "m2", platform="tensorrt")
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+
+
+def test_categories_only_refuses_another_bundle(bundle_path, repo, tmp_path):
+    live = Path(shutil.copytree(repo, tmp_path / "models"))
+    identity = json.loads((live / triton.CATEGORIES / triton.IDENTITY_FILE).read_text())
+    assert identity == {"bundle": Bundle.open(bundle_path).identity, "platform": "onnx",
+                        "precision": "fp32"}
+    other = Path(shutil.copytree(bundle_path, tmp_path / "other"))
+    with Bundle.open(other).updating() as m:
+        m.model.name = "ViT-B-16-plus-240"   # e.g. a 640-d bundle
+    before = {p: p.read_bytes() for p in (live / triton.CATEGORIES).rglob("*.npz")}
+    with pytest.raises(UsageError, match="serves bundle 'tiny-test/.*', not 'ViT-B-16-plus-240/"):
+        triton.write_repository(other, live, categories_only=True)
+    assert {p: p.read_bytes() for p in (live / triton.CATEGORIES).rglob("*.npz")} == before
+    (live / triton.CATEGORIES / triton.IDENTITY_FILE).unlink()
+    with pytest.raises(UsageError, match="does not record which bundle .* --overwrite"):
+        triton.write_repository(bundle_path, live, categories_only=True)

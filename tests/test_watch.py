@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -17,8 +19,10 @@ from PIL import Image
 
 from clipinspect.runtime import Inspector
 from clipinspect.runtime.cli import main
+from clipinspect.runtime.core.errors import ClipInspectError
 from clipinspect.runtime.core.images import EncodedImage
 from clipinspect.runtime.serving.journal import Entry, Journal, JsonlSink
+from clipinspect.runtime.serving import watch
 from clipinspect.runtime.serving.watch import FolderWatcher
 
 CATEGORY = "weave"
@@ -57,8 +61,8 @@ def test_jsonl_catches_up_with_the_journal_after_a_crash(tmp_path):
     assert not journal.has(origin, "img9")
 
 
-def test_file_still_being_written_is_read_once_complete(small_bundle_path, tmp_path):
-    inspector = Inspector.open(small_bundle_path, threads=2)
+def test_file_still_being_written_is_read_once_complete(tiny_bundle_path, tmp_path):
+    inspector = Inspector.open(tiny_bundle_path, threads=2)
     folder = tmp_path / "in"
     folder.mkdir()
     journal = Journal(tmp_path / "j.sqlite")
@@ -131,16 +135,16 @@ def test_kill_9_in_the_middle_then_restart_gives_every_image_exactly_one_result(
     assert not [p for p in folder.iterdir() if p.suffix == ".png"]
 
 
-def test_source_without_opencv_says_how_to_install(small_bundle_path, tmp_path, monkeypatch,
+def test_source_without_opencv_says_how_to_install(tiny_bundle_path, tmp_path, monkeypatch,
                                                    capsys):
     monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
     monkeypatch.chdir(tmp_path)
-    assert main(["watch", str(small_bundle_path), "--source", "0", "--category",
+    assert main(["watch", str(tiny_bundle_path), "--source", "0", "--category",
                  CATEGORY]) == 2
     assert "clipinspect[camera]" in capsys.readouterr().err
 
 
-def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
+def test_source_reads_a_video_file(tiny_bundle_path, tmp_path, monkeypatch):
     cv2 = pytest.importorskip("cv2")
     video = tmp_path / "line.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (40, 40))
@@ -148,7 +152,7 @@ def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
         writer.write(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     writer.release()
     monkeypatch.chdir(tmp_path)
-    assert main(["watch", str(small_bundle_path), "--source", str(video), "--category",
+    assert main(["watch", str(tiny_bundle_path), "--source", str(video), "--category",
                  CATEGORY, "--every", "2", "--threads", "2"]) == 0
     rows = jsonl(tmp_path / "results.jsonl")
     assert [r["image_id"].split("-")[-1] for r in rows] == ["frame00000001", "frame00000003",
@@ -156,3 +160,141 @@ def test_source_reads_a_video_file(small_bundle_path, tmp_path, monkeypatch):
     assert all(r["origin"] == f"source:{video}" and r["error"] is None for r in rows)
     journal = Journal(tmp_path / "journal.sqlite")
     assert [r["image_score"] for r in journal.rows()] == [r["image_score"] for r in rows]
+
+
+# ----------------------------------------------------------------- untrusted folder contents
+def watcher_for(inspector, tmp_path, **options) -> tuple[FolderWatcher, Journal, object]:
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    journal = Journal(tmp_path / "j.sqlite")
+    sink = JsonlSink(tmp_path / "r.jsonl", journal, "watch")
+    return FolderWatcher(inspector, folder, CATEGORY, journal, sink, tmp_path / "done",
+                         settle=0.05, **options), journal, folder
+
+
+def settled(folder) -> None:
+    old = time.time() - 60
+    for p in folder.iterdir():
+        if p.is_file():
+            os.utime(p, (old, old))
+
+
+def poll_in_thread(watcher: FolderWatcher) -> int:
+    """One poll that must come back (a blocking open would hang it)."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(watcher.poll()), daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the watcher blocked"
+    return out[0]
+
+
+@pytest.fixture(scope="module")
+def watch_inspector(tiny_bundle_path):
+    return Inspector.open(tiny_bundle_path, threads=2)
+
+
+def test_unusable_files_are_quarantined_and_the_watcher_goes_on(watch_inspector, tmp_path,
+                                                                 monkeypatch, capsys):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path, max_file_bytes=50_000)
+    odd = os.fsdecode(b"odd\xff.png")  # not UTF-8: journal and log must still take it
+    for name in ("good.png", odd, "new\nline.png", "fifo.png", "link.png", "locked.png"):
+        (folder / name).write_bytes(png(1))
+    (folder / "huge.png").write_bytes(png(2, 200))
+    settled(folder)
+    real_read, real_open = watch.read_image_file, os.open
+
+    def swap_then_read(path, max_bytes):
+        # The race: the file listed as a regular file is replaced just before it is opened.
+        if path.name == "fifo.png":
+            path.unlink()
+            os.mkfifo(path)
+        elif path.name == "link.png":
+            path.unlink()
+            path.symlink_to("/dev/zero")
+        return real_read(path, max_bytes)
+
+    def open_denied(path, flags, *args, **kwargs):  # as a non-root user without read access
+        if str(path).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(watch, "read_image_file", swap_then_read)
+    monkeypatch.setattr(os, "open", open_denied)
+    assert poll_in_thread(watcher) == 0  # first sight
+    assert poll_in_thread(watcher) == 7
+    monkeypatch.undo()
+    rows = {r["image_id"].split("@")[0]: r for r in journal.rows()}
+    assert rows.keys() == {"good.png", "odd\\xff.png", "new\\nline.png", "fifo.png",
+                           "link.png", "locked.png", "huge.png"}
+    for name in ("good.png", "odd\\xff.png", "new\\nline.png"):
+        assert rows[name]["error"] is None and rows[name]["image_score"] is not None
+    assert "not a regular file" in rows["fifo.png"]["error"]
+    assert "cannot be opened" in rows["link.png"]["error"]
+    assert "Permission denied" in rows["locked.png"]["error"]
+    assert "over the limit of 50000" in rows["huge.png"]["error"]
+    assert sorted(os.listdir(folder / "quarantine")) == [
+        "fifo.png", "huge.png", "link.png", "locked.png"]
+    assert sorted(os.listdir(folder)) == ["quarantine"]
+    for line in capsys.readouterr().err.splitlines():
+        assert line.startswith("clipinspect watch: ")
+    assert len(jsonl(tmp_path / "r.jsonl")) == 7
+
+
+def test_a_writer_pausing_longer_than_settle_still_gets_its_image_inspected(watch_inspector,
+                                                                            tmp_path):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path, incomplete_s=60)
+    data = png(3)
+    (folder / "slow.png").write_bytes(data[:len(data) // 2])
+    settled(folder)
+    assert watcher.poll() == 0 and watcher.poll() == 0  # decoded, found truncated: no verdict
+    assert journal.rows() == []
+    (folder / "slow.png").write_bytes(data)  # the writer resumes
+    settled(folder)
+    assert watcher.poll() == 0 and watcher.poll() == 1
+    row, = journal.rows()
+    assert row["error"] is None
+    assert row["image_score"] == watch_inspector.inspect(EncodedImage(data), CATEGORY)[0].image_score
+
+
+def test_a_file_that_stays_truncated_gets_its_verdict_after_the_wait(watch_inspector, tmp_path):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path, incomplete_s=0.5)
+    data = png(4)
+    (folder / "cut.png").write_bytes(data[:len(data) // 2])
+    settled(folder)
+    watcher.run(interval=0.1, once=True)
+    row, = journal.rows()
+    assert "truncated" in row["error"]
+    assert (tmp_path / "done" / "cut.png").exists()
+
+
+def test_a_done_folder_on_another_file_system_is_filled_by_copy(watch_inspector, tmp_path,
+                                                                monkeypatch):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path)
+    (folder / "a.png").write_bytes(png(5))
+    settled(folder)
+    real_replace = os.replace
+
+    def cross_device(src, dst):
+        if os.path.dirname(src) == str(folder):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    watcher.poll()
+    assert watcher.poll() == 1
+    assert os.listdir(tmp_path / "done") == ["a.png"]
+    assert (tmp_path / "done" / "a.png").read_bytes() == png(5)
+    assert not (folder / "a.png").exists()
+
+
+def test_a_damaged_journal_is_a_one_line_error(tiny_bundle_path, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "journal.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ClipInspectError, match="Move it away"):
+        Journal(folder / "journal.sqlite")
+    assert main(["watch", str(tiny_bundle_path), "--input", str(folder), "--category",
+                 CATEGORY, "--once"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "journal.sqlite" in err and "Traceback" not in err and len(err.splitlines()) == 1

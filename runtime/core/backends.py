@@ -1,208 +1,97 @@
-"""Execution backends: a Backend runs the encoder and a scoring head.
+"""Choosing and setting up a backend: :func:`open_backend`, the one place that knows providers.
 
-The protocol is small on purpose, so a new backend (native TensorRT, say) is one file::
-
-    backend.encode(images) -> dict of encoder outputs (opaque to the caller)
-    backend.score(encoded, head, extra_inputs) -> {"image_score": (B,), "anomaly_grid": (B, gh, gw)}
-
-onnxruntime lives here; the native TensorRT backend is trt_backend.py. Providers are never silently swapped: asking for one that is not
-installed, or that onnxruntime does not actually assign, is an error.
+Each backend is one file conforming to :class:`~.backend.Backend`; this module only maps a
+provider to its class and does the provider-specific setup (onnxruntime's TensorRT optimization
+profiles, the native engines' limits). TensorRT, cupy and onnx are imported only when a provider
+that needs them is asked for.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import warnings
-from pathlib import Path
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING
 
-import numpy as np
+from .errors import UsageError
+from .onnxruntime_backend import (PROVIDERS, OrtBackend, ProfileError, ProviderError,
+                                  available_providers, default_threads, ort_conflict)
 
-from .errors import ClipInspectError
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .bundle import Bundle
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
+__all__ = ["BACKEND_CLASSES", "PROVIDERS", "ProfileError", "ProviderError", "OrtBackend",
+           "available_providers", "backend_class", "default_threads", "open_backend",
+           "ort_conflict", "ort_tensorrt_profiles"]
+
+# provider -> (module, class); modules relative to clipinspect.runtime, imported on demand.
+BACKEND_CLASSES = {
+    **{name: ("core.onnxruntime_backend", "OrtBackend") for name in PROVIDERS},
+    "tensorrt-native": ("tensorrt.backend", "TrtBackend"),
 }
+HEAD_GRAPHS = ("head_zeroshot", "head_fewshot")
 
 
-class ProviderError(ClipInspectError, RuntimeError):
-    """A provider that is unknown, not installed or not assigned by onnxruntime."""
+def backend_class(provider: str) -> type:
+    """The class serving ``provider``; importing it imports no TensorRT (that happens when an
+    instance is made)."""
+    if provider not in BACKEND_CLASSES:
+        raise ProviderError(f"unknown provider {provider!r}: choose one of "
+                            f"{', '.join(BACKEND_CLASSES)}")
+    module, name = BACKEND_CLASSES[provider]
+    return getattr(importlib.import_module(f"clipinspect.runtime.{module}"), name)
 
 
-def _import_ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ProviderError(
-            "onnxruntime is not installed: pip install 'clipinspect[cpu]' (CPU) or "
-            "'clipinspect[gpu]' (CUDA / TensorRT) - one of the two, never both") from e
-    return ort
+def stored_shots(bundle: "Bundle") -> int:
+    """The most reference images any category of the bundle stores (0 if none)."""
+    return max((entry.memory.shots for entry in bundle.manifest.categories.values()
+                if entry.memory), default=0)
 
 
-def ort_conflict() -> str | None:
-    """Both onnxruntime and onnxruntime-gpu installed: they fight over the same module."""
-    names = []
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            importlib.metadata.version(dist)
-            names.append(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    if len(names) == 2:
-        return ("both onnxruntime and onnxruntime-gpu are installed; they provide the same module "
-                "and one silently shadows the other. Uninstall both, then install one "
-                "('clipinspect[cpu]' or 'clipinspect[gpu]')")
-    return None
+def ort_tensorrt_profiles(bundle: "Bundle", precision: str, batch_size: int | None = None
+                          ) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
+    """{graph: {input: (min, opt, max) shape}} for onnxruntime's TensorRT provider.
 
-
-def available_providers() -> list[str]:
-    ort = _import_ort()
-    names = {v: k for k, v in PROVIDERS.items()}
-    return [names[p] for p in ort.get_available_providers() if p in names]
-
-
-def _shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
-    """onnxruntime's profile-shape syntax: 'images:1x3x224x224,text_prototypes:2x640'."""
-    return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
-
-
-def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = False,
-                     int8: bool = False,
-                     profile: dict[str, tuple[tuple[int, ...], ...]] | None = None) -> list[Any]:
-    """onnxruntime provider list for ``provider`` (cpu|cuda|tensorrt).
-
-    TensorRT: ``fp16`` lets it run the FP16 graph's layers in FP16, with LayerNormalization
-    kept in FP32 (its variance overflows FP16); ``int8``: the graph is explicitly quantized
-    (QDQ), so TensorRT takes its scales from the graph and needs no calibration table.
-    ``profile`` {input: (min, opt, max) shape} is the optimization profile, so one engine
-    serves the whole batch range instead of a rebuild for each new batch size. Engines and
-    timing caches are kept in ``cache_dir``.
+    Batch: 1..``batch_size``, tuned for ``batch_size`` (None: 1..32 tuned for 8, what the
+    callers that do not say their batch size get). Few-shot memory: tuned for the most
+    reference images a category stores, up to that or compat.DEFAULT_MAX_SHOTS (16), whichever
+    is larger, so references added while the Inspector is open still fit. A larger batch or
+    memory is refused by OrtBackend with an error naming the limit (ProfileError).
     """
-    if provider == "cpu":
-        return ["CPUExecutionProvider"]
-    if provider == "cuda":
-        return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
-                "CPUExecutionProvider"]
-    if provider == "tensorrt":
-        opts: dict[str, Any] = {"trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8),
-                                "trt_layer_norm_fp32_fallback": bool(fp16)}
-        if int8:
-            opts["trt_int8_use_native_calibration_table"] = False
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
-                        trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
-        if profile:
-            for i, which in enumerate(("min", "opt", "max")):
-                opts[f"trt_profile_{which}_shapes"] = _shapes_option(
-                    {name: shapes[i] for name, shapes in profile.items()})
-        return [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+    import onnx
+
+    from ..tensorrt.compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes
+
+    batch = BatchRange() if batch_size is None else BatchRange(1, batch_size, batch_size)
+    shots = stored_shots(bundle)
+    return {name: profile_shapes(bundle, onnx.load(str(bundle.graph_path(precision, name)),
+                                                   load_external_data=False),
+                                 batch, max(shots, DEFAULT_MAX_SHOTS), opt_shots=shots or 4)
+            for name in ("encoder", *HEAD_GRAPHS)}
 
 
-def make_session(path: Path, provider: str, threads: int | None = None,
-                 cache_dir: Path | None = None, fp16: bool = False, int8: bool = False,
-                 profile: dict[str, tuple[tuple[int, ...], ...]] | None = None):
-    """An onnxruntime session for the graph at ``path`` (``fp16`` / ``int8``: the graph's
-    precision, ``profile``: its TensorRT optimization profile; for the TensorRT provider)."""
-    ort = _import_ort()
-    if provider not in PROVIDERS:
-        raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
-    installed = ort.get_available_providers()
-    if PROVIDERS[provider] not in installed:
-        have = ", ".join(available_providers()) or "none"
-        hint = (" (install 'clipinspect[gpu]' instead of 'clipinspect[cpu]' for CUDA/TensorRT)"
-                if provider != "cpu" else "")
-        raise ProviderError(f"provider {provider!r} ({PROVIDERS[provider]}) is not available in this "
-                            f"onnxruntime; available: {have}{hint}")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(str(path), sess_options=so,
-                                   providers=provider_options(provider, cache_dir, fp16, int8,
-                                                              profile))
-    if PROVIDERS[provider] not in session.get_providers():
-        # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
-        raise ProviderError(f"onnxruntime did not register {PROVIDERS[provider]} for {path.name} "
-                            f"(got {session.get_providers()}); check the CUDA/TensorRT installation")
-    return session
+def open_backend(bundle: "Bundle", precision: str, provider: str = "cpu", *,
+                 threads: int | None = None, batch_size: int | None = None,
+                 verify_checksums: bool = True) -> "Backend":
+    """The backend running ``bundle``'s ``precision`` graphs on ``provider``.
 
-
-class OrtBackend:
-    """Encoder + scoring heads on onnxruntime (``profiles``: {graph: TensorRT profile}).
-
-    On CUDA and TensorRT, IO binding keeps the encoder outputs on the device and hands them to
-    the head without a host round trip; category arrays are uploaded once and cached.
+    provider: cpu, cuda or tensorrt (onnxruntime execution providers), or tensorrt-native
+    (engines from 'clipinspect build-engine', no onnxruntime). ``batch_size``: the largest
+    batch the caller will run (sizes the TensorRT profiles; checked against native engines).
     """
-
-    def __init__(self, encoder_path: Path, head_paths: dict[str, Path], provider: str = "cpu",
-                 threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False,
-                 int8: bool = False, profiles: dict[str, dict] | None = None):
-        conflict = ort_conflict()
-        if conflict:
-            warnings.warn(conflict, RuntimeWarning, stacklevel=2)
-        self.provider = provider
-        profiles = profiles or {}
-        self.encoder = make_session(encoder_path, provider, threads, cache_dir, fp16, int8,
-                                    profiles.get("encoder"))
-        # The heads are FP32 graphs in every variant: TensorRT must not lower them to FP16.
-        self.heads = {name: make_session(p, provider, threads, cache_dir,
-                                         profile=profiles.get(name))
-                      for name, p in head_paths.items()}
-        # Where IO binding keeps tensors; None = plain numpy in and out (CPU provider).
-        self.device: str | None = "cuda" if provider in ("cuda", "tensorrt") else None
-        self._device_cache: dict[str, tuple[np.ndarray, Any]] = {}
-        self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
-        self.head_io = {name: ([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()])
-                        for name, s in self.heads.items()}
-
-    def encode(self, images: np.ndarray) -> dict[str, Any]:
-        """images (B, 3, H, W) float32 -> encoder outputs (numpy on CPU, OrtValues on device)."""
-        if self.device is None:
-            return dict(zip(self.encoder_outputs, self.encoder.run(None, {"images": images})))
-        binding = self.encoder.io_binding()
-        binding.bind_cpu_input("images", images)
-        for name in self.encoder_outputs:
-            binding.bind_output(name, self.device, 0)
-        self.encoder.run_with_iobinding(binding)
-        return dict(zip(self.encoder_outputs, binding.get_outputs()))
-
-    def score(self, encoded: dict[str, Any], head: str, extra: dict[str, np.ndarray]
-              ) -> dict[str, np.ndarray]:
-        session = self.heads[head]
-        names, outputs = self.head_io[head]
-        if self.device is None:
-            feeds = {n: (encoded[n] if n in encoded else extra[n]) for n in names}
-            return dict(zip(outputs, session.run(None, feeds)))
-        binding = session.io_binding()
-        for n in names:
-            if n in encoded:
-                binding.bind_ortvalue_input(n, encoded[n])
-            else:
-                binding.bind_ortvalue_input(n, self._on_device(n, extra[n]))
-        for n in outputs:
-            binding.bind_output(n, "cpu")
-        session.run_with_iobinding(binding)
-        return dict(zip(outputs, binding.copy_outputs_to_cpu()))
-
-    def _on_device(self, name: str, arr: np.ndarray):
-        """Category arrays (text prototypes, memory) are uploaded once per input name and
-        replaced, freeing the old copy, when the category or its memory changes."""
-        cached = self._device_cache.get(name)
-        if cached is None or cached[0] is not arr:
-            ort = _import_ort()
-            cached = (arr, ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0))
-            self._device_cache[name] = cached
-        return cached[1]
-
-    def to_host(self, encoded: dict[str, Any]) -> dict[str, np.ndarray]:
-        return {k: (v if isinstance(v, np.ndarray) else v.numpy()) for k, v in encoded.items()}
-
-
-def default_threads() -> int | None:
-    value = os.environ.get("CLIPINSPECT_THREADS")
-    return int(value) if value else None
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise UsageError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    cls = backend_class(provider)
+    if provider == "tensorrt-native":
+        backend = cls(bundle, precision, verify_checksums)
+        if batch_size is not None and batch_size > backend.max_batch:
+            raise UsageError(f"batch size {batch_size} is larger than the engines' profile "
+                             f"allows ({backend.max_batch}); lower --batch-size or rebuild with "
+                             f"'{backend.rebuild} --max-batch {batch_size}'")
+        return backend
+    profiles = ort_tensorrt_profiles(bundle, precision, batch_size) if provider == "tensorrt" \
+        else None
+    return cls(bundle.graph_path(precision, "encoder"),
+               {name: bundle.graph_path(precision, name) for name in HEAD_GRAPHS},
+               provider=provider, threads=threads or default_threads(),
+               cache_dir=bundle.root / "cache" / "ort-trt", fp16=precision == "fp16",
+               int8=precision == "int8", profiles=profiles)

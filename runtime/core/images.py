@@ -3,6 +3,15 @@
 16-bit images are mapped to 8 bits with a fixed scale (full 16-bit range); rescale data that
 uses fewer bits (12-bit cameras) yourself. EXIF orientation is applied.
 
+Untrusted input: only PNG, JPEG, BMP, TIFF and WebP files are decoded (never EPS, which PIL hands
+to Ghostscript, or other rarely used decoders), and one pixel limit guards every entry point
+(``predict``, ``fewshot``, ``serve``, ``watch`` and the Python API): a file's size is read from its
+header and checked before any pixel is decoded. A JPEG over the limit is decoded reduced by its
+own DCT scaling (1/2, 1/4 or 1/8 per side, the least that fits), so its anomaly map has that
+reduced size; other formats over the limit are refused. The limit is
+``DEFAULT_MAX_MEGAPIXELS``, the environment variable ``CLIPINSPECT_MAX_MEGAPIXELS`` or
+:func:`set_max_megapixels` (the CLI's ``--max-megapixels``).
+
 Preprocessing follows the WinCLIP reference: the whole image resized to the model's input size
 (bicubic, antialiased; no crop), then normalized with the CLIP mean and std.
 """
@@ -32,10 +41,55 @@ class EncodedImage:
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, EncodedImage]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# The decoders PIL may use; every other format is refused before it is parsed.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+DEFAULT_MAX_MEGAPIXELS = 40.0
+MAX_MEGAPIXELS_ENV = "CLIPINSPECT_MAX_MEGAPIXELS"
+# In every error of a file that is an image but does not decode: it may still be being written.
+CORRUPT = "corrupt or truncated"
+_max_megapixels: float | None = None  # set_max_megapixels; else the environment; else default
 
 
 class ImageError(ClipInspectError, ValueError):
     """One input image that cannot be used; the message names it and the problem."""
+
+
+def set_max_megapixels(megapixels: float | None) -> None:
+    """The pixel limit of every decode in this process (None: back to the environment/default).
+    PIL's own decompression-bomb check is raised with it, so the one limit decides."""
+    global _max_megapixels
+    if megapixels is not None and not megapixels > 0:
+        raise ImageError(f"the pixel limit must be > 0 megapixels, got {megapixels!r}")
+    _max_megapixels = megapixels
+    if (megapixels is not None and Image.MAX_IMAGE_PIXELS is not None
+            and megapixels * 1e6 > Image.MAX_IMAGE_PIXELS):
+        Image.MAX_IMAGE_PIXELS = int(megapixels * 1e6)
+
+
+def max_pixels() -> int:
+    """The pixel limit in force (width x height)."""
+    if _max_megapixels is not None:
+        return int(_max_megapixels * 1e6)
+    text = os.environ.get(MAX_MEGAPIXELS_ENV)
+    if not text:
+        return int(DEFAULT_MAX_MEGAPIXELS * 1e6)
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ImageError(f"{MAX_MEGAPIXELS_ENV}={text!r}: expected a number of megapixels > 0, "
+                         f"e.g. {DEFAULT_MAX_MEGAPIXELS:g}")
+    return int(value * 1e6)
+
+
+def check_pixels(width: int, height: int, name: str) -> None:
+    """Raise ImageError if a width x height image is over the pixel limit."""
+    limit = max_pixels()
+    if width * height > limit:
+        raise ImageError(f"{name} is {width}x{height} = {width * height / 1e6:.1f} megapixels, "
+                         f"over the limit of {limit / 1e6:g}; downscale it, or raise the limit "
+                         f"with --max-megapixels or {MAX_MEGAPIXELS_ENV}")
 
 
 def describe(item: ImageInput) -> str:
@@ -62,12 +116,15 @@ def to_rgb_array(item: ImageInput) -> np.ndarray:
     if isinstance(item, EncodedImage):
         return _decode_file(io.BytesIO(item.data), item.name)
     if isinstance(item, Image.Image):
+        check_pixels(item.width, item.height, describe(item))
         try:
             return _pil_to_rgb(item, describe(item))
         except (OSError, SyntaxError, ValueError) as e:  # a lazily loaded, broken file behind it
-            raise ImageError(f"{describe(item)} cannot be decoded (corrupt or truncated): "
+            raise ImageError(f"{describe(item)} cannot be decoded ({CORRUPT}): "
                              f"{e}") from None
     if isinstance(item, np.ndarray):
+        if item.ndim >= 2:
+            check_pixels(item.shape[1], item.shape[0], describe(item))
         return _array_to_rgb(item)
     raise ImageError(f"unsupported image input {describe(item)}: pass a file path, an "
                      "EncodedImage, a PIL image or an HxWx3 uint8 array")
@@ -76,20 +133,36 @@ def to_rgb_array(item: ImageInput) -> np.ndarray:
 def _decode_file(file, name: str) -> np.ndarray:
     """An encoded image file (a path or a binary file object) -> RGB uint8."""
     try:
-        with Image.open(file) as im:
+        with Image.open(file, formats=ACCEPTED_FORMATS) as im:  # reads the header only
+            _fit_to_limit(im, name)
             im.load()
             # Camera and phone JPEGs store their rotation in EXIF; apply it as viewers do.
             return _pil_to_rgb(ImageOps.exif_transpose(im), name)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image file PIL can read "
-                         "(corrupt or unsupported format)") from None
+        raise ImageError(f"{name} is not an image in an accepted format "
+                         f"({', '.join(ACCEPTED_FORMATS)}), or is corrupt") from None
     except PermissionError:
         raise ImageError(f"{name} cannot be read: permission denied") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name} is too large to decode safely ({e}); downscale it "
-                         "or raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except Image.DecompressionBombError as e:  # over PIL's own limit, found in the header
+        raise ImageError(f"{name} is too large to decode safely ({e}); downscale it, or raise "
+                         f"the limit with --max-megapixels or {MAX_MEGAPIXELS_ENV}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name} is corrupt or truncated: {e}") from None
+        raise ImageError(f"{name} is {CORRUPT}: {e}") from None
+
+
+def _fit_to_limit(im: Image.Image, name: str) -> None:
+    """Check the header's size against the pixel limit before decoding; a JPEG over it is set to
+    decode at the smallest DCT reduction (1/2, 1/4, 1/8 per side) that fits."""
+    width, height = im.size
+    limit = max_pixels()
+    if width * height > limit and im.format == "JPEG":
+        for scale in (2, 4, 8):
+            if -(-width // scale) * -(-height // scale) <= limit:
+                im.draft(im.mode, (-(-width // scale), -(-height // scale)))
+                return
+    check_pixels(width, height, name)
 
 
 def _pil_to_rgb(im: Image.Image, name: str) -> np.ndarray:

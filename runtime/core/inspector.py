@@ -18,7 +18,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .backends import OrtBackend, default_threads
+from .backend import Backend
+from .backends import open_backend
 from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
 from .images import EncodedImage, ImageError, ImageInput, describe, to_rgb_array
@@ -83,7 +84,7 @@ class LoadedImage:
 class Inspector:
     """Runs a bundle. Create with :meth:`Inspector.open`."""
 
-    def __init__(self, bundle: Bundle, backend: OrtBackend, precision: str):
+    def __init__(self, bundle: Bundle, backend: Backend, precision: str):
         self.bundle = bundle
         self.backend = backend
         self.precision = precision
@@ -92,32 +93,17 @@ class Inspector:
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, precision: str = "fp32", provider: str = "cpu",
-             threads: int | None = None, verify_checksums: bool = True) -> "Inspector":
+             threads: int | None = None, verify_checksums: bool = True, *,
+             batch_size: int | None = None) -> "Inspector":
         """provider: cpu, cuda or tensorrt (onnxruntime execution providers), or
-        tensorrt-native (engines from 'clipinspect build-engine', no onnxruntime)."""
+        tensorrt-native (engines from 'clipinspect build-engine', no onnxruntime).
+        ``batch_size``: the largest batch that will be run (sizes TensorRT's profiles)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify_checksums=verify_checksums)
         bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
-        if provider == "tensorrt-native":
-            from ..tensorrt.backend import TrtBackend
-
-            return cls(bundle, TrtBackend(bundle, precision, verify_checksums), precision)
-        heads = {name: bundle.graph_path(precision, name) for name in ("head_zeroshot",
-                                                                      "head_fewshot")}
-        profiles = None
-        if provider == "tensorrt":
-            import onnx
-
-            from ..tensorrt.compat import BatchRange, profile_shapes
-
-            profiles = {name: profile_shapes(bundle, onnx.load(str(bundle.graph_path(
-                precision, name)), load_external_data=False), BatchRange())
-                for name in ("encoder", *heads)}
-        backend = OrtBackend(bundle.graph_path(precision, "encoder"), heads, provider=provider,
-                             threads=threads or default_threads(),
-                             cache_dir=bundle.root / "cache" / "ort-trt", fp16=precision == "fp16",
-                             int8=precision == "int8", profiles=profiles)
-        return cls(bundle, backend, precision)
+        return cls(bundle, open_backend(bundle, precision, provider, threads=threads,
+                                        batch_size=batch_size,
+                                        verify_checksums=verify_checksums), precision)
 
     # --------------------------------------------------------------- loading
     def _load_one(self, index: int, item: ImageInput, keep_image: bool) -> LoadedImage:
@@ -245,7 +231,7 @@ class Inspector:
         return entry.thresholds.get(threshold_key(self.precision, mode_used), {}) if entry else {}
 
     def inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
-                batch_size: int = 8, mode: str = "auto", smoothing_sigma: float = 0.0,
+                batch_size: int = 8, mode: str = "auto", *, smoothing_sigma: float = 0.0,
                 keep_images: bool = False,
                 progress: Callable[[int], None] | None = None) -> list[InspectionResult]:
         """Inspect images of one category; one result per input, in order.
@@ -255,11 +241,12 @@ class Inspector:
         smoothing_sigma: Gaussian smoothing of the upsampled map in pixels (0 = off, as the
             reference). One unusable image yields a result with ``error`` set; the rest proceed.
         """
-        return list(self.iter_inspect(images, category, batch_size, mode, smoothing_sigma,
-                                      keep_images, progress))
+        return list(self.iter_inspect(images, category, batch_size, mode,
+                                      smoothing_sigma=smoothing_sigma, keep_images=keep_images,
+                                      progress=progress))
 
     def iter_inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
-                     batch_size: int = 8, mode: str = "auto", smoothing_sigma: float = 0.0,
+                     batch_size: int = 8, mode: str = "auto", *, smoothing_sigma: float = 0.0,
                      keep_images: bool = False, progress: Callable[[int], None] | None = None
                      ) -> Iterator[InspectionResult]:
         """Like :meth:`inspect`, yielding results in input order as each batch completes, so a
@@ -270,8 +257,9 @@ class Inspector:
         mode_used = self.check(category, mode)
         thresholds = self.thresholds(category, mode_used)
         for batch, good, encoded in self.iter_encoded(images, batch_size, keep_images):
-            results = self._results(batch, good, encoded, category, mode, mode_used, thresholds,
-                                    smoothing_sigma)
+            results = self._results(batch, good, encoded, category, mode=mode,
+                                    mode_used=mode_used, thresholds=thresholds,
+                                    sigma=smoothing_sigma)
             if progress:
                 progress(len(batch))
             yield from results
@@ -286,11 +274,12 @@ class Inspector:
         """Inspect inputs already through :meth:`load` as one batch; one result per input."""
         mode_used = self.check(category, mode)
         good = [b for b in batch if b.error is None]
-        return self._results(list(batch), good, self._encode(good), category, mode, mode_used,
-                             self.thresholds(category, mode_used), smoothing_sigma)
+        return self._results(list(batch), good, self._encode(good), category, mode=mode,
+                             mode_used=mode_used, thresholds=self.thresholds(category, mode_used),
+                             sigma=smoothing_sigma)
 
     def _results(self, batch: list[LoadedImage], good: list[LoadedImage], encoded: dict | None,
-                 category: str, mode: str, mode_used: str, thresholds: dict, sigma: float
+                 category: str, *, mode: str, mode_used: str, thresholds: dict, sigma: float
                  ) -> list[InspectionResult]:
         done: dict[int, InspectionResult] = {}
         if encoded is not None:

@@ -123,7 +123,7 @@ def _num(d: dict, key: str, at: _At, optional: bool = False) -> float | None:
     return _take(d, key, at, "a finite number", _is_num, optional)
 
 
-def _list(d: dict, key: str, at: _At, expected: str, item: Callable[[Any], bool],
+def _list(d: dict, key: str, at: _At, expected: str, item: Callable[[Any], bool], *,
           length: int | None = None, optional: bool = False) -> list | None:
     def ok(v):
         return (isinstance(v, list) and all(item(x) for x in v)
@@ -608,7 +608,8 @@ class Manifest:
         return cls(
             model=Model.from_dict(_dict(d, "model", at), at / "model"),
             preprocess=Preprocess.from_dict(_dict(d, "preprocess", at), at / "preprocess"),
-            grid=tuple(_list(d, "grid", at, "[rows, columns] of the patch grid", positive, 2)),
+            grid=tuple(_list(d, "grid", at, "[rows, columns] of the patch grid", positive,
+                             length=2)),
             scales=_list(d, "scales", at, "a list of window sizes (whole numbers > 0)", positive),
             dims=Dims.from_dict(_dict(d, "dims", at), at / "dims"),
             graphs=_graphs(d, at), categories=_categories(d, at),

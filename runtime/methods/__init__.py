@@ -3,54 +3,28 @@
 The runtime needs little per method, because the graphs say what they take: the encoder's
 outputs go to the head inputs of the same name, a head input ``memory_X`` is few-shot memory
 made of encoder output X of the reference images, and ``text_*`` inputs come from the
-category's text file (``bundle.head_text_arrays``). An entry here names the graphs a bundle of
-that method must list and the encoder outputs its manifest must declare, so that a bundle whose
-graphs do not match its method is refused on load rather than failing inside onnxruntime.
-The export side keeps its counterpart in export/methods.py (how each method is built).
+category's text file (``bundle.head_text_arrays``). A method's module here (``base.Method``)
+names the graphs a bundle of that method must list and the encoder outputs its manifest must
+declare, so that a bundle whose graphs do not match its method is refused on load rather than
+failing inside onnxruntime, and holds its cost model (GFLOPs per image). The export side keeps
+its counterpart in the export package's methods (how each method is built).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from ..core.errors import ClipInspectError
+from . import aprillab, patch, winclip
+from .base import GRAPHS, Method, MethodError
+from .cost import full_pass_gflops, transformer_layers, vit_gflops
 
 if TYPE_CHECKING:
     from ..core.manifest import Manifest
 
-GRAPHS = ("encoder", "head_zeroshot", "head_fewshot")
+METHODS: dict[str, Method] = {m.name: m for m in (winclip.METHOD, patch.METHOD, aprillab.METHOD)}
 
-
-class MethodError(ClipInspectError, ValueError):
-    """A bundle's method is unknown or its manifest does not match it."""
-
-
-@dataclass(frozen=True)
-class Method:
-    """summary: one line for ``clipinspect info``; outputs(manifest) -> the encoder outputs a
-    bundle of this method has, in order; graphs: the graphs every precision must list."""
-
-    name: str
-    summary: str
-    outputs: Callable[["Manifest"], list[str]]
-    graphs: tuple[str, ...] = GRAPHS
-
-
-METHODS: dict[str, Method] = {
-    "winclip": Method(
-        "winclip", "WinCLIP / WinCLIP+: image, window (sliding, per scale) and patch scores",
-        lambda m: ["image_embedding", *[f"window_embeddings_{k}" for k in m.scales],
-                   "patch_tokens"]),
-    "patch": Method(
-        "patch", "patch-only: one encoder pass, dense value-value patch embeddings scored "
-                 "against the text (no window passes)",
-        lambda m: ["image_embedding", "patch_embeddings", "patch_tokens"]),
-    "aprillab": Method(
-        "aprillab", "AprilLab (after APRIL-GAN): intermediate-layer tokens through learned "
-                    "per-level projections, scored against the text",
-        lambda m: ["image_embedding", *[f"level_tokens_{n}" for n in m.aprillab["layers"]]]),
-}
+__all__ = ["GRAPHS", "METHODS", "Method", "MethodError", "describe", "full_pass_gflops",
+           "gflops_per_image", "method_of", "transformer_layers", "vit_gflops"]
 
 
 def method_of(manifest: "Manifest", where: str = "bundle") -> Method:
@@ -73,3 +47,10 @@ def describe(manifest: "Manifest") -> str:
     if not manifest.adaptation:
         return manifest.method
     return f"{manifest.method} + {manifest.adaptation.describe()}"
+
+
+def gflops_per_image(manifest: "Manifest", layers: int | None = None) -> float:
+    """Matrix-product GFLOPs the bundle's graphs execute per image, by its method's cost model;
+    ``layers``: the transformer depth (default: the manifest's)."""
+    method = method_of(manifest)
+    return method.gflops(manifest, int(manifest.dims.layers if layers is None else layers))

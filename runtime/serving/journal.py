@@ -61,7 +61,7 @@ class Entry:
     error: str | None = None
 
     @classmethod
-    def of(cls, result: InspectionResult, origin: str, image_id: str, category: str,
+    def of(cls, result: InspectionResult, origin: str, image_id: str, category: str, *,
            bundle: str, precision: str, threshold: float | None) -> "Entry":
         return cls(origin, image_id, category, bundle, precision, result.mode, result.image_score,
                    result.is_anomalous, threshold if result.ok else None, result.error)
@@ -74,10 +74,18 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(SCHEMA)
+            self._db.execute("SELECT count(*) FROM results").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise ClipInspectError(
+                f"the journal {str(self.path)!r} cannot be used ({e}): it is damaged or not a "
+                "clipinspect journal. Move it away (keep it for inspection) and start again with "
+                "a new one, or give another file with --journal; the JSON lines keep every "
+                "result written so far") from None
 
     def record(self, entries: Iterable[Entry]) -> list[dict]:
         """Write entries in one transaction; returns them as rows (with id and time).

@@ -1,11 +1,15 @@
 """``clipinspect serve``: an HTTP inspection service (Starlette on uvicorn; the ``serve`` extra).
 
-Requests are decoded and preprocessed as they arrive (thread pool), then queued. One inference
+A request is admitted before its body is read: at most ``max_queue + max_batch`` requests are in
+progress (reading, decoding, queued or inferring) and the next gets 503 with Retry-After at once,
+so a full server holds no more request bytes. Admitted requests are decoded and preprocessed by at
+most ``decode_workers`` threads at a time, then queued. One inference
 worker owns the onnxruntime session: it takes whatever is queued, up to ``max_batch`` (waiting at
 most ``max_wait_ms`` for more when the queue runs dry), inspects it as one batch per category and
 mode, and answers each request. Batch composition does not change a score: each image's score
-depends on that image alone, and the tests check it against single-image inspection. A full
-queue answers 503 with Retry-After at once instead of growing; bodies over the size limit get 413.
+depends on that image alone, and the tests check it against single-image inspection. Bodies over
+the size limit get 413, bodies slower than ``body_timeout_s`` 408. Maps are computed at most
+``max_map_side`` pixels on the longest side. See docs/security.md for every limit.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from PIL import Image
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -53,6 +59,11 @@ class ServeConfig:
     max_body_bytes: int = 32 * MiB
     api_key: str | None = None
     journal: str | Path | None = None
+    # Memory and connection bounds for untrusted clients (docs/security.md).
+    max_map_side: int = 1024      # longest side of the computed map and the returned heat map
+    decode_workers: int = 2       # requests decoded at once (each may hold a full-size image)
+    body_timeout_s: float = 30.0  # the whole body must arrive within this, else 408
+    max_connections: int = 256    # open connections; uvicorn answers 503 beyond (serve only)
 
 
 def is_loopback(host: str) -> bool:
@@ -215,32 +226,38 @@ class Batcher:
         if self.journal is not None:
             bundle, precision = self.inspector.bundle.identity, self.inspector.precision
             self.journal.record(
-                Entry.of(r, "http", j.image_id, j.category, bundle, precision,
-                         self.inspector.thresholds(j.category, r.mode or "").get("image"))
+                Entry.of(r, "http", j.image_id, j.category, bundle=bundle, precision=precision,
+                         threshold=self.inspector.thresholds(j.category, r.mode or "").get("image"))
                 for j, r in zip(batch, results))
         return [Done(r, len(batch), start - j.enqueued, inference_s)
                 for j, r in zip(batch, results)]
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit``."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit``, and with 408 if
+    it has not all arrived within ``timeout_s`` (a client trickling bytes holds no slot)."""
     declared = request.headers.get("content-length", "")
     too_big = HTTPError(413, "body_too_large", f"request body over the limit of {limit} bytes; "
                         "send a smaller image or raise --max-body-mb")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HTTPError(408, "body_timeout", f"the request body did not arrive within "
+                        f"{timeout_s:g} s ({size} bytes received); send it at once") from None
     return b"".join(chunks)
 
 
-async def image_and_fields(request: Request, limit: int) -> tuple[bytes, dict[str, str]]:
+async def image_and_fields(request: Request, config: ServeConfig) -> tuple[bytes, dict[str, str]]:
     """(image bytes, form fields): multipart with an ``image`` part, or the raw body."""
-    body = await read_body(request, limit)
+    body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype != "multipart/form-data":
         if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
@@ -271,81 +288,136 @@ async def image_and_fields(request: Request, limit: int) -> tuple[bytes, dict[st
     return data, fields
 
 
-def create_app(inspector: Inspector, config: ServeConfig | None = None) -> Starlette:
-    config = config or ServeConfig()
-    if config.max_batch < 1 or config.max_queue < 1 or config.max_body_bytes < 1:
-        raise UsageError("max batch, max queue and max body size must be >= 1")
-    metrics = Metrics(config.max_batch)
-    journal = Journal(config.journal) if config.journal else None
-    state = {"ready": False, "batcher": None}
-    bundle = inspector.bundle
-    identity = {"identity": bundle.identity, "precision": inspector.precision,
-                "model": bundle.manifest.model.name,
-                "weights": bundle.manifest.model.weights.kind}
+class Service:
+    """The application's state and handlers; :func:`create_app` wires them into Starlette.
 
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
+    ``source`` is an Inspector, or a function that opens one: then the port can be bound first
+    and /readyz answers 503 while the model loads and warms up."""
+
+    def __init__(self, source: Inspector | Callable[[], Inspector], config: ServeConfig,
+                 on_load_error: Callable[[BaseException], None] | None = None):
+        self.source, self.config, self.on_load_error = source, config, on_load_error
+        self.metrics = Metrics(config.max_batch)
+        self.journal = Journal(config.journal) if config.journal else None
+        self.inspector: Inspector | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.identity: dict = {}
+        # Requests past admission (reading, decoding, queued or inferring); counted before the
+        # body is read, so a full server refuses without holding any request's bytes.
+        self.admitted = 0
+        self.capacity = config.max_queue + config.max_batch
+        self.decoders = anyio.CapacityLimiter(config.decode_workers)
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Load (when given a loader), warm up on the worker thread, then report ready."""
+        try:
+            inspector = self.source
+            if not isinstance(inspector, Inspector):
+                inspector = await anyio.to_thread.run_sync(self.source)
+            bundle = inspector.bundle
+            self.identity = {"identity": bundle.identity, "precision": inspector.precision,
+                             "model": bundle.manifest.model.name,
+                             "weights": bundle.manifest.model.weights.kind}
+            batcher = Batcher(inspector, self.config, self.metrics, self.journal)
+            # Every category's data is loaded once, and the first (slow) session run happens
+            # before readiness is reported.
+            probe = inspector.load(np.full((64, 64, 3), 128, np.uint8))
+            await asyncio.get_running_loop().run_in_executor(batcher.worker, warm_up,
+                                                             inspector, probe)
+        except BaseException as e:
+            if self.on_load_error is None or not isinstance(e, Exception):
+                raise
+            self.on_load_error(e)
             return
+        batcher.start()
+        self.inspector, self.batcher, self.ready = inspector, batcher, True
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        starting = asyncio.get_running_loop().create_task(self.start())
+        if isinstance(self.source, Inspector):
+            await starting  # already loaded: ready before the first request, as before
+        try:
+            yield
+        finally:
+            self.ready = False
+            with contextlib.suppress(Exception):
+                await starting
+            if self.batcher is not None:
+                await self.batcher.stop()
+            if self.journal is not None:
+                self.journal.close()
+
+    # ------------------------------------------------------------- plumbing
+    def authorized(self, request: Request) -> bool:
+        key = self.config.api_key
+        if key is None:
+            return True
         given = request.headers.get(API_KEY_HEADER)
-        if given is None:
+        # Header values arrive as latin-1; the key is ASCII (checked at start), compare bytes.
+        return given is not None and hmac.compare_digest(given.encode("latin-1"), key.encode())
+
+    def authorize(self, request: Request) -> None:
+        if self.authorized(request):
+            return
+        if request.headers.get(API_KEY_HEADER) is None:
             raise HTTPError(401, "missing_api_key", f"this server requires an API key in the "
                             f"{API_KEY_HEADER} header")
-        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
-            raise HTTPError(401, "wrong_api_key", f"the {API_KEY_HEADER} header does not match "
-                            "the server's API key")
+        raise HTTPError(401, "wrong_api_key", f"the {API_KEY_HEADER} header does not match the "
+                        "server's API key")
 
-    def endpoint(name: str, auth: bool = False):
-        def wrap(handler):
-            async def run(request: Request) -> Response:
-                t0 = time.perf_counter()
-                try:
-                    if auth:
-                        authorize(request)
-                    response = await handler(request)
-                except HTTPError as e:
-                    metrics.errors.labels(e.code).inc()
-                    response = error_response(e)
-                metrics.requests.labels(name, str(response.status_code)).inc()
-                metrics.latency.labels(name).observe(time.perf_counter() - t0)
-                return response
-            return run
-        return wrap
+    def endpoint(self, name: str, handler, auth: bool = False):
+        async def run(request: Request) -> Response:
+            t0 = time.perf_counter()
+            try:
+                if auth:
+                    self.authorize(request)
+                response = await handler(request)
+            except HTTPError as e:
+                self.metrics.errors.labels(e.code).inc()
+                response = error_response(e)
+            self.metrics.requests.labels(name, str(response.status_code)).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            return response
+        return run
 
-    @endpoint("inspect", auth=True)
-    async def inspect(request: Request) -> Response:
-        batcher: Batcher | None = state["batcher"]
-        if not state["ready"] or batcher is None:
+    def admit(self) -> Batcher:
+        if not self.ready or self.batcher is None:
             raise HTTPError(503, "not_ready", "the model is loading or the server is shutting "
                             "down; retry shortly", {"Retry-After": "1"})
-        t0 = time.perf_counter()
-        data, fields = await image_and_fields(request, config.max_body_bytes)
-        q = request.query_params
-        category = fields.get("category") or q.get("category")
-        mode = fields.get("mode") or q.get("mode") or "auto"
-        heatmap = (fields.get("heatmap") or q.get("heatmap") or "false").lower()
-        if heatmap not in ("true", "false", "1", "0"):
-            raise HTTPError(422, "bad_parameter", f"heatmap={heatmap!r}: use true or false")
-        if not category:
-            raise HTTPError(422, "missing_category", "give the product category: ?category=NAME "
-                            f"(this bundle has: {', '.join(bundle.categories)})")
-        if mode not in MODES:
-            raise HTTPError(422, "bad_parameter", f"mode={mode!r}: use one of {', '.join(MODES)}")
-        if category not in bundle.manifest.categories:
-            raise HTTPError(422, "unknown_category", f"unknown category {category!r}; this "
-                            f"bundle has: {', '.join(bundle.categories)}")
+        if self.admitted >= self.capacity:
+            self.metrics.rejected.inc()
+            wait = max(1, math.ceil(self.admitted * self.batcher.per_image_s))
+            raise HTTPError(503, "queue_full", f"the server is at capacity ({self.capacity} "
+                            f"requests in progress); retry after {wait} s",
+                            {"Retry-After": str(wait)})
+        return self.batcher
+
+    # ------------------------------------------------------------- handlers
+    async def inspect(self, request: Request) -> Response:
+        batcher = self.admit()
+        self.admitted += 1
         try:
-            mode_used = inspector.check(category, mode)
-        except ClipInspectError as e:
-            raise HTTPError(422, "bad_parameter", str(e)) from None
+            return await self._inspect(request, batcher)
+        finally:
+            self.admitted -= 1
+
+    async def _inspect(self, request: Request, batcher: Batcher) -> Response:
+        t0 = time.perf_counter()
+        data, fields = await image_and_fields(request, self.config)
+        category, mode, mode_used, want_map = self._parameters(request, fields)
         if not data:
             raise HTTPError(400, "empty_body", "the request carries no image bytes")
-        want_map = heatmap in ("true", "1")
-        loaded = await run_in_threadpool(inspector.load, EncodedImage(data), want_map)
+        async with self.decoders:  # at most decode_workers full-size images in memory
+            loaded = await anyio.to_thread.run_sync(self._load, data, want_map)
+        del data
         if loaded.error:
             raise HTTPError(400, "bad_image", loaded.error)
         decoded = time.perf_counter()
-        image_id = uuid.uuid4().hex
-        job = Job(loaded, category, mode, image_id, asyncio.get_running_loop().create_future())
+        job = Job(loaded, category, mode, uuid.uuid4().hex,
+                  asyncio.get_running_loop().create_future())
         batcher.submit(job)
         try:
             done: Done = await job.future
@@ -354,70 +426,114 @@ def create_app(inspector: Inspector, config: ServeConfig | None = None) -> Starl
         r = done.result
         if not r.ok:  # unreachable for a decoded image unless inference itself failed
             raise HTTPError(500, "inference_failed", r.error or "inference failed")
-        thresholds = inspector.thresholds(category, mode_used)
+        thresholds = self.inspector.thresholds(category, mode_used)
         body = {
-            "image_id": image_id, "category": category, "mode": r.mode,
+            "image_id": job.image_id, "category": category, "mode": r.mode,
             "image_score": r.image_score, "is_anomalous": r.is_anomalous,
             "threshold": ({"image": thresholds["image"],
-                           "key": f"{inspector.precision}/{mode_used}"}
+                           "key": f"{self.inspector.precision}/{mode_used}"}
                           if "image" in thresholds else None),
-            "bundle": identity, "batch_size": done.batch_size,
+            "bundle": self.identity, "batch_size": done.batch_size,
             "timings_ms": {"decode": 1e3 * (decoded - t0), "queue": 1e3 * done.queue_s,
                            "inference": 1e3 * done.inference_s,
                            "total": 1e3 * (time.perf_counter() - t0)},
         }
         if want_map:
-            body["heatmap_png"] = await run_in_threadpool(heatmap_png, r, thresholds)
+            body["heatmap_png"] = await anyio.to_thread.run_sync(heatmap_png, r, thresholds)
         return JSONResponse(body)
 
-    @endpoint("healthz")
-    async def healthz(request: Request) -> Response:
+    def _parameters(self, request: Request, fields: dict) -> tuple[str, str, str, bool]:
+        """(category, mode, mode used, heat map wanted) from the form fields or the query."""
+        q = request.query_params
+        category = fields.get("category") or q.get("category")
+        mode = fields.get("mode") or q.get("mode") or "auto"
+        heatmap = (fields.get("heatmap") or q.get("heatmap") or "false").lower()
+        categories = self.inspector.bundle.categories
+        if heatmap not in ("true", "false", "1", "0"):
+            raise HTTPError(422, "bad_parameter", f"heatmap={heatmap!r}: use true or false")
+        if not category:
+            raise HTTPError(422, "missing_category", "give the product category: ?category=NAME "
+                            f"(this bundle has: {', '.join(categories)})")
+        if mode not in MODES:
+            raise HTTPError(422, "bad_parameter", f"mode={mode!r}: use one of {', '.join(MODES)}")
+        if category not in self.inspector.bundle.manifest.categories:
+            raise HTTPError(422, "unknown_category", f"unknown category {category!r}; this "
+                            f"bundle has: {', '.join(categories)}")
+        try:
+            mode_used = self.inspector.check(category, mode)
+        except ClipInspectError as e:
+            # Clients see the bundle by identity, never by its path on the server.
+            message = str(e).replace(str(self.inspector.bundle.root), "BUNDLE")
+            raise HTTPError(422, "bad_parameter", message) from None
+        return category, mode, mode_used, heatmap in ("true", "1")
+
+    def _load(self, data: bytes, want_map: bool) -> LoadedImage:
+        """Decode and preprocess (a worker thread); the map is computed, and the image kept, at
+        most ``max_map_side`` pixels on the longest side."""
+        loaded = self.inspector.load(EncodedImage(data), want_map)
+        if loaded.error is None:
+            h, w = loaded.size
+            scale = self.config.max_map_side / max(h, w)
+            if scale < 1:
+                loaded.size = (max(1, round(h * scale)), max(1, round(w * scale)))
+                if loaded.image is not None:
+                    loaded.image = np.asarray(Image.fromarray(loaded.image).resize(
+                        (loaded.size[1], loaded.size[0]), Image.Resampling.BILINEAR))
+        return loaded
+
+    async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    @endpoint("readyz")
-    async def readyz(request: Request) -> Response:
-        if not state["ready"]:
+    async def readyz(self, request: Request) -> Response:
+        if not self.ready:
             raise HTTPError(503, "not_ready", "loading, warming up or shutting down",
                             {"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "bundle": identity,
-                             "categories": bundle.categories})
+        if not self.authorized(request):  # with a key set, what is served is not public
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready", "bundle": self.identity,
+                             "categories": self.inspector.bundle.categories})
 
-    @endpoint("metrics", auth=True)
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), headers={
-            "Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    @endpoint("openapi")
-    async def openapi_endpoint(request: Request) -> Response:
-        return JSONResponse(openapi_schema(bundle.categories, config))
+    async def openapi_endpoint(self, request: Request) -> Response:
+        if not self.ready:
+            raise HTTPError(503, "not_ready", "loading, warming up or shutting down",
+                            {"Retry-After": "1"})
+        return JSONResponse(openapi_schema(self.inspector.bundle.categories, self.config))
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        # Warm up on the worker thread: every category's data is loaded once, and the first
-        # (slow) session run happens before readiness is reported.
-        batcher = Batcher(inspector, config, metrics, journal)
-        probe = inspector.load(np.full((64, 64, 3), 128, np.uint8))
-        await asyncio.get_running_loop().run_in_executor(batcher.worker, warm_up, inspector,
-                                                         probe)
-        batcher.start()
-        state["batcher"] = batcher
-        state["ready"] = True
-        try:
-            yield
-        finally:
-            state["ready"] = False
-            await batcher.stop()
-            if journal is not None:
-                journal.close()
 
+def check_config(config: ServeConfig) -> None:
+    if min(config.max_batch, config.max_queue, config.max_body_bytes, config.decode_workers,
+           config.max_map_side, config.max_connections) < 1 or not config.body_timeout_s > 0:
+        raise UsageError("max batch, max queue, max body size, decode workers, max map side and "
+                         "max connections must be >= 1, and the body timeout > 0")
+    key = config.api_key
+    if key is not None and not (key.isascii() and key.isprintable() and key.strip() == key):
+        # Header values are latin-1 on the wire; a key outside printable ASCII could never match.
+        raise UsageError("the API key must be printable ASCII without surrounding spaces; "
+                         "generate one with: python -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'")
+
+
+def create_app(source: Inspector | Callable[[], Inspector], config: ServeConfig | None = None,
+               on_load_error: Callable[[BaseException], None] | None = None) -> Starlette:
+    """The service of an Inspector, or of a function that opens one (loaded after the port is
+    bound; ``on_load_error`` is told if that fails)."""
+    config = config or ServeConfig()
+    check_config(config)
+    s = Service(source, config, on_load_error)
     app = Starlette(routes=[
-        Route("/v1/inspect", inspect, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
-    ], lifespan=lifespan)
-    app.state.metrics = metrics
+        Route("/v1/inspect", s.endpoint("inspect", s.inspect, auth=True), methods=["POST"]),
+        Route("/healthz", s.endpoint("healthz", s.healthz), methods=["GET"]),
+        Route("/readyz", s.endpoint("readyz", s.readyz), methods=["GET"]),
+        Route("/metrics", s.endpoint("metrics", s.metrics_endpoint, auth=True), methods=["GET"]),
+        Route("/openapi.json", s.endpoint("openapi", s.openapi_endpoint, auth=True),
+              methods=["GET"]),
+    ], lifespan=s.lifespan)
+    app.state.metrics = s.metrics
+    app.state.service = s
     return app
 
 
@@ -522,14 +638,39 @@ def openapi_schema(categories: list[str], config: ServeConfig) -> dict:
     }
 
 
-def serve(bundle: str, host: str, port: int, config: ServeConfig, precision: str = "fp32",
+def serve(bundle: str, host: str, port: int, config: ServeConfig, *, precision: str = "fp32",
           provider: str = "cpu", threads: int | None = None) -> None:
+    """Bind first, then load the bundle: /readyz answers 503 until it is loaded and warm."""
     import uvicorn
 
     auth_line = check_exposure(host, config.api_key)
-    inspector = Inspector.open(bundle, precision, provider, threads)
-    print(f"clipinspect serve: {inspector.bundle.identity} ({precision}, {provider}) on "
-          f"http://{host}:{port}; {auth_line}; max batch {config.max_batch}, max wait "
-          f"{config.max_wait_ms:g} ms, queue {config.max_queue}", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(inspector, config), host=host, port=port, log_level="info",
-                access_log=False)
+    check_config(config)
+    failed: list[BaseException] = []
+
+    def load() -> Inspector:
+        inspector = Inspector.open(bundle, precision, provider, threads)
+        print(f"clipinspect serve: loaded {inspector.bundle.identity}; warming up",
+              file=sys.stderr, flush=True)
+        return inspector
+
+    def load_failed(e: BaseException) -> None:
+        failed.append(e)
+        server.should_exit = True
+
+    server = uvicorn.Server(uvicorn_config(create_app(load, config, load_failed), host, port,
+                                           config))
+    print(f"clipinspect serve: {bundle} ({precision}, {provider}) on http://{host}:{port}; "
+          f"{auth_line}; max batch {config.max_batch}, max wait {config.max_wait_ms:g} ms, "
+          f"queue {config.max_queue}", file=sys.stderr, flush=True)
+    server.run()
+    if failed:
+        raise failed[0]
+
+
+def uvicorn_config(app: Starlette, host: str, port: int, config: ServeConfig):
+    import uvicorn
+
+    # limit_concurrency: connections beyond it get 503 from uvicorn before the app sees them;
+    # idle keep-alive connections are closed after 5 s.
+    return uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+                          limit_concurrency=config.max_connections, timeout_keep_alive=5)

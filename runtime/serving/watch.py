@@ -8,15 +8,27 @@ moved to the done folder (or left in place with ``--keep``). A kill at any point
 loses nothing and repeats nothing: on restart, files the journal already has are only moved,
 and JSON lines the journal has but the file lacks are appended.
 
+Untrusted folder contents: a file is opened without following links and without blocking, and
+only a regular file of at most ``max_file_bytes`` is read (checked on the open descriptor, so a
+file swapped for a FIFO, a link or a device between listing and reading is caught). A file that
+cannot be used (unreadable, not regular, too large, a name that cannot be stored) is moved to the
+quarantine folder with its reason in the journal, and the watcher goes on. A decode that fails as
+corrupt or truncated is retried while the file keeps changing and given its verdict only after
+the file has stayed unchanged for ``incomplete_s`` (a writer may pause longer than ``settle``).
+Names are shown with control characters and undecodable bytes escaped (one log line per file).
+
 Camera / stream (``--source``): frames from OpenCV (a device index, an RTSP/HTTP URL or a video
 file), every n-th inspected, results to the journal and the JSON lines (frames are not kept).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import sqlite3
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -24,9 +36,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.errors import ClipInspectError, UsageError
-from ..core.images import IMAGE_SUFFIXES, EncodedImage
-from ..core.inspector import Inspector
+from ..core.images import CORRUPT, IMAGE_SUFFIXES, EncodedImage
+from ..core.inspector import Inspector, InspectionResult
 from .journal import Entry, Journal, JsonlSink
+
+MAX_FILE_BYTES = 256 << 20
 
 
 @dataclass
@@ -34,16 +48,73 @@ class Pending:
     path: Path
     image_id: str
     data: bytes
+    key: tuple[int, int]  # (size, mtime_ns) when read
+
+
+class Unusable(Exception):
+    """A file the watcher cannot inspect; the message is the reason journaled."""
 
 
 def log(message: str) -> None:
     print(f"clipinspect watch: {message}", file=sys.stderr, flush=True)
 
 
+def shown(name: str) -> str:
+    """A file name as text that is safe in a log line and a journal: bytes that are not UTF-8
+    become \\xNN, control characters (newlines included) their escapes."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def read_image_file(path: Path, max_bytes: int) -> tuple[bytes, tuple[int, int]]:
+    """The bytes of a regular file of at most ``max_bytes`` and its (size, mtime_ns); raises
+    Unusable otherwise, FileNotFoundError if it is gone. Never follows a link or blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP: a symbolic link; EACCES: unreadable
+        raise Unusable(f"cannot be opened: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unusable("is not a regular file")
+        if st.st_size > max_bytes:
+            raise Unusable(f"is {st.st_size} bytes, over the limit of {max_bytes}")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise Unusable(f"cannot be read: {e.strerror or e}") from None
+    if len(data) > max_bytes:  # grew while being read
+        raise Unusable(f"is over the limit of {max_bytes} bytes")
+    return data, (st.st_size, st.st_mtime_ns)
+
+
+def move(path: Path, folder: Path) -> Path:
+    """Move a file into ``folder`` under a free name; copy and unlink across file systems."""
+    target = folder / path.name
+    n = 1
+    while os.path.lexists(target):  # an earlier file of the same name: keep both
+        target = folder / f"{path.stem}.{n}{path.suffix}"
+        n += 1
+    try:
+        os.replace(path, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        partial = folder / f".{target.name}.partial"
+        shutil.copy2(path, partial, follow_symlinks=False)
+        os.replace(partial, target)  # appears complete or not at all
+        os.unlink(path)
+    return target
+
+
 class FolderWatcher:
     def __init__(self, inspector: Inspector, input_dir: str | os.PathLike, category: str,
-                 journal: Journal, sink: JsonlSink, done_dir: str | os.PathLike | None,
-                 mode: str = "auto", batch_size: int = 8, settle: float = 1.0):
+                 journal: Journal, sink: JsonlSink, done_dir: str | os.PathLike | None, *,
+                 mode: str = "auto", batch_size: int = 8, settle: float = 1.0,
+                 quarantine_dir: str | os.PathLike | None = None,
+                 max_file_bytes: int = MAX_FILE_BYTES, incomplete_s: float = 30.0):
         self.inspector, self.category, self.mode = inspector, category, mode
         self.input = Path(input_dir)
         if not self.input.is_dir():
@@ -51,14 +122,19 @@ class FolderWatcher:
         self.done = Path(done_dir) if done_dir is not None else None
         if self.done is not None:
             self.done.mkdir(parents=True, exist_ok=True)
+        self.quarantine = Path(quarantine_dir or self.input / "quarantine")  # made when needed
         self.journal, self.sink = journal, sink
         self.batch_size, self.settle = batch_size, settle
+        self.max_file_bytes, self.incomplete_s = max_file_bytes, incomplete_s
         self.origin = f"watch:{self.input.resolve()}"
         self.mode_used = inspector.check(category, mode)
         self.threshold = inspector.thresholds(category, self.mode_used).get("image")
         self._last_stat: dict[str, tuple[int, int]] = {}
-        # (name, size, mtime) of files already journaled and kept in place (--keep)
+        # (name, size, mtime) of files already journaled and kept in place (--keep), or that
+        # could not be moved to quarantine: not looked at again while unchanged
         self._kept: set[tuple[str, int, int]] = set()
+        # name -> ((size, mtime) that failed as corrupt or truncated, first seen failing)
+        self._incomplete: dict[str, tuple[tuple[int, int], float]] = {}
 
     def ready_files(self) -> list[Path]:
         """Image files unchanged since the previous poll and for at least ``settle`` seconds."""
@@ -68,14 +144,21 @@ class FolderWatcher:
             if (entry.name.startswith(".") or not entry.is_file(follow_symlinks=False)
                     or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES):
                 continue
-            st = entry.stat()
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
             key = (st.st_size, st.st_mtime_ns)
             seen[entry.name] = key
             if (entry.name, *key) in self._kept:
                 continue
+            failed, since = self._incomplete.get(entry.name, (None, 0.0))
+            if failed == key and now - since < self.incomplete_s:
+                continue  # failed to decode as it is: wait for a change or for the verdict
             if self._last_stat.get(entry.name) == key and now - st.st_mtime >= self.settle:
                 ready.append(Path(entry.path))
         self._last_stat = seen
+        self._incomplete = {k: v for k, v in self._incomplete.items() if k in seen}
         return ready
 
     def poll(self) -> int:
@@ -84,15 +167,18 @@ class FolderWatcher:
         handled = 0
         for path in self.ready_files():
             try:
-                data = path.read_bytes()
+                data, key = read_image_file(path, self.max_file_bytes)
             except FileNotFoundError:  # taken away meanwhile
                 continue
-            image_id = f"{path.name}@{hashlib.sha256(data).hexdigest()[:16]}"
+            except Unusable as e:
+                handled += self._quarantine(path, str(e))
+                continue
+            image_id = f"{shown(path.name)}@{hashlib.sha256(data).hexdigest()[:16]}"
             if self.journal.has(self.origin, image_id):
                 self._finish(path)  # inspected before a crash or restart: only move it
                 handled += 1
                 continue
-            pending.append(Pending(path, image_id, data))
+            pending.append(Pending(path, image_id, data, key))
             if len(pending) == self.batch_size:
                 handled += self._inspect(pending)
                 pending = []
@@ -101,11 +187,35 @@ class FolderWatcher:
         return handled
 
     def _inspect(self, batch: list[Pending]) -> int:
-        loaded = [self.inspector.load(EncodedImage(p.data, p.path.name)) for p in batch]
+        loaded = [self.inspector.load(EncodedImage(p.data, shown(p.path.name))) for p in batch]
         results = self.inspector.inspect_loaded(loaded, self.category, self.mode)
+        final = [(p, r) for p, r in zip(batch, results) if not self._still_incomplete(p, r)]
         entries = [Entry.of(r, self.origin, p.image_id, self.category,
-                            self.inspector.bundle.identity, self.inspector.precision,
-                            self.threshold) for p, r in zip(batch, results)]
+                            bundle=self.inspector.bundle.identity,
+                            precision=self.inspector.precision, threshold=self.threshold)
+                   for p, r in final]
+        self._record(entries)
+        for p, r in final:
+            verdict = ("error: " + r.error if not r.ok else f"score {r.image_score:.4f}" + (
+                "" if r.is_anomalous is None else
+                " ANOMALOUS" if r.is_anomalous else " ok"))
+            log(f"{shown(p.path.name)}: {verdict}")
+            self._incomplete.pop(p.path.name, None)
+            self._finish(p.path)
+        return len(final)
+
+    def _still_incomplete(self, p: Pending, r: InspectionResult) -> bool:
+        """A corrupt or truncated decode is only final once the file has stayed the same for
+        ``incomplete_s``; until then it is tried again at each poll that finds it settled."""
+        if r.ok or CORRUPT not in (r.error or ""):
+            return False
+        key, since = self._incomplete.get(p.path.name, (None, 0.0))
+        if key != p.key:
+            self._incomplete[p.path.name] = (p.key, time.time())
+            return self.incomplete_s > 0
+        return time.time() - since < self.incomplete_s
+
+    def _record(self, entries: list[Entry]) -> None:
         try:
             rows = self.journal.record(entries)
         except sqlite3.IntegrityError:
@@ -113,25 +223,39 @@ class FolderWatcher:
             raise ClipInspectError(f"another 'clipinspect watch' is journaling {self.input} "
                                    f"into {self.journal.path}; run only one per folder") from None
         self.sink.write(rows)
-        for p, r in zip(batch, results):
-            verdict = ("error: " + r.error if not r.ok else f"score {r.image_score:.4f}" + (
-                "" if r.is_anomalous is None else
-                " ANOMALOUS" if r.is_anomalous else " ok"))
-            log(f"{p.path.name}: {verdict}")
-            self._finish(p.path)
-        return len(batch)
+
+    def _quarantine(self, path: Path, reason: str) -> int:
+        """Journal why a file cannot be inspected and move it aside; never raises for it."""
+        name = shown(path.name)
+        image_id = f"{name}@quarantined-{time.time_ns()}"
+        self._record([Entry(self.origin, image_id, self.category, self.inspector.bundle.identity,
+                            self.inspector.precision, error=f"{name} {reason}")])
+        try:
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            target = move(path, self.quarantine)
+            log(f"{name}: {reason}; moved to {shown(str(target))}")
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # cannot even be moved: leave it, and skip it while unchanged
+            log(f"{name}: {reason}; cannot be moved to quarantine ({e.strerror or e})")
+            key = self._last_stat.get(path.name)
+            if key is not None:
+                self._kept.add((path.name, *key))
+        return 1
 
     def _finish(self, path: Path) -> None:
-        if self.done is None:
-            st = path.stat()
-            self._kept.add((path.name, st.st_size, st.st_mtime_ns))
+        try:
+            if self.done is not None:
+                move(path, self.done)
+                return
+            st = path.stat(follow_symlinks=False)
+        except FileNotFoundError:
             return
-        target = self.done / path.name
-        n = 1
-        while target.exists():  # an earlier image of the same name: keep both
-            target = self.done / f"{path.stem}.{n}{path.suffix}"
-            n += 1
-        os.replace(path, target)
+        except OSError as e:  # journaled already; leave the file rather than stop the line
+            log(f"{shown(path.name)}: cannot be moved to {shown(str(self.done))} "
+                f"({e.strerror or e}); left in place")
+            st = path.stat(follow_symlinks=False)
+        self._kept.add((path.name, st.st_size, st.st_mtime_ns))
 
     def run(self, interval: float = 0.5, once: bool = False,
             stop: Callable[[], bool] = lambda: False) -> None:
@@ -158,7 +282,7 @@ def opencv():
 
 
 def watch_source(inspector: Inspector, source: str, category: str, journal: Journal,
-                 sink: JsonlSink, mode: str = "auto", every: int = 1,
+                 sink: JsonlSink, *, mode: str = "auto", every: int = 1,
                  max_frames: int | None = None) -> int:
     """Inspect frames of a camera, stream or video file; returns the number inspected."""
     cv2 = opencv()
@@ -185,8 +309,9 @@ def watch_source(inspector: Inspector, source: str, category: str, journal: Jour
             # A restart begins a new series: frame numbers are unique within one run.
             image_id = f"{started}-frame{frame_no:08d}"
             sink.write(journal.record([Entry.of(result, origin, image_id, category,
-                                                inspector.bundle.identity, inspector.precision,
-                                                threshold)]))
+                                                bundle=inspector.bundle.identity,
+                                                precision=inspector.precision,
+                                                threshold=threshold)]))
             inspected += 1
             log(f"frame {frame_no}: " + (f"score {result.image_score:.4f}" if result.ok
                                           else f"error: {result.error}"))

@@ -20,12 +20,15 @@ from .engine import GRAPHS, EngineError, current_device, find_engines, import_te
 
 
 def _memory_size(engine) -> int:
-    # device_memory_size_v2 (TensorRT >= 10.1) also counts what weight streaming needs.
-    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+    """Scratch memory the engine needs. device_memory_size_v2 (TensorRT >= 10.1) also counts
+    what weight streaming needs; TensorRT 11 has only it, and 0 is a valid answer there."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(engine.device_memory_size if size is None else size)
 
 
 class TrtBackend:
-    """Same protocol as OrtBackend: encode(images), score(encoded, head, extra), to_host()."""
+    """A :class:`~clipinspect.runtime.core.backend.Backend` on TensorRT engines (one per graph:
+    encoder, head_zeroshot, head_fewshot), made by ``open_backend(..., "tensorrt-native")``."""
 
     provider = "tensorrt-native"
     device = "cuda"
@@ -62,8 +65,11 @@ class TrtBackend:
             else:
                 context.device_memory = self.scratch.ptr
             self.contexts[name] = context
+        # {graph: ([inputs], [outputs])} from the engines' I/O tensors, as OrtBackend reads
+        # them off its sessions; head_io is the heads' part, which the Inspector reads.
         self.io = {name: self._io(engine) for name, engine in self.engines.items()}
         self.encoder_outputs = self.io["encoder"][1]
+        self.head_io = {name: names for name, names in self.io.items() if name != "encoder"}
         self._device_cache: dict[str, tuple[np.ndarray, Any]] = {}
 
     def _io(self, engine) -> tuple[list[str], list[str]]:
@@ -77,7 +83,12 @@ class TrtBackend:
         inputs, outputs = self.io[name]
         for n in inputs:
             arr = feeds[n]
-            context.set_input_shape(n, tuple(arr.shape))
+            if not context.set_input_shape(n, tuple(arr.shape)):
+                lo, _, hi = engine.get_tensor_profile_shape(n, 0)
+                raise EngineError(f"the {name} engine refused input {n!r} of shape "
+                                  f"{tuple(arr.shape)}: its profile takes {tuple(lo)} to "
+                                  f"{tuple(hi)}; rebuild with '{self.rebuild}' and a wider "
+                                  "--max-batch / --max-shots")
             context.set_tensor_address(n, arr.data.ptr)
         result = {}
         for n in outputs:

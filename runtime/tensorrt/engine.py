@@ -27,10 +27,12 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..core.bundle import Bundle, atomic_write_bytes, write_versioned
 from ..core.errors import ClipInspectError, UsageError
+from ..core.manifest import EngineBuild
 from ..core.progress import Progress
 from .compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes, require_compatible
 
@@ -43,27 +45,47 @@ class EngineError(ClipInspectError, RuntimeError):
     """No usable engine (missing, built elsewhere, stale) or TensorRT missing or failing."""
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 @dataclass(frozen=True)
 class Device:
-    """What an engine is bound to."""
+    """What an engine is bound to. Jetson modules of one generation report the same GPU name
+    and compute capability (an Orin Nano and an Orin NX are both 'Orin', sm 8.7) but differ in
+    SMs, memory and clocks, which the builder's timings depend on: the key also holds the SM
+    count, the memory size and, on a Jetson, the board model (/proc/device-tree/model)."""
 
     gpu: str
     compute_capability: str   # "8.7"
     tensorrt: str             # "10.3.0.30"
+    sm_count: int
+    memory_gib: int           # total device memory, rounded (a Jetson's shared memory)
+    board: str = ""           # e.g. "NVIDIA Jetson Orin NX Engineering Reference Developer Kit"
 
     @property
     def key(self) -> str:
-        """Folder-safe key, e.g. 'nvidia-jetson-orin-nano_sm87_trt10.3.0.30'."""
-        gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-") or "gpu"
-        return f"{gpu}_sm{self.compute_capability.replace('.', '')}_trt{self.tensorrt}"
+        """Folder-safe key, e.g. 'orin_nvidia-jetson-orin-nano-..._sm87_8sms_8gib_trt10.3.0.30'."""
+        board = f"_{_slug(self.board)}" if self.board else ""
+        return (f"{_slug(self.gpu) or 'gpu'}{board}_sm{self.compute_capability.replace('.', '')}"
+                f"_{self.sm_count}sms_{self.memory_gib}gib_trt{self.tensorrt}")
+
+    @property
+    def legacy_key(self) -> str:
+        """The key clipinspect used before it recorded SMs, memory and board (see
+        :func:`adopt_legacy_engines`)."""
+        return (f"{_slug(self.gpu) or 'gpu'}_sm{self.compute_capability.replace('.', '')}"
+                f"_trt{self.tensorrt}")
 
     def describe(self) -> str:
-        return (f"{self.gpu} (compute capability {self.compute_capability}), TensorRT "
-                f"{self.tensorrt}")
+        board = f" on {self.board}" if self.board else ""
+        return (f"{self.gpu}{board} (compute capability {self.compute_capability}, "
+                f"{self.sm_count} SMs, {self.memory_gib} GiB), TensorRT {self.tensorrt}")
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "compute_capability": self.compute_capability,
-                "tensorrt": self.tensorrt}
+                "tensorrt": self.tensorrt, "sm_count": self.sm_count,
+                "memory_gib": self.memory_gib, "board": self.board}
 
 
 def import_tensorrt():
@@ -74,30 +96,69 @@ def import_tensorrt():
         raise EngineError(
             "TensorRT's Python package is not installed: on a Jetson it comes with JetPack "
             "(apt install python3-libnvinfer; use a virtual environment created with "
-            "--system-site-packages), on a workstation pip install 'clipinspect[tensorrt]'. "
+            "--system-site-packages), on a workstation pip install 'clipinspect[tensorrt-cu12]' "
+            "(CUDA 12) or 'clipinspect[tensorrt-cu13]' (CUDA 13). "
             "Without TensorRT use --provider cuda or cpu") from e
     try:
         import cupy
     except ImportError as e:
         raise EngineError("cupy (GPU buffers for the TensorRT backend) is not installed: "
-                          "pip install cupy-cuda12x (or the cupy build matching your CUDA)") from e
+                          "pip install cupy-cuda12x (CUDA 12, JetPack 6) or cupy-cuda13x (CUDA 13, "
+                          "JetPack 7)") from e
     return trt, cupy
+
+
+def board_model(path: Path = Path("/proc/device-tree/model")) -> str:
+    """The board model a Jetson reports ('' elsewhere: x86 machines have no device tree)."""
+    try:
+        return path.read_bytes().rstrip(b"\0").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def current_device(trt, cupy, device_id: int = 0) -> Device:
     props = cupy.cuda.runtime.getDeviceProperties(device_id)
     name = props["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)
-    return Device(name, f"{props['major']}.{props['minor']}", str(trt.__version__))
+    return Device(name, f"{props['major']}.{props['minor']}", str(trt.__version__),
+                  sm_count=int(props["multiProcessorCount"]),
+                  memory_gib=round(int(props["totalGlobalMem"]) / (1 << 30)),
+                  board=board_model())
+
+
+def adopt_legacy_engines(bundle: Bundle, device: Device) -> bool:
+    """Move engines recorded under ``device.legacy_key`` (older clipinspect) to ``device.key``,
+    with their timing cache; True if it did. Only where the legacy key identifies the GPU
+    model: not on a Jetson, whose legacy key is shared by several modules (those engines stay
+    where they are and find_engines says to rebuild)."""
+    engines = bundle.manifest.engines
+    if device.board or device.key in engines or device.legacy_key not in engines:
+        return False
+    with bundle.updating() as m:
+        entry = m.engines.pop(device.legacy_key)
+        entry.device = device.to_json()
+        m.engines[device.key] = entry
+    caches = bundle.root / "cache" / "tensorrt"
+    old = caches / f"{device.legacy_key}.timing-cache"
+    if old.is_file():
+        old.replace(caches / f"{device.key}.timing-cache")
+    return True
 
 
 # ------------------------------------------------------------------------------ lookup
-def find_engines(bundle: Bundle, precision: str, device: Device) -> dict[str, Any]:
+def find_engines(bundle: Bundle, precision: str, device: Device) -> EngineBuild:
     """The engine record of ``precision`` for ``device``; an error that says how to rebuild
     when there is none, it was built on another device, or its graphs changed since."""
     rebuild = f"clipinspect build-engine {bundle.root} --precision {precision}"
+    adopt_legacy_engines(bundle, device)
     engines = bundle.manifest.engines
     entry = engines[device.key].builds.get(precision) if device.key in engines else None
+    legacy = engines.get(device.legacy_key)
+    if entry is None and device.board and legacy is not None and precision in legacy.builds:
+        raise EngineError(f"the {precision} engines in {str(bundle.root)!r} were recorded by an "
+                          "older clipinspect that did not tell Jetson modules apart (they may "
+                          f"come from another {device.gpu} module); rebuild them here with "
+                          f"'{rebuild}'")
     if entry is None:
         elsewhere = [f"{e.device['gpu']} (sm {e.device['compute_capability']}, "
                      f"TensorRT {e.device['tensorrt']})"
@@ -140,8 +201,16 @@ def _progress_monitor(trt, stream):
     return Monitor()
 
 
-def _build_one(trt, logger, path, shapes, workspace_mb: int, cache_bytes: bytes,
-               monitor) -> tuple[bytes, bytes]:
+@dataclass(frozen=True)
+class BuildSettings:
+    """What every engine of one build-engine run is built with."""
+
+    workspace_mb: int = DEFAULT_WORKSPACE_MB
+    monitor: Any = None   # a TensorRT IProgressMonitor, or None
+
+
+def _build_one(trt, logger, path: Path, shapes: dict, *, settings: BuildSettings,
+               cache_bytes: bytes) -> tuple[bytes, bytes]:
     """One strongly typed engine from the ONNX file at ``path`` -> (plan, timing cache)."""
     builder = trt.Builder(logger)
     flags = 0
@@ -154,11 +223,16 @@ def _build_one(trt, logger, path, shapes, workspace_mb: int, cache_bytes: bytes,
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise EngineError(f"TensorRT could not parse {path.name}: {errors}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    # TF32 is on by default and would run the graphs' FP32 matrix products (the FP32 encoder,
+    # the heads in every variant) with 10-bit mantissas: FP32 here means FP32.
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None:
+        config.clear_flag(tf32)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mb) << 20)
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
-    if monitor is not None:
-        config.progress_monitor = monitor
+    if settings.monitor is not None:
+        config.progress_monitor = settings.monitor
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
@@ -191,6 +265,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
     require_compatible(bundle, labels, batch=batch, max_shots=max_shots)
     trt, cupy = import_tensorrt()
     device = current_device(trt, cupy)
+    adopt_legacy_engines(bundle, device)
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = bundle.root / "cache" / "tensorrt" / f"{device.key}.timing-cache"
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
@@ -198,7 +273,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
           f"{batch.min}/{batch.opt}/{batch.max}, up to {max_shots} reference images, workspace "
           f"{workspace_mb} MB{', reusing the timing cache' if cache_bytes else ''}",
           file=stream, flush=True)
-    monitor = _progress_monitor(trt, stream)
+    settings = BuildSettings(workspace_mb, _progress_monitor(trt, stream))
     folder = f"engines/{device.key}/{precision}"
     files, seconds = {}, {}
     with Progress(len(GRAPHS), "build-engine", stream=stream, unit="engine") as bar:
@@ -207,8 +282,8 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
             shapes = profile_shapes(bundle, onnx.load(str(path), load_external_data=False),
                                     batch, max_shots)
             t0 = time.perf_counter()
-            plan, cache_bytes = _build_one(trt, logger, path, shapes, workspace_mb,
-                                           cache_bytes, monitor)
+            plan, cache_bytes = _build_one(trt, logger, path, shapes, settings=settings,
+                                           cache_bytes=cache_bytes)
             seconds[name] = round(time.perf_counter() - t0, 1)
             # Saved after each engine: an interrupted build keeps the timings measured so far.
             atomic_write_bytes(cache_path, cache_bytes)
@@ -219,6 +294,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
         **files,
         "profile": {"batch": [batch.min, batch.opt, batch.max], "max_shots": int(max_shots)},
         "workspace_mb": int(workspace_mb),
+        "tf32": False,
         "source_graphs": {n: bundle.manifest.graphs[precision][n].sha256 for n in GRAPHS},
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": seconds,

@@ -27,18 +27,25 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from ..core.bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes
+from ..core.bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes, sha256_file
 from ..core.errors import UsageError
-from ..core.manifest import EngineBuild
+from ..core.manifest import EngineBuild, FileEntry
 
 ENCODER = "clipinspect_encoder"
 CATEGORIES = "clipinspect_categories"
 HEADS = {"zeroshot": "clipinspect_head_zeroshot", "fewshot": "clipinspect_head_fewshot"}
 ENSEMBLES = {"zeroshot": "clipinspect_zeroshot", "fewshot": "clipinspect_fewshot"}
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan",
-                                                                      "model.plan")}
+# platform -> (Triton platform or backend, model file); python: Python-backend models running
+# the ONNX graphs with onnxruntime on the CPU (python_model.py).
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan"),
+             "python": ("python", "model.onnx")}
 DEFAULT_QUEUE_DELAY_US = 2000
+DEFAULT_MAX_BATCH = 32   # --platform onnx; tensorrt defaults to the engines' profile maximum
+# Which bundle a repository was written from, next to the categories model (Triton ignores
+# files in a model folder other than its config and version folders).
+IDENTITY_FILE = "clipinspect_bundle.json"
 
 
 def _dims(dims) -> str:
@@ -187,22 +194,76 @@ def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> En
     return record
 
 
-def write_repository(bundle_path, out, platform: str = "onnx", precision: str = "fp32",
-                     max_batch: int = 32, overwrite: bool = False,
+def engine_max_batch(record: EngineBuild, max_batch: int | None, build: str) -> int:
+    """The encoder's max_batch_size for engines built with ``record.profile``: Triton's
+    TensorRT backend refuses a config whose max_batch_size exceeds the engine profile's
+    maximum, and its dynamic batcher sends any batch from 1 up, so the profile must start at 1."""
+    lo, _, hi = (int(b) for b in record.profile["batch"])
+    if lo > 1:
+        raise UsageError(f"the engines' profile starts at batch {lo}, but Triton sends batches "
+                         f"from 1 up; rebuild with '{build} --min-batch 1'")
+    if max_batch is None:
+        return hi
+    if max_batch > hi:
+        raise UsageError(f"--max-batch {max_batch} exceeds the engines' profile maximum {hi}, "
+                         f"which Triton would refuse; use --max-batch {hi} or less, or rebuild "
+                         f"with '{build} --max-batch {max_batch}'")
+    return max_batch
+
+
+def checked_file(bundle: Bundle, entry: FileEntry, what: str) -> Path:
+    """The bundle file of a manifest entry, refused when it lies outside the
+    bundle or its content is not the one recorded: a repository serves exactly the bundle."""
+    root = bundle.root.resolve()
+    path = (root / entry.file).resolve()
+    if not path.is_relative_to(root):
+        raise UsageError(f"the {what} file {entry.file!r} lies outside the bundle "
+                         f"{str(root)!r}; a repository is written only from the bundle's files")
+    if not path.is_file():
+        raise UsageError(f"the {what} file {entry.file!r} is missing from the bundle")
+    if sha256_file(path) != entry.sha256:
+        raise UsageError(f"the {what} file {entry.file!r} does not match the checksum the "
+                         "bundle records (modified or truncated); rebuild or re-export it")
+    return path
+
+
+def _identity(bundle: Bundle, platform: str, precision: str) -> dict[str, Any]:
+    return {"bundle": bundle.identity, "platform": platform, "precision": precision}
+
+
+def _check_same_bundle(bundle: Bundle, out: Path) -> None:
+    """--categories-only writes arrays the served heads must accept: only from the bundle the
+    repository was written from (a 640-d bundle's prototypes break a 384-d repository)."""
+    path = out / CATEGORIES / IDENTITY_FILE
+    if not path.is_file():
+        raise UsageError(f"{str(out)!r} does not record which bundle it was written from (an "
+                         "older clipinspect wrote it); write it again with --overwrite")
+    served = json.loads(path.read_text())["bundle"]
+    if served != bundle.identity:
+        raise UsageError(f"{str(out)!r} serves bundle {served!r}, not {bundle.identity!r}; "
+                         "--categories-only only refreshes the categories of the same bundle "
+                         "(write a new repository with --overwrite instead)")
+
+
+def write_repository(bundle_path, out, *, platform: str = "onnx", precision: str = "fp32",
+                     max_batch: int | None = None, overwrite: bool = False,
                      categories_only: bool = False, engine_key: str | None = None) -> Path:
     """Write the model repository; ``categories_only`` refreshes the category files of an
-    existing repository (what a running server picks up without a restart)."""
+    existing repository written from the same bundle (what a running server picks up without
+    a restart). ``max_batch``: the encoder's max_batch_size (None: 32 for onnx, the engines'
+    profile maximum for tensorrt)."""
     bundle = Bundle.open(bundle_path)
     out = Path(out)
     if platform not in PLATFORMS:
-        raise UsageError(f"--platform {platform!r}: choose onnx or tensorrt")
-    if max_batch < 1:
+        raise UsageError(f"--platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
+    if max_batch is not None and max_batch < 1:
         raise UsageError(f"--max-batch {max_batch}: need at least 1")
     bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
     if categories_only:
         if not (out / CATEGORIES / "config.pbtxt").is_file():
             raise UsageError(f"{str(out)!r} is not a clipinspect model repository; write it "
                              "first without --categories-only")
+        _check_same_bundle(bundle, out)
         write_categories(bundle, out)
         return out
     if out.exists() and any(out.iterdir()):
@@ -213,6 +274,11 @@ def write_repository(bundle_path, out, platform: str = "onnx", precision: str = 
             raise UsageError(f"{str(out)!r} already holds a model repository; pass --overwrite "
                              "to replace it, or --categories-only to refresh the categories")
     record = _engine_record(bundle, precision, engine_key) if platform == "tensorrt" else None
+    if record is not None:
+        max_batch = engine_max_batch(record, max_batch, f"clipinspect build-engine {bundle.root} "
+                                                        f"--precision {precision}")
+    elif max_batch is None:
+        max_batch = DEFAULT_MAX_BATCH
     # Written next to the target and swapped in whole: a failure leaves the old one intact.
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -220,8 +286,9 @@ def write_repository(bundle_path, out, platform: str = "onnx", precision: str = 
 
     def model_file(graph: str) -> Path:
         if record is not None:
-            return bundle.root / record.files[graph].file
-        return bundle.graph_path(precision, graph)
+            return checked_file(bundle, record.files[graph], f"{precision} {graph} engine")
+        return checked_file(bundle, bundle.manifest.graphs[precision][graph],
+                            f"{precision} {graph} graph")
 
     try:
         configs = {ENCODER: encoder_config(bundle, platform, max_batch),
@@ -236,9 +303,15 @@ def write_repository(bundle_path, out, platform: str = "onnx", precision: str = 
         (tmp / CATEGORIES / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy2(Path(__file__).with_name("categories.py"),
                      tmp / CATEGORIES / "1" / "model.py")
+        if platform == "python":
+            from .python_model import as_python_models
+
+            as_python_models(tmp, configs, [ENCODER, *HEADS.values()], CATEGORIES)
         for name, text in configs.items():
             atomic_write_bytes(tmp / name / "config.pbtxt", text.encode())
         write_categories(bundle, tmp)
+        atomic_write_bytes(tmp / CATEGORIES / IDENTITY_FILE,
+                           json.dumps(_identity(bundle, platform, precision)).encode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

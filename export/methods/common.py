@@ -1,10 +1,10 @@
-"""WinCLIP / WinCLIP+ as exportable torch modules (METHODS.md sections 1-2), and the scoring
-functions every method shares: class score, contextual prompt adaptation (section 5),
-harmonic aggregation, nearest-neighbour association.
+"""Torch building blocks every scoring method shares: the CLIP tower wrapper the encoders are
+built from, normalization, class score, contextual prompt adaptation (docs/methods.md#contextual-prompt-adaptation-our-formulation),
+nearest-neighbour association; and their plain eager counterparts for the references.
 
-Shapes: B images, C vision width, D joint embedding width, P = gh*gw patches, W_k windows of
-scale k, M memory entries, N_n / N_a normal / anomalous prompts. Everything here is traced into
-ONNX; nothing per product is baked in.
+Shapes: B images, C vision width, D joint embedding width, L tokens, P = gh*gw patches, M memory
+entries, N_n / N_a normal / anomalous prompts. Everything here is traced into ONNX; nothing per
+product is baked in.
 """
 
 from __future__ import annotations
@@ -16,29 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 TEMPERATURE = 0.07
-# Reciprocals of scores are clamped here so that a score of exactly 0 (a query identical to a
-# reference) gives a harmonic mean of ~0 instead of 0 * inf = NaN inside the matrix product.
-RECIPROCAL_FLOOR = 1e-30
-
-
-def window_indices(grid: tuple[int, int], k: int) -> torch.Tensor:
-    """(W_k, k*k) int64 patch indices of every k x k window, stride 1, row-major order."""
-    gh, gw = grid
-    if not 1 <= k <= min(gh, gw):
-        raise ValueError(f"window scale {k} does not fit the {gh}x{gw} patch grid")
-    rows = torch.arange(gh - k + 1).repeat_interleave(gw - k + 1)
-    cols = torch.arange(gw - k + 1).repeat(gh - k + 1)
-    di = torch.arange(k).repeat_interleave(k)
-    dj = torch.arange(k).repeat(k)
-    return (rows[:, None] + di[None, :]) * gw + (cols[:, None] + dj[None, :])
-
-
-def incidence(grid: tuple[int, int], k: int) -> torch.Tensor:
-    """(W_k, P) float32 window-by-patch incidence matrix (1 where the window holds the patch)."""
-    idx = window_indices(grid, k)
-    a = torch.zeros(idx.shape[0], grid[0] * grid[1])
-    a.scatter_(1, idx, 1.0)
-    return a
 
 
 class ClipTower(nn.Module):
@@ -97,47 +74,8 @@ class ClipTower(nn.Module):
         return x
 
 
-class WinClipEncoder(ClipTower):
-    """images (B, 3, H, W) -> image_embedding (B, D), window_embeddings_k (B, W_k, D) per scale,
-    patch_tokens (B, P, C).
-
-    Wraps an open_clip VisionTransformer. Window sequences are [class token, the window's patch
-    tokens] taken after patch + class + positional embedding (before ln_pre); all windows of one
-    scale run through the transformer as one batch. In the last block only the class token's
-    output is needed, so only its query, attention and MLP are computed (exactly the same value).
-    """
-
-    def __init__(self, visual: nn.Module, scales: tuple[int, ...]):
-        super().__init__(visual)
-        self.scales = tuple(int(k) for k in scales)
-        for k in self.scales:
-            self.register_buffer(f"windows_{k}", window_indices(self.grid, k) + 1, persistent=False)
-
-    def output_names(self) -> list[str]:
-        return ["image_embedding", *[f"window_embeddings_{k}" for k in self.scales], "patch_tokens"]
-
-    def window_embeddings(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
-        """tokens (B, 1 + P, C) -> (B, W_k, D)."""
-        v = self.visual
-        idx = getattr(self, f"windows_{k}")
-        n_windows, n_patches = idx.shape
-        patches = tokens[:, idx]                                            # (B, W, k*k, C)
-        cls = tokens[:, :1].unsqueeze(1).expand(-1, n_windows, -1, -1)      # (B, W, 1, C)
-        seq = torch.cat([cls, patches], dim=2).reshape(-1, 1 + n_patches, tokens.shape[-1])
-        pooled = v.ln_post(self.transformer(v.ln_pre(seq), class_only=True)[:, 0])  # (B*W, C)
-        return (pooled @ v.proj).reshape(tokens.shape[0], n_windows, -1)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        v = self.visual
-        tokens = self.embed_tokens(images)
-        x = v.ln_post(self.transformer(v.ln_pre(tokens)))
-        image_embedding = x[:, 0] @ v.proj
-        windows = [self.window_embeddings(tokens, k) for k in self.scales]
-        return (image_embedding, *windows, x[:, 1:])
-
-
 def check_supported(visual: nn.Module) -> None:
-    """WinCLIP needs a plain class-token ViT; say clearly which part of another one is not."""
+    """The encoders need a plain class-token ViT; say clearly which part of another one is not."""
     problems = []
     if not all(hasattr(visual, a) for a in ("conv1", "class_embedding", "positional_embedding",
                                             "transformer", "ln_pre", "ln_post")):
@@ -186,7 +124,7 @@ def class_score(x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Adaptation:
-    """Contextual prompt adaptation (METHODS.md section 5, our formulation).
+    """Contextual prompt adaptation (docs/methods.md#per-image-prototypes, our formulation).
 
     tau: temperature of the relevance softmax within each state; top_k: keep only the k most
     relevant prompts of each state (ties at the k-th relevance are kept), None = all.
@@ -233,68 +171,53 @@ def head_text(named: dict[str, torch.Tensor], image_embedding: torch.Tensor,
                        dim=1)
 
 
-def harmonic_to_patches(scores: torch.Tensor, incidence_wp: torch.Tensor, counts: torch.Tensor
-                        ) -> torch.Tensor:
-    """Window scores (B, W) -> patch scores (B, P): n(p) / sum over windows holding p of 1/s_w."""
-    return counts / (scores.clamp_min(RECIPROCAL_FLOOR).reciprocal() @ incidence_wp)
-
-
 def association(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """(B, N, E) queries, (M, E) memory -> (B, N): min over memory of (1 - cos) / 2."""
     return ((1.0 - normalize(x) @ normalize(memory).T) * 0.5).min(dim=-1).values
 
 
-class WinClipHead(nn.Module):
-    """Scoring graph. Inputs (in this order):
+# ----------------------------------------------------------- eager counterparts (references)
+# Written straight from the formulas of docs/methods.md, on open_clip's own modules, one image or head at a time where
+# that is how the formula reads: the yardstick the exported graphs are tested against.
 
-    image_embedding (B, D), window_embeddings_k (B, W_k, D) per scale, [few-shot: patch_tokens
-    (B, P, C)], text_prototypes (2, D) or with adaptation text_normal (N_n, D) and
-    text_anomalous (N_a, D), [few-shot: memory_patch_tokens (M_p, C),
-    memory_window_embeddings_k (M_k, D) per scale].
+def eager_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1 + P, C) tokens after patch + class + positional embedding, before
+    ln_pre (as open_clip's own forward builds them)."""
+    x = visual.conv1(images)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1],
+                                                           dtype=x.dtype, device=x.device)
+    return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
 
-    Outputs: image_score (B,), anomaly_grid (B, gh, gw).
-    """
 
-    def __init__(self, grid: tuple[int, int], scales: tuple[int, ...], few_shot: bool,
-                 adaptation: Adaptation | None = None):
-        super().__init__()
-        self.grid = tuple(grid)
-        self.scales = tuple(scales)
-        self.few_shot = few_shot
-        self.adaptation = adaptation
-        for k in self.scales:
-            a = incidence(self.grid, k)
-            self.register_buffer(f"incidence_{k}", a, persistent=False)
-            self.register_buffer(f"counts_{k}", a.sum(dim=0), persistent=False)
+def eager_class_score(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """x (..., D), prototypes (2, D) raw -> (...) anomalous probability, cosine by cosine."""
+    cos_normal = F.cosine_similarity(x, prototypes[0].expand_as(x), dim=-1)
+    cos_anomalous = F.cosine_similarity(x, prototypes[1].expand_as(x), dim=-1)
+    return torch.stack([cos_normal, cos_anomalous], -1).div(TEMPERATURE).softmax(-1)[..., 1]
 
-    def input_names(self) -> list[str]:
-        names = ["image_embedding", *[f"window_embeddings_{k}" for k in self.scales]]
-        if self.few_shot:
-            names.append("patch_tokens")
-        names += text_input_names(self.adaptation)
-        if self.few_shot:
-            names += ["memory_patch_tokens", *[f"memory_window_embeddings_{k}" for k in self.scales]]
-        return names
 
-    def aggregate(self, window_scores: torch.Tensor, k: int) -> torch.Tensor:
-        return harmonic_to_patches(window_scores, getattr(self, f"incidence_{k}"),
-                                   getattr(self, f"counts_{k}"))
+def eager_association(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """(B, N, E), (M, E) -> (B, N) min over memory of (1 - cos) / 2."""
+    cos = F.normalize(x, dim=-1) @ F.normalize(memory, dim=-1).T
+    return ((1 - cos) / 2).min(dim=-1).values
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        named = dict(zip(self.input_names(), inputs))
-        text = head_text(named, named["image_embedding"], self.adaptation)
-        image_score = class_score(named["image_embedding"], text)                       # (B,)
-        maps = [image_score[:, None].expand(-1, self.grid[0] * self.grid[1])]
-        maps += [self.aggregate(class_score(named[f"window_embeddings_{k}"], text), k)
-                 for k in self.scales]
-        zero_shot = len(maps) / sum(m.clamp_min(RECIPROCAL_FLOOR).reciprocal() for m in maps)
-        if not self.few_shot:
-            return image_score, zero_shot.reshape(-1, *self.grid)
-        few = [association(named["patch_tokens"], named["memory_patch_tokens"])]
-        few += [self.aggregate(association(named[f"window_embeddings_{k}"],
-                                           named[f"memory_window_embeddings_{k}"]), k)
-                for k in self.scales]
-        few_shot = sum(few) / len(few)                                                  # (B, P)
-        score = (image_score + few_shot.max(dim=-1).values) * 0.5
-        return score, ((zero_shot + few_shot) * 0.5).reshape(-1, *self.grid)
 
+def adapted_prototypes(image_embedding: torch.Tensor, text_normal: torch.Tensor,
+                       text_anomalous: torch.Tensor, tau: float, top_k: int | None
+                       ) -> torch.Tensor:
+    """(B, D) image embeddings, prompt pools (N_n, D), (N_a, D) -> (B, 2, D) per-image
+    [normal, anomalous] prototypes (docs/methods.md#per-image-prototypes), one image and one state at a time."""
+    out = []
+    for v in image_embedding:
+        rows = []
+        for pool in (text_normal, text_anomalous):
+            t = F.normalize(pool, dim=-1)
+            r = F.cosine_similarity(v[None], t, dim=-1)                 # (N,)
+            chosen = torch.arange(len(r))
+            if top_k is not None:
+                chosen = (r >= torch.sort(r, descending=True).values[top_k - 1]).nonzero()[:, 0]
+            w = torch.softmax(r[chosen] / tau, dim=0)
+            rows.append(F.normalize((w[:, None] * t[chosen]).sum(0), dim=-1))
+        out.append(torch.stack(rows))
+    return torch.stack(out)

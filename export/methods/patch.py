@@ -1,5 +1,5 @@
-"""Patch-only method: the training-free fine-grained aligner (METHODS.md section 5, our
-formulation) as exportable torch modules.
+"""Patch-only method: the training-free fine-grained aligner (docs/methods.md#patch-only-method-our-formulation, our
+formulation): exportable torch modules, options and eager reference.
 
 One encoder pass, no window passes. Besides the ordinary CLIP image embedding, the encoder
 returns dense patch embeddings in the joint image-text space, so that each patch can be scored
@@ -20,15 +20,21 @@ query-key attention of CLIP's last blocks favours, which is the path training-fr
 methods (MaskCLIP, CLIP Surgery, SCLIP and relatives) take. The class token takes part as a key.
 
 Shapes: B images, C vision width, D joint width, P patches, M memory entries.
+The text recipe is WinCLIP's (ensemble, prompt files, ambiguity filter with adaptation).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .winclip_torch import (Adaptation, ClipTower, association, class_score, head_text,
-                            text_input_names)
+from clipinspect.runtime.core.manifest import Manifest
+
+from .base import HEADS, Built, Clip, ExportMethod, Option
+from .common import (Adaptation, ClipTower, association, class_score, eager_tokens, head_text,
+                     text_input_names)
+from .winclip import ReferenceFeatures, WinClipReference, category_text, scoring_manifest
 
 
 def value_value_attention(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -119,3 +125,73 @@ class PatchHead(nn.Module):
         few_shot = association(named["patch_tokens"], named["memory_patch_tokens"])     # (B, P)
         score = (image_score + few_shot.max(dim=-1).values) * 0.5
         return score, ((zero_shot + few_shot) * 0.5).reshape(-1, *self.grid)
+
+
+# -------------------------------------------------------------------------- eager reference
+class PatchReference(WinClipReference):
+    """Eager patch-only method on an open_clip model: open_clip's own blocks for the ordinary
+    pass, value-value attention head by head."""
+
+    def __init__(self, model: torch.nn.Module, dense_blocks: int = 1):
+        super().__init__(model, scales=())
+        self.dense_blocks = dense_blocks
+
+    @classmethod
+    def from_manifest(cls, model: torch.nn.Module, manifest: Manifest) -> "PatchReference":
+        return cls(model, manifest.method_options["dense_blocks"])
+
+    @staticmethod
+    def value_value(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        width = h.shape[-1]
+        d = width // attn.num_heads
+        v = F.linear(h, attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
+        heads = []
+        for i in range(attn.num_heads):
+            vh = v[..., i * d:(i + 1) * d]                                   # (B, L, d)
+            heads.append(torch.softmax(vh @ vh.transpose(1, 2) / d ** 0.5, dim=-1) @ vh)
+        return attn.out_proj(torch.cat(heads, dim=-1))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> ReferenceFeatures:
+        f = super().features(images)
+        v = self.visual
+        x = v.ln_pre(eager_tokens(v, images))
+        blocks = list(v.transformer.resblocks)
+        dense = torch.zeros_like(x)
+        for i, block in enumerate(blocks):
+            if i >= len(blocks) - self.dense_blocks:
+                dense = dense + self.value_value(block, block.ln_1(x))
+            x = block(x)
+        f.patch_embeddings = v.ln_post(dense[:, 1:]) @ v.proj
+        return f
+
+    @torch.no_grad()
+    def score(self, f: ReferenceFeatures, prototypes: torch.Tensor,
+              memory: ReferenceFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if prototypes.dim() == 3:
+            return self.per_image(f, prototypes, memory)
+        s_img = self.class_score(f.image_embedding, prototypes)
+        zero_shot = self.class_score(f.patch_embeddings, prototypes)
+        if memory is None:
+            return s_img, zero_shot.reshape(-1, *self.grid)
+        few_shot = self.association(f.patch_tokens, memory.patch_tokens.flatten(0, 1))
+        score = (s_img + few_shot.max(dim=-1).values) / 2
+        return score, ((zero_shot + few_shot) / 2).reshape(-1, *self.grid)
+
+
+# ----------------------------------------------------------------------------------- the unit
+def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
+    encoder = PatchEncoder(clip.model.visual, int(options["dense_blocks"])).eval()
+    heads = {name: PatchHead(encoder.grid, name == "head_fewshot", adaptation).eval()
+             for name in HEADS}
+    return Built(encoder, heads, {**scoring_manifest(options, adaptation), "scales": [],
+                                  "windows": {}})
+
+
+METHOD = ExportMethod(
+    name="patch",
+    summary="patch-only, one encoder pass, dense value-value patch embeddings",
+    options=(Option("dense_blocks", 1, "patch: last blocks whose value-value attention makes "
+                    "the patch embeddings (default 1)", type=int, metavar="N"),),
+    build=build, category_text=category_text, reference=PatchReference)

@@ -1,0 +1,113 @@
+"""Loading an open_clip CLIP for export, and what the manifest records about it."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from clipinspect.runtime.core.bundle import sha256_file
+
+from .errors import ExportError, log
+from .text import encode_texts
+
+PROBE_PROMPT = "a photo of an object."
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: exporting with RANDOM weights (--pretrained none). Scores and maps are meaningless "
+    "for inspection; use this only for tests and benchmarks. The bundle records it.")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("clipinspect", "torch", "open_clip_torch", "onnx", "onnxruntime",
+                 "onnxruntime-gpu", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
+    """-> (model in eval mode, tokenizer, weights record for the manifest).
+
+    pretrained: an open_clip tag, a local open_clip checkpoint file, or None / "none" for a
+    seeded random init (recorded, and warned about).
+    """
+    import open_clip
+
+    if model_name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if model_name.lower()[:5] in m.lower()][:8]
+        raise ExportError(f"unknown open_clip model {model_name!r}"
+                          + (f"; similar: {', '.join(close)}" if close else "")
+                          + ". See open_clip.list_models()")
+    if pretrained in (None, "", "none", "None"):
+        log(RANDOM_WEIGHTS_WARNING)
+        torch.manual_seed(seed)
+        with _quiet_loggers("root"):
+            model = open_clip.create_model(model_name, pretrained=None)
+        weights = {"kind": "random", "seed": seed}
+    elif os.path.isfile(pretrained):
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as e:  # open_clip raises several types for a wrong checkpoint
+            raise ExportError(f"could not load checkpoint {pretrained!r} into {model_name}: {e}. "
+                              "Is it an open_clip checkpoint of this model?") from e
+        weights = {"kind": "file", "path": str(Path(pretrained).resolve()),
+                   "sha256": sha256_file(Path(pretrained))}
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            hint = f"known tags for {model_name}: {', '.join(tags) or 'none'}"
+            if os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")):
+                hint = f"no such file ({hint})"
+            raise ExportError(f"--pretrained {pretrained!r} is neither a local checkpoint file nor "
+                              f"an open_clip tag; {hint}; or 'none' for random weights")
+        try:
+            with _quiet_loggers("huggingface_hub"):  # its retry warnings; our error says more
+                model = open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as e:
+            raise ExportError(
+                f"could not load pretrained weights {model_name}/{pretrained}: {e}. Without "
+                "internet access, download the checkpoint elsewhere and pass its path with "
+                "--pretrained PATH (or --pretrained none for random weights)") from e
+        weights = {"kind": "tag", "tag": pretrained}
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    weights["text_probe"] = text_probe(model, tokenizer)
+    return model, tokenizer, weights
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Silence other libraries' warnings where ours say more (random init, download retries)."""
+    import logging
+
+    loggers = [logging.getLogger(None if n == "root" else n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def text_probe(model, tokenizer) -> list[float]:
+    """A fingerprint of the text tower: lets add-category prove it loaded the same weights."""
+    return [round(float(v), 6) for v in encode_texts(model, tokenizer, [PROBE_PROMPT])[0, :16]]
+
+
+def preprocess_config(model) -> dict:
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = model.visual.image_size
+    size = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    return {"size": size, "mean": [float(v) for v in cfg.get("mean", OPENAI_DATASET_MEAN)],
+            "std": [float(v) for v in cfg.get("std", OPENAI_DATASET_STD)],
+            "resize": "bicubic-antialiased, whole image, no crop", "layout": "NCHW float32 RGB"}

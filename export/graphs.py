@@ -1,0 +1,135 @@
+"""Tracing a method's encoder and heads into ONNX, and checking onnxruntime against them."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ExportError, log
+from .methods import Built
+
+PARITY_TOLERANCE = 1e-4
+PARITY_IMAGES = 3
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names: list[str],
+            output_names: list[str], dynamic_axes: dict, opset: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values
+        torch.onnx.export(module, args, str(path), input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes,
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    import onnx
+    onnx.checker.check_model(str(path))
+
+
+def input_size(encoder: torch.nn.Module) -> tuple[int, int]:
+    """(H, W) the encoder takes: its own when it resamples positions (aprillab), else CLIP's."""
+    size = getattr(encoder, "image_size", None) or encoder.visual.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def export_graphs(built: Built, root: Path, opset: int) -> dict[str, str]:
+    """Write fp32/encoder.onnx and fp32/head_*.onnx; returns name -> relative path."""
+    encoder = built.encoder
+    example = torch.randn(2, 3, *input_size(encoder))
+    outs = encoder.output_names()
+    files = {"encoder": "fp32/encoder.onnx"}
+    axes = {"images": {0: "batch"}, **{n: {0: "batch"} for n in outs}}
+    _export(encoder, (example,), root / files["encoder"], input_names=["images"],
+            output_names=outs, dynamic_axes=axes, opset=opset)
+    with torch.no_grad():
+        encoded = dict(zip(outs, encoder(example)))
+    for name, head in built.heads.items():
+        inputs = head_example_inputs(head, encoded)
+        axes = {n: ({0: n} if n.startswith("memory_") or n in ("text_normal", "text_anomalous")
+                    else {} if n == "text_prototypes" else {0: "batch"}) for n in inputs}
+        axes.update(image_score={0: "batch"}, anomaly_grid={0: "batch"})
+        files[name] = f"fp32/{name}.onnx"
+        _export(head, tuple(inputs.values()), root / files[name], input_names=list(inputs),
+                output_names=["image_score", "anomaly_grid"], dynamic_axes=axes, opset=opset)
+    return files
+
+
+def example_text(head: torch.nn.Module, dim: int) -> dict[str, torch.Tensor]:
+    """Random category text for a head: prototypes (2, D), or prompt pools of two different
+    sizes (so the traced graph keeps them dynamic), each at least top-k long."""
+    gen = torch.Generator().manual_seed(1)
+    if getattr(head, "adaptation", None) is None:
+        return {"text_prototypes": torch.randn(2, dim, generator=gen)}
+    n = (head.adaptation.top_k or 1) + 4
+    return {"text_normal": torch.randn(n + 1, dim, generator=gen),
+            "text_anomalous": torch.randn(n, dim, generator=gen)}
+
+
+def head_example_inputs(head: torch.nn.Module, encoded: dict[str, torch.Tensor],
+                        text: dict[str, torch.Tensor] | None = None,
+                        memory: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The head's inputs by name: encoder outputs, category text, few-shot memory (``memory_X``
+    holds encoder output X of reference images, flattened over images)."""
+    if text is None:
+        text = example_text(head, encoded["image_embedding"].shape[-1])
+    if memory is None:
+        # Memory of a *different* shape from the batch, so the traced graph keeps it dynamic.
+        memory = {n: encoded[n[len("memory_"):]][:1].flatten(0, 1) for n in head.input_names()
+                  if n.startswith("memory_")}
+    pool = {**encoded, **text, **memory}
+    return {n: pool[n] for n in head.input_names()}
+
+
+# ------------------------------------------------------------------------------- parity check
+def check_parity(root: Path, files: dict[str, str], built: Built, text: dict[str, torch.Tensor],
+                 *, n_images: int = PARITY_IMAGES, seed: int = 123) -> dict:
+    """Run onnxruntime and the method's torch modules on the same inputs; max |difference| per
+    graph. ``text``: the head's text inputs by name (a category's, or ``example_text``)."""
+    import onnxruntime as ort
+
+    encoder, heads = built.encoder, built.heads
+    size = input_size(encoder)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n_images, 3, *size, generator=gen)
+    references = torch.randn(2, 3, *size, generator=gen)
+    names = encoder.output_names()
+
+    def session(name):
+        return ort.InferenceSession(str(root / files[name]), providers=["CPUExecutionProvider"])
+
+    enc = session("encoder")
+    with torch.no_grad():
+        torch_out = dict(zip(names, encoder(images)))
+        torch_ref = dict(zip(names, encoder(references)))
+    ort_out = dict(zip(names, enc.run(None, {"images": images.numpy()})))
+    result = {"encoder": max(max_abs_diff(ort_out[n], torch_out[n].numpy()) for n in names)}
+    memory = {f"memory_{n}": torch_ref[n].flatten(0, 1) for n in names}
+    for name, head in heads.items():
+        inputs = head_example_inputs(head, torch_out, text, memory)
+        with torch.no_grad():
+            expected = [t.numpy() for t in head(*inputs.values())]
+        got = session(name).run(None, {k: v.numpy() for k, v in inputs.items()})
+        result[name] = max(max_abs_diff(g, e) for g, e in zip(got, expected))
+    return result
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b|; infinity where either side is not finite (a NaN must fail the check)."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    return float(np.abs(a - b).max())
+
+
+def judge_parity(parity: dict[str, float], tolerance: float, strict: bool) -> dict:
+    """The manifest's parity record of the measured differences; raises when they exceed the
+    tolerance and ``strict``."""
+    worst = max(parity.values())
+    passed = bool(np.isfinite(worst)) and worst <= tolerance
+    log("      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
+                                                         parity.items()))
+    if not passed and strict:
+        raise ExportError(f"exported graphs differ from PyTorch by {worst:.3e} > {tolerance:g} "
+                          "(FP32); pass --no-strict-parity to keep them anyway")
+    return {"max_abs_diff": parity, "tolerance": tolerance, "passed": passed,
+            "images": PARITY_IMAGES, "reference": "the torch modules the graphs were traced from"}

@@ -1,0 +1,125 @@
+"""Argument types and the option groups every ``clipinspect`` command shares.
+
+Defined once here, so ``--batch-size`` or ``--mode`` mean and check the same thing in every
+command, whichever subpackage contributes it (export, calibration and benchmarks import these;
+this module imports nothing heavy). Each ``add_*`` adds one option to a parser and takes the
+few things commands legitimately differ in (default, help, choices) as keywords.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+MODES = ("auto", "zero-shot", "few-shot")
+PRECISIONS = ("fp32", "fp16", "int8")
+ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")
+PROVIDERS = (*ORT_PROVIDERS, "tensorrt-native")
+
+
+# ------------------------------------------------------------------------------------ types
+def csv_list(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def int_list(minimum: int, example: str):
+    """argparse type for comma-separated whole numbers >= minimum (e.g. scales, shot counts)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in csv_list(text)]
+        except ValueError:
+            values = []
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers "
+                                             f">= {minimum}, e.g. {example}")
+        return values
+    return parse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
+# ---------------------------------------------------------------------------- option groups
+def add_bundle(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """The positional bundle directory."""
+    p.add_argument("bundle", help=help)
+
+
+def add_category(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--category", required=True)
+
+
+def add_mode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="auto", choices=list(MODES))
+
+
+def add_precision(p: argparse.ArgumentParser, *, default: str | None = "fp32",
+                  choices: Sequence[str] | None = None, help: str | None = None) -> None:
+    """``--precision``; ``default=None`` makes it required."""
+    p.add_argument("--precision", default=default, required=default is None,
+                   choices=list(choices) if choices else None, help=help)
+
+
+def add_provider(p: argparse.ArgumentParser, *, choices: Sequence[str] = PROVIDERS) -> None:
+    help = ("onnxruntime execution provider (default cpu), or tensorrt-native: the engines of "
+            "'clipinspect build-engine' without onnxruntime" if "tensorrt-native" in choices
+            else None)
+    p.add_argument("--provider", default="cpu", choices=list(choices), help=help)
+
+
+def add_batch_size(p: argparse.ArgumentParser, *, default: int = 8,
+                   help: str | None = None) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=default, help=help)
+
+
+def add_threads(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, help=help)
+
+
+class MaxMegapixels(argparse.Action):
+    """--max-megapixels: sets the one pixel limit of every decode in this process."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..core.images import ImageError, set_max_megapixels
+        try:
+            set_max_megapixels(float(values))
+        except (ValueError, ImageError):
+            parser.error(f"{option_string} {values!r}: expected a number of megapixels > 0")
+        setattr(namespace, self.dest, float(values))
+
+
+def add_max_megapixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-megapixels", action=MaxMegapixels, default=None, metavar="MP",
+                   help="largest image decoded, width x height in megapixels (default 40, or "
+                        "$CLIPINSPECT_MAX_MEGAPIXELS); larger JPEGs are decoded reduced, other "
+                        "formats refused")
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """How a command runs the bundle: precision, provider, batch size, threads, pixel limit."""
+    add_precision(p, help="graph precision: fp32 (default), or fp16 / int8 after 'clipinspect "
+                          "quantize'")
+    add_provider(p)
+    add_batch_size(p, help="images per inference batch")
+    add_threads(p, help="onnxruntime intra-op threads (default: one per physical core)")
+    add_max_megapixels(p)
+
+
+def deprecated_alias(new: str):
+    """argparse action for an old spelling of ``new``: stores the value where ``new`` does and
+    tells the user, on stderr, which spelling to use from now on."""
+    class DeprecatedAlias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"clipinspect: warning: {option_string} is deprecated, use {new} (same "
+                  "values)", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+    return DeprecatedAlias

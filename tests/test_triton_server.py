@@ -1,0 +1,309 @@
+"""A real Triton Inference Server (the ``tritonserver`` binary of the nvidia-pytriton wheel, CPU,
+bound to loopback) serving repositories written by ``clipinspect triton --platform python``:
+every model loads, the ensembles give the runtime's scores and maps over HTTP and gRPC, a
+category added with ``--categories-only`` is served without a restart, the encoder's dynamic
+batcher really batches, bad requests fail alone, and /metrics answers.
+
+One server per bundle (two per module); they start in about 10 s each once the bundles exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipinspect.runtime import Inspector
+from clipinspect.runtime.cli import main
+from clipinspect.runtime.core.maps import upsample
+from clipinspect.runtime.triton import repository as triton
+from clipinspect.runtime.triton.client import make_inputs, prepare, preprocessing_from_config
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+CATEGORY = "weave"
+MODES = {"zeroshot": "zero-shot", "fewshot": "few-shot"}
+READY_TIMEOUT_S = 180
+
+
+def tritonserver_dir() -> Path:
+    """The Triton build inside the installed nvidia-pytriton wheel (skip when it is absent)."""
+    spec = importlib.util.find_spec("pytriton")
+    root = Path(spec.origin).parent / "tritonserver" if spec and spec.origin else None
+    if root is None or not (root / "bin" / "tritonserver").is_file():
+        pytest.skip("no tritonserver binary: pip install nvidia-pytriton (Linux x86_64; in the "
+                    "dev extra)")
+    return root
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Server:
+    repo: Path
+    http: str
+    grpc: str
+    metrics: str
+    log: Path
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"tritonserver exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"tritonserver not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
+
+
+@contextlib.contextmanager
+def running_server(repo: Path, workdir: Path):
+    """tritonserver serving ``repo`` until the block ends; then stopped by its PID (it drains
+    in-flight requests first)."""
+    root = tritonserver_dir()
+    # The Python backend runs the stub found in its own folder; the wheel ships one per Python
+    # version. Copied, so the installed wheel is never modified.
+    backends = shutil.copytree(root / "backends", workdir / "backends")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy2(root / "python_backend_stubs" / version / "triton_python_backend_stub",
+                 backends / "python")
+    env = dict(os.environ)
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs),
+                                                           env.get("LD_LIBRARY_PATH")]))
+    # The stub's embedded Python ignores PYTHONPATH but finds its prefix from the 'python3' on
+    # PATH: this environment's, so numpy (which Triton's own Python utilities import) is found.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    http, grpc, metrics = free_ports(3)
+    log = workdir / "tritonserver.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(root / "bin" / "tritonserver"), f"--model-repository={repo}",
+             f"--backend-directory={backends}", "--http-address=127.0.0.1",
+             "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
+             f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+             "--exit-timeout-secs=5"],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(proc, f"127.0.0.1:{http}", log)
+        yield Server(repo, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((200, 240), (160, 300))]
+
+
+def served_bundle(source: Path, tmp_path_factory, images, name: str) -> tuple[Path, Path]:
+    """(bundle with reference images for CATEGORY, its python-platform repository)."""
+    path = tmp_path_factory.mktemp(name) / "bundle"
+    shutil.copytree(source, path)
+    Inspector.open(path).add_references(CATEGORY, images[:1])
+    repo = path.parent / "models"
+    assert main(["triton", str(path), "--out", str(repo), "--platform", "python",
+                 "--max-batch", "8"]) == 0
+    return path, repo
+
+
+@pytest.fixture(scope="module")
+def winclip(small_bundle_path, tmp_path_factory, images):
+    path, repo = served_bundle(small_bundle_path, tmp_path_factory, images, "winclip")
+    with running_server(repo, path.parent) as server:
+        yield path, server
+
+
+@pytest.fixture(scope="module")
+def patch(patch_bundle_path, tmp_path_factory, images):
+    path, repo = served_bundle(patch_bundle_path, tmp_path_factory, images, "patch")
+    with running_server(repo, path.parent) as server:
+        yield path, server
+
+
+@pytest.fixture(scope="module")
+def runtime(images):
+    """(bundle, category, mode) -> ``Inspector.inspect`` on the test images, computed once."""
+    cache = {}
+
+    def results(path: Path, category: str, mode: str):
+        key = (str(path), category, mode)
+        if key not in cache:
+            cache[key] = Inspector.open(path).inspect(images, category, mode=MODES[mode])
+        return cache[key]
+
+    return results
+
+
+@pytest.fixture(params=["winclip", "patch+adaptation"])
+def served(request):
+    return request.getfixturevalue({"winclip": "winclip", "patch+adaptation": "patch"}[
+        request.param])
+
+
+def grpc_client(server: Server):
+    return grpcclient.InferenceServerClient(server.grpc)
+
+
+def batch_for(server: Server, images) -> np.ndarray:
+    config = grpc_client(server).get_model_config(triton.ENCODER, as_json=True)["config"]
+    return prepare(images, preprocessing_from_config(config))
+
+
+def infer(server: Server, protocol: str, images: np.ndarray, category: str, mode: str):
+    """-> (image scores (B,), anomaly grids (B, gh, gw)) from an ensemble."""
+    module = {"grpc": grpcclient, "http": httpclient}[protocol]
+    client = (grpc_client(server) if protocol == "grpc"
+              else httpclient.InferenceServerClient(server.http))
+    outputs = [module.InferRequestedOutput(n) for n in ("image_score", "anomaly_grid")]
+    result = client.infer(triton.ENSEMBLES[mode], make_inputs(module, images, category),
+                          outputs=outputs)
+    return result.as_numpy("image_score"), result.as_numpy("anomaly_grid")
+
+
+def assert_matches_runtime(scores, grids, expected, images) -> None:
+    np.testing.assert_allclose(scores, [r.image_score for r in expected], rtol=0, atol=1e-5)
+    for grid, r, img in zip(grids, expected, images):
+        np.testing.assert_allclose(upsample(grid, img.shape[:2]), r.anomaly_map, rtol=0,
+                                   atol=1e-5)
+
+
+def test_every_model_and_ensemble_is_ready(served):
+    _, server = served
+    client = grpc_client(server)
+    names = {triton.ENCODER, triton.CATEGORIES, *triton.HEADS.values(), *triton.ENSEMBLES.values()}
+    index = {m.name: m.state for m in client.get_model_repository_index().models}
+    assert index == {n: "READY" for n in names}
+    assert all(client.is_model_ready(n) for n in names)
+    assert client.get_model_config(triton.ENCODER).config.backend == "python"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("mode", ["zeroshot", "fewshot"])
+def test_ensembles_give_the_runtimes_scores_and_maps(served, images, runtime, protocol, mode):
+    path, server = served
+    scores, grids = infer(server, protocol, batch_for(server, images), CATEGORY, mode)
+    assert scores.shape == (len(images),) and grids.shape == (len(images), 14, 14)
+    assert_matches_runtime(scores, grids, runtime(path, CATEGORY, mode), images)
+    if mode == "fewshot":  # not the zero-shot numbers by accident
+        zero = runtime(path, CATEGORY, "zeroshot")
+        assert np.abs(scores - [r.image_score for r in zero]).max() > 1e-4
+
+
+def test_a_category_added_later_is_served_without_a_restart(winclip, images, runtime):
+    from clipinspect.export.exporter import add_categories
+
+    path, server = winclip
+    batch = batch_for(server, images)
+    with pytest.raises(InferenceServerException, match="unknown category 'grain'"):
+        infer(server, "grpc", batch, "grain", "zeroshot")
+    add_categories(path, ["grain"], progress=lambda msg: None)
+    triton.write_repository(path, server.repo, categories_only=True)
+    # The categories model re-reads a category's files when they change: same server process,
+    # no model control call.
+    scores, grids = infer(server, "grpc", batch, "grain", "zeroshot")
+    assert_matches_runtime(scores, grids, runtime(path, "grain", "zeroshot"), images)
+
+
+def batch_stats(server: Server) -> dict[int, int]:
+    """{batch size: executions} of the encoder so far."""
+    stats = grpc_client(server).get_inference_statistics(triton.ENCODER, as_json=True)
+    [model] = stats["model_stats"]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"])
+            for b in model.get("batch_stats", [])}
+
+
+def test_concurrent_requests_are_batched_with_unchanged_scores(winclip, images, runtime):
+    path, server = winclip
+    batch = batch_for(server, images)
+    singles = [batch[i % len(images)][None] for i in range(6)]
+    before = batch_stats(server)
+    with ThreadPoolExecutor(len(singles)) as pool:
+        results = list(pool.map(
+            lambda one: infer(server, "grpc", one, CATEGORY, "zeroshot")[0], singles))
+    after = batch_stats(server)
+    grew = {size: after[size] - before.get(size, 0) for size in after
+            if after[size] > before.get(size, 0)}
+    assert sum(size * n for size, n in grew.items()) == len(singles)
+    assert max(grew) > 1, f"no execution with more than one image: {grew}"
+    expected = [r.image_score for r in runtime(path, CATEGORY, "zeroshot")]
+    np.testing.assert_allclose(np.concatenate(results),
+                               [expected[i % len(images)] for i in range(len(singles))],
+                               rtol=0, atol=1e-5)
+
+
+def raw_input(name: str, array: np.ndarray, datatype: str):
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown category", "unknown category 'nonexistent'"),
+    ("wrong shape", "shape"),
+    ("wrong dtype", "FP64"),
+    ("missing input", "missing"),
+])
+def test_bad_requests_fail_and_the_server_keeps_serving(winclip, images, runtime, case, message):
+    path, server = winclip
+    batch = batch_for(server, images)
+    name = np.array([CATEGORY.encode()], dtype=np.object_)
+    inputs = {
+        "unknown category": make_inputs(grpcclient, batch, "nonexistent"),
+        "wrong shape": [raw_input("images", batch[:, :, :100, :100].copy(), "FP32"),
+                        raw_input("category", name, "BYTES")],
+        "wrong dtype": [raw_input("images", batch.astype(np.float64), "FP64"),
+                        raw_input("category", name, "BYTES")],
+        "missing input": [raw_input("images", batch, "FP32")],
+    }[case]
+    client = grpc_client(server)
+    with pytest.raises(InferenceServerException, match=message):
+        client.infer(triton.ENSEMBLES["zeroshot"], inputs)
+    assert client.is_server_live() and client.is_server_ready()
+    scores, grids = infer(server, "grpc", batch, CATEGORY, "zeroshot")
+    assert_matches_runtime(scores, grids, runtime(path, CATEGORY, "zeroshot"), images)
+
+
+def test_metrics_endpoint_counts_inferences(winclip, images):
+    _, server = winclip
+    infer(server, "http", batch_for(server, images), CATEGORY, "zeroshot")
+    with urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert r.status == 200
+    line = next(x for x in text.splitlines() if x.startswith("nv_inference_request_success")
+                and f'model="{triton.ENSEMBLES["zeroshot"]}"' in x)
+    assert float(line.rsplit(" ", 1)[1]) >= 1
