@@ -8,6 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Inspector  # noqa: E402
+from clipinspect.runtime.core.errors import UsageError  # noqa: E402
+from clipinspect.runtime.core.inspector import MAP_RANGE  # noqa: E402
 from clipinspect.runtime.core.images import preprocess, to_rgb_array  # noqa: E402
 
 TOL = 1e-4
@@ -109,9 +111,14 @@ def test_onnx_zero_and_few_shot_equal_eager_reference(aprillab_bundle, small_mod
     assert np.abs(amap - want_map).max() <= TOL
     memory, used, _ = inspector.build_memory(refs)
     assert set(memory) == {f"memory_level_tokens_{n}" for n in LAYERS} and len(used) == 2
+    # Memory without its map range (built without a category): the range is computed on use.
     score, amap, mode = inspector.score(encoded, "weave", "few-shot", memory)
+    r = torch.from_numpy(r)
+    map_range = reference.map_range(r, text)
     want_score, want_map = (t.numpy() for t in reference(
-        torch.from_numpy(x), text, reference.features(torch.from_numpy(r))))
+        torch.from_numpy(x), text, reference.features(r), map_range))
+    np.testing.assert_allclose(inspector.build_memory(refs, category="weave")[0][MAP_RANGE],
+                               map_range.numpy(), atol=TOL)
     assert mode == "few-shot"
     assert np.abs(score - want_score).max() <= TOL
     assert np.abs(amap - want_map).max() <= TOL
@@ -126,11 +133,79 @@ def test_runtime_maps_have_the_image_size_and_references_zero_the_few_shot_term(
     image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
     zero = inspector.inspect([image], "weave")[0]
     assert zero.ok and zero.anomaly_map.shape == (97, 131) and zero.mode == "zero-shot"
-    inspector.add_references("weave", [image])
+    with pytest.raises(UsageError, match="1 reference image; .* needs at least 2"):
+        inspector.add_references("weave", [image])
+    inspector.add_references("weave", [image, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)])
+    assert inspector.bundle.category("weave").memory[MAP_RANGE].shape == (2,)
     few = inspector.inspect([image], "weave")[0]
     # The query is its own reference: min(1 - cos) is 0 on every level, the map is unchanged.
     assert few.mode == "few-shot"
     np.testing.assert_allclose(few.anomaly_map, zero.anomaly_map, atol=1e-4)
+
+
+def april_gan_test_script(embedding, levels, text, state, memory_levels, size):
+    """APRIL-GAN's test.py few-shot scoring of one image, ported (numpy where it uses numpy):
+    embedding (1, D), levels L x (1, P, C) without class token, text (D, 2) columns [normal,
+    anomalous] normalized, memory_levels L x (M, C) -> (text probability, anomaly map)."""
+    image_features = embedding / embedding.norm(dim=-1, keepdim=True)
+    text_probs = (100.0 * image_features @ text).softmax(dim=-1)
+    anomaly_maps = []
+    for layer, tokens in enumerate(levels):
+        tokens = tokens @ state[f"fc.{layer}.weight"].T + state[f"fc.{layer}.bias"]
+        tokens = tokens / tokens.norm(dim=-1, keepdim=True)
+        anomaly_map = 100.0 * tokens @ text
+        b, n, _ = anomaly_map.shape
+        h = int(np.sqrt(n))
+        anomaly_map = torch.nn.functional.interpolate(
+            anomaly_map.permute(0, 2, 1).view(b, 2, h, h), size=size, mode="bilinear",
+            align_corners=True)
+        anomaly_maps.append(torch.softmax(anomaly_map, dim=1)[:, 1, :, :].numpy())
+    anomaly_map = np.sum(anomaly_maps, axis=0)
+    few_shot = []
+    for layer, tokens in enumerate(levels):
+        m, p = memory_levels[layer].numpy(), tokens[0].numpy()
+        cos = (m / np.linalg.norm(m, axis=1, keepdims=True)) @ (
+            p / np.linalg.norm(p, axis=1, keepdims=True)).T       # sklearn's pairwise cosine
+        height = int(np.sqrt(cos.shape[1]))
+        amap = np.min((1 - cos), 0).reshape(1, 1, height, height)
+        amap = torch.nn.functional.interpolate(torch.tensor(amap), size=size, mode="bilinear",
+                                               align_corners=True)
+        few_shot.append(amap[0].numpy())
+    return text_probs[0][1].item(), anomaly_map + np.sum(few_shot, axis=0)
+
+
+def test_few_shot_score_is_april_gan_formula_with_the_reference_normaliser(
+        aprillab_bundle, small_model, rng, tmp_path):
+    """APRIL-GAN: score = 0.5 * (text probability + normalised max of the few-shot map), its
+    normaliser the test set's min/max of those maxima. Ours: the same with min/max over the
+    reference images, each against the others (fixed before test time)."""
+    import shutil
+
+    inspector = Inspector.open(shutil.copytree(aprillab_bundle, tmp_path / "b"))
+    bundle = inspector.bundle
+    reference = eager_reference(small_model[0], bundle)
+    text = torch.from_numpy(bundle.category("weave").text_prototypes)
+    text = (text / text.norm(dim=-1, keepdim=True)).T
+    refs = [rng.integers(0, 256, (160, 160, 3), dtype=np.uint8) for _ in range(3)]
+    queries = [rng.integers(0, 256, (160, 160, 3), dtype=np.uint8) for _ in range(3)]
+    features = [reference.features(torch.from_numpy(_tensors(bundle, [im]))) for im in refs]
+
+    def port(image, memory):
+        embedding, levels = reference.features(torch.from_numpy(_tensors(bundle, [image])))
+        memory_levels = [torch.cat([f[1][i][0] for f in memory]) for i in range(len(LAYERS))]
+        return april_gan_test_script(embedding, levels, text, reference.state, memory_levels,
+                                     SIZE)
+
+    peaks = [np.max(port(im, features[:k] + features[k + 1:])[1]) for k, im in enumerate(refs)]
+    lo, hi = min(peaks), max(peaks)
+    inspector.add_references("weave", refs)
+    np.testing.assert_allclose(bundle.category("weave").memory[MAP_RANGE], [lo, hi], atol=TOL)
+    results = inspector.inspect(queries, "weave")
+    for image, result in zip(queries, results):
+        probability, amap = port(image, features)
+        assert result.mode == "few-shot"
+        assert abs(result.image_score - 0.5 * (probability + (amap.max() - lo) / (hi - lo))) <= TOL
+        assert np.abs(result.anomaly_map - amap[0]).max() <= TOL
 
 
 def test_checkpoint_forms_and_errors():

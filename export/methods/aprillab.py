@@ -20,6 +20,7 @@ from torch import nn
 
 from clipinspect.runtime.cli import int_list
 from clipinspect.runtime.core.bundle import sha256_file
+from clipinspect.runtime.core.inspector import MAP_RANGE, MIN_MAP_SPAN
 
 from ..errors import log
 from ..text import encode_texts, expand_prompts
@@ -168,10 +169,15 @@ class AprilLabHead(nn.Module):
     """Scoring graph with the projections inside. Inputs (in this order):
 
     image_embedding (B, D), level_tokens_<n> (B, P, C) per level, text_prototypes (2, D),
-    [few-shot: memory_level_tokens_<n> (M, C) per level].
+    [few-shot: memory_level_tokens_<n> (M, C) per level, reference_map_range (2,)].
 
     Outputs: image_score (B,), anomaly_grid (B, H, W): the map already at the input size (the
     per-level upsampling happens before the softmax, as the method defines).
+
+    Few-shot image score, APRIL-GAN's combination ``0.5 * (s + (max A - lo) / (hi - lo))`` with
+    s the zero-shot text probability and A the few-shot map. APRIL-GAN takes lo, hi from the
+    test set's own map maxima; we take them from the reference images, fixed when they are
+    stored (``reference_map_range`` = [lo, hi], docs/methods.md#aprillab-after-april-gan).
     """
 
     def __init__(self, projections: LevelProjections, layers: Sequence[int],
@@ -186,7 +192,12 @@ class AprilLabHead(nn.Module):
     def input_names(self) -> list[str]:
         levels = [f"level_tokens_{n}" for n in self.layers]
         names = ["image_embedding", *levels, "text_prototypes"]
-        return names + ([f"memory_{n}" for n in levels] if self.few_shot else [])
+        return names + ([f"memory_{n}" for n in levels] + [MAP_RANGE] if self.few_shot else [])
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        """Example values of the inputs that are neither encoder outputs, text nor memory (for
+        tracing and the parity check); fixed-shape inputs."""
+        return {MAP_RANGE: torch.tensor([0.5, 2.0])} if self.few_shot else {}
 
     def level_probabilities(self, levels: Sequence[torch.Tensor], text: torch.Tensor
                             ) -> list[torch.Tensor]:
@@ -209,7 +220,18 @@ class AprilLabHead(nn.Module):
                 memory = named[f"memory_level_tokens_{n}"]
                 distance = (1.0 - normalize(x) @ normalize(memory).T).min(dim=-1).values
                 amap = amap + to_pixels(distance[..., None], self.grid, self.image_size)[:, 0]
+            image_score = combined_score(image_score, amap.flatten(1).max(dim=-1).values,
+                                         named[MAP_RANGE])
         return image_score, amap
+
+
+def combined_score(text_probability: torch.Tensor, map_max: torch.Tensor,
+                   map_range: torch.Tensor) -> torch.Tensor:
+    """(B,), (B,), [lo, hi] (2,) -> (B,) few-shot image score: 0.5 * (text probability +
+    map maximum scaled so that lo -> 0 and hi -> 1). The runtime refuses hi - lo below
+    MIN_MAP_SPAN when it computes the range; the clamp only keeps a hand-made range finite."""
+    span = (map_range[1] - map_range[0]).clamp_min(MIN_MAP_SPAN)
+    return 0.5 * (text_probability + (map_max - map_range[0]) / span)
 
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -351,10 +373,23 @@ class AprilLabReference:
         return F.interpolate(x, size=self.size, mode="bilinear", align_corners=True)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, text: torch.Tensor, memory=None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def map_range(self, references: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(K, 3, H, W) reference images, text (2, D) -> [lo, hi]: min and max over the
+        references of the few-shot map's maximum, each against the features of the others."""
+        peaks = []
+        for k in range(len(references)):
+            others = torch.cat([references[:k], references[k + 1:]])
+            _, amap = self(references[k:k + 1], text, self.features(others), torch.tensor([0., 1.]))
+            peaks.append(amap.max())
+        return torch.stack([min(peaks), max(peaks)])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, text: torch.Tensor, memory=None,
+                 map_range: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), text (2, D) raw prototypes, memory: ``features`` of the reference
-        images or None -> image_score (B,), anomaly_map (B, H, W) at the input size."""
+        images or None, map_range: [lo, hi] with memory (``map_range``) -> image_score (B,),
+        anomaly_map (B, H, W) at the input size. Few-shot score: 0.5 * (text probability +
+        (map max - lo) / (hi - lo))."""
         t = F.normalize(text, dim=-1)
         embedding, levels = self.features(images)
         score = (LOGIT_SCALE * F.normalize(embedding, dim=-1) @ t.T).softmax(-1)[:, 1]
@@ -366,6 +401,9 @@ class AprilLabReference:
         for x, m in zip(levels, memory[1] if memory is not None else ()):
             cos = F.normalize(x, dim=-1) @ F.normalize(m.flatten(0, 1), dim=-1).T
             amap = amap + self.upsample((1 - cos).min(dim=-1).values.reshape(-1, 1, *self.grid))[:, 0]
+        if memory is not None:
+            lo, hi = float(map_range[0]), float(map_range[1])
+            score = 0.5 * (score + (amap.amax(dim=(1, 2)) - lo) / (hi - lo))
         return score, amap
 
 
