@@ -30,7 +30,7 @@ from clipinspect.runtime.core.progress import Progress
 from .clip import load_clip, preprocess_config
 from .errors import ExportError, log
 from .methods.aprillab import (CHECKPOINT_KEY, LevelProjections, adapter_loss, build_modules,
-                               category_text, check_layers, default_layers)
+                               category_text, check_layers, default_layers, image_size_for)
 from .text import load_ensemble
 
 BETAS = (0.5, 0.999)
@@ -111,8 +111,9 @@ def save_checkpoint(path: Path, projections, optimizer, meta: dict) -> None:
 class TrainOptions:
     """What ``train_adapters`` trains. data: dataset root (MVTec AD or VisA layout, ``fmt``
     auto-detected), out: checkpoint file; layers None = quarter points of the depth;
-    image_size None = the model's own; categories None = all; ``epochs=0`` writes the untrained
-    (seeded random) projections, the baseline training starts from; ``resume`` continues an
+    image_size None = APRIL-GAN's for the model (518 for ViT-L-14-336), else its own;
+    categories None = all; ``epochs=0`` writes the untrained (seeded random) projections, the
+    baseline training starts from; ``resume`` continues an
     interrupted run from ``out`` up to ``epochs``; cache: feature cache folder (default
     ``<out>.features``)."""
 
@@ -150,7 +151,8 @@ def train_adapters(options: TrainOptions) -> dict:
         raise ExportError(str(e)) from e
     torch.manual_seed(o.seed)
     projections = LevelProjections(width, dim, len(layers))
-    encoder, heads = build_modules(model, layers, o.image_size, projections)
+    encoder, heads = build_modules(model, layers, image_size_for(o.model, o.image_size),
+                                   projections)
     size = encoder.image_size
     optimizer = torch.optim.Adam(projections.parameters(), lr=o.lr, betas=BETAS)
     meta = {"model": o.model, "weights": weights, "layers": list(layers),

@@ -74,7 +74,7 @@ def test_manifest_records_method_levels_size_and_parity(aprillab_bundle):
     assert m["method"] == "aprillab"
     assert m["aprillab"]["layers"] == list(LAYERS)
     assert m["input"]["size"] == [SIZE, SIZE] and m["grid"] == [SIZE // 16, SIZE // 16]
-    assert "resampled bicubically from 224x224" in m["aprillab"]["positional_embedding"]
+    assert "resampled bicubically (antialiased) from 224x224" in m["aprillab"]["positional_embedding"]
     assert m["aprillab"]["projections"]["kind"] == "file"
     parity = m["parity"]["fp32"]
     assert parity["passed"] and set(parity["max_abs_diff"]) == {"encoder", "head_zeroshot",
@@ -206,6 +206,23 @@ def test_few_shot_score_is_april_gan_formula_with_the_reference_normaliser(
         assert result.mode == "few-shot"
         assert abs(result.image_score - 0.5 * (probability + (amap.max() - lo) / (hi - lo))) <= TOL
         assert np.abs(result.anomaly_map - amap[0]).max() <= TOL
+
+
+def test_positions_resampled_as_open_clip_does_and_518_default_for_vit_l_14_336():
+    from open_clip.model import resize_pos_embed
+
+    from clipinspect.export.methods.aprillab import image_size_for, interpolate_positional_embedding
+
+    pos = torch.randn(1 + 24 * 24, 8, generator=torch.Generator().manual_seed(0))
+    ours = interpolate_positional_embedding(pos, (24, 24), (37, 37))
+    state = {"visual.positional_embedding": pos}
+    resize_pos_embed(state, type("M", (), {"visual": type("V", (), {"grid_size": (37, 37)})}))
+    torch.testing.assert_close(ours, state["visual.positional_embedding"], rtol=0, atol=1e-6)
+    plain = torch.nn.functional.interpolate(pos[1:].reshape(1, 24, 24, 8).permute(0, 3, 1, 2),
+                                            size=(37, 37), mode="bicubic", align_corners=False)
+    assert (ours[1:] - plain.permute(0, 2, 3, 1).reshape(-1, 8)).abs().max() > 1e-3
+    assert image_size_for("ViT-L-14-336", None) == 518
+    assert image_size_for("ViT-L-14-336", 336) == 336 and image_size_for(MODEL, None) is None
 
 
 def test_checkpoint_forms_and_errors():

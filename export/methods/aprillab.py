@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -35,6 +36,17 @@ RANDOM_PROJECTIONS_WARNING = (
     "they are trained (clipinspect train-adapters). The bundle records it.")
 
 
+# Input sides APRIL-GAN runs a model at when it is not the model's own (its released
+# projections were fitted at these); other models default to their own size.
+DEFAULT_IMAGE_SIZE = {"ViT-L-14-336": 518}
+
+
+def image_size_for(model_name: str, image_size: int | None) -> int | None:
+    """The input side to run ``model_name`` at: the one asked for, else APRIL-GAN's for this
+    model, else None (the model's own)."""
+    return image_size or DEFAULT_IMAGE_SIZE.get(model_name)
+
+
 def default_layers(depth: int) -> tuple[int, ...]:
     """Blocks (1-based) at the quarter points of the depth: 6,12,18,24 for 24 blocks as in
     APRIL-GAN, 3,6,9,12 for 12."""
@@ -51,12 +63,15 @@ def check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
 
 def interpolate_positional_embedding(pos: torch.Tensor, old_grid: tuple[int, int],
                                      new_grid: tuple[int, int]) -> torch.Tensor:
-    """(1 + P_old, C) -> (1 + P_new, C): the patch part resampled bicubically as a grid (the
-    class position kept), so the model runs at another input size (APRIL-GAN: 336 -> 518)."""
+    """(1 + P_old, C) -> (1 + P_new, C): the patch part resampled as a grid (the class position
+    kept), so the model runs at another input size (APRIL-GAN: 336 -> 518). Antialiased bicubic,
+    as open_clip resizes it when a model is created at another image size (APRIL-GAN's path);
+    its kernel differs from plain bicubic even when upsampling."""
     if tuple(old_grid) == tuple(new_grid):
         return pos
     patches = pos[1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)          # (1, C, gh, gw)
-    patches = F.interpolate(patches, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    patches = F.interpolate(patches, size=tuple(new_grid), mode="bicubic", align_corners=False,
+                            antialias=True)
     return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[-1])])
 
 
@@ -335,21 +350,22 @@ def build_modules(model, layers: Sequence[int] | None, image_size: int | None,
 # -------------------------------------------------------------------------- eager reference
 class AprilLabReference:
     """Eager AprilLab on open_clip's own ``forward_intermediates`` (a copy of the tower whose
-    positional embedding is resampled to the input size), projections as plain matrix products,
-    per-level upsampling then softmax, as the formula reads."""
+    positional embedding open_clip's ``resize_pos_embed`` resamples to the input size, as when
+    APRIL-GAN creates the model at 518), projections as plain matrix products, per-level
+    upsampling then softmax, as the formula reads."""
 
     def __init__(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                  layers: Sequence[int], image_size: int | None = None):
+        from open_clip.model import resize_pos_embed
+
         v = copy.deepcopy(model.visual)
         own, patch = tuple(v.grid_size), int(v.patch_size[0])
         size = int(image_size or own[0] * patch)
         self.grid, self.size = (size // patch, size // patch), (size, size)
-        pos = v.positional_embedding.data
-        grid = pos[1:].reshape(*own, -1).permute(2, 0, 1)[None]
-        grid = F.interpolate(grid, size=self.grid, mode="bicubic", align_corners=False)
-        v.positional_embedding = torch.nn.Parameter(
-            torch.cat([pos[:1], grid[0].permute(1, 2, 0).reshape(self.grid[0] * self.grid[1], -1)]))
         v.grid_size = self.grid
+        pos = {"visual.positional_embedding": v.positional_embedding.data}
+        resize_pos_embed(pos, SimpleNamespace(visual=v))
+        v.positional_embedding = torch.nn.Parameter(pos["visual.positional_embedding"])
         self.visual, self.state, self.layers = v, dict(state), tuple(layers)
 
     @classmethod
@@ -415,14 +431,15 @@ def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
     width, dim = int(visual.conv1.out_channels), int(visual.output_dim)
     projections, record = load_projections(options["adapters"], width, dim, layers, clip.name,
                                            clip.seed)
-    encoder, heads = build_modules(clip.model, layers, options["image_size"], projections)
+    image_size = image_size_for(clip.name, options["image_size"])
+    encoder, heads = build_modules(clip.model, layers, image_size, projections)
     own = visual.image_size
     own = [own, own] if isinstance(own, int) else [int(s) for s in own]
     log(f"      {encoder.image_size[0]}x{encoder.image_size[1]}, levels {list(layers)}")
     return Built(encoder, heads, {"scales": [], "aprillab": {
         "layers": list(layers),
         "positional_embedding": ("as trained" if own == list(encoder.image_size) else
-                                 f"resampled bicubically from {own[0]}x{own[1]}"),
+                                 f"resampled bicubically (antialiased) from {own[0]}x{own[1]}"),
         "projections": record,
         "logit_scale": LOGIT_SCALE,
         "map": "at the input size (per level: upsampled bilinearly, align_corners true, "
@@ -440,7 +457,8 @@ METHOD = ExportMethod(
                "(default: quarter points of the depth, 6,12,18,24 for 24 blocks)",
                type=int_list(1, "6,12,18,24")),
         Option("image_size", None, "aprillab: square input side, a multiple of the patch size, if "
-               "not the model's own (positional embedding resampled bicubically; APRIL-GAN: 518)",
+               "not the model's own (positional embedding resampled bicubically; default 518 for "
+               "ViT-L-14-336 as APRIL-GAN, else the model's own)",
                type=int, metavar="PIXELS")),
     build=build, category_text=category_text, reference=AprilLabReference,
     ensemble="aprillab", prompt_adaptation=False, check=require_adapters)
