@@ -76,6 +76,8 @@ def test_manifest_records_method_levels_size_and_parity(aprillab_bundle):
     assert m["input"]["size"] == [SIZE, SIZE] and m["grid"] == [SIZE // 16, SIZE // 16]
     assert "resampled bicubically (antialiased) from 224x224" in m["aprillab"]["positional_embedding"]
     assert m["aprillab"]["projections"]["kind"] == "file"
+    assert m["aprillab"]["activation"] == "gelu"   # ViT-S-16's open_clip config: plain GELU
+    assert m["aprillab"]["activation_source"] == "model config"
     parity = m["parity"]["fp32"]
     assert parity["passed"] and set(parity["max_abs_diff"]) == {"encoder", "head_zeroshot",
                                                                 "head_fewshot"}
@@ -225,6 +227,36 @@ def test_positions_resampled_as_open_clip_does_and_518_default_for_vit_l_14_336(
     assert image_size_for("ViT-L-14-336", 336) == 336 and image_size_for(MODEL, None) is None
 
 
+def test_activation_is_set_explicitly_and_checkpoints_of_the_other_one_are_refused(tmp_path):
+    import open_clip
+
+    from clipinspect.export.methods.aprillab import (activation_name, load_projections,
+                                                     model_activation, set_activation)
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODEL, pretrained=None).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    assert model_activation(model) == "gelu"
+    with torch.no_grad():
+        plain = model.encode_image(x)
+        set_activation(model, activation_name("quick-gelu"))
+        assert model_activation(model) == "quick_gelu"
+        assert (model.encode_image(x) - plain).abs().max() > 1e-4
+        assert isinstance(model.transformer.resblocks[0].mlp.gelu,
+                          open_clip.transformer.QuickGELU)  # the text tower too
+    ckpt = tmp_path / "quick.pt"
+    torch.save({"trainable_linearlayer": random_state(),
+                "clipinspect": {"model": MODEL, "layers": list(LAYERS),
+                                "activation": "quick_gelu"}}, ckpt)
+    _, record = load_projections(str(ckpt), WIDTH, DIM, LAYERS, MODEL, activation="quick_gelu")
+    assert record["trained"]["activation"] == "quick_gelu"
+    with pytest.raises(ValueError, match="trained with activation quick_gelu, but this model runs "
+                                         "gelu: export with --activation quick_gelu"):
+        load_projections(str(ckpt), WIDTH, DIM, LAYERS, MODEL, activation="gelu")
+    with pytest.raises(ValueError, match="choose gelu or quick_gelu"):
+        activation_name("relu")
+
+
 def test_checkpoint_forms_and_errors():
     from clipinspect.export.methods.aprillab import projection_state
 
@@ -260,6 +292,7 @@ def test_short_training_lowers_the_loss_resumes_and_exports(tmp_path, monkeypatc
         == pytest.approx(resumed["loss_per_epoch"], rel=1e-5)
     projections, record = load_projections(str(ckpt), WIDTH, DIM, LAYERS, MODEL)
     assert record["kind"] == "file" and record["trained"]["epochs"] == 4
+    assert record["trained"]["activation"] == "gelu"
     with pytest.raises(Exception, match="trained for ViT-S-16 layers"):
         load_projections(str(ckpt), WIDTH, DIM, (4, 8, 12), MODEL)
 

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 from torch import nn
 
 from clipinspect.runtime.cli import int_list
@@ -45,6 +46,48 @@ def image_size_for(model_name: str, image_size: int | None) -> int | None:
     """The input side to run ``model_name`` at: the one asked for, else APRIL-GAN's for this
     model, else None (the model's own)."""
     return image_size or DEFAULT_IMAGE_SIZE.get(model_name)
+
+
+# MLP activations of an open_clip transformer block, by the names the manifest records.
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def activation_name(text: str) -> str:
+    """Command-line value -> a key of ACTIVATIONS (quick-gelu accepted for quick_gelu)."""
+    name = text.strip().lower().replace("-", "_")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {text!r}: choose gelu or quick_gelu")
+    return name
+
+
+def _mlps(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block's MLP (both towers), each holding its activation as ``gelu``."""
+    return [m.mlp for m in model.modules() if hasattr(getattr(m, "mlp", None), "gelu")]
+
+
+def model_activation(model: nn.Module) -> str:
+    """The activation open_clip built ``model`` with: from the model config and, depending on
+    the open_clip version, the weights' tag ('openai' meant QuickGELU in some versions)."""
+    found = {name for m in _mlps(model) for name, kind in ACTIVATIONS.items()
+             if type(m.gelu) is kind}
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the model's MLP activation (found {sorted(found)})")
+    return found.pop()
+
+
+def set_activation(model: nn.Module, name: str) -> None:
+    """Use activation ``name`` in every block of both towers (in place)."""
+    for mlp in _mlps(model):
+        mlp.gelu = ACTIVATIONS[name]()
+
+
+def check_activation(meta: Mapping, activation: str, source: str) -> None:
+    """Refuse projections fitted to the other activation: the level tokens differ."""
+    trained = meta.get("activation")
+    if trained is not None and trained != activation:
+        raise ValueError(f"adapter checkpoint {source!r} was trained with activation {trained}, "
+                         f"but this model runs {activation}: export with --activation {trained} "
+                         f"(or train projections with --activation {activation})")
 
 
 def default_layers(depth: int) -> tuple[int, ...]:
@@ -299,10 +342,12 @@ def require_adapters(options: dict) -> None:
 
 
 def load_projections(adapters: str | Path, width: int, dim: int, layers: Sequence[int],
-                     model_name: str, seed: int = 0) -> tuple[LevelProjections, dict]:
+                     model_name: str, seed: int = 0, *, activation: str | None = None
+                     ) -> tuple[LevelProjections, dict]:
     """-> (projections, manifest record). ``adapters``: a checkpoint file (APRIL-GAN's form or
     train-adapters'), or "none" for a seeded random init (warned, recorded). ValueError saying
-    what is wrong with the file otherwise."""
+    what is wrong with the file otherwise, or when it was trained with another ``activation``
+    than the model's."""
     require_adapters({"adapters": adapters})
     if str(adapters).lower() == "none":
         log(RANDOM_PROJECTIONS_WARNING)
@@ -325,12 +370,14 @@ def load_projections(adapters: str | Path, width: int, dim: int, layers: Sequenc
         raise ValueError(f"adapter checkpoint {str(adapters)!r} was trained for {meta.get('model')} "
                          f"layers {meta.get('layers')}, not {model_name} layers {list(layers)}; "
                          "export with the same --model and --layers")
+    if activation is not None:
+        check_activation(meta, activation, str(adapters))
     projections = LevelProjections(width, dim, len(layers))
     projections.load_state_dict(projection_state(checkpoint, width, dim, len(layers)))
     record = {"kind": "file", "path": str(path.resolve()), "sha256": sha256_file(path)}
     if meta:
-        record["trained"] = {k: meta[k] for k in ("epochs", "data", "categories", "loss")
-                             if k in meta}
+        record["trained"] = {k: meta[k] for k in ("epochs", "data", "categories", "loss",
+                                                  "activation") if k in meta}
     return projections.eval(), record
 
 
@@ -355,10 +402,13 @@ class AprilLabReference:
     upsampling then softmax, as the formula reads."""
 
     def __init__(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor],
-                 layers: Sequence[int], image_size: int | None = None):
+                 layers: Sequence[int], image_size: int | None = None,
+                 activation: str | None = None):
         from open_clip.model import resize_pos_embed
 
         v = copy.deepcopy(model.visual)
+        if activation is not None:
+            set_activation(v, activation)
         own, patch = tuple(v.grid_size), int(v.patch_size[0])
         size = int(image_size or own[0] * patch)
         self.grid, self.size = (size // patch, size // patch), (size, size)
@@ -373,9 +423,11 @@ class AprilLabReference:
         record, layers = manifest["aprillab"]["projections"], manifest["aprillab"]["layers"]
         width, dim = manifest["dims"]["width"], manifest["dims"]["embed"]
         source = record["path"] if record["kind"] == "file" else "none"
+        activation = manifest["aprillab"].get("activation")
         projections, _ = load_projections(source, width, dim, layers, manifest["model"]["name"],
-                                          record.get("seed", 0))
-        return cls(model, projections.state_dict(), layers, manifest["input"]["size"][0])
+                                          record.get("seed", 0), activation=activation)
+        return cls(model, projections.state_dict(), layers, manifest["input"]["size"][0],
+                   activation)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -429,8 +481,10 @@ def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
     depth = len(visual.transformer.resblocks)
     layers = check_layers(options["layers"] or default_layers(depth), depth)
     width, dim = int(visual.conv1.out_channels), int(visual.output_dim)
+    activation = options["activation"] or model_activation(clip.model)
+    set_activation(clip.model, activation)
     projections, record = load_projections(options["adapters"], width, dim, layers, clip.name,
-                                           clip.seed)
+                                           clip.seed, activation=activation)
     image_size = image_size_for(clip.name, options["image_size"])
     encoder, heads = build_modules(clip.model, layers, image_size, projections)
     own = visual.image_size
@@ -441,6 +495,8 @@ def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
         "positional_embedding": ("as trained" if own == list(encoder.image_size) else
                                  f"resampled bicubically (antialiased) from {own[0]}x{own[1]}"),
         "projections": record,
+        "activation": activation,
+        "activation_source": "--activation" if options["activation"] else "model config",
         "logit_scale": LOGIT_SCALE,
         "map": "at the input size (per level: upsampled bilinearly, align_corners true, "
                "then softmax; summed over levels)",
@@ -459,6 +515,9 @@ METHOD = ExportMethod(
         Option("image_size", None, "aprillab: square input side, a multiple of the patch size, if "
                "not the model's own (positional embedding resampled bicubically; default 518 for "
                "ViT-L-14-336 as APRIL-GAN, else the model's own)",
-               type=int, metavar="PIXELS")),
+               type=int, metavar="PIXELS"),
+        Option("activation", None, "aprillab: MLP activation of both towers, gelu or quick_gelu "
+               "(default: what open_clip's model config gives, recorded; APRIL-GAN's "
+               "projections were fitted with gelu)", type=activation_name, metavar="NAME")),
     build=build, category_text=category_text, reference=AprilLabReference,
     ensemble="aprillab", prompt_adaptation=False, check=require_adapters)
