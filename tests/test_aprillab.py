@@ -137,6 +137,8 @@ def test_runtime_maps_have_the_image_size_and_references_zero_the_few_shot_term(
     assert zero.ok and zero.anomaly_map.shape == (97, 131) and zero.mode == "zero-shot"
     with pytest.raises(UsageError, match="1 reference image; .* needs at least 2"):
         inspector.add_references("weave", [image])
+    with pytest.raises(UsageError, match="maps all peak at .* add reference images that differ"):
+        inspector.add_references("weave", [image, image])
     inspector.add_references("weave", [image, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)])
     assert inspector.bundle.category("weave").memory[MAP_RANGE].shape == (2,)
     few = inspector.inspect([image], "weave")[0]

@@ -95,6 +95,7 @@ class Inspector:
         self.precision = precision
         self.stage_seconds = {"load": 0.0, "encode": 0.0, "score": 0.0, "post": 0.0}
         self._categories: dict[str, object] = {}
+        self._last_map_range: tuple[str, dict, np.ndarray] | None = None
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, precision: str = "fp32", provider: str = "cpu",
@@ -216,13 +217,23 @@ class Inspector:
             for n in names:
                 feeds[n[len("memory_"):]] = memory[n][own][None]
                 feeds[n] = np.ascontiguousarray(np.delete(memory[n], own, axis=0))
-            peaks.append(float(self.backend.score({}, HEADS["few-shot"], feeds)["anomaly_grid"].max()))
+            out = self.backend.score({}, HEADS["few-shot"], feeds)
+            peaks.append(float(out["anomaly_grid"].max()))
         lo, hi = min(peaks), max(peaks)
         if hi - lo < MIN_MAP_SPAN:
             raise UsageError(f"category {category!r}: the {shots} reference images' maps all "
                              f"peak at {lo:.6g}, which fixes no score scale; add reference "
                              "images that differ from each other")
         return np.array([lo, hi], np.float32)
+
+    def _map_range_of(self, category: str, memory: dict[str, np.ndarray]) -> np.ndarray:
+        """reference_map_range of a memory that lacks it, kept for the last memory asked about:
+        an evaluation scores many batches against one memory."""
+        last = self._last_map_range
+        if last is None or last[0] != category or last[1] is not memory:
+            last = self._last_map_range = (category, memory,
+                                           self.reference_map_range(category, memory))
+        return last[2]
 
     def add_references(self, category: str, images: Sequence[ImageInput], batch_size: int = 8
                        ) -> tuple[int, list[tuple[str, str]]]:
@@ -257,7 +268,7 @@ class Inspector:
                               f"'clipinspect fewshot {self.bundle.root} --category {category} DIR'")
         use_fewshot = memory is not None and mode != "zero-shot"
         if use_fewshot and MAP_RANGE not in memory and self._takes_map_range():
-            memory = {**memory, MAP_RANGE: self.reference_map_range(category, memory)}
+            memory = {**memory, MAP_RANGE: self._map_range_of(category, memory)}
         extra = {**data.text, **(memory if use_fewshot else {})}
         return ("few-shot" if use_fewshot else "zero-shot"), extra, data
 
