@@ -135,7 +135,8 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
     from .train_adapters import TrainOptions, train_adapters
     meta = train_adapters(TrainOptions(
         data=args.data, out=args.out, model=args.model, pretrained=args.pretrained,
-        layers=args.layers, image_size=args.image_size, categories=args.categories or None,
+        layers=args.layers, image_size=args.image_size, activation=args.activation,
+        categories=args.categories or None,
         fmt=args.format, split=args.split, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, cache=args.cache, resume=args.resume,
         overwrite=args.overwrite))
@@ -235,7 +236,7 @@ def _register_train_adapters(sub: argparse._SubParsersAction) -> None:
                    help="feature cache folder (default: <out>.features next to the checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true", help="start again over an existing --out")
-    lazy_options(p, lambda q: add_method_options(q, ("layers", "image_size")))
+    lazy_options(p, lambda q: add_method_options(q, ("layers", "image_size", "activation")))
     p.set_defaults(func=cmd_train_adapters)
 
 

@@ -34,6 +34,7 @@ from .errors import ExportError, log
 from .graphs import (PARITY_TOLERANCE, check_parity, example_text, export_graphs, input_size,
                      judge_parity, max_abs_diff)
 from .methods import METHODS, Adaptation, Built, Clip, ExportMethod, method_options
+from .methods.aprillab import set_activation
 from .text import load_ensemble
 
 DEFAULT_MODEL = "ViT-B-16-plus-240"
@@ -307,6 +308,9 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
     descriptions = _prompt_file(prompts, names)
     model, tokenizer = _same_clip(bundle, pretrained)
     adaptation = bundle.manifest.adaptation
+    activation = (bundle.manifest.aprillab or {}).get("activation")
+    if activation:  # the text tower as the bundle's export ran it
+        set_activation(model, activation)
     recipe = TextRecipe.of(method, model, tokenizer, descriptions,
                            adaptation.to_dict() if adaptation else None)
     for name in names:

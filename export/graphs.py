@@ -46,8 +46,9 @@ def export_graphs(built: Built, root: Path, opset: int) -> dict[str, str]:
         encoded = dict(zip(outs, encoder(example)))
     for name, head in built.heads.items():
         inputs = head_example_inputs(head, encoded)
+        fixed = ("text_prototypes", *getattr(head, "example_inputs", dict)())
         axes = {n: ({0: n} if n.startswith("memory_") or n in ("text_normal", "text_anomalous")
-                    else {} if n == "text_prototypes" else {0: "batch"}) for n in inputs}
+                    else {} if n in fixed else {0: "batch"}) for n in inputs}
         axes.update(image_score={0: "batch"}, anomaly_grid={0: "batch"})
         files[name] = f"fp32/{name}.onnx"
         _export(head, tuple(inputs.values()), root / files[name], input_names=list(inputs),
@@ -77,7 +78,8 @@ def head_example_inputs(head: torch.nn.Module, encoded: dict[str, torch.Tensor],
         # Memory of a *different* shape from the batch, so the traced graph keeps it dynamic.
         memory = {n: encoded[n[len("memory_"):]][:1].flatten(0, 1) for n in head.input_names()
                   if n.startswith("memory_")}
-    pool = {**encoded, **text, **memory}
+    # A head's other inputs (AprilLab's reference_map_range) come from the head itself.
+    pool = {**getattr(head, "example_inputs", dict)(), **encoded, **text, **memory}
     return {n: pool[n] for n in head.input_names()}
 
 

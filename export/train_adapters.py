@@ -31,7 +31,8 @@ from clipinspect.runtime.core.progress import Progress
 from .clip import load_clip, preprocess_config
 from .errors import ExportError, log
 from .methods.aprillab import (CHECKPOINT_KEY, LevelProjections, adapter_loss, build_modules,
-                               category_text, check_layers, default_layers)
+                               category_text, check_layers, default_layers, image_size_for,
+                               model_activation, set_activation)
 from .text import load_ensemble
 
 BETAS = (0.5, 0.999)
@@ -117,8 +118,11 @@ def save_checkpoint(path: Path, projections, optimizer, meta: dict) -> None:
 class TrainOptions:
     """What ``train_adapters`` trains. data: dataset root (MVTec AD or VisA layout, ``fmt``
     auto-detected), out: checkpoint file; layers None = quarter points of the depth;
-    image_size None = the model's own; categories None = all; ``epochs=0`` writes the untrained
-    (seeded random) projections, the baseline training starts from; ``resume`` continues an
+    image_size None = APRIL-GAN's for the model (518 for ViT-L-14-336), else its own;
+    activation None = what open_clip built (recorded in the checkpoint: export refuses the
+    projections for a model running the other one);
+    categories None = all; ``epochs=0`` writes the untrained (seeded random) projections, the
+    baseline training starts from; ``resume`` continues an
     interrupted run from ``out`` up to ``epochs``; cache: feature cache folder (default
     ``<out>.features``)."""
 
@@ -128,6 +132,7 @@ class TrainOptions:
     pretrained: str | None = "openai"
     layers: Sequence[int] | None = None
     image_size: int | None = None
+    activation: str | None = None
     categories: Sequence[str] | None = None
     fmt: str = "auto"
     split: str = "test"
@@ -145,6 +150,8 @@ def train_adapters(options: TrainOptions) -> dict:
     o, out = options, Path(options.out)
     samples = _checked_samples(o)
     model, tokenizer, weights = load_clip(o.model, o.pretrained, o.seed)
+    activation = o.activation or model_activation(model)
+    set_activation(model, activation)
     visual = model.visual
     for p in model.parameters():
         p.requires_grad_(False)
@@ -156,11 +163,12 @@ def train_adapters(options: TrainOptions) -> dict:
         raise ExportError(str(e)) from e
     torch.manual_seed(o.seed)
     projections = LevelProjections(width, dim, len(layers))
-    encoder, heads = build_modules(model, layers, o.image_size, projections)
+    encoder, heads = build_modules(model, layers, image_size_for(o.model, o.image_size),
+                                   projections)
     size = encoder.image_size
     optimizer = torch.optim.Adam(projections.parameters(), lr=o.lr, betas=BETAS)
     meta = {"model": o.model, "weights": weights, "layers": list(layers),
-            "image_size": list(size), "data": str(Path(o.data).resolve()), "split": o.split,
+            "image_size": list(size), "activation": activation, "data": str(Path(o.data).resolve()), "split": o.split,
             "categories": sorted({s.category for s in samples}), "images": len(samples),
             "batch_size": o.batch_size, "lr": o.lr, "betas": list(BETAS), "seed": o.seed,
             "loss": "focal (gamma 2) + dice on the anomalous channel, summed over levels",
@@ -170,7 +178,8 @@ def train_adapters(options: TrainOptions) -> dict:
     cfg = preprocess_config(model)
     ensemble = load_ensemble("aprillab")
     cache = FeatureCache(Path(o.cache) if o.cache else out.with_name(out.name + ".features"),
-                         cache_key(o.model, weights, layers, size, cfg, ensemble))
+                         cache_key(o.model, {**weights, "activation": activation}, layers,
+                                   size, cfg, ensemble))
     cache.fill(samples, encoder, encoder_preprocess(cfg, encoder), o.batch_size)
     text = {name: cache.text(name, lambda n: category_text(model, tokenizer, n, ensemble)[0]
                              ["prototypes"]) for name in meta["categories"]}
@@ -210,7 +219,8 @@ def _resume(out: Path, meta: dict, projections, optimizer) -> None:
     """Load the saved run into ``projections`` and ``optimizer``; refuse another run's file."""
     state = torch.load(out, map_location="cpu", weights_only=True)
     old = state.get("clipinspect", {})
-    for key in ("model", "layers", "image_size", "categories", "split", "batch_size"):
+    for key in ("model", "layers", "image_size", "activation", "categories", "split",
+                "batch_size"):
         if old.get(key) != meta[key]:
             raise ExportError(f"cannot resume {str(out)!r}: it was trained with {key} "
                               f"{old.get(key)!r}, this run has {meta[key]!r}")

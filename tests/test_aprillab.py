@@ -8,7 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Inspector  # noqa: E402
-from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
+from clipinspect.runtime.core.errors import UsageError  # noqa: E402
+from clipinspect.runtime.core.inspector import MAP_RANGE  # noqa: E402
+from clipinspect.runtime.core.images import preprocess, to_rgb_array  # noqa: E402
 
 TOL = 1e-4
 MODEL = "ViT-S-16"
@@ -69,8 +71,10 @@ def test_manifest_records_method_levels_size_and_parity(aprillab_bundle):
     assert m["method"] == "aprillab"
     assert m["aprillab"]["layers"] == list(LAYERS)
     assert m["preprocess"]["size"] == [SIZE, SIZE] and m["grid"] == [SIZE // 16, SIZE // 16]
-    assert "resampled bicubically from 224x224" in m["aprillab"]["positional_embedding"]
+    assert "resampled bicubically (antialiased) from 224x224" in m["aprillab"]["positional_embedding"]
     assert m["aprillab"]["projections"]["kind"] == "file"
+    assert m["aprillab"]["activation"] == "gelu"   # ViT-S-16's open_clip config: plain GELU
+    assert m["aprillab"]["activation_source"] == "model config"
     parity = m["parity"]["fp32"]
     assert parity["passed"] and set(parity["max_abs_diff"]) == {"encoder", "head_zeroshot",
                                                                 "head_fewshot"}
@@ -106,9 +110,14 @@ def test_onnx_zero_and_few_shot_equal_eager_reference(aprillab_bundle, small_mod
     assert np.abs(amap - want_map).max() <= TOL
     memory, used, _ = inspector.build_memory(refs)
     assert set(memory) == {f"memory_level_tokens_{n}" for n in LAYERS} and len(used) == 2
+    # Memory without its map range (built without a category): the range is computed on use.
     score, amap, mode = inspector.score(encoded, "weave", "few-shot", memory)
+    r = torch.from_numpy(r)
+    map_range = reference.map_range(r, text)
     want_score, want_map = (t.numpy() for t in reference(
-        torch.from_numpy(x), text, reference.features(torch.from_numpy(r))))
+        torch.from_numpy(x), text, reference.features(r), map_range))
+    np.testing.assert_allclose(inspector.build_memory(refs, category="weave")[0][MAP_RANGE],
+                               map_range.numpy(), atol=TOL)
     assert mode == "few-shot"
     assert np.abs(score - want_score).max() <= TOL
     assert np.abs(amap - want_map).max() <= TOL
@@ -123,11 +132,128 @@ def test_runtime_maps_have_the_image_size_and_references_zero_the_few_shot_term(
     image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
     zero = inspector.inspect([image], "weave")[0]
     assert zero.ok and zero.anomaly_map.shape == (97, 131) and zero.mode == "zero-shot"
-    inspector.add_references("weave", [image])
+    with pytest.raises(UsageError, match="1 reference image; .* needs at least 2"):
+        inspector.add_references("weave", [image])
+    with pytest.raises(UsageError, match="maps all peak at .* add reference images that differ"):
+        inspector.add_references("weave", [image, image])
+    inspector.add_references("weave", [image, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)])
+    assert inspector.bundle.category("weave").memory[MAP_RANGE].shape == (2,)
     few = inspector.inspect([image], "weave")[0]
     # The query is its own reference: min(1 - cos) is 0 on every level, the map is unchanged.
     assert few.mode == "few-shot"
     np.testing.assert_allclose(few.anomaly_map, zero.anomaly_map, atol=1e-4)
+
+
+def april_gan_test_script(embedding, levels, text, state, memory_levels, size):
+    """APRIL-GAN's test.py few-shot scoring of one image, ported (numpy where it uses numpy):
+    embedding (1, D), levels L x (1, P, C) without class token, text (D, 2) columns [normal,
+    anomalous] normalized, memory_levels L x (M, C) -> (text probability, anomaly map)."""
+    image_features = embedding / embedding.norm(dim=-1, keepdim=True)
+    text_probs = (100.0 * image_features @ text).softmax(dim=-1)
+    anomaly_maps = []
+    for layer, tokens in enumerate(levels):
+        tokens = tokens @ state[f"fc.{layer}.weight"].T + state[f"fc.{layer}.bias"]
+        tokens = tokens / tokens.norm(dim=-1, keepdim=True)
+        anomaly_map = 100.0 * tokens @ text
+        b, n, _ = anomaly_map.shape
+        h = int(np.sqrt(n))
+        anomaly_map = torch.nn.functional.interpolate(
+            anomaly_map.permute(0, 2, 1).view(b, 2, h, h), size=size, mode="bilinear",
+            align_corners=True)
+        anomaly_maps.append(torch.softmax(anomaly_map, dim=1)[:, 1, :, :].numpy())
+    anomaly_map = np.sum(anomaly_maps, axis=0)
+    few_shot = []
+    for layer, tokens in enumerate(levels):
+        m, p = memory_levels[layer].numpy(), tokens[0].numpy()
+        cos = (m / np.linalg.norm(m, axis=1, keepdims=True)) @ (
+            p / np.linalg.norm(p, axis=1, keepdims=True)).T       # sklearn's pairwise cosine
+        height = int(np.sqrt(cos.shape[1]))
+        amap = np.min((1 - cos), 0).reshape(1, 1, height, height)
+        amap = torch.nn.functional.interpolate(torch.tensor(amap), size=size, mode="bilinear",
+                                               align_corners=True)
+        few_shot.append(amap[0].numpy())
+    return text_probs[0][1].item(), anomaly_map + np.sum(few_shot, axis=0)
+
+
+def test_few_shot_score_is_april_gan_formula_with_the_reference_normaliser(
+        aprillab_bundle, small_model, rng, tmp_path):
+    """APRIL-GAN: score = 0.5 * (text probability + normalised max of the few-shot map), its
+    normaliser the test set's min/max of those maxima. Ours: the same with min/max over the
+    reference images, each against the others (fixed before test time)."""
+    import shutil
+
+    inspector = Inspector.open(shutil.copytree(aprillab_bundle, tmp_path / "b"))
+    bundle = inspector.bundle
+    reference = eager_reference(small_model[0], bundle)
+    text = torch.from_numpy(bundle.category("weave").text_prototypes)
+    text = (text / text.norm(dim=-1, keepdim=True)).T
+    refs = [rng.integers(0, 256, (160, 160, 3), dtype=np.uint8) for _ in range(3)]
+    queries = [rng.integers(0, 256, (160, 160, 3), dtype=np.uint8) for _ in range(3)]
+    features = [reference.features(torch.from_numpy(_tensors(bundle, [im]))) for im in refs]
+
+    def port(image, memory):
+        embedding, levels = reference.features(torch.from_numpy(_tensors(bundle, [image])))
+        memory_levels = [torch.cat([f[1][i][0] for f in memory]) for i in range(len(LAYERS))]
+        return april_gan_test_script(embedding, levels, text, reference.state, memory_levels,
+                                     SIZE)
+
+    peaks = [np.max(port(im, features[:k] + features[k + 1:])[1]) for k, im in enumerate(refs)]
+    lo, hi = min(peaks), max(peaks)
+    inspector.add_references("weave", refs)
+    np.testing.assert_allclose(bundle.category("weave").memory[MAP_RANGE], [lo, hi], atol=TOL)
+    results = inspector.inspect(queries, "weave")
+    for image, result in zip(queries, results):
+        probability, amap = port(image, features)
+        assert result.mode == "few-shot"
+        assert abs(result.image_score - 0.5 * (probability + (amap.max() - lo) / (hi - lo))) <= TOL
+        assert np.abs(result.anomaly_map - amap[0]).max() <= TOL
+
+
+def test_positions_resampled_as_open_clip_does_and_518_default_for_vit_l_14_336():
+    from open_clip.model import resize_pos_embed
+
+    from clipinspect.export.methods.aprillab import image_size_for, interpolate_positional_embedding
+
+    pos = torch.randn(1 + 24 * 24, 8, generator=torch.Generator().manual_seed(0))
+    ours = interpolate_positional_embedding(pos, (24, 24), (37, 37))
+    state = {"visual.positional_embedding": pos}
+    resize_pos_embed(state, type("M", (), {"visual": type("V", (), {"grid_size": (37, 37)})}))
+    torch.testing.assert_close(ours, state["visual.positional_embedding"], rtol=0, atol=1e-6)
+    plain = torch.nn.functional.interpolate(pos[1:].reshape(1, 24, 24, 8).permute(0, 3, 1, 2),
+                                            size=(37, 37), mode="bicubic", align_corners=False)
+    assert (ours[1:] - plain.permute(0, 2, 3, 1).reshape(-1, 8)).abs().max() > 1e-3
+    assert image_size_for("ViT-L-14-336", None) == 518
+    assert image_size_for("ViT-L-14-336", 336) == 336 and image_size_for(MODEL, None) is None
+
+
+def test_activation_is_set_explicitly_and_checkpoints_of_the_other_one_are_refused(tmp_path):
+    import open_clip
+
+    from clipinspect.export.methods.aprillab import (activation_name, load_projections,
+                                                     model_activation, set_activation)
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODEL, pretrained=None).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    assert model_activation(model) == "gelu"
+    with torch.no_grad():
+        plain = model.encode_image(x)
+        set_activation(model, activation_name("quick-gelu"))
+        assert model_activation(model) == "quick_gelu"
+        assert (model.encode_image(x) - plain).abs().max() > 1e-4
+        assert isinstance(model.transformer.resblocks[0].mlp.gelu,
+                          open_clip.transformer.QuickGELU)  # the text tower too
+    ckpt = tmp_path / "quick.pt"
+    torch.save({"trainable_linearlayer": random_state(),
+                "clipinspect": {"model": MODEL, "layers": list(LAYERS),
+                                "activation": "quick_gelu"}}, ckpt)
+    _, record = load_projections(str(ckpt), WIDTH, DIM, LAYERS, MODEL, activation="quick_gelu")
+    assert record["trained"]["activation"] == "quick_gelu"
+    with pytest.raises(ValueError, match="trained with activation quick_gelu, but this model runs "
+                                         "gelu: export with --activation quick_gelu"):
+        load_projections(str(ckpt), WIDTH, DIM, LAYERS, MODEL, activation="gelu")
+    with pytest.raises(ValueError, match="choose gelu or quick_gelu"):
+        activation_name("relu")
 
 
 def test_checkpoint_forms_and_errors():
@@ -165,6 +291,7 @@ def test_short_training_lowers_the_loss_resumes_and_exports(tmp_path, monkeypatc
         == pytest.approx(resumed["loss_per_epoch"], rel=1e-5)
     projections, record = load_projections(str(ckpt), WIDTH, DIM, LAYERS, MODEL)
     assert record["kind"] == "file" and record["trained"]["epochs"] == 4
+    assert record["trained"]["activation"] == "gelu"
     with pytest.raises(Exception, match="trained for ViT-S-16 layers"):
         load_projections(str(ckpt), WIDTH, DIM, (4, 8, 12), MODEL)
 

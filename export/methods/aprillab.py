@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 from torch import nn
 
 from clipinspect.runtime.cli import int_list
 from clipinspect.runtime.core.bundle import sha256_file
 from clipinspect.runtime.core.manifest import Manifest
+from clipinspect.runtime.core.inspector import MAP_RANGE, MIN_MAP_SPAN
 
 from ..errors import log
 from ..text import encode_texts, expand_prompts
@@ -33,6 +36,59 @@ CHECKPOINT_KEY = "trainable_linearlayer"
 RANDOM_PROJECTIONS_WARNING = (
     "WARNING: AprilLab projections are RANDOM (--adapters none): maps are meaningless until "
     "they are trained (clipinspect train-adapters). The bundle records it.")
+
+
+# Input sides APRIL-GAN runs a model at when it is not the model's own (its released
+# projections were fitted at these); other models default to their own size.
+DEFAULT_IMAGE_SIZE = {"ViT-L-14-336": 518}
+
+
+def image_size_for(model_name: str, image_size: int | None) -> int | None:
+    """The input side to run ``model_name`` at: the one asked for, else APRIL-GAN's for this
+    model, else None (the model's own)."""
+    return image_size or DEFAULT_IMAGE_SIZE.get(model_name)
+
+
+# MLP activations of an open_clip transformer block, by the names the manifest records.
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def activation_name(text: str) -> str:
+    """Command-line value -> a key of ACTIVATIONS (quick-gelu accepted for quick_gelu)."""
+    name = text.strip().lower().replace("-", "_")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {text!r}: choose gelu or quick_gelu")
+    return name
+
+
+def _mlps(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block's MLP (both towers), each holding its activation as ``gelu``."""
+    return [m.mlp for m in model.modules() if hasattr(getattr(m, "mlp", None), "gelu")]
+
+
+def model_activation(model: nn.Module) -> str:
+    """The activation open_clip built ``model`` with: from the model config and, depending on
+    the open_clip version, the weights' tag ('openai' meant QuickGELU in some versions)."""
+    found = {name for m in _mlps(model) for name, kind in ACTIVATIONS.items()
+             if type(m.gelu) is kind}
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the model's MLP activation (found {sorted(found)})")
+    return found.pop()
+
+
+def set_activation(model: nn.Module, name: str) -> None:
+    """Use activation ``name`` in every block of both towers (in place)."""
+    for mlp in _mlps(model):
+        mlp.gelu = ACTIVATIONS[name]()
+
+
+def check_activation(meta: Mapping, activation: str, source: str) -> None:
+    """Refuse projections fitted to the other activation: the level tokens differ."""
+    trained = meta.get("activation")
+    if trained is not None and trained != activation:
+        raise ValueError(f"adapter checkpoint {source!r} was trained with activation {trained}, "
+                         f"but this model runs {activation}: export with --activation {trained} "
+                         f"(or train projections with --activation {activation})")
 
 
 def default_layers(depth: int) -> tuple[int, ...]:
@@ -51,12 +107,15 @@ def check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
 
 def interpolate_positional_embedding(pos: torch.Tensor, old_grid: tuple[int, int],
                                      new_grid: tuple[int, int]) -> torch.Tensor:
-    """(1 + P_old, C) -> (1 + P_new, C): the patch part resampled bicubically as a grid (the
-    class position kept), so the model runs at another input size (APRIL-GAN: 336 -> 518)."""
+    """(1 + P_old, C) -> (1 + P_new, C): the patch part resampled as a grid (the class position
+    kept), so the model runs at another input size (APRIL-GAN: 336 -> 518). Antialiased bicubic,
+    as open_clip resizes it when a model is created at another image size (APRIL-GAN's path);
+    its kernel differs from plain bicubic even when upsampling."""
     if tuple(old_grid) == tuple(new_grid):
         return pos
     patches = pos[1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)          # (1, C, gh, gw)
-    patches = F.interpolate(patches, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    patches = F.interpolate(patches, size=tuple(new_grid), mode="bicubic", align_corners=False,
+                            antialias=True)
     return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[-1])])
 
 
@@ -169,10 +228,15 @@ class AprilLabHead(nn.Module):
     """Scoring graph with the projections inside. Inputs (in this order):
 
     image_embedding (B, D), level_tokens_<n> (B, P, C) per level, text_prototypes (2, D),
-    [few-shot: memory_level_tokens_<n> (M, C) per level].
+    [few-shot: memory_level_tokens_<n> (M, C) per level, reference_map_range (2,)].
 
     Outputs: image_score (B,), anomaly_grid (B, H, W): the map already at the input size (the
     per-level upsampling happens before the softmax, as the method defines).
+
+    Few-shot image score, APRIL-GAN's combination ``0.5 * (s + (max A - lo) / (hi - lo))`` with
+    s the zero-shot text probability and A the few-shot map. APRIL-GAN takes lo, hi from the
+    test set's own map maxima; we take them from the reference images, fixed when they are
+    stored (``reference_map_range`` = [lo, hi], docs/methods.md#aprillab-after-april-gan).
     """
 
     def __init__(self, projections: LevelProjections, layers: Sequence[int],
@@ -187,7 +251,12 @@ class AprilLabHead(nn.Module):
     def input_names(self) -> list[str]:
         levels = [f"level_tokens_{n}" for n in self.layers]
         names = ["image_embedding", *levels, "text_prototypes"]
-        return names + ([f"memory_{n}" for n in levels] if self.few_shot else [])
+        return names + ([f"memory_{n}" for n in levels] + [MAP_RANGE] if self.few_shot else [])
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        """Example values of the inputs that are neither encoder outputs, text nor memory (for
+        tracing and the parity check); fixed-shape inputs."""
+        return {MAP_RANGE: torch.tensor([0.5, 2.0])} if self.few_shot else {}
 
     def level_probabilities(self, levels: Sequence[torch.Tensor], text: torch.Tensor
                             ) -> list[torch.Tensor]:
@@ -210,7 +279,18 @@ class AprilLabHead(nn.Module):
                 memory = named[f"memory_level_tokens_{n}"]
                 distance = (1.0 - normalize(x) @ normalize(memory).T).min(dim=-1).values
                 amap = amap + to_pixels(distance[..., None], self.grid, self.image_size)[:, 0]
+            image_score = combined_score(image_score, amap.flatten(1).max(dim=-1).values,
+                                         named[MAP_RANGE])
         return image_score, amap
+
+
+def combined_score(text_probability: torch.Tensor, map_max: torch.Tensor,
+                   map_range: torch.Tensor) -> torch.Tensor:
+    """(B,), (B,), [lo, hi] (2,) -> (B,) few-shot image score: 0.5 * (text probability +
+    map maximum scaled so that lo -> 0 and hi -> 1). The runtime refuses hi - lo below
+    MIN_MAP_SPAN when it computes the range; the clamp only keeps a hand-made range finite."""
+    span = (map_range[1] - map_range[0]).clamp_min(MIN_MAP_SPAN)
+    return 0.5 * (text_probability + (map_max - map_range[0]) / span)
 
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -263,10 +343,12 @@ def require_adapters(options: dict) -> None:
 
 
 def load_projections(adapters: str | Path, width: int, dim: int, layers: Sequence[int],
-                     model_name: str, seed: int = 0) -> tuple[LevelProjections, dict]:
+                     model_name: str, seed: int = 0, *, activation: str | None = None
+                     ) -> tuple[LevelProjections, dict]:
     """-> (projections, manifest record). ``adapters``: a checkpoint file (APRIL-GAN's form or
     train-adapters'), or "none" for a seeded random init (warned, recorded). ValueError saying
-    what is wrong with the file otherwise."""
+    what is wrong with the file otherwise, or when it was trained with another ``activation``
+    than the model's."""
     require_adapters({"adapters": adapters})
     if str(adapters).lower() == "none":
         log(RANDOM_PROJECTIONS_WARNING)
@@ -289,12 +371,14 @@ def load_projections(adapters: str | Path, width: int, dim: int, layers: Sequenc
         raise ValueError(f"adapter checkpoint {str(adapters)!r} was trained for {meta.get('model')} "
                          f"layers {meta.get('layers')}, not {model_name} layers {list(layers)}; "
                          "export with the same --model and --layers")
+    if activation is not None:
+        check_activation(meta, activation, str(adapters))
     projections = LevelProjections(width, dim, len(layers))
     projections.load_state_dict(projection_state(checkpoint, width, dim, len(layers)))
     record = {"kind": "file", "path": str(path.resolve()), "sha256": sha256_file(path)}
     if meta:
-        record["trained"] = {k: meta[k] for k in ("epochs", "data", "categories", "loss")
-                             if k in meta}
+        record["trained"] = {k: meta[k] for k in ("epochs", "data", "categories", "loss",
+                                                  "activation") if k in meta}
     return projections.eval(), record
 
 
@@ -314,21 +398,25 @@ def build_modules(model, layers: Sequence[int] | None, image_size: int | None,
 # -------------------------------------------------------------------------- eager reference
 class AprilLabReference:
     """Eager AprilLab on open_clip's own ``forward_intermediates`` (a copy of the tower whose
-    positional embedding is resampled to the input size), projections as plain matrix products,
-    per-level upsampling then softmax, as the formula reads."""
+    positional embedding open_clip's ``resize_pos_embed`` resamples to the input size, as when
+    APRIL-GAN creates the model at 518), projections as plain matrix products, per-level
+    upsampling then softmax, as the formula reads."""
 
     def __init__(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor],
-                 layers: Sequence[int], image_size: int | None = None):
+                 layers: Sequence[int], image_size: int | None = None,
+                 activation: str | None = None):
+        from open_clip.model import resize_pos_embed
+
         v = copy.deepcopy(model.visual)
+        if activation is not None:
+            set_activation(v, activation)
         own, patch = tuple(v.grid_size), int(v.patch_size[0])
         size = int(image_size or own[0] * patch)
         self.grid, self.size = (size // patch, size // patch), (size, size)
-        pos = v.positional_embedding.data
-        grid = pos[1:].reshape(*own, -1).permute(2, 0, 1)[None]
-        grid = F.interpolate(grid, size=self.grid, mode="bicubic", align_corners=False)
-        v.positional_embedding = torch.nn.Parameter(
-            torch.cat([pos[:1], grid[0].permute(1, 2, 0).reshape(self.grid[0] * self.grid[1], -1)]))
         v.grid_size = self.grid
+        pos = {"visual.positional_embedding": v.positional_embedding.data}
+        resize_pos_embed(pos, SimpleNamespace(visual=v))
+        v.positional_embedding = torch.nn.Parameter(pos["visual.positional_embedding"])
         self.visual, self.state, self.layers = v, dict(state), tuple(layers)
 
     @classmethod
@@ -336,9 +424,11 @@ class AprilLabReference:
         record, layers = manifest.aprillab["projections"], manifest.aprillab["layers"]
         width, dim = manifest.dims.width, manifest.dims.embed
         source = record["path"] if record["kind"] == "file" else "none"
+        activation = (manifest.aprillab or {}).get("activation")
         projections, _ = load_projections(source, width, dim, layers, manifest.model.name,
-                                          record.get("seed", 0))
-        return cls(model, projections.state_dict(), layers, manifest.preprocess.size[0])
+                                          record.get("seed", 0), activation=activation)
+        return cls(model, projections.state_dict(), layers, manifest.preprocess.size[0],
+                   activation)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -352,10 +442,23 @@ class AprilLabReference:
         return F.interpolate(x, size=self.size, mode="bilinear", align_corners=True)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, text: torch.Tensor, memory=None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def map_range(self, references: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(K, 3, H, W) reference images, text (2, D) -> [lo, hi]: min and max over the
+        references of the few-shot map's maximum, each against the features of the others."""
+        peaks = []
+        for k in range(len(references)):
+            others = torch.cat([references[:k], references[k + 1:]])
+            _, amap = self(references[k:k + 1], text, self.features(others), torch.tensor([0., 1.]))
+            peaks.append(amap.max())
+        return torch.stack([min(peaks), max(peaks)])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, text: torch.Tensor, memory=None,
+                 map_range: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), text (2, D) raw prototypes, memory: ``features`` of the reference
-        images or None -> image_score (B,), anomaly_map (B, H, W) at the input size."""
+        images or None, map_range: [lo, hi] with memory (``map_range``) -> image_score (B,),
+        anomaly_map (B, H, W) at the input size. Few-shot score: 0.5 * (text probability +
+        (map max - lo) / (hi - lo))."""
         t = F.normalize(text, dim=-1)
         embedding, levels = self.features(images)
         score = (LOGIT_SCALE * F.normalize(embedding, dim=-1) @ t.T).softmax(-1)[:, 1]
@@ -367,6 +470,9 @@ class AprilLabReference:
         for x, m in zip(levels, memory[1] if memory is not None else ()):
             cos = F.normalize(x, dim=-1) @ F.normalize(m.flatten(0, 1), dim=-1).T
             amap = amap + self.upsample((1 - cos).min(dim=-1).values.reshape(-1, 1, *self.grid))[:, 0]
+        if memory is not None:
+            lo, hi = float(map_range[0]), float(map_range[1])
+            score = 0.5 * (score + (amap.amax(dim=(1, 2)) - lo) / (hi - lo))
         return score, amap
 
 
@@ -376,17 +482,22 @@ def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
     depth = len(visual.transformer.resblocks)
     layers = check_layers(options["layers"] or default_layers(depth), depth)
     width, dim = int(visual.conv1.out_channels), int(visual.output_dim)
+    activation = options["activation"] or model_activation(clip.model)
+    set_activation(clip.model, activation)
     projections, record = load_projections(options["adapters"], width, dim, layers, clip.name,
-                                           clip.seed)
-    encoder, heads = build_modules(clip.model, layers, options["image_size"], projections)
+                                           clip.seed, activation=activation)
+    image_size = image_size_for(clip.name, options["image_size"])
+    encoder, heads = build_modules(clip.model, layers, image_size, projections)
     own = visual.image_size
     own = [own, own] if isinstance(own, int) else [int(s) for s in own]
     log(f"      {encoder.image_size[0]}x{encoder.image_size[1]}, levels {list(layers)}")
     return Built(encoder, heads, {"scales": [], "aprillab": {
         "layers": list(layers),
         "positional_embedding": ("as trained" if own == list(encoder.image_size) else
-                                 f"resampled bicubically from {own[0]}x{own[1]}"),
+                                 f"resampled bicubically (antialiased) from {own[0]}x{own[1]}"),
         "projections": record,
+        "activation": activation,
+        "activation_source": "--activation" if options["activation"] else "model config",
         "logit_scale": LOGIT_SCALE,
         "map": "at the input size (per level: upsampled bilinearly, align_corners true, "
                "then softmax; summed over levels)",
@@ -403,7 +514,11 @@ METHOD = ExportMethod(
                "(default: quarter points of the depth, 6,12,18,24 for 24 blocks)",
                type=int_list(1, "6,12,18,24")),
         Option("image_size", None, "aprillab: square input side, a multiple of the patch size, if "
-               "not the model's own (positional embedding resampled bicubically; APRIL-GAN: 518)",
-               type=int, metavar="PIXELS")),
+               "not the model's own (positional embedding resampled bicubically; default 518 for "
+               "ViT-L-14-336 as APRIL-GAN, else the model's own)",
+               type=int, metavar="PIXELS"),
+        Option("activation", None, "aprillab: MLP activation of both towers, gelu or quick_gelu "
+               "(default: what open_clip's model config gives, recorded; APRIL-GAN's "
+               "projections were fitted with gelu)", type=activation_name, metavar="NAME")),
     build=build, category_text=category_text, reference=AprilLabReference,
     ensemble="aprillab", prompt_adaptation=False, check=require_adapters)

@@ -27,6 +27,11 @@ from .maps import gaussian_blur, upsample
 
 MODES = ("auto", "zero-shot", "few-shot")
 HEADS = {"zero-shot": "head_zeroshot", "few-shot": "head_fewshot"}
+# A few-shot head input [lo, hi] (2,): the range of the few-shot map's maximum over the reference
+# images, each scored against the others (AprilLab's image-score normaliser, fixed before test
+# time); stored with the memory.
+MAP_RANGE = "reference_map_range"
+MIN_MAP_SPAN = 1e-6
 
 
 def threshold_key(precision: str, mode: str) -> str:
@@ -90,6 +95,7 @@ class Inspector:
         self.precision = precision
         self.stage_seconds = {"load": 0.0, "encode": 0.0, "score": 0.0, "post": 0.0}
         self._categories: dict[str, object] = {}
+        self._last_map_range: tuple[str, dict, np.ndarray] | None = None
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, precision: str = "fp32", provider: str = "cpu",
@@ -156,11 +162,14 @@ class Inspector:
         self.stage_seconds["encode"] += time.perf_counter() - t0
         return encoded
 
-    def build_memory(self, images: Sequence[ImageInput], batch_size: int = 8
+    def build_memory(self, images: Sequence[ImageInput], batch_size: int = 8, *,
+                     category: str | None = None
                      ) -> tuple[dict[str, np.ndarray], list[str], list[tuple[str, str]]]:
         """Few-shot reference memory from normal images, without storing it.
 
-        Returns (memory arrays for the few-shot head, sources used, [(source, error)]).
+        Returns (memory arrays for the few-shot head, sources used, [(source, error)]). With a
+        ``category``, a head that takes ``reference_map_range`` gets it in the memory too
+        (otherwise it is computed when the memory is used).
         """
         chunks: dict[str, list[np.ndarray]] = {}
         used: list[str] = []
@@ -179,7 +188,51 @@ class Inspector:
         names = [n for n in self.backend.head_io[HEADS["few-shot"]][0] if n.startswith("memory_")]
         memory = {n: np.ascontiguousarray(outputs[n[len("memory_"):]].reshape(
             -1, outputs[n[len("memory_"):]].shape[-1])) for n in names}
+        if category is not None and self._takes_map_range():
+            memory[MAP_RANGE] = self.reference_map_range(category, memory)
         return memory, used, failed
+
+    def _takes_map_range(self) -> bool:
+        return MAP_RANGE in self.backend.head_io[HEADS["few-shot"]][0]
+
+    def reference_map_range(self, category: str, memory: dict[str, np.ndarray]) -> np.ndarray:
+        """[lo, hi] (2,) float32: min and max over the K reference images of the few-shot map's
+        maximum, each image scored against the memory of the other K - 1 (leave one out: scored
+        against itself its few-shot term is 0). Needs K >= 2 and maxima that differ."""
+        names = [n for n in memory if n.startswith("memory_")]
+        rows = int(self.bundle.manifest.dims.patches)
+        shots = len(memory[names[0]]) // rows
+        if shots < 2:
+            raise UsageError(f"category {category!r}: {shots} reference image; this bundle's "
+                             "few-shot score is normalised by the spread of the reference images' "
+                             "own maps, which needs at least 2: add another normal image")
+        text = self._category_inputs(category, "zero-shot")[1]
+        # The map does not depend on the image embedding (only the score does): zeros stand in.
+        feeds = {**text, MAP_RANGE: np.array([0.0, 1.0], np.float32), "image_embedding":
+                 np.zeros((1, self.bundle.manifest.dims.embed), np.float32)}
+        peaks = []
+        for k in range(shots):
+            own = np.arange(k * rows, (k + 1) * rows)
+            for n in names:
+                feeds[n[len("memory_"):]] = memory[n][own][None]
+                feeds[n] = np.ascontiguousarray(np.delete(memory[n], own, axis=0))
+            out = self.backend.score({}, HEADS["few-shot"], feeds)
+            peaks.append(float(out["anomaly_grid"].max()))
+        lo, hi = min(peaks), max(peaks)
+        if hi - lo < MIN_MAP_SPAN:
+            raise UsageError(f"category {category!r}: the {shots} reference images' maps all "
+                             f"peak at {lo:.6g}, which fixes no score scale; add reference "
+                             "images that differ from each other")
+        return np.array([lo, hi], np.float32)
+
+    def _map_range_of(self, category: str, memory: dict[str, np.ndarray]) -> np.ndarray:
+        """reference_map_range of a memory that lacks it, kept for the last memory asked about:
+        an evaluation scores many batches against one memory."""
+        last = self._last_map_range
+        if last is None or last[0] != category or last[1] is not memory:
+            last = self._last_map_range = (category, memory,
+                                           self.reference_map_range(category, memory))
+        return last[2]
 
     def add_references(self, category: str, images: Sequence[ImageInput], batch_size: int = 8
                        ) -> tuple[int, list[tuple[str, str]]]:
@@ -188,7 +241,7 @@ class Inspector:
         Replaces earlier memory of the category. Returns (shots stored, failed images).
         """
         self.bundle.category(category)  # unknown category -> error before any work
-        memory, used, failed = self.build_memory(images, batch_size)
+        memory, used, failed = self.build_memory(images, batch_size, category=category)
         self.bundle.set_memory(category, memory, used, shots=len(used))
         self._categories.pop(category, None)
         return len(used), failed
@@ -213,6 +266,8 @@ class Inspector:
             raise BundleError(f"category {category!r} has no reference images; add them with "
                               f"'clipinspect fewshot {self.bundle.root} --category {category} DIR'")
         use_fewshot = memory is not None and mode != "zero-shot"
+        if use_fewshot and MAP_RANGE not in memory and self._takes_map_range():
+            memory = {**memory, MAP_RANGE: self._map_range_of(category, memory)}
         extra = {**data.text, **(memory if use_fewshot else {})}
         return ("few-shot" if use_fewshot else "zero-shot"), extra, data
 
