@@ -17,6 +17,8 @@ from typing import Callable
 from clipinspect.runtime.cli import csv_list
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 
+from .demo_defaults import DEMO_MODEL, DEMO_PRETRAINED
+
 DEFAULT_TAU_CTX = 0.01  # the default of methods.common.Adaptation; not imported: that needs torch
 EXPORT_EXTRA = "pip install 'clipinspect[export]'"
 
@@ -152,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            "pip install 'clipinspect[export,cpu]'") from e
     run_demo(DemoOptions(out=args.out, model=args.model, pretrained=args.pretrained,
                          shots=args.shots, categories=args.categories or None, seed=args.seed,
-                         batch_size=args.batch_size))
+                         batch_size=args.batch_size, overwrite=args.overwrite))
     return 0
 
 
@@ -277,9 +279,13 @@ def _register_prompts(sub: argparse._SubParsersAction) -> None:
 def _register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic data -> export -> few-shot -> inspect -> report")
     p.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
-    p.add_argument("--model", default="ViT-B-16-plus-240")
-    p.add_argument("--pretrained", default="laion400m_e31",
-                   help="tried first; random weights (loudly reported) if it cannot be loaded")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the contents of an existing --out (its bundle is reused when "
+                   "it has the same model, weights and categories)")
+    p.add_argument("--model", default=DEMO_MODEL, help=f"open_clip model (default {DEMO_MODEL})")
+    p.add_argument("--pretrained", default=DEMO_PRETRAINED,
+                   help=f"weights tag or checkpoint file, tried first (default {DEMO_PRETRAINED}); "
+                   "random weights, reported once, if it cannot be loaded")
     add_categories_option(p, "synthetic categories (default: two of them)")
     p.add_argument("--shots", type=int, default=2, help="few-shot reference images per category")
     p.add_argument("--seed", type=int, default=0)
