@@ -122,10 +122,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_add_category(args: argparse.Namespace) -> int:
+    ex = _exporter()  # first: without torch nothing else matters
     names = [n for v in args.names for n in csv_list(v)] + args.categories
     if not names:
         raise UsageError("name at least one category: add-category BUNDLE --categories NAME ...")
-    ex = _exporter()
     ex.add_categories(args.bundle, names, args.pretrained, replace=args.replace,
                       prompts=args.prompts)
     print(f"added {', '.join(names)} to {args.bundle}")
@@ -242,7 +242,8 @@ def _register_train_adapters(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_add_category(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("add-category", help="add categories' text embeddings to a bundle (torch)")
+    p = sub.add_parser("add-category", help="add categories' text embeddings to a bundle (needs the "
+                       "export extra: torch, open_clip)")
     p.add_argument("bundle")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="category names, as before --categories (still accepted)")

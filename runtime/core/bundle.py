@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .errors import ClipInspectError
+from .errors import ClipInspectError, did_you_mean
 from ..methods import MethodError, method_of
 
 FORMAT_NAME = "clipinspect-bundle"
@@ -248,7 +249,8 @@ class Bundle:
     def graph_path(self, precision: str, name: str) -> Path:
         graphs = self.manifest["graphs"]
         if precision not in graphs:
-            raise BundleError(f"bundle {str(self.root)!r} has no {precision!r} graphs (it has "
+            raise BundleError(f"bundle {str(self.root)!r} has no {precision!r} graphs"
+                              f"{did_you_mean(precision, graphs)} (it has "
                               f"{', '.join(sorted(graphs))}); choose one of those")
         return self.root / graphs[precision][name]["file"]
 
@@ -256,8 +258,10 @@ class Bundle:
         entries = self.manifest["categories"]
         if name not in entries:
             known = ", ".join(sorted(entries)) or "none"
-            raise BundleError(f"unknown category {name!r}; this bundle has: {known}. Add it with "
-                              f"'clipinspect add-category {self.root} {name!r}'")
+            raise BundleError(f"unknown category {name!r}{did_you_mean(name, entries)}. This "
+                              f"bundle has: {known}. Add it (needs the export extra, torch) with: "
+                              f"clipinspect add-category {shlex.quote(str(self.root))} "
+                              f"{shlex.quote(name)}")
         entry = entries[name]
         with np.load(self.root / entry["text"]["file"]) as npz:
             text = head_text_arrays(npz)
