@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipinspect.runtime.core.maps import heatmap_rgb, mask_edge
+from clipinspect.runtime.core.maps import mask_edge
+from clipinspect.runtime.predict import colour_bar
 
 TRUTH_COLOUR = (0, 230, 60)  # ground-truth outline; the predicted mask is outlined in white
 
@@ -21,20 +22,6 @@ RANDOM_WEIGHTS_WHY = (
     "defects (scratches, holes, stains, cracks painted onto regular textures and parts) are "
     "patches unlike any reference patch, so they stand out; real, subtle defects and the "
     "zero-shot text scores need pretrained weights.")
-
-
-def colour_bar(width: int, height: int, scale: tuple[float, float]) -> Image.Image:
-    """A horizontal bar of the overlay colours over ``scale``, labelled at both ends."""
-    ramp = np.linspace(scale[0], scale[1], width, dtype=np.float32)[None, :].repeat(12, 0)
-    bar = Image.new("RGB", (width, height), "white")
-    bar.paste(Image.fromarray(heatmap_rgb(ramp, *scale)), (0, 0))
-    draw = ImageDraw.Draw(bar)
-    draw.text((2, 14), f"{scale[0]:.3g}", fill="black")
-    label = f"{scale[1]:.3g}"
-    draw.text((width - 7 * len(label) - 2, 14), label, fill="black")
-    mid = f"pixel threshold {(scale[0] + scale[1]) / 2:.3g}"
-    draw.text((width // 2 - 3 * len(mid), 14), mid, fill="black")
-    return bar
 
 
 def contact_sheet(overlay_dir: Path, records: list[dict], out: Path, *,
@@ -56,7 +43,8 @@ def contact_sheet(overlay_dir: Path, records: list[dict], out: Path, *,
         verdict = {True: "NG", False: "OK"}.get(r.get("is_anomalous"), "?")
         draw.text((x + 3, y + thumb + 2),
                   f"{r['truth'][:7]} {r.get('image_score', 0):.3f} {verdict}", fill="black")
-    sheet.paste(colour_bar(columns * thumb, 30, colour_scale), (0, rows * (thumb + 16)))
+    middle = f"pixel threshold {(colour_scale[0] + colour_scale[1]) / 2:.3g}"
+    sheet.paste(colour_bar(columns * thumb, 30, colour_scale, middle), (0, rows * (thumb + 16)))
     sheet.save(out)
 
 

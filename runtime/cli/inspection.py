@@ -28,6 +28,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"clipinspect: skipped: {r.error}", file=sys.stderr)
+    if not args.no_overlays and not (Path(args.out) / "colour_bar.png").exists():
+        print(f"note: {args.category!r} has no pixel threshold, so each overlay is coloured by "
+              "its own range and hot spots do not compare across images; set thresholds with "
+              "'clipinspect threshold' for one shared scale", file=sys.stderr)
     ok = len(results) - len(failed)
     mode = next((r.mode for r in results if r.ok), "none")
     print(f"{ok} image(s) inspected ({mode}), {len(failed)} failed; "
