@@ -288,7 +288,8 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
                    help=f"weights tag or checkpoint file, tried first (default {DEMO_PRETRAINED}); "
                    "random weights, reported once, if it cannot be loaded")
     add_categories_option(p, "synthetic categories (default: two of them)")
-    p.add_argument("--shots", type=int, default=2, help="few-shot reference images per category")
+    p.add_argument("--shots", type=int, default=4,
+                   help="few-shot reference images per category (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(func=cmd_demo)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import platform
 from pathlib import Path
@@ -71,7 +72,8 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0, *,
             raise ExportError(f"--pretrained {pretrained!r} is neither a local checkpoint file nor "
                               f"an open_clip tag; {hint}; or 'none' for random weights")
         try:
-            with _quiet_loggers("huggingface_hub", "root"):  # download retries; our error says more
+            with _quiet_loggers("huggingface_hub", "root", level=logging.CRITICAL):  # retries;
+                # open_clip logs the failure at ERROR: our error says more
                 model = open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as e:
             raise ExportError(
@@ -86,14 +88,13 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0, *,
 
 
 @contextlib.contextmanager
-def _quiet_loggers(*names: str):
-    """Silence other libraries' warnings where ours say more (random init, download retries)."""
-    import logging
-
+def _quiet_loggers(*names: str, level: int = logging.ERROR):
+    """Silence other libraries' warnings (and below ``level``) where ours say more (random init,
+    download retries)."""
     loggers = [logging.getLogger(None if n == "root" else n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(level)
     try:
         yield
     finally:

@@ -7,8 +7,10 @@ export step is the fallback path: the asked-for weights fail, the random-weights
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,14 +34,10 @@ def test_an_existing_output_folder_is_refused_without_overwrite(tmp_path):
     assert [p.name for p in out.iterdir()] == ["bundle"]  # kept for reuse
 
 
-@pytest.fixture(scope="module")
-def demo_run(tiny_bundle_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
+def run_demo_quietly(tiny_bundle_path: Path, out: Path) -> tuple[Path, dict, str]:
+    """The demo on the tiny bundle -> (output folder, report, what it printed)."""
     shutil.copytree(tiny_bundle_path, out / "bundle")
     capture = pytest.MonkeyPatch()
-    import io
-    import sys
-
     stream = io.StringIO()
     capture.setattr(sys, "stderr", stream)
     capture.setattr(sys, "stdout", stream)
@@ -49,6 +47,11 @@ def demo_run(tiny_bundle_path, tmp_path_factory):
     finally:
         capture.undo()
     return out, report, stream.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_bundle_path, tmp_path_factory):
+    return run_demo_quietly(tiny_bundle_path, tmp_path_factory.mktemp("demo") / "out")
 
 
 def test_the_weights_warning_is_one_line_with_the_fix_printed_once(demo_run):
