@@ -29,7 +29,7 @@ from .demo_defaults import DEMO_CATEGORIES, DEMO_MODEL, DEMO_PRETRAINED
 from .demo_report import contact_sheet, render_html, render_markdown
 from .exporter import ExportError, ExportOptions, export_bundle, log
 
-HELD_OUT_NORMAL = 3  # train/good images beyond the references, for the thresholds
+HELD_OUT_NORMAL = 8  # train/good images beyond the references, for the thresholds
 
 
 @dataclass

@@ -100,17 +100,18 @@ def histogram_svg(c: dict, width: int = 420, height: int = 160, bins: int = 16) 
     lo, hi = min(values), max(values)
     span = max(hi - lo, 1e-9)
     edges = np.linspace(lo, hi + span * 1e-6, bins + 1)
-    counts = {k: np.histogram([s for s, bad in scores if bad == k], edges)[0] for k in (False, True)}
+    counts = {k: np.histogram([s for s, bad in scores if bad == k], edges)[0]
+              for k in (False, True)}
     top = max(1, int(max(counts[False].max(), counts[True].max())))
     bw, plot_h = width / bins, height - 20
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'class="hist">']
-    for bad, colour in ((False, "#2b8a3e"), (True, "#c92a2a")):
+    for bad, colour, kind in ((False, "#2b8a3e", "good"), (True, "#c92a2a", "defective")):
         for i, n in enumerate(counts[bad]):
             h = plot_h * n / top
             x = i * bw + (bw / 2 if bad else 0)
             parts.append(f'<rect x="{x:.1f}" y="{plot_h - h:.1f}" width="{bw / 2:.1f}" '
-                         f'height="{h:.1f}" fill="{colour}" data-kind="{"defective" if bad else "good"}"/>')
+                         f'height="{h:.1f}" fill="{colour}" data-kind="{kind}"/>')
     tx = width * (t - lo) / span
     parts += [f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="0" y2="{plot_h}" stroke="black" '
               'stroke-dasharray="4 2" class="threshold"/>',

@@ -67,7 +67,7 @@ def test_thresholds_come_from_held_out_normal_images_and_decide(demo_run):
     _, report, _ = demo_run
     for name, c in report["categories"].items():
         t = c["thresholds"]
-        assert t["images"] == 3 and "not used as references" in t["how"]
+        assert t["images"] == 8 and "not used as references" in t["how"]
         assert sum(c["decisions"].values()) == c["images"]
         flagged = sum(d["is_anomalous"] for d in c["images_detail"])
         assert flagged == c["decisions"]["TP"] + c["decisions"]["FP"]

@@ -59,8 +59,8 @@ def test_state_shows_the_latest_inspections_with_overlays_and_counts(live):
 def test_feed_counts_verdicts_and_keeps_only_the_latest():
     feed = LiveFeed(latest=2)
     for i, flagged in enumerate((True, False, True)):
-        feed.record("washer", InspectionResult(f"{i}", image_score=float(i),
-                                               is_anomalous=flagged), {"image": 1.5}, 0.01 * (i + 1))
+        result = InspectionResult(f"{i}", image_score=float(i), is_anomalous=flagged)
+        feed.record("washer", result, {"image": 1.5}, 0.01 * (i + 1))
     s = feed.state()
     assert s["counts"] == {"washer": {"inspected": 3, "NG": 2, "OK": 1}}
     assert [r["image_score"] for r in s["latest"]] == [2.0, 1.0]
