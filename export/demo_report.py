@@ -81,8 +81,9 @@ def render_markdown(r: dict, console: bool = False) -> str:
         t = c["thresholds"]
         lines.append(f"- {name}: image {t['image']:.4g}, pixel {t['pixel']:.4g}: {t['how']}.")
     if not console:
-        lines += ["", "Overlays share one colour scale per category (0.5 to 1.5 x the pixel "
-                  "threshold); green: ground truth, white: predicted mask.", ""]
+        lines += ["", "Overlays share one colour scale per category (from the median pixel of "
+                  "the normal images, threshold in the middle); green: ground truth, white: "
+                  "predicted mask.", ""]
         lines += [f"![{name}](overlays_{name}.png)" for name in r["categories"]]
     lines += ["", f"Total time {r['seconds']:.0f} s.", ""]
     return "\n".join(lines)

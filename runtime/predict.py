@@ -25,10 +25,14 @@ def overlay_name(index: int, source: str) -> str:
 
 def colour_range(thresholds: dict, amap: np.ndarray, vmin: float | None = None,
                  vmax: float | None = None) -> tuple[float, float]:
-    """Overlay colours span [vmin, vmax]; by default [0.5, 1.5] x the category's pixel
-    threshold when it has one (hot = above threshold), else the map's own range (relative only)."""
+    """Overlay colours span [vmin, vmax]; by default, where the category has a pixel threshold,
+    a range centred on it (hot = above threshold): from the median pixel of its normal images
+    when recorded (maps with a high baseline, like WinCLIP's), else from 0.5 x the threshold.
+    Without a threshold: the map's own range (relative only)."""
     if "pixel" in thresholds and vmin is None and vmax is None:
-        vmin, vmax = 0.5 * thresholds["pixel"], 1.5 * thresholds["pixel"]
+        t = thresholds["pixel"]
+        vmin = min(thresholds.get("pixel_median", 0.5 * t), t)
+        vmax = 2 * t - vmin
     lo = float(amap.min()) if vmin is None else vmin
     hi = float(amap.max()) if vmax is None else vmax
     return lo, max(hi, lo + 1e-6)

@@ -74,7 +74,7 @@ def test_thresholds_come_from_held_out_normal_images_and_decide(demo_run):
         assert all(d["is_anomalous"] == (d["image_score"] >= t["image"])
                    for d in c["images_detail"])
         lo, hi = c["colour_scale"]
-        assert lo == pytest.approx(0.5 * t["pixel"]) and hi == pytest.approx(1.5 * t["pixel"])
+        assert lo == pytest.approx(t["pixel_median"]) and hi == pytest.approx(2 * t["pixel"] - lo)
 
 
 def test_reports_use_percent_and_the_html_is_self_contained(demo_run):

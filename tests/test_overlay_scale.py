@@ -17,6 +17,7 @@ from clipinspect.runtime.predict import colour_bar, shared_scale
 
 def test_shared_scale_comes_from_the_pixel_threshold_or_explicit_bounds():
     assert shared_scale({"pixel": 0.2}) == pytest.approx((0.1, 0.3))
+    assert shared_scale({"pixel": 0.3, "pixel_median": 0.25}) == pytest.approx((0.25, 0.35))
     assert shared_scale({}, 0.0, 1.0) == (0.0, 1.0)
     assert shared_scale({}) is None and shared_scale({}, vmin=0.0) is None
 
