@@ -74,7 +74,10 @@ def test_a_skipped_image_is_reported_with_a_colon(capsys, tiny_bundle_path, tmp_
 
 def test_add_category_says_first_that_it_needs_the_export_extra(capsys, monkeypatch,
                                                                  tiny_bundle_path):
+    import clipinspect.export
+
     monkeypatch.setitem(sys.modules, "clipinspect.export.exporter", None)  # import fails
+    monkeypatch.delattr(clipinspect.export, "exporter", raising=False)  # even if imported before
     rc = main(["add-category", str(tiny_bundle_path)])  # no names: still the extra comes first
     err = capsys.readouterr().err
     assert rc == 2 and "needs the export extra" in err and "pip install" in err
