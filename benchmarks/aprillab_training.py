@@ -35,7 +35,7 @@ def run(work: Path, epochs: int, train_seed: int, eval_seed: int) -> dict:
                                                      build_modules, category_text)
     from clipinspect.export.text import load_ensemble
     from clipinspect.export.train_adapters import (FeatureCache, TrainOptions, cache_key,
-                                                   train_adapters)
+                                                   encoder_preprocess, train_adapters)
 
     t0 = time.perf_counter()
     train_data, eval_data, cache = work / "train-data", work / "eval-data", work / "features"
@@ -57,7 +57,7 @@ def run(work: Path, epochs: int, train_seed: int, eval_seed: int) -> dict:
     rows = {}
     for c in categories:
         samples = load_dataset(eval_data, "mvtec", [c], "test")
-        features.fill(samples, encoder, cfg["mean"], cfg["std"], 8)
+        features.fill(samples, encoder, encoder_preprocess(cfg, encoder), 8)
         levels, masks = features.load(samples, encoder.image_size)
         text = features.text(c, lambda n: category_text(model, tokenizer, n, ensemble)[0]
                              ["prototypes"])

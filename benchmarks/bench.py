@@ -22,7 +22,7 @@ import numpy as np
 
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backends import ProviderError, available_providers
-from clipinspect.runtime.core.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.images import to_rgb_array
 from clipinspect.runtime.core.maps import upsample
 from clipinspect.runtime.methods import gflops_per_image as method_gflops
 from clipinspect.runtime.methods import transformer_layers
@@ -140,13 +140,11 @@ def make_workload(bundle: Bundle, folder: Path, n_images: int, shots: int) -> Wo
 def time_runtime(inspector: Inspector, work: Workload, mode: str, memory: dict | None,
                  batch: int, runs: int) -> dict[str, list[float]]:
     """Stage seconds of ``runs`` batches through the runtime."""
-    cfg = inspector.bundle.manifest["input"]
-    size = inspector.bundle.input_size
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     for r in range(runs):
         t0 = time.perf_counter()
         rgbs = [to_rgb_array(p) for p in work.batch(r, batch)]
-        x = np.stack([preprocess(im, size, cfg["mean"], cfg["std"]) for im in rgbs])
+        x = inspector.bundle.preprocess.batch(rgbs)
         t1 = time.perf_counter()
         encoded = inspector.backend.encode(x)
         t2 = time.perf_counter()
@@ -170,17 +168,16 @@ class TorchBaseline:
         from clipinspect.export.exporter import load_clip
         from clipinspect.export.methods.winclip import WinClipReference
 
-        weights = bundle.manifest["model"]["weights"]
-        if weights["kind"] == "random":
+        weights = bundle.manifest.model.weights
+        if weights.kind == "random":
             pretrained = None
-        elif weights["kind"] == "tag":
-            pretrained = weights["tag"]
+        elif weights.kind == "tag":
+            pretrained = weights.tag
         else:
-            pretrained = weights.get("path")
+            pretrained = weights.path
             if not pretrained or not Path(pretrained).is_file():
                 raise RuntimeError(f"the bundle's checkpoint {pretrained!r} is not on this machine")
-        model, _, _ = load_clip(bundle.manifest["model"]["name"], pretrained,
-                                weights.get("seed", 0))
+        model, _, _ = load_clip(bundle.manifest.model.name, pretrained, weights.seed or 0)
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
@@ -196,21 +193,18 @@ class TorchBaseline:
             self.torch.cuda.synchronize()
 
     def memory(self, work: Workload):
-        cfg, size = self.bundle.manifest["input"], self.bundle.input_size
-        x = np.stack([preprocess(to_rgb_array(p), size, cfg["mean"], cfg["std"])
-                      for p in work.references])
+        x = self.bundle.preprocess.batch([to_rgb_array(p) for p in work.references])
         return self.reference.features(self.tensor(x))
 
     def time(self, work: Workload, mode: str, memory, batch: int, runs: int
              ) -> dict[str, list[float]]:
-        cfg, size = self.bundle.manifest["input"], self.bundle.input_size
         data = self.bundle.category(work.category)
         prototypes = self.tensor(data.text_prototypes)
         times: dict[str, list[float]] = {"decode": [], "model_and_post": [], "end_to_end": []}
         for r in range(runs):
             t0 = time.perf_counter()
             rgbs = [to_rgb_array(p) for p in work.batch(r, batch)]
-            x = np.stack([preprocess(im, size, cfg["mean"], cfg["std"]) for im in rgbs])
+            x = self.bundle.preprocess.batch(rgbs)
             t1 = time.perf_counter()
             scores, maps = self.reference(self.tensor(x), prototypes, rgbs[0].shape[:2],
                                           memory if mode == "few-shot" else None)
@@ -292,8 +286,8 @@ def run_bench(bundle_path: str | Path, out: str | Path, options: BenchOptions = 
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "schema": "clipinspect-bench/1", "bundle": bundle.identity,
-        "model": bundle.manifest["model"]["name"],
-        "weights": bundle.manifest["model"]["weights"]["kind"],
+        "model": bundle.manifest.model.name,
+        "weights": bundle.manifest.model.weights.kind,
         "config": {"backends": list(options.backends), "precisions": list(options.precisions),
                    "modes": list(options.modes), "batches": list(options.batches),
                    "shots": options.shots, "runs": options.runs, "warmup": options.warmup,
@@ -401,7 +395,7 @@ def _sweep(result: dict, target: Target, options: BenchOptions, memory_for, time
 
 def _baselines(result: dict, bundle: Bundle, work: Workload, options: BenchOptions,
                progress: Callable[[str], None]) -> None:
-    if bundle.manifest.get("method", "winclip") != "winclip" or bundle.manifest.get("adaptation"):
+    if bundle.manifest.method != "winclip" or bundle.manifest.adaptation:
         from clipinspect.runtime.methods import describe
         result["skipped"].append({"what": "PyTorch baseline", "reason": (
             "the baseline is the eager reference of plain WinCLIP; this bundle's method is "

@@ -44,7 +44,7 @@ def measure(args: argparse.Namespace) -> dict:
     from clipinspect.runtime.methods import describe
 
     bundles = [Bundle.open(b) for b in args.bundles]
-    models = {(b.manifest["model"]["name"], json_key(b.manifest["model"]["weights"]))
+    models = {(b.manifest.model.name, json_key(b.manifest.model.weights.to_dict()))
               for b in bundles}
     if len(models) > 1:
         raise SystemExit("the bundles come from different models or weights; compare methods on "
@@ -66,14 +66,14 @@ def measure(args: argparse.Namespace) -> dict:
     for i in range(len(bundles)):  # warm-up
         run(i)
     times, ips = interleaved_rounds(labels, run, args.rounds, args.images)
-    rows = [{"bundle": label, "method": b.manifest.get("method", "winclip"),
-             "adaptation": b.manifest.get("adaptation"),
+    rows = [{"bundle": label, "method": b.manifest.method,
+             "adaptation": b.manifest.adaptation.to_dict() if b.manifest.adaptation else None,
              "gflops_per_image": gflops_per_image(b.manifest, transformer_layers(b)),
              "seconds_per_round": t, "images_per_second": v, "ratio_to_first": v / ips[0]}
             for label, b, t, v in zip(labels, bundles, times, ips)]
     result = {
-        "benchmark": "methods", "model": bundles[0].manifest["model"]["name"],
-        "weights": bundles[0].manifest["model"]["weights"]["kind"], "category": category,
+        "benchmark": "methods", "model": bundles[0].manifest.model.name,
+        "weights": bundles[0].manifest.model.weights.kind, "category": category,
         "mode": args.mode, "shots": args.shots if args.mode == "few-shot" else 0,
         "images_per_round": args.images, "image_size": [256, 256], "batch_size": args.batch_size,
         "rounds": args.rounds, "provider": "cpu", "precision": "fp32",

@@ -67,8 +67,8 @@ def measure(args: argparse.Namespace) -> dict:
                  for p, (s, m) in outputs.items()}
     result = {
         "benchmark": "precisions", "bundle": bundle.identity,
-        "model": bundle.manifest["model"]["name"],
-        "weights": bundle.manifest["model"]["weights"]["kind"], "category": category,
+        "model": bundle.manifest.model.name,
+        "weights": bundle.manifest.model.weights.kind, "category": category,
         "mode": args.mode, "shots": args.shots if args.mode == "few-shot" else 0,
         "images_per_round": args.images, "image_size": [256, 256], "batch_size": args.batch_size,
         "rounds": args.rounds, "provider": "cpu",

@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _check_bundle(bundle) -> None:
     """Only a random-weights plain WinCLIP bundle has an eager reference this can rebuild."""
-    if bundle.manifest["model"]["weights"]["kind"] != "random":
+    if bundle.manifest.model.weights.kind != "random":
         raise SystemExit("this benchmark rebuilds the same weights from the seed: use a bundle "
                          "exported with --pretrained none")
-    if bundle.manifest.get("method", "winclip") != "winclip" or bundle.manifest.get("adaptation"):
+    if bundle.manifest.method != "winclip" or bundle.manifest.adaptation:
         raise SystemExit("this benchmark compares plain WinCLIP with its eager reference; the "
-                         "bundle's method is " + bundle.manifest["method"]
-                         + (" with prompt adaptation" if bundle.manifest.get("adaptation") else "")
+                         "bundle's method is " + bundle.manifest.method
+                         + (" with prompt adaptation" if bundle.manifest.adaptation else "")
                          + " (compare methods with python -m clipinspect.benchmarks.methods)")
 
 
@@ -82,11 +82,10 @@ def measure(args: argparse.Namespace, inspector) -> dict:
     from clipinspect.calibration.synth import render_sample
     from clipinspect.export.exporter import load_clip
     from clipinspect.export.methods.winclip import WinClipReference
-    from clipinspect.runtime.core.images import preprocess
 
     bundle = inspector.bundle
     _check_bundle(bundle)
-    model, _, _ = load_clip(args.model, None, bundle.manifest["model"]["weights"]["seed"])
+    model, _, _ = load_clip(args.model, None, bundle.manifest.model.weights.seed)
     reference = WinClipReference(model, bundle.scales)
     category = bundle.categories[0]
 
@@ -97,11 +96,8 @@ def measure(args: argparse.Namespace, inspector) -> dict:
     inspector.add_references(category, refs)
     data = bundle.category(category)
     prototypes = torch.from_numpy(data.text_prototypes)
-    cfg = bundle.manifest["input"]
-
     def to_tensor(batch):
-        return torch.from_numpy(np.stack([preprocess(im, bundle.input_size, cfg["mean"], cfg["std"])
-                                          for im in batch]))
+        return torch.from_numpy(bundle.preprocess.batch(batch))
 
     memory = reference.features(to_tensor(refs))
 

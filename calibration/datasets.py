@@ -37,9 +37,7 @@ import numpy as np
 from PIL import Image
 
 from clipinspect.runtime.core.errors import ClipInspectError
-
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-"""Lower-case suffixes recognised as images (matched case-insensitively)."""
+from clipinspect.runtime.core.images import IMAGE_SUFFIXES
 
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -396,7 +394,7 @@ def _check_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
 
 def _is_image(path: Path) -> bool:
     return (
-        path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+        path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
@@ -423,7 +421,7 @@ def _load_split(root: Path, cat: str, split: str) -> list[Sample]:
     if not samples:
         raise DatasetError(
             f"no images in {str(split_dir)!r}: expected <defect>/<name>.png files "
-            f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"(extensions: {', '.join(IMAGE_SUFFIXES)})"
         )
     return samples
 

@@ -136,7 +136,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path,
     (out / "categories").mkdir(parents=True, exist_ok=True)
     b = Bundle.open(bundle)
     categories = list(options.categories or dataset_categories(data, fmt))
-    missing = [c for c in categories if c not in b.manifest["categories"]]
+    missing = [c for c in categories if c not in b.manifest.categories]
     if missing:
         raise UsageError(f"the bundle has no text embeddings for {', '.join(map(repr, missing))}; "
                          f"add them with 'clipinspect add-category {bundle} "

@@ -36,7 +36,7 @@ import numpy as np
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.bundle import write_versioned
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
-from clipinspect.runtime.core.images import ImageError, preprocess, to_rgb_array
+from clipinspect.runtime.core.images import IMAGE_SUFFIXES, ImageError, to_rgb_array
 from clipinspect.runtime.core.progress import Progress
 
 PRECISIONS = ("fp16", "int8")
@@ -46,7 +46,6 @@ DEFAULT_TARGET = 0.99
 DEFAULT_HOLDOUT = 3
 DEFAULT_MAX_IMAGES = 32
 MIN_CALIBRATION_IMAGES = 2
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class QuantizeError(ClipInspectError, RuntimeError):
@@ -213,11 +212,10 @@ def find_images(source: str | Path) -> list[Path]:
 
 def load_tensors(bundle: Bundle, paths: Sequence[Path]) -> np.ndarray:
     """(N, 3, H, W) preprocessed images; an unreadable file is an error naming it."""
-    cfg = bundle.manifest["input"]
     out = []
     for p in paths:
         try:
-            out.append(preprocess(to_rgb_array(p), bundle.input_size, cfg["mean"], cfg["std"]))
+            out.append(bundle.preprocess(to_rgb_array(p)))
         except ImageError as e:
             raise UsageError(f"calibration image {str(p)!r} cannot be used ({e}); remove it or "
                              "replace it") from e
@@ -228,10 +226,9 @@ def probe_images(bundle: Bundle, n: int) -> np.ndarray:
     """Deterministic synthetic normal images, for agreement checks when the user gave none."""
     from .synth import CATEGORIES, render_sample
 
-    cfg = bundle.manifest["input"]
     names = list(CATEGORIES)
     rgbs = [render_sample(names[i % len(names)], "train", "good", i)[0] for i in range(n)]
-    return np.stack([preprocess(r, bundle.input_size, cfg["mean"], cfg["std"]) for r in rgbs])
+    return bundle.preprocess.batch(rgbs)
 
 
 class _OneImage:
@@ -288,7 +285,7 @@ class MapAgreement:
         self.images, self.threads = images, threads
         self.runs = [(c, "zero-shot") for c in bundle.categories]
         self.runs += [(c, "few-shot") for c in bundle.categories
-                      if bundle.manifest["categories"][c].get("memory")]
+                      if bundle.manifest.categories[c].memory]
         # The FP32 encoder and heads, opened once; a candidate only brings its encoder.
         self.inspector = Inspector.open(bundle, "fp32", "cpu", threads)
         self.reference = self.scores_and_maps(self.inspector.backend.encode(images))
@@ -331,7 +328,7 @@ class MapAgreement:
 
 # ---------------------------------------------------------------------------------- driver
 def _existing(bundle: Bundle, precision: str, overwrite: bool) -> None:
-    if precision in bundle.manifest["graphs"] and not overwrite:
+    if precision in bundle.manifest.graphs and not overwrite:
         raise UsageError(f"bundle {str(bundle.root)!r} already has {precision} graphs; pass "
                          "--overwrite to replace them")
 
@@ -406,8 +403,8 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
         "versions": _versions(),
     })
     rel = write_versioned(bundle.root, precision, "encoder.onnx", data)
-    entry = bundle.file_entry(rel, inputs=bundle.manifest["graphs"]["fp32"]["encoder"]["inputs"],
-                              outputs=bundle.manifest["graphs"]["fp32"]["encoder"]["outputs"])
+    fp32 = bundle.manifest.graphs["fp32"]["encoder"]
+    entry = bundle.file_entry(rel, inputs=fp32.inputs, outputs=fp32.outputs)
     bundle.set_precision(precision, entry, record, overwrite)
     log(f"{precision} graphs stored in {bundle.root} ({len(data) / 1e6:.0f} MB encoder) in "
         f"{time.perf_counter() - t_start:.0f} s")

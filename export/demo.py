@@ -56,9 +56,9 @@ def _bundle_matches(path: Path, model: str, pretrained: str | None, categories: 
         m = Bundle.open(path).manifest
     except Exception:
         return False
-    w = m["model"]["weights"]
-    same_weights = (w["kind"] == "random") if pretrained is None else w.get("tag") == pretrained
-    return m["model"]["name"] == model and same_weights and set(categories) <= set(m["categories"])
+    w = m.model.weights
+    same_weights = (w.kind == "random") if pretrained is None else w.tag == pretrained
+    return m.model.name == model and same_weights and set(categories) <= set(m.categories)
 
 
 def weights_warning(model: str, pretrained: str, error: Exception) -> str:
@@ -176,10 +176,10 @@ def run_demo(options: DemoOptions) -> dict:
     bundle, warning, error = export_for_demo(out / "bundle", options.model, options.pretrained,
                                              categories, options.seed)
     inspector = Inspector.open(bundle)
-    weights = bundle.manifest["model"]["weights"]["kind"]
-    report = {"model": options.model, "weights": weights, "weights_warning": warning,
-              "weights_error": error, "bundle": bundle.identity,
-              "parity_fp32": bundle.manifest["parity"].get("fp32"), "shots": options.shots,
+    parity = bundle.manifest.parity.get("fp32")
+    report = {"model": options.model, "weights": bundle.manifest.model.weights.kind,
+              "weights_warning": warning, "weights_error": error, "bundle": bundle.identity,
+              "parity_fp32": parity.to_dict() if parity else None, "shots": options.shots,
               "categories": {}}
     for name in categories:
         report["categories"][name] = inspect_category(inspector, data, out, name, options)

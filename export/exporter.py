@@ -26,6 +26,7 @@ from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle
                                              check_category_dir_free, check_category_name,
                                              default_mode, file_entry, head_text_arrays,
                                              npz_bytes, sha256_file, write_versioned)
+from clipinspect.runtime.core.manifest import Manifest
 
 from . import prompt_files
 from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
@@ -130,7 +131,7 @@ def _checked(options: ExportOptions) -> tuple[ExportMethod, dict, dict | None]:
     the loaded prompt file or None)."""
     names = [check_category_name(c) for c in options.categories]
     for i, name in enumerate(names):
-        check_category_dir_free({"categories": dict.fromkeys(names[:i])}, name)
+        check_category_dir_free(names[:i], name)
     try:
         own = method_options(options.method, options.method_options)
     except ValueError as e:
@@ -191,7 +192,7 @@ def build_manifest(options: ExportOptions, clip: Clip, built: Built, parity: dic
         **built.manifest,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": clip.name, "weights": clip.weights},
-        "input": {**preprocess_config(clip.model), "size": list(input_size(encoder))},
+        "preprocess": {**preprocess_config(clip.model), "size": list(input_size(encoder))},
         "grid": grid, "patch_size": int(visual.patch_size[0]),
         "outputs": encoder.output_names(),
         "dims": {"embed": int(visual.output_dim), "width": int(visual.conv1.out_channels),
@@ -207,13 +208,13 @@ def build_manifest(options: ExportOptions, clip: Clip, built: Built, parity: dic
 def write_manifest_and_move(tmp: Path, out: Path, manifest: dict, files: dict[str, str],
                             overwrite: bool) -> None:
     """Record the graphs (with their input and output names), write the manifest of the bundle
-    built in ``tmp`` and move it to ``out``."""
-    bundle = Bundle(tmp, manifest)
+    built in ``tmp`` and move it to ``out``. The manifest is validated as a reader would
+    (``Manifest.from_dict``) and written with the bundle's atomic save."""
     manifest["graphs"]["fp32"] = {
-        name: bundle.file_entry(rel, inputs=_io_names(tmp / rel, "inputs"),
-                                outputs=_io_names(tmp / rel, "outputs"))
+        name: file_entry(tmp, rel, inputs=_io_names(tmp / rel, "inputs"),
+                         outputs=_io_names(tmp / rel, "outputs"))
         for name, rel in files.items()}
-    bundle.save_manifest()
+    Bundle(tmp, Manifest.from_dict(manifest, f"exported bundle {str(out)!r}")).save_manifest()
     _move_into_place(tmp, out, overwrite)
 
 
@@ -299,7 +300,7 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
     bundle = Bundle.open(bundle_path)
     method = METHODS[bundle.method.name]
     names = [check_category_name(n) for n in names]
-    existing = [n for n in names if n in bundle.manifest["categories"]]
+    existing = [n for n in names if n in bundle.manifest.categories]
     if existing and not replace:
         raise ExportError(f"category {existing[0]!r} is already in the bundle; pass --replace to "
                           "recompute its text embeddings")
@@ -308,35 +309,30 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
                           "prompt recipe)")
     descriptions = _prompt_file(prompts, names)
     model, tokenizer = _same_clip(bundle, pretrained)
+    adaptation = bundle.manifest.adaptation
     recipe = TextRecipe.of(method, model, tokenizer, descriptions,
-                           bundle.manifest.get("adaptation"))
+                           adaptation.to_dict() if adaptation else None)
     for name in names:
-        check_category_dir_free(bundle.manifest, name)
+        check_category_dir_free(bundle.manifest.categories, name)
         progress(f"text embeddings for {name!r}")
-        entry = write_category_text(bundle.root, name, recipe)
-        with bundle.updating() as m:
-            check_category_dir_free(m, name)
-            old = m["categories"].get(name, {})
-            entry["memory"], entry["thresholds"] = old.get("memory"), old.get("thresholds")
-            m["categories"][name] = entry
+        bundle.set_category(name, write_category_text(bundle.root, name, recipe))
     return bundle
 
 
 def _same_clip(bundle: Bundle, pretrained: str | None) -> tuple[torch.nn.Module, Callable]:
     """(model, tokenizer) with the weights the bundle was exported with, proven by the recorded
     checkpoint hash and text-tower fingerprint; ``pretrained`` where the checkpoint is now."""
-    model_name = bundle.manifest["model"]["name"]
-    weights = bundle.manifest["model"]["weights"]
-    source = pretrained or {"tag": weights.get("tag"), "file": weights.get("path"),
-                            "random": None}[weights["kind"]]
-    if weights["kind"] == "file" and pretrained is None and not os.path.isfile(source):
+    model_name = bundle.manifest.model.name
+    weights = bundle.manifest.model.weights
+    source = pretrained or {"tag": weights.tag, "file": weights.path, "random": None}[weights.kind]
+    if weights.kind == "file" and pretrained is None and not os.path.isfile(source or ""):
         raise ExportError(f"the checkpoint this bundle was exported from, {source!r}, is not there; "
                           "pass its new location with --pretrained PATH")
-    model, tokenizer, loaded = load_clip(model_name, source, seed=weights.get("seed", 0))
-    if weights["kind"] == "file" and loaded.get("sha256") != weights["sha256"]:
+    model, tokenizer, loaded = load_clip(model_name, source, seed=weights.seed or 0)
+    if weights.kind == "file" and loaded.get("sha256") != weights.sha256:
         raise ExportError(f"checkpoint {source!r} is not the one this bundle was exported from "
                           "(sha256 differs)")
-    if not np.allclose(loaded["text_probe"], weights["text_probe"], rtol=1e-3, atol=1e-4):
+    if not np.allclose(loaded["text_probe"], weights.text_probe, rtol=1e-3, atol=1e-4):
         raise ExportError("the loaded CLIP weights are not the ones this bundle was exported with "
                           "(text-tower fingerprint differs); pass the right --pretrained")
     return model, tokenizer

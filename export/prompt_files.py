@@ -36,8 +36,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from clipinspect.runtime.core.bundle import _CATEGORY_RE, atomic_write_bytes
+from clipinspect.runtime.core.bundle import atomic_write_bytes
 from clipinspect.runtime.core.errors import ClipInspectError
+from clipinspect.runtime.core.manifest import is_category_name
 
 FORMAT = "clipinspect-prompts"
 VERSION = 1
@@ -111,7 +112,7 @@ def validate(data: Any, source: str) -> dict[str, dict[str, list[str]]]:
                         f"{'nothing' if categories is None else _kind(categories)}")
         categories = {}
     for name, entry in categories.items():
-        if not isinstance(name, str) or not _CATEGORY_RE.match(name):
+        if not is_category_name(name):
             problems.append(f"categories.{name!r}: invalid category name; use 1-64 letters, "
                             "digits, spaces, '_', '-' or '.'")
         problems += category_problems(entry, f"categories.{name}")
@@ -264,7 +265,7 @@ def generate(url: str, model: str, categories: Sequence[str], out: str | os.Path
     atomically (nothing is written unless every category succeeded). Returns its content."""
     endpoint = chat_url(url)
     for name in categories:
-        if not _CATEGORY_RE.match(name):
+        if not is_category_name(name):
             raise PromptFileError(f"invalid category name {name!r}: use 1-64 letters, digits, "
                                   "spaces, '_', '-' or '.'")
     api_key = os.environ.get(api_key_env) or None

@@ -24,7 +24,8 @@ import torch
 
 from clipinspect.calibration.datasets import Sample, load_dataset, load_mask
 from clipinspect.runtime.core.bundle import atomic_write_bytes
-from clipinspect.runtime.core.images import preprocess, to_rgb_array
+from clipinspect.runtime.core.images import to_rgb_array
+from clipinspect.runtime.core.manifest import Preprocess, parse
 from clipinspect.runtime.core.progress import Progress
 
 from .clip import load_clip, preprocess_config
@@ -62,17 +63,17 @@ class FeatureCache:
         ident = f"{sample.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{mask}"
         return self.root / (hashlib.sha256(ident.encode()).hexdigest()[:24] + ".npz")
 
-    def fill(self, samples: Sequence[Sample], encoder, mean, std, batch_size: int) -> None:
+    def fill(self, samples: Sequence[Sample], encoder, preprocess: Preprocess,
+             batch_size: int) -> None:
         """Encode the images not cached yet (the only CLIP passes of the whole training)."""
         todo = [s for s in samples if not self.path(s).is_file()]
         if not todo:
             return
-        size = encoder.image_size
+        size = preprocess.size
         with Progress(len(todo), "encoding (once)") as bar, torch.no_grad():
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i:i + batch_size]
-                images = np.stack([preprocess(to_rgb_array(s.path), size, mean, std)
-                                   for s in chunk])
+                images = preprocess.batch([to_rgb_array(s.path) for s in chunk])
                 levels = torch.stack(encoder(torch.from_numpy(images))[1:], dim=1)  # (B, L, P, C)
                 for s, tokens in zip(chunk, levels):
                     buf = io.BytesIO()
@@ -92,6 +93,11 @@ class FeatureCache:
                 masks.append(bits.reshape(size).astype(np.float32))
         levels = torch.from_numpy(np.stack(tokens))
         return list(levels.unbind(dim=1)), torch.from_numpy(np.stack(masks))
+
+
+def encoder_preprocess(cfg: dict, encoder) -> Preprocess:
+    """The bundle's preprocessing (``preprocess_config``) at the size the encoder takes."""
+    return parse(Preprocess, {**cfg, "size": list(encoder.image_size)}, "the CLIP model")
 
 
 def cache_key(model_name: str, weights: dict, layers, size, cfg: dict, ensemble: dict) -> dict:
@@ -165,7 +171,7 @@ def train_adapters(options: TrainOptions) -> dict:
     ensemble = load_ensemble("aprillab")
     cache = FeatureCache(Path(o.cache) if o.cache else out.with_name(out.name + ".features"),
                          cache_key(o.model, weights, layers, size, cfg, ensemble))
-    cache.fill(samples, encoder, cfg["mean"], cfg["std"], o.batch_size)
+    cache.fill(samples, encoder, encoder_preprocess(cfg, encoder), o.batch_size)
     text = {name: cache.text(name, lambda n: category_text(model, tokenizer, n, ensemble)[0]
                              ["prototypes"]) for name in meta["categories"]}
     if meta["epochs"] == 0 and o.epochs == 0:

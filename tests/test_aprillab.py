@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Inspector  # noqa: E402
-from clipinspect.runtime.core.images import preprocess, to_rgb_array  # noqa: E402
+from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
 
 TOL = 1e-4
 MODEL = "ViT-S-16"
@@ -42,8 +42,7 @@ def aprillab_bundle(tmp_path_factory, small_model):
                                                          "image_size": SIZE}))
     entry = write_category_text(bundle.root, "weave",
                                 TextRecipe(*small_model, category_text, SMALL_ENSEMBLE))
-    with bundle.updating() as m:
-        m["categories"]["weave"] = entry
+    bundle.set_category("weave", entry)
     return bundle.root
 
 
@@ -60,18 +59,16 @@ def eager_reference(model, bundle):
 
 
 def _tensors(bundle, images):
-    cfg = bundle.manifest["input"]
-    return np.stack([preprocess(to_rgb_array(im), bundle.input_size, cfg["mean"], cfg["std"])
-                     for im in images])
+    return bundle.preprocess.batch([to_rgb_array(im) for im in images])
 
 
 def test_manifest_records_method_levels_size_and_parity(aprillab_bundle):
     from clipinspect.runtime import Bundle
 
-    m = Bundle.open(aprillab_bundle).manifest
+    m = Bundle.open(aprillab_bundle).manifest.to_dict()
     assert m["method"] == "aprillab"
     assert m["aprillab"]["layers"] == list(LAYERS)
-    assert m["input"]["size"] == [SIZE, SIZE] and m["grid"] == [SIZE // 16, SIZE // 16]
+    assert m["preprocess"]["size"] == [SIZE, SIZE] and m["grid"] == [SIZE // 16, SIZE // 16]
     assert "resampled bicubically from 224x224" in m["aprillab"]["positional_embedding"]
     assert m["aprillab"]["projections"]["kind"] == "file"
     parity = m["parity"]["fp32"]

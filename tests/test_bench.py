@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -163,26 +164,28 @@ def test_bench_refuses_unknown_names(tiny_bundle_path, tmp_path):
 
 def test_transformer_depth_from_manifest_or_graph(bundle_copy):
     b = Bundle.open(bundle_copy)
-    assert b.manifest["dims"]["layers"] == 12 and bench.transformer_layers(b) == 12
-    del b.manifest["dims"]["layers"]  # a bundle exported before the depth was recorded
+    assert b.manifest.dims.layers == 12 and bench.transformer_layers(b) == 12
+    b.manifest.dims.layers = None  # a bundle exported before the depth was recorded
     assert bench.transformer_layers(b) == 12
 
 
 def test_every_method_has_a_cost_model():
     """bench's CPU ceiling needs one for whatever method a bundle holds."""
+    from clipinspect.runtime.core.manifest import Dims
     from clipinspect.runtime.methods import METHODS, gflops_per_image
 
     from clipinspect.runtime.methods import full_pass_gflops
 
-    any_method = {"dims": {"width": 384, "embed": 384, "patches": 196, "layers": 12},
-                  "patch_size": 16, "scales": [2], "windows": {"2": 169},
-                  "method_options": {"dense_blocks": 1}, "aprillab": {"layers": [3, 6, 9, 12]}}
+    any_method = dict(dims=Dims(embed=384, width=384, patches=196, layers=12), patch_size=16,
+                      scales=[2], windows={"2": 169}, method_options={"dense_blocks": 1},
+                      aprillab={"layers": [3, 6, 9, 12]}, outputs=None)
     for name in METHODS:  # each adds its own work to the one ordinary pass
-        assert gflops_per_image({**any_method, "method": name}) > full_pass_gflops(any_method, 12)
+        manifest = SimpleNamespace(**any_method, method=name)
+        assert gflops_per_image(manifest) > full_pass_gflops(manifest, 12)
     # ViT-L-14-336 at 518 x 518 with APRIL-GAN's four levels: one pass (1,370 tokens) plus
     # four 1024 -> 768 projections of the 1,369 patch tokens.
-    manifest = {"method": "aprillab", "dims": {"width": 1024, "embed": 768, "patches": 1369},
-                "patch_size": 14, "aprillab": {"layers": [6, 12, 18, 24]}}
+    manifest = SimpleNamespace(method="aprillab", dims=Dims(embed=768, width=1024, patches=1369),
+                               patch_size=14, aprillab={"layers": [6, 12, 18, 24]}, outputs=None)
     one_pass = 24 * (24 * 1370 * 1024 ** 2 + 4 * 1370 ** 2 * 1024) + 2 * 1369 * 1024 * 3 * 14 ** 2
     assert gflops_per_image(manifest, 24) == pytest.approx(
         (one_pass + 4 * 2 * 1369 * 1024 * 768) / 1e9)

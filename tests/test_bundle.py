@@ -133,10 +133,10 @@ def test_category_folders_cannot_collide():
     from clipinspect.runtime.core.bundle import check_category_dir_free
 
     with pytest.raises(BundleError, match="'metal_nut' would share the folder.*'metal nut'"):
-        check_category_dir_free({"categories": {"metal nut": {}}}, "metal_nut")
+        check_category_dir_free(["metal nut"], "metal_nut")
     with pytest.raises(BundleError, match="would share"):
-        check_category_dir_free({"categories": {"Bottle": {}}}, "bottle")
-    check_category_dir_free({"categories": {"bottle": {}}}, "bottle")  # itself: replacing is fine
+        check_category_dir_free(["Bottle"], "bottle")
+    check_category_dir_free(["bottle"], "bottle")  # itself: replacing is fine
 
 
 @pytest.mark.torch

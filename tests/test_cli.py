@@ -111,8 +111,8 @@ def test_add_category_reproduces_export_text_embeddings(bundle_copy):
     run("add-category", bundle_copy, "metal nut", check=True)
     bundle = Bundle.open(bundle_copy)
     assert np.abs(before - bundle.category("weave").text_prototypes).max() < 1e-5
-    entry = bundle.manifest["categories"]["metal nut"]["prompts"]
-    prompts = json.loads((bundle_copy / entry["file"]).read_text())
+    entry = bundle.manifest.categories["metal nut"].prompts
+    prompts = json.loads((bundle_copy / entry.file).read_text())
     assert len(prompts["normal"]) == 147 and len(prompts["anomalous"]) == 84
     assert prompts["normal"][0] == "a cropped photo of the metal nut."
     assert "damaged metal nut" in prompts["anomalous"][0]

@@ -11,20 +11,18 @@ import pytest
 torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Bundle, BundleError, Inspector  # noqa: E402
-from clipinspect.runtime.core.images import preprocess, to_rgb_array  # noqa: E402
+from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
 
 TOL = 1e-4
 
 def _tensor(bundle, images):
-    cfg = bundle.manifest["input"]
-    return torch.from_numpy(np.stack([preprocess(to_rgb_array(im), bundle.input_size, cfg["mean"],
-                                                 cfg["std"]) for im in images]))
+    return torch.from_numpy(bundle.preprocess.batch([to_rgb_array(im) for im in images]))
 
 
 def _expected(reference, bundle, images, category, memory=None):
     """Eager reference per image, with the bundle's text and adaptation record."""
     data = bundle.category(category)
-    adaptation = bundle.manifest["adaptation"]
+    adaptation = bundle.manifest.adaptation and bundle.manifest.adaptation.to_dict()
     text = (torch.from_numpy(data.text["text_normal"]), torch.from_numpy(data.text["text_anomalous"])
             ) if adaptation else torch.from_numpy(data.text_prototypes)
     out = []
@@ -89,7 +87,7 @@ def test_patch_encoder_outputs_equal_reference(patch_bundle_path, small_model):
 
 
 def test_manifest_records_method_adaptation_prompts_and_parity(patch_bundle_path, prompt_file):
-    m = Bundle.open(patch_bundle_path).manifest
+    m = Bundle.open(patch_bundle_path).manifest.to_dict()
     assert m["method"] == "patch" and m["method_options"] == {"dense_blocks": 1}
     assert m["adaptation"] == {"kind": "contextual", "tau": 0.02, "top_k": 6}
     assert m["outputs"] == ["image_embedding", "patch_embeddings", "patch_tokens"]
@@ -124,7 +122,7 @@ def test_winclip_with_adaptation_equals_reference(tmp_path, reference, rng):
                                          method_options={"scales": [3]},
                                          adaptation=Adaptation(tau=0.01)))
     reference = WinClipReference(reference.model, (3,))
-    assert bundle.manifest["method"] == "winclip" and bundle.manifest["adaptation"]["top_k"] is None
+    assert bundle.manifest.method == "winclip" and bundle.manifest.adaptation.top_k is None
     inspector = Inspector.open(bundle)
     images = _images(rng)[:2]
     zero = inspector.inspect(images, "washer")
@@ -223,10 +221,10 @@ def test_add_category_with_prompt_file_gets_pools_and_filter(patch_bundle_path, 
     path.write_text(json.dumps({"categories": {"screw": {"anomalous": ["a {} with a bent thread"]}}}))
     add_categories(copy, ["screw"], prompts=path, progress=lambda m: None)
     bundle = Bundle.open(copy)
-    entry = bundle.manifest["categories"]["screw"]
-    assert entry["n_anomalous_prompts"] == 85 and entry["prompt_file"]["n_anomalous"] == 1
+    entry = bundle.manifest.categories["screw"]
+    assert entry.n_anomalous_prompts == 85 and entry.prompt_file["n_anomalous"] == 1
     text = bundle.category("screw").text
-    assert len(text["text_anomalous"]) == 85 - len(entry["ambiguity_filter_dropped"]["anomalous"])
+    assert len(text["text_anomalous"]) == 85 - len(entry.ambiguity_filter_dropped["anomalous"])
     assert Inspector.open(bundle).inspect([np.zeros((40, 40, 3), np.uint8)], "screw")[0].ok
 
 

@@ -7,15 +7,13 @@ import pytest
 torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Inspector  # noqa: E402
-from clipinspect.runtime.core.images import preprocess, to_rgb_array  # noqa: E402
+from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
 
 TOL = 1e-4
 
 
 def _tensor(bundle, rgb_images):
-    cfg = bundle.manifest["input"]
-    return torch.from_numpy(np.stack([preprocess(to_rgb_array(im), bundle.input_size, cfg["mean"],
-                                                 cfg["std"]) for im in rgb_images]))
+    return torch.from_numpy(bundle.preprocess.batch([to_rgb_array(im) for im in rgb_images]))
 
 
 def _images(rng):
@@ -117,7 +115,7 @@ def test_query_identical_to_reference_has_zero_few_shot_term(bundle_copy, rng):
 def test_manifest_records_weights_and_measured_parity(small_bundle_path):
     from clipinspect.runtime import Bundle
 
-    m = Bundle.open(small_bundle_path).manifest
+    m = Bundle.open(small_bundle_path).manifest.to_dict()
     assert m["model"]["weights"] == {**m["model"]["weights"], "kind": "random", "seed": 0}
     parity = m["parity"]["fp32"]
     assert parity["passed"] is True and parity["tolerance"] == TOL
@@ -136,9 +134,9 @@ def test_default_model_vit_b_16_plus_240_parity(tmp_path, rng):
 
     bundle = export_bundle(ExportOptions(tmp_path / "b16p", "ViT-B-16-plus-240", None, ["pill"],
                                          seed=0))
-    assert bundle.manifest["grid"] == [15, 15] and bundle.manifest["windows"] == {"2": 196, "3": 169}
-    assert bundle.manifest["dims"] == {"embed": 640, "width": 896, "patches": 225,
-                                       "layers": 12}
+    assert bundle.manifest.grid == (15, 15) and bundle.manifest.windows == {"2": 196, "3": 169}
+    assert bundle.manifest.dims.to_dict() == {"embed": 640, "width": 896, "patches": 225,
+                                              "layers": 12}
     model, _, _ = load_clip("ViT-B-16-plus-240", None, seed=0)
     reference = METHODS["winclip"].reference.from_manifest(model, bundle.manifest)
     assert reference.scales == (2, 3)

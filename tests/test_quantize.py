@@ -54,7 +54,7 @@ def maps_of(bundle, precision, images, category="weave"):
 def test_int8_graph_is_portable_qdq(quantized):
     """Signed 8-bit, zero points 0, per-channel weight scales, positive scales: the form
     TensorRT explicit quantization accepts; every weight MatMul reads dequantized operands."""
-    m = Bundle.open(quantized).manifest
+    m = Bundle.open(quantized).manifest.to_dict()
     model = onnx.load(str(quantized / m["graphs"]["int8"]["encoder"]["file"]))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -74,7 +74,7 @@ def test_int8_graph_is_portable_qdq(quantized):
 
 
 def test_int8_record(quantized):
-    record = Bundle.open(quantized).manifest["quantization"]["int8"]
+    record = Bundle.open(quantized).manifest.to_dict()["quantization"]["int8"]
     s = record["sensitivity"]
     assert not s["ran"] and s["excluded_nodes"] == [] and record["fp32_nodes"] == 0
     assert record["all_quantized_agreement"]["map_pearson_min"] >= s["target"] == 0.99
@@ -92,7 +92,7 @@ def test_int8_maps_agree_with_fp32_on_unseen_images(quantized, test_images):
 
 def test_fp16_graph_keeps_softmax_layer_norm_and_io_in_fp32(quantized, test_images):
     m = Bundle.open(quantized).manifest
-    model = onnx.load(str(quantized / m["graphs"]["fp16"]["encoder"]["file"]))
+    model = onnx.load(str(quantized / m.graphs["fp16"]["encoder"].file))
     f32 = onnx.TensorProto.FLOAT
     io = [*model.graph.input, *model.graph.output]
     assert all(v.type.tensor_type.elem_type == f32 for v in io)
@@ -114,12 +114,12 @@ def test_fp16_graph_keeps_softmax_layer_norm_and_io_in_fp32(quantized, test_imag
 
 def test_variants_share_the_fp32_heads_and_validate(quantized):
     b = Bundle.open(quantized)  # checksums of every graph verified
-    g = b.manifest["graphs"]
+    g = b.manifest.graphs
     assert b.precisions == ["fp16", "fp32", "int8"]
     for p in ("fp16", "int8"):
         assert g[p]["head_fewshot"] == g["fp32"]["head_fewshot"]
-        assert g[p]["encoder"]["file"].startswith(f"{p}/encoder-")
-        assert g[p]["encoder"]["outputs"] == g["fp32"]["encoder"]["outputs"]
+        assert g[p]["encoder"].file.startswith(f"{p}/encoder-")
+        assert g[p]["encoder"].outputs == g["fp32"]["encoder"].outputs
 
 
 def test_sensitivity_pass_keeps_weights_fp32_until_an_unmet_target(
@@ -137,7 +137,7 @@ def test_sensitivity_pass_keeps_weights_fp32_until_an_unmet_target(
     assert gains == sorted(gains, reverse=True)
     assert s["excluded_weights"] == [e["weight"] for e in s["ranking"][:len(s["excluded_weights"])]]
     assert 1 <= len(s["excluded_weights"]) <= 4 and record["fp32_nodes"] == len(s["excluded_nodes"])
-    m = Bundle.open(path).manifest
+    m = Bundle.open(path).manifest.to_dict()
     model = onnx.load(str(path / m["graphs"]["int8"]["encoder"]["file"]))
     inits = {t.name for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
@@ -210,26 +210,27 @@ def test_overwrite_replaces_the_graph_and_drops_its_thresholds(quantized, tmp_pa
     b = Bundle.open(path)
     b.set_thresholds("weave", "fp16/zero-shot", {"image": 0.5})
     b.set_thresholds("weave", "fp32/zero-shot", {"image": 0.4})
-    old = path / b.manifest["graphs"]["fp16"]["encoder"]["file"]
+    old = path / b.manifest.graphs["fp16"]["encoder"].file
     with pytest.raises(UsageError, match="--overwrite"):
         q.quantize_bundle(path, "fp16", holdout=1)
     # a different probe set changes nothing in the graph: same content, same file
     q.quantize_bundle(path, "fp16", holdout=1, overwrite=True)
     m = Bundle.open(path).manifest
     assert old.is_file()
-    assert m["graphs"]["fp16"]["encoder"]["file"] == old.relative_to(path).as_posix()
-    assert set(m["categories"]["weave"]["thresholds"]) == {"fp32/zero-shot"}
+    assert m.graphs["fp16"]["encoder"].file == old.relative_to(path).as_posix()
+    assert set(m.categories["weave"].thresholds) == {"fp32/zero-shot"}
 
 
 def test_replaced_variant_file_is_deleted(quantized, tmp_path):
     path = shutil.copytree(quantized, tmp_path / "b")
     b = Bundle.open(path)
-    old = path / b.manifest["graphs"]["fp16"]["encoder"]["file"]
-    entry = dict(b.manifest["graphs"]["fp16"]["encoder"])
+    old = path / b.manifest.graphs["fp16"]["encoder"].file
+    entry = b.manifest.graphs["fp16"]["encoder"].to_dict()
     other = path / "fp16" / "encoder-other.onnx"
     shutil.copy(old, other)
     entry["file"] = "fp16/encoder-other.onnx"
-    b.set_precision("fp16", entry, {"agreement_vs_fp32": {}}, overwrite=True)
+    agreement = {"map_pearson_min": 1.0, "max_image_score_diff": 0.0, "images": 1}
+    b.set_precision("fp16", entry, {"agreement_vs_fp32": agreement}, overwrite=True)
     assert other.is_file() and not old.exists()
     Bundle.open(path)
 

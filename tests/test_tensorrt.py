@@ -53,10 +53,9 @@ def _legacy(bundle_path, device: te.Device, tmp_path) -> Path:
     path = shutil.copytree(bundle_path, tmp_path / "legacy")
     b = Bundle.open(path)
     with b.updating() as m:
-        entry = m["engines"].pop(THERE.key)
-        entry["device"] = {k: THERE.to_json()[k] for k in ("gpu", "compute_capability",
-                                                          "tensorrt")}
-        m["engines"][device.legacy_key] = entry
+        entry = m.engines.pop(THERE.key)
+        entry.device = {k: THERE.to_json()[k] for k in ("gpu", "compute_capability", "tensorrt")}
+        m.engines[device.legacy_key] = entry
     cache = path / "cache" / "tensorrt" / f"{device.legacy_key}.timing-cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(b"timings")
@@ -67,9 +66,9 @@ def test_engines_under_a_legacy_key_are_adopted_where_it_identifies_the_gpu(engi
                                                                           tmp_path):
     path = _legacy(engine_bundle, THERE, tmp_path)
     record = te.find_engines(Bundle.open(path), "fp32", THERE)
-    assert (path / record["encoder"]["file"]).is_file()
+    assert (path / record.files["encoder"].file).is_file()
     m = Bundle.open(path).manifest
-    assert list(m["engines"]) == [THERE.key] and m["engines"][THERE.key]["device"] == \
+    assert list(m.engines) == [THERE.key] and m.engines[THERE.key].device == \
         THERE.to_json()
     assert (path / "cache" / "tensorrt" / f"{THERE.key}.timing-cache").read_bytes() == b"timings"
 
@@ -78,7 +77,7 @@ def test_jetson_engines_under_a_legacy_key_must_be_rebuilt(engine_bundle, tmp_pa
     path = _legacy(engine_bundle, HERE, tmp_path)
     with pytest.raises(te.EngineError, match="did not tell Jetson modules apart .* rebuild"):
         te.find_engines(Bundle.open(path), "fp32", HERE)
-    assert HERE.legacy_key in Bundle.open(path).manifest["engines"]  # left as it was
+    assert HERE.legacy_key in Bundle.open(path).manifest.engines  # left as it was
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +94,7 @@ def register(bundle: Bundle, device: te.Device, content: bytes) -> dict:
                                                   f"{g}.plan", content + g.encode()))
              for g in te.GRAPHS}
     record = {**files, "profile": {"batch": [1, 8, 32], "max_shots": 16},
-              "source_graphs": {g: bundle.manifest["graphs"]["fp32"][g]["sha256"]
+              "source_graphs": {g: bundle.manifest.graphs["fp32"][g].sha256
                                 for g in te.GRAPHS}}
     bundle.set_engines(device.key, device.to_json(), "fp32", record)
     return record
@@ -103,7 +102,7 @@ def register(bundle: Bundle, device: te.Device, content: bytes) -> dict:
 
 def test_engines_are_found_for_their_own_device_only(engine_bundle):
     b = Bundle.open(engine_bundle)
-    assert te.find_engines(b, "fp32", THERE)["profile"]["max_shots"] == 16
+    assert te.find_engines(b, "fp32", THERE).profile["max_shots"] == 16
     with pytest.raises(te.EngineError, match=r"built for NVIDIA H200 \(sm 9.0, TensorRT 10.15.1\)"
                                              r".*rebuild here with 'clipinspect build-engine"):
         te.find_engines(b, "fp32", HERE)
@@ -115,7 +114,7 @@ def test_engines_of_replaced_graphs_must_be_rebuilt(engine_bundle, tmp_path):
     path = shutil.copytree(engine_bundle, tmp_path / "b")
     b = Bundle.open(path)
     with b.updating() as m:
-        m["engines"][THERE.key]["fp32"]["source_graphs"]["encoder"] = "0" * 64
+        m.engines[THERE.key].builds["fp32"].source_graphs["encoder"] = "0" * 64
     with pytest.raises(te.EngineError, match="encoder graph changed .* rebuild"):
         te.find_engines(Bundle.open(path), "fp32", THERE)
 
@@ -123,15 +122,16 @@ def test_engines_of_replaced_graphs_must_be_rebuilt(engine_bundle, tmp_path):
 def test_rebuilt_engines_replace_the_old_files(engine_bundle, tmp_path):
     path = shutil.copytree(engine_bundle, tmp_path / "b")
     b = Bundle.open(path)
-    old = {g: path / b.manifest["engines"][THERE.key]["fp32"][g]["file"] for g in te.GRAPHS}
+    old = {g: path / b.manifest.engines[THERE.key].builds["fp32"].files[g].file
+           for g in te.GRAPHS}
     register(b, THERE, b"rebuilt")
     register(b, HERE, b"other device")
     m = Bundle.open(path).manifest
-    assert set(m["engines"]) == {THERE.key, HERE.key}
+    assert set(m.engines) == {THERE.key, HERE.key}
     assert all(not p.exists() for p in old.values())
-    assert all((path / m["engines"][k]["fp32"][g]["file"]).is_file()
-               for k in m["engines"] for g in te.GRAPHS)
-    assert m["engines"][HERE.key]["device"] == HERE.to_json()
+    assert all((path / m.engines[k].builds["fp32"].files[g].file).is_file()
+               for k in m.engines for g in te.GRAPHS)
+    assert m.engines[HERE.key].device == HERE.to_json()
 
 
 def test_ort_tensorrt_options_follow_the_graph_precision(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backend import Backend
+from clipinspect.runtime.core.manifest import EngineBuild, FileEntry
 from clipinspect.runtime.tensorrt import backend as tb
 from clipinspect.runtime.tensorrt import engine as te
 
@@ -158,13 +159,15 @@ def stand_in(tiny_bundle_path, tmp_path_factory):
 
     bundle = Bundle.open(tiny_bundle_path)
     root = tmp_path_factory.mktemp("plans")
-    record = {"profile": {"batch": [1, 2, 4], "max_shots": 2}}
+    # Built directly, not parsed: the stand-in plans lie outside the bundle, unchecked.
+    record = EngineBuild(files={}, source_graphs={},
+                         profile={"batch": [1, 2, 4], "max_shots": 2})
     engines = {}
     for name in te.GRAPHS:
         graph = onnx.load(str(bundle.graph_path("fp32", name)), load_external_data=False).graph
         engines[name] = FakeEngine(graph, 4, dynamic_rows(bundle), head_inputs(bundle))
         (root / f"{name}.plan").write_bytes(name.encode())
-        record[name] = {"file": str(root / f"{name}.plan"), "sha256": "unchecked"}
+        record.files[name] = FileEntry(str(root / f"{name}.plan"), "unchecked", len(name))
     return bundle, record, engines
 
 

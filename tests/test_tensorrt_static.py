@@ -29,12 +29,14 @@ def variant_bundle(small_bundle_path, tmp_path_factory):
     clean = q.clean_graph(b.graph_path("fp32", "encoder"))
     groups = q.weight_groups(clean)
     amax = {n.input[0]: 1.0 for n in clean.graph.node if n.op_type == "MatMul"}
-    fp32 = b.manifest["graphs"]["fp32"]["encoder"]
+    fp32 = b.manifest.graphs["fp32"]["encoder"].to_dict()
+    record = {"agreement_vs_fp32": {"map_pearson_min": 1.0, "max_image_score_diff": 0.0,
+                                    "images": 1}}  # not measured: these graphs are not scored
     for precision, model in (("fp16", q.to_fp16(clean)), ("int8", q.quantize_int8(clean, groups,
                                                                                    amax))):
         rel = write_versioned(path, precision, "encoder.onnx", model.SerializeToString())
         b.set_precision(precision, b.file_entry(rel, inputs=fp32["inputs"],
-                                                outputs=fp32["outputs"]), {"test": True})
+                                                outputs=fp32["outputs"]), record)
     return path
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipinspect.runtime import Bundle, Inspector
+from clipinspect.runtime import Bundle, BundleError, Inspector
 from clipinspect.runtime.triton import repository as triton
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.maps import upsample
@@ -306,9 +306,10 @@ def _with_engines(bundle_path: Path, tmp_path: Path, batch=(1, 2, 4)) -> Path:
     b = Bundle.open(path)
     files = {g: b.file_entry(write_versioned(path, "engines/gpu/fp32", f"{g}.plan", g.encode()))
              for g in GRAPHS}
-    b.set_engines("gpu", {"gpu": "stand-in"}, "fp32", {
+    device = {"gpu": "stand-in", "compute_capability": "9.0", "tensorrt": "10.0"}
+    b.set_engines("gpu", device, "fp32", {
         **files, "profile": {"batch": list(batch), "max_shots": 2},
-        "source_graphs": {g: b.manifest["graphs"]["fp32"][g]["sha256"] for g in GRAPHS}})
+        "source_graphs": {g: b.manifest.graphs["fp32"][g].sha256 for g in GRAPHS}})
     return path
 
 
@@ -338,18 +339,21 @@ def test_tensorrt_engines_whose_profile_starts_above_one_are_refused(bundle_path
 def test_engine_files_are_checked_against_the_bundle_record(bundle_path, tmp_path):
     path = _with_engines(bundle_path, tmp_path)
     b = Bundle.open(path)
-    record = b.manifest["engines"]["gpu"]["fp32"]
-    (path / record["encoder"]["file"]).write_bytes(b"another engine")
+    record = b.manifest.engines["gpu"].builds["fp32"]
+    (path / record.files["encoder"].file).write_bytes(b"another engine")
     with pytest.raises(UsageError, match="encoder engine file .* does not match the checksum"):
         triton.write_repository(path, tmp_path / "m1", platform="tensorrt")
     outside = tmp_path / "outside.plan"
     outside.write_bytes(b"head_zeroshot")
-    with b.updating() as m:
-        entry = m["engines"]["gpu"]["fp32"]
-        entry["encoder"]["sha256"] = triton.sha256_file(path / entry["encoder"]["file"])
-        entry["head_zeroshot"]["file"] = "../outside.plan"
-    with pytest.raises(UsageError, match="head_zeroshot engine file '../outside.plan' lies "
-                                         "outside the bundle"):
+    # A manifest naming a file outside the bundle is refused when the bundle is opened (a
+    # typed manifest confines its paths), before anything is copied into a repository.
+    manifest = json.loads((path / "manifest.json").read_text())
+    entry = manifest["engines"]["gpu"]["fp32"]
+    entry["encoder"]["sha256"] = triton.sha256_file(path / entry["encoder"]["file"])
+    entry["head_zeroshot"]["file"] = "../outside.plan"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="head_zeroshot.file' is '../outside.plan', expected a "
+                                          "relative path inside the bundle"):
         triton.write_repository(path, tmp_path / "m2", platform="tensorrt")
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
 
@@ -361,7 +365,7 @@ def test_categories_only_refuses_another_bundle(bundle_path, repo, tmp_path):
                         "precision": "fp32"}
     other = Path(shutil.copytree(bundle_path, tmp_path / "other"))
     with Bundle.open(other).updating() as m:
-        m["model"]["name"] = "ViT-B-16-plus-240"   # e.g. a 640-d bundle
+        m.model.name = "ViT-B-16-plus-240"   # e.g. a 640-d bundle
     before = {p: p.read_bytes() for p in (live / triton.CATEGORIES).rglob("*.npz")}
     with pytest.raises(UsageError, match="serves bundle 'tiny-test/.*', not 'ViT-B-16-plus-240/"):
         triton.write_repository(other, live, categories_only=True)

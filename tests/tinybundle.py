@@ -1,7 +1,8 @@
 """A tiny bundle built without torch: the same contract as a real export, with a toy model.
 
-Same graph files, input and output names, axes conventions and manifest (written through the
-bundle module's own helpers, so checksums are real) as ``clipinspect export``, for the methods
+Same graph files, input and output names, axes conventions and manifest (format version 2,
+validated by ``Manifest.from_dict`` and written with the bundle's own save, so checksums are
+real) as ``clipinspect export``, for the methods
 ``winclip`` and ``patch`` (optionally with contextual prompt adaptation). The model is not CLIP:
 
     encoder   images (B, 3, 224, 224) -> patch_tokens (B, P, C) = tanh(conv 16x16 stride 16), on a
@@ -38,6 +39,7 @@ from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle
                                              check_category_name, file_entry, npz_bytes,
                                              sha256_file,
                                              write_versioned)
+from clipinspect.runtime.core.manifest import Manifest
 
 MODEL_NAME = "tiny-test"
 SIZE = 224          # input height and width
@@ -50,6 +52,7 @@ WIDTH = 384         # C, patch token width
 EMBED = 384         # D, joint embedding width
 TEMPERATURE = 0.07
 OPSET = 17
+PROBE_PROMPT = "a photo of an object."  # the exporter's text-tower fingerprint prompt
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -267,6 +270,12 @@ def embed_prompts(prompts: Sequence[str], state: str) -> np.ndarray:
     return np.asarray(rows, np.float32)
 
 
+def text_probe() -> list[float]:
+    """The weights fingerprint a real export records: the first 16 values of the probe
+    prompt's embedding."""
+    return [round(float(v), 6) for v in embed_prompts([PROBE_PROMPT], "normal")[0, :16]]
+
+
 def category_text(name: str, descriptions: dict | None, adaptation: dict | None
                   ) -> tuple[dict, dict]:
     """text.npz arrays and the prompts.json record of one category, as the exporter writes them
@@ -342,14 +351,16 @@ def build_tiny_bundle(out: str | Path, categories: Sequence[str] = ("weave", "wa
         "method_options": {"scales": list(scales)} if method == "winclip" else {"dense_blocks": 1},
         "adaptation": adaptation,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": MODEL_NAME, "weights": {"kind": "random", "seed": seed}},
-        "input": {"size": [SIZE, SIZE], "mean": MEAN, "std": STD,
+        "model": {"name": MODEL_NAME, "weights": {"kind": "random", "seed": seed,
+                                                  "text_probe": text_probe()}},
+        "preprocess": {"size": [SIZE, SIZE], "mean": MEAN, "std": STD,
                   "resize": "bicubic-antialiased, whole image, no crop",
                   "layout": "NCHW float32 RGB"},
         "grid": list(GRID), "patch_size": PATCH, "scales": list(scales),
         "windows": {str(k): len(window_cover(k)) for k in scales},
         "outputs": encoder_outputs(method, scales),
-        "dims": {"embed": EMBED, "width": WIDTH, "patches": GRID[0] * GRID[1], "layers": 0},
+        # No "layers": there is no transformer here.
+        "dims": {"embed": EMBED, "width": WIDTH, "patches": GRID[0] * GRID[1]},
         "temperature": TEMPERATURE, "opset": OPSET,
         "graphs": {"fp32": graphs},
         "parity": {},  # nothing to compare with: no torch model behind these graphs
@@ -357,5 +368,5 @@ def build_tiny_bundle(out: str | Path, categories: Sequence[str] = ("weave", "wa
         "categories": {check_category_name(c): write_category(root, c, prompt_file, adaptation)
                        for c in categories},
     }
-    Bundle(root, manifest).save_manifest()
+    Bundle(root, Manifest.from_dict(manifest, f"tiny bundle {str(root)!r}")).save_manifest()
     return Bundle.open(root)

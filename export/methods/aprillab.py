@@ -20,6 +20,7 @@ from torch import nn
 
 from clipinspect.runtime.cli import int_list
 from clipinspect.runtime.core.bundle import sha256_file
+from clipinspect.runtime.core.manifest import Manifest
 
 from ..errors import log
 from ..text import encode_texts, expand_prompts
@@ -331,13 +332,13 @@ class AprilLabReference:
         self.visual, self.state, self.layers = v, dict(state), tuple(layers)
 
     @classmethod
-    def from_manifest(cls, model: torch.nn.Module, manifest: dict) -> "AprilLabReference":
-        record, layers = manifest["aprillab"]["projections"], manifest["aprillab"]["layers"]
-        width, dim = manifest["dims"]["width"], manifest["dims"]["embed"]
+    def from_manifest(cls, model: torch.nn.Module, manifest: Manifest) -> "AprilLabReference":
+        record, layers = manifest.aprillab["projections"], manifest.aprillab["layers"]
+        width, dim = manifest.dims.width, manifest.dims.embed
         source = record["path"] if record["kind"] == "file" else "none"
-        projections, _ = load_projections(source, width, dim, layers, manifest["model"]["name"],
+        projections, _ = load_projections(source, width, dim, layers, manifest.model.name,
                                           record.get("seed", 0))
-        return cls(model, projections.state_dict(), layers, manifest["input"]["size"][0])
+        return cls(model, projections.state_dict(), layers, manifest.preprocess.size[0])
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -66,7 +66,7 @@ class ExportMethod:
     build(clip, options, adaptation) -> Built; ValueError for options the model cannot take.
     category_text(model, tokenizer, name, ensemble, descriptions, adaptation) -> (arrays of
     ``text.npz``, prompt record); ``ensemble`` names its prompt ensemble (export/prompts/).
-    reference: the eager reference class, ``reference.from_manifest(model, manifest)``.
+    reference: the eager reference class, ``reference.from_manifest(model, bundle.manifest)`` (the typed Manifest).
     prompt_adaptation: whether it takes contextual adaptation and prompt files (--adapt,
     --prompts). check(options): refuses options before CLIP is loaded (ValueError).
     """

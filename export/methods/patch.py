@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipinspect.runtime.core.manifest import Manifest
+
 from .base import HEADS, Built, Clip, ExportMethod, Option
 from .common import (Adaptation, ClipTower, association, class_score, eager_tokens, head_text,
                      text_input_names)
@@ -135,8 +137,8 @@ class PatchReference(WinClipReference):
         self.dense_blocks = dense_blocks
 
     @classmethod
-    def from_manifest(cls, model: torch.nn.Module, manifest: dict) -> "PatchReference":
-        return cls(model, manifest["method_options"]["dense_blocks"])
+    def from_manifest(cls, model: torch.nn.Module, manifest: Manifest) -> "PatchReference":
+        return cls(model, manifest.method_options["dense_blocks"])
 
     @staticmethod
     def value_value(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipinspect.runtime.cli import int_list
+from clipinspect.runtime.core.manifest import Manifest
 
 from ..prompt_files import expand
 from ..text import ambiguity_filter, encode_texts, expand_prompts, normalized
@@ -226,8 +227,8 @@ class WinClipReference:
         self.grid = tuple(int(g) for g in self.visual.grid_size)
 
     @classmethod
-    def from_manifest(cls, model: torch.nn.Module, manifest: dict) -> "WinClipReference":
-        return cls(model, manifest["scales"])
+    def from_manifest(cls, model: torch.nn.Module, manifest: Manifest) -> "WinClipReference":
+        return cls(model, manifest.scales)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> ReferenceFeatures:

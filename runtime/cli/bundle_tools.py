@@ -17,41 +17,40 @@ def cmd_info(args: argparse.Namespace) -> int:
     bundle = Bundle.open(args.bundle, verify_checksums=not args.no_verify)
     m = bundle.manifest
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps(m.to_dict(), indent=2))
         return 0
-    weights = m["model"]["weights"]
-    print(f"bundle      {bundle.root} (format {m['format_version']}, {describe(m)})")
-    print(f"model       {m['model']['name']}, weights {weights['kind']}"
-          f"{': ' + weights.get('tag', '') if weights['kind'] == 'tag' else ''}"
-          f"{'  <-- RANDOM WEIGHTS, not for inspection' if weights['kind'] == 'random' else ''}")
-    print(f"input       {m['input']['size'][0]}x{m['input']['size'][1]}, grid "
-          f"{m['grid'][0]}x{m['grid'][1]}, scales {m['scales']}")
+    weights = m.model.weights
+    print(f"bundle      {bundle.root} (format {m.format_version}, {describe(m)})")
+    print(f"model       {m.model.name}, weights {weights.kind}"
+          f"{': ' + weights.tag if weights.kind == 'tag' else ''}"
+          f"{'  <-- RANDOM WEIGHTS, not for inspection' if weights.kind == 'random' else ''}")
+    print(f"input       {m.preprocess.size[0]}x{m.preprocess.size[1]}, grid "
+          f"{m.grid[0]}x{m.grid[1]}, scales {m.scales}")
     print(f"precisions  {', '.join(bundle.precisions)}")
-    for precision, parity in m.get("parity", {}).items():
-        diffs = ", ".join(f"{k} {v:.1e}" for k, v in parity["max_abs_diff"].items())
-        print(f"parity      {precision}: {diffs} (tolerance {parity['tolerance']:g})")
-    for precision, q in m.get("quantization", {}).items():
-        a = q["agreement_vs_fp32"]
+    for precision, parity in m.parity.items():
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in parity.max_abs_diff.items())
+        print(f"parity      {precision}: {diffs} (tolerance {parity.tolerance:g})")
+    for precision, q in m.quantization.items():
+        a = q.agreement
         how = ""
-        if "calibration" in q:
-            kept = q["sensitivity"]["excluded_weights"]
-            how = (f"; {q['calibration']['method']} calibration on {q['calibration']['images']} "
+        if q.calibration is not None:
+            kept = (q.sensitivity or {}).get("excluded_weights", [])
+            how = (f"; {q.calibration['method']} calibration on {q.calibration['images']} "
                    f"images, {len(kept)} weight(s) kept FP32")
         print(f"parity      {precision} vs fp32: map Pearson {a['map_pearson_min']:.5f}, image "
               f"score diff {a['max_image_score_diff']:.1e} ({a['images']} held-out images{how})")
-    for key, engines in (m.get("engines") or {}).items():
-        built = ", ".join(sorted(p for p in engines if p != "device"))
+    for key, engines in m.engines.items():
+        built = ", ".join(sorted(engines.builds))
         print(f"engines     {key}: {built or 'none'} (TensorRT; 'clipinspect build-engine')")
     for name in bundle.categories:
-        entry = m["categories"][name]
-        mem = entry.get("memory")
-        dropped = entry.get("ambiguity_filter_dropped")
+        entry = m.categories[name]
+        dropped = entry.ambiguity_filter_dropped
         kept = (f" ({len(dropped['normal'])}+{len(dropped['anomalous'])} dropped as ambiguous)"
                 if dropped else "")
-        print(f"category    {name}: {entry['n_normal_prompts']}+{entry['n_anomalous_prompts']} "
-              f"prompts{kept}{', prompt file' if entry.get('prompt_file') else ''}, "
-              f"{mem['shots'] if mem else 0}-shot memory, thresholds "
-              f"{entry.get('thresholds') or 'none'}")
+        print(f"category    {name}: {entry.n_normal_prompts}+{entry.n_anomalous_prompts} "
+              f"prompts{kept}{', prompt file' if entry.prompt_file else ''}, "
+              f"{entry.memory.shots if entry.memory else 0}-shot memory, thresholds "
+              f"{entry.thresholds or 'none'}")
     return 0
 
 

@@ -44,8 +44,8 @@ def backend_class(provider: str) -> type:
 
 def stored_shots(bundle: "Bundle") -> int:
     """The most reference images any category of the bundle stores (0 if none)."""
-    return max((int(entry["memory"]["shots"]) for entry in bundle.manifest["categories"].values()
-                if entry.get("memory")), default=0)
+    return max((entry.memory.shots for entry in bundle.manifest.categories.values()
+                if entry.memory), default=0)
 
 
 def ort_tensorrt_profiles(bundle: "Bundle", precision: str, batch_size: int | None = None

@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shlex
 import tempfile
 from dataclasses import dataclass, field
@@ -37,17 +36,14 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .errors import ClipInspectError, did_you_mean
+from .errors import did_you_mean
+# FORMAT_NAME and BundleError are imported from here by the export side.
+from .manifest import (FORMAT_NAME, FORMAT_VERSION, BundleError, Category,  # noqa: F401
+                       EngineBuild, EngineDevice, FileEntry, GraphFile, Manifest, MemoryFile,
+                       Preprocess, Quantization, is_category_name, parse)
 from ..methods import MethodError, method_of
 
-FORMAT_NAME = "clipinspect-bundle"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
-
-
-class BundleError(ClipInspectError, ValueError):
-    """A bundle that cannot be used as it is; the message says what to do."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -82,13 +78,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def file_entry(root: Path, relpath: str, **extra: Any) -> dict[str, Any]:
-    """Manifest entry of a bundle file: relative path, sha256, size."""
+    """Manifest entry of a bundle file (JSON form): relative path, sha256, size."""
     path = root / relpath
     return {"file": relpath, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
 
 
 def check_category_name(name: str) -> str:
-    if not isinstance(name, str) or not _CATEGORY_RE.match(name):
+    if not is_category_name(name):
         raise BundleError(
             f"invalid category name {name!r}: use 1-64 letters, digits, spaces, '_', '-' or '.', "
             "starting with a letter or digit"
@@ -100,11 +96,11 @@ def category_dir(name: str) -> str:
     return "categories/" + check_category_name(name).replace(" ", "_")
 
 
-def check_category_dir_free(manifest: dict[str, Any], name: str) -> None:
+def check_category_dir_free(existing: Iterable[str], name: str) -> None:
     """Two names must not share a folder ("metal nut" / "metal_nut", or "Bottle" / "bottle" on
-    case-insensitive file systems)."""
+    case-insensitive file systems). ``existing``: the names already there."""
     folder = category_dir(name).lower()
-    for other in manifest.get("categories", {}):
+    for other in existing:
         if other != name and category_dir(other).lower() == folder:
             raise BundleError(f"category {name!r} would share the folder {category_dir(name)!r} "
                               f"with the existing category {other!r}; choose a different name")
@@ -126,7 +122,7 @@ class CategoryData:
     text_prototypes: np.ndarray
     memory: dict[str, np.ndarray] | None
     shots: int
-    thresholds: dict[str, dict[str, Any]] | None  # "<precision>/<mode>" -> {"image", "pixel", ...}
+    thresholds: dict[str, dict[str, Any]]  # "<precision>/<mode>" -> {"image", "pixel", ...}
     text: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -138,10 +134,21 @@ def head_text_arrays(text_npz) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
 
 
+def read_manifest(root: Path) -> Manifest:
+    """The validated manifest of the bundle directory ``root`` (migrated to this version)."""
+    mpath = root / MANIFEST
+    try:
+        data = json.loads(mpath.read_text())
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
+        raise BundleError(f"{str(mpath)!r} is not valid JSON ({type(e).__name__}: "
+                          f"{str(e)[:80]}); export the bundle again") from e
+    return Manifest.from_dict(data, f"bundle {str(root)!r}")
+
+
 class Bundle:
     """A validated bundle directory. Open with :meth:`Bundle.open`."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any]):
+    def __init__(self, root: Path, manifest: Manifest):
         self.root = root
         self.manifest = manifest
 
@@ -159,169 +166,194 @@ class Bundle:
         if not mpath.is_file():
             raise BundleError(f"{str(mpath)!r} is missing: {str(root)!r} is not a clipinspect bundle "
                               "(or its export was interrupted); export it again")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{str(mpath)!r} is not valid JSON ({e}); export the bundle again") from e
-        bundle = cls(root, manifest)
+        bundle = cls(root, read_manifest(root))
         bundle._validate(verify_checksums)
         return bundle
 
     def _validate(self, verify_checksums: bool) -> None:
         m = self.manifest
-        if m.get("format") != FORMAT_NAME:
-            raise BundleError(f"{str(self.root / MANIFEST)!r} is not a clipinspect manifest "
-                              f"(format={m.get('format')!r})")
-        version = m.get("format_version")
-        if version != FORMAT_VERSION:
-            hint = ("upgrade clipinspect" if isinstance(version, int) and version > FORMAT_VERSION
-                    else "export the bundle again with this version")
-            raise BundleError(f"bundle format version {version!r} is not supported (this clipinspect "
-                              f"reads version {FORMAT_VERSION}): {hint}")
-        for key in ("model", "input", "grid", "scales", "dims", "graphs", "categories"):
-            if key not in m:
-                raise BundleError(f"manifest of {str(self.root)!r} lacks {key!r}; export it again")
         try:
             self.method = method_of(m, f"bundle {str(self.root)!r}")
         except MethodError as e:
             raise BundleError(str(e)) from e
-        if "fp32" not in m["graphs"]:
-            raise BundleError(f"bundle {str(self.root)!r} has no fp32 graphs; export it again")
-        for precision, graphs in m["graphs"].items():
+        self.check_confined()
+        for precision, graphs in m.graphs.items():
             for name in self.method.graphs:
                 if name not in graphs:
                     raise BundleError(f"bundle {str(self.root)!r} lists no {precision} {name} graph; "
                                       "export it again")
                 self._check_file(graphs[name], f"{precision} {name} graph", verify_checksums)
-        for name, entry in m["categories"].items():
-            self._check_file(entry["text"], f"text embeddings of category {name!r}", verify_checksums)
-            self._check_file(entry["prompts"], f"prompts of category {name!r}", verify_checksums)
-            if entry.get("memory"):
-                self._check_file(entry["memory"], f"few-shot memory of category {name!r}",
-                                 verify_checksums)
+        for name, category in m.categories.items():
+            for what, entry in category.files().items():
+                self._check_file(entry, f"{what} of category {name!r}", verify_checksums)
 
-    def _check_file(self, entry: dict[str, Any], what: str, verify: bool) -> None:
-        path = self.root / entry["file"]
+    def check_confined(self, manifest: Manifest | None = None) -> None:
+        """Every file the manifest names must resolve inside the bundle directory, symlinks
+        (also of folders) followed: a manifest must never make clipinspect read, or delete,
+        anything else."""
+        for what, entry in (manifest or self.manifest).files():
+            self.confined(entry.file, what)
+
+    def confined(self, rel: str, what: str) -> Path:
+        """root / rel, refused unless it resolves inside the bundle directory."""
+        root = self.root.resolve()
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise BundleError(f"bundle {str(self.root)!r}: the {what} {rel!r} resolves to "
+                              f"{str(path)!r}, outside the bundle; a bundle names only its own "
+                              "files: remove the link or export the bundle again")
+        return self.root / rel
+
+    def _check_file(self, entry: FileEntry, what: str, verify: bool) -> None:
+        path = self.root / entry.file
         if not path.is_file():
-            raise BundleError(f"bundle {str(self.root)!r}: the {what} {entry['file']!r} is missing; "
+            raise BundleError(f"bundle {str(self.root)!r}: the {what} {entry.file!r} is missing; "
                               "copy the whole bundle directory or export it again")
         if verify:
             digest = sha256_file(path)
-            if digest != entry["sha256"]:
+            if digest != entry.sha256:
                 raise BundleError(
-                    f"bundle {str(self.root)!r}: the {what} {entry['file']!r} was modified (sha256 "
-                    f"{digest[:12]}..., manifest says {entry['sha256'][:12]}...); restore it or "
+                    f"bundle {str(self.root)!r}: the {what} {entry.file!r} was modified (sha256 "
+                    f"{digest[:12]}..., manifest says {entry.sha256[:12]}...); restore it or "
                     "export the bundle again"
                 )
 
     # ------------------------------------------------------------- properties
     @property
+    def preprocess(self) -> Preprocess:
+        """The bundle's preprocessing: ``bundle.preprocess(rgb) -> (3, H, W) float32``."""
+        return self.manifest.preprocess
+
+    @property
     def input_size(self) -> tuple[int, int]:
-        h, w = self.manifest["input"]["size"]
-        return int(h), int(w)
+        return self.manifest.preprocess.size
 
     @property
     def grid(self) -> tuple[int, int]:
-        gh, gw = self.manifest["grid"]
-        return int(gh), int(gw)
+        return self.manifest.grid
 
     @property
     def scales(self) -> list[int]:
-        return [int(k) for k in self.manifest["scales"]]
+        return list(self.manifest.scales)
 
     @property
     def categories(self) -> list[str]:
-        return sorted(self.manifest["categories"])
+        return sorted(self.manifest.categories)
 
     @property
     def precisions(self) -> list[str]:
-        return sorted(self.manifest["graphs"])
+        return sorted(self.manifest.graphs)
 
     @property
     def identity(self) -> str:
         """Short identity for reports: model, weights and a digest of the fp32 encoder."""
-        model = self.manifest["model"]
-        weights = model["weights"]
-        tag = weights.get("tag") or weights.get("sha256", "")[:12] or weights["kind"]
-        enc = self.manifest["graphs"]["fp32"]["encoder"]["sha256"][:12]
-        return f"{model['name']}/{tag}/enc-{enc}"
+        model = self.manifest.model
+        enc = self.manifest.graphs["fp32"]["encoder"].sha256[:12]
+        return f"{model.name}/{model.weights.label}/enc-{enc}"
 
     def graph_path(self, precision: str, name: str) -> Path:
-        graphs = self.manifest["graphs"]
+        graphs = self.manifest.graphs
         if precision not in graphs:
             raise BundleError(f"bundle {str(self.root)!r} has no {precision!r} graphs"
                               f"{did_you_mean(precision, graphs)} (it has "
                               f"{', '.join(sorted(graphs))}); choose one of those")
-        return self.root / graphs[precision][name]["file"]
+        return self.root / graphs[precision][name].file
 
-    def category(self, name: str) -> CategoryData:
-        entries = self.manifest["categories"]
+    def entry(self, name: str) -> Category:
+        """The manifest entry of category ``name``; an error listing the known ones."""
+        entries = self.manifest.categories
         if name not in entries:
             known = ", ".join(sorted(entries)) or "none"
             raise BundleError(f"unknown category {name!r}{did_you_mean(name, entries)}. This "
                               f"bundle has: {known}. Add it (needs the export extra, torch) with: "
                               f"clipinspect add-category {shlex.quote(str(self.root))} "
                               f"{shlex.quote(name)}")
-        entry = entries[name]
-        with np.load(self.root / entry["text"]["file"]) as npz:
+        return entries[name]
+
+    def category(self, name: str) -> CategoryData:
+        entry = self.entry(name)
+        with np.load(self.root / entry.text.file) as npz:
             text = head_text_arrays(npz)
-        if self.manifest.get("adaptation") and "text_normal" not in text:
+        if self.manifest.adaptation and "text_normal" not in text:
             raise BundleError(f"category {name!r} of bundle {str(self.root)!r} has no prompt pools, "
                               "which its prompt adaptation needs; recompute it with "
                               f"'clipinspect add-category {self.root} {name!r} --replace'")
         memory = None
         shots = 0
-        if entry.get("memory"):
-            with np.load(self.root / entry["memory"]["file"]) as mem:
+        if entry.memory:
+            with np.load(self.root / entry.memory.file) as mem:
                 memory = {k: np.ascontiguousarray(mem[k], dtype=np.float32) for k in mem.files}
-            shots = int(entry["memory"]["shots"])
-        return CategoryData(name, text["text_prototypes"], memory, shots, entry.get("thresholds"),
-                            text)
+            shots = entry.memory.shots
+        return CategoryData(name, text["text_prototypes"], memory, shots, entry.thresholds, text)
 
     # ----------------------------------------------------------------- writing
     def file_entry(self, relpath: str, **extra: Any) -> dict[str, Any]:
         return file_entry(self.root, relpath, **extra)
 
     def save_manifest(self) -> None:
-        atomic_write_bytes(self.root / MANIFEST,
-                           (json.dumps(self.manifest, indent=2, sort_keys=False) + "\n").encode())
+        """Write the manifest (in the current format version, also when read from an older)."""
+        self.manifest.format_version = FORMAT_VERSION
+        atomic_write_bytes(self.root / MANIFEST, (json.dumps(self.manifest.to_dict(), indent=2)
+                                                  + "\n").encode())
 
     @contextlib.contextmanager
-    def updating(self) -> Iterator[dict[str, Any]]:
+    def updating(self) -> Iterator[Manifest]:
         """Read-modify-write of the manifest under an exclusive lock, so two processes adding
         references or categories at once do not lose each other's update. Files an update
-        replaces are deleted only after the new manifest is in place."""
+        replaces are deleted only after the new manifest is in place, and only inside the
+        bundle: the manifest re-read here is checked for paths leaving it before anything."""
         lock_path = self.root / ".lock"
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                self.manifest = json.loads((self.root / MANIFEST).read_text())
+                self.manifest = read_manifest(self.root)
+                self.check_confined()
                 before = _files_of(self.manifest)
                 yield self.manifest
+                self.manifest = parse(Manifest, self.manifest.to_dict(),
+                                      f"bundle {str(self.root)!r} (as updated)")
+                self.check_confined()
                 self.save_manifest()
                 for rel in before - _files_of(self.manifest):
-                    (self.root / rel).unlink(missing_ok=True)
+                    self.confined(rel, "replaced file").unlink(missing_ok=True)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def set_memory(self, category: str, arrays: dict[str, np.ndarray], sources: Iterable[str],
                    shots: int) -> None:
         """Store few-shot reference memory for ``category`` (replacing any earlier memory)."""
-        self.category(category)  # unknown category -> error before writing anything
+        self.entry(category)  # unknown category -> error before writing anything
         rel = write_versioned(self.root, category_dir(category), "memory.npz", npz_bytes(arrays))
-        entry = file_entry(self.root, rel, shots=int(shots), sources=[str(s) for s in sources])
+        entry = parse(MemoryFile, file_entry(self.root, rel, shots=int(shots),
+                                             sources=[str(s) for s in sources]),
+                      f"bundle {str(self.root)!r}", f"categories.{category}.memory")
         with self.updating() as m:
-            if category not in m["categories"]:
+            if category not in m.categories:
                 raise BundleError(f"category {category!r} was removed from the bundle meanwhile")
-            m["categories"][category]["memory"] = entry
+            m.categories[category].memory = entry
 
     def set_thresholds(self, category: str, key: str, thresholds: dict[str, Any]) -> None:
         """Store decision thresholds of ``category`` under ``key`` ("<precision>/<mode>"):
         ``image`` and/or ``pixel`` (scores >= threshold are anomalous) plus how they were set."""
-        self.category(category)
+        self.entry(category)
         with self.updating() as m:
-            entry = m["categories"][category]
-            entry["thresholds"] = {**(entry.get("thresholds") or {}), key: thresholds}
+            if category not in m.categories:
+                raise BundleError(f"category {category!r} was removed from the bundle meanwhile")
+            m.categories[category].thresholds[key] = thresholds
+
+    def set_category(self, name: str, entry: dict[str, Any] | Category,
+                     keep_memory: bool = True) -> None:
+        """Add or replace category ``name`` (its files already written); its few-shot memory
+        and thresholds are kept when ``keep_memory``."""
+        check_category_name(name)
+        if not isinstance(entry, Category):
+            entry = parse(Category, entry, f"bundle {str(self.root)!r}", f"categories.{name}")
+        with self.updating() as m:
+            check_category_dir_free(m.categories, name)
+            old = m.categories.get(name)
+            if old is not None and keep_memory:
+                entry.memory, entry.thresholds = old.memory, old.thresholds
+            m.categories[name] = entry
 
     def set_precision(self, precision: str, encoder: dict[str, Any], record: dict[str, Any],
                       overwrite: bool = False) -> None:
@@ -330,39 +362,35 @@ class Bundle:
         earlier graph of this precision no longer apply and are dropped."""
         if precision == "fp32":
             raise BundleError("the fp32 graphs are written by export, not replaced")
+        where = f"bundle {str(self.root)!r}"
+        encoder_entry = parse(GraphFile, encoder, where, f"graphs.{precision}.encoder")
+        quantization = parse(Quantization, record, where, f"quantization.{precision}")
         with self.updating() as m:
-            if precision in m["graphs"] and not overwrite:
+            if precision in m.graphs and not overwrite:
                 raise BundleError(f"bundle {str(self.root)!r} already has {precision} graphs")
-            heads = {k: v for k, v in m["graphs"]["fp32"].items() if k != "encoder"}
-            m["graphs"][precision] = {"encoder": encoder, **heads}
-            m.setdefault("quantization", {})[precision] = record
-            for entry in m["categories"].values():
-                for key in [k for k in entry.get("thresholds") or {}
-                            if k.startswith(precision + "/")]:
-                    del entry["thresholds"][key]
+            heads = {k: v for k, v in m.graphs["fp32"].items() if k != "encoder"}
+            m.graphs[precision] = {"encoder": encoder_entry, **heads}
+            m.quantization[precision] = quantization
+            for entry in m.categories.values():
+                for key in [k for k in entry.thresholds if k.startswith(precision + "/")]:
+                    del entry.thresholds[key]
 
     def set_engines(self, key: str, device: dict[str, str], precision: str,
                     record: dict[str, Any]) -> None:
         """Register TensorRT engines (already written) of ``precision`` built on the device
         ``key``; the engines they replace are deleted."""
+        where = f"bundle {str(self.root)!r}"
+        build = parse(EngineBuild, record, where, f"engines.{key}.{precision}")
         with self.updating() as m:
-            entry = m.setdefault("engines", {}).setdefault(key, {})
-            entry["device"] = device
-            entry[precision] = record
+            if key not in m.engines:
+                m.engines[key] = parse(EngineDevice, {"device": device}, where, f"engines.{key}")
+            m.engines[key].device = device
+            m.engines[key].builds[precision] = build
 
 
-def _files_of(manifest: dict[str, Any]) -> set[str]:
+def _files_of(manifest: Manifest) -> set[str]:
     """Relative paths of the category files, graphs and TensorRT engines a manifest points to."""
-    files = {g["file"] for graphs in manifest.get("graphs", {}).values() for g in graphs.values()}
-    for device in (manifest.get("engines") or {}).values():
-        for key, record in device.items():
-            if key != "device":
-                files |= {v["file"] for v in record.values() if isinstance(v, dict) and "file" in v}
-    for entry in manifest.get("categories", {}).values():
-        for key in ("text", "prompts", "memory"):
-            if entry.get(key):
-                files.add(entry[key]["file"])
-    return files
+    return {entry.file for _, entry in manifest.files()}
 
 
 def write_versioned(root: Path, folder: str, name: str, data: bytes) -> str:

@@ -22,7 +22,7 @@ from .backend import Backend
 from .backends import open_backend
 from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
-from .images import EncodedImage, ImageError, ImageInput, describe, preprocess, to_rgb_array
+from .images import EncodedImage, ImageError, ImageInput, describe, to_rgb_array
 from .maps import gaussian_blur, upsample
 
 MODES = ("auto", "zero-shot", "few-shot")
@@ -111,8 +111,7 @@ class Inspector:
         source = describe(item)
         try:
             rgb = to_rgb_array(item)
-            cfg = self.bundle.manifest["input"]
-            tensor = preprocess(rgb, self.bundle.input_size, cfg["mean"], cfg["std"])
+            tensor = self.bundle.preprocess(rgb)
         except ImageError as e:
             return LoadedImage(index, source, error=str(e))
         except Exception as e:  # e.g. MemoryError on a huge image: still only this image
@@ -228,8 +227,8 @@ class Inspector:
 
     def thresholds(self, category: str, mode_used: str) -> dict[str, float]:
         """Thresholds stored for this category, precision and mode ({} if none)."""
-        entry = self.bundle.manifest["categories"].get(category) or {}
-        return (entry.get("thresholds") or {}).get(threshold_key(self.precision, mode_used), {})
+        entry = self.bundle.manifest.categories.get(category)
+        return entry.thresholds.get(threshold_key(self.precision, mode_used), {}) if entry else {}
 
     def inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
                 batch_size: int = 8, mode: str = "auto", *, smoothing_sigma: float = 0.0,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..core.errors import ClipInspectError
+
+if TYPE_CHECKING:
+    from ..core.manifest import Manifest
 
 GRAPHS = ("encoder", "head_zeroshot", "head_fewshot")
 
@@ -23,6 +26,6 @@ class Method:
 
     name: str
     summary: str
-    outputs: Callable[[dict[str, Any]], list[str]]
-    gflops: Callable[[dict[str, Any], int], float]
+    outputs: Callable[["Manifest"], list[str]]
+    gflops: Callable[["Manifest", int], float]
     graphs: tuple[str, ...] = GRAPHS

@@ -4,7 +4,10 @@ state a bundle's cost without torch."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..core.manifest import Manifest
 
 
 def vit_gflops(width: int, layers: int, seq_lens: list[int], patch_flops: float = 0.0) -> float:
@@ -15,21 +18,21 @@ def vit_gflops(width: int, layers: int, seq_lens: list[int], patch_flops: float 
     return (layers * per_layer + patch_flops) / 1e9
 
 
-def full_pass_gflops(manifest: dict[str, Any], layers: int) -> float:
+def full_pass_gflops(manifest: "Manifest", layers: int) -> float:
     """One ordinary pass of the bundle's image (1 + P tokens), patch embedding included."""
-    c, p = manifest["dims"]["width"], manifest["dims"]["patches"]
-    return vit_gflops(c, layers, [p + 1], 2 * p * c * 3 * manifest["patch_size"] ** 2)
+    c, p = manifest.dims.width, manifest.dims.patches
+    return vit_gflops(c, layers, [p + 1], 2 * p * c * 3 * manifest.patch_size ** 2)
 
 
 def transformer_layers(bundle) -> int:
     """Depth of a bundle's vision transformer: from the manifest, or, for bundles exported
     before it was recorded there, the number of MLP input weights (width x 4 width) in the
     encoder graph (needs onnx)."""
-    layers = bundle.manifest["dims"].get("layers")
+    layers = bundle.manifest.dims.layers
     if layers:
         return int(layers)
     import onnx
 
-    c = bundle.manifest["dims"]["width"]
+    c = bundle.manifest.dims.width
     model = onnx.load(str(bundle.graph_path("fp32", "encoder")))
     return sum(1 for t in model.graph.initializer if list(t.dims) == [c, 4 * c])

@@ -321,8 +321,8 @@ class Service:
                 inspector = await anyio.to_thread.run_sync(self.source)
             bundle = inspector.bundle
             self.identity = {"identity": bundle.identity, "precision": inspector.precision,
-                             "model": bundle.manifest["model"]["name"],
-                             "weights": bundle.manifest["model"]["weights"]["kind"]}
+                             "model": bundle.manifest.model.name,
+                             "weights": bundle.manifest.model.weights.kind}
             batcher = Batcher(inspector, self.config, self.metrics, self.journal)
             # Every category's data is loaded once, and the first (slow) session run happens
             # before readiness is reported.
@@ -462,7 +462,7 @@ class Service:
                             f"(this bundle has: {', '.join(categories)})")
         if mode not in MODES:
             raise HTTPError(422, "bad_parameter", f"mode={mode!r}: use one of {', '.join(MODES)}")
-        if category not in self.inspector.bundle.manifest["categories"]:
+        if category not in self.inspector.bundle.manifest.categories:
             raise HTTPError(422, "unknown_category", f"unknown category {category!r}; this "
                             f"bundle has: {', '.join(categories)}")
         try:

@@ -37,21 +37,21 @@ class TrtBackend:
         trt, cp = import_tensorrt()
         self.trt, self.cp = trt, cp
         self.record = find_engines(bundle, precision, current_device(trt, cp))
-        self.max_batch = int(self.record["profile"]["batch"][2])
-        self.max_shots = int(self.record["profile"]["max_shots"])
+        self.max_batch = int(self.record.profile["batch"][2])
+        self.max_shots = int(self.record.profile["max_shots"])
         self.rebuild = f"clipinspect build-engine {bundle.root} --precision {precision}"
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {}
         for name in GRAPHS:
-            entry = self.record[name]
-            path = bundle.root / entry["file"]
-            if not path.is_file() or (verify_checksums and sha256_file(path) != entry["sha256"]):
-                raise EngineError(f"engine file {entry['file']!r} is missing or modified; "
+            entry = self.record.files[name]
+            path = bundle.root / entry.file
+            if not path.is_file() or (verify_checksums and sha256_file(path) != entry.sha256):
+                raise EngineError(f"engine file {entry.file!r} is missing or modified; "
                                   f"rebuild with '{self.rebuild}'")
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
-                raise EngineError(f"TensorRT could not load {entry['file']!r} (built by another "
+                raise EngineError(f"TensorRT could not load {entry.file!r} (built by another "
                                   f"TensorRT version or GPU?); rebuild with '{self.rebuild}'")
             self.engines[name] = engine
         self.stream = cp.cuda.Stream(non_blocking=True)

@@ -254,10 +254,10 @@ def graph_files(bundle: Bundle) -> dict[str, Path]:
     """Every graph file the bundle references, once: {'<precision>/<graph>': path}."""
     seen: dict[Path, str] = {}
     # fp32 first: the variants share its heads, which are then named after it.
-    for precision, graphs in sorted(bundle.manifest["graphs"].items(),
+    for precision, graphs in sorted(bundle.manifest.graphs.items(),
                                     key=lambda kv: (kv[0] != "fp32", kv[0])):
         for name, entry in graphs.items():
-            path = bundle.root / entry["file"]
+            path = bundle.root / entry.file
             seen.setdefault(path, f"{precision}/{name}")
     return {label: path for path, label in seen.items()}
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..core.bundle import Bundle, atomic_write_bytes, write_versioned
 from ..core.errors import ClipInspectError, UsageError
+from ..core.manifest import EngineBuild
 from ..core.progress import Progress
 from .compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes, require_compatible
 
@@ -130,13 +131,13 @@ def adopt_legacy_engines(bundle: Bundle, device: Device) -> bool:
     with their timing cache; True if it did. Only where the legacy key identifies the GPU
     model: not on a Jetson, whose legacy key is shared by several modules (those engines stay
     where they are and find_engines says to rebuild)."""
-    engines = bundle.manifest.get("engines") or {}
+    engines = bundle.manifest.engines
     if device.board or device.key in engines or device.legacy_key not in engines:
         return False
     with bundle.updating() as m:
-        entry = m["engines"].pop(device.legacy_key)
-        entry["device"] = device.to_json()
-        m["engines"][device.key] = entry
+        entry = m.engines.pop(device.legacy_key)
+        entry.device = device.to_json()
+        m.engines[device.key] = entry
     caches = bundle.root / "cache" / "tensorrt"
     old = caches / f"{device.legacy_key}.timing-cache"
     if old.is_file():
@@ -145,22 +146,23 @@ def adopt_legacy_engines(bundle: Bundle, device: Device) -> bool:
 
 
 # ------------------------------------------------------------------------------ lookup
-def find_engines(bundle: Bundle, precision: str, device: Device) -> dict[str, Any]:
+def find_engines(bundle: Bundle, precision: str, device: Device) -> EngineBuild:
     """The engine record of ``precision`` for ``device``; an error that says how to rebuild
     when there is none, it was built on another device, or its graphs changed since."""
     rebuild = f"clipinspect build-engine {bundle.root} --precision {precision}"
     adopt_legacy_engines(bundle, device)
-    engines = bundle.manifest.get("engines") or {}
-    entry = engines.get(device.key, {}).get(precision)
-    if entry is None and device.board and precision in engines.get(device.legacy_key, {}):
+    engines = bundle.manifest.engines
+    entry = engines[device.key].builds.get(precision) if device.key in engines else None
+    legacy = engines.get(device.legacy_key)
+    if entry is None and device.board and legacy is not None and precision in legacy.builds:
         raise EngineError(f"the {precision} engines in {str(bundle.root)!r} were recorded by an "
                           "older clipinspect that did not tell Jetson modules apart (they may "
                           f"come from another {device.gpu} module); rebuild them here with "
                           f"'{rebuild}'")
     if entry is None:
-        elsewhere = [f"{e['device']['gpu']} (sm {e['device']['compute_capability']}, "
-                     f"TensorRT {e['device']['tensorrt']})"
-                     for e in engines.values() if precision in e]
+        elsewhere = [f"{e.device['gpu']} (sm {e.device['compute_capability']}, "
+                     f"TensorRT {e.device['tensorrt']})"
+                     for e in engines.values() if precision in e.builds]
         if elsewhere:
             raise EngineError(f"the {precision} engines in {str(bundle.root)!r} were built for "
                               f"{'; '.join(elsewhere)}, not for this {device.describe()}; "
@@ -169,8 +171,8 @@ def find_engines(bundle: Bundle, precision: str, device: Device) -> dict[str, An
         raise EngineError(f"bundle {str(bundle.root)!r} has no {precision} TensorRT engines for "
                           f"this {device.describe()}; build them with '{rebuild}'")
     for name in GRAPHS:
-        now = bundle.manifest["graphs"][precision][name]["sha256"]
-        if entry["source_graphs"][name] != now:
+        now = bundle.manifest.graphs[precision][name].sha256
+        if entry.source_graphs.get(name) != now:
             raise EngineError(f"the {precision} {name} graph changed after its engine was built "
                               f"(re-export or quantize --overwrite); rebuild with '{rebuild}'")
     return entry
@@ -253,7 +255,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
     bundle = Bundle.open(bundle_path)
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision not in bundle.manifest["graphs"]:
+    if precision not in bundle.manifest.graphs:
         raise UsageError(f"bundle {str(bundle.root)!r} has no {precision} graphs; make them first "
                          f"with 'clipinspect quantize {bundle.root} --precision {precision}'")
     if workspace_mb < 16:
@@ -293,7 +295,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
         "profile": {"batch": [batch.min, batch.opt, batch.max], "max_shots": int(max_shots)},
         "workspace_mb": int(workspace_mb),
         "tf32": False,
-        "source_graphs": {n: bundle.manifest["graphs"][precision][n]["sha256"] for n in GRAPHS},
+        "source_graphs": {n: bundle.manifest.graphs[precision][n].sha256 for n in GRAPHS},
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": seconds,
     }

@@ -18,8 +18,10 @@ import re
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-# The bundle's rule for category names: no '/', and '.' never first, so no path escapes.
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
+# The bundle's rule for category names (runtime/core/manifest.py CATEGORY_NAME, mirrored: this
+# file imports no clipinspect): no '/', '.' never first, so no path escapes. fullmatch, since
+# '$' would also accept a trailing newline.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}")
 
 
 class TritonPythonModel:
@@ -29,7 +31,7 @@ class TritonPythonModel:
 
     def load(self, name):
         """{output name: array} of one category, re-read when its files change."""
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise ValueError(f"invalid category name {name!r}")
         folder = os.path.join(self.root, name.replace(" ", "_"))
         text = os.path.join(folder, "text.npz")

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.images import preprocess, to_rgb_array
+from ..core.images import to_rgb_array
+from ..core.manifest import Preprocess, parse
 from .repository import ENCODER, ENSEMBLES
 
 
@@ -30,8 +31,11 @@ def preprocessing_from_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare(paths: list[str], prep: dict[str, Any]) -> np.ndarray:
-    size = tuple(prep["size"])
-    return np.stack([preprocess(to_rgb_array(p), size, prep["mean"], prep["std"]) for p in paths])
+    """Images -> (B, 3, H, W) float32, prepared by the bundle's preprocessing (``prep``: the
+    encoder's clipinspect_preprocessing parameter)."""
+    preprocess = parse(Preprocess, prep, "the Triton encoder's config",
+                       "clipinspect_preprocessing")
+    return preprocess.batch([to_rgb_array(p) for p in paths])
 
 
 def make_inputs(grpcclient, images: np.ndarray, category: str) -> list:

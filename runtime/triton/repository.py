@@ -29,9 +29,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-
 from ..core.bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes, sha256_file
 from ..core.errors import UsageError
+from ..core.manifest import EngineBuild, FileEntry
 
 ENCODER = "clipinspect_encoder"
 CATEGORIES = "clipinspect_categories"
@@ -79,16 +79,13 @@ class Shapes:
 
 
 def _head_inputs(bundle: Bundle, mode: str) -> list[str]:
-    return list(bundle.manifest["graphs"]["fp32"][f"head_{mode}"]["inputs"])
+    return list(bundle.manifest.graphs["fp32"][f"head_{mode}"].inputs or [])
 
 
 def encoder_config(bundle: Bundle, platform: str, max_batch: int) -> str:
     s = Shapes(bundle)
-    inp = bundle.manifest["input"]
     # What a client needs to prepare images, readable through Triton's model-config API.
-    preprocessing = json.dumps({"size": list(bundle.input_size), "mean": inp["mean"],
-                                "std": inp["std"], "resize": inp["resize"],
-                                "layout": inp["layout"], "bundle": bundle.identity})
+    preprocessing = json.dumps({**bundle.preprocess.to_dict(), "bundle": bundle.identity})
     preferred = sorted({b for b in (4, 8, 16, max_batch) if b <= max_batch})
     return (f'name: "{ENCODER}"\nplatform: "{PLATFORMS[platform][0]}"\n'
             f"max_batch_size: {max_batch}\n"
@@ -173,8 +170,8 @@ def write_categories(bundle: Bundle, repo: Path) -> list[str]:
     return names
 
 
-def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> dict[str, Any]:
-    engines = {k: v for k, v in (bundle.manifest.get("engines") or {}).items() if precision in v}
+def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> EngineBuild:
+    engines = {k: v.builds for k, v in bundle.manifest.engines.items() if precision in v.builds}
     build = f"clipinspect build-engine {bundle.root} --precision {precision}"
     if not engines:
         raise UsageError(f"--platform tensorrt needs {precision} engines built on the serving "
@@ -191,17 +188,17 @@ def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> di
 
     record = engines[engine_key][precision]
     for name in GRAPHS:
-        if record["source_graphs"][name] != bundle.manifest["graphs"][precision][name]["sha256"]:
+        if record.source_graphs.get(name) != bundle.manifest.graphs[precision][name].sha256:
             raise UsageError(f"the {precision} {name} engine is older than its graph; rebuild "
                              f"with '{build}'")
     return record
 
 
-def engine_max_batch(record: dict[str, Any], max_batch: int | None, build: str) -> int:
-    """The encoder's max_batch_size for engines built with ``record["profile"]``: Triton's
+def engine_max_batch(record: EngineBuild, max_batch: int | None, build: str) -> int:
+    """The encoder's max_batch_size for engines built with ``record.profile``: Triton's
     TensorRT backend refuses a config whose max_batch_size exceeds the engine profile's
     maximum, and its dynamic batcher sends any batch from 1 up, so the profile must start at 1."""
-    lo, _, hi = (int(b) for b in record["profile"]["batch"])
+    lo, _, hi = (int(b) for b in record.profile["batch"])
     if lo > 1:
         raise UsageError(f"the engines' profile starts at batch {lo}, but Triton sends batches "
                          f"from 1 up; rebuild with '{build} --min-batch 1'")
@@ -214,18 +211,18 @@ def engine_max_batch(record: dict[str, Any], max_batch: int | None, build: str) 
     return max_batch
 
 
-def checked_file(bundle: Bundle, entry: dict[str, Any], what: str) -> Path:
-    """The bundle file of a manifest entry ({file, sha256}), refused when it lies outside the
+def checked_file(bundle: Bundle, entry: FileEntry, what: str) -> Path:
+    """The bundle file of a manifest entry, refused when it lies outside the
     bundle or its content is not the one recorded: a repository serves exactly the bundle."""
     root = bundle.root.resolve()
-    path = (root / entry["file"]).resolve()
+    path = (root / entry.file).resolve()
     if not path.is_relative_to(root):
-        raise UsageError(f"the {what} file {entry['file']!r} lies outside the bundle "
+        raise UsageError(f"the {what} file {entry.file!r} lies outside the bundle "
                          f"{str(root)!r}; a repository is written only from the bundle's files")
     if not path.is_file():
-        raise UsageError(f"the {what} file {entry['file']!r} is missing from the bundle")
-    if sha256_file(path) != entry["sha256"]:
-        raise UsageError(f"the {what} file {entry['file']!r} does not match the checksum the "
+        raise UsageError(f"the {what} file {entry.file!r} is missing from the bundle")
+    if sha256_file(path) != entry.sha256:
+        raise UsageError(f"the {what} file {entry.file!r} does not match the checksum the "
                          "bundle records (modified or truncated); rebuild or re-export it")
     return path
 
@@ -289,8 +286,8 @@ def write_repository(bundle_path, out, *, platform: str = "onnx", precision: str
 
     def model_file(graph: str) -> Path:
         if record is not None:
-            return checked_file(bundle, record[graph], f"{precision} {graph} engine")
-        return checked_file(bundle, bundle.manifest["graphs"][precision][graph],
+            return checked_file(bundle, record.files[graph], f"{precision} {graph} engine")
+        return checked_file(bundle, bundle.manifest.graphs[precision][graph],
                             f"{precision} {graph} graph")
 
     try:
