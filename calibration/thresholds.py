@@ -58,6 +58,7 @@ def from_normal_images(inspector: Inspector, category: str, images: Sequence[Ima
     return {"image": image_t, "pixel": pixel_t, "method": "normal images at a target FPR",
             "target_fpr": fpr, "measured_image_fpr": image_fpr, "measured_pixel_fpr": pixel_fpr,
             "images": len(results), "smallest_measurable_image_fpr": 1.0 / len(results),
+            "pixel_median": float(np.median(pixels)),  # where overlay colours start
             "mode": results[0].mode}
 
 

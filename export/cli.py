@@ -17,6 +17,8 @@ from typing import Callable
 from clipinspect.runtime.cli import csv_list
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 
+from .demo_defaults import DEMO_MODEL, DEMO_PRETRAINED
+
 DEFAULT_TAU_CTX = 0.01  # the default of methods.common.Adaptation; not imported: that needs torch
 EXPORT_EXTRA = "pip install 'clipinspect[export]'"
 
@@ -120,10 +122,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_add_category(args: argparse.Namespace) -> int:
+    ex = _exporter()  # first: without torch nothing else matters
     names = [n for v in args.names for n in csv_list(v)] + args.categories
     if not names:
         raise UsageError("name at least one category: add-category BUNDLE --categories NAME ...")
-    ex = _exporter()
     ex.add_categories(args.bundle, names, args.pretrained, replace=args.replace,
                       prompts=args.prompts)
     print(f"added {', '.join(names)} to {args.bundle}")
@@ -153,7 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            "pip install 'clipinspect[export,cpu]'") from e
     run_demo(DemoOptions(out=args.out, model=args.model, pretrained=args.pretrained,
                          shots=args.shots, categories=args.categories or None, seed=args.seed,
-                         batch_size=args.batch_size))
+                         batch_size=args.batch_size, overwrite=args.overwrite))
     return 0
 
 
@@ -241,7 +243,8 @@ def _register_train_adapters(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_add_category(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("add-category", help="add categories' text embeddings to a bundle (torch)")
+    p = sub.add_parser("add-category", help="add categories' text embeddings to a bundle (needs the "
+                       "export extra: torch, open_clip)")
     p.add_argument("bundle")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="category names, as before --categories (still accepted)")
@@ -278,11 +281,16 @@ def _register_prompts(sub: argparse._SubParsersAction) -> None:
 def _register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic data -> export -> few-shot -> inspect -> report")
     p.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
-    p.add_argument("--model", default="ViT-B-16-plus-240")
-    p.add_argument("--pretrained", default="laion400m_e31",
-                   help="tried first; random weights (loudly reported) if it cannot be loaded")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the contents of an existing --out (its bundle is reused when "
+                   "it has the same model, weights and categories)")
+    p.add_argument("--model", default=DEMO_MODEL, help=f"open_clip model (default {DEMO_MODEL})")
+    p.add_argument("--pretrained", default=DEMO_PRETRAINED,
+                   help=f"weights tag or checkpoint file, tried first (default {DEMO_PRETRAINED}); "
+                   "random weights, reported once, if it cannot be loaded")
     add_categories_option(p, "synthetic categories (default: two of them)")
-    p.add_argument("--shots", type=int, default=2, help="few-shot reference images per category")
+    p.add_argument("--shots", type=int, default=4,
+                   help="few-shot reference images per category (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(func=cmd_demo)

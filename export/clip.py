@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import platform
 from pathlib import Path
@@ -32,11 +33,13 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
+def load_clip(model_name: str, pretrained: str | None, seed: int = 0, *,
+              warn_random: bool = True):
     """-> (model in eval mode, tokenizer, weights record for the manifest).
 
     pretrained: an open_clip tag, a local open_clip checkpoint file, or None / "none" for a
-    seeded random init (recorded, and warned about).
+    seeded random init (recorded, and warned about unless the caller already did:
+    ``warn_random=False``).
     """
     import open_clip
 
@@ -46,7 +49,8 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
                           + (f"; similar: {', '.join(close)}" if close else "")
                           + ". See open_clip.list_models()")
     if pretrained in (None, "", "none", "None"):
-        log(RANDOM_WEIGHTS_WARNING)
+        if warn_random:
+            log(RANDOM_WEIGHTS_WARNING)
         torch.manual_seed(seed)
         with _quiet_loggers("root"):
             model = open_clip.create_model(model_name, pretrained=None)
@@ -68,7 +72,8 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
             raise ExportError(f"--pretrained {pretrained!r} is neither a local checkpoint file nor "
                               f"an open_clip tag; {hint}; or 'none' for random weights")
         try:
-            with _quiet_loggers("huggingface_hub"):  # its retry warnings; our error says more
+            with _quiet_loggers("huggingface_hub", "root", level=logging.CRITICAL):  # retries;
+                # open_clip logs the failure at ERROR: our error says more
                 model = open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as e:
             raise ExportError(
@@ -83,14 +88,13 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0):
 
 
 @contextlib.contextmanager
-def _quiet_loggers(*names: str):
-    """Silence other libraries' warnings where ours say more (random init, download retries)."""
-    import logging
-
+def _quiet_loggers(*names: str, level: int = logging.ERROR):
+    """Silence other libraries' warnings (and below ``level``) where ours say more (random init,
+    download retries)."""
     loggers = [logging.getLogger(None if n == "root" else n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(level)
     try:
         yield
     finally:

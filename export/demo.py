@@ -1,30 +1,52 @@
 """``clipinspect demo``: the whole workflow on a built-in synthetic dataset, in a few minutes.
 
 synthesize (MVTec AD layout) -> export a bundle (pretrained if loadable, else random weights,
-said loudly) -> few-shot references from train/good -> inspect the test split -> report.
+said once, loudly) -> few-shot references from train/good -> thresholds from the held-out
+train/good images -> inspect the test split -> report (Markdown, HTML with pictures, JSON).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from clipinspect.calibration.datasets import load_mask, load_mvtec
 from clipinspect.calibration.metrics import image_auroc
 from clipinspect.calibration.synth import generate
+from clipinspect.calibration.thresholds import from_normal_images
 from clipinspect.runtime import Bundle, Inspector
-from clipinspect.runtime.predict import predict_to_dir
+from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.inspector import threshold_key
+from clipinspect.runtime.predict import colour_range, predict_to_dir
 
-from .exporter import (DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_WARNING, ExportError,
-                       ExportOptions, export_bundle, log)
+from .demo_defaults import DEMO_CATEGORIES, DEMO_MODEL, DEMO_PRETRAINED
+from .demo_report import contact_sheet, render_html, render_markdown
+from .exporter import ExportError, ExportOptions, export_bundle, log
 
-DEMO_CATEGORIES = ("weave", "washer")
+HELD_OUT_NORMAL = 8  # train/good images beyond the references, for the thresholds
+
+
+@dataclass
+class DemoOptions:
+    """What ``run_demo`` does: output folder (refused if it exists, unless ``overwrite``), model
+    and weights (random ones, reported once, if ``pretrained`` cannot be loaded), few-shot
+    reference count, synthetic categories (None = DEMO_CATEGORIES), seed of data and random
+    weights, inspection batch size."""
+
+    out: str | Path = "demo-output"
+    model: str = DEMO_MODEL
+    pretrained: str = DEMO_PRETRAINED
+    shots: int = 4  # with random weights 2 shots leave the washer's image AUROC near chance
+    categories: Sequence[str] | None = None
+    seed: int = 0
+    batch_size: int = 4
+    overwrite: bool = False
 
 
 def _bundle_matches(path: Path, model: str, pretrained: str | None, categories: Sequence[str]
@@ -39,123 +61,133 @@ def _bundle_matches(path: Path, model: str, pretrained: str | None, categories: 
     return m.model.name == model and same_weights and set(categories) <= set(m.categories)
 
 
+def weights_warning(model: str, pretrained: str, error: Exception) -> str:
+    """One line: what failed (the cause's type, not its page of text) and the fix."""
+    cause = type(error.__cause__ or error).__name__
+    return (f"WARNING: could not load pretrained weights {model}/{pretrained} ({cause}); using "
+            "RANDOM weights: the numbers test the pipeline, not detection. Fix: download the "
+            "checkpoint elsewhere and pass --pretrained PATH.")
+
+
 def export_for_demo(path: Path, model: str, pretrained: str, categories: Sequence[str],
-                    seed: int) -> tuple[Bundle, str | None]:
-    """Export with ``pretrained``; fall back to random weights (returned as a warning)."""
+                    seed: int) -> tuple[Bundle, str | None, str | None]:
+    """Export with ``pretrained``; fall back to random weights. -> (bundle, one-line warning,
+    the full error) where the fallback was taken."""
     if _bundle_matches(path, model, pretrained, categories):
         log(f"reusing the bundle in {path}")
-        return Bundle.open(path), None
+        return Bundle.open(path), None, None
     options = ExportOptions(path, model, pretrained, categories, overwrite=True, seed=seed)
     try:
-        return export_bundle(options), None
+        return export_bundle(options), None, None
     except ExportError as e:
-        warning = f"pretrained weights {model}/{pretrained} could not be loaded ({e})."
-        log(f"WARNING: {warning} Continuing with random weights.")
+        warning, error = weights_warning(model, pretrained, e), str(e)
+        log(warning)
     if _bundle_matches(path, model, None, categories):
         log(f"reusing the random-weights bundle in {path}")
-        return Bundle.open(path), warning
-    options.pretrained = None
-    return export_bundle(options), warning
+        return Bundle.open(path), warning, error
+    options.pretrained, options.warn_random = None, False
+    return export_bundle(options), warning, error
 
 
-def contact_sheet(overlay_dir: Path, records: list[dict], out: Path, thumb: int = 128,
-                  columns: int = 6) -> None:
-    """One PNG of all overlays of a category, captioned with truth and score."""
-    rows = (len(records) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + 16)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, r in enumerate(records):
-        x, y = (i % columns) * thumb, (i // columns) * (thumb + 16)
-        if "overlay" in r:
-            with Image.open(overlay_dir / r["overlay"]) as im:
-                sheet.paste(im.convert("RGB").resize((thumb, thumb)), (x, y))
-        draw.text((x + 3, y + thumb + 2), f"{r['truth'][:8]} {r.get('image_score', 0):.3f}",
-                  fill="black")
-    sheet.save(out)
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless ``overwrite``; then clear all but the bundle
+    (reused when it matches, see ``export_for_demo``)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"the demo output folder {str(out)!r} already exists; pass "
+                             "--overwrite to replace its contents, or choose another --out")
+        for child in out.iterdir():
+            if child.name != "bundle":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
-@dataclass
-class DemoOptions:
-    """What ``run_demo`` does: output folder, model and weights (random ones, loudly reported,
-    if ``pretrained`` cannot be loaded), few-shot reference count, synthetic categories (None =
-    DEMO_CATEGORIES), seed of data and random weights, inspection batch size."""
+def set_demo_thresholds(inspector: Inspector, name: str, normal: list) -> dict:
+    """Thresholds just above the highest image score and pixel value of the held-out normal
+    images (none of them flagged): with a handful of images that is the only honest choice."""
+    t = from_normal_images(inspector, name, normal, fpr=0.0)
+    t["how"] = (f"just above the highest image score and pixel value of {t['images']} normal "
+                "train/good images not used as references (none of them is flagged); with so "
+                f"few images the false-positive rate is only known to be below about "
+                f"{100 / t['images']:.0f}%")
+    inspector.bundle.set_thresholds(name, threshold_key(inspector.precision, t["mode"]), t)
+    return t
 
-    out: str | Path = "demo-output"
-    model: str = DEFAULT_MODEL
-    pretrained: str = DEFAULT_PRETRAINED
-    shots: int = 2
-    categories: Sequence[str] | None = None
-    seed: int = 0
-    batch_size: int = 4
+
+def decisions(labels: np.ndarray, flagged: np.ndarray) -> dict[str, int]:
+    """Image-level confusion counts at the threshold (positive = defective)."""
+    return {"TP": int(np.sum(labels & flagged)), "FP": int(np.sum(~labels & flagged)),
+            "FN": int(np.sum(labels & ~flagged)), "TN": int(np.sum(~labels & ~flagged))}
+
+
+def inspect_category(inspector: Inspector, data: Path, out: Path, name: str,
+                     options: DemoOptions) -> dict:
+    """References, thresholds, inspection of the test split, contact sheet -> the category's
+    report entry."""
+    train = [s.path for s in load_mvtec(data, [name], split="train")]
+    refs, held_out = train[:options.shots], train[options.shots:]
+    log(f"== 3/4 {name}: {len(refs)}-shot references, thresholds from {len(held_out)} "
+        "other normal images")
+    inspector.add_references(name, refs, options.batch_size)
+    thresholds = set_demo_thresholds(inspector, name, held_out)
+    test = load_mvtec(data, [name], split="test")
+    log(f"== 4/4 {name}: inspecting {len(test)} test images")
+    pred_dir = out / "predictions" / name
+    start = time.perf_counter()
+    results = predict_to_dir(inspector, [s.path for s in test], name, pred_dir,
+                             options.batch_size, label=name)
+    seconds = time.perf_counter() - start
+    labels = np.array([s.is_anomalous for s in test])
+    scores = np.array([r.image_score for r in results], dtype=np.float64)
+    flagged = np.array([bool(r.is_anomalous) for r in results])
+    masks = np.stack([load_mask(s) for s in test])
+    maps = np.stack([r.anomaly_map for r in results])
+    records = [json.loads(line) for line in (pred_dir / "results.jsonl").read_text().splitlines()]
+    for rec, sample in zip(records, test):
+        rec["truth"] = sample.defect
+    lo, hi = colour_range(thresholds, maps[0])
+    contact_sheet(pred_dir, records, out / f"overlays_{name}.png", truth_masks=list(masks),
+                  colour_scale=(lo, hi))
+    return {
+        "images": len(test), "anomalous": int(labels.sum()),
+        "image_auroc": image_auroc(labels, scores), "pixel_auroc": image_auroc(masks, maps),
+        "mean_score_good": float(scores[~labels].mean()),
+        "mean_score_defective": float(scores[labels].mean()),
+        "images_per_second": len(test) / seconds, "thresholds": thresholds,
+        "decisions": decisions(labels, flagged), "colour_scale": [lo, hi],
+        "images_detail": [{"source": r["source"], "truth": r["truth"],
+                           "image_score": r["image_score"],
+                           "is_anomalous": r.get("is_anomalous")} for r in records],
+    }
 
 
 def run_demo(options: DemoOptions) -> dict:
-    out, model, shots, seed = Path(options.out), options.model, options.shots, options.seed
-    batch_size, categories = options.batch_size, list(options.categories or DEMO_CATEGORIES)
+    out, categories = Path(options.out), list(options.categories or DEMO_CATEGORIES)
+    prepare_out(out, options.overwrite)
     t0 = time.perf_counter()
     data = out / "data"
     log(f"== 1/4 synthetic dataset ({', '.join(categories)}) -> {data}")
-    generate(data, seed=seed, categories=categories, n_train=max(shots, 2), n_test_good=4,
-             n_test_defect_per_type=2)
-    log(f"== 2/4 export {model} -> {out / 'bundle'}")
-    bundle, weights_warning = export_for_demo(out / "bundle", model, options.pretrained,
-                                               categories, seed)
+    generate(data, seed=options.seed, categories=categories,
+             n_train=max(options.shots, 1) + HELD_OUT_NORMAL, n_test_good=4,
+             n_test_defect_per_type=1)  # one image per defect type: the image count sets the time
+    log(f"== 2/4 export {options.model} -> {out / 'bundle'}")
+    bundle, warning, error = export_for_demo(out / "bundle", options.model, options.pretrained,
+                                             categories, options.seed)
     inspector = Inspector.open(bundle)
-    report = {"model": model, "weights": bundle.manifest.model.weights.kind,
-              "weights_warning": weights_warning, "bundle": bundle.identity,
-              "parity_fp32": bundle.manifest.parity["fp32"].to_dict(), "shots": shots,
+    parity = bundle.manifest.parity.get("fp32")
+    report = {"model": options.model, "weights": bundle.manifest.model.weights.kind,
+              "weights_warning": warning, "weights_error": error, "bundle": bundle.identity,
+              "parity_fp32": parity.to_dict() if parity else None, "shots": options.shots,
               "categories": {}}
     for name in categories:
-        train = [s.path for s in load_mvtec(data, [name], split="train")][:shots]
-        log(f"== 3/4 {name}: {len(train)}-shot references")
-        inspector.add_references(name, train, batch_size)
-        test = load_mvtec(data, [name], split="test")
-        log(f"== 4/4 {name}: inspecting {len(test)} test images")
-        pred_dir = out / "predictions" / name
-        start = time.perf_counter()
-        results = predict_to_dir(inspector, [s.path for s in test], name, pred_dir, batch_size,
-                                 label=name)
-        seconds = time.perf_counter() - start
-        labels = np.array([s.is_anomalous for s in test])
-        scores = np.array([r.image_score for r in results], dtype=np.float64)
-        masks = np.stack([load_mask(s) for s in test])
-        maps = np.stack([r.anomaly_map for r in results])
-        records = [json.loads(line) for line in (pred_dir / "results.jsonl").read_text().splitlines()]
-        for rec, sample in zip(records, test):
-            rec["truth"] = sample.defect
-        contact_sheet(pred_dir, records, out / f"overlays_{name}.png")
-        report["categories"][name] = {
-            "images": len(test), "anomalous": int(labels.sum()),
-            "image_auroc": image_auroc(labels, scores), "pixel_auroc": image_auroc(masks, maps),
-            "mean_score_good": float(scores[~labels].mean()),
-            "mean_score_defective": float(scores[labels].mean()),
-            "images_per_second": len(test) / seconds,
-            "scores": {rec["source"]: rec["image_score"] for rec in records},
-        }
+        report["categories"][name] = inspect_category(inspector, data, out, name, options)
     report["seconds"] = time.perf_counter() - t0
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_report(report))
-    print(render_report(report))
-    print(f"report: {out / 'report.md'}; overlays: {out}/overlays_*.png and {out}/predictions/")
+    (out / "report.md").write_text(render_markdown(report))
+    (out / "report.html").write_text(render_html(report, out))
+    print(render_markdown(report, console=True))
+    print(f"report: {out / 'report.html'} (also report.md, report.json); overlays: "
+          f"{out}/overlays_*.png and {out}/predictions/")
     return report
-
-
-def render_report(r: dict) -> str:
-    lines = ["# clipinspect demo", ""]
-    if r["weights_warning"] or r["weights"] == "random":
-        lines += ["**WARNING: RANDOM WEIGHTS.** " + (r["weights_warning"] or RANDOM_WEIGHTS_WARNING)
-                  + " The numbers below show that the pipeline runs end to end; they say nothing "
-                  "about detection quality.", ""]
-    parity = r["parity_fp32"]["max_abs_diff"]
-    lines += [f"Model {r['model']} ({r['weights']} weights), bundle `{r['bundle']}`, "
-              f"{r['shots']}-shot WinCLIP+.",
-              "Export parity, max |onnxruntime - torch|: "
-              + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()), "",
-              "| category | images (defective) | image AUROC | pixel AUROC | mean score good | "
-              "mean score defective | images/s |", "|---|---|---|---|---|---|---|"]
-    for name, c in r["categories"].items():
-        lines.append(f"| {name} | {c['images']} ({c['anomalous']}) | {c['image_auroc']:.3f} | "
-                     f"{c['pixel_auroc']:.3f} | {c['mean_score_good']:.4f} | "
-                     f"{c['mean_score_defective']:.4f} | {c['images_per_second']:.2f} |")
-    lines += ["", f"Total time {r['seconds']:.0f} s.", ""]
-    return "\n".join(lines)

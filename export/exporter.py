@@ -54,7 +54,8 @@ class ExportOptions:
     method's default; another method's option is refused). adaptation: contextual prompt
     adaptation in the heads (with the ambiguity filter at export), None = off. prompts: a prompt
     file whose descriptions join the ensemble of the categories it names. pretrained: an
-    open_clip tag, a checkpoint file, or None for seeded random weights.
+    open_clip tag, a checkpoint file, or None for seeded random weights (warned about unless
+    ``warn_random`` is False: a caller that has said so already).
     """
 
     out: str | Path
@@ -70,6 +71,7 @@ class ExportOptions:
     strict: bool = True
     overwrite: bool = False
     seed: int = 0
+    warn_random: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,8 @@ def export_bundle(options: ExportOptions) -> Bundle:
     method, own_options, descriptions = _checked(options)
     out, t_start = Path(options.out), time.perf_counter()
     log(f"[1/5] loading {options.model} (weights: {options.pretrained or 'random'})")
-    clip = Clip(options.model, *load_clip(options.model, options.pretrained, options.seed),
+    clip = Clip(options.model, *load_clip(options.model, options.pretrained, options.seed,
+                                          warn_random=options.warn_random),
                 seed=options.seed)
     try:
         built = method.build(clip, own_options, options.adaptation)

@@ -27,7 +27,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              overlays=not args.no_overlays, save_maps=args.save_maps)
     failed = [r for r in results if not r.ok]
     for r in failed:
-        print(f"clipinspect: skipped {r.error}", file=sys.stderr)
+        print(f"clipinspect: skipped: {r.error}", file=sys.stderr)
+    if not args.no_overlays and not (Path(args.out) / "colour_bar.png").exists():
+        print(f"note: {args.category!r} has no pixel threshold, so each overlay is coloured by "
+              "its own range and hot spots do not compare across images; set thresholds with "
+              "'clipinspect threshold' for one shared scale", file=sys.stderr)
     ok = len(results) - len(failed)
     mode = next((r.mode for r in results if r.ok), "none")
     print(f"{ok} image(s) inspected ({mode}), {len(failed)} failed; "
@@ -42,7 +46,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size)
     shots, failed = inspector.add_references(args.category, _images(args.images), args.batch_size)
     for source, error in failed:
-        print(f"clipinspect: skipped {error}", file=sys.stderr)
+        print(f"clipinspect: skipped: {error}", file=sys.stderr)
     print(f"stored {shots}-shot reference memory for {args.category!r} in {args.bundle}")
     return 0 if not failed else 1
 

@@ -12,6 +12,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from ..core.errors import did_you_mean
+
 MODES = ("auto", "zero-shot", "few-shot")
 PRECISIONS = ("fp32", "fp16", "int8")
 ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")
@@ -58,22 +60,34 @@ def add_category(p: argparse.ArgumentParser) -> None:
     p.add_argument("--category", required=True)
 
 
+def one_of(choices: Sequence[str]):
+    """An argparse ``type`` for a choice option: a value that differs from a choice only in case
+    is refused naming the choice (argparse itself would only list them all)."""
+    def check(value: str) -> str:
+        if value not in choices and (hint := did_you_mean(value, choices)):
+            raise argparse.ArgumentTypeError(f"invalid choice {value!r}{hint}")
+        return value
+    return check
+
+
 def add_mode(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="auto", choices=list(MODES))
+    p.add_argument("--mode", default="auto", choices=list(MODES), type=one_of(MODES))
 
 
 def add_precision(p: argparse.ArgumentParser, *, default: str | None = "fp32",
                   choices: Sequence[str] | None = None, help: str | None = None) -> None:
     """``--precision``; ``default=None`` makes it required."""
     p.add_argument("--precision", default=default, required=default is None,
-                   choices=list(choices) if choices else None, help=help)
+                   choices=list(choices) if choices else None,
+                   type=one_of(choices) if choices else str, help=help)
 
 
 def add_provider(p: argparse.ArgumentParser, *, choices: Sequence[str] = PROVIDERS) -> None:
     help = ("onnxruntime execution provider (default cpu), or tensorrt-native: the engines of "
             "'clipinspect build-engine' without onnxruntime" if "tensorrt-native" in choices
             else None)
-    p.add_argument("--provider", default="cpu", choices=list(choices), help=help)
+    p.add_argument("--provider", default="cpu", choices=list(choices), type=one_of(choices),
+                   help=help)
 
 
 def add_batch_size(p: argparse.ArgumentParser, *, default: int = 8,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .onnxruntime_backend import (PROVIDERS, OrtBackend, ProfileError, ProviderError,
                                   available_providers, default_threads, ort_conflict)
 
@@ -35,7 +35,8 @@ def backend_class(provider: str) -> type:
     """The class serving ``provider``; importing it imports no TensorRT (that happens when an
     instance is made)."""
     if provider not in BACKEND_CLASSES:
-        raise ProviderError(f"unknown provider {provider!r}: choose one of "
+        raise ProviderError(f"unknown provider {provider!r}"
+                            f"{did_you_mean(provider, BACKEND_CLASSES)}: choose one of "
                             f"{', '.join(BACKEND_CLASSES)}")
     module, name = BACKEND_CLASSES[provider]
     return getattr(importlib.import_module(f"clipinspect.runtime.{module}"), name)

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .errors import did_you_mean
 # FORMAT_NAME and BundleError are imported from here by the export side.
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, BundleError, Category,  # noqa: F401
                        EngineBuild, EngineDevice, FileEntry, GraphFile, Manifest, MemoryFile,
@@ -252,7 +254,8 @@ class Bundle:
     def graph_path(self, precision: str, name: str) -> Path:
         graphs = self.manifest.graphs
         if precision not in graphs:
-            raise BundleError(f"bundle {str(self.root)!r} has no {precision!r} graphs (it has "
+            raise BundleError(f"bundle {str(self.root)!r} has no {precision!r} graphs"
+                              f"{did_you_mean(precision, graphs)} (it has "
                               f"{', '.join(sorted(graphs))}); choose one of those")
         return self.root / graphs[precision][name].file
 
@@ -261,8 +264,10 @@ class Bundle:
         entries = self.manifest.categories
         if name not in entries:
             known = ", ".join(sorted(entries)) or "none"
-            raise BundleError(f"unknown category {name!r}; this bundle has: {known}. Add it with "
-                              f"'clipinspect add-category {self.root} {name!r}'")
+            raise BundleError(f"unknown category {name!r}{did_you_mean(name, entries)}. This "
+                              f"bundle has: {known}. Add it (needs the export extra, torch) with: "
+                              f"clipinspect add-category {shlex.quote(str(self.root))} "
+                              f"{shlex.quote(name)}")
         return entries[name]
 
     def category(self, name: str) -> CategoryData:

@@ -7,3 +7,11 @@ class ClipInspectError(Exception):
 
 class UsageError(ClipInspectError, ValueError):
     """An argument value that cannot work (a batch size of 0, an unknown mode, ...)."""
+
+
+def did_you_mean(value: str, choices) -> str:
+    """" (did you mean 'x'?)" for a choice that differs from ``value`` only in case (``Weave``
+    for ``weave``), else ''. Only case: a guess from similar spelling would name real,
+    different categories."""
+    folded = [c for c in choices if c.casefold() == str(value).casefold() and c != value]
+    return f" (did you mean {folded[0]!r}?)" if folded else ""

@@ -132,6 +132,8 @@ def to_rgb_array(item: ImageInput) -> np.ndarray:
 
 def _decode_file(file, name: str) -> np.ndarray:
     """An encoded image file (a path or a binary file object) -> RGB uint8."""
+    if (file.stat().st_size if isinstance(file, Path) else file.getbuffer().nbytes) == 0:
+        raise ImageError(f"{name} is empty (0 bytes), not an image; was it still being written?")
     try:
         with Image.open(file, formats=ACCEPTED_FORMATS) as im:  # reads the header only
             _fit_to_limit(im, name)

@@ -69,12 +69,17 @@ def heatmap_rgb(m: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarr
     return rgb.astype(np.uint8)
 
 
+def mask_edge(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> the mask's pixels that touch a pixel outside it (its outline)."""
+    return mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) &
+                    np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+
+
 def overlay(rgb: np.ndarray, m: np.ndarray, alpha: float = 0.5, vmin: float = 0.0,
             vmax: float = 1.0, mask: np.ndarray | None = None) -> np.ndarray:
-    """Blend a heat map over the image; outline the binary mask in white when given."""
+    """Blend a heat map, coloured over [vmin, vmax], over the image; outline the binary mask in
+    white when given."""
     out = (1 - alpha) * rgb.astype(np.float32) + alpha * heatmap_rgb(m, vmin, vmax)
     if mask is not None and mask.any():
-        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) &
-                        np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-        out[edge] = 255
+        out[mask_edge(mask)] = 255
     return out.astype(np.uint8)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ClipInspectError, UsageError
+from .errors import ClipInspectError, UsageError, did_you_mean
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -101,7 +101,8 @@ def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = 
                 opts[f"trt_profile_{which}_shapes"] = _shapes_option(
                     {name: shapes[i] for name, shapes in profile.items()})
         return [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+    raise ProviderError(f"unknown provider {provider!r}{did_you_mean(provider, PROVIDERS)}: "
+                        f"choose one of {', '.join(PROVIDERS)}")
 
 
 def make_session(path: Path, provider: str, *, threads: int | None = None,
@@ -111,7 +112,8 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
     precision, ``profile``: its TensorRT optimization profile; for the TensorRT provider)."""
     ort = _import_ort()
     if provider not in PROVIDERS:
-        raise ProviderError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+        raise ProviderError(f"unknown provider {provider!r}{did_you_mean(provider, PROVIDERS)}: "
+                            f"choose one of {', '.join(PROVIDERS)}")
     installed = ort.get_available_providers()
     if PROVIDERS[provider] not in installed:
         have = ", ".join(available_providers()) or "none"

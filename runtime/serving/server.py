@@ -37,6 +37,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                disable_created_metrics, generate_latest)
 from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -44,6 +45,7 @@ from ..core.errors import ClipInspectError, UsageError
 from ..core.images import EncodedImage
 from ..core.inspector import MODES, InspectionResult, Inspector, LoadedImage
 from .journal import Entry, Journal
+from .ui import LiveFeed, ui_routes
 from ..core.maps import overlay
 from ..predict import colour_range
 
@@ -299,6 +301,7 @@ class Service:
         self.source, self.config, self.on_load_error = source, config, on_load_error
         self.metrics = Metrics(config.max_batch)
         self.journal = Journal(config.journal) if config.journal else None
+        self.feed = LiveFeed()
         self.inspector: Inspector | None = None
         self.batcher: Batcher | None = None
         self.ready = False
@@ -411,7 +414,8 @@ class Service:
         if not data:
             raise HTTPError(400, "empty_body", "the request carries no image bytes")
         async with self.decoders:  # at most decode_workers full-size images in memory
-            loaded = await anyio.to_thread.run_sync(self._load, data, want_map)
+            loaded = await anyio.to_thread.run_sync(self._load, data,
+                                                    want_map or self.feed.wants_images)
         del data
         if loaded.error:
             raise HTTPError(400, "bad_image", loaded.error)
@@ -440,7 +444,9 @@ class Service:
         }
         if want_map:
             body["heatmap_png"] = await anyio.to_thread.run_sync(heatmap_png, r, thresholds)
-        return JSONResponse(body)
+        # The live page's record (its thumbnail) is made after the answer has been sent.
+        return JSONResponse(body, background=BackgroundTask(
+            self.feed.record, category, r, thresholds, time.perf_counter() - t0))
 
     def _parameters(self, request: Request, fields: dict) -> tuple[str, str, str, bool]:
         """(category, mode, mode used, heat map wanted) from the form fields or the query."""
@@ -531,6 +537,7 @@ def create_app(source: Inspector | Callable[[], Inspector], config: ServeConfig 
         Route("/metrics", s.endpoint("metrics", s.metrics_endpoint, auth=True), methods=["GET"]),
         Route("/openapi.json", s.endpoint("openapi", s.openapi_endpoint, auth=True),
               methods=["GET"]),
+        *ui_routes(s.feed, s.endpoint),
     ], lifespan=s.lifespan)
     app.state.metrics = s.metrics
     app.state.service = s
