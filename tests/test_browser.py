@@ -102,6 +102,8 @@ def test_the_live_page_shows_inspections_and_updates_without_reload(browser, tin
         wait_for(lambda: browser.find_element(By.ID, "keybox").is_displayed())
         browser.find_element(By.ID, "key").send_keys(KEY)
         browser.find_element(By.ID, "usekey").click()
+        # Overlays are rendered only while the page polls: wait until it does, with the key.
+        wait_for(lambda: browser.find_element(By.ID, "tput").text != "-")
         for i in range(3):
             assert post(server.url, png(i, 96)).status_code == 200
         wait_for(lambda: len(loaded_images(browser, "#grid .card img")) == 3)

@@ -4,6 +4,7 @@ key where one is set. The page is checked in a real browser in test_browser.py."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
@@ -65,3 +66,17 @@ def test_feed_counts_verdicts_and_keeps_only_the_latest():
     assert s["counts"] == {"washer": {"inspected": 3, "NG": 2, "OK": 1}}
     assert [r["image_score"] for r in s["latest"]] == [2.0, 1.0]
     assert s["latency_ms"]["p50"] == pytest.approx(20.0)
+
+
+def test_overlays_are_rendered_only_while_the_page_is_watched():
+    feed = LiveFeed()
+    image = np.zeros((32, 32, 3), np.uint8)
+    amap = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+
+    def result():
+        return InspectionResult("x", image_score=0.5, anomaly_map=amap, image=image)
+
+    feed.record("washer", result(), {}, 0.01)        # nobody has opened the page yet
+    assert feed.state()["latest"][0]["overlay_png"] is None
+    feed.record("washer", result(), {}, 0.01)        # the page polled just now
+    assert feed.state()["latest"][0]["overlay_png"].startswith("data:image/png;base64,")

@@ -9,7 +9,6 @@ them would.
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -26,6 +26,9 @@ from ..predict import colour_range
 
 THUMB_SIDE = 192  # pixels, longest side of an overlay on the page
 THROUGHPUT_WINDOW_S = 60.0
+# Overlays are rendered only while someone polls the page: a line without a screen open pays
+# nothing per request beyond the counters.
+WATCHED_S = 30.0
 
 
 class LiveFeed:
@@ -41,11 +44,14 @@ class LiveFeed:
         self._counts: dict[str, dict[str, int]] = {}
         self._seq = 0
         self._started = time.time()
+        self._polled = float("-inf")
 
     def record(self, category: str, result: InspectionResult, thresholds: dict,
                seconds: float) -> None:
         """One finished inspection (a worker thread: the thumbnail is rendered here)."""
-        thumb = _thumbnail(result, thresholds) if result.image is not None else None
+        watched = time.time() - self._polled < WATCHED_S
+        thumb = (_thumbnail(result, thresholds)
+                 if watched and result.image is not None else None)
         verdict = {True: "NG", False: "OK"}.get(result.is_anomalous, "no threshold")
         now = time.time()
         with self._lock:
@@ -65,6 +71,7 @@ class LiveFeed:
         """What the page shows, as JSON."""
         now = time.time()
         with self._lock:
+            self._polled = now
             while self._times and self._times[0] < now - THROUGHPUT_WINDOW_S:
                 self._times.popleft()
             window = min(THROUGHPUT_WINDOW_S, max(now - self._started, 1e-3))
