@@ -106,7 +106,8 @@ def encoder_batches(http: str) -> tuple[int, int]:
 def perf_phase(cmd: list[str], env: dict, server, data: Path, *, concurrency: int,
                duration: float, tmp: Path) -> dict:
     """One perf_analyzer measurement: three windows of duration/3 (stability not required, so
-    the phase takes a known time on a noisy machine)."""
+    the phase takes a known time on a noisy machine). Each window must see requests complete:
+    choose ``duration`` of at least about 10 x the p99 latency."""
     from clipinspect.runtime.triton.repository import ENSEMBLES
 
     out = tmp / f"pa_{concurrency}_{time.monotonic_ns()}.csv"
@@ -114,7 +115,8 @@ def perf_phase(cmd: list[str], env: dict, server, data: Path, *, concurrency: in
     t0 = time.perf_counter()
     run = subprocess.run(cmd + ["-m", ENSEMBLES["zeroshot"], "-u", server.grpc, "-i", "grpc",
                                 "--concurrency-range", f"{concurrency}:{concurrency}",
-                                "--input-data", str(data), "-p", str(int(duration * 1000 / 3)),
+                                "--input-data", str(data), "--measurement-mode", "time_windows",
+                                "-p", str(int(duration * 1000 / 3)),
                                 "--stability-percentage", "1000", "--max-trials", "3",
                                 "-f", str(out)], capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - t0
@@ -272,8 +274,9 @@ def render(r: dict) -> str:
         for p in res["phases"]:
             lat, mb = p.get("latency_ms") or {}, p.get("mean_batch_size")
             if "error" in p:
-                lines.append(f"| {p['round']} | {p['clients']} | {p['server']} | error: "
-                             f"{p['error'][:200]} | | | | |")
+                error = " ".join(p["error"].split())[-300:].replace("|", "/")
+                lines.append(f"| {p['round']} | {p['clients']} | {p['server']} | error: {error} "
+                             "| | | | |")
                 continue
             lines.append(f"| {p['round']} | {p['clients']} | {p['server']} | "
                          f"{p['throughput_img_s']:.2f} | {lat.get('p50', 0):.0f} | "

@@ -327,11 +327,8 @@ class Inspector:
     def inspect_loaded(self, batch: Sequence[LoadedImage], category: str, mode: str = "auto",
                        smoothing_sigma: float = 0.0) -> list[InspectionResult]:
         """Inspect inputs already through :meth:`load` as one batch; one result per input."""
-        mode_used = self.check(category, mode)
-        good = [b for b in batch if b.error is None]
-        return self._results(list(batch), good, self._encode(good), category, mode=mode,
-                             mode_used=mode_used, thresholds=self.thresholds(category, mode_used),
-                             sigma=smoothing_sigma)
+        self.check(category, mode)  # also for an empty batch
+        return self.inspect_mixed(batch, [(category, mode)] * len(batch), smoothing_sigma)
 
     def inspect_mixed(self, batch: Sequence[LoadedImage], keys: Sequence[tuple[str, str]],
                       smoothing_sigma: float = 0.0) -> list[InspectionResult]:
