@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -88,7 +89,7 @@ def run(bundle: str, out: str, options: LoadtestOptions, rounds: int) -> dict:
         "benchmark": "mixed_categories", "machine": machine(),
         # The bundle by identity (config), not by its path on this machine.
         "command": "python -m clipinspect.benchmarks.mixed_categories "
-                   + " ".join("BUNDLE" if a == bundle else a for a in sys.argv[1:]),
+                   + shlex.join("BUNDLE" if a == bundle else a for a in sys.argv[1:]),
         "load_average_1m": {"before": load_before[0], "after": load_after[0]},
         "config": {"bundle": bundle_identity(bundle), "batch_size": options.batch_size,
                    "max_wait_ms": options.max_wait_ms, "threads": options.threads,

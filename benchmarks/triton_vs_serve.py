@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -234,8 +235,8 @@ def run(args: argparse.Namespace) -> dict:
     cmd, env, why = perf_analyzer(work) if not args.own_client else (None, {}, "--own-client")
     result = {"benchmark": "triton_vs_serve", "machine": machine(),
               "command": "python -m clipinspect.benchmarks.triton_vs_serve "
-                         + " ".join(a if not a.startswith(str(work)) else "WORK"
-                                    for a in sys.argv[1:]),
+                         + shlex.join(a if not a.startswith(str(work)) else "WORK"
+                                      for a in sys.argv[1:]),
               "note": args.note, "load_average_1m": {"before": os.getloadavg()[0]},
               "config": {"model": f"{MODEL} (random weights)", "category": CATEGORY,
                          "mode": "zero-shot", "images": args.images, "duration_s": args.duration,
