@@ -13,6 +13,7 @@ percentiles, errors, mean batch size per phase and the largest score difference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -28,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -52,6 +53,26 @@ def pick_images(data: Path, categories: list[str], per_category: int) -> list[tu
         step = max(1, len(files) // per_category)
         chosen += [(category, f) for f in files[::step][:per_category]]
     return chosen
+
+
+def test_images(bundle: str, data: str | None, categories: Sequence[str] | None,
+                per_category: int, tmp: Path) -> tuple[list[str], list[tuple[str, Path]]]:
+    """(categories, chosen (category, image) pairs) from ``data``, or from the synthetic dataset
+    written under ``tmp`` when ``data`` is None."""
+    from clipinspect.runtime import Bundle
+
+    known = Bundle.open(bundle, verify_checksums=False).categories
+    if data is None:  # the built-in synthetic dataset, written for this run
+        from clipinspect.calibration.synth import CATEGORIES, generate
+
+        data = str(tmp / "data")
+        generate(data, seed=0, categories=[c for c in known if c in CATEGORIES] or None)
+    root = Path(data)
+    categories = list(categories or [c for c in known if (root / c / "test").is_dir()])
+    if not categories:
+        raise SystemExit(f"loadtest: none of the bundle's categories ({', '.join(known)}) "
+                         f"has a test folder under {data}")
+    return categories, pick_images(root, categories, per_category)
 
 
 def free_port() -> int:
@@ -180,20 +201,10 @@ def run_loadtest(bundle: str, data: str | None, out: str,
     synthetic dataset written for this run."""
     from clipinspect.runtime import Bundle
 
-    known = Bundle.open(bundle).categories
     data_label = "synthetic, generated for this run (seed 0)" if data is None else Path(data).name
     with tempfile.TemporaryDirectory(prefix="clipinspect-loadtest-") as tmp:
-        if data is None:  # the built-in synthetic dataset, written for this run
-            from clipinspect.calibration.synth import CATEGORIES, generate
-
-            data = str(Path(tmp) / "data")
-            generate(data, seed=0, categories=[c for c in known if c in CATEGORIES] or None)
-        root = Path(data)
-        categories = list(options.categories or [c for c in known if (root / c / "test").is_dir()])
-        if not categories:
-            raise SystemExit(f"loadtest: none of the bundle's categories ({', '.join(known)}) "
-                             f"has a test folder under {data}")
-        chosen = pick_images(root, categories, options.per_category)
+        categories, chosen = test_images(bundle, data, options.categories, options.per_category,
+                                         Path(tmp))
         images = [(c, p.read_bytes()) for c, p in chosen]
         phases, load_before, load_after = _serve_and_load(bundle, images, options, Path(tmp))
         print("loadtest: offline check ...", file=sys.stderr, flush=True)
@@ -222,32 +233,48 @@ def run_loadtest(bundle: str, data: str | None, out: str,
     return result
 
 
-def _serve_and_load(bundle: str, images: list[tuple[str, bytes]], options: LoadtestOptions,
-                    tmp: Path) -> tuple[list[dict], tuple, tuple]:
-    """Start the server, run one phase per client count, stop it (SIGTERM: it finishes what is
-    queued). -> (phases, load averages before, after)."""
-    port = free_port()
+def serve_command(bundle: str, port: int, options: LoadtestOptions) -> list[str]:
     cmd = [sys.executable, "-m", "clipinspect.runtime.cli", "serve", bundle, "--host", HOST,
            "--port", str(port), "--batch-size", str(options.batch_size), "--max-wait-ms",
            str(options.max_wait_ms), "--precision", options.precision,
            "--max-queue", str(max(64, 4 * max(options.clients)))]
-    if options.threads:
-        cmd += ["--threads", str(options.threads)]
+    return cmd + (["--threads", str(options.threads)] if options.threads else [])
+
+
+@contextlib.contextmanager
+def serve_process(cmd: list[str], port: int, log_path: Path) -> Iterator[subprocess.Popen]:
+    """A server started by ``cmd`` on ``port``, ready (/readyz 200) for the block; then stopped
+    with SIGTERM (it finishes what is queued)."""
     env = {k: v for k, v in os.environ.items() if k != "CLIPINSPECT_API_KEY"}
-    log = open(tmp / "server.log", "w+")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        t0 = time.time()
-        while True:
+    with open(log_path, "w+") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            t0 = time.time()
+            while True:
+                try:
+                    if get(port, "/readyz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.time() - t0 > 600:
+                    log.seek(0)
+                    raise SystemExit(f"loadtest: the server did not become ready:\n{log.read()}")
+                time.sleep(0.5)
+            yield server
+        finally:
+            server.send_signal(signal.SIGTERM)
             try:
-                if get(port, "/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() - t0 > 600:
-                log.seek(0)
-                raise SystemExit(f"loadtest: the server did not become ready:\n{log.read()}")
-            time.sleep(0.5)
+                server.wait(120)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _serve_and_load(bundle: str, images: list[tuple[str, bytes]], options: LoadtestOptions,
+                    tmp: Path) -> tuple[list[dict], tuple, tuple]:
+    """Start the server, run one phase per client count, stop it. -> (phases, load averages
+    before, after)."""
+    port = free_port()
+    with serve_process(serve_command(bundle, port, options), port, tmp / "server.log"):
         load_before = os.getloadavg()
         phases = []
         for n in options.clients:
@@ -255,13 +282,6 @@ def _serve_and_load(bundle: str, images: list[tuple[str, bytes]], options: Loadt
                   flush=True)
             phases.append(run_phase(port, images, n, options.duration))
         load_after = os.getloadavg()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
     return phases, load_before, load_after
 
 

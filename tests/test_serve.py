@@ -114,6 +114,24 @@ def test_concurrent_requests_are_batched_and_equal_offline(live, inspector, jour
             body["image_score"], CATEGORY, inspector.bundle.identity, None)
 
 
+def test_batches_mixing_categories_give_each_categorys_offline_scores(live, inspector):
+    """A micro-batch of two categories is encoded once and split at the heads: every score
+    still equals the image inspected alone under its own category."""
+    images = [png(10 + i) for i in range(4)]
+    categories = ["weave", "washer"]
+    offline = {(i, c): inspector.inspect(EncodedImage(images[i]), c, batch_size=1)[0].image_score
+               for i in range(4) for c in categories}
+    requests = [(i % 4, categories[(i // 4 + i) % 2]) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda r: post(live.url, images[r[0]], category=r[1]),
+                                  requests))
+    bodies = [r.json() for r in responses]
+    assert [b["category"] for b in bodies] == [c for _, c in requests]
+    assert max(b["batch_size"] for b in bodies) > 1
+    assert [b["image_score"] for b in bodies] == [offline[r] for r in requests]
+    assert offline[0, "weave"] != offline[0, "washer"]
+
+
 def test_multipart_and_heatmap(live):
     r = httpx.post(live.url + "/v1/inspect", files={"image": ("a.png", png(7), "image/png")},
                    data={"category": CATEGORY}, params={"heatmap": "true"},

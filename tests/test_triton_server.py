@@ -2,7 +2,8 @@
 bound to loopback) serving repositories written by ``clipinspect triton --platform python``:
 every model loads, the ensembles give the runtime's scores and maps over HTTP and gRPC, a
 category added with ``--categories-only`` is served without a restart, the encoder's dynamic
-batcher really batches, bad requests fail alone, and /metrics answers.
+batcher really batches (requests of different categories together), bad requests fail alone,
+and /metrics answers.
 
 One server per bundle (two per module); they start in about 10 s each once the bundles exist.
 """
@@ -10,16 +11,9 @@ One server per bundle (two per module); they start in about 10 s each once the b
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +22,10 @@ import pytest
 from clipinspect.runtime import Inspector
 from clipinspect.runtime.cli import main
 from clipinspect.runtime.core.maps import upsample
+from clipinspect.runtime.triton import local_server
 from clipinspect.runtime.triton import repository as triton
 from clipinspect.runtime.triton.client import make_inputs, prepare, preprocessing_from_config
+from clipinspect.runtime.triton.local_server import Server
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -37,91 +33,20 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 CATEGORY = "weave"
 MODES = {"zeroshot": "zero-shot", "fewshot": "few-shot"}
-READY_TIMEOUT_S = 180
-
-
-def tritonserver_dir() -> Path:
-    """The Triton build inside the installed nvidia-pytriton wheel (skip when it is absent)."""
-    spec = importlib.util.find_spec("pytriton")
-    root = Path(spec.origin).parent / "tritonserver" if spec and spec.origin else None
-    if root is None or not (root / "bin" / "tritonserver").is_file():
-        pytest.skip("no tritonserver binary: pip install nvidia-pytriton (Linux x86_64; in the "
-                    "dev extra)")
-    return root
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@dataclass
-class Server:
-    repo: Path
-    http: str
-    grpc: str
-    metrics: str
-    log: Path
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"tritonserver exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
-        try:
-            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"tritonserver not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
 
 
 @contextlib.contextmanager
 def running_server(repo: Path, workdir: Path):
-    """tritonserver serving ``repo`` until the block ends; then stopped by its PID (it drains
-    in-flight requests first)."""
-    root = tritonserver_dir()
-    # The Python backend runs the stub found in its own folder; the wheel ships one per Python
-    # version. Copied, so the installed wheel is never modified.
-    backends = shutil.copytree(root / "backends", workdir / "backends")
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    shutil.copy2(root / "python_backend_stubs" / version / "triton_python_backend_stub",
-                 backends / "python")
-    env = dict(os.environ)
-    libs = root.parent.parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs),
-                                                           env.get("LD_LIBRARY_PATH")]))
-    # The stub's embedded Python ignores PYTHONPATH but finds its prefix from the 'python3' on
-    # PATH: this environment's, so numpy (which Triton's own Python utilities import) is found.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    http, grpc, metrics = free_ports(3)
-    log = workdir / "tritonserver.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(root / "bin" / "tritonserver"), f"--model-repository={repo}",
-             f"--backend-directory={backends}", "--http-address=127.0.0.1",
-             "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
-             f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
-             "--exit-timeout-secs=5"],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
+    """The shared launcher (runtime/triton/local_server.py); skipped where the binary is absent,
+    failed with the server's log where it does not start."""
+    if local_server.tritonserver_dir() is None:
+        pytest.skip("no tritonserver binary: pip install nvidia-pytriton (Linux x86_64; in the "
+                    "dev extra)")
     try:
-        wait_ready(proc, f"127.0.0.1:{http}", log)
-        yield Server(repo, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with local_server.running_server(repo, workdir) as server:
+            yield server
+    except local_server.TritonServerError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -247,23 +172,26 @@ def batch_stats(server: Server) -> dict[int, int]:
             for b in model.get("batch_stats", [])}
 
 
-def test_concurrent_requests_are_batched_with_unchanged_scores(winclip, images, runtime):
+def test_concurrent_requests_of_two_categories_share_encoder_batches(winclip, images, runtime):
+    """The encoder's dynamic batcher joins requests whatever their category (the category enters
+    only at the heads): one encoder execution serves several categories, scores unchanged."""
     path, server = winclip
     batch = batch_for(server, images)
-    singles = [batch[i % len(images)][None] for i in range(6)]
+    requests = [(i % len(images), ("weave", "washer")[(i // 2) % 2]) for i in range(6)]
     before = batch_stats(server)
-    with ThreadPoolExecutor(len(singles)) as pool:
+    with ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(
-            lambda one: infer(server, "grpc", one, CATEGORY, "zeroshot")[0], singles))
+            lambda r: infer(server, "grpc", batch[r[0]][None], r[1], "zeroshot")[0], requests))
     after = batch_stats(server)
     grew = {size: after[size] - before.get(size, 0) for size in after
             if after[size] > before.get(size, 0)}
-    assert sum(size * n for size, n in grew.items()) == len(singles)
+    assert sum(size * n for size, n in grew.items()) == len(requests)
     assert max(grew) > 1, f"no execution with more than one image: {grew}"
-    expected = [r.image_score for r in runtime(path, CATEGORY, "zeroshot")]
-    np.testing.assert_allclose(np.concatenate(results),
-                               [expected[i % len(images)] for i in range(len(singles))],
+    expected = {c: [r.image_score for r in runtime(path, c, "zeroshot")]
+                for c in ("weave", "washer")}
+    np.testing.assert_allclose(np.concatenate(results), [expected[c][i] for i, c in requests],
                                rtol=0, atol=1e-5)
+    assert abs(expected["weave"][0] - expected["washer"][0]) > 1e-4
 
 
 def raw_input(name: str, array: np.ndarray, datatype: str):

@@ -327,18 +327,56 @@ class Inspector:
     def inspect_loaded(self, batch: Sequence[LoadedImage], category: str, mode: str = "auto",
                        smoothing_sigma: float = 0.0) -> list[InspectionResult]:
         """Inspect inputs already through :meth:`load` as one batch; one result per input."""
-        mode_used = self.check(category, mode)
-        good = [b for b in batch if b.error is None]
-        return self._results(list(batch), good, self._encode(good), category, mode=mode,
-                             mode_used=mode_used, thresholds=self.thresholds(category, mode_used),
-                             sigma=smoothing_sigma)
+        self.check(category, mode)  # also for an empty batch
+        return self.inspect_mixed(batch, [(category, mode)] * len(batch), smoothing_sigma)
+
+    def inspect_mixed(self, batch: Sequence[LoadedImage], keys: Sequence[tuple[str, str]],
+                      smoothing_sigma: float = 0.0) -> list[InspectionResult]:
+        """Inspect inputs of several categories and modes as one batch; ``keys[i]`` is
+        (category, mode) of ``batch[i]``. The encoder does not depend on the category, so every
+        usable input is encoded in one pass; each (category, mode) group is then scored by its
+        head on its own rows. Results equal :meth:`inspect_loaded` called per group."""
+        if len(keys) != len(batch):
+            raise UsageError(f"{len(batch)} inputs but {len(keys)} (category, mode) keys: give "
+                             "one key per input")
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        used = {key: self.check(*key) for key in groups}  # every key valid before any work
+        row = {i: r for r, i in enumerate(i for i, b in enumerate(batch) if b.error is None)}
+        encoded = self._encode([batch[i] for i in row])
+        results: list[InspectionResult] = [None] * len(batch)  # type: ignore[list-item]
+        for (category, mode), members in groups.items():
+            rows = [row[i] for i in members if i in row]
+            part, keep = self._rows(encoded, rows, len(row)) if rows else (None, None)
+            out = self._results([batch[i] for i in members], [batch[i] for i in members
+                                                              if i in row], part, category,
+                                mode=mode, mode_used=used[category, mode], keep=keep,
+                                thresholds=self.thresholds(category, used[category, mode]),
+                                sigma=smoothing_sigma)
+            for i, r in zip(members, out):
+                results[i] = r
+        return results
+
+    @staticmethod
+    def _rows(encoded: dict, rows: list[int], total: int) -> tuple[dict, list[int] | None]:
+        """(encoder outputs a group's head runs on, rows of that head's outputs to keep)."""
+        if len(rows) == total:
+            return encoded, None
+        if all(isinstance(v, np.ndarray) for v in encoded.values()):
+            return {k: v[rows] for k, v in encoded.items()}, None
+        # Device-resident outputs (CUDA, TensorRT) have no row indexing without a host round
+        # trip: the head scores the whole batch and the group keeps its rows.
+        return encoded, rows
 
     def _results(self, batch: list[LoadedImage], good: list[LoadedImage], encoded: dict | None,
-                 category: str, *, mode: str, mode_used: str, thresholds: dict, sigma: float
-                 ) -> list[InspectionResult]:
+                 category: str, *, mode: str, mode_used: str, thresholds: dict, sigma: float,
+                 keep: list[int] | None = None) -> list[InspectionResult]:
         done: dict[int, InspectionResult] = {}
         if encoded is not None:
             scores, grids, _ = self.score(encoded, category, mode)
+            if keep is not None:
+                scores, grids = scores[keep], grids[keep]
             t0 = time.perf_counter()
             for j, b in enumerate(good):
                 done[id(b)] = self._finish(b, float(scores[j]), grids[j], thresholds, sigma,

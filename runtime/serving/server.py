@@ -5,8 +5,9 @@ progress (reading, decoding, queued or inferring) and the next gets 503 with Ret
 so a full server holds no more request bytes. Admitted requests are decoded and preprocessed by at
 most ``decode_workers`` threads at a time, then queued. One inference
 worker owns the onnxruntime session: it takes whatever is queued, up to ``max_batch`` (waiting at
-most ``max_wait_ms`` for more when the queue runs dry), inspects it as one batch per category and
-mode, and answers each request. Batch composition does not change a score: each image's score
+most ``max_wait_ms`` for more when the queue runs dry), encodes it in one pass whatever the
+categories (the encoder does not depend on them), scores each (category, mode) group with its
+head, and answers each request. Batch composition does not change a score: each image's score
 depends on that image alone, and the tests check it against single-image inspection. Bodies over
 the size limit get 413, bodies slower than ``body_timeout_s`` 408. Maps are computed at most
 ``max_map_side`` pixels on the longest side. See docs/security.md for every limit.
@@ -66,6 +67,10 @@ class ServeConfig:
     decode_workers: int = 2       # requests decoded at once (each may hold a full-size image)
     body_timeout_s: float = 30.0  # the whole body must arrive within this, else 408
     max_connections: int = 256    # open connections; uvicorn answers 503 beyond (serve only)
+    # True: a micro-batch mixing categories (or modes) is encoded in one pass and split at the
+    # scoring heads. False: one encoder pass per (category, mode) group, as before; kept so that
+    # benchmarks/mixed_categories.py measures both in one run.
+    one_encoder_pass: bool = True
 
 
 def is_loopback(host: str) -> bool:
@@ -213,14 +218,18 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> list[Done]:
         start = time.perf_counter()
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, j in enumerate(batch):
-            groups.setdefault((j.category, j.mode), []).append(i)
-        results: list[InspectionResult | None] = [None] * len(batch)
-        for (category, mode), idx in groups.items():
-            out = self.inspector.inspect_loaded([batch[i].loaded for i in idx], category, mode)
-            for i, r in zip(idx, out):
-                results[i] = r
+        if self.config.one_encoder_pass:
+            results = self.inspector.inspect_mixed([j.loaded for j in batch],
+                                                   [(j.category, j.mode) for j in batch])
+        else:
+            results = [None] * len(batch)
+            groups: dict[tuple[str, str], list[int]] = {}
+            for i, j in enumerate(batch):
+                groups.setdefault((j.category, j.mode), []).append(i)
+            for (category, mode), idx in groups.items():
+                out = self.inspector.inspect_loaded([batch[i].loaded for i in idx], category, mode)
+                for i, r in zip(idx, out):
+                    results[i] = r
         inference_s = time.perf_counter() - start
         self.metrics.inference.observe(inference_s)
         self.metrics.batch_size.observe(len(batch))

@@ -18,7 +18,10 @@ arrays as inputs (as in the bundle), so a category or reference set is added by 
 never by rebuilding an engine.
 
 The heads and the category model are not batched by Triton (their category inputs have no batch
-axis); the encoder, where the time goes, is. The ensembles pass whole request batches.
+axis); the encoder, where the time goes, is. The ensembles pass whole request batches. The
+encoder takes no category, so its dynamic batcher joins requests of any categories into one
+encoder execution; each request then meets its own category only at the categories model and
+its head. Mixed categories therefore already cost one encoder pass per Triton batch.
 """
 
 from __future__ import annotations
