@@ -85,8 +85,11 @@ def add_method_options(p: argparse.ArgumentParser, names: tuple[str, ...] | None
     """Each method's own options from the registry, grouped per method (``names``: only those)."""
     from .methods import METHODS
 
+    seen: set[str] = set()  # a preset shares its base method's options: one flag each
     for method in METHODS.values():
-        options = [o for o in method.options if names is None or o.name in names]
+        options = [o for o in method.options
+                   if (names is None or o.name in names) and o.name not in seen]
+        seen |= {o.name for o in options}
         if not options:
             continue
         group = p.add_argument_group(f"{method.name} options", method.summary)
