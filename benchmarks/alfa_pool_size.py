@@ -143,6 +143,15 @@ def render(r: dict) -> str:
         lines.append(f"| {s['pool']} | {s['kept']:.1f} | {s['normal_mean']:.4f} | "
                      f"{s['anomalous_mean']:.4f} | {s['image_auroc']:.3f} | {s['map_mean']:.4f} | "
                      f"{s['cos_adapted']:.4f} |")
+    lines += ["", "Per category (means over the draws):", "",
+              "| category | anomalous pool | mean score, normal | mean score, anomalous | "
+              "image AUROC |", "|---|---|---|---|---|"]
+    for c, rows in r["rows"].items():
+        for size in sorted({row["pool"] for row in rows}):
+            at = [row for row in rows if row["pool"] == size]
+            lines.append(f"| {c} | {size} | {np.mean([a['normal_mean'] for a in at]):.4f} | "
+                         f"{np.mean([a['anomalous_mean'] for a in at]):.4f} | "
+                         f"{np.mean([a['image_auroc'] for a in at]):.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ def category_text(model, tokenizer, category: str, ensemble: dict,
 
 METHOD = ExportMethod(
     name=NAME,
-    summary="ALFA-style preset: the patch aligner + an LLM-written prompt file (--prompts, "
-            "required) + contextual prompt adaptation (always on)",
+    summary="ALFA-style preset, the patch aligner with an LLM-written prompt file (--prompts, "
+            "required) and contextual prompt adaptation (always on)",
     options=PATCH.options, build=build, category_text=category_text, reference=PatchReference,
     needs_prompt_file=True)
