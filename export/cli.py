@@ -18,6 +18,7 @@ from clipinspect.runtime.cli import csv_list
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 
 from .demo_defaults import DEMO_MODEL, DEMO_PRETRAINED
+from .training_recipes import DEFAULT_RECIPE, MASK_RULES, RECIPES
 
 DEFAULT_TAU_CTX = 0.01  # the default of methods.common.Adaptation; not imported: that needs torch
 EXPORT_EXTRA = "pip install 'clipinspect[export]'"
@@ -84,8 +85,11 @@ def add_method_options(p: argparse.ArgumentParser, names: tuple[str, ...] | None
     """Each method's own options from the registry, grouped per method (``names``: only those)."""
     from .methods import METHODS
 
+    seen: set[str] = set()  # a preset shares its base method's options: one flag each
     for method in METHODS.values():
-        options = [o for o in method.options if names is None or o.name in names]
+        options = [o for o in method.options
+                   if (names is None or o.name in names) and o.name not in seen]
+        seen |= {o.name for o in options}
         if not options:
             continue
         group = p.add_argument_group(f"{method.name} options", method.summary)
@@ -139,8 +143,9 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, model=args.model, pretrained=args.pretrained,
         layers=args.layers, image_size=args.image_size, activation=args.activation,
         categories=args.categories or None,
-        fmt=args.format, split=args.split, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, cache=args.cache, resume=args.resume,
+        fmt=args.format, split=args.split, recipe=args.recipe, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, mosaic=args.mosaic,
+        mask_resize=args.mask_resize, seed=args.seed, cache=args.cache, resume=args.resume,
         overwrite=args.overwrite))
     print(f"projections after {meta['epochs']} epochs written to {args.out}; loss per epoch "
           f"{meta['loss_per_epoch']}")
@@ -230,9 +235,20 @@ def _register_train_adapters(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", choices=("auto", "mvtec", "visa"))
     p.add_argument("--split", default="test", choices=("train", "test"),
                    help="split with annotated defects (default test, as APRIL-GAN)")
-    p.add_argument("--epochs", type=int, default=5, help="0 writes the untrained projections")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (betas 0.5, 0.999)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+                   help="training recipe (the flags below override its values): "
+                        + "; ".join(f"{r.name}: {r.about}" for r in RECIPES.values()))
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs (default: the recipe's); 0 writes the untrained projections")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (8)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate, betas 0.5, 0.999 (default: the recipe's, 1e-3)")
+    p.add_argument("--mosaic", type=float, default=None, metavar="P",
+                   help="probability that a sample is replaced by a 2x2 mosaic of four images "
+                        "of its category (default: the recipe's)")
+    p.add_argument("--mask-resize", default=None, choices=MASK_RULES,
+                   help="masks to the input size: nearest, or bilinear then > 0.5 "
+                        "(default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="projection init and shuffling")
     p.add_argument("--cache", default=None,
                    help="feature cache folder (default: <out>.features next to the checkpoint)")

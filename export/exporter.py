@@ -150,6 +150,7 @@ def _checked(options: ExportOptions) -> tuple[ExportMethod, dict, dict | None]:
         raise ExportError(str(e)) from e
     _check_adaptation(options.adaptation)
     descriptions = _prompt_file(options.prompts, names)
+    _check_needed_prompts(method, descriptions, names)
     if options.opset < 17:
         raise ExportError(f"--opset {options.opset} is too old: LayerNormalization needs "
                           "opset >= 17")
@@ -267,6 +268,21 @@ def _prompt_file(path: str | Path | None, categories: Sequence[str]) -> dict | N
             "categories": entries}
 
 
+def _check_needed_prompts(method: ExportMethod, descriptions: dict | None,
+                          categories: Sequence[str]) -> None:
+    """A method that needs a prompt file (``needs_prompt_file``) gets one describing every
+    category, or the error says what to run to get it; checked before CLIP is loaded."""
+    if not method.needs_prompt_file:
+        return
+    given = (descriptions or {}).get("categories", {})
+    missing = [c for c in categories if c not in given]
+    if descriptions is None or missing:
+        where = ("no --prompts FILE given" if descriptions is None else
+                 f"prompt file {descriptions['file']!r} does not describe "
+                 f"{', '.join(map(repr, missing))}")
+        raise ExportError(f"{where}. " + method.missing_prompts(missing or categories))
+
+
 def write_category_text(root: Path, name: str, recipe: TextRecipe) -> dict:
     """Write a category's text embeddings and prompts; returns its manifest entry."""
     descriptions = recipe.descriptions
@@ -309,6 +325,7 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
         raise ExportError(f"--prompts does not apply to an {method.name} bundle (it uses its own "
                           "prompt recipe)")
     descriptions = _prompt_file(prompts, names)
+    _check_needed_prompts(method, descriptions, names)
     model, tokenizer = _same_clip(bundle, pretrained)
     adaptation = bundle.manifest.adaptation
     activation = (bundle.manifest.aprillab or {}).get("activation")

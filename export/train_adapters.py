@@ -4,8 +4,11 @@
 CLIP never changes during training, so each image's level tokens are computed once and cached
 on disk (float16, keyed by model, weights, levels, input size and the image file); every epoch
 after the first encode only reads the cache and trains a few linear layers. Images are
-preprocessed exactly as the runtime does (whole image resized, no crop) and masks resized
-nearest-neighbour to the input size. The checkpoint is APRIL-GAN's form (``trainable_linearlayer``
+preprocessed exactly as the runtime does (whole image resized, no crop); masks reach the input
+size by the recipe's rule (``training_recipes``: nearest-neighbour, or bilinear then > 0.5), cached
+per rule beside the tokens. A mosaic (a recipe's augmentation) is a new image each time, so it
+gets its own encoder pass during the epoch; the cache still serves every other sample. The
+checkpoint is APRIL-GAN's form (``trainable_linearlayer``
 with ``fc.<i>.*`` keys, which export accepts) plus a ``clipinspect`` record and the optimizer
 state, rewritten atomically after every epoch, so an interrupted run resumes from the last one.
 """
@@ -34,13 +37,16 @@ from .methods.aprillab import (CHECKPOINT_KEY, LevelProjections, adapter_loss, b
                                category_text, check_layers, default_layers, image_size_for,
                                model_activation, set_activation)
 from .text import load_ensemble
+from .training_recipes import (DEFAULT_RECIPE, OVERRIDABLE, mosaic, mosaic_plan, resize_mask,
+                               resolve_recipe)
 
 BETAS = (0.5, 0.999)
 
 
 class FeatureCache:
-    """Level tokens (L, P, C) float16 and the mask of each image, one .npz per image, and each
-    category's text prototypes, under a folder named by everything that determines them."""
+    """Level tokens (L, P, C) float16 of each image (one .npz per image), its mask at the input
+    size per mask rule (packed bits beside it), and each category's text prototypes, under a
+    folder named by everything that determines the tokens."""
 
     def __init__(self, root: Path, key: dict):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -64,36 +70,51 @@ class FeatureCache:
         ident = f"{sample.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{mask}"
         return self.root / (hashlib.sha256(ident.encode()).hexdigest()[:24] + ".npz")
 
+    def mask_path(self, sample: Sample, rule: str) -> Path:
+        return self.path(sample).with_suffix(f".mask-{rule}.npy")
+
     def fill(self, samples: Sequence[Sample], encoder, preprocess: Preprocess,
-             batch_size: int) -> None:
-        """Encode the images not cached yet (the only CLIP passes of the whole training)."""
+             batch_size: int, mask_resize: str = "nearest") -> None:
+        """Encode the images not cached yet (the only CLIP passes of a run without mosaic), and
+        store each mask at the input size by ``mask_resize`` where it is missing."""
+        size = preprocess.size
+        for s in samples:
+            if not self.mask_path(s, mask_resize).is_file():
+                buf = io.BytesIO()
+                np.save(buf, np.packbits(resize_mask(load_mask(s), size, mask_resize)))
+                atomic_write_bytes(self.mask_path(s, mask_resize), buf.getvalue())
         todo = [s for s in samples if not self.path(s).is_file()]
         if not todo:
             return
-        size = preprocess.size
         with Progress(len(todo), "encoding (once)") as bar, torch.no_grad():
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i:i + batch_size]
-                images = preprocess.batch([to_rgb_array(s.path) for s in chunk])
-                levels = torch.stack(encoder(torch.from_numpy(images))[1:], dim=1)  # (B, L, P, C)
+                levels = encode_levels(encoder, preprocess, [to_rgb_array(s.path) for s in chunk])
                 for s, tokens in zip(chunk, levels):
                     buf = io.BytesIO()
-                    np.savez(buf, tokens=tokens.numpy().astype(np.float16),
-                             mask=np.packbits(load_mask(s, size)))
+                    np.savez(buf, tokens=tokens.numpy())
                     atomic_write_bytes(self.path(s), buf.getvalue())
                 bar.update(len(chunk))
 
-    def load(self, samples: Sequence[Sample], size: tuple[int, int]
-             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def load(self, samples: Sequence[Sample], size: tuple[int, int],
+             mask_resize: str = "nearest") -> tuple[list[torch.Tensor], torch.Tensor]:
         """-> L x (B, P, C) float32 level tokens, (B, H, W) float32 masks."""
         tokens, masks = [], []
         for s in samples:
             with np.load(self.path(s)) as f:
                 tokens.append(f["tokens"].astype(np.float32))
-                bits = np.unpackbits(f["mask"])[:size[0] * size[1]]
-                masks.append(bits.reshape(size).astype(np.float32))
+            bits = np.unpackbits(np.load(self.mask_path(s, mask_resize)))[:size[0] * size[1]]
+            masks.append(bits.reshape(size).astype(np.float32))
         levels = torch.from_numpy(np.stack(tokens))
         return list(levels.unbind(dim=1)), torch.from_numpy(np.stack(masks))
+
+
+def encode_levels(encoder, preprocess: Preprocess, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """RGB images -> (B, L, P, C) level tokens, rounded to float16 as the cache keeps them (so
+    that a mosaic and a cached image reach the projections alike)."""
+    with torch.no_grad():
+        levels = encoder(torch.from_numpy(preprocess.batch(list(images))))[1:]
+    return torch.stack(levels, dim=1).to(torch.float16)
 
 
 def encoder_preprocess(cfg: dict, encoder) -> Preprocess:
@@ -121,7 +142,9 @@ class TrainOptions:
     image_size None = APRIL-GAN's for the model (518 for ViT-L-14-336), else its own;
     activation None = what open_clip built (recorded in the checkpoint: export refuses the
     projections for a model running the other one);
-    categories None = all; ``epochs=0`` writes the untrained (seeded random) projections, the
+    categories None = all; recipe: a name of ``training_recipes.RECIPES`` giving epochs,
+    batch_size, lr, mosaic and mask_resize, each of which, when not None here, overrides it;
+    ``epochs=0`` writes the untrained (seeded random) projections, the
     baseline training starts from; ``resume`` continues an
     interrupted run from ``out`` up to ``epochs``; cache: feature cache folder (default
     ``<out>.features``)."""
@@ -136,18 +159,37 @@ class TrainOptions:
     categories: Sequence[str] | None = None
     fmt: str = "auto"
     split: str = "test"
-    epochs: int = 5
-    batch_size: int = 8
-    lr: float = 1e-3
+    recipe: str = DEFAULT_RECIPE
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    mosaic: float | None = None
+    mask_resize: str | None = None
     seed: int = 0
     cache: str | Path | None = None
     resume: bool = False
     overwrite: bool = False
 
 
+@dataclass
+class _Data:
+    """What every training step reads: the samples, their cache, the text prototypes per
+    category, and what a mosaic needs (encoder, preprocessing, the samples by defect type)."""
+
+    samples: list[Sample]
+    cache: FeatureCache
+    size: tuple[int, int]
+    text: dict
+    encoder: torch.nn.Module
+    preprocess: Preprocess
+    pools: dict
+
+
 def train_adapters(options: TrainOptions) -> dict:
-    """Train the projections; returns the checkpoint's ``clipinspect`` record (loss per epoch)."""
+    """Train the projections; returns the checkpoint's ``clipinspect`` record (loss per epoch,
+    the recipe and its resolved values)."""
     o, out = options, Path(options.out)
+    recipe = resolve_recipe(o.recipe, {k: getattr(o, k) for k in OVERRIDABLE})
     samples = _checked_samples(o)
     model, tokenizer, weights = load_clip(o.model, o.pretrained, o.seed)
     activation = o.activation or model_activation(model)
@@ -166,11 +208,12 @@ def train_adapters(options: TrainOptions) -> dict:
     encoder, heads = build_modules(model, layers, image_size_for(o.model, o.image_size),
                                    projections)
     size = encoder.image_size
-    optimizer = torch.optim.Adam(projections.parameters(), lr=o.lr, betas=BETAS)
+    optimizer = torch.optim.Adam(projections.parameters(), lr=recipe["lr"], betas=BETAS)
     meta = {"model": o.model, "weights": weights, "layers": list(layers),
             "image_size": list(size), "activation": activation, "data": str(Path(o.data).resolve()), "split": o.split,
             "categories": sorted({s.category for s in samples}), "images": len(samples),
-            "batch_size": o.batch_size, "lr": o.lr, "betas": list(BETAS), "seed": o.seed,
+            "batch_size": recipe["batch_size"], "lr": recipe["lr"], "betas": list(BETAS),
+            "seed": o.seed, "recipe": recipe,
             "loss": "focal (gamma 2) + dice on the anomalous channel, summed over levels",
             "epochs": 0, "loss_per_epoch": []}
     if o.resume and out.exists():
@@ -180,14 +223,16 @@ def train_adapters(options: TrainOptions) -> dict:
     cache = FeatureCache(Path(o.cache) if o.cache else out.with_name(out.name + ".features"),
                          cache_key(o.model, {**weights, "activation": activation}, layers,
                                    size, cfg, ensemble))
-    cache.fill(samples, encoder, encoder_preprocess(cfg, encoder), o.batch_size)
+    preprocess = encoder_preprocess(cfg, encoder)
+    cache.fill(samples, encoder, preprocess, recipe["batch_size"], recipe["mask_resize"])
     text = {name: cache.text(name, lambda n: category_text(model, tokenizer, n, ensemble)[0]
                              ["prototypes"]) for name in meta["categories"]}
-    if meta["epochs"] == 0 and o.epochs == 0:
+    data = _Data(samples, cache, size, text, encoder, preprocess, _by_defect(samples))
+    if meta["epochs"] == 0 and recipe["epochs"] == 0:
         save_checkpoint(out, projections, optimizer, meta)
-    for epoch in range(meta["epochs"] + 1, o.epochs + 1):
-        loss = _epoch(o, epoch, samples=samples, cache=cache, size=size, text=text,
-                      head=heads["head_zeroshot"], optimizer=optimizer)
+    for epoch in range(meta["epochs"] + 1, recipe["epochs"] + 1):
+        loss = _epoch(o.seed, epoch, recipe, data, head=heads["head_zeroshot"],
+                      optimizer=optimizer)
         meta["epochs"] = epoch
         meta["loss_per_epoch"].append(round(loss, 6))
         save_checkpoint(out, projections, optimizer, meta)
@@ -195,12 +240,17 @@ def train_adapters(options: TrainOptions) -> dict:
     return meta
 
 
+def _by_defect(samples: Sequence[Sample]) -> dict[str, dict[str, list[Sample]]]:
+    """category -> defect type -> its samples: where a mosaic's tiles are drawn from."""
+    pools: dict[str, dict[str, list[Sample]]] = {}
+    for s in samples:
+        pools.setdefault(s.category, {}).setdefault(s.defect, []).append(s)
+    return pools
+
+
 def _checked_samples(o: TrainOptions) -> list[Sample]:
     """The annotated samples to train on, after refusing what cannot work."""
     out = Path(o.out)
-    if o.epochs < 0 or o.batch_size < 1 or o.lr <= 0:
-        raise ExportError(f"need epochs >= 0, batch size >= 1 and lr > 0 (got {o.epochs}, "
-                          f"{o.batch_size}, {o.lr})")
     if out.exists() and not (o.resume or o.overwrite):
         raise ExportError(f"{str(out)!r} exists; pass --resume to continue that run or "
                           "--overwrite to start again")
@@ -215,6 +265,10 @@ def _checked_samples(o: TrainOptions) -> list[Sample]:
     return samples
 
 
+# What a checkpoint written before recipes existed was trained with.
+_BEFORE_RECIPES = {"name": "clipinspect", "mosaic": 0.0, "mask_resize": "nearest"}
+
+
 def _resume(out: Path, meta: dict, projections, optimizer) -> None:
     """Load the saved run into ``projections`` and ``optimizer``; refuse another run's file."""
     state = torch.load(out, map_location="cpu", weights_only=True)
@@ -224,27 +278,54 @@ def _resume(out: Path, meta: dict, projections, optimizer) -> None:
         if old.get(key) != meta[key]:
             raise ExportError(f"cannot resume {str(out)!r}: it was trained with {key} "
                               f"{old.get(key)!r}, this run has {meta[key]!r}")
+    old_recipe = old.get("recipe", _BEFORE_RECIPES)
+    for key in ("name", "mosaic", "mask_resize"):
+        if old_recipe.get(key) != meta["recipe"][key]:
+            flag = "--recipe" if key == "name" else "--" + key.replace("_", "-")
+            raise ExportError(f"cannot resume {str(out)!r}: it was trained with {flag} "
+                              f"{old_recipe.get(key)!r}, this run has {meta['recipe'][key]!r}; "
+                              f"pass {flag} {old_recipe.get(key)}")
     projections.load_state_dict(state[CHECKPOINT_KEY])
     optimizer.load_state_dict(state["optimizer"])
     meta.update(epochs=old["epochs"], loss_per_epoch=old["loss_per_epoch"])
     log(f"resuming after epoch {old['epochs']}")
 
 
-def _epoch(o: TrainOptions, epoch: int, *, samples, cache: FeatureCache, size, text: dict,
-           head, optimizer) -> float:
-    """One pass over the samples in this epoch's order; -> mean loss per image."""
-    gen = torch.Generator().manual_seed(o.seed * 1000 + epoch)  # same order resumed or not
-    order = torch.randperm(len(samples), generator=gen).tolist()
-    total = 0.0
-    with Progress(len(samples), f"epoch {epoch}/{o.epochs}") as bar:
-        for i in range(0, len(order), o.batch_size):
-            batch = [samples[j] for j in order[i:i + o.batch_size]]
-            levels, masks = cache.load(batch, size)
-            prototypes = torch.stack([text[s.category] for s in batch])   # (B, 2, D)
+def _epoch(seed: int, epoch: int, recipe: dict, data: _Data, *, head, optimizer) -> float:
+    """One pass over the samples in this epoch's order, each replaced by a mosaic with the
+    recipe's probability; -> mean loss per training image."""
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)  # same order resumed or not
+    order = torch.randperm(len(data.samples), generator=gen).tolist()
+    # A separate stream, so that the order is the same with and without mosaic.
+    plan = mosaic_plan(np.random.default_rng([seed, epoch]),
+                       [data.samples[j].category for j in order], recipe["mosaic"], data.pools)
+    total, batch_size = 0.0, recipe["batch_size"]
+    with Progress(len(order), f"epoch {epoch}/{recipe['epochs']}") as bar:
+        for i in range(0, len(order), batch_size):
+            batch = [data.samples[j] for j in order[i:i + batch_size]]
+            levels, masks = _batch(batch, plan[i:i + batch_size], data, recipe["mask_resize"])
+            prototypes = torch.stack([data.text[s.category] for s in batch])   # (B, 2, D)
             loss = adapter_loss(head, levels, prototypes, masks)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
             bar.update(len(batch))
-    return total / len(samples)
+    return total / len(order)
+
+
+def _batch(batch: Sequence[Sample], tiles: Sequence[list | None], data: _Data, rule: str
+           ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A training batch: cached tokens for the samples kept, a fresh encoder pass for the
+    mosaics replacing the others -> L x (B, P, C) float32 tokens, (B, H, W) float32 masks."""
+    levels, masks = data.cache.load(batch, data.size, rule)
+    made = [(k, mosaic([to_rgb_array(t.path) for t in four], [load_mask(t) for t in four]))
+            for k, four in enumerate(tiles) if four is not None]
+    if not made:
+        return levels, masks
+    fresh = encode_levels(data.encoder, data.preprocess, [image for _, (image, _) in made])
+    stacked = torch.stack(levels, dim=1)                                    # (B, L, P, C)
+    for (k, (_, mask)), tokens in zip(made, fresh):
+        stacked[k] = tokens.float()
+        masks[k] = torch.from_numpy(resize_mask(mask, data.size, rule).astype(np.float32))
+    return list(stacked.unbind(dim=1)), masks

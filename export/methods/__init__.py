@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import aprillab, patch, winclip
+from . import alfa, aprillab, patch, winclip
 from .base import HEADS, Built, Clip, ExportMethod, Option
 from .common import Adaptation
 
 METHODS: dict[str, ExportMethod] = {m.name: m for m in (winclip.METHOD, patch.METHOD,
-                                                         aprillab.METHOD)}
+                                                         aprillab.METHOD, alfa.METHOD)}
 
 __all__ = ["HEADS", "METHODS", "Adaptation", "Built", "Clip", "ExportMethod", "Option",
            "method_options", "owner"]

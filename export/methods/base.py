@@ -1,6 +1,6 @@
 """What a scoring method is on the torch side, as the export skeleton sees it (no math here).
 
-A method module (winclip.py, patch.py, aprillab.py) defines one ``ExportMethod``: its options
+A method module (winclip.py, patch.py, aprillab.py, alfa.py) defines one ``ExportMethod``: its options
 (command-line flag, default, help), how to build the encoder and the two scoring heads from a
 loaded CLIP, its text recipe, and its eager reference. ``methods/__init__.py`` lists them.
 """
@@ -8,7 +8,7 @@ loaded CLIP, its text recipe, and its eager reference. ``methods/__init__.py`` l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -68,7 +68,8 @@ class ExportMethod:
     ``text.npz``, prompt record); ``ensemble`` names its prompt ensemble (export/prompts/).
     reference: the eager reference class, ``reference.from_manifest(model, bundle.manifest)`` (the typed Manifest).
     prompt_adaptation: whether it takes contextual adaptation and prompt files (--adapt,
-    --prompts). check(options): refuses options before CLIP is loaded (ValueError).
+    --prompts); needs_prompt_file: whether every category must have descriptions in a prompt
+    file. check(options): refuses options before CLIP is loaded (ValueError).
     """
 
     name: str
@@ -80,10 +81,19 @@ class ExportMethod:
     ensemble: str = "winclip"
     prompt_adaptation: bool = True
     check: Callable[[dict[str, Any]], None] = field(default=_no_check)
+    needs_prompt_file: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:
         return {o.name: o.default for o in self.options}
+
+    def missing_prompts(self, categories: Sequence[str]) -> str:
+        """What to run to get the prompt file a ``needs_prompt_file`` method wants."""
+        names = " ".join(categories) or "NAME ..."
+        return (f"--method {self.name} needs descriptions of {names} from a prompt file: run "
+                f"'clipinspect prompts generate --url URL --model MODEL --categories {names} "
+                "--out prompts.json' (an LLM behind an OpenAI-compatible endpoint writes them), "
+                "review the file, then pass --prompts prompts.json")
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
         """The method's options: defaults updated with the ``given`` ones (None = default)."""

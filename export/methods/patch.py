@@ -192,6 +192,6 @@ def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
 METHOD = ExportMethod(
     name="patch",
     summary="patch-only, one encoder pass, dense value-value patch embeddings",
-    options=(Option("dense_blocks", 1, "patch: last blocks whose value-value attention makes "
-                    "the patch embeddings (default 1)", type=int, metavar="N"),),
+    options=(Option("dense_blocks", 1, "patch and alfa: last blocks whose value-value attention "
+                    "makes the patch embeddings (default 1)", type=int, metavar="N"),),
     build=build, category_text=category_text, reference=PatchReference)

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import aprillab, patch, winclip
+from . import alfa, aprillab, patch, winclip
 from .base import GRAPHS, Method, MethodError
 from .cost import full_pass_gflops, transformer_layers, vit_gflops
 
 if TYPE_CHECKING:
     from ..core.manifest import Manifest
 
-METHODS: dict[str, Method] = {m.name: m for m in (winclip.METHOD, patch.METHOD, aprillab.METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (winclip.METHOD, patch.METHOD, aprillab.METHOD,
+                                                  alfa.METHOD)}
 
 __all__ = ["GRAPHS", "METHODS", "Method", "MethodError", "describe", "full_pass_gflops",
            "gflops_per_image", "method_of", "transformer_layers", "vit_gflops"]
