@@ -73,7 +73,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     for v in report["variants"]:
         for k, r in v["shots"].items():
             if "skipped" in r:
-                print(f"clipinspect: {v['name']}, {k}-shot: {r['skipped']}", file=sys.stderr)
+                print(f"clipinspect: {v['name']}: {r['skipped']}", file=sys.stderr)
             elif "error" in r:
                 failed += 1
                 print(f"clipinspect: {v['name']}, {k}-shot failed: {r['error']}", file=sys.stderr)
