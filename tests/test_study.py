@@ -230,3 +230,34 @@ def test_cli_runs_a_study_from_flags(small_study, tmp_path):
     assert code == 0
     assert "| fp32 | winclip | ensemble | fp32 | 0 |" in (out / "report.md").read_text()
     assert Path(out / "study.json").is_file()
+
+
+# ---------------------------------------------------------------------------- export --no-ensemble
+def test_no_ensemble_takes_the_prompt_file_alone(small_model, prompt_file, tmp_path):
+    from clipinspect.export.exporter import TextRecipe, _prompt_file, write_category_text
+    from clipinspect.export.methods import METHODS
+
+    model, tokenizer = small_model
+    descriptions = _prompt_file(prompt_file, ["weave"])
+    file_only = TextRecipe.of(METHODS["winclip"], model, tokenizer, descriptions, None,
+                              ensemble=False)
+    with_ensemble = TextRecipe.of(METHODS["winclip"], model, tokenizer, descriptions, None)
+    alone = write_category_text(tmp_path / "a", "weave", file_only)
+    both = write_category_text(tmp_path / "b", "weave", with_ensemble)
+    assert (alone["n_normal_prompts"], alone["n_anomalous_prompts"]) == (2, 2)
+    assert both["n_normal_prompts"] > 2 and both["n_anomalous_prompts"] > 2
+
+
+@pytest.mark.parametrize("given, message", [
+    ({}, "pass --prompts FILE"),
+    ({"categories": ["weave", "washer"], "prompts": True}, r"'washer' \(normal\)"),
+    ({"method": "aprillab", "method_options": {"adapters": "none"}}, "do not apply"),
+])
+def test_no_ensemble_is_refused_before_loading_clip(given, message, prompt_file, tmp_path):
+    from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
+
+    given = {"categories": ["weave"], **given}
+    if given.pop("prompts", None):
+        given["prompts"] = prompt_file
+    with pytest.raises(ExportError, match=message):
+        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ensemble=False, **given))

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE,...",
                    help="a variant instead of a study file (repeatable), e.g. method=patch,"
                         "prompts=both:prompts.json,adapt=true,precision=int8")
+    p.add_argument("--only", default="", metavar="NAME,...",
+                   help="run only these variants of the study file (comma-separated names)")
     p.add_argument("--out", required=True, help="report directory (report.md, report.html, "
                                                 "study.json, plots; results/ per variant)")
     p.add_argument("--work", default=None, help="bundle cache (default OUT/work)")
@@ -55,6 +57,14 @@ def study_of(args: argparse.Namespace):
         study = study_from_dict({"defaults": defaults,
                                  "variants": [variant_flag(v) for v in args.variant]},
                                 Path.cwd(), "--variant")
+    only = csv_list(args.only)
+    if only:
+        unknown = sorted(set(only) - {v.name for v in study.variants})
+        if unknown:
+            raise UsageError(f"--only {', '.join(unknown)}: no such variant; the study has "
+                             f"{', '.join(v.name for v in study.variants)}")
+        study = dataclasses.replace(study, variants=tuple(v for v in study.variants
+                                                          if v.name in only))
     changes = {"shots": tuple(sorted(set(args.shots))) if args.shots else None,
                "categories": tuple(csv_list(args.categories)) or None,
                "pixel_size": args.pixel_size, "timing_images": args.timing_images,
