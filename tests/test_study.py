@@ -113,7 +113,8 @@ def hand_made_report() -> dict:
                 for v in (ens, llm, cross)]
     return {"study": {"name": "t", "note": "hand-made", "shots": [0, 1], "data": "/d",
                       "categories": CATEGORIES, "batch_size": 8, "pixel_size": 64,
-                      "timing_images": 2}, "machine": {"cpu": "x", "logical_cores": 2},
+                      "timing_images": 2, "prompt_files": {"/p.json": "written by hand"}},
+            "machine": {"cpu": "x", "logical_cores": 2},
             "variants": variants}
 
 
@@ -127,6 +128,13 @@ def test_markdown_has_every_result_prompt_rows_and_cross_domain_marks():
     assert "| llm | 1 | failed: ValueError: broken |" in md
     assert "| cross | 1 | 1-shot skipped: needs 2 |" in md
     assert "**Random weights**" in md and "hand-made" in md
+    assert "Prompt file `p.json`: written by hand" in md
+
+
+def test_the_report_quotes_who_wrote_each_prompt_file(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"source": "written by hand", "categories": {}}))
+    assert study_report.prompt_file_source(str(tmp_path / "p.json")) == "written by hand"
+    assert "not readable" in study_report.prompt_file_source(str(tmp_path / "missing.json"))
 
 
 def test_html_is_self_contained_and_without_matplotlib_tables_are_still_written(
@@ -254,6 +262,8 @@ def test_no_ensemble_takes_the_prompt_file_alone(small_model, prompt_file, tmp_p
     ({"method": "aprillab", "method_options": {"adapters": "none"}}, "do not apply"),
 ])
 def test_no_ensemble_is_refused_before_loading_clip(given, message, prompt_file, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("open_clip")
     from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
 
     given = {"categories": ["weave"], **given}

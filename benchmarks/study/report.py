@@ -35,11 +35,23 @@ def assemble(study: Study, per_variant: dict[str, dict[int, dict]], *, data: Pat
     for v in study.variants:
         variants.append({"name": v.name, "variant": v.to_dict(), "strategy": v.strategy,
                          "shots": {str(k): r for k, r in per_variant[v.name].items()}})
+    files = sorted({v.prompt_file for v in study.variants if v.prompt_file})
     return {"study": {"name": study.name, "note": study.note, "shots": list(study.shots),
                       "data": str(Path(data).resolve()), "categories": list(categories),
                       "batch_size": study.batch_size, "pixel_size": study.pixel_size,
-                      "timing_images": study.timing_images},
+                      "timing_images": study.timing_images,
+                      "prompt_files": {f: prompt_file_source(f) for f in files}},
             "machine": machine(), "variants": variants}
+
+
+def prompt_file_source(path: str) -> str:
+    """The prompt file's own word on who wrote it (its ``source``), for the report."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "source not readable here (not a JSON file, or missing)"
+    source = data.get("source") if isinstance(data, dict) else None
+    return str(source) if source else "the file does not say who wrote it"
 
 
 # ------------------------------------------------------------------------------ tables
@@ -168,6 +180,8 @@ def _preamble(report: dict) -> list[str]:
                      "runs and how fast.")
     if s.get("note"):
         lines.append(s["note"])
+    for path, source in s.get("prompt_files", {}).items():
+        lines.append(f"Prompt file `{Path(path).name}`: {source}")
     if report.get("plots_note"):
         lines.append(report["plots_note"])
     return lines
