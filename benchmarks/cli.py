@@ -35,6 +35,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from .bench import DEFAULT_BATCHES
     from .loadtest import add_arguments as loadtest_arguments
+    from .study.cli import add_arguments as study_arguments
+    from .study.cli import cmd_study
+
+    p = sub.add_parser("study", help="methods x prompts x shots x precisions on the same data: "
+                                     "one report (accuracy, speed, cost, memory)")
+    study_arguments(p)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("loadtest", help="loopback load test of 'clipinspect serve': clients, "
                                         "throughput, latency, scores checked against offline")

@@ -42,6 +42,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.bundle, args.data, args.out, options)
     for p, why in report["skipped_precisions"].items():
         print(f"clipinspect: {p} skipped: {why}", file=sys.stderr)
+    skips = {n for r in report["categories"].values() for n in r.get("notes", [])
+             if "-shot skipped" in n}
+    for note in sorted(skips):
+        print(f"clipinspect: {note}", file=sys.stderr)
     failed = [c for c, r in report["categories"].items() if "error" in r]
     for c in failed:
         print(f"clipinspect: category {c!r} failed: {report['categories'][c]['error']}",
@@ -151,7 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic defect dataset in MVTec AD layout")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--categories", default="", help="comma-separated (default: all)")
+    p.add_argument("--categories", default="",
+                   help="comma-separated (default: weave,grain,washer,pill; also tile,gear, "
+                        "e.g. for a second dataset with disjoint categories)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--train", type=int, default=8, help="normal training images per category")
     p.add_argument("--test-good", type=int, default=6, help="normal test images per category")

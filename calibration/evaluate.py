@@ -22,6 +22,7 @@ import numpy as np
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.bundle import atomic_write_bytes
 from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.inspector import HEADS, MAP_RANGE
 from clipinspect.runtime.core.maps import upsample
 from clipinspect.runtime.core.progress import Progress
 
@@ -70,6 +71,17 @@ def metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.
             "pro": _safe(pro_auc, masks, maps)}
 
 
+def shots_refused(inspector: Inspector, shots: int) -> str | None:
+    """Why ``inspector`` cannot score with ``shots`` reference images (None if it can): a
+    few-shot head normalised by the references' own map spread (AprilLab) needs two of them."""
+    head_inputs = inspector.backend.head_io[HEADS["few-shot"]][0]
+    if 0 < shots < 2 and MAP_RANGE in head_inputs:
+        return (f"{shots}-shot skipped: this {inspector.bundle.method.name} bundle's few-shot "
+                "score is normalised by the spread of the reference images' own maps, which "
+                "needs at least 2 references")
+    return None
+
+
 def evaluate_category(inspectors: dict[str, Inspector], root: Path, category: str,
                       options: EvalOptions, bar: Progress) -> dict:
     fmt, batch_size = options.fmt, options.batch_size
@@ -83,8 +95,12 @@ def evaluate_category(inspectors: dict[str, Inspector], root: Path, category: st
     for precision, inspector in inspectors.items():
         memories: dict[int, dict | None] = {}
         for k in sorted(set(options.shots)):
+            refused = shots_refused(inspector, k)
             if k == 0:
                 memories[0] = None
+            elif refused:
+                if refused not in out["notes"]:
+                    out["notes"].append(refused)
             elif k > len(train):
                 out["notes"].append(f"{k}-shot skipped: only {len(train)} normal training images")
             else:

@@ -23,12 +23,21 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CATEGORIES: tuple[str, ...] = ("weave", "grain", "washer", "pill")
-"""Category names: two procedural textures, then two objects on a plain background."""
+"""The default categories: two procedural textures, then two objects on a plain background."""
+
+MORE_CATEGORIES: tuple[str, ...] = ("tile", "gear")
+"""Categories generated only when asked for: a texture and an object that share nothing with
+the default ones, so that two datasets with disjoint categories can be made (adapters trained
+on one, evaluated on the other: the cross-domain protocol of ``clipinspect study``)."""
+
+ALL_CATEGORIES: tuple[str, ...] = CATEGORIES + MORE_CATEGORIES
+"""Every category :func:`render_sample` draws; new ones are appended so that the RNG key (the
+index here) of the existing ones, hence their images, never changes."""
 
 DEFECTS: tuple[str, ...] = ("scratch", "hole", "stain", "crack")
 """Defect type names; each becomes a ``test/<defect>`` folder."""
 
-TEXTURES: tuple[str, ...] = ("weave", "grain")
+TEXTURES: tuple[str, ...] = ("weave", "grain", "tile")
 """Categories whose defects may land anywhere in the image (not only on an object)."""
 
 _MIN_IMAGE_SIZE = 32  # below this the shapes no longer fit or stay visible
@@ -68,7 +77,7 @@ def generate(
         out_dir: Dataset root; created if missing. Files with the same names are
             overwritten; other files already there are left alone.
         seed: Non-negative integer; same seed and arguments give byte-identical PNGs.
-        categories: Subset of :data:`CATEGORIES` (default: all of them).
+        categories: Subset of :data:`ALL_CATEGORIES` (default: :data:`CATEGORIES`).
         image_size: Side length in pixels of every (square) image, >= 32.
         n_train: Defect-free training images per category, >= 1.
         n_test_good: Defect-free test images per category, >= 1.
@@ -79,7 +88,7 @@ def generate(
     Returns:
         ``{category: {"train": n, "test_good": n, "test_defect": {defect: n}}}``.
     """
-    cats = _check_names(categories, CATEGORIES, "category", "categories")
+    cats = _check_names(categories, ALL_CATEGORIES, "category", "categories", CATEGORIES)
     defs = _check_names(defects, DEFECTS, "defect", "defects")
     seed = _check_int("seed", seed, minimum=0)
     image_size = _check_int("image_size", image_size, minimum=_MIN_IMAGE_SIZE)
@@ -142,7 +151,7 @@ def render_sample(
     """Render one image exactly as :func:`generate` writes it, without touching disk.
 
     Args:
-        category: One of :data:`CATEGORIES`.
+        category: One of :data:`ALL_CATEGORIES`.
         split: ``"train"`` (only with ``defect="good"``) or ``"test"``.
         defect: ``"good"`` or one of :data:`DEFECTS`.
         index: Image index within its folder, >= 0.
@@ -156,9 +165,9 @@ def render_sample(
         ``(image, mask)``: image uint8 (H, W, 3) RGB; mask bool (H, W), True on the
         pixels the defect altered (all False for ``"good"``).
     """
-    if category not in CATEGORIES:
+    if category not in ALL_CATEGORIES:
         raise ValueError(
-            f"unknown category {category!r}; known categories: {', '.join(CATEGORIES)}"
+            f"unknown category {category!r}; known categories: {', '.join(ALL_CATEGORIES)}"
         )
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -179,7 +188,7 @@ def render_sample(
         split_code = _SPLIT_TEST_GOOD
     else:
         split_code = _SPLIT_FIRST_DEFECT + DEFECTS.index(defect)
-    key = [seed, CATEGORIES.index(category), split_code, index]
+    key = [seed, ALL_CATEGORIES.index(category), split_code, index]
 
     img, obj, place = _RENDERERS[category](np.random.default_rng(key + [_PART_BASE]), size)
     mask = np.zeros((size, size), dtype=bool)
@@ -212,11 +221,16 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def _check_names(
-    names: Iterable[str] | None, known: tuple[str, ...], what: str, plural: str
+    names: Iterable[str] | None,
+    known: tuple[str, ...],
+    what: str,
+    plural: str,
+    default: tuple[str, ...] | None = None,
 ) -> list[str]:
-    """Validate a subset of ``known``; keep the caller's order, drop repeats."""
+    """Validate a subset of ``known``; keep the caller's order, drop repeats; None gives
+    ``default`` (all of ``known`` if not given)."""
     if names is None:
-        return list(known)
+        return list(known if default is None else default)
     if isinstance(names, str):  # "weave" would otherwise iterate as letters
         names = [names]
     out: list[str] = []
@@ -379,6 +393,54 @@ def _pill(rng: np.random.Generator, size: int):
     return img.astype(np.float32), obj, place
 
 
+def _tile(rng: np.random.Generator, size: int):
+    """Glazed square ceramic tiles in a light grout grid, each tile its own shade."""
+    scale = size / 256
+    period = 64.0 * scale * rng.uniform(0.95, 1.05)
+    grout = max(2.0, 4.0 * scale)
+    y, x = _grid(size)
+    u, v = _rotate(y, x, 0.0, 0.0, rng.normal(0.0, 0.01))
+    u, v = u + rng.uniform(0.0, period), v + rng.uniform(0.0, period)
+    iu, iv = np.floor(u / period), np.floor(v / period)
+    edge = np.minimum(np.minimum(u - iu * period, (iu + 1) * period - u),
+                      np.minimum(v - iv * period, (iv + 1) * period - v))
+    in_tile = np.clip(edge - grout / 2 + 0.5, 0.0, 1.0)  # one-pixel anti-aliased grout edge
+    # One shade per tile from a hash of its grid position (no per-tile loop).
+    shade = 0.9 + 0.08 * np.sin(12.9898 * iu + 78.233 * iv + rng.uniform(0, 6.3))
+    glaze = np.array([0.36, 0.52, 0.62], np.float32) * rng.uniform(0.95, 1.05, 3)
+    glaze_img = glaze.astype(np.float32) * (shade * (1 + 0.04 * _smooth_noise(rng, (5, 5), size))
+                                            )[..., None]
+    grout_c = np.array([0.82, 0.80, 0.76], np.float32)
+    t = in_tile[..., None]
+    img = grout_c * (1.0 - t) + glaze_img * t + _pixel_noise(rng, size, 0.01)
+    full = np.ones((size, size), dtype=bool)
+    return img.astype(np.float32), full, _margin_mask(size, 0.12)
+
+
+def _gear(rng: np.random.Generator, size: int):
+    """Spur gear (toothed disc with a bore) in dull brass on a light plain background."""
+    cy, cx = (size / 2 + rng.normal(0.0, 0.015 * size, 2)).tolist()
+    teeth = 12
+    r_root = 0.30 * size * rng.uniform(0.98, 1.02)
+    r_tip = r_root + 0.07 * size
+    r_bore = 0.10 * size
+    y, x = _grid(size)
+    dy, dx = y - cy, x - cx
+    r = np.sqrt(dx * dx + dy * dy)
+    phase = (np.arctan2(dy, dx) + rng.uniform(0, 2 * np.pi)) * teeth / (2 * np.pi)
+    tooth = (np.abs(phase - np.round(phase)) < 0.25).astype(np.float32)  # half a pitch each
+    outline = r_root + (r_tip - r_root) * tooth
+    cover = np.clip(outline - r + 0.5, 0.0, 1.0) * np.clip(r - r_bore + 0.5, 0.0, 1.0)
+    shade = 0.75 + 0.15 * np.cos(np.arctan2(dy, dx) - rng.uniform(-0.5, 0.5) + 2.3)
+    brass = np.array([0.72, 0.58, 0.30], np.float32) * rng.uniform(0.95, 1.05)
+    bg = np.array([0.86, 0.86, 0.84], np.float32) * rng.uniform(0.97, 1.03)
+    c = cover[..., None]
+    img = bg * (1.0 - c) + (shade[..., None] * brass) * c + _pixel_noise(rng, size, 0.01)
+    obj = cover > 0.5
+    place = obj & (r > r_bore + 0.04 * size) & (r < r_root - 0.03 * size)
+    return img.astype(np.float32), obj, place
+
+
 def _margin_mask(size: int, frac: float) -> np.ndarray:
     """Bool (size, size), True away from the border by ``frac`` of the size."""
     m = np.zeros((size, size), dtype=bool)
@@ -387,7 +449,8 @@ def _margin_mask(size: int, frac: float) -> np.ndarray:
     return m
 
 
-_RENDERERS = {"weave": _weave, "grain": _grain, "washer": _washer, "pill": _pill}
+_RENDERERS = {"weave": _weave, "grain": _grain, "washer": _washer, "pill": _pill,
+              "tile": _tile, "gear": _gear}
 
 
 # ---------------------------------------------------------------------- defects

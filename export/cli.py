@@ -119,7 +119,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     ex.export_bundle(ex.ExportOptions(
         out=args.out, model=args.model, pretrained=args.pretrained, categories=args.categories,
         method=args.method, method_options=given, adaptation=adaptation, prompts=args.prompts,
-        opset=args.opset,
+        ensemble=not args.no_ensemble, opset=args.opset,
         tolerance=ex.PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
         strict=not args.no_strict_parity, overwrite=args.overwrite, seed=args.seed))
     return 0
@@ -212,6 +212,9 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
                    help="--adapt: weight only the k most relevant prompts per state (default all)")
     p.add_argument("--prompts", default=None,
                    help="prompt file (JSON or YAML) whose descriptions join the prompt ensemble")
+    p.add_argument("--no-ensemble", action="store_true",
+                   help="with --prompts: the file's descriptions alone, without the compositional "
+                        "ensemble (e.g. LLM-written prompts on their own)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest |onnxruntime - torch| accepted (FP32), default 1e-4")

@@ -39,6 +39,8 @@ from .text import load_ensemble
 
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
+# An ensemble that expands to no prompt: a category's prompts are then its prompt file's alone.
+NO_ENSEMBLE = {"templates": [], "normal_states": [], "anomalous_states": []}
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "PARITY_TOLERANCE", "RANDOM_WEIGHTS_WARNING",
            "ExportError", "ExportOptions", "TextRecipe", "add_categories", "build_manifest",
@@ -53,7 +55,9 @@ class ExportOptions:
     (e.g. {"scales": [2, 3]}, {"dense_blocks": 2}, {"adapters": "none"}; None values = the
     method's default; another method's option is refused). adaptation: contextual prompt
     adaptation in the heads (with the ambiguity filter at export), None = off. prompts: a prompt
-    file whose descriptions join the ensemble of the categories it names. pretrained: an
+    file whose descriptions join the ensemble of the categories it names; with ``ensemble``
+    False they replace it (the file's prompts alone, recorded in the manifest as
+    ``prompt_ensemble: false``; every category then needs both states in the file). pretrained: an
     open_clip tag, a checkpoint file, or None for seeded random weights (warned about unless
     ``warn_random`` is False: a caller that has said so already).
     """
@@ -66,6 +70,7 @@ class ExportOptions:
     method_options: dict[str, Any] = field(default_factory=dict)
     adaptation: Adaptation | None = None
     prompts: str | Path | None = None
+    ensemble: bool = True
     opset: int = 17
     tolerance: float = PARITY_TOLERANCE
     strict: bool = True
@@ -89,8 +94,9 @@ class TextRecipe:
 
     @classmethod
     def of(cls, method: ExportMethod, model, tokenizer, descriptions: dict | None,
-           adaptation: dict | None) -> "TextRecipe":
-        return cls(model, tokenizer, method.category_text, load_ensemble(method.ensemble),
+           adaptation: dict | None, *, ensemble: bool = True) -> "TextRecipe":
+        return cls(model, tokenizer, method.category_text,
+                   load_ensemble(method.ensemble) if ensemble else NO_ENSEMBLE,
                    descriptions, adaptation)
 
 
@@ -108,7 +114,7 @@ def export_bundle(options: ExportOptions) -> Bundle:
     except ValueError as e:  # an option the model cannot take (e.g. more dense blocks than it has)
         raise ExportError(f"method {method.name!r} on {options.model}: {e}") from e
     recipe = TextRecipe.of(method, clip.model, clip.tokenizer, descriptions,
-                           built.manifest.get("adaptation"))
+                           built.manifest.get("adaptation"), ensemble=options.ensemble)
     with _staging(out) as tmp:
         log(f"[2/5] exporting ONNX graphs (opset {options.opset})")
         files = export_graphs(built, tmp, options.opset)
@@ -139,7 +145,8 @@ def _checked(options: ExportOptions) -> tuple[ExportMethod, dict, dict | None]:
         raise ExportError(str(e)) from e
     method = METHODS[options.method]
     if not method.prompt_adaptation:
-        other = [f for f, v in (("--adapt", options.adaptation), ("--prompts", options.prompts))
+        other = [f for f, v in (("--adapt", options.adaptation), ("--prompts", options.prompts),
+                                ("--no-ensemble", None if options.ensemble else True))
                  if v is not None]
         if other:
             raise ExportError(f"{', '.join(other)} do not apply to --method {method.name} (it "
@@ -151,6 +158,8 @@ def _checked(options: ExportOptions) -> tuple[ExportMethod, dict, dict | None]:
     _check_adaptation(options.adaptation)
     descriptions = _prompt_file(options.prompts, names)
     _check_needed_prompts(method, descriptions, names)
+    if not options.ensemble:
+        _check_file_only(descriptions, names)
     if options.opset < 17:
         raise ExportError(f"--opset {options.opset} is too old: LayerNormalization needs "
                           "opset >= 17")
@@ -204,6 +213,7 @@ def build_manifest(options: ExportOptions, clip: Clip, built: Built, parity: dic
         "parity": {"fp32": parity},
         "versions": package_versions(),
         "categories": categories,
+        **({} if options.ensemble else {"prompt_ensemble": False}),
     }
 
 
@@ -251,6 +261,18 @@ def _check_adaptation(adaptation: Adaptation | None) -> None:
     if adaptation.top_k is not None and adaptation.top_k < 1:
         raise ExportError(f"--top-k {adaptation.top_k!r}: keep at least 1 prompt per state, or "
                           "leave --top-k out to weight all")
+
+
+def _check_file_only(descriptions: dict | None, categories: Sequence[str]) -> None:
+    """Without the ensemble every category takes both states' prompts from the file."""
+    if descriptions is None:
+        raise ExportError("--no-ensemble leaves only the prompt file's descriptions: pass "
+                          "--prompts FILE")
+    short = [f"{c!r} ({s})" for c in categories for s in ("normal", "anomalous")
+             if not descriptions["categories"].get(c, {}).get(s)]
+    if short:
+        raise ExportError(f"--no-ensemble: prompt file {descriptions['file']!r} has no "
+                          f"descriptions for {', '.join(short)}; add them or keep the ensemble")
 
 
 def _prompt_file(path: str | Path | None, categories: Sequence[str]) -> dict | None:
@@ -326,13 +348,16 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
                           "prompt recipe)")
     descriptions = _prompt_file(prompts, names)
     _check_needed_prompts(method, descriptions, names)
+    ensemble = bundle.manifest.extra.get("prompt_ensemble", True)
+    if not ensemble:
+        _check_file_only(descriptions, names)
     model, tokenizer = _same_clip(bundle, pretrained)
     adaptation = bundle.manifest.adaptation
     activation = (bundle.manifest.aprillab or {}).get("activation")
     if activation:  # the text tower as the bundle's export ran it
         set_activation(model, activation)
     recipe = TextRecipe.of(method, model, tokenizer, descriptions,
-                           adaptation.to_dict() if adaptation else None)
+                           adaptation.to_dict() if adaptation else None, ensemble=ensemble)
     for name in names:
         check_category_dir_free(bundle.manifest.categories, name)
         progress(f"text embeddings for {name!r}")

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from clipinspect.calibration.synth import (
+    ALL_CATEGORIES,
     CATEGORIES,
+    MORE_CATEGORIES,
     DEFECTS,
     TEXTURES,
     generate,
@@ -39,7 +41,9 @@ def default_dataset(tmp_path_factory):
 def test_constants():
     assert len(CATEGORIES) >= 4 and len(set(CATEGORIES)) == len(CATEGORIES)
     assert set(DEFECTS) == {"scratch", "hole", "stain", "crack"}
-    assert set(TEXTURES) < set(CATEGORIES)
+    assert set(TEXTURES) < set(ALL_CATEGORIES)
+    assert ALL_CATEGORIES[:len(CATEGORIES)] == CATEGORIES  # the old RNG keys stay
+    assert not set(MORE_CATEGORIES) & set(CATEGORIES)
 
 
 def test_default_layout_counts_and_summary(default_dataset):
@@ -132,7 +136,17 @@ def test_files_match_render_sample(tmp_path):
     assert np.array_equal(saved > 0, mask)
 
 
-@pytest.mark.parametrize("category", CATEGORIES)
+def test_more_categories_only_when_asked_and_disjoint_datasets(tmp_path):
+    summary = generate(tmp_path / "b", seed=0, categories=list(MORE_CATEGORIES), **SMALL)
+    assert set(summary) == set(MORE_CATEGORIES)
+    assert {p.name for p in (tmp_path / "b").iterdir()} == set(MORE_CATEGORIES)
+    for cat in MORE_CATEGORIES:
+        a = np.asarray(Image.open(tmp_path / "b" / cat / "train" / "good" / "000.png"), np.int16)
+        b = np.asarray(Image.open(tmp_path / "b" / cat / "train" / "good" / "001.png"), np.int16)
+        assert np.abs(a - b).mean() > 1.0
+
+
+@pytest.mark.parametrize("category", ALL_CATEGORIES)
 @pytest.mark.parametrize("defect", DEFECTS)
 def test_defect_changes_only_masked_pixels_visibly(category, defect):
     for index in range(3):

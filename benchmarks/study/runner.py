@@ -1,0 +1,214 @@
+"""Running a study: every variant on the same images, with calibration's own evaluation.
+
+Bundles are exported (torch) in this process; each variant's evaluation runs in a fresh child
+process (no torch there), so that its peak resident memory is the runtime's own and a crash in
+one variant cannot take the study down. Each finished (variant, shots) result is written as
+its own JSON under ``out``/results and reused on a rerun with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence
+
+from clipinspect.runtime.core.bundle import atomic_write_bytes
+from clipinspect.runtime.core.progress import Progress
+
+from .spec import Study, Variant, bundle_key
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """work: bundle cache (default ``out``/work); force: recompute stored results; fmt: dataset
+    layout; provider: onnxruntime provider; isolate: evaluate each variant in a child process
+    (False only for debugging: peak memory then includes everything before it)."""
+
+    work: Path | None = None
+    force: bool = False
+    fmt: str = "auto"
+    provider: str = "cpu"
+    isolate: bool = True
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a child process needs to evaluate one variant at the shot counts still missing."""
+
+    variant: Variant
+    bundle: str
+    data: str
+    categories: tuple[str, ...]
+    shots: tuple[int, ...]
+    study: Study
+    fmt: str
+    provider: str
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "variant"
+
+
+def result_path(out: Path, variant: Variant, shots: int) -> Path:
+    return out / "results" / slug(variant.name) / f"{shots}-shot.json"
+
+
+def variant_config(variant: Variant, study: Study, data: Path, categories: Sequence[str],
+                   options: RunOptions) -> dict:
+    """What a stored result must have been computed with to be reused."""
+    return {"variant": variant.to_dict(), "bundle_key": bundle_key(variant, categories),
+            "data": str(data.resolve()), "format": options.fmt, "categories": list(categories),
+            "batch_size": study.batch_size, "pixel_size": study.pixel_size,
+            "timing_images": study.timing_images, "provider": options.provider}
+
+
+def stored_result(path: Path, config: dict) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("config") != config or "error" in record.get("result", {}):
+        return None
+    return record["result"]
+
+
+def run_variant(variant: Variant, study: Study, data: Path, out: Path, *,
+                categories: Sequence[str], options: RunOptions) -> dict[int, dict]:
+    """{shots: result} for one variant: stored ones reused, the rest computed; a failure is
+    recorded (error and traceback) for each shot count it concerns, never raised."""
+    config = variant_config(variant, study, data, categories, options)
+    results: dict[int, dict] = {}
+    for k in study.shots:
+        previous = None if options.force else stored_result(result_path(out, variant, k), config)
+        if previous is not None:
+            results[k] = previous
+    pending = tuple(k for k in study.shots if k not in results)
+    if not pending:
+        return results
+    try:
+        from .bundles import ensure_bundle
+
+        path = ensure_bundle(variant, categories, options.work or out / "work", data)
+        job = Job(variant, str(path), str(data), tuple(categories), pending, study,
+                  options.fmt, options.provider)
+        if options.isolate:
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                computed = pool.submit(evaluate_job, job).result()
+        else:
+            computed = evaluate_job(job)
+    except Exception as e:  # one broken variant must not stop the study
+        error = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        computed = {k: dict(error) for k in pending}
+    for k in pending:
+        results[k] = computed[k]
+        atomic_write_bytes(result_path(out, variant, k), (json.dumps(
+            {"config": config, "result": computed[k]}, indent=1) + "\n").encode())
+    return dict(sorted(results.items()))
+
+
+def run_study(study: Study, data: str | Path, out: str | Path,
+              options: RunOptions = RunOptions()) -> dict:
+    """Run (or resume) the study; returns the report dict (``report.assemble``) and writes
+    report.json, report.md, report.html and the plots to ``out``."""
+    from clipinspect.calibration.datasets import dataset_categories
+
+    from .report import assemble, write_reports
+
+    data, out = Path(data), Path(out)
+    categories = list(study.categories or dataset_categories(data, options.fmt))
+    per_variant = {}
+    with Progress(len(study.variants), "study", unit="variant") as bar:
+        for variant in study.variants:
+            per_variant[variant.name] = run_variant(variant, study, data, out,
+                                                    categories=categories, options=options)
+            bar.update(1)
+    report = assemble(study, per_variant, data=data, categories=categories)
+    write_reports(report, out)
+    return report
+
+
+def evaluate_job(job: Job) -> dict[int, dict]:
+    """Evaluate one variant (in the child process): calibration's ``evaluate_category`` on
+    every category, then batch-1 latency, cost and peak memory. -> {shots: result}."""
+    from clipinspect.benchmarks.bench import peak_rss_mb, reset_peak_rss
+    from clipinspect.calibration.evaluate import EvalOptions, evaluate_category
+    from clipinspect.runtime import Bundle, Inspector
+    from clipinspect.runtime.methods import describe, gflops_per_image
+
+    from .bundles import adapters_seen
+
+    fresh = reset_peak_rss()
+    v, precision = job.variant, job.variant.precision
+    bundle = Bundle.open(job.bundle)
+    seen, seen_source = adapters_seen(v, bundle)
+    inspector = Inspector.open(bundle, precision, job.provider)
+    options = EvalOptions(fmt=job.fmt, precisions=(precision,), shots=job.shots,
+                          batch_size=job.study.batch_size, pixel_size=job.study.pixel_size,
+                          provider=job.provider, resume=False)
+    per_category = {}
+    with Progress(_test_images(job), f"eval {v.name}") as bar:
+        for c in job.categories:
+            per_category[c] = evaluate_category({precision: inspector}, Path(job.data), c,
+                                                options, bar)
+    info = {"bundle": job.bundle, "method": describe(bundle.manifest),
+            "gflops_per_image": gflops_per_image(bundle.manifest),
+            "weights": bundle.manifest.model.weights.kind,
+            "adapters_seen": seen, "adapters_seen_source": seen_source}
+    results = {}
+    for k in job.shots:
+        results[k] = _shot_result(per_category, f"{precision}/{k}-shot", k, seen)
+        if "skipped" not in results[k]:
+            results[k]["latency"] = _latency(inspector, job, k)
+    memory = {"peak_rss_mb": peak_rss_mb(), "peak_rss_fresh_process": fresh}
+    return {k: {**r, **info, **memory} for k, r in results.items()}
+
+
+def _test_images(job: Job) -> int:
+    from clipinspect.calibration.datasets import load_dataset
+
+    return len(load_dataset(job.data, job.fmt, list(job.categories), split="test"))
+
+
+def _shot_result(per_category: dict, run: str, shots: int, seen: list[str] | None) -> dict:
+    """One (variant, shots) result from ``evaluate_category``'s per-category records, or the
+    reason the shot count was skipped."""
+    from clipinspect.calibration.evaluate import mean_over_categories
+
+    if not all(run in r["runs"] for r in per_category.values()):
+        notes = [n for r in per_category.values() for n in r["notes"]
+                 if n.startswith(f"{shots}-shot skipped")]
+        return {"skipped": notes[0] if notes else f"{shots}-shot not evaluated"}
+    categories = {c: {"images": r["images"], "anomalous": r["anomalous"], **r["runs"][run],
+                      "seen_by_adapters": c in seen if seen else None,
+                      "notes": r["notes"]}
+                  for c, r in per_category.items()}
+    mean = mean_over_categories({c: {"runs": {run: r["runs"][run]}}
+                                 for c, r in per_category.items()})[run]
+    return {"categories": categories, "mean": mean}
+
+
+def _latency(inspector, job: Job, shots: int) -> dict:
+    """Batch-1 end-to-end latency (decode to thresholded map) on test images of the first
+    category, by the benchmark's own timer and statistics; references from its train split."""
+    from clipinspect.benchmarks.bench import Workload, time_runtime
+    from clipinspect.benchmarks.stats import summarize
+    from clipinspect.calibration.datasets import load_dataset
+
+    category = job.categories[0]
+    test = [Path(s.path) for s in load_dataset(job.data, job.fmt, [category], split="test")]
+    train = [Path(s.path) for s in load_dataset(job.data, job.fmt, [category], split="train")
+             if not s.is_anomalous][:shots]
+    memory = inspector.build_memory(train, category=category)[0] if shots else None
+    mode = "few-shot" if shots else "zero-shot"
+    warmup = 1  # the benchmark's default: the first run pays for lazy initialisation
+    times = time_runtime(inspector, Workload(test, train, category), mode, memory, 1,
+                         job.study.timing_images + warmup)
+    stats = summarize(times["end_to_end"], warmup=warmup)
+    return {"p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"],
+            "images_per_second": stats["images_per_second"], "runs": stats["runs"],
+            "category": category, "batch_size": 1}
