@@ -68,6 +68,25 @@ def summarise_trace(path: str | Path, warmup: int) -> dict:
             "kernel_ms_per_run": total / n, "ops": ops, "class_share": dict(classes)}
 
 
+def synthetic_category(bundle, asked: str | None) -> str:
+    """The category to score: the one asked, else the bundle's first that the synthetic image
+    generator draws."""
+    from clipinspect.calibration.synth import CATEGORIES
+
+    if asked is not None:
+        if asked not in bundle.categories or asked not in CATEGORIES:
+            raise SystemExit(f"--category {asked!r} must be one of the bundle's categories "
+                             f"({', '.join(bundle.categories)}) that synthetic images exist for "
+                             f"({', '.join(CATEGORIES)})")
+        return asked
+    usable = [c for c in bundle.categories if c in CATEGORIES]
+    if not usable:
+        raise SystemExit(f"the bundle's categories ({', '.join(bundle.categories)}) have no "
+                         f"synthetic images; add one of {', '.join(CATEGORIES)} with "
+                         "'clipinspect add-category'")
+    return usable[0]
+
+
 def _images(category: str, n: int, shots: int, folder: Path) -> tuple[list[Path], list[Path]]:
     from PIL import Image
 
@@ -97,7 +116,7 @@ def profile_precision(bundle, precision: str, work: tuple[list[Path], list[Path]
                          profile_prefix=str(trace_dir / precision))
     inspector = Inspector(bundle, backend, precision)
     paths, refs = work
-    category = bundle.categories[0]
+    category = args.category
     memory = inspector.build_memory(refs)[0] if args.mode == "few-shot" else None
     # build_memory ran the encoder: those runs count as warm-up runs of its trace.
     encoder_warmup = -(-len(refs) // 8) if memory is not None else 0
@@ -140,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", type=int, default=3, help="profiled runs after the warm-up")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--category", default=None, help="default: the bundle's first category "
+                                                    "with synthetic images")
     ap.add_argument("--out", default="benchmarks/results/profile_ops_cpu",
                     help="output path without extension (.json and .md are written)")
     args = ap.parse_args(argv)
@@ -153,13 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         raise SystemExit(f"the bundle has no {', '.join(missing)} graphs; make them with "
                          f"'clipinspect quantize {args.bundle} --precision ...'")
+    args.category = synthetic_category(bundle, args.category)
     with tempfile.TemporaryDirectory(prefix="clipinspect-profile-") as tmp:
-        work = _images(bundle.categories[0], max(args.batch_size, 8), args.shots, Path(tmp))
+        work = _images(args.category, max(args.batch_size, 8), args.shots, Path(tmp))
         per = {p: profile_precision(bundle, p, work, args=args, trace_dir=Path(tmp))
                for p in precisions}
     result = {"benchmark": "profile_ops", "bundle": bundle.identity,
               "model": bundle.manifest.model.name, "weights": bundle.manifest.model.weights.kind,
-              "mode": args.mode, "shots": args.shots if args.mode == "few-shot" else 0,
+              "category": args.category, "mode": args.mode, "shots": args.shots if args.mode == "few-shot" else 0,
               "batch_size": args.batch_size, "runs": args.runs, "warmup": args.warmup,
               "threads": args.threads, "image_size": [256, 256], "precisions": per,
               "load_average": list(os.getloadavg()),
