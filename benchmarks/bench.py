@@ -28,7 +28,7 @@ from clipinspect.runtime.methods import gflops_per_image as method_gflops
 from clipinspect.runtime.methods import transformer_layers
 
 from .report import command, machine, read_text
-from .rss_probe import rss_per_image
+from .rss_probe import render_rss, rss_per_image
 from .stats import run_stream, summarize
 
 STAGES = ("decode", "encoder", "head", "post", "end_to_end")
@@ -518,7 +518,7 @@ def render(r: dict) -> str:
                       "matrix product is measured, and peak / GFLOP is the images/s a perfect "
                       "FP32 implementation would reach then. Share of that ceiling reached "
                       f"(ceiling images/s, peak): {shares}."]
-    lines += _render_rss(r.get("rss_per_image") or [])
+    lines += render_rss(r.get("rss_per_image") or [])
     if r["skipped"]:
         lines += ["", "Skipped:"] + [f"- {s['what']}: {s['reason']}" for s in r["skipped"]]
     if r.get("stream"):
@@ -535,22 +535,6 @@ def render(r: dict) -> str:
                          f"{lat['max']:.0f} ms | {qd['mean']:.0f} ms | {qd['max']:.0f} ms | "
                          f"{'yes' if st['sustained'] else 'NO: the queue grows'} |")
     return "\n".join(lines) + "\n"
-
-
-def _render_rss(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    lines = ["", "Peak RSS per image: one JPEG inspected at batch 1 in a fresh process, after a "
-                 "warm-up image; peak = ru_maxrss after it, per image = that minus the peak "
-                 "after the warm-up (decode, resize, map).", "",
-             "| JPEG | size | peak RSS MB | per image MB | map size | result |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        size = "x".join(map(str, row["jpeg_size"]))
-        map_size = "x".join(map(str, row["map_size"][::-1])) if row.get("map_size") else ""
-        lines.append(f"| {row['megapixels']:g} MP | {size} | {_f(row.get('peak_rss_mb'), '.0f')} | "
-                     f"{_f(row.get('per_image_mb'), '.0f')} | {map_size} | "
-                     f"{row.get('error') or 'ok'} |")
-    return lines
 
 
 def plot(r: dict, path: Path) -> bool:

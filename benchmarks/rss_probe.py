@@ -8,7 +8,8 @@ inspector, inspects a small image once (so the session's arenas and the heads' b
 their steady size), reads the mark, inspects the large JPEG at batch 1 and reads the mark again:
 the difference is the memory one image of that size adds (decode, resize, map, mask).
 
-    python -m clipinspect.benchmarks.rss_probe BUNDLE IMAGE.jpg --precision fp32
+    python -m clipinspect.benchmarks.rss_probe BUNDLE --megapixels 1,12,64 \
+        --out benchmarks/results/rss_per_image_cpu_b16p
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def rss_per_image(bundle: str | Path, folder: Path, megapixels: Sequence[float],
         path = folder / f"probe_{mp:g}mp.jpg"
         width, height = write_jpeg(path, mp)
         out = subprocess.run([sys.executable, "-m", "clipinspect.benchmarks.rss_probe",
-                              str(bundle), str(path), "--precision", precision],
+                              str(bundle), "--image", str(path), "--precision", precision],
                              capture_output=True, text=True, env=env, timeout=1800)
         row = {"megapixels": mp, "jpeg_size": [width, height], "file_mb": path.stat().st_size / 1e6}
         if out.returncode != 0:
@@ -83,14 +84,62 @@ def rss_per_image(bundle: str | Path, folder: Path, megapixels: Sequence[float],
     return rows
 
 
+def render_rss(rows: list[dict]) -> list[str]:
+    """Markdown lines of the rows of :func:`rss_per_image` (none for no rows)."""
+    if not rows:
+        return []
+    lines = ["", "Peak RSS per image: one JPEG inspected at batch 1 in a fresh process, after a "
+                 "warm-up image; peak = ru_maxrss after it, per image = that minus the peak "
+                 "after the warm-up (decode, resize, map).", "",
+             "| JPEG | size | peak RSS MB | per image MB | map size | result |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        size = "x".join(map(str, row["jpeg_size"]))
+        map_size = "x".join(map(str, row["map_size"][::-1])) if row.get("map_size") else ""
+        lines.append(f"| {row['megapixels']:g} MP | {size} | {_mb(row.get('peak_rss_mb'))} | "
+                     f"{_mb(row.get('per_image_mb'))} | {map_size} | "
+                     f"{row.get('error') or 'ok'} |")
+    return lines
+
+
+def _mb(v) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
-    ap.add_argument("image")
+    ap.add_argument("--image", help="probe this one image in this process (the child's mode)")
+    ap.add_argument("--megapixels", default="1,12,64", help="JPEG sizes, one child each")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--category", default=None)
+    ap.add_argument("--out", default="benchmarks/results/rss_per_image_cpu",
+                    help="output path without extension (.json and .md are written)")
     args = ap.parse_args(argv)
-    print(json.dumps(probe(args.bundle, args.image, args.precision, args.category)))
+    if args.image:
+        print(json.dumps(probe(args.bundle, args.image, args.precision, args.category)))
+        return
+    import os
+    import tempfile
+
+    from clipinspect.runtime import Bundle
+    from clipinspect.runtime.core.images import max_pixels
+
+    from .report import machine, write_results
+
+    sizes = [float(v) for v in args.megapixels.split(",") if v.strip()]
+    with tempfile.TemporaryDirectory(prefix="clipinspect-rss-") as tmp:
+        rows = rss_per_image(args.bundle, Path(tmp), sizes, precision=args.precision)
+    bundle = Bundle.open(args.bundle)
+    result = {"benchmark": "rss_per_image", "bundle": bundle.identity,
+              "model": bundle.manifest.model.name, "precision": args.precision,
+              "max_megapixels": max_pixels() / 1e6,
+              "command": "python -m clipinspect.benchmarks.rss_probe "
+                         + " ".join(sys.argv[1:] if argv is None else argv),
+              "rows": rows, "load_average": list(os.getloadavg()), "machine": machine()}
+    write_results(result, args.out, lambda r: "\n".join(
+        [f"# Peak RSS per image: {r['model']} ({r['precision']}), pixel limit "
+         f"{r['max_megapixels']:g} MP", "", f"Command: `{r['command']}`",
+         *render_rss(r["rows"])]) + "\n")
 
 
 if __name__ == "__main__":
