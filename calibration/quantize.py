@@ -356,8 +356,10 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
                     *, method: str = "minmax", target: float = DEFAULT_TARGET,
                     holdout: int = DEFAULT_HOLDOUT, max_images: int = DEFAULT_MAX_IMAGES,
                     sensitivity: str = "auto", overwrite: bool = False,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, attention_products: bool = False) -> dict:
     """Make the ``precision`` variant of a bundle's encoder, check it against FP32, store it.
+    ``attention_products``: INT8 also quantizes the activation x activation MatMuls (QK^T,
+    attention x V), not only those with a weight.
     Returns the record written to the manifest under ``quantization.<precision>``."""
     bundle = Bundle.open(bundle_path)
     if precision not in PRECISIONS:
@@ -405,7 +407,8 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
         else:
             variant, record, measured = _int8(model, bundle, paths, agreement, tmp,
                                               method=method, target=target,
-                                              sensitivity=sensitivity)
+                                              sensitivity=sensitivity,
+                                              attention_products=attention_products)
         if measured is None:
             log(f"[3] checking the FP16 maps against FP32 on {len(held)} held-out image(s)")
             measured = agreement.measure(variant)
@@ -431,7 +434,7 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
 
 
 def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp: Path, *,
-          method: str, target: float, sensitivity: str):
+          method: str, target: float, sensitivity: str, attention_products: bool = False):
     """Calibrate, quantize, run the sensitivity pass; -> (graph, manifest record, its
     agreement with FP32)."""
     import onnx
@@ -446,7 +449,8 @@ def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp
     with Progress(len(images), "calibrate") as bar:
         amax = activation_ranges(clean_path, images, method, bar.update)
     log(f"[3] quantizing {sum(len(g.nodes) for g in groups)} MatMuls ({len(groups)} weights)")
-    full = agreement.measure(quantize_int8(model, groups, amax))
+    products = activation_products(model) if attention_products else []
+    full = agreement.measure(quantize_int8(model, groups, amax, products=products))
     log(f"    all quantized: map Pearson {full['map_pearson_min']:.5f} (target {target})")
     ran = sensitivity == "always" or (sensitivity == "auto" and full["map_pearson_min"] < target)
     ranking: list[dict] = []
@@ -457,15 +461,16 @@ def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp
         with Progress(len(groups), "sensitivity", unit="weights") as bar:
             ranking, excluded, measured = sensitivity_pass(
                 groups, lambda keep: agreement.measure(
-                    quantize_int8(model, groups, amax, keep)),
+                    quantize_int8(model, groups, amax, keep, products=products)),
                 full, target, bar.update)
     else:
         log("[4] sensitivity pass " + ("off" if sensitivity == "off" else
                                       "not needed: the target is met with every MatMul quantized"))
-    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded})
+    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded}, products=products)
     n_quantized = sum(len(g.nodes) for g in groups if g not in excluded)
     record = {
         "scheme": {"format": "QDQ", "ops": ["MatMul"],
+                   "attention_products": len(products),
                    "weights": "int8, symmetric, per output channel, zero point 0",
                    "activations": "int8, symmetric, per tensor, zero point 0"},
         "calibration": {"method": method, "images": len(images)},

@@ -109,3 +109,21 @@ def test_linked_copy_never_touches_the_original_manifest(tiny_bundle_path, tmp_p
     (copy / "manifest.json").write_text("{}")
     assert (tiny_bundle_path / "manifest.json").read_bytes() == before
     assert Bundle.open(tiny_bundle_path).categories
+
+
+def test_the_quantize_command_passes_the_attention_products_option(monkeypatch, tmp_path):
+    from clipinspect.calibration import quantize as q
+    from clipinspect.runtime.cli import main
+
+    seen = {}
+
+    def fake(bundle, precision, calibration, **kwargs):
+        seen.update(kwargs, precision=precision)
+        return {"agreement_vs_fp32": {"map_pearson_min": 1.0, "images": 1,
+                                      "max_image_score_diff": 0.0}}
+    monkeypatch.setattr(q, "quantize_bundle", fake)
+    assert main(["quantize", str(tmp_path), "--precision", "int8", "--calibration",
+                 str(tmp_path), "--attention-products"]) == 0
+    assert seen["precision"] == "int8" and seen["attention_products"] is True
+    main(["quantize", str(tmp_path), "--precision", "int8", "--calibration", str(tmp_path)])
+    assert seen["attention_products"] is False
