@@ -76,6 +76,7 @@ def accuracy(bundle_path: Path, categories: list[str], args: argparse.Namespace,
              data: Path) -> dict:
     """Per category: FP32 and INT8 image / pixel AUROC (percent), their differences and the
     map Pearson of INT8 against FP32, ``--shots``-shot."""
+    from clipinspect.calibration.datasets import load_dataset
     from clipinspect.calibration.evaluate import EvalOptions, evaluate_category
     from clipinspect.calibration.synth import generate
     from clipinspect.runtime import Inspector
@@ -86,7 +87,8 @@ def accuracy(bundle_path: Path, categories: list[str], args: argparse.Namespace,
     options = EvalOptions(precisions=("fp32", "int8"), shots=(args.shots,))
     out = {}
     for c in categories:
-        with Progress(0, f"accuracy {c}") as bar:
+        images = len(load_dataset(data, options.fmt, [c], split="test")) * len(inspectors)
+        with Progress(images, f"accuracy {c}") as bar:
             runs = evaluate_category(inspectors, data, c, options, bar)["runs"]
         fp32, int8 = runs[f"fp32/{args.shots}-shot"], runs[f"int8/{args.shots}-shot"]
         row = {"map_pearson": int8["map_pearson_vs_fp32"]}
