@@ -28,6 +28,7 @@ from clipinspect.runtime.methods import gflops_per_image as method_gflops
 from clipinspect.runtime.methods import transformer_layers
 
 from .report import command, machine, read_text
+from .rss_probe import render_rss, rss_per_image
 from .stats import run_stream, summarize
 
 STAGES = ("decode", "encoder", "head", "post", "end_to_end")
@@ -227,6 +228,8 @@ class BenchOptions:
     baseline: also time the PyTorch eager evaluation. stream_fps: also simulate a camera at this
     frame rate, stream_frames frames, deadline stream_deadline_ms (default one frame period).
     threads: onnxruntime intra-op threads (None: one per physical core).
+    rss_megapixels: JPEG sizes (megapixels) whose peak RSS per image is measured, each in a
+    child process (rss_probe.py); empty: none.
     """
 
     backends: Sequence[str] = ("cpu",)
@@ -242,6 +245,7 @@ class BenchOptions:
     stream_frames: int = 30
     stream_deadline_ms: float | None = None
     threads: int | None = None
+    rss_megapixels: Sequence[float] = (1, 12, 64)
 
     def check(self) -> None:
         from clipinspect.runtime.core.backends import PROVIDERS
@@ -300,6 +304,12 @@ def run_bench(bundle_path: str | Path, out: str | Path, options: BenchOptions = 
         _runtime_rows(result, bundle, work, options, progress)
         if options.baseline:
             _baselines(result, bundle, work, options, progress)
+        if options.rss_megapixels:
+            progress(f"peak RSS per image for {', '.join(f'{mp:g}' for mp in options.rss_megapixels)}"
+                     " MP JPEGs (one child process each)")
+            result["rss_per_image"] = rss_per_image(bundle.root, Path(tmp),
+                                                    options.rss_megapixels,
+                                                    precision=options.precisions[0])
     _ratios(result)
     _ceiling(result, bundle)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -508,6 +518,7 @@ def render(r: dict) -> str:
                       "matrix product is measured, and peak / GFLOP is the images/s a perfect "
                       "FP32 implementation would reach then. Share of that ceiling reached "
                       f"(ceiling images/s, peak): {shares}."]
+    lines += render_rss(r.get("rss_per_image") or [])
     if r["skipped"]:
         lines += ["", "Skipped:"] + [f"- {s['what']}: {s['reason']}" for s in r["skipped"]]
     if r.get("stream"):

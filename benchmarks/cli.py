@@ -17,13 +17,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            runs=args.runs, warmup=args.warmup, images=args.images,
                            baseline=not args.no_baseline, stream_fps=args.stream_fps,
                            stream_frames=args.stream_frames,
-                           stream_deadline_ms=args.deadline_ms, threads=args.threads)
+                           stream_deadline_ms=args.deadline_ms, threads=args.threads,
+                           rss_megapixels=args.rss_megapixels)
     result = run_bench(args.bundle, args.out, options)
     for s in result["skipped"]:
         print(f"skipped: {s['what']}: {s['reason']}")
     out = Path(args.out)
     print(f"results: {out / 'bench.md'} (also bench.json, bench.png)")
     return 0
+
+
+def _megapixel_list(text: str) -> list[float]:
+    if text.strip().lower() == "none":
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected megapixels > 0 separated by "
+                                         "commas, e.g. 1,12,64, or 'none'")
+    return values
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -68,5 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream-frames", type=positive_int, default=30)
     p.add_argument("--deadline-ms", type=float, default=None,
                    help="per-frame deadline in stream mode (default: one frame period)")
+    p.add_argument("--rss-megapixels", type=_megapixel_list, default=[1.0, 12.0, 64.0],
+                   help="JPEG sizes whose peak RSS per image is measured, each in a child "
+                        "process (default 1,12,64; 'none' to skip)")
     add_threads(p)
     p.set_defaults(func=cmd_bench)

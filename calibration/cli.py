@@ -77,7 +77,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              method=args.calibration_method, target=args.target,
                              holdout=args.holdout, max_images=args.max_images,
                              sensitivity=args.sensitivity, overwrite=args.overwrite,
-                             threads=args.threads)
+                             threads=args.threads,
+                             attention_products=args.attention_products)
     a = record["agreement_vs_fp32"]
     print(f"{args.precision}: map Pearson vs FP32 {a['map_pearson_min']:.5f} (worst category/mode "
           f"on {a['images']} held-out image(s)), largest image score difference "
@@ -117,6 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sensitivity", default="auto", choices=["auto", "always", "off"],
                    help="auto: only when the fully quantized graph misses --target")
     add_threads(p)
+    p.add_argument("--attention-products", action="store_true",
+                   help="INT8: also quantize the attention products (QK^T, attention x V); "
+                        "measured about 1.2x on the CPU encoder, see docs/precision.md")
     p.add_argument("--overwrite", action="store_true", help="replace existing graphs of this "
                    "precision")
     p.set_defaults(func=cmd_quantize)

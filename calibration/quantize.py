@@ -114,10 +114,19 @@ def weight_groups(model) -> list[WeightGroup]:
     return list(groups.values())
 
 
+def activation_products(model) -> list[str]:
+    """MatMuls whose both inputs are activations (the attention products QK^T and attention x
+    V), in graph order."""
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[0] not in inits and n.input[1] not in inits]
+
+
 def quantize_int8(model, groups: Sequence[WeightGroup], activation_amax: dict[str, float],
-                  exclude: set[str] = frozenset()):
+                  exclude: set[str] = frozenset(), *, products: Sequence[str] = ()):
     """A copy of ``model`` with QDQ pairs around every MatMul of ``groups`` except the
-    weights in ``exclude``. activation_amax: calibrated max |value| of each MatMul input."""
+    weights in ``exclude``, and around both inputs of the activation x activation MatMuls named
+    in ``products``. activation_amax: calibrated max |value| of each MatMul input."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -126,6 +135,7 @@ def quantize_int8(model, groups: Sequence[WeightGroup], activation_amax: dict[st
     graph = out.graph
     inits = {t.name: t for t in graph.initializer}
     chosen = {g.weight for g in groups if g.weight not in exclude}
+    products = set(products)
     taken = set(inits) | {o for n in graph.node for o in n.output}
 
     def fresh(name: str) -> str:
@@ -137,35 +147,44 @@ def quantize_int8(model, groups: Sequence[WeightGroup], activation_amax: dict[st
     nodes, new_inits = [], []
     weight_dq: dict[str, str] = {}
     act_dq: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in chosen:
-            x, w = node.input[0], node.input[1]
-            if w not in weight_dq:
-                wf = numpy_helper.to_array(inits[w]).astype(np.float32)      # (K, N)
-                scale = np.maximum(np.abs(wf).max(axis=0), 1e-12) / 127.0    # (N,)
-                q = np.clip(np.rint(wf / scale), -127, 127).astype(np.int8)
-                names = [fresh(f"{w}_int8"), fresh(f"{w}_scale"), fresh(f"{w}_zero_point")]
-                new_inits += [numpy_helper.from_array(q, names[0]),
+
+    def weight(w: str) -> str:
+        if w not in weight_dq:
+            wf = numpy_helper.to_array(inits[w]).astype(np.float32)      # (K, N)
+            scale = np.maximum(np.abs(wf).max(axis=0), 1e-12) / 127.0    # (N,)
+            q = np.clip(np.rint(wf / scale), -127, 127).astype(np.int8)
+            names = [fresh(f"{w}_int8"), fresh(f"{w}_scale"), fresh(f"{w}_zero_point")]
+            new_inits.extend([numpy_helper.from_array(q, names[0]),
                               numpy_helper.from_array(scale.astype(np.float32), names[1]),
-                              numpy_helper.from_array(np.zeros(q.shape[1], np.int8), names[2])]
-                weight_dq[w] = fresh(f"{w}_dequantized")
-                nodes.append(helper.make_node("DequantizeLinear", names, [weight_dq[w]], axis=1,
-                                              name=fresh(f"{w}_DequantizeLinear")))
-            if x not in act_dq:
-                if x not in activation_amax:
-                    raise QuantizeError(f"no calibration range for {x!r} (input of {node.name})")
-                s = max(float(activation_amax[x]), 1e-12) / 127.0
-                names = [fresh(f"{x}_scale"), fresh(f"{x}_zero_point")]
-                new_inits += [numpy_helper.from_array(np.array(s, np.float32), names[0]),
-                              numpy_helper.from_array(np.array(0, np.int8), names[1])]
-                q_out, act_dq[x] = fresh(f"{x}_quantized"), fresh(f"{x}_dequantized")
-                nodes.append(helper.make_node("QuantizeLinear", [x, *names], [q_out],
-                                              name=fresh(f"{x}_QuantizeLinear")))
-                nodes.append(helper.make_node("DequantizeLinear", [q_out, *names], [act_dq[x]],
-                                              name=fresh(f"{x}_DequantizeLinear")))
+                              numpy_helper.from_array(np.zeros(q.shape[1], np.int8), names[2])])
+            weight_dq[w] = fresh(f"{w}_dequantized")
+            nodes.append(helper.make_node("DequantizeLinear", names, [weight_dq[w]], axis=1,
+                                          name=fresh(f"{w}_DequantizeLinear")))
+        return weight_dq[w]
+
+    def activation(x: str, node) -> str:
+        if x not in act_dq:
+            if x not in activation_amax:
+                raise QuantizeError(f"no calibration range for {x!r} (input of {node.name})")
+            s = max(float(activation_amax[x]), 1e-12) / 127.0
+            names = [fresh(f"{x}_scale"), fresh(f"{x}_zero_point")]
+            new_inits.extend([numpy_helper.from_array(np.array(s, np.float32), names[0]),
+                              numpy_helper.from_array(np.array(0, np.int8), names[1])])
+            q_out, act_dq[x] = fresh(f"{x}_quantized"), fresh(f"{x}_dequantized")
+            nodes.append(helper.make_node("QuantizeLinear", [x, *names], [q_out],
+                                          name=fresh(f"{x}_QuantizeLinear")))
+            nodes.append(helper.make_node("DequantizeLinear", [q_out, *names], [act_dq[x]],
+                                          name=fresh(f"{x}_DequantizeLinear")))
+        return act_dq[x]
+
+    for node in graph.node:
+        with_weight = node.op_type == "MatMul" and node.input[1] in chosen
+        if with_weight or node.name in products:
+            inputs = (activation(node.input[0], node),
+                      weight(node.input[1]) if with_weight else activation(node.input[1], node))
             quantized = onnx.NodeProto()
             quantized.CopyFrom(node)
-            quantized.input[0], quantized.input[1] = act_dq[x], weight_dq[w]
+            quantized.input[0], quantized.input[1] = inputs
             nodes.append(quantized)
         else:
             nodes.append(node)
@@ -337,8 +356,10 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
                     *, method: str = "minmax", target: float = DEFAULT_TARGET,
                     holdout: int = DEFAULT_HOLDOUT, max_images: int = DEFAULT_MAX_IMAGES,
                     sensitivity: str = "auto", overwrite: bool = False,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, attention_products: bool = False) -> dict:
     """Make the ``precision`` variant of a bundle's encoder, check it against FP32, store it.
+    ``attention_products``: INT8 also quantizes the activation x activation MatMuls (QK^T,
+    attention x V), not only those with a weight.
     Returns the record written to the manifest under ``quantization.<precision>``."""
     bundle = Bundle.open(bundle_path)
     if precision not in PRECISIONS:
@@ -386,7 +407,8 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
         else:
             variant, record, measured = _int8(model, bundle, paths, agreement, tmp,
                                               method=method, target=target,
-                                              sensitivity=sensitivity)
+                                              sensitivity=sensitivity,
+                                              attention_products=attention_products)
         if measured is None:
             log(f"[3] checking the FP16 maps against FP32 on {len(held)} held-out image(s)")
             measured = agreement.measure(variant)
@@ -412,7 +434,7 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
 
 
 def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp: Path, *,
-          method: str, target: float, sensitivity: str):
+          method: str, target: float, sensitivity: str, attention_products: bool = False):
     """Calibrate, quantize, run the sensitivity pass; -> (graph, manifest record, its
     agreement with FP32)."""
     import onnx
@@ -427,7 +449,8 @@ def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp
     with Progress(len(images), "calibrate") as bar:
         amax = activation_ranges(clean_path, images, method, bar.update)
     log(f"[3] quantizing {sum(len(g.nodes) for g in groups)} MatMuls ({len(groups)} weights)")
-    full = agreement.measure(quantize_int8(model, groups, amax))
+    products = activation_products(model) if attention_products else []
+    full = agreement.measure(quantize_int8(model, groups, amax, products=products))
     log(f"    all quantized: map Pearson {full['map_pearson_min']:.5f} (target {target})")
     ran = sensitivity == "always" or (sensitivity == "auto" and full["map_pearson_min"] < target)
     ranking: list[dict] = []
@@ -438,15 +461,16 @@ def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp
         with Progress(len(groups), "sensitivity", unit="weights") as bar:
             ranking, excluded, measured = sensitivity_pass(
                 groups, lambda keep: agreement.measure(
-                    quantize_int8(model, groups, amax, keep)),
+                    quantize_int8(model, groups, amax, keep, products=products)),
                 full, target, bar.update)
     else:
         log("[4] sensitivity pass " + ("off" if sensitivity == "off" else
                                       "not needed: the target is met with every MatMul quantized"))
-    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded})
+    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded}, products=products)
     n_quantized = sum(len(g.nodes) for g in groups if g not in excluded)
     record = {
         "scheme": {"format": "QDQ", "ops": ["MatMul"],
+                   "attention_products": len(products),
                    "weights": "int8, symmetric, per output channel, zero point 0",
                    "activations": "int8, symmetric, per tensor, zero point 0"},
         "calibration": {"method": method, "images": len(images)},

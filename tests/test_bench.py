@@ -131,7 +131,8 @@ def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
     out = tmp_path / "bench"
     r = bench.run_bench(small_bundle_path, out, bench.BenchOptions(
         backends=["cpu", "cuda"], precisions=["fp32", "int8"], modes=["zero-shot", "few-shot"],
-        batches=[1, 2], shots=1, runs=2, warmup=1, images=3, stream_fps=50, stream_frames=3))
+        batches=[1, 2], shots=1, runs=2, warmup=1, images=3, stream_fps=50, stream_frames=3,
+        rss_megapixels=[1]))
     kinds = {(row["kind"], row["mode"], row["batch"]) for row in r["rows"]}
     assert kinds == {(k, m, b) for k in ("runtime", "pytorch") for m in ("zero-shot", "few-shot")
                      for b in (1, 2)}
@@ -155,6 +156,10 @@ def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
     md = (out / "bench.md").read_text()
     assert "| runtime | cpu | fp32 | few-shot | 2 |" in md and "Stream mode:" in md
     assert (out / "bench.png").stat().st_size > 1000
+    (rss,) = saved["rss_per_image"]
+    assert rss["megapixels"] == 1 and rss["error"] is None and rss["per_image_mb"] >= 0
+    assert rss["peak_rss_mb"] >= rss["steady_peak_rss_mb"] > 0
+    assert "Peak RSS per image" in md and "| 1 MP | 1155x866 |" in md
 
 
 def test_bench_refuses_unknown_names(tiny_bundle_path, tmp_path):

@@ -6,11 +6,17 @@ uses fewer bits (12-bit cameras) yourself. EXIF orientation is applied.
 Untrusted input: only PNG, JPEG, BMP, TIFF and WebP files are decoded (never EPS, which PIL hands
 to Ghostscript, or other rarely used decoders), and one pixel limit guards every entry point
 (``predict``, ``fewshot``, ``serve``, ``watch`` and the Python API): a file's size is read from its
-header and checked before any pixel is decoded. A JPEG over the limit is decoded reduced by its
-own DCT scaling (1/2, 1/4 or 1/8 per side, the least that fits), so its anomaly map has that
-reduced size; other formats over the limit are refused. The limit is
-``DEFAULT_MAX_MEGAPIXELS``, the environment variable ``CLIPINSPECT_MAX_MEGAPIXELS`` or
+header and checked before any pixel is decoded. The limit applies to the decoded size: a JPEG
+over it is decoded reduced by its own DCT scaling (1/2, 1/4 or 1/8 per side, the least that
+fits), so its anomaly map has that reduced size; other formats over the limit are refused. The
+limit is ``DEFAULT_MAX_MEGAPIXELS``, the environment variable ``CLIPINSPECT_MAX_MEGAPIXELS`` or
 :func:`set_max_megapixels` (the CLI's ``--max-megapixels``).
+
+Decoding for the model (:func:`decode`): the encoder sees the image resized to a few hundred
+pixels, so a JPEG is decoded by DCT scaling at the smallest scale (down to 1/8 per side) that
+still has both sides >= the model's input side, and only the anomaly map keeps the full size
+(the size the limit allows). A 12 MP camera JPEG is then decoded as about 0.2 MP. PNG, BMP, TIFF
+and WebP have no reduced decoding in PIL and are decoded whole.
 
 Preprocessing follows the WinCLIP reference: the whole image resized to the model's input size
 (bicubic, antialiased; no crop), then normalized with the CLIP mean and std.
@@ -47,7 +53,20 @@ DEFAULT_MAX_MEGAPIXELS = 40.0
 MAX_MEGAPIXELS_ENV = "CLIPINSPECT_MAX_MEGAPIXELS"
 # In every error of a file that is an image but does not decode: it may still be being written.
 CORRUPT = "corrupt or truncated"
+DCT_SCALES = (1, 2, 4, 8)  # the reductions per side a JPEG decoder gives for free
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90 or 270 degrees: width and height swap
 _max_megapixels: float | None = None  # set_max_megapixels; else the environment; else default
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An input decoded for the model. rgb: (h, w, 3) uint8, possibly reduced from the file's
+    size; size: (H, W), the size its anomaly map is returned at (the file's size, or the reduced
+    size the pixel limit allows)."""
+
+    rgb: np.ndarray
+    size: tuple[int, int]
 
 
 class ImageError(ClipInspectError, ValueError):
@@ -105,41 +124,53 @@ def describe(item: ImageInput) -> str:
 
 
 def to_rgb_array(item: ImageInput) -> np.ndarray:
-    """Decode one input to an RGB uint8 array (H, W, 3). Raises ImageError."""
+    """Decode one input to an RGB uint8 array (H, W, 3) at the size its anomaly map has.
+    Raises ImageError."""
+    return decode(item).rgb
+
+
+def decode(item: ImageInput, model_side: int | None = None) -> DecodedImage:
+    """Decode one input; with ``model_side``, a JPEG is decoded at the smallest DCT scale whose
+    sides are both >= ``model_side`` (the rest of the pixels only feed a resize to the model's
+    input size), while ``size`` stays the full size the limit allows. Raises ImageError."""
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_dir():
             raise ImageError(f"{str(path)!r} is a directory, expected an image file")
         if not path.exists():
             raise ImageError(f"{str(path)!r} does not exist")
-        return _decode_file(path, repr(str(path)))
+        return _decode_file(path, repr(str(path)), model_side)
     if isinstance(item, EncodedImage):
-        return _decode_file(io.BytesIO(item.data), item.name)
+        return _decode_file(io.BytesIO(item.data), item.name, model_side)
     if isinstance(item, Image.Image):
         check_pixels(item.width, item.height, describe(item))
         try:
-            return _pil_to_rgb(item, describe(item))
+            rgb = _pil_to_rgb(item, describe(item))
         except (OSError, SyntaxError, ValueError) as e:  # a lazily loaded, broken file behind it
             raise ImageError(f"{describe(item)} cannot be decoded ({CORRUPT}): "
                              f"{e}") from None
+        return DecodedImage(rgb, rgb.shape[:2])
     if isinstance(item, np.ndarray):
         if item.ndim >= 2:
             check_pixels(item.shape[1], item.shape[0], describe(item))
-        return _array_to_rgb(item)
+        rgb = _array_to_rgb(item)
+        return DecodedImage(rgb, rgb.shape[:2])
     raise ImageError(f"unsupported image input {describe(item)}: pass a file path, an "
                      "EncodedImage, a PIL image or an HxWx3 uint8 array")
 
 
-def _decode_file(file, name: str) -> np.ndarray:
-    """An encoded image file (a path or a binary file object) -> RGB uint8."""
+def _decode_file(file, name: str, model_side: int | None = None) -> DecodedImage:
+    """An encoded image file (a path or a binary file object) -> RGB uint8 and map size."""
     if (file.stat().st_size if isinstance(file, Path) else file.getbuffer().nbytes) == 0:
         raise ImageError(f"{name} is empty (0 bytes), not an image; was it still being written?")
     try:
         with Image.open(file, formats=ACCEPTED_FORMATS) as im:  # reads the header only
-            _fit_to_limit(im, name)
+            width, height = _fit_to_limit(im, name, model_side)
             im.load()
             # Camera and phone JPEGs store their rotation in EXIF; apply it as viewers do.
-            return _pil_to_rgb(ImageOps.exif_transpose(im), name)
+            if im.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+            return DecodedImage(_pil_to_rgb(ImageOps.exif_transpose(im), name), (height, width))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -154,17 +185,30 @@ def _decode_file(file, name: str) -> np.ndarray:
         raise ImageError(f"{name} is {CORRUPT}: {e}") from None
 
 
-def _fit_to_limit(im: Image.Image, name: str) -> None:
+def _fit_to_limit(im: Image.Image, name: str, model_side: int | None = None) -> tuple[int, int]:
     """Check the header's size against the pixel limit before decoding; a JPEG over it is set to
-    decode at the smallest DCT reduction (1/2, 1/4, 1/8 per side) that fits."""
+    decode at the smallest DCT reduction (1/2, 1/4, 1/8 per side) that fits, and with
+    ``model_side`` at the largest one whose sides stay >= ``model_side``.
+    -> (width, height) of the map: the decoded size the limit allows, before EXIF rotation."""
     width, height = im.size
     limit = max_pixels()
-    if width * height > limit and im.format == "JPEG":
-        for scale in (2, 4, 8):
-            if -(-width // scale) * -(-height // scale) <= limit:
-                im.draft(im.mode, (-(-width // scale), -(-height // scale)))
-                return
-    check_pixels(width, height, name)
+    if im.format != "JPEG":
+        check_pixels(width, height, name)
+        return width, height
+    # libjpeg's scaled sizes round up: ceil(side / scale).
+    fits = [s for s in DCT_SCALES if -(-width // s) * -(-height // s) <= limit]
+    if not fits:
+        check_pixels(width, height, name)  # raises: even 1/8 is over the limit
+    limit_scale = fits[0]
+    scale = limit_scale
+    if model_side:
+        scale = max(scale, max((s for s in DCT_SCALES if min(width, height) // s >= model_side),
+                               default=1))
+    if scale > 1:
+        # PIL picks the largest scale with both sides >= the size asked: ask floor(side / scale).
+        im.draft(im.mode, (max(1, width // scale), max(1, height // scale)))
+    check_pixels(im.size[0], im.size[1], name)
+    return -(-width // limit_scale), -(-height // limit_scale)
 
 
 def _pil_to_rgb(im: Image.Image, name: str) -> np.ndarray:

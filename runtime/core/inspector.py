@@ -22,7 +22,7 @@ from .backend import Backend
 from .backends import open_backend
 from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
-from .images import EncodedImage, ImageError, ImageInput, describe, to_rgb_array
+from .images import EncodedImage, ImageError, ImageInput, decode, describe
 from .maps import gaussian_blur, upsample
 
 MODES = ("auto", "zero-shot", "few-shot")
@@ -116,13 +116,15 @@ class Inspector:
         """Never raises: whatever goes wrong with one image becomes that image's error."""
         source = describe(item)
         try:
-            rgb = to_rgb_array(item)
-            tensor = self.bundle.preprocess(rgb)
+            # A kept image is drawn under its map, so it is decoded at the map's size.
+            decoded = decode(item, None if keep_image else max(self.bundle.preprocess.size))
+            tensor = self.bundle.preprocess(decoded.rgb)
         except ImageError as e:
             return LoadedImage(index, source, error=str(e))
         except Exception as e:  # e.g. MemoryError on a huge image: still only this image
             return LoadedImage(index, source, error=f"{source}: {type(e).__name__}: {e}")
-        return LoadedImage(index, source, tensor, rgb.shape[:2], rgb if keep_image else None)
+        return LoadedImage(index, source, tensor, decoded.size,
+                           decoded.rgb if keep_image else None)
 
     def _batches(self, items: Sequence[ImageInput], batch_size: int, keep_image: bool,
                  workers: int = 2) -> Iterator[list[LoadedImage]]:

@@ -34,7 +34,8 @@ def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     ry = bilinear_matrix(h, grid_map.shape[0])
     rx = bilinear_matrix(w, grid_map.shape[1])
-    return (ry @ grid_map.astype(np.float32) @ rx.T).astype(np.float32)
+    # Both factors are float32, so the (H, W) product is too: no second full-size copy.
+    return ry @ grid_map.astype(np.float32) @ rx.T
 
 
 def gaussian_blur(m: np.ndarray, sigma: float) -> np.ndarray:

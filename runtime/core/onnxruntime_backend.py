@@ -105,11 +105,27 @@ def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = 
                         f"choose one of {', '.join(PROVIDERS)}")
 
 
+def session_options(threads: int | None = None, profile_prefix: str | None = None):
+    """onnxruntime session options of every session the runtime opens. ``profile_prefix``:
+    write onnxruntime's per-node profile (a JSON trace) to ``<prefix>_<date>.json``."""
+    ort = _import_ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
 def make_session(path: Path, provider: str, *, threads: int | None = None,
                  cache_dir: Path | None = None, fp16: bool = False, int8: bool = False,
-                 profile: dict[str, tuple[tuple[int, ...], ...]] | None = None):
+                 profile: dict[str, tuple[tuple[int, ...], ...]] | None = None,
+                 profile_prefix: str | None = None):
     """An onnxruntime session for the graph at ``path`` (``fp16`` / ``int8``: the graph's
-    precision, ``profile``: its TensorRT optimization profile; for the TensorRT provider)."""
+    precision, ``profile``: its TensorRT optimization profile; for the TensorRT provider;
+    ``profile_prefix``: see :func:`session_options`)."""
     ort = _import_ort()
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}{did_you_mean(provider, PROVIDERS)}: "
@@ -121,10 +137,7 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
                 if provider != "cpu" else "")
         raise ProviderError(f"provider {provider!r} ({PROVIDERS[provider]}) is not available in this "
                             f"onnxruntime; available: {have}{hint}")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = int(threads)
+    so = session_options(threads, profile_prefix)
     session = ort.InferenceSession(str(path), sess_options=so,
                                    providers=provider_options(provider, cache_dir, fp16, int8,
                                                               profile))
@@ -135,8 +148,13 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
     return session
 
 
+def _prefix(prefix: str | None, graph: str) -> str | None:
+    return f"{prefix}_{graph}" if prefix else None
+
+
 class OrtBackend:
-    """Encoder + scoring heads on onnxruntime (``profiles``: {graph: TensorRT profile}).
+    """Encoder + scoring heads on onnxruntime (``profiles``: {graph: TensorRT profile};
+    ``profile_prefix``: onnxruntime's profiler on, one trace per graph, ``<prefix>_<graph>_*``).
 
     On CUDA and TensorRT, IO binding keeps the encoder outputs on the device and hands them to
     the head without a host round trip; category arrays are uploaded once and cached.
@@ -144,17 +162,20 @@ class OrtBackend:
 
     def __init__(self, encoder_path: Path, head_paths: dict[str, Path], provider: str = "cpu", *,
                  threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False,
-                 int8: bool = False, profiles: dict[str, dict] | None = None):
+                 int8: bool = False, profiles: dict[str, dict] | None = None,
+                 profile_prefix: str | None = None):
         conflict = ort_conflict()
         if conflict:
             warnings.warn(conflict, RuntimeWarning, stacklevel=2)
         self.provider = provider
         self.profiles = profiles or {}
         self.encoder = make_session(encoder_path, provider, threads=threads, cache_dir=cache_dir,
-                                    fp16=fp16, int8=int8, profile=self.profiles.get("encoder"))
+                                    fp16=fp16, int8=int8, profile=self.profiles.get("encoder"),
+                                    profile_prefix=_prefix(profile_prefix, "encoder"))
         # The heads are FP32 graphs in every variant: TensorRT must not lower them to FP16.
         self.heads = {name: make_session(p, provider, threads=threads, cache_dir=cache_dir,
-                                         profile=self.profiles.get(name))
+                                         profile=self.profiles.get(name),
+                                         profile_prefix=_prefix(profile_prefix, name))
                       for name, p in head_paths.items()}
         # Where IO binding keeps tensors; None = plain numpy in and out (CPU provider).
         self.device: str | None = "cuda" if provider in ("cuda", "tensorrt") else None

@@ -1,0 +1,193 @@
+"""INT8 against FP32 end to end through ``Inspector.inspect``, few-shot, at several batch sizes,
+with the accuracy bounds of the INT8 graphs checked on a synthetic annotated set.
+
+    python -m clipinspect.benchmarks.int8_speedup BUNDLE \
+        --out benchmarks/results/int8_speedup_cpu_b16p
+
+Speed: the bundle is copied to a temporary folder (graphs hard-linked), ``--shots`` normal
+synthetic images are stored as the category's reference memory (by the FP32 encoder, as
+``clipinspect fewshot`` does), and both precisions inspect the same decoded synthetic images
+with ``Inspector.inspect`` (load stage in worker threads, encoder, few-shot head, maps upsampled
+to the image size); rounds cycle through every (batch size, precision) so that machine noise
+hits all alike; medians of the rounds. Accuracy: every category of the bundle that the synthetic
+generator draws is evaluated as ``clipinspect eval`` does (image and pixel AUROC, map Pearson
+against FP32) on a generated set (``--seed``), with ``--shots`` references per precision.
+Bounds (issue 3): image and pixel AUROC within ``--auroc-points`` of FP32, map Pearson >=
+``--min-pearson``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .report import machine, write_results
+from .sidebyside import interleaved_rounds, synthetic_images
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """A copy of a bundle whose large files are hard links (copied where linking fails); the
+    manifest is a real copy, so storing memory in the copy never touches the original."""
+    def link(a: str, b: str) -> None:
+        if Path(a).name == "manifest.json":
+            shutil.copy2(a, b)
+            return
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    return Path(shutil.copytree(src, dst, copy_function=link))
+
+
+def speed(bundle_path: Path, category: str, args: argparse.Namespace) -> dict:
+    """Median images/s per (batch size, precision) through Inspector.inspect."""
+    from clipinspect.runtime import Inspector
+
+    images, refs = synthetic_images(category, args.images, args.shots)
+    Inspector.open(bundle_path, "fp32").add_references(category, refs)
+    inspectors = {p: Inspector.open(bundle_path, p, threads=args.threads) for p in ("fp32", "int8")}
+    labels = [(b, p) for b in args.batch_sizes for p in inspectors]
+
+    def run(i: int):
+        batch, precision = labels[i]
+        results = inspectors[precision].inspect(images, category, batch_size=batch,
+                                                mode="few-shot")
+        if not all(r.ok for r in results):
+            raise SystemExit(f"{precision}: {next(r.error for r in results if not r.ok)}")
+    for i in range(len(labels)):  # warm-up
+        run(i)
+    seconds, rates = interleaved_rounds([f"{p} batch {b}" for b, p in labels], run, args.rounds,
+                                        args.images)
+    out: dict = {}
+    for (b, p), t, r in zip(labels, seconds, rates):
+        out.setdefault(str(b), {})[p] = {"images_per_second": r, "seconds_per_round": t}
+    for row in out.values():
+        row["ratio"] = row["int8"]["images_per_second"] / row["fp32"]["images_per_second"]
+    return out
+
+
+def accuracy(bundle_path: Path, categories: list[str], args: argparse.Namespace,
+             data: Path) -> dict:
+    """Per category: FP32 and INT8 image / pixel AUROC (percent), their differences and the
+    map Pearson of INT8 against FP32, ``--shots``-shot."""
+    from clipinspect.calibration.datasets import load_dataset
+    from clipinspect.calibration.evaluate import EvalOptions, evaluate_category
+    from clipinspect.calibration.synth import generate
+    from clipinspect.runtime import Inspector
+    from clipinspect.runtime.core.progress import Progress
+
+    generate(data, seed=args.seed, categories=categories)
+    inspectors = {p: Inspector.open(bundle_path, p, threads=args.threads) for p in ("fp32", "int8")}
+    options = EvalOptions(precisions=("fp32", "int8"), shots=(args.shots,))
+    out = {}
+    for c in categories:
+        images = len(load_dataset(data, options.fmt, [c], split="test")) * len(inspectors)
+        with Progress(images, f"accuracy {c}") as bar:
+            runs = evaluate_category(inspectors, data, c, options, bar)["runs"]
+        fp32, int8 = runs[f"fp32/{args.shots}-shot"], runs[f"int8/{args.shots}-shot"]
+        row = {"map_pearson": int8["map_pearson_vs_fp32"]}
+        for m in ("image_auroc", "pixel_auroc"):
+            row[m] = {"fp32": 100 * fp32[m], "int8": 100 * int8[m],
+                      "diff_points": 100 * (int8[m] - fp32[m])}
+        row["within_bounds"] = bool(
+            row["map_pearson"] >= args.min_pearson and
+            all(abs(row[m]["diff_points"]) <= args.auroc_points
+                for m in ("image_auroc", "pixel_auroc")))
+        out[c] = row
+    return out
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--shots", type=int, default=4)
+    ap.add_argument("--images", type=int, default=8, help="images per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic accuracy set")
+    ap.add_argument("--auroc-points", type=float, default=1.0)
+    ap.add_argument("--min-pearson", type=float, default=0.98)
+    ap.add_argument("--target-ratio", type=float, default=3.0)
+    ap.add_argument("--out", default="benchmarks/results/int8_speedup_cpu")
+    args = ap.parse_args(argv)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import onnxruntime
+
+    from clipinspect.calibration.synth import CATEGORIES
+    from clipinspect.runtime import Bundle
+
+    args = parse(argv)
+    bundle = Bundle.open(args.bundle)
+    if "int8" not in bundle.precisions:
+        raise SystemExit(f"the bundle has no int8 graphs; make them with 'clipinspect quantize "
+                         f"{args.bundle} --precision int8 --calibration DIR'")
+    categories = [c for c in bundle.categories if c in CATEGORIES]
+    if not categories:
+        raise SystemExit(f"none of the bundle's categories ({', '.join(bundle.categories)}) has "
+                         f"synthetic images; add one of {', '.join(CATEGORIES)} with "
+                         "'clipinspect add-category'")
+    with tempfile.TemporaryDirectory(prefix="clipinspect-int8-") as tmp:
+        copy = linked_copy(bundle.root, Path(tmp) / "bundle")
+        timing = speed(copy, categories[0], args)
+        acc = accuracy(copy, categories, args, Path(tmp) / "data")
+    result = {"benchmark": "int8_speedup", "bundle": bundle.identity,
+              "model": bundle.manifest.model.name, "weights": bundle.manifest.model.weights.kind,
+              "command": "python -m clipinspect.benchmarks.int8_speedup "
+                         + " ".join(sys.argv[1:] if argv is None else argv),
+              "category": categories[0], "shots": args.shots, "images_per_round": args.images,
+              "image_size": [256, 256], "rounds": args.rounds, "threads": args.threads,
+              "timed": "Inspector.inspect from decoded RGB, few-shot (load, encoder, head, maps)",
+              "speed": timing, "accuracy": acc,
+              "bounds": {"auroc_points": args.auroc_points, "min_pearson": args.min_pearson},
+              "target_ratio": args.target_ratio,
+              "target_met": all(r["ratio"] >= args.target_ratio for r in timing.values()),
+              "accuracy_bounds_held": all(r["within_bounds"] for r in acc.values()),
+              "load_average": list(os.getloadavg()),
+              "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+              "machine": machine()}
+    write_results(result, args.out, render)
+    return result
+
+
+def render(r: dict) -> str:
+    lines = [f"# INT8 vs FP32 end to end: {r['model']} ({r['weights']} weights), "
+             f"{r['shots']}-shot", "", f"Command: `{r['command']}`", "",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores, "
+             f"load average at the end {', '.join(f'{x:.2f}' for x in r['load_average'])}; "
+             f"onnxruntime {r['versions']['onnxruntime']}. {r['images_per_round']} synthetic "
+             f"{r['image_size'][0]}x{r['image_size'][1]} images of {r['category']} per round, "
+             f"median of {r['rounds']} rounds cycling through every batch size and precision; "
+             f"timed: {r['timed']}.", "",
+             "| batch | FP32 images/s | INT8 images/s | INT8 / FP32 |", "|---|---|---|---|"]
+    for b, row in r["speed"].items():
+        lines.append(f"| {b} | {row['fp32']['images_per_second']:.3f} | "
+                     f"{row['int8']['images_per_second']:.3f} | {row['ratio']:.2f}x |")
+    lines += ["", f"Target {r['target_ratio']:g}x at every batch size: "
+                  f"{'met' if r['target_met'] else 'NOT met'}.", "",
+              f"Accuracy ({r['shots']}-shot, synthetic set), bounds: AUROC within "
+              f"{r['bounds']['auroc_points']:g} point of FP32, map Pearson >= "
+              f"{r['bounds']['min_pearson']:g}: "
+              f"{'held' if r['accuracy_bounds_held'] else 'NOT held'}.", "",
+              "| category | image AUROC FP32 / INT8 | pixel AUROC FP32 / INT8 | map Pearson | "
+              "within bounds |", "|---|---|---|---|---|"]
+    for c, a in r["accuracy"].items():
+        i, p = a["image_auroc"], a["pixel_auroc"]
+        lines.append(f"| {c} | {i['fp32']:.1f} / {i['int8']:.1f} | {p['fp32']:.1f} / "
+                     f"{p['int8']:.1f} | {a['map_pearson']:.4f} | "
+                     f"{'yes' if a['within_bounds'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
