@@ -60,21 +60,28 @@ def probe(bundle: str, image: str, precision: str, category: str | None) -> dict
 
 
 def rss_per_image(bundle: str | Path, folder: Path, megapixels: Sequence[float], *,
-                  precision: str = "fp32", max_megapixels: float | None = None) -> list[dict]:
-    """One child process per size (see the module docstring); rows with the JPEG's size."""
+                  precision: str = "fp32", max_megapixels: float | None = None,
+                  jpeg_draft: bool | None = None) -> list[dict]:
+    """One child process per size (see the module docstring); rows with the JPEG's size.
+    ``jpeg_draft``: reduced JPEG decoding in the children (None: as in this process)."""
     import os
+
+    from clipinspect.runtime.core.images import JPEG_DRAFT_ENV
+    from clipinspect.runtime.core.images import jpeg_draft as draft_in_force
 
     rows = []
     env = dict(os.environ)
     if max_megapixels is not None:
         env["CLIPINSPECT_MAX_MEGAPIXELS"] = str(max_megapixels)
+    env[JPEG_DRAFT_ENV] = "1" if (draft_in_force() if jpeg_draft is None else jpeg_draft) else "0"
     for mp in megapixels:
         path = folder / f"probe_{mp:g}mp.jpg"
         width, height = write_jpeg(path, mp)
         out = subprocess.run([sys.executable, "-m", "clipinspect.benchmarks.rss_probe",
                               str(bundle), "--image", str(path), "--precision", precision],
                              capture_output=True, text=True, env=env, timeout=1800)
-        row = {"megapixels": mp, "jpeg_size": [width, height], "file_mb": path.stat().st_size / 1e6}
+        row = {"megapixels": mp, "jpeg_size": [width, height], "file_mb": path.stat().st_size / 1e6,
+               "jpeg_draft": env[JPEG_DRAFT_ENV] == "1"}
         if out.returncode != 0:
             row["error"] = (out.stderr.strip().splitlines() or ["probe failed"])[-1]
         else:
@@ -91,11 +98,14 @@ def render_rss(rows: list[dict]) -> list[str]:
     lines = ["", "Peak RSS per image: one JPEG inspected at batch 1 in a fresh process, after a "
                  "warm-up image; peak = ru_maxrss after it, per image = that minus the peak "
                  "after the warm-up (decode, resize, map).", "",
-             "| JPEG | size | peak RSS MB | per image MB | map size | result |", "|---|---|---|---|---|---|"]
+             "| JPEG | size | decoding | peak RSS MB | per image MB | map size | result |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         size = "x".join(map(str, row["jpeg_size"]))
         map_size = "x".join(map(str, row["map_size"][::-1])) if row.get("map_size") else ""
-        lines.append(f"| {row['megapixels']:g} MP | {size} | {_mb(row.get('peak_rss_mb'))} | "
+        decoding = "reduced (--jpeg-draft)" if row.get("jpeg_draft") else "whole"
+        lines.append(f"| {row['megapixels']:g} MP | {size} | {decoding} | "
+                     f"{_mb(row.get('peak_rss_mb'))} | "
                      f"{_mb(row.get('per_image_mb'))} | {map_size} | "
                      f"{row.get('error') or 'ok'} |")
     return lines
@@ -112,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--megapixels", default="1,12,64", help="JPEG sizes, one child each")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--category", default=None)
+    ap.add_argument("--decoding", choices=["whole", "draft", "both"], default="both",
+                    help="JPEG decoding for the model: whole (the default of every command), "
+                         "draft (--jpeg-draft) or both, one row each")
     ap.add_argument("--out", default="benchmarks/results/rss_per_image_cpu",
                     help="output path without extension (.json and .md are written)")
     args = ap.parse_args(argv)
@@ -128,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
 
     sizes = [float(v) for v in args.megapixels.split(",") if v.strip()]
     with tempfile.TemporaryDirectory(prefix="clipinspect-rss-") as tmp:
-        rows = rss_per_image(args.bundle, Path(tmp), sizes, precision=args.precision)
+        rows = [row for draft in {"whole": [False], "draft": [True],
+                                  "both": [False, True]}[args.decoding]
+                for row in rss_per_image(args.bundle, Path(tmp), sizes, precision=args.precision,
+                                         jpeg_draft=draft)]
     bundle = Bundle.open(args.bundle)
     result = {"benchmark": "rss_per_image", "bundle": bundle.identity,
               "model": bundle.manifest.model.name, "precision": args.precision,

@@ -94,8 +94,28 @@ def test_inspector_maps_keep_the_full_size_and_kept_images_match_them(tiny_bundl
     kept = inspector.inspect([path], "weave", mode="zero-shot", keep_images=True)[0]
     assert plain.anomaly_map.shape == kept.anomaly_map.shape == (1800, 2400)
     assert kept.image.shape == (1800, 2400, 3)
-    # The two decodes feed the model slightly different pixels; the scores stay close.
-    assert plain.image_score == pytest.approx(kept.image_score, abs=0.05)
+    # By default the model sees decode-then-resize whether or not the image is kept.
+    assert plain.image_score == kept.image_score
+    np.testing.assert_array_equal(plain.anomaly_map, kept.anomaly_map)
+
+
+def test_reduced_jpeg_decoding_only_when_asked(tiny_bundle_path, tmp_path, monkeypatch):
+    path = tmp_path / "large.jpg"
+    path.write_bytes(textured_jpeg((2400, 1800)))
+    inspector = Inspector.open(tiny_bundle_path)
+    whole = inspector.load(path).tensor
+    monkeypatch.setenv(images.JPEG_DRAFT_ENV, "1")
+    reduced = inspector.load(path).tensor
+    assert reduced.shape == whole.shape and not np.array_equal(reduced, whole)
+    assert np.abs(reduced - whole).mean() < 0.05
+    images.set_jpeg_draft(False)   # the CLI's setting wins over the environment
+    try:
+        np.testing.assert_array_equal(inspector.load(path).tensor, whole)
+    finally:
+        images.set_jpeg_draft(None)
+    monkeypatch.setenv(images.JPEG_DRAFT_ENV, "maybe")
+    with pytest.raises(images.ImageError, match="CLIPINSPECT_JPEG_DRAFT='maybe': expected 1 or 0"):
+        images.jpeg_draft()
 
 
 def test_peak_rss_per_image_is_measured_in_a_child_process_per_size(tiny_bundle_path, tmp_path):

@@ -111,11 +111,28 @@ class MaxMegapixels(argparse.Action):
         setattr(namespace, self.dest, float(values))
 
 
+class JpegDraft(argparse.Action):
+    """--jpeg-draft: reduced JPEG decoding for the model's input in this process."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..core.images import set_jpeg_draft
+        set_jpeg_draft(True)
+        setattr(namespace, self.dest, True)
+
+
 def add_max_megapixels(p: argparse.ArgumentParser) -> None:
+    """The decoding options: the pixel limit and reduced JPEG decoding."""
     p.add_argument("--max-megapixels", action=MaxMegapixels, default=None, metavar="MP",
                    help="largest image decoded, width x height in megapixels (default 40, or "
                         "$CLIPINSPECT_MAX_MEGAPIXELS); larger JPEGs are decoded reduced, other "
                         "formats refused")
+    p.add_argument("--jpeg-draft", action=JpegDraft, default=False,
+                   help="decode large JPEGs reduced (DCT scaling) to what the model needs: less "
+                        "time and memory, model input slightly different from decode-then-resize "
+                        "(default off, or $CLIPINSPECT_JPEG_DRAFT=1)")
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:

@@ -51,12 +51,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 DEFAULT_MAX_MEGAPIXELS = 40.0
 MAX_MEGAPIXELS_ENV = "CLIPINSPECT_MAX_MEGAPIXELS"
+JPEG_DRAFT_ENV = "CLIPINSPECT_JPEG_DRAFT"
 # In every error of a file that is an image but does not decode: it may still be being written.
 CORRUPT = "corrupt or truncated"
 DCT_SCALES = (1, 2, 4, 8)  # the reductions per side a JPEG decoder gives for free
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90 or 270 degrees: width and height swap
 _max_megapixels: float | None = None  # set_max_megapixels; else the environment; else default
+_jpeg_draft: bool | None = None  # set_jpeg_draft; else the environment; else off
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,27 @@ def max_pixels() -> int:
         raise ImageError(f"{MAX_MEGAPIXELS_ENV}={text!r}: expected a number of megapixels > 0, "
                          f"e.g. {DEFAULT_MAX_MEGAPIXELS:g}")
     return int(value * 1e6)
+
+
+def set_jpeg_draft(on: bool | None) -> None:
+    """Reduced JPEG decoding for the model's input in this process (None: back to the
+    environment/default, off). Off, the model sees exactly decode-then-resize, as the reference
+    pipelines do; on, a large JPEG is decoded by DCT scaling first (faster, less memory, inputs
+    differ slightly: docs/security.md)."""
+    global _jpeg_draft
+    _jpeg_draft = on
+
+
+def jpeg_draft() -> bool:
+    """Whether reduced JPEG decoding for the model's input is on (see :func:`set_jpeg_draft`)."""
+    if _jpeg_draft is not None:
+        return _jpeg_draft
+    text = os.environ.get(JPEG_DRAFT_ENV, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ImageError(f"{JPEG_DRAFT_ENV}={text!r}: expected 1 or 0")
 
 
 def check_pixels(width: int, height: int, name: str) -> None:

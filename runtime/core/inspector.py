@@ -22,7 +22,7 @@ from .backend import Backend
 from .backends import open_backend
 from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
-from .images import EncodedImage, ImageError, ImageInput, decode, describe
+from .images import EncodedImage, ImageError, ImageInput, decode, describe, jpeg_draft
 from .maps import gaussian_blur, upsample
 
 MODES = ("auto", "zero-shot", "few-shot")
@@ -116,8 +116,10 @@ class Inspector:
         """Never raises: whatever goes wrong with one image becomes that image's error."""
         source = describe(item)
         try:
-            # A kept image is drawn under its map, so it is decoded at the map's size.
-            decoded = decode(item, None if keep_image else max(self.bundle.preprocess.size))
+            # Reduced JPEG decoding only when asked for (it changes the model's input slightly);
+            # a kept image is drawn under its map, so it is decoded at the map's size.
+            reduced = jpeg_draft() and not keep_image
+            decoded = decode(item, max(self.bundle.preprocess.size) if reduced else None)
             tensor = self.bundle.preprocess(decoded.rgb)
         except ImageError as e:
             return LoadedImage(index, source, error=str(e))
