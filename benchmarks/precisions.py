@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 from .report import machine, write_results
-from .sidebyside import end_to_end, interleaved_rounds, synthetic_images
+from .sidebyside import bundle_with_precisions, end_to_end, interleaved_rounds, synthetic_images
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,14 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     import onnxruntime
 
-    from clipinspect.runtime import Bundle, Inspector
+    from clipinspect.runtime import Inspector
 
-    bundle = Bundle.open(args.bundle)
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    missing = [p for p in precisions if p not in bundle.precisions]
-    if missing:
-        raise SystemExit(f"the bundle has no {', '.join(missing)} graphs; make them with "
-                         f"'clipinspect quantize {args.bundle} --precision ...'")
+    bundle, precisions = bundle_with_precisions(args.bundle, args.precisions)
     category = bundle.categories[0]
     images, refs = synthetic_images(category, args.images, args.shots)
     inspectors = {p: Inspector.open(bundle, p) for p in precisions}

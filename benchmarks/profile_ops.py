@@ -166,14 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     import onnxruntime
 
-    from clipinspect.runtime import Bundle
+    from .sidebyside import bundle_with_precisions
 
-    bundle = Bundle.open(args.bundle)
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    missing = [p for p in precisions if p not in bundle.precisions]
-    if missing:
-        raise SystemExit(f"the bundle has no {', '.join(missing)} graphs; make them with "
-                         f"'clipinspect quantize {args.bundle} --precision ...'")
+    bundle, precisions = bundle_with_precisions(args.bundle, args.precisions)
     args.category = synthetic_category(bundle, args.category)
     with tempfile.TemporaryDirectory(prefix="clipinspect-profile-") as tmp:
         work = _images(args.category, max(args.batch_size, 8), args.shots, Path(tmp))

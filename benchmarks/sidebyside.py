@@ -13,6 +13,20 @@ import numpy as np
 DEFECTS = ("good", "scratch", "hole", "stain", "crack")
 
 
+def bundle_with_precisions(path: str, precisions: str):
+    """(the bundle at ``path``, the comma-separated ``precisions`` as a list); exits with what
+    to run when the bundle lacks one of their graphs."""
+    from clipinspect.runtime import Bundle
+
+    bundle = Bundle.open(path)
+    wanted = [p.strip() for p in precisions.split(",") if p.strip()]
+    missing = [p for p in wanted if p not in bundle.precisions]
+    if missing:
+        raise SystemExit(f"the bundle has no {', '.join(missing)} graphs; make them with "
+                         f"'clipinspect quantize {path} --precision ...'")
+    return bundle, wanted
+
+
 def synthetic_images(category: str, n_images: int, n_refs: int, size: int = 256
                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(test images cycling through the defect kinds, normal reference images), RGB uint8."""

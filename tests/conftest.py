@@ -142,3 +142,18 @@ def reference(small_model):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def default_decoding(monkeypatch):
+    """The decoding settings a fresh process has: the default pixel limit, whole JPEG decoding
+    (whatever the environment or an earlier test set)."""
+    from clipinspect.runtime.core import images
+
+    monkeypatch.delenv(images.MAX_MEGAPIXELS_ENV, raising=False)
+    monkeypatch.delenv(images.JPEG_DRAFT_ENV, raising=False)
+    images.set_max_megapixels(None)
+    images.set_jpeg_draft(None)
+    yield
+    images.set_max_megapixels(None)
+    images.set_jpeg_draft(None)

@@ -18,12 +18,7 @@ from clipinspect.runtime.core.images import EncodedImage, decode, preprocess, se
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-@pytest.fixture(autouse=True)
-def default_limit(monkeypatch):
-    monkeypatch.delenv(images.MAX_MEGAPIXELS_ENV, raising=False)
-    set_max_megapixels(None)
-    yield
-    set_max_megapixels(None)
+pytestmark = pytest.mark.usefixtures("default_decoding")
 
 
 def textured_jpeg(size: tuple[int, int], **save) -> bytes:

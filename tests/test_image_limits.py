@@ -15,12 +15,7 @@ from clipinspect.runtime.core.images import (EncodedImage, ImageError, max_pixel
                                              set_max_megapixels, to_rgb_array)
 
 
-@pytest.fixture(autouse=True)
-def default_limit(monkeypatch):
-    monkeypatch.delenv(images.MAX_MEGAPIXELS_ENV, raising=False)
-    set_max_megapixels(None)
-    yield
-    set_max_megapixels(None)
+pytestmark = pytest.mark.usefixtures("default_decoding")
 
 
 def encoded(size: tuple[int, int], fmt: str, **save) -> bytes:
