@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason="chromium and chromium-driver are not installed "
                                 "(apt-get install -y chromium chromium-driver)")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 from clipinspect.runtime import Inspector  # noqa: E402
@@ -54,7 +55,10 @@ def screenshot(driver, name: str) -> None:
 def wait_for(condition, timeout: float = 30.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:  # the page re-rendered between find and read
+            value = None
         if value:
             return value
         time.sleep(0.2)
