@@ -75,7 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(args.batch_size, args.max_wait_ms, args.max_queue,
                          int(args.max_body_mb * (1 << 20)), _api_key(args.api_key_file),
                          args.journal, max_map_side=args.max_map_side,
-                         body_timeout_s=args.body_timeout, max_connections=args.max_connections)
+                         body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                         max_connections_per_client=args.max_connections_per_client,
+                         header_timeout_s=args.header_timeout)
     serve(args.bundle, args.host, args.port, config, precision=args.precision,
           provider=args.provider, threads=args.threads)
     return 0
@@ -169,7 +171,13 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive, else 408 (default 30)")
     p.add_argument("--max-connections", type=positive_int, default=256,
-                   help="open connections; more get 503 at once (default 256)")
+                   help="open connections; beyond, the one idle longest is closed, or 503 when "
+                        "all are inside a request (default 256)")
+    p.add_argument("--max-connections-per-client", type=positive_int, default=32,
+                   help="open connections of one client address; more get 503 (default 32)")
+    p.add_argument("--header-timeout", type=float, default=5.0,
+                   help="seconds a connection may take to send a request head, from connecting "
+                        "or from the previous answer; else it is closed (default 5)")
     add_runtime_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -66,7 +66,9 @@ class ServeConfig:
     max_map_side: int = 1024      # longest side of the computed map and the returned heat map
     decode_workers: int = 2       # requests decoded at once (each may hold a full-size image)
     body_timeout_s: float = 30.0  # the whole body must arrive within this, else 408
-    max_connections: int = 256    # open connections; uvicorn answers 503 beyond (serve only)
+    max_connections: int = 256    # open connections; beyond, the oldest idle one is closed
+    max_connections_per_client: int = 32  # open connections of one client address; 503 beyond
+    header_timeout_s: float = 5.0  # a request head must be complete this long after connecting
     # True: a micro-batch mixing categories (or modes) is encoded in one pass and split at the
     # scoring heads. False: one encoder pass per (category, mode) group, as before; kept so that
     # benchmarks/mixed_categories.py measures both in one run.
@@ -143,6 +145,9 @@ class Metrics:
                                  registry=r)
         self.rejected = Counter("clipinspect_queue_rejections",
                                 "Requests refused because the queue was full", registry=r)
+        self.connections_closed = Counter(
+            "clipinspect_connections_closed", "Connections closed or refused by the server's "
+            "connection limits, by reason", ["reason"], registry=r)
 
 
 class Batcher:
@@ -521,9 +526,13 @@ class Service:
 
 def check_config(config: ServeConfig) -> None:
     if min(config.max_batch, config.max_queue, config.max_body_bytes, config.decode_workers,
-           config.max_map_side, config.max_connections) < 1 or not config.body_timeout_s > 0:
-        raise UsageError("max batch, max queue, max body size, decode workers, max map side and "
-                         "max connections must be >= 1, and the body timeout > 0")
+           config.max_map_side, config.max_connections, config.max_connections_per_client) < 1:
+        raise UsageError("max batch, max queue, max body size, decode workers, max map side, "
+                         "max connections and max connections per client must be >= 1")
+    for name, seconds in (("--body-timeout", config.body_timeout_s),
+                          ("--header-timeout", config.header_timeout_s)):
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise UsageError(f"{name} {seconds!r}: give a positive number of seconds")
     key = config.api_key
     if key is not None and not (key.isascii() and key.isprintable() and key.strip() == key):
         # Header values are latin-1 on the wire; a key outside printable ASCII could never match.
@@ -684,9 +693,19 @@ def serve(bundle: str, host: str, port: int, config: ServeConfig, *, precision: 
 
 
 def uvicorn_config(app: Starlette, host: str, port: int, config: ServeConfig):
+    """uvicorn's settings for ``app`` (from :func:`create_app`), with the connection limits of
+    :mod:`.connections` in front of it (uvicorn's own ``limit_concurrency`` is off: it counted
+    idle sockets too)."""
     import uvicorn
 
-    # limit_concurrency: connections beyond it get 503 from uvicorn before the app sees them;
-    # idle keep-alive connections are closed after 5 s.
+    from .connections import ConnectionGuard
+
+    closed = app.state.metrics.connections_closed
+    guard = ConnectionGuard(config.header_timeout_s, config.max_connections,
+                            config.max_connections_per_client,
+                            lambda reason: closed.labels(reason).inc())
+    app.state.connections = guard
+    # timeout_keep_alive: a keep-alive connection that sends nothing after a response is closed
+    # after 5 s (one that trickles bytes meets the header deadline instead).
     return uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
-                          limit_concurrency=config.max_connections, timeout_keep_alive=5)
+                          http=guard.protocol, limit_concurrency=None, timeout_keep_alive=5)
