@@ -189,3 +189,36 @@ def test_openapi_needs_the_key_where_one_is_set_and_the_docs_say_so(inspector):
     assert "/openapi.json" in auth
     assert not re.search(r"/openapi\.json`?\s+stays?\s+open", auth), auth
     assert re.search(r"`/openapi\.json`[^;]*need", auth), auth
+
+
+# ----------------------------------------------------------------- the live page, unwatched
+def test_the_live_feed_holds_bounded_memory_while_no_page_is_open(monkeypatch):
+    """A line inspecting for hours without the page open: the feed keeps one throughput window
+    of times (plus fixed-size latest and latency lists), not every inspection's time."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from clipinspect.runtime.core.inspector import InspectionResult
+    from clipinspect.runtime.serving import ui
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(ui, "time", SimpleNamespace(time=lambda: clock[0]))
+    feed = ui.LiveFeed()
+    result = InspectionResult("x", image_score=0.5, is_anomalous=False)
+
+    def inspect(n: int) -> None:
+        for _ in range(n):
+            clock[0] += 0.5  # two inspections a second, for hours
+            feed.record(CATEGORY, result, {"image": 1.0}, 0.01)
+
+    inspect(2_000)  # past every window and fixed-size list
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    inspect(40_000)
+    grown = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename")
+                if d.traceback[0].filename == ui.__file__)
+    tracemalloc.stop()
+    assert grown < 20_000, f"the feed grew by {grown} bytes over 40000 unwatched inspections"
+    s = feed.state()  # and what the page shows is still right
+    assert s["counts"][CATEGORY]["inspected"] == 42_000
+    assert s["throughput_per_s"] == pytest.approx(2.0, rel=0.05)

@@ -40,6 +40,8 @@ class LiveFeed:
         self._lock = threading.Lock()
         self._latest: deque[dict] = deque(maxlen=latest)
         self._latencies: deque[float] = deque(maxlen=latencies)
+        # Times of the inspections of the last THROUGHPUT_WINDOW_S, trimmed on every record, so
+        # a line running without a page open holds one window's worth, not its whole history.
         self._times: deque[float] = deque()
         self._counts: dict[str, dict[str, int]] = {}
         self._seq = 0
@@ -62,18 +64,22 @@ class LiveFeed:
                                      "overlay_png": thumb})
             self._latencies.append(seconds)
             self._times.append(now)
+            self._trim(now)
             c = self._counts.setdefault(category, {"inspected": 0, "NG": 0, "OK": 0})
             c["inspected"] += 1
             if verdict in c:
                 c[verdict] += 1
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] < now - THROUGHPUT_WINDOW_S:
+            self._times.popleft()
 
     def state(self) -> dict:
         """What the page shows, as JSON."""
         now = time.time()
         with self._lock:
             self._polled = now
-            while self._times and self._times[0] < now - THROUGHPUT_WINDOW_S:
-                self._times.popleft()
+            self._trim(now)
             window = min(THROUGHPUT_WINDOW_S, max(now - self._started, 1e-3))
             lat = np.array(self._latencies) * 1e3
             return {"seq": self._seq, "latest": list(self._latest),
