@@ -361,8 +361,11 @@ def test_engine_files_are_checked_against_the_bundle_record(bundle_path, tmp_pat
 def test_categories_only_refuses_another_bundle(bundle_path, repo, tmp_path):
     live = Path(shutil.copytree(repo, tmp_path / "models"))
     identity = json.loads((live / triton.CATEGORIES / triton.IDENTITY_FILE).read_text())
-    assert identity == {"bundle": Bundle.open(bundle_path).identity, "platform": "onnx",
-                        "precision": "fp32"}
+    served = Bundle.open(bundle_path)
+    assert {k: identity[k] for k in ("bundle", "platform", "precision", "heads")} == {
+        "bundle": served.identity, "platform": "onnx", "precision": "fp32",
+        "heads": {h: served.manifest.graphs["fp32"][h].sha256
+                  for h in ("head_zeroshot", "head_fewshot")}}
     other = Path(shutil.copytree(bundle_path, tmp_path / "other"))
     with Bundle.open(other).updating() as m:
         m.model.name = "ViT-B-16-plus-240"   # e.g. a 640-d bundle
@@ -371,5 +374,5 @@ def test_categories_only_refuses_another_bundle(bundle_path, repo, tmp_path):
         triton.write_repository(other, live, categories_only=True)
     assert {p: p.read_bytes() for p in (live / triton.CATEGORIES).rglob("*.npz")} == before
     (live / triton.CATEGORIES / triton.IDENTITY_FILE).unlink()
-    with pytest.raises(UsageError, match="does not record which bundle .* --overwrite"):
+    with pytest.raises(UsageError, match="does not record which bundle .* new --out"):
         triton.write_repository(bundle_path, live, categories_only=True)

@@ -108,8 +108,10 @@ def site_packages() -> list[str]:
 
 
 def _parameter(key: str, value: str) -> str:
-    return (f'parameters {{\n  key: "{key}"\n  value: {{\n'
-            f"    string_value: {json.dumps(value)}\n  }}\n}}\n")
+    from .repository import pbtxt_string  # here: the model code in Triton never imports this
+
+    return (f"parameters {{\n  key: {pbtxt_string(key)}\n  value: {{\n"
+            f"    string_value: {pbtxt_string(value)}\n  }}\n}}\n")
 
 
 def as_python_models(repo: Path, configs: dict[str, str], graph_models: list[str],

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from ..core.bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes, sha256_file
 from ..core.errors import UsageError
-from ..core.manifest import EngineBuild, FileEntry
+from ..core.manifest import BundleError, EngineBuild, FileEntry
 
 ENCODER = "clipinspect_encoder"
 CATEGORIES = "clipinspect_categories"
@@ -51,12 +52,45 @@ DEFAULT_MAX_BATCH = 32   # --platform onnx; tensorrt defaults to the engines' pr
 IDENTITY_FILE = "clipinspect_bundle.json"
 
 
+# Tensor names written into config.pbtxt: a plain identifier, nothing a parser could read as
+# the end of a field (a bundle is input: its graphs name their own tensors).
+TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def pbtxt_string(value: str) -> str:
+    """``value`` as a protobuf text-format string literal: '"' and '\\' escaped, every byte
+    outside printable ASCII (newlines, UTF-8 of non-ASCII letters) as an octal escape, so no
+    value can end its field and start another."""
+    out = []
+    for byte in str(value).encode("utf-8"):
+        if byte in b'"\\':
+            out.append("\\" + chr(byte))
+        elif 0x20 <= byte < 0x7F:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def check_tensor_name(name: str, where: str) -> str:
+    """``name`` when it is a plain tensor name; else a one-line error (the name shown with its
+    escapes, shortened)."""
+    if isinstance(name, str) and TENSOR_NAME.fullmatch(name):
+        return name
+    shown = repr(name)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise BundleError(f"the bundle's {where} names a tensor {shown}: Triton configs take only "
+                      "plain tensor names (letters, digits and '_', not starting with a digit, "
+                      "at most 128); nothing was written: re-export the bundle")
+
+
 def _dims(dims) -> str:
     return "[ " + ", ".join(str(int(d)) for d in dims) + " ]"
 
 
 def _tensor(name: str, dims, dtype: str = "TYPE_FP32") -> str:
-    return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims(dims)}\n  }}'
+    return (f"  {{\n    name: {pbtxt_string(name)}\n    data_type: {dtype}\n"
+            f"    dims: {_dims(dims)}\n  }}")
 
 
 def _block(key: str, tensors: list[str]) -> str:
@@ -72,7 +106,8 @@ class Shapes:
 
         h, w = bundle.input_size
         self.images = [3, h, w]
-        inputs = {n: [-1 if d is None else int(d) for d in dims]
+        inputs = {check_tensor_name(n, "scoring head graph"): [-1 if d is None else int(d)
+                                                                for d in dims]
                   for n, dims in head_inputs(bundle).items()}
         self.encoder = {n: dims[1:] for n, dims in inputs.items() if not is_category_input(n)}
         self.category = {n: dims for n, dims in inputs.items() if is_category_input(n)}
@@ -82,7 +117,8 @@ class Shapes:
 
 
 def _head_inputs(bundle: Bundle, mode: str) -> list[str]:
-    return list(bundle.manifest.graphs["fp32"][f"head_{mode}"].inputs or [])
+    return [check_tensor_name(n, f"manifest (graphs.fp32.head_{mode}.inputs)")
+            for n in bundle.manifest.graphs["fp32"][f"head_{mode}"].inputs or []]
 
 
 def encoder_config(bundle: Bundle, platform: str, max_batch: int) -> str:
@@ -90,7 +126,7 @@ def encoder_config(bundle: Bundle, platform: str, max_batch: int) -> str:
     # What a client needs to prepare images, readable through Triton's model-config API.
     preprocessing = json.dumps({**bundle.preprocess.to_dict(), "bundle": bundle.identity})
     preferred = sorted({b for b in (4, 8, 16, max_batch) if b <= max_batch})
-    return (f'name: "{ENCODER}"\nplatform: "{PLATFORMS[platform][0]}"\n'
+    return (f"name: {pbtxt_string(ENCODER)}\nplatform: {pbtxt_string(PLATFORMS[platform][0])}\n"
             f"max_batch_size: {max_batch}\n"
             + _block("input", [_tensor("images", s.images)])
             + _block("output", [_tensor(n, d) for n, d in s.encoder.items()])
@@ -98,7 +134,7 @@ def encoder_config(bundle: Bundle, platform: str, max_batch: int) -> str:
               f"  max_queue_delay_microseconds: {DEFAULT_QUEUE_DELAY_US}\n}}\n"
             + "instance_group [\n  {\n    kind: KIND_GPU\n    count: 1\n  }\n]\n"
             + 'parameters {\n  key: "clipinspect_preprocessing"\n  value: {\n'
-              f"    string_value: {json.dumps(preprocessing)}\n  }}\n}}\n")
+              f"    string_value: {pbtxt_string(preprocessing)}\n  }}\n}}\n")
 
 
 def head_config(bundle: Bundle, platform: str, mode: str) -> str:
@@ -108,22 +144,23 @@ def head_config(bundle: Bundle, platform: str, mode: str) -> str:
         dims = s.category[n] if n in s.category else [-1, *s.encoder[n]]
         inputs.append(_tensor(n, dims))
     outputs = [_tensor("image_score", [-1]), _tensor("anomaly_grid", [-1, *s.grid])]
-    return (f'name: "{HEADS[mode]}"\nplatform: "{PLATFORMS[platform][0]}"\nmax_batch_size: 0\n'
+    return (f"name: {pbtxt_string(HEADS[mode])}\n"
+            f"platform: {pbtxt_string(PLATFORMS[platform][0])}\nmax_batch_size: 0\n"
             + _block("input", inputs) + _block("output", outputs)
             + "instance_group [\n  {\n    kind: KIND_GPU\n    count: 1\n  }\n]\n")
 
 
 def categories_config(bundle: Bundle) -> str:
     s = Shapes(bundle)
-    return (f'name: "{CATEGORIES}"\nbackend: "python"\nmax_batch_size: 0\n'
+    return (f'name: {pbtxt_string(CATEGORIES)}\nbackend: "python"\nmax_batch_size: 0\n'
             + _block("input", [_tensor("category", [1], "TYPE_STRING")])
             + _block("output", [_tensor(n, d) for n, d in s.category.items()])
             + "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n")
 
 
 def _map(kind: str, pairs: list[tuple[str, str]]) -> str:
-    return "".join(f'      {kind} {{\n        key: "{k}"\n        value: "{v}"\n      }}\n'
-                   for k, v in pairs)
+    return "".join(f"      {kind} {{\n        key: {pbtxt_string(k)}\n"
+                   f"        value: {pbtxt_string(v)}\n      }}\n" for k, v in pairs)
 
 
 def ensemble_config(bundle: Bundle, mode: str) -> str:
@@ -135,10 +172,10 @@ def ensemble_config(bundle: Bundle, mode: str) -> str:
              (CATEGORIES, [("category", "category")], [(n, n) for n in from_store]),
              (HEADS[mode], [(n, n) for n in head_inputs],
               [("image_score", "image_score"), ("anomaly_grid", "anomaly_grid")])]
-    body = ",\n".join(f'    {{\n      model_name: "{model}"\n      model_version: -1\n'
+    body = ",\n".join(f"    {{\n      model_name: {pbtxt_string(model)}\n      model_version: -1\n"
                       + _map("input_map", ins) + _map("output_map", outs) + "    }"
                       for model, ins, outs in steps)
-    return (f'name: "{ENSEMBLES[mode]}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+    return (f'name: {pbtxt_string(ENSEMBLES[mode])}\nplatform: "ensemble"\nmax_batch_size: 0\n'
             + _block("input", [_tensor("images", [-1, *s.images]),
                                _tensor("category", [1], "TYPE_STRING")])
             + _block("output", [_tensor("image_score", [-1]),
@@ -157,20 +194,35 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def category_folders(bundle: Bundle) -> dict[str, str]:
+    """{category: its folder under the categories model}; two names sharing a folder ("metal
+    nut" and "metal_nut", or "Bottle" and "bottle" on a case-insensitive disk) are refused, as
+    the categories model could serve only one of them."""
+    folders: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for name in bundle.categories:
+        folder = category_dir(name)
+        other = taken.setdefault(folder.lower(), name)
+        if other != name:
+            raise UsageError(f"categories {other!r} and {name!r} of the bundle share the folder "
+                             f"{folder!r} in the repository; rename one (clipinspect "
+                             "add-category under a new name, then remove the old one)")
+        folders[name] = folder
+    return folders
+
+
 def write_categories(bundle: Bundle, repo: Path) -> list[str]:
     """Write every category's arrays into the categories model (atomically, file by file)."""
     root = repo / CATEGORIES / "1"
-    names = []
-    for name in bundle.categories:
+    folders = category_folders(bundle)  # before anything is written
+    for name, folder in folders.items():
         data = bundle.category(name)
-        folder = root / category_dir(name)
-        atomic_write_bytes(folder / "text.npz", npz_bytes(data.text))
+        atomic_write_bytes(root / folder / "text.npz", npz_bytes(data.text))
         if data.memory:
-            atomic_write_bytes(folder / "memory.npz", npz_bytes(data.memory))
+            atomic_write_bytes(root / folder / "memory.npz", npz_bytes(data.memory))
         else:
-            (folder / "memory.npz").unlink(missing_ok=True)
-        names.append(name)
-    return names
+            (root / folder / "memory.npz").unlink(missing_ok=True)
+    return list(folders)
 
 
 def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> EngineBuild:
@@ -230,22 +282,137 @@ def checked_file(bundle: Bundle, entry: FileEntry, what: str) -> Path:
     return path
 
 
+def _heads(bundle: Bundle, precision: str) -> dict[str, str | None]:
+    """{head graph: SHA-256} at ``precision``: what the category arrays must fit (a bundle with
+    prompt adaptation has the same encoder as one without, but heads taking other inputs)."""
+    graphs = bundle.manifest.graphs.get(precision, {})
+    return {f"head_{m}": graphs[f"head_{m}"].sha256 if f"head_{m}" in graphs else None
+            for m in HEADS}
+
+
 def _identity(bundle: Bundle, platform: str, precision: str) -> dict[str, Any]:
-    return {"bundle": bundle.identity, "platform": platform, "precision": precision}
+    return {"bundle": bundle.identity, "platform": platform, "precision": precision,
+            "heads": _heads(bundle, precision)}
+
+
+def _read_identity(out: Path) -> dict | None:
+    try:
+        record = json.loads((out / CATEGORIES / IDENTITY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _check_same_bundle(bundle: Bundle, out: Path) -> None:
     """--categories-only writes arrays the served heads must accept: only from the bundle the
-    repository was written from (a 640-d bundle's prototypes break a 384-d repository)."""
-    path = out / CATEGORIES / IDENTITY_FILE
-    if not path.is_file():
-        raise UsageError(f"{str(out)!r} does not record which bundle it was written from (an "
-                         "older clipinspect wrote it); write it again with --overwrite")
-    served = json.loads(path.read_text())["bundle"]
-    if served != bundle.identity:
-        raise UsageError(f"{str(out)!r} serves bundle {served!r}, not {bundle.identity!r}; "
-                         "--categories-only only refreshes the categories of the same bundle "
-                         "(write a new repository with --overwrite instead)")
+    repository was written from (a 640-d bundle's prototypes break a 384-d repository), with
+    the same heads (an adapted bundle's heads take prompt pools a plain one does not have)."""
+    served = _read_identity(out)
+    if served is None or "heads" not in served:
+        raise UsageError(f"{str(out)!r} does not record which bundle and heads it was written "
+                         "from (an older clipinspect wrote it); write it again (without "
+                         "--categories-only) into a new --out")
+    if served.get("bundle") != bundle.identity:
+        raise UsageError(f"{str(out)!r} serves bundle {served.get('bundle')!r}, not "
+                         f"{bundle.identity!r}; --categories-only only refreshes the categories "
+                         "of the same bundle (write a new repository with --overwrite instead)")
+    if served["heads"] != _heads(bundle, str(served.get("precision"))):
+        raise UsageError(f"{str(out)!r} serves other scoring heads than bundle "
+                         f"{str(bundle.root)!r} has (e.g. one with prompt adaptation, the other "
+                         "without); --categories-only only refreshes the categories of the "
+                         "same bundle (write a new repository with --overwrite instead)")
+
+
+def _written(root: Path) -> list[str]:
+    """Every path under ``root`` (folders too), relative, '/'-separated: what was written."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def _check_only_ours(out: Path) -> None:
+    """--overwrite removes a repository only when everything in it is what clipinspect wrote
+    there (the list recorded next to the categories model); Python's bytecode caches, which
+    Triton's Python backend may leave next to model.py, count as written."""
+    record = _read_identity(out)
+    recorded = set(record.get("files") or []) if record else set()
+    if not recorded:
+        raise UsageError(f"{str(out)!r} does not record what clipinspect wrote there (an older "
+                         "clipinspect wrote it); --overwrite removes only what clipinspect "
+                         "recorded: delete the folder yourself or choose another --out")
+    unknown = [rel for rel in _written(out)
+               if rel not in recorded and "__pycache__" not in rel.split("/")]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise UsageError(f"{str(out)!r} holds {unknown[0]!r}{more}, which clipinspect did not "
+                         "write; --overwrite removes only a repository clipinspect wrote: move "
+                         "that away or choose another --out")
+
+
+def _check_out_location(bundle: Bundle, out: Path) -> None:
+    """The repository is written next to ``out`` and swapped in whole: refuse an ``out`` that
+    holds the current folder or the bundle, or lies inside the bundle."""
+    where = out.resolve()
+    root = bundle.root.resolve()
+    if out.is_symlink():
+        raise UsageError(f"--out {str(out)!r} is a symbolic link; give the folder it points to, "
+                         f"{str(where)!r}, or another one")
+    if Path.cwd().resolve().is_relative_to(where):
+        raise UsageError(f"--out {str(out)!r} is the current folder or one above it; the "
+                         "repository replaces --out as a whole: give a folder of its own, e.g. "
+                         "--out models")
+    if root.is_relative_to(where) or where.is_relative_to(root):
+        raise UsageError(f"--out {str(out)!r} holds or lies inside the bundle {str(root)!r}; "
+                         "give a folder of its own next to the bundle, e.g. --out models")
+
+
+def _write_models(bundle: Bundle, tmp: Path, platform: str, precision: str, max_batch: int,
+                  record: EngineBuild | None) -> None:
+    """Every model of the repository into ``tmp``, with the list of what was written."""
+    # Configs first: a bundle whose tensor names cannot be written is refused before any file.
+    configs = {ENCODER: encoder_config(bundle, platform, max_batch),
+               CATEGORIES: categories_config(bundle),
+               **{name: head_config(bundle, platform, mode) for mode, name in HEADS.items()},
+               **{name: ensemble_config(bundle, mode) for mode, name in ENSEMBLES.items()}}
+    category_folders(bundle)
+    filename = PLATFORMS[platform][1]
+
+    def model_file(graph: str) -> Path:
+        if record is not None:
+            return checked_file(bundle, record.files[graph], f"{precision} {graph} engine")
+        return checked_file(bundle, bundle.manifest.graphs[precision][graph],
+                            f"{precision} {graph} graph")
+
+    _place(model_file("encoder"), tmp / ENCODER / "1" / filename)
+    for mode, name in HEADS.items():
+        _place(model_file(f"head_{mode}"), tmp / name / "1" / filename)
+    for name in ENSEMBLES.values():
+        (tmp / name / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir
+    (tmp / CATEGORIES / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(__file__).with_name("categories.py"), tmp / CATEGORIES / "1" / "model.py")
+    if platform == "python":
+        from .python_model import as_python_models
+
+        as_python_models(tmp, configs, [ENCODER, *HEADS.values()], CATEGORIES)
+    for name, text in configs.items():
+        atomic_write_bytes(tmp / name / "config.pbtxt", text.encode())
+    write_categories(bundle, tmp)
+    identity = {**_identity(bundle, platform, precision),
+                "files": sorted([*_written(tmp), f"{CATEGORIES}/{IDENTITY_FILE}"])}
+    atomic_write_bytes(tmp / CATEGORIES / IDENTITY_FILE, json.dumps(identity).encode())
+
+
+def _refresh_categories(bundle: Bundle, out: Path) -> None:
+    """--categories-only: the category files rewritten, and recorded as written."""
+    if not (out / CATEGORIES / "config.pbtxt").is_file():
+        raise UsageError(f"{str(out)!r} is not a clipinspect model repository; write it "
+                         "first without --categories-only")
+    _check_same_bundle(bundle, out)
+    write_categories(bundle, out)
+    record = _read_identity(out) or {}
+    if record.get("files"):
+        below = out / CATEGORIES / "1" / "categories"
+        added = [f"{CATEGORIES}/1/categories/{rel}" for rel in _written(below)]
+        record["files"] = sorted({*record["files"], f"{CATEGORIES}/1/categories", *added})
+        atomic_write_bytes(out / CATEGORIES / IDENTITY_FILE, json.dumps(record).encode())
 
 
 def write_repository(bundle_path, out, *, platform: str = "onnx", precision: str = "fp32",
@@ -263,19 +430,17 @@ def write_repository(bundle_path, out, *, platform: str = "onnx", precision: str
         raise UsageError(f"--max-batch {max_batch}: need at least 1")
     bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
     if categories_only:
-        if not (out / CATEGORIES / "config.pbtxt").is_file():
-            raise UsageError(f"{str(out)!r} is not a clipinspect model repository; write it "
-                             "first without --categories-only")
-        _check_same_bundle(bundle, out)
-        write_categories(bundle, out)
+        _refresh_categories(bundle, out)
         return out
-    if out.exists() and any(out.iterdir()):
+    _check_out_location(bundle, out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (out / ENCODER / "config.pbtxt").is_file():
             raise UsageError(f"{str(out)!r} exists, is not empty and is not a clipinspect model "
                              "repository; choose another --out")
         if not overwrite:
             raise UsageError(f"{str(out)!r} already holds a model repository; pass --overwrite "
                              "to replace it, or --categories-only to refresh the categories")
+        _check_only_ours(out)
     record = _engine_record(bundle, precision, engine_key) if platform == "tensorrt" else None
     if record is not None:
         max_batch = engine_max_batch(record, max_batch, f"clipinspect build-engine {bundle.root} "
@@ -283,38 +448,10 @@ def write_repository(bundle_path, out, *, platform: str = "onnx", precision: str
     elif max_batch is None:
         max_batch = DEFAULT_MAX_BATCH
     # Written next to the target and swapped in whole: a failure leaves the old one intact.
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.resolve().with_name(f".{out.resolve().name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    filename = PLATFORMS[platform][1]
-
-    def model_file(graph: str) -> Path:
-        if record is not None:
-            return checked_file(bundle, record.files[graph], f"{precision} {graph} engine")
-        return checked_file(bundle, bundle.manifest.graphs[precision][graph],
-                            f"{precision} {graph} graph")
-
     try:
-        configs = {ENCODER: encoder_config(bundle, platform, max_batch),
-                   CATEGORIES: categories_config(bundle)}
-        _place(model_file("encoder"), tmp / ENCODER / "1" / filename)
-        for mode, name in HEADS.items():
-            configs[name] = head_config(bundle, platform, mode)
-            _place(model_file(f"head_{mode}"), tmp / name / "1" / filename)
-        for mode, name in ENSEMBLES.items():
-            configs[name] = ensemble_config(bundle, mode)
-            (tmp / name / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version dir
-        (tmp / CATEGORIES / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(__file__).with_name("categories.py"),
-                     tmp / CATEGORIES / "1" / "model.py")
-        if platform == "python":
-            from .python_model import as_python_models
-
-            as_python_models(tmp, configs, [ENCODER, *HEADS.values()], CATEGORIES)
-        for name, text in configs.items():
-            atomic_write_bytes(tmp / name / "config.pbtxt", text.encode())
-        write_categories(bundle, tmp)
-        atomic_write_bytes(tmp / CATEGORIES / IDENTITY_FILE,
-                           json.dumps(_identity(bundle, platform, precision)).encode())
+        _write_models(bundle, tmp, platform, precision, max_batch, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
