@@ -55,13 +55,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
-    import importlib.util
+    from ..core.backends import ort_conflict
+    from ..core.provider_probe import report, report_lines
 
-    from ..core.backends import available_providers, ort_conflict
-
-    # Only whether the packages are there: importing TensorRT takes seconds.
-    native = all(importlib.util.find_spec(m) for m in ("tensorrt", "cupy"))
-    print(", ".join(available_providers() + (["tensorrt-native"] if native else [])) or "none")
+    # Each provider opens a one-node session: what it runs on, not what onnxruntime lists.
+    data = report()
+    print(json.dumps(data, indent=2) if args.json else "\n".join(report_lines(data)))
     conflict = ort_conflict()
     if conflict:
         print(f"WARNING: {conflict}", file=sys.stderr)
@@ -135,6 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "several")
     p.set_defaults(func=cmd_triton)
 
-    p = sub.add_parser("providers", help="list the providers installed (onnxruntime's, and "
-                                         "tensorrt-native where TensorRT and cupy are)")
+    p = sub.add_parser("providers", help="what each provider actually runs on (a one-node "
+                                         "session each), why one fell back, and the CUDA, "
+                                         "cuDNN and TensorRT versions found")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_providers)

@@ -8,8 +8,12 @@ with an error that names the limit, instead of letting onnxruntime build another
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,37 +74,111 @@ def _shapes_option(shapes: dict[str, tuple[int, ...]]) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
 
 
+# Provider options that not every onnxruntime knows, with the first release that does (an
+# unknown option makes the provider fail to register). use_tf32: onnxruntime PRs 19357 (cuBLAS
+# GEMMs) and 19426 (cuDNN convolutions), released in 1.18.
+OPTION_SINCE = {"use_tf32": (1, 18)}
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...]:
+    parts = re.findall(r"\d+", str(text or "").split("+")[0])[:3]
+    return tuple(int(p) for p in parts)
+
+
+def installed_ort_version() -> str | None:
+    """The installed onnxruntime's version, from package metadata (no import)."""
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def knows_option(option: str, ort_version: str | None) -> bool:
+    since = OPTION_SINCE.get(option)
+    return since is None or _version_tuple(ort_version) >= since
+
+
+def cuda_options(ort_version: str | None) -> dict[str, Any]:
+    """The CUDA provider's options, also for the CUDA provider under the TensorRT one.
+    use_tf32 0: onnxruntime turns TF32 on by default (Ampere and later), which runs FP32
+    matrix products and convolutions with 10-bit mantissas; FP32 here means FP32, for the FP32
+    encoder and for the scoring heads (FP32 in every variant). cuDNN's algorithm search is
+    about speed, not accuracy: HEURISTIC avoids minutes of exhaustive search on a Jetson."""
+    opts: dict[str, Any] = {"cudnn_conv_algo_search": "HEURISTIC"}
+    if knows_option("use_tf32", ort_version):
+        opts["use_tf32"] = 0
+    return opts
+
+
+def tensorrt_version() -> str:
+    """'trt10.13.3.9' from the installed TensorRT wheel's metadata ('trt-unknown' without one:
+    a JetPack TensorRT has no pip metadata; its version is then read from the library)."""
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_libs",
+                 "tensorrt-cu13-libs", "tensorrt-cu12-libs"):
+        try:
+            return f"trt{importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    from .provider_probe import library_version
+
+    found = library_version("TensorRT").split(" ")[0]
+    return f"trt{found}" if found[:1].isdigit() else "trt-unknown"
+
+
+def engine_cache_key(profile: dict | None, fp16: bool, int8: bool,
+                     ort_version: str | None, trt_version: str) -> str:
+    """Folder of onnxruntime's TensorRT engine cache for one session: its profile, precision
+    flags and the onnxruntime / TensorRT versions, so a changed batch range or an upgrade
+    never finds an engine built for something else."""
+    text = json.dumps({"profile": {k: [list(s) for s in v] for k, v in (profile or {}).items()},
+                       "fp16": bool(fp16), "int8": bool(int8)}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"ort{ort_version or 'unknown'}_{trt_version}_{digest}"
+
+
 def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = False,
                      int8: bool = False,
-                     profile: dict[str, tuple[tuple[int, ...], ...]] | None = None) -> list[Any]:
+                     profile: dict[str, tuple[tuple[int, ...], ...]] | None = None, *,
+                     ort_version: str | None = None) -> list[Any]:
     """onnxruntime provider list for ``provider`` (cpu|cuda|tensorrt).
 
-    TensorRT: ``fp16`` lets it run the FP16 graph's layers in FP16 (the graph itself keeps
-    LayerNormalization in FP32 with casts around it: see calibration/quantize.py); ``int8``:
-    the graph is explicitly quantized (QDQ), so TensorRT takes its scales from the graph and
-    needs no calibration table.
+    TensorRT: ``fp16`` lets it run the FP16 graph's layers in FP16 with LayerNormalization
+    kept FP32 (trt_layer_norm_fp32_fallback; the graph also keeps softmax and LayerNorm in FP32
+    with casts around them: see calibration/quantize.py); ``int8``: the graph is explicitly
+    quantized (QDQ), so TensorRT takes its scales from the graph and needs no calibration
+    table. onnxruntime's TensorRT provider has no option to clear TensorRT's TF32 flag nor to
+    build strongly typed networks (1.31): its FP32 deviates within the bound stated in
+    docs/deployment.md, which gpu_check enforces, unless NVIDIA_TF32_OVERRIDE=0 is set.
     ``profile`` {input: (min, opt, max) shape} is the optimization profile, so one engine
     serves the whole batch range instead of a rebuild for each new batch size. Engines and
-    timing caches are kept in ``cache_dir``.
+    timing caches are kept in a folder of ``cache_dir`` named by :func:`engine_cache_key`.
+    ``ort_version``: the installed onnxruntime's (default: read off its metadata).
     """
     if provider == "cpu":
         return ["CPUExecutionProvider"]
+    ort_version = ort_version or installed_ort_version()
+    cuda = ("CUDAExecutionProvider", cuda_options(ort_version))
     if provider == "cuda":
-        return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
-                "CPUExecutionProvider"]
+        return [cuda, "CPUExecutionProvider"]
     if provider == "tensorrt":
         opts: dict[str, Any] = {"trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8)}
+        if fp16:
+            opts["trt_layer_norm_fp32_fallback"] = True
         if int8:
             opts["trt_int8_use_native_calibration_table"] = False
         if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
-                        trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+            folder = cache_dir / engine_cache_key(profile, fp16, int8, ort_version,
+                                                  tensorrt_version())
+            folder.mkdir(parents=True, exist_ok=True)
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(folder),
+                        trt_timing_cache_enable=True, trt_timing_cache_path=str(folder))
         if profile:
             for i, which in enumerate(("min", "opt", "max")):
                 opts[f"trt_profile_{which}_shapes"] = _shapes_option(
                     {name: shapes[i] for name, shapes in profile.items()})
-        return [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("TensorrtExecutionProvider", opts), cuda, "CPUExecutionProvider"]
     raise ProviderError(f"unknown provider {provider!r}{did_you_mean(provider, PROVIDERS)}: "
                         f"choose one of {', '.join(PROVIDERS)}")
 
@@ -137,14 +215,34 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
                 if provider != "cpu" else "")
         raise ProviderError(f"provider {provider!r} ({PROVIDERS[provider]}) is not available in this "
                             f"onnxruntime; available: {have}{hint}")
+    if provider != "cpu" and not knows_option("use_tf32", ort.__version__):
+        warnings.warn(f"onnxruntime {ort.__version__}'s CUDA provider has no use_tf32 option: "
+                      "FP32 matrix products run in TF32 (10-bit mantissas) on Ampere and later "
+                      "GPUs; install onnxruntime-gpu >= 1.18 (see docs/deployment.md) or set "
+                      "NVIDIA_TF32_OVERRIDE=0", RuntimeWarning, stacklevel=2)
     so = session_options(threads, profile_prefix)
-    session = ort.InferenceSession(str(path), sess_options=so,
-                                   providers=provider_options(provider, cache_dir, fp16, int8,
-                                                              profile))
+    providers = provider_options(provider, cache_dir, fp16, int8, profile,
+                                 ort_version=ort.__version__)
+    from .provider_probe import captured_output, loader_reason
+
+    log = {"text": ""}
+    if provider == "cpu":
+        session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    else:
+        # onnxruntime says why a provider's libraries did not load only in its log: keep it
+        # for the error, and pass it on as it would have been printed.
+        try:
+            with captured_output() as log:
+                session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        finally:
+            sys.stderr.write(log["text"])
     if PROVIDERS[provider] not in session.get_providers():
         # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
+        reason = loader_reason(log["text"]) or "onnxruntime printed no reason"
         raise ProviderError(f"onnxruntime did not register {PROVIDERS[provider]} for {path.name} "
-                            f"(got {session.get_providers()}); check the CUDA/TensorRT installation")
+                            f"(got {session.get_providers()}); onnxruntime said: {reason}. "
+                            "'clipinspect providers' shows the CUDA, cuDNN and TensorRT "
+                            "libraries found")
     return session
 
 
