@@ -27,10 +27,13 @@ this schema before writing the file. No torch here: the runtime's CLI can load i
 from __future__ import annotations
 
 import datetime as _dt
+import http.client
 import json
 import os
 import re
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -193,31 +196,100 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
                               "you trust that address, give it with --url")
 
 
-def _post(url: str, body: dict, api_key: str | None, timeout: float) -> dict:
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
-    opener = urllib.request.build_opener(_NoRedirects)
+class _Connections(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's HTTP and HTTPS handlers, keeping each connection so that a request past its
+    deadline can be cut off (its sockets shut down) from another thread."""
+
+    def __init__(self):
+        urllib.request.HTTPHandler.__init__(self)
+        urllib.request.HTTPSHandler.__init__(self)
+        self.opened: list[http.client.HTTPConnection] = []
+
+    def _kept(self, connection_class):
+        def make(*args, **kwargs):
+            connection = connection_class(*args, **kwargs)
+            self.opened.append(connection)
+            return connection
+        return make
+
+    def http_open(self, req):
+        return self.do_open(self._kept(http.client.HTTPConnection), req)
+
+    def https_open(self, req):
+        return self.do_open(self._kept(http.client.HTTPSConnection), req,
+                            context=self._context)
+
+    def cut_off(self) -> None:
+        for connection in self.opened:
+            sock = connection.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _exchange(request: urllib.request.Request, connections: _Connections,
+              deadline: float) -> bytes:
+    """Send ``request`` and read its answer, at most MAX_ANSWER_BYTES, in chunks until
+    ``deadline`` (time.monotonic()); -> the body, or raises GenerationError."""
+    url = request.full_url
+    opener = urllib.request.build_opener(_NoRedirects, connections)
     try:
-        with opener.open(request, timeout=timeout) as response:
-            raw = response.read(MAX_ANSWER_BYTES + 1)
-        if len(raw) > MAX_ANSWER_BYTES:
-            raise GenerationError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes; that is "
-                                  "not a chat answer: check --url")
+        with opener.open(request, timeout=max(deadline - time.monotonic(), 0.001)) as response:
+            chunks, size = [], 0
+            while size <= MAX_ANSWER_BYTES:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("the answer was still coming at the deadline")
+                chunk = response.read1(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise GenerationError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes; that "
+                                      "is not a chat answer: check --url")
+            return b"".join(chunks)
     except urllib.error.HTTPError as e:
         detail = e.read(300).decode("utf-8", "replace").strip()
         hint = " (check the API key variable)" if e.code in (401, 403) else ""
         raise GenerationError(f"{url} answered HTTP {e.code} {e.reason}{hint}: "
                               f"{detail or 'no body'}") from e
-    except (socket.timeout, TimeoutError) as e:
-        raise GenerationError(f"{url} did not answer within {timeout:g} s; raise --timeout or "
-                              "check the server") from e
     except urllib.error.URLError as e:
         if isinstance(e.reason, (socket.timeout, TimeoutError)):
-            raise GenerationError(f"{url} did not answer within {timeout:g} s; raise --timeout "
-                                  "or check the server") from e
+            raise TimeoutError(str(e.reason)) from e
         raise GenerationError(f"cannot reach {url}: {e.reason}") from e
+
+
+def _post(url: str, body: dict, api_key: str | None, timeout: float) -> dict:
+    """POST ``body`` as JSON; the answer's JSON. ``timeout`` bounds the whole request (name
+    lookup, connection, headers and body): urllib's own timeout bounds each socket operation
+    only, so a server sending a byte now and then would hold it for ever. The request runs in
+    a daemon thread; at the deadline its connection is cut off and the caller gets the error."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    connections = _Connections()
+    deadline = time.monotonic() + timeout
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["raw"] = _exchange(request, connections, deadline)
+        except BaseException as e:  # handed to the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name="prompts-generate-request", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    late = f"{url} did not answer within {timeout:g} s; raise --timeout or check the server"
+    if worker.is_alive() or isinstance(outcome.get("error"), (socket.timeout, TimeoutError)):
+        connections.cut_off()
+        raise GenerationError(late) from outcome.get("error")
+    if "error" in outcome:
+        raise outcome["error"]
+    raw = outcome["raw"]
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

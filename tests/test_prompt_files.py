@@ -219,3 +219,68 @@ def test_generate_refuses_an_oversized_answer(endpoint, tmp_path, monkeypatch):
     with pytest.raises(prompt_files.GenerationError, match="more than"):
         prompt_files.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json",
                               progress=lambda m: None)
+
+
+class Dripper:
+    """A server on 127.0.0.1 that answers every request one byte every 0.2 s (the status line
+    and headers too, or only the body), for at most ``limit_s``; records when the client cut
+    the connection."""
+
+    def __init__(self, where: str, limit_s: float = 6.0):
+        import socket
+
+        self.where, self.limit_s, self.cut_at = where, limit_s, None
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(limit_s)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(self.limit_s)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            body = json.dumps({"choices": [{"message": {"content": answer("screw")}}]}).encode()
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            if self.where == "body":
+                conn.sendall(head)
+            slow = (head if self.where == "headers" else b"") + body
+            end = time.monotonic() + self.limit_s
+            for i in range(len(slow)):
+                if time.monotonic() > end:
+                    return
+                try:
+                    conn.sendall(slow[i:i + 1])
+                except OSError:
+                    self.cut_at = time.monotonic()
+                    return
+                time.sleep(0.2)
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(self.limit_s + 2)
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_timeout_bounds_the_whole_request_against_a_dripping_server(tmp_path, where):
+    server = Dripper(where)
+    try:
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match=r"did not answer within 1 s") as e:
+            prompt_files.generate(server.url, "m", ["screw"], tmp_path / "p.json", timeout=1.0,
+                                  progress=lambda m: None)
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0 + 1.0, elapsed  # urllib's per-read timeout alone: about 30 s
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "p.json").exists()
+        server.thread.join(3.0)
+        assert server.cut_at is not None and server.cut_at - started < 1.0 + 3.0  # cut off
+    finally:
+        server.close()
