@@ -68,14 +68,26 @@ def drip(socks: list[socket.socket], stop: threading.Event, every_s: float = 2.0
 
 
 def closed_by_server(s: socket.socket) -> bool:
-    """Whether the server has closed (or answered and is closing) this idle connection."""
-    readable, _, _ = select.select([s], [], [], 0)
-    if readable:  # EOF, a reset, or a 503 followed by EOF: the server acted on it
+    """Whether the server has closed this connection (EOF or a reset; data is read past)."""
+    while select.select([s], [], [], 0)[0]:
         try:
-            s.recv(4096)
+            if not s.recv(4096):
+                return True
         except OSError:
-            pass
-    return bool(readable)
+            return True
+    return False
+
+
+def read_answer(s: socket.socket) -> bytes:
+    """One whole HTTP answer with a Content-Length body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += s.recv(4096)
+    return head + b"\r\n\r\n" + body
 
 
 def timed(call) -> tuple[float, httpx.Response]:
@@ -151,7 +163,7 @@ def test_a_keep_alive_connection_trickling_bytes_after_an_answer_is_closed(inspe
     conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     try:
         conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        assert read_answer(conn).startswith(b"HTTP/1.1 200")
         t0 = time.perf_counter()
         closed = False
         while time.perf_counter() - t0 < 8 and not closed:
@@ -222,3 +234,146 @@ def test_the_live_feed_holds_bounded_memory_while_no_page_is_open(monkeypatch):
     s = feed.state()  # and what the page shows is still right
     assert s["counts"][CATEGORY]["inspected"] == 42_000
     assert s["throughput_per_s"] == pytest.approx(2.0, rel=0.05)
+
+
+# ----------------------------------------------------------------- inference watchdog
+class Hanging:
+    """A stand-in inspector: the real one, except that while ``hang`` is set a batch does not
+    return until ``release`` is set (a backend that hangs)."""
+
+    def __init__(self, inner: Inspector):
+        self.inner, self.hang, self.release = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def inspect_mixed(self, *args, **kwargs):
+        if self.hang.is_set():
+            self.release.wait(60)
+        return self.inner.inspect_mixed(*args, **kwargs)
+
+
+def ready(url: str) -> httpx.Response:
+    return httpx.get(url + "/readyz", timeout=5)
+
+
+def wait_for(check, seconds: float):
+    deadline = time.perf_counter() + seconds
+    while not (value := check()) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    return value
+
+
+def test_readiness_turns_503_while_a_batch_never_returns_and_recovers(inspector):
+    stand_in = Hanging(inspector)
+    server = Live(lambda: stand_in, configured(inference_timeout_s=1.0))
+    pool = ThreadPoolExecutor(1)
+    try:
+        time.sleep(1.5)  # idle longer than the timeout: no work, so nothing is stalled
+        assert ready(server.url).status_code == 200
+        stand_in.hang.set()
+        answer = pool.submit(post, server.url, png(1), None)
+        r = wait_for(lambda: (r := ready(server.url)).status_code == 503 and r, 6)
+        assert r, "readiness stayed 200 while the batch hung"
+        error = r.json()["error"]
+        assert error["code"] == "inference_stalled"
+        assert "no progress" in error["message"] and "--inference-timeout 1" in error["message"]
+        stand_in.release.set()
+        assert answer.result(30).status_code == 200  # the batch came back: answered
+        assert wait_for(lambda: ready(server.url).status_code == 200, 3)
+    finally:
+        stand_in.release.set()
+        pool.shutdown()
+        server.stop()
+
+
+def test_inference_timeout_out_of_range_is_refused(inspector):
+    with pytest.raises(UsageError, match="inference-timeout"):
+        create_app(inspector, configured(inference_timeout_s=-1.0))
+
+
+# ----------------------------------------------------------------- a journal that cannot write
+LOCKER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")  # the write lock, held until killed
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_locked_journal_does_not_fail_requests_and_readiness_says_why(inspector, tmp_path):
+    import subprocess
+    import sys
+
+    from clipinspect.runtime.serving.journal import Journal
+
+    path = tmp_path / "journal.sqlite"
+    server = Live(inspector, ServeConfig(journal=path))
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        seconds, r = timed(lambda: post(server.url, png(2), None))
+        assert r.status_code == 200 and seconds < 3, (r.status_code, r.text[:300], seconds)
+        image_id = r.json()["image_id"]
+        r = ready(server.url)
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "journal_unavailable" and "locked" in error["message"]
+        assert "1 result(s) pending" in error["message"]
+        locker.kill()
+        locker.wait(10)
+        assert wait_for(lambda: ready(server.url).status_code == 200, 15)
+        rows = Journal(path).rows("http")
+        assert [row["image_id"] for row in rows] == [image_id]  # written later, once
+    finally:
+        locker.kill()
+        server.stop()
+
+
+class FullJournal:
+    """A stand-in journal whose pending buffer is full: it refuses every result."""
+
+    pending = 10_000
+
+    def __init__(self, unavailable: type[Exception]):
+        self.unavailable = unavailable
+
+    def submit(self, entries) -> None:
+        raise self.unavailable("10000 results are waiting to be journaled, the most kept; "
+                               "the journal is locked by another process")
+
+    record = submit
+
+    def health(self) -> tuple[bool, str]:
+        return False, "the journal is locked by another process"
+
+
+def test_results_that_cannot_be_kept_for_the_journal_get_503_not_500(inspector):
+    import asyncio
+
+    from clipinspect.runtime.core.errors import ClipInspectError
+    from clipinspect.runtime.serving import journal
+    from clipinspect.runtime.serving.server import Batcher, HTTPError, Job, Metrics
+
+    unavailable = getattr(journal, "JournalUnavailable", ClipInspectError)
+    config = ServeConfig()
+    batcher = Batcher(inspector, config, Metrics(config.max_batch), FullJournal(unavailable))
+
+    async def scenario():
+        batcher.start()
+        job = Job(inspector.load(png(3)), CATEGORY, "auto", "id",
+                  asyncio.get_running_loop().create_future())
+        batcher.submit(job)
+        try:
+            return await asyncio.wait_for(job.future, 30)
+        except Exception as e:
+            return e
+        finally:
+            await batcher.stop()
+
+    outcome = asyncio.run(scenario())
+    assert isinstance(outcome, HTTPError), outcome
+    assert (outcome.status, outcome.code) == (503, "journal_unavailable")
+    assert "locked by another process" in outcome.message

@@ -77,7 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          args.journal, max_map_side=args.max_map_side,
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections,
                          max_connections_per_client=args.max_connections_per_client,
-                         header_timeout_s=args.header_timeout)
+                         header_timeout_s=args.header_timeout,
+                         inference_timeout_s=args.inference_timeout)
     serve(args.bundle, args.host, args.port, config, precision=args.precision,
           provider=args.provider, threads=args.threads)
     return 0
@@ -193,6 +194,9 @@ def _register_watch(sub: argparse._SubParsersAction) -> None:
     add_mode(p)
     p.add_argument("--journal", default=None,
                    help="SQLite results journal (default INPUT/journal.sqlite)")
+    p.add_argument("--inference-timeout", type=float, default=60.0,
+                   help="seconds without inference progress, with requests waiting, after which "
+                        "/readyz answers 503 (default 60)")
     p.add_argument("--out", default=None, help="JSON lines (default INPUT/results.jsonl)")
     p.add_argument("--done", default=None,
                    help="where inspected files are moved (default INPUT/done)")

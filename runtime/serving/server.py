@@ -45,7 +45,7 @@ from starlette.routing import Route
 from ..core.errors import ClipInspectError, UsageError
 from ..core.images import EncodedImage
 from ..core.inspector import MODES, InspectionResult, Inspector, LoadedImage
-from .journal import Entry, Journal
+from .journal import Entry, Journal, JournalUnavailable
 from .ui import LiveFeed, ui_routes
 from ..core.maps import overlay
 from ..predict import colour_range
@@ -69,6 +69,8 @@ class ServeConfig:
     max_connections: int = 256    # open connections; beyond, the oldest idle one is closed
     max_connections_per_client: int = 32  # open connections of one client address; 503 beyond
     header_timeout_s: float = 5.0  # a request head must be complete this long after connecting
+    # /readyz turns 503 when the worker has made no progress for this long with work waiting.
+    inference_timeout_s: float = 60.0
     # True: a micro-batch mixing categories (or modes) is encoded in one pass and split at the
     # scoring heads. False: one encoder pass per (category, mode) group, as before; kept so that
     # benchmarks/mixed_categories.py measures both in one run.
@@ -162,6 +164,10 @@ class Batcher:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="clipinspect-infer")
         self.task: asyncio.Task | None = None
         self.per_image_s = 0.5  # running estimate, for Retry-After
+        # The watchdog's clock: the worker is idle (waiting for a request), or it last made
+        # progress (started or finished a batch) at progress_at (event-loop time).
+        self.idle = True
+        self.progress_at = 0.0
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -188,7 +194,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         stopping = False
         while not stopping:
+            self.idle = True
             job = await self.queue.get()
+            self.idle, self.progress_at = False, loop.time()
             if job is None:
                 break
             batch = [job]
@@ -209,10 +217,12 @@ class Batcher:
                     break
                 batch.append(nxt)
             self.metrics.queue_depth.set(self.queue.qsize())
+            self.progress_at = loop.time()
             try:
                 outcomes = await loop.run_in_executor(self.worker, self._run, batch)
             except Exception as e:  # a failed batch fails its requests, never the worker
                 outcomes = [e] * len(batch)
+            self.progress_at = loop.time()
             for j, outcome in zip(batch, outcomes):
                 if j.future.done():  # the client went away
                     continue
@@ -221,7 +231,19 @@ class Batcher:
                 else:
                     j.future.set_result(outcome)
 
-    def _run(self, batch: list[Job]) -> list[Done]:
+    def stalled(self) -> str | None:
+        """Why readiness is withdrawn (the worker made no progress for ``inference_timeout_s``
+        with a batch in flight or requests queued), or None."""
+        if self.idle or self.task is None or self.task.done():
+            return None
+        quiet = asyncio.get_running_loop().time() - self.progress_at
+        if quiet <= self.config.inference_timeout_s:
+            return None
+        return (f"inference has made no progress for {quiet:.0f} s (--inference-timeout "
+                f"{self.config.inference_timeout_s:g} s) with a batch in flight and "
+                f"{self.queue.qsize()} request(s) queued; the backend may be hung")
+
+    def _run(self, batch: list[Job]) -> list[Done | HTTPError]:
         start = time.perf_counter()
         if self.config.one_encoder_pass:
             results = self.inspector.inspect_mixed([j.loaded for j in batch],
@@ -241,10 +263,18 @@ class Batcher:
         self.per_image_s = 0.8 * self.per_image_s + 0.2 * inference_s / len(batch)
         if self.journal is not None:
             bundle, precision = self.inspector.bundle.identity, self.inspector.precision
-            self.journal.record(
-                Entry.of(r, "http", j.image_id, j.category, bundle=bundle, precision=precision,
-                         threshold=self.inspector.thresholds(j.category, r.mode or "").get("image"))
-                for j, r in zip(batch, results))
+            try:
+                # Never waits long nor raises while the journal is locked or its disk full:
+                # the entries stay pending and are written later (journal.py).
+                self.journal.submit([
+                    Entry.of(r, "http", j.image_id, j.category, bundle=bundle,
+                             precision=precision, threshold=self.inspector.thresholds(
+                                 j.category, r.mode or "").get("image"))
+                    for j, r in zip(batch, results)])
+            except JournalUnavailable as e:  # no room left to keep these results
+                error = HTTPError(503, "journal_unavailable", f"the result could not be "
+                                  f"journaled, so it is not given: {e}", {"Retry-After": "5"})
+                return [error] * len(batch)
         return [Done(r, len(batch), start - j.enqueued, inference_s)
                 for j, r in zip(batch, results)]
 
@@ -439,6 +469,8 @@ class Service:
         batcher.submit(job)
         try:
             done: Done = await job.future
+        except HTTPError:
+            raise
         except Exception as e:  # the worker survived; this request cannot be answered
             raise HTTPError(500, "inference_failed", f"{type(e).__name__}: {e}") from None
         r = done.result
@@ -508,6 +540,16 @@ class Service:
         if not self.ready:
             raise HTTPError(503, "not_ready", "loading, warming up or shutting down",
                             {"Retry-After": "1"})
+        stalled = self.batcher.stalled()
+        if stalled:
+            raise HTTPError(503, "inference_stalled", stalled, {"Retry-After": "5"})
+        if self.journal is not None:
+            writable, reason = self.journal.health()
+            if not writable:
+                if not self.authorized(request):  # the reason names server paths
+                    reason = "the results journal cannot be written (the reason: with the key)"
+                raise HTTPError(503, "journal_unavailable", f"{reason}; {self.journal.pending} "
+                                "result(s) pending, retried", {"Retry-After": "5"})
         if not self.authorized(request):  # with a key set, what is served is not public
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "ready", "bundle": self.identity,
@@ -530,7 +572,8 @@ def check_config(config: ServeConfig) -> None:
         raise UsageError("max batch, max queue, max body size, decode workers, max map side, "
                          "max connections and max connections per client must be >= 1")
     for name, seconds in (("--body-timeout", config.body_timeout_s),
-                          ("--header-timeout", config.header_timeout_s)):
+                          ("--header-timeout", config.header_timeout_s),
+                          ("--inference-timeout", config.inference_timeout_s)):
         if not (seconds > 0 and math.isfinite(seconds)):
             raise UsageError(f"{name} {seconds!r}: give a positive number of seconds")
     key = config.api_key
