@@ -6,6 +6,11 @@ one phase per client count (e.g. 1 then 8 clients, same server, same run), stops
 bundle, batch size 1, and compares each returned score with it. Reports throughput, latency
 percentiles, errors, mean batch size per phase and the largest score difference.
 
+With ``--idle-sockets N`` a last phase repeats the idle-connection attack: N connections from
+loopback addresses 127.0.0.2 onwards (16 per address, under the per-address cap) that send
+nothing or drip half a header line, each reopened as soon as the server closes it, while a
+prober times /healthz, /readyz and a real inspection on fresh connections.
+
     python -m clipinspect.benchmarks.loadtest BUNDLE --data DATA --clients 1,8 --duration 60 \\
         --out benchmarks/results/loadtest_cpu_s16_winclip/loadtest
 """
@@ -18,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -157,6 +163,122 @@ def run_phase(port: int, images: list[tuple[str, bytes]], clients: int, duration
     }
 
 
+# ----------------------------------------------------------------- the idle-connection attack
+IDLE_PER_ADDRESS = 16
+DRIP_EVERY_S = 2.0
+HALF_A_HEADER = b"GET /healthz HTTP/1.1\r\nHo"
+
+
+class IdleSockets:
+    """n connections that send nothing (even ones) or half a header line and one more byte every
+    DRIP_EVERY_S (odd ones), from 127.0.0.2, 127.0.0.3, ... (IDLE_PER_ADDRESS each); any the
+    server closes is opened again, so the attack lasts until :meth:`stop`."""
+
+    def __init__(self, port: int, n: int):
+        self.port, self.n = port, n
+        self.socks: list[socket.socket | None] = [None] * n
+        self.opened = self.closed_by_server = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, i: int) -> socket.socket:
+        s = socket.socket()
+        try:
+            s.bind((f"127.0.0.{2 + i // IDLE_PER_ADDRESS}", 0))
+        except OSError as e:
+            s.close()
+            raise SystemExit(f"loadtest: --idle-sockets binds 127.0.0.2 and up ({e}); this "
+                             "system's loopback does not take those addresses") from None
+        s.connect((HOST, self.port))
+        if i % 2:
+            s.sendall(HALF_A_HEADER)
+        self.opened += 1
+        return s
+
+    def start(self) -> None:
+        self.socks = [self._open(i) for i in range(self.n)]
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_drip = time.perf_counter() + DRIP_EVERY_S
+        while not self._stop.wait(0.2):
+            drip = time.perf_counter() >= next_drip
+            if drip:
+                next_drip += DRIP_EVERY_S
+            for i, s in enumerate(self.socks):
+                try:
+                    if _server_closed(s):
+                        self.closed_by_server += 1
+                        s.close()
+                        self.socks[i] = self._open(i)
+                    elif drip and i % 2:
+                        s.send(b"s")
+                except OSError:  # closed under us (a reset): reopen on the next round
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for s in self.socks:
+            s.close()
+
+
+def _server_closed(s: socket.socket) -> bool:
+    while select.select([s], [], [], 0)[0]:
+        try:
+            if not s.recv(4096):
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def idle_attack(port: int, image: tuple[str, bytes], n: int, duration: float) -> dict:
+    """Probe and request latency on fresh connections while ``n`` idle sockets are held open
+    (and reopened) for ``duration`` seconds."""
+    category, data = image
+    probes = {"healthz": lambda: get(port, "/healthz")[0],
+              "readyz": lambda: get(port, "/readyz")[0],
+              "inspect": lambda: _post_once(port, category, data)}
+    times: dict[str, list[float]] = {name: [] for name in probes}
+    failures: list[str] = []
+    attack = IdleSockets(port, n)
+    attack.start()
+    try:
+        end = time.perf_counter() + duration
+        while time.perf_counter() < end:
+            for name, probe in probes.items():
+                t0 = time.perf_counter()
+                try:
+                    status = probe()
+                except OSError as e:
+                    status = f"{type(e).__name__}: {e}"
+                times[name].append(time.perf_counter() - t0)
+                if status != 200:
+                    failures.append(f"{name}: {status}")
+            time.sleep(0.2)
+    finally:
+        attack.stop()
+    return {"idle_sockets": n, "duration_s": duration,
+            "addresses": -(-n // IDLE_PER_ADDRESS), "sockets_opened": attack.opened,
+            "closed_by_server": attack.closed_by_server, "errors": len(failures),
+            "error_samples": sorted(set(failures))[:5],
+            "probes": {name: {"n": len(t), "p50_ms": float(np.percentile(t, 50)) * 1e3,
+                              "max_ms": max(t) * 1e3} for name, t in times.items() if t}}
+
+
+def _post_once(port: int, category: str, data: bytes) -> int:
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        conn.request("POST", f"/v1/inspect?category={category}", body=data,
+                     headers={"Content-Type": "image/png"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
 def offline_check(bundle: str, chosen: list[tuple[str, Path]], phases: list[dict],
                   precision: str, threads: int | None, tolerance: float) -> dict:
     """Every returned score against the same image inspected alone, offline."""
@@ -193,6 +315,7 @@ class LoadtestOptions:
     threads: int | None = None
     tolerance: float = 0.0
     note: str = ""
+    idle_sockets: int = 0
 
 
 def run_loadtest(bundle: str, data: str | None, out: str,
@@ -206,7 +329,8 @@ def run_loadtest(bundle: str, data: str | None, out: str,
         categories, chosen = test_images(bundle, data, options.categories, options.per_category,
                                          Path(tmp))
         images = [(c, p.read_bytes()) for c, p in chosen]
-        phases, load_before, load_after = _serve_and_load(bundle, images, options, Path(tmp))
+        phases, attack, load_before, load_after = _serve_and_load(bundle, images, options,
+                                                                  Path(tmp))
         print("loadtest: offline check ...", file=sys.stderr, flush=True)
         check = offline_check(bundle, chosen, phases, options.precision, options.threads,
                               options.tolerance)
@@ -225,7 +349,8 @@ def run_loadtest(bundle: str, data: str | None, out: str,
                    "precision": options.precision, "batch_size": options.batch_size,
                    "max_wait_ms": options.max_wait_ms, "threads": options.threads,
                    "categories": categories, "images": len(chosen), "data": data_label},
-        "phases": phases, "throughput_img_s": by_clients, "score_check": check,
+        "phases": phases, "idle_attack": attack, "throughput_img_s": by_clients,
+        "score_check": check,
         "speedup_vs_1_client": ({n: t / by_clients[1] for n, t in by_clients.items()}
                                 if by_clients.get(1) else None),
     }
@@ -237,7 +362,8 @@ def serve_command(bundle: str, port: int, options: LoadtestOptions) -> list[str]
     cmd = [sys.executable, "-m", "clipinspect.runtime.cli", "serve", bundle, "--host", HOST,
            "--port", str(port), "--batch-size", str(options.batch_size), "--max-wait-ms",
            str(options.max_wait_ms), "--precision", options.precision,
-           "--max-queue", str(max(64, 4 * max(options.clients)))]
+           "--max-queue", str(max(64, 4 * max(options.clients))),
+           "--max-connections-per-client", str(max(32, max(options.clients) + 8))]
     return cmd + (["--threads", str(options.threads)] if options.threads else [])
 
 
@@ -270,19 +396,23 @@ def serve_process(cmd: list[str], port: int, log_path: Path) -> Iterator[subproc
 
 
 def _serve_and_load(bundle: str, images: list[tuple[str, bytes]], options: LoadtestOptions,
-                    tmp: Path) -> tuple[list[dict], tuple, tuple]:
-    """Start the server, run one phase per client count, stop it. -> (phases, load averages
-    before, after)."""
+                    tmp: Path) -> tuple[list[dict], dict | None, tuple, tuple]:
+    """Start the server, run one phase per client count (and the idle-socket attack), stop it.
+    -> (phases, attack or None, load averages before, after)."""
     port = free_port()
     with serve_process(serve_command(bundle, port, options), port, tmp / "server.log"):
         load_before = os.getloadavg()
-        phases = []
+        phases, attack = [], None
         for n in options.clients:
             print(f"loadtest: {n} client(s) for {options.duration:g} s ...", file=sys.stderr,
                   flush=True)
             phases.append(run_phase(port, images, n, options.duration))
+        if options.idle_sockets:
+            print(f"loadtest: {options.idle_sockets} idle sockets for {options.duration:g} s "
+                  "...", file=sys.stderr, flush=True)
+            attack = idle_attack(port, images[0], options.idle_sockets, options.duration)
         load_after = os.getloadavg()
-    return phases, load_before, load_after
+    return phases, attack, load_before, load_after
 
 
 def render(r: dict) -> str:
@@ -313,6 +443,14 @@ def render(r: dict) -> str:
         if r.get("speedup_vs_1_client") else ""))
     lines.append(f"1-minute load average: {r['load_average_1m']['before']:.2f} before, "
                  f"{r['load_average_1m']['after']:.2f} after.")
+    if r.get("idle_attack"):
+        a = r["idle_attack"]
+        lines += ["", f"Idle-connection attack: {a['idle_sockets']} sockets from "
+                      f"{a['addresses']} loopback addresses for {a['duration_s']:g} s "
+                      f"({a['sockets_opened']} opened, {a['closed_by_server']} closed by the "
+                      f"server), {a['errors']} failed probes. Latency on fresh connections: "
+                  + ", ".join(f"{name} p50 {p['p50_ms']:.0f} ms, max {p['max_ms']:.0f} ms "
+                              f"({p['n']})" for name, p in a["probes"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -334,6 +472,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="largest accepted |served - offline| score difference (default 0: equal)")
     p.add_argument("--note", default="", help="free text stored with the result")
+    p.add_argument("--idle-sockets", type=int, default=0,
+                   help="last phase: hold this many idle or dripping connections open (reopened "
+                        "when closed) for --duration s while timing probes and one inspection on "
+                        "fresh connections (default 0: skip)")
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -342,9 +484,11 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                               categories=csv_list(args.categories or "") or None,
                               batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
                               precision=args.precision, threads=args.threads,
-                              tolerance=args.tolerance, note=args.note)
+                              tolerance=args.tolerance, note=args.note,
+                              idle_sockets=args.idle_sockets)
     r = run_loadtest(args.bundle, args.data, args.out, options)
-    failed = sum(p["errors"] for p in r["phases"]) + r["score_check"]["mismatches"]
+    failed = (sum(p["errors"] for p in r["phases"]) + r["score_check"]["mismatches"]
+              + (r["idle_attack"] or {}).get("errors", 0))
     return 1 if failed else 0
 
 

@@ -377,3 +377,19 @@ def test_results_that_cannot_be_kept_for_the_journal_get_503_not_500(inspector):
     assert isinstance(outcome, HTTPError), outcome
     assert (outcome.status, outcome.code) == (503, "journal_unavailable")
     assert "locked by another process" in outcome.message
+
+
+def test_the_load_tests_idle_socket_phase_reopens_what_the_server_closes(inspector):
+    """benchmarks/loadtest.py --idle-sockets, in small: it keeps the attack going (sockets the
+    server closes are opened again) and every probe is answered."""
+    from clipinspect.benchmarks.loadtest import idle_attack
+
+    server = Live(inspector, configured(header_timeout_s=1.0))
+    try:
+        attack = idle_attack(server.port, (CATEGORY, png(4)), 40, 3.0)
+    finally:
+        server.stop()
+    assert attack["errors"] == 0, attack["error_samples"]
+    assert attack["closed_by_server"] >= 40 and attack["sockets_opened"] >= 80
+    assert set(attack["probes"]) == {"healthz", "readyz", "inspect"}
+    assert all(p["n"] >= 1 and p["max_ms"] < 2000 for p in attack["probes"].values())
