@@ -2,19 +2,23 @@
 
 Hot folder: the image files directly in the input folder are inspected once each, in batches,
 when they have stopped changing for ``settle`` seconds (camera software may still be writing a
-file when it is first seen). An image is known by its name and a digest of its bytes; its
-result is committed to the journal first, then appended to the JSON lines, then the file is
-moved to the done folder (or left in place with ``--keep``). A kill at any point therefore
-loses nothing and repeats nothing: on restart, files the journal already has are only moved,
-and JSON lines the journal has but the file lacks are appended.
+file when it is first seen; a time stamp in the future counts from when the watcher first saw
+it). An image is known by its name and a digest of its bytes; its result is committed to the
+journal first, then appended to the JSON lines, then the file is moved to the done folder (or
+left in place with ``--keep``). A kill at any point therefore loses nothing and repeats
+nothing: on restart, files the journal already has are only moved, and JSON lines the journal
+has but the file lacks are appended. While the journal cannot be written (locked by another
+process, a full or read-only disk), the results of the last batch are kept and their files left
+in place; the watcher says why and retries, waiting longer each time (up to ``retry_max_s``).
 
 Untrusted folder contents: a file is opened without following links and without blocking, and
 only a regular file of at most ``max_file_bytes`` is read (checked on the open descriptor, so a
 file swapped for a FIFO, a link or a device between listing and reading is caught). A file that
 cannot be used (unreadable, not regular, too large, a name that cannot be stored) is moved to the
 quarantine folder with its reason in the journal, and the watcher goes on. A decode that fails as
-corrupt or truncated is retried while the file keeps changing and given its verdict only after
-the file has stayed unchanged for ``incomplete_s`` (a writer may pause longer than ``settle``).
+corrupt or truncated, or an empty file, is retried while the file keeps changing and given its
+verdict only after the file has stayed unchanged for ``incomplete_s`` (a writer may pause longer
+than ``settle``, or create the file before writing it).
 Names are shown with control characters and undecodable bytes escaped (one log line per file).
 
 Camera / stream (``--source``): frames from OpenCV (a device index, an RTSP/HTTP URL or a video
@@ -38,9 +42,10 @@ from typing import Callable
 from ..core.errors import ClipInspectError, UsageError
 from ..core.images import CORRUPT, IMAGE_SUFFIXES, EncodedImage
 from ..core.inspector import Inspector, InspectionResult
-from .journal import Entry, Journal, JsonlSink
+from .journal import Entry, Journal, JournalUnavailable, JsonlSink
 
 MAX_FILE_BYTES = 256 << 20
+RETRY_MAX_S = 10.0  # longest wait between tries while the journal cannot be written
 
 
 @dataclass
@@ -75,12 +80,16 @@ def read_image_file(path: Path, max_bytes: int) -> tuple[bytes, tuple[int, int]]
         raise
     except OSError as e:  # ELOOP: a symbolic link; EACCES: unreadable
         raise Unusable(f"cannot be opened: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:  # checked before any buffered reader sees it (a directory raises IsADirectoryError)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Unusable("is not a regular file")
         if st.st_size > max_bytes:
             raise Unusable(f"is {st.st_size} bytes, over the limit of {max_bytes}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(max_bytes + 1)
         except OSError as e:
@@ -114,7 +123,8 @@ class FolderWatcher:
                  journal: Journal, sink: JsonlSink, done_dir: str | os.PathLike | None, *,
                  mode: str = "auto", batch_size: int = 8, settle: float = 1.0,
                  quarantine_dir: str | os.PathLike | None = None,
-                 max_file_bytes: int = MAX_FILE_BYTES, incomplete_s: float = 30.0):
+                 max_file_bytes: int = MAX_FILE_BYTES, incomplete_s: float = 30.0,
+                 retry_max_s: float = RETRY_MAX_S):
         self.inspector, self.category, self.mode = inspector, category, mode
         self.input = Path(input_dir)
         if not self.input.is_dir():
@@ -126,10 +136,15 @@ class FolderWatcher:
         self.journal, self.sink = journal, sink
         self.batch_size, self.settle = batch_size, settle
         self.max_file_bytes, self.incomplete_s = max_file_bytes, incomplete_s
+        self.retry_max_s = retry_max_s
         self.origin = f"watch:{self.input.resolve()}"
         self.mode_used = inspector.check(category, mode)
         self.threshold = inspector.thresholds(category, self.mode_used).get("image")
         self._last_stat: dict[str, tuple[int, int]] = {}
+        # name -> ((size, mtime), monotonic time it was first seen so)
+        self._seen_since: dict[str, tuple[tuple[int, int], float]] = {}
+        # inspected, with their journal entries, not yet journaled (the journal was unavailable)
+        self._waiting: list[tuple[Pending, InspectionResult, Entry]] = []
         # (name, size, mtime) of files already journaled and kept in place (--keep), or that
         # could not be moved to quarantine: not looked at again while unchanged
         self._kept: set[tuple[str, int, int]] = set()
@@ -137,9 +152,10 @@ class FolderWatcher:
         self._incomplete: dict[str, tuple[tuple[int, int], float]] = {}
 
     def ready_files(self) -> list[Path]:
-        """Image files unchanged since the previous poll and for at least ``settle`` seconds."""
-        now = time.time()
-        ready, seen = [], {}
+        """Image files unchanged since the previous poll and for at least ``settle`` seconds:
+        by their time stamp, or as seen by this watcher (a time stamp in the future)."""
+        now, seen_now = time.time(), time.monotonic()
+        ready, seen, seen_since = [], {}, {}
         for entry in sorted(os.scandir(self.input), key=lambda e: e.name):
             if (entry.name.startswith(".") or not entry.is_file(follow_symlinks=False)
                     or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES):
@@ -150,21 +166,29 @@ class FolderWatcher:
                 continue
             key = (st.st_size, st.st_mtime_ns)
             seen[entry.name] = key
+            first = self._seen_since.get(entry.name)
+            seen_since[entry.name] = first if first and first[0] == key else (key, seen_now)
             if (entry.name, *key) in self._kept:
                 continue
             failed, since = self._incomplete.get(entry.name, (None, 0.0))
             if failed == key and now - since < self.incomplete_s:
                 continue  # failed to decode as it is: wait for a change or for the verdict
-            if self._last_stat.get(entry.name) == key and now - st.st_mtime >= self.settle:
+            if self._last_stat.get(entry.name) == key and (
+                    now - st.st_mtime >= self.settle
+                    or seen_now - seen_since[entry.name][1] >= self.settle):
                 ready.append(Path(entry.path))
-        self._last_stat = seen
+        self._last_stat, self._seen_since = seen, seen_since
         self._incomplete = {k: v for k, v in self._incomplete.items() if k in seen}
         return ready
 
     def poll(self) -> int:
-        """Process the files that are ready; returns how many were handled."""
+        """Process the files that are ready; returns how many were handled. Raises
+        JournalUnavailable while the journal cannot be written: the results not journaled are
+        kept (written first at the next poll) and their files left in place."""
+        handled = self._journal_waiting()
+        if self.sink.pending:
+            self.sink.write([])
         pending: list[Pending] = []
-        handled = 0
         for path in self.ready_files():
             try:
                 data, key = read_image_file(path, self.max_file_bytes)
@@ -189,25 +213,33 @@ class FolderWatcher:
     def _inspect(self, batch: list[Pending]) -> int:
         loaded = [self.inspector.load(EncodedImage(p.data, shown(p.path.name))) for p in batch]
         results = self.inspector.inspect_loaded(loaded, self.category, self.mode)
-        final = [(p, r) for p, r in zip(batch, results) if not self._still_incomplete(p, r)]
-        entries = [Entry.of(r, self.origin, p.image_id, self.category,
-                            bundle=self.inspector.bundle.identity,
-                            precision=self.inspector.precision, threshold=self.threshold)
-                   for p, r in final]
-        self._record(entries)
-        for p, r in final:
+        self._waiting = [(p, r, Entry.of(r, self.origin, p.image_id, self.category,
+                                          bundle=self.inspector.bundle.identity,
+                                          precision=self.inspector.precision,
+                                          threshold=self.threshold))
+                         for p, r in zip(batch, results) if not self._still_incomplete(p, r)]
+        return self._journal_waiting()
+
+    def _journal_waiting(self) -> int:
+        """Journal the results inspected and not yet journaled, then move their files."""
+        if not self._waiting:
+            return 0
+        self._record([e for _, _, e in self._waiting])  # raises, keeping them, if it cannot
+        done, self._waiting = self._waiting, []
+        for p, r, _ in done:
             verdict = ("error: " + r.error if not r.ok else f"score {r.image_score:.4f}" + (
                 "" if r.is_anomalous is None else
                 " ANOMALOUS" if r.is_anomalous else " ok"))
             log(f"{shown(p.path.name)}: {verdict}")
             self._incomplete.pop(p.path.name, None)
             self._finish(p.path)
-        return len(final)
+        return len(done)
 
     def _still_incomplete(self, p: Pending, r: InspectionResult) -> bool:
-        """A corrupt or truncated decode is only final once the file has stayed the same for
-        ``incomplete_s``; until then it is tried again at each poll that finds it settled."""
-        if r.ok or CORRUPT not in (r.error or ""):
+        """A corrupt or truncated decode, or an empty file, is only final once the file has
+        stayed the same for ``incomplete_s``; until then it is tried again at each poll that
+        finds it settled."""
+        if r.ok or (p.data and CORRUPT not in (r.error or "")):
             return False
         key, since = self._incomplete.get(p.path.name, (None, 0.0))
         if key != p.key:
@@ -259,17 +291,34 @@ class FolderWatcher:
 
     def run(self, interval: float = 0.5, once: bool = False,
             stop: Callable[[], bool] = lambda: False) -> None:
-        """Poll until interrupted; with ``once``, until nothing is left or changing."""
+        """Poll until interrupted; with ``once``, until nothing is left or changing. While the
+        journal cannot be written, says why and tries again after ``interval``, doubling the
+        wait up to ``retry_max_s``."""
+        wait = 0.0
         while not stop():
-            handled = self.poll()
+            try:
+                handled = self.poll()
+            except JournalUnavailable as e:
+                if not e.transient:
+                    raise
+                wait = min(max(2 * wait, interval), self.retry_max_s)
+                log(f"{e.reason}; {len(self._waiting)} result(s) kept, their files left in "
+                    f"place; trying again in {wait:g} s")
+                time.sleep(wait)
+                continue
+            if wait:
+                log("the journal is written again")
+                wait = 0.0
             if once and not handled and not self._changing():
                 return
             if not handled:
                 time.sleep(interval)
 
     def _changing(self) -> bool:
-        """Image files present that are not finished (still being written or settling)."""
-        return any((name, *key) not in self._kept for name, key in self._last_stat.items())
+        """Results or JSON lines not yet written, or image files present that are not finished
+        (still being written or settling)."""
+        return bool(self._waiting or self.sink.pending) or any(
+            (name, *key) not in self._kept for name, key in self._last_stat.items())
 
 
 def opencv():
