@@ -1,14 +1,19 @@
 """Image input: decode paths, PIL images or arrays to RGB, and the CLIP preprocessing.
 
-16-bit images are mapped to 8 bits with a fixed scale (full 16-bit range); rescale data that
-uses fewer bits (12-bit cameras) yourself. EXIF orientation is applied.
+Every mode becomes RGB uint8 by fixed rules (docs/security.md, "Memory per image"): 16-bit gray
+(and 32-bit integer gray, clipped to 0-65535 first) to round(v / 257), the full 16-bit range, so
+rescale data that uses fewer bits (12-bit cameras) yourself; 32-bit float gray as 8-bit levels,
+truncated and clipped (PIL's rule); alpha composited on black. EXIF orientation is applied. The
+conversion runs one band of rows at a time into the result, so a decode holds PIL's decoded
+image, the result and one band's temporaries, whatever the mode.
 
 Untrusted input: only PNG, JPEG, BMP, TIFF and WebP files are decoded (never EPS, which PIL hands
 to Ghostscript, or other rarely used decoders), and one pixel limit guards every entry point
 (``predict``, ``fewshot``, ``serve``, ``watch`` and the Python API): a file's size is read from its
 header and checked before any pixel is decoded. The limit applies to the decoded size: a JPEG
 over it is decoded reduced by its own DCT scaling (1/2, 1/4 or 1/8 per side, the least that
-fits), so its anomaly map has that reduced size; other formats over the limit are refused. The
+fits), so its anomaly map has that reduced size, even over PIL's own decompression-bomb limit;
+other formats over the limit are refused (and PIL's check stays in force for them). The
 limit is ``DEFAULT_MAX_MEGAPIXELS``, the environment variable ``CLIPINSPECT_MAX_MEGAPIXELS`` or
 :func:`set_max_megapixels` (the CLI's ``--max-megapixels``).
 
@@ -26,12 +31,13 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import ClipInspectError
 
@@ -57,6 +63,14 @@ CORRUPT = "corrupt or truncated"
 DCT_SCALES = (1, 2, 4, 8)  # the reductions per side a JPEG decoder gives for free
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90 or 270 degrees: width and height swap
+# What shows an image with that EXIF orientation upright (the rule of ImageOps.exif_transpose).
+UPRIGHT_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                     8: Image.Transpose.ROTATE_90}
+JPEG_SIGNATURE = b"\xff\xd8\xff"  # how every JPEG starts (what PIL's JPEG plugin accepts)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # mapped to 8 bits by a fixed scale
+BAND_PIXELS = 1 << 18  # converted to RGB a band of rows at a time: ~0.26 MP of temporaries
 _max_megapixels: float | None = None  # set_max_megapixels; else the environment; else default
 _jpeg_draft: bool | None = None  # set_jpeg_draft; else the environment; else off
 
@@ -184,16 +198,18 @@ def decode(item: ImageInput, model_side: int | None = None) -> DecodedImage:
 
 def _decode_file(file, name: str, model_side: int | None = None) -> DecodedImage:
     """An encoded image file (a path or a binary file object) -> RGB uint8 and map size."""
-    if (file.stat().st_size if isinstance(file, Path) else file.getbuffer().nbytes) == 0:
+    if (file.stat().st_size if isinstance(file, Path) else file.seek(0, io.SEEK_END)) == 0:
         raise ImageError(f"{name} is empty (0 bytes), not an image; was it still being written?")
     try:
-        with Image.open(file, formats=ACCEPTED_FORMATS) as im:  # reads the header only
+        with (file.open("rb") if isinstance(file, Path) else nullcontext(file)) as fp, \
+                _open_header(fp) as im:
             width, height = _fit_to_limit(im, name, model_side)
             im.load()
             # Camera and phone JPEGs store their rotation in EXIF; apply it as viewers do.
-            if im.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            if orientation in TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
-            return DecodedImage(_pil_to_rgb(ImageOps.exif_transpose(im), name), (height, width))
+            return DecodedImage(_pil_to_rgb(im, name, orientation), (height, width))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -206,6 +222,20 @@ def _decode_file(file, name: str, model_side: int | None = None) -> DecodedImage
                          f"the limit with --max-megapixels or {MAX_MEGAPIXELS_ENV}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name} is {CORRUPT}: {e}") from None
+
+
+def _open_header(fp) -> Image.Image:
+    """Read the header of an image file (a binary file object). A JPEG is opened by
+    PIL's JPEG plugin itself: Image.open's decompression-bomb check would refuse a JPEG that the
+    pixel limit lets decode reduced, and :func:`_fit_to_limit` checks its size (at the DCT
+    scale it will decode at) before any pixel is decoded. Every other format goes through
+    Image.open with PIL's check in force; no global setting changes, so other threads keep it."""
+    fp.seek(0)
+    is_jpeg = fp.read(len(JPEG_SIGNATURE)) == JPEG_SIGNATURE
+    fp.seek(0)
+    if is_jpeg:
+        return JpegImagePlugin.JpegImageFile(fp)
+    return Image.open(fp, formats=ACCEPTED_FORMATS)
 
 
 def _fit_to_limit(im: Image.Image, name: str, model_side: int | None = None) -> tuple[int, int]:
@@ -234,20 +264,55 @@ def _fit_to_limit(im: Image.Image, name: str, model_side: int | None = None) -> 
     return -(-width // limit_scale), -(-height // limit_scale)
 
 
-def _pil_to_rgb(im: Image.Image, name: str) -> np.ndarray:
+def _pil_to_rgb(im: Image.Image, name: str, orientation: int = 1) -> np.ndarray:
+    """A PIL image -> RGB uint8 (H, W, 3), upright for an EXIF ``orientation``. Converted one
+    band of about BAND_PIXELS at a time into the result, so that the only full-size buffers are
+    PIL's decoded image and the result (docs/security.md, "Memory per image")."""
     if im.width == 0 or im.height == 0:
         raise ImageError(f"{name} has zero size ({im.width}x{im.height})")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    width, height = im.size
+    swapped = orientation in TRANSPOSING_ORIENTATIONS
+    out_width, out_height = (height, width) if swapped else (width, height)
+    rgb = np.empty((out_height, out_width, 3), np.uint8)
+    rows = max(1, BAND_PIXELS // out_width)
+    upright = UPRIGHT_TRANSPOSE.get(orientation)
+    for top in range(0, out_height, rows):
+        bottom = min(out_height, top + rows)
+        band = im.crop(_source_box(orientation, width, height, top, bottom))
+        rgb[top:bottom] = _band_to_rgb(band if upright is None else band.transpose(upright))
+    return rgb
+
+
+def _source_box(orientation: int, width: int, height: int, top: int,
+                bottom: int) -> tuple[int, int, int, int]:
+    """The box of a width x height image that rows top:bottom of its upright version (after
+    the EXIF ``orientation``'s transposition) come from."""
+    if orientation in (3, 4):  # turned upside down: the rows from the other end
+        return 0, height - bottom, width, height - top
+    if orientation in (5, 6):  # upright rows are the image's columns, in order
+        return top, 0, bottom, height
+    if orientation in (7, 8):  # upright rows are the image's columns, from the right
+        return width - bottom, 0, width - top, height
+    return 0, top, width, bottom
+
+
+def _band_to_rgb(band: Image.Image) -> np.ndarray:
+    """One band -> RGB uint8 (h, w, 3), or (h, w, 1) for gray that broadcasts to RGB."""
+    if band.mode in SIXTEEN_BIT_MODES:
         # 16-bit grayscale (common on industrial cameras): a fixed scale, the full 16-bit range
-        # to 8 bits, so that brightness stays comparable across a series of images.
-        arr = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        # to 8 bits, round(v / 257) = (v + 128) // 257 exactly, so that brightness stays
+        # comparable across a series of images; 32-bit "I" is clipped to 0-65535 first.
+        values = np.asarray(band)
+        values = np.clip(values, 0, 65535) if band.mode == "I" else values
+        values = values.astype(np.uint32)
+        values += 128
+        values //= 257
+        return values.astype(np.uint8)[:, :, None]
+    if band.mode in ("RGBA", "LA") or (band.mode == "P" and "transparency" in band.info):
         # Composite on black rather than dropping alpha, so transparent areas stay uniform.
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(background, rgba)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        rgba = band.convert("RGBA")
+        band = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return np.asarray(band.convert("RGB"), dtype=np.uint8)
 
 
 def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
