@@ -298,3 +298,157 @@ def test_a_damaged_journal_is_a_one_line_error(tiny_bundle_path, tmp_path, capsy
                  CATEGORY, "--once"]) == 2
     err = capsys.readouterr().err.strip()
     assert "journal.sqlite" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------- files that race, lie about time or are empty
+def test_a_file_swapped_for_a_directory_is_quarantined_and_the_watcher_goes_on(
+        watch_inspector, tmp_path, monkeypatch):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path)
+    for name in ("a.png", "swapped.png"):
+        (folder / name).write_bytes(png(8))
+    settled(folder)
+    real_read = watch.read_image_file
+
+    def swap_then_read(path, max_bytes):
+        if path.name == "swapped.png":  # listed as a file, a directory when opened
+            path.unlink()
+            path.mkdir()
+        return real_read(path, max_bytes)
+
+    monkeypatch.setattr(watch, "read_image_file", swap_then_read)
+    assert watcher.poll() == 0  # first sight
+    assert watcher.poll() == 2
+    rows = {r["image_id"].split("@")[0]: r for r in journal.rows()}
+    assert rows["a.png"]["error"] is None
+    assert "swapped.png is not a regular file" in rows["swapped.png"]["error"]
+    assert (folder / "quarantine" / "swapped.png").is_dir()
+
+
+def test_a_file_stamped_in_the_future_is_inspected_and_once_ends(watch_inspector, tmp_path):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path)
+    (folder / "ahead.png").write_bytes(png(9))
+    ahead = time.time() + 3600  # a camera whose clock is an hour fast
+    os.utime(folder / "ahead.png", (ahead, ahead))
+    finished, give_up = threading.Event(), threading.Event()
+
+    def run():
+        watcher.run(interval=0.05, once=True, stop=give_up.is_set)
+        finished.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ended = finished.wait(30)
+    give_up.set()
+    thread.join(10)
+    assert ended, "--once never ended"
+    row, = journal.rows()
+    assert row["error"] is None and row["image_id"].startswith("ahead.png@")
+    assert (tmp_path / "done" / "ahead.png").exists()
+
+
+def test_an_empty_file_is_waited_for_like_a_file_being_written(watch_inspector, tmp_path):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path, incomplete_s=60)
+    (folder / "new.png").write_bytes(b"")  # created by the camera, not written yet
+    settled(folder)
+    assert watcher.poll() == 0 and watcher.poll() == 0
+    assert journal.rows() == [] and (folder / "new.png").exists()
+    data = png(10)
+    (folder / "new.png").write_bytes(data)
+    settled(folder)
+    assert watcher.poll() == 0 and watcher.poll() == 1
+    row, = journal.rows()
+    assert row["error"] is None
+    assert row["image_score"] == watch_inspector.inspect(EncodedImage(data), CATEGORY)[0].image_score
+
+
+def test_a_file_that_stays_empty_gets_its_verdict_after_the_wait(watch_inspector, tmp_path):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path, incomplete_s=0.5)
+    (folder / "stays.png").write_bytes(b"")
+    settled(folder)
+    start = time.monotonic()
+    watcher.run(interval=0.05, once=True)
+    assert time.monotonic() - start >= 0.5
+    row, = journal.rows()
+    assert "empty (0 bytes)" in row["error"]
+    assert (tmp_path / "done" / "stays.png").exists()
+
+
+# ----------------------------------------------------- a journal that cannot be written a while
+def fill_to_page_limit(journal: Journal) -> int:
+    """Make the journal full (SQLITE_FULL, as on a full disk) through SQLite's page limit;
+    returns the page count to raise the limit from."""
+    db = journal._db
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
+    for i in range(100_000):
+        try:
+            db.execute("INSERT INTO results (origin, image_id, time, category, bundle, precision)"
+                       " VALUES ('filler', ?, 0, 'c', 'b', 'p')", (str(i),))
+        except sqlite3.OperationalError as e:
+            assert "full" in str(e)
+            return pages
+    raise AssertionError("the page limit was never reached")
+
+
+def test_results_wait_for_a_full_journal_and_are_not_inspected_twice(watch_inspector, tmp_path,
+                                                                     monkeypatch):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path, batch_size=2)
+    for i in range(3):
+        (folder / f"f{i}.png").write_bytes(png(20 + i))
+    settled(folder)
+    inspected = []
+    real_inspect = watch_inspector.inspect_loaded
+
+    def counting(images, *args, **kwargs):
+        inspected.append(len(images))
+        return real_inspect(images, *args, **kwargs)
+
+    monkeypatch.setattr(watch_inspector, "inspect_loaded", counting)
+    pages = fill_to_page_limit(journal)
+    assert watcher.poll() == 0  # first sight
+    with pytest.raises(ClipInspectError, match="the disk is full") as info:
+        watcher.poll()
+    assert "cannot rollback" not in str(info.value)
+    assert journal.rows(watcher.origin) == []
+    assert sorted(p.name for p in folder.iterdir()) == ["f0.png", "f1.png", "f2.png"]
+    journal._db.execute(f"PRAGMA max_page_count = {pages * 100}")  # room again
+    assert watcher.poll() == 3
+    assert sorted(r["image_id"].split("@")[0] for r in journal.rows(watcher.origin)) == [
+        "f0.png", "f1.png", "f2.png"]
+    assert inspected == [2, 1]  # the batch that waited was journaled, not inspected again
+    assert sorted(os.listdir(tmp_path / "done")) == ["f0.png", "f1.png", "f2.png"]
+    assert len(jsonl(tmp_path / "r.jsonl")) == 3
+
+
+def test_watch_waits_for_a_journal_another_process_holds_locked(watch_inspector, tmp_path,
+                                                                monkeypatch):
+    watcher, journal, folder = watcher_for(watch_inspector, tmp_path)
+    for i in range(2):
+        (folder / f"l{i}.png").write_bytes(png(30 + i))
+    settled(folder)
+    logged, errors = [], []
+    monkeypatch.setattr(watch, "log", logged.append)
+
+    def run():
+        try:
+            watcher.run(interval=0.05, once=True)
+        except BaseException as e:  # noqa: BLE001 - what the watcher died of is the finding
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    other = sqlite3.connect(journal.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the write lock ...
+    try:
+        thread.start()
+        time.sleep(6)  # ... for longer than SQLite's default wait of 5 s
+        assert errors == [] and thread.is_alive()
+        assert sorted(p.name for p in folder.iterdir()) == ["l0.png", "l1.png"]  # not moved
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    thread.join(30)
+    assert errors == [] and not thread.is_alive()
+    assert len(journal.rows()) == 2
+    assert sorted(os.listdir(tmp_path / "done")) == ["l0.png", "l1.png"]
+    assert any("locked by another process" in line and "trying again" in line
+               for line in logged)
