@@ -32,6 +32,7 @@ import json
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -127,12 +128,39 @@ def validate(data: Any, source: str) -> dict[str, dict[str, list[str]]]:
             for name, entry in categories.items()}
 
 
+MAX_FILE_BYTES = 4 << 20  # descriptions of hundreds of categories take well under 1 MiB
+
+
+def read_prompt_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a prompt file: only a regular file (opened without blocking, so a FIFO
+    cannot hang the reader, then checked on the open descriptor) of at most MAX_FILE_BYTES (a
+    device such as /dev/zero never ends)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise PromptFileError(f"prompt file {str(path)!r} cannot be read: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PromptFileError(f"prompt file {str(path)!r} is not a regular file (a folder, "
+                                  "FIFO or device); give a JSON or YAML file")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise PromptFileError(f"prompt file {str(path)!r} is larger than {MAX_FILE_BYTES} bytes; "
+                              "a prompt file is a few KB of descriptions: check the path")
+    return data
+
+
 def load(path: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
     """Read and validate a prompt file (.json, or .yaml / .yml with PyYAML)."""
     path = Path(path)
-    if not path.is_file():
-        raise PromptFileError(f"prompt file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_prompt_file(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{str(path)!r} is not UTF-8 text: {e.reason} at byte "
+                              f"{e.start}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml

@@ -38,13 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="resolution of the pixel metrics (default 256)")
     p.add_argument("--timing-images", type=positive_int, default=None,
                    help="timed batch-1 runs per variant and shot count (default 16)")
+    p.add_argument("--variant-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop a variant's evaluation after this long and record it as failed "
+                        "(default: the study file's eval.timeout_s, else 21600 = 6 h)")
     add_provider(p, choices=ORT_PROVIDERS)
     p.add_argument("--force", action="store_true",
                    help="recompute results already stored in OUT/results")
 
 
 def study_of(args: argparse.Namespace):
-    from .spec import load_study, study_from_dict, variant_flag
+    from .spec import category_list, load_study, seconds, study_from_dict, variant_flag
 
     if bool(args.study) == bool(args.variant):
         raise UsageError("name the variants with --study FILE or with --variant KEY=VALUE,... "
@@ -65,10 +68,13 @@ def study_of(args: argparse.Namespace):
                              f"{', '.join(v.name for v in study.variants)}")
         study = dataclasses.replace(study, variants=tuple(v for v in study.variants
                                                           if v.name in only))
+    categories = csv_list(args.categories)
+    timeout = args.variant_timeout
     changes = {"shots": tuple(sorted(set(args.shots))) if args.shots else None,
-               "categories": tuple(csv_list(args.categories)) or None,
+               "categories": category_list(categories, "--categories") if categories else None,
                "pixel_size": args.pixel_size, "timing_images": args.timing_images,
-               "batch_size": args.batch_size}
+               "batch_size": args.batch_size,
+               "timeout_s": None if timeout is None else seconds(timeout, "--variant-timeout")}
     return dataclasses.replace(study, **{k: v for k, v in changes.items() if v is not None})
 
 

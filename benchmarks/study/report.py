@@ -45,11 +45,17 @@ def assemble(study: Study, per_variant: dict[str, dict[int, dict]], *, data: Pat
 
 
 def prompt_file_source(path: str) -> str:
-    """The prompt file's own word on who wrote it (its ``source``), for the report."""
+    """The prompt file's own word on who wrote it (its ``source``), for the report. Read only
+    when it is a regular file of at most prompt_files.MAX_FILE_BYTES (a FIFO would hang the
+    report, an endless device fill the memory)."""
+    from clipinspect.export.prompt_files import PromptFileError, read_prompt_file
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "source not readable here (not a JSON file, or missing)"
+        data = json.loads(read_prompt_file(path).decode("utf-8"))
+    except PromptFileError as e:
+        return f"source not readable here ({e})"
+    except ValueError:
+        return "source not readable here (not a JSON file)"
     source = data.get("source") if isinstance(data, dict) else None
     return str(source) if source else "the file does not say who wrote it"
 

@@ -9,18 +9,17 @@ its own JSON under ``out``/results and reused on a rerun with the same settings.
 from __future__ import annotations
 
 import json
-import re
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from clipinspect.runtime.core.bundle import atomic_write_bytes
+from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.progress import Progress
 
-from .spec import Study, Variant, bundle_key
+from .spec import Study, Variant, bundle_key, result_folder
 
 
 @dataclass(frozen=True)
@@ -50,12 +49,16 @@ class Job:
     provider: str
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "variant"
-
-
 def result_path(out: Path, variant: Variant, shots: int) -> Path:
-    return out / "results" / slug(variant.name) / f"{shots}-shot.json"
+    """OUT/results/<folder>/<k>-shot.json, confined to OUT/results (a folder there that is a
+    link elsewhere is refused, not followed)."""
+    results = (out / "results").resolve()
+    path = results / result_folder(variant.name) / f"{int(shots)}-shot.json"
+    if not path.resolve().is_relative_to(results):
+        raise UsageError(f"the result file of variant {variant.name!r} would be "
+                         f"{str(path.resolve())!r}, outside {str(results)!r} (a link?); "
+                         "remove that link or choose another --out")
+    return path
 
 
 def variant_config(variant: Variant, study: Study, data: Path, categories: Sequence[str],
@@ -75,6 +78,52 @@ def stored_result(path: Path, config: dict) -> dict | None:
     if record.get("config") != config or "error" in record.get("result", {}):
         return None
     return record["result"]
+
+
+class ChildFailed(Exception):
+    """A child process that raised, died or ran out of time; ``error`` is what the result
+    records ("TypeError: ...", "TimeoutError: ..."), ``traceback`` the child's if it had one."""
+
+    def __init__(self, error: str, trace: str = ""):
+        super().__init__(error)
+        self.error, self.traceback = error, trace
+
+
+def _child(target: Callable[[Any], Any], arg: Any, conn) -> None:
+    try:
+        conn.send(("ok", target(arg)))
+    except BaseException as e:  # the parent records it; the child only reports
+        conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_in_child(target: Callable[[Any], Any], arg: Any, timeout_s: float) -> Any:
+    """``target(arg)`` in a fresh (spawned) process: its value, or ChildFailed when it raised,
+    died without answering, or took more than ``timeout_s`` (then it is killed)."""
+    ctx = get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(target, arg, send), daemon=True)
+    process.start()
+    send.close()  # the child holds the only writing end: its death reads as end of file
+    try:
+        if not receive.poll(timeout_s):
+            raise ChildFailed(f"TimeoutError: the evaluation did not finish within "
+                              f"{timeout_s:g} s and was stopped (raise eval.timeout_s in the "
+                              "study file, or --variant-timeout)")
+        answer = receive.recv()
+    except EOFError:
+        process.join(5)
+        raise ChildFailed(f"ChildProcessError: the evaluation process exited with code "
+                          f"{process.exitcode} without a result (out of memory?)") from None
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(5)
+        receive.close()
+    if answer[0] == "error":
+        raise ChildFailed(answer[1], answer[2])
+    return answer[1]
 
 
 def run_variant(variant: Variant, study: Study, data: Path, out: Path, *,
@@ -97,10 +146,11 @@ def run_variant(variant: Variant, study: Study, data: Path, out: Path, *,
         job = Job(variant, str(path), str(data), tuple(categories), pending, study,
                   options.fmt, options.provider)
         if options.isolate:
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                computed = pool.submit(evaluate_job, job).result()
+            computed = run_in_child(evaluate_job, job, study.timeout_s)
         else:
             computed = evaluate_job(job)
+    except ChildFailed as e:
+        computed = {k: {"error": e.error, "traceback": e.traceback} for k in pending}
     except Exception as e:  # one broken variant must not stop the study
         error = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         computed = {k: dict(error) for k in pending}

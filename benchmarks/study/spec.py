@@ -9,7 +9,8 @@ A study file::
       "shots": [0, 1, 4],                          default 0,1,2,4,8
       "categories": ["weave", "washer"],           default: all in the data
       "defaults": {"model": "ViT-S-16", "pretrained": "none"},   any variant key
-      "eval": {"batch_size": 8, "pixel_size": 256, "timing_images": 16},
+      "eval": {"batch_size": 8, "pixel_size": 256, "timing_images": 16,
+               "timeout_s": 21600},                 seconds per variant's evaluation
       "variants": [
         {"name": "winclip ens fp32", "method": "winclip", "prompts": "ensemble"},
         {"method": "winclip", "prompts": "both:prompts.json", "adapt": true, "precision": "int8"},
@@ -30,13 +31,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.manifest import is_category_name
 
 DEFAULT_SHOTS = (0, 1, 2, 4, 8)
+# What a study file may ask for: beyond these a value is a typo, not a study.
+MAX_SHOTS = 1000
+EVAL_LIMITS = {"batch_size": (1, 4096), "pixel_size": (8, 4096), "timing_images": (1, 100_000)}
+# Seconds one variant's child process may take (export excluded) before it is stopped and
+# recorded as failed: hours, since a full MVTec AD evaluation of WinCLIP on a CPU takes that.
+DEFAULT_TIMEOUT_S = 6 * 3600.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_NAME = 100
 PRECISIONS = ("fp32", "fp16", "int8")
 PROMPT_SOURCES = ("ensemble", "llm", "both")
 VARIANT_KEYS = ("name", "model", "pretrained", "seed", "method", "prompts", "adapt", "precision",
@@ -96,6 +108,7 @@ class Study:
     batch_size: int = 8
     pixel_size: int = 256
     timing_images: int = 16
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 def _sha256(path: str) -> str:
@@ -126,16 +139,81 @@ def _resolved(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def whole_number(value: Any, what: str, lo: int, hi: int) -> int:
+    """``value`` when it is a whole number in [lo, hi] (not a bool, a string or a float such
+    as 1e400); else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise UsageError(f"{what} {_show(value)}: expected a whole number from {lo} to {hi}")
+    return value
+
+
+def seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
+        raise UsageError(f"{what} {_show(value)}: expected seconds, more than 0 and at most "
+                         f"{MAX_TIMEOUT_S:g}")
+    return float(value)
+
+
+def category_list(value: Any, what: str) -> tuple[str, ...]:
+    """A list of distinct category names (a bare string is refused: "weave" is not the list
+    of its letters)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UsageError(f"{what} {_show(value)}: expected a non-empty list of category names, "
+                         'e.g. ["weave", "washer"]')
+    for name in value:
+        if not is_category_name(name):
+            raise UsageError(f"{what}: {_show(name)} is not a category name (1-64 letters, "
+                             "digits, spaces, '_', '-' or '.', starting with a letter or digit)")
+    if len(set(value)) != len(value):
+        raise UsageError(f"{what} {_show(value)}: a category appears twice")
+    return tuple(value)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(value: Any, what: str, limit: int = MAX_NAME) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > limit \
+            or not value.isprintable():
+        raise UsageError(f"{what} {_show(value)}: expected text of 1 to {limit} printable "
+                         "characters")
+    return value
+
+
+def _typed(d: dict, where: str) -> None:
+    """Each variant key of a fixed type checked (seed and adapters_categories normalised)."""
+    for key in ("name", "model", "pretrained", "method"):
+        if key in d:
+            _text(d[key], f"{where}: {key}", MAX_NAME if key == "name" else 1000)
+    if "seed" in d:
+        d["seed"] = whole_number(d["seed"], f"{where}: seed", 0, 2**32 - 1)
+    if not isinstance(d.get("adapt", False), bool):
+        raise UsageError(f"{where}: adapt {_show(d['adapt'])}: expected true or false")
+    for key, kind, words in (("prompts", str, "text"), ("precision", str, "text"),
+                             ("adapters", str, "a file or 'none'"),
+                             ("options", dict, "an object of method options")):
+        if d.get(key) is not None and not isinstance(d[key], kind):
+            raise UsageError(f"{where}: {key} {_show(d[key])}: expected {words}")
+    if d.get("adapters_categories") is not None:
+        d["adapters_categories"] = category_list(d["adapters_categories"],
+                                                 f"{where}: adapters_categories")
+
+
 def parse_variant(raw: dict, defaults: dict, base: Path, index: int) -> Variant:
     """A variant's dict (defaults applied, files resolved against ``base``), checked."""
     where = f"variant {index + 1}"
     if not isinstance(raw, dict):
-        raise UsageError(f"{where}: expected an object of {', '.join(VARIANT_KEYS)}, got {raw!r}")
+        raise UsageError(f"{where}: expected an object of {', '.join(VARIANT_KEYS)}, got "
+                         f"{_show(raw)}")
     d = {**defaults, **raw}
     unknown = [k for k in d if k not in VARIANT_KEYS]
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: "
                          f"{', '.join(VARIANT_KEYS)}")
+    _typed(d, where)
     source, _, file = str(d.get("prompts", "ensemble")).partition(":")
     if source not in PROMPT_SOURCES or (source == "ensemble") != (not file):
         raise UsageError(f"{where}: prompts {d.get('prompts')!r}: use 'ensemble', 'llm:FILE' "
@@ -149,13 +227,31 @@ def parse_variant(raw: dict, defaults: dict, base: Path, index: int) -> Variant:
         d["adapters"] = _resolved(str(d["adapters"]), base)
     if d.get("pretrained") not in (None, "none") and Path(base / str(d["pretrained"])).is_file():
         d["pretrained"] = _resolved(str(d["pretrained"]), base)
-    seen = d.get("adapters_categories")
-    if seen is not None:
-        d["adapters_categories"] = tuple(seen)
-    d["adapt"] = bool(d.get("adapt", False))
     d["options"] = dict(d.get("options") or {})
     d.setdefault("name", default_name(d))
     return Variant(**d)
+
+
+def result_folder(name: str) -> str:
+    """The variant's folder under OUT/results: its name with every run of characters other
+    than letters, digits, '_', '.' and '-' as one '_', no '.' or '_' at either end (so never
+    '.' or '..'). Two names may give one folder ("a b", "a_b"): ``study_from_dict`` refuses."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")[:MAX_NAME] or "variant"
+
+
+def _check_folders(variants: Sequence[Variant], source: str) -> None:
+    names = [v.name for v in variants]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"{source}: variant name(s) {', '.join(map(repr, repeated))} appear "
+                         "twice; give each variant its own 'name'")
+    taken: dict[str, str] = {}
+    for name in names:
+        folder = result_folder(name)
+        other = taken.setdefault(folder.casefold(), name)  # case-insensitive disks too
+        if other != name:
+            raise UsageError(f"{source}: variants {other!r} and {name!r} would share the result "
+                             f"folder results/{folder}; rename one")
 
 
 def default_name(d: dict) -> str:
@@ -167,6 +263,28 @@ def default_name(d: dict) -> str:
     return " ".join(parts + [d.get("precision", "fp32")])
 
 
+def _eval_settings(ev: Any, source: str) -> dict[str, Any]:
+    if not isinstance(ev, dict):
+        raise UsageError(f"{source}: eval {_show(ev)}: expected an object of "
+                         f"{', '.join(EVAL_LIMITS)}, timeout_s")
+    bad = set(ev) - {*EVAL_LIMITS, "timeout_s"}
+    if bad:
+        raise UsageError(f"{source}: eval: unknown key(s) {', '.join(sorted(bad))}; known: "
+                         f"{', '.join(EVAL_LIMITS)}, timeout_s")
+    out: dict[str, Any] = {k: whole_number(v, f"{source}: eval.{k}", *EVAL_LIMITS[k])
+                           for k, v in ev.items() if k in EVAL_LIMITS}
+    if "timeout_s" in ev:
+        out["timeout_s"] = seconds(ev["timeout_s"], f"{source}: eval.timeout_s")
+    return out
+
+
+def shot_counts(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UsageError(f"{what} {_show(value)}: expected a non-empty list of whole numbers "
+                         "from 0, e.g. [0, 1, 4]")
+    return tuple(sorted({whole_number(k, what, 0, MAX_SHOTS) for k in value}))
+
+
 def study_from_dict(data: Any, base: Path, source: str) -> Study:
     if not isinstance(data, dict) or not isinstance(data.get("variants"), list) \
             or not data["variants"]:
@@ -175,24 +293,22 @@ def study_from_dict(data: Any, base: Path, source: str) -> Study:
     if unknown:
         raise UsageError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: name, "
                          "note, shots, categories, defaults, eval, variants")
-    defaults = dict(data.get("defaults") or {})
-    variants = tuple(parse_variant(v, defaults, base, i) for i, v in enumerate(data["variants"]))
-    names = [v.name for v in variants]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise UsageError(f"{source}: variant name(s) {', '.join(map(repr, repeated))} appear "
-                         "twice; give each variant its own 'name'")
-    shots = tuple(sorted({int(k) for k in data.get("shots", DEFAULT_SHOTS)}))
-    if not shots or shots[0] < 0:
-        raise UsageError(f"{source}: shots {data.get('shots')!r}: whole numbers >= 0, e.g. [0, 1, 4]")
-    ev = dict(data.get("eval") or {})
-    bad = set(ev) - {"batch_size", "pixel_size", "timing_images"}
-    if bad:
-        raise UsageError(f"{source}: eval: unknown key(s) {', '.join(sorted(bad))}; known: "
-                         "batch_size, pixel_size, timing_images")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise UsageError(f"{source}: defaults {_show(defaults)}: expected an object of variant "
+                         "keys")
+    variants = tuple(parse_variant(v, dict(defaults), base, i)
+                     for i, v in enumerate(data["variants"]))
+    _check_folders(variants, source)
+    shots = shot_counts(data.get("shots", DEFAULT_SHOTS), f"{source}: shots")
+    ev = _eval_settings(data.get("eval") or {}, source)
     cats = data.get("categories")
-    return Study(variants, shots, tuple(cats) if cats else None, str(data.get("name", "study")),
-                 str(data.get("note", "")), **{k: int(v) for k, v in ev.items()})
+    cats = None if cats is None else category_list(cats, f"{source}: categories")
+    name = _text(data.get("name", "study"), f"{source}: name", 200)
+    note = data.get("note", "")
+    if not isinstance(note, str):
+        raise UsageError(f"{source}: note {_show(note)}: expected text")
+    return Study(variants, shots, cats, name, note, **ev)
 
 
 def load_study(path: str | Path) -> Study:
@@ -224,13 +340,19 @@ def variant_flag(text: str) -> dict:
         if not eq:
             raise UsageError(f"--variant {text!r}: {item!r} is not KEY=VALUE (e.g. "
                              "method=patch,prompts=ensemble,precision=int8)")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
         if key == "adapt":
-            out[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            words = {"1": True, "true": True, "yes": True, "on": True,
+                     "0": False, "false": False, "no": False, "off": False}
+            if value.lower() not in words:
+                raise UsageError(f"--variant {text!r}: adapt={value!r}: use true or false")
+            out[key] = words[value.lower()]
         elif key == "adapters_categories":
             out[key] = [c for c in value.split("+") if c]
         elif key == "seed":
+            if not value.isdigit():
+                raise UsageError(f"--variant {text!r}: seed={value!r}: expected a whole number")
             out[key] = int(value)
         else:
-            out[key] = value.strip()
+            out[key] = value
     return out
