@@ -169,6 +169,17 @@ def test_close_writes_what_is_pending(tmp_path):
         assert db.execute("SELECT count(*) FROM results").fetchone()[0] == 2
 
 
+def test_close_says_how_many_results_it_could_not_journal_and_why(tmp_path, capsys):
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path, busy_timeout_s=0.2, retry_s=(5.0, 5.0))
+    with locked(path):
+        journal.submit(entries(2))
+        journal.close()
+    err = capsys.readouterr().err
+    assert "2 result(s) could not be journaled before closing" in err
+    assert "locked by another process" in err
+
+
 # ------------------------------------------------------------------------------------ full disk
 def test_a_full_journal_is_reported_as_full_and_writes_again_when_there_is_room(tmp_path):
     # SQLite's page limit: the same SQLITE_FULL ("database or disk is full") as a full disk.
