@@ -134,3 +134,35 @@ def test_probe_jpeg_has_the_asked_size(tmp_path):
     width, height = write_jpeg(tmp_path / "p.jpg", 12)
     assert (width, height) == (4000, 3000)
     assert Image.open(tmp_path / "p.jpg").size == (4000, 3000)
+
+
+def test_the_probe_reports_the_childs_own_peak_not_the_parents(tiny_bundle_path, tmp_path):
+    """ru_maxrss would start at the parent's peak (Linux keeps it across exec): with a parent
+    larger than the child, every image would add 0."""
+    ballast = np.ones(600 * 2**20, np.uint8)  # a parent well above the child's peak
+    row = rss_per_image(tiny_bundle_path, tmp_path, [3])[0]
+    assert row["error"] is None and row["map_size"] == [1500, 2000]
+    assert row["steady_peak_rss_mb"] < ballast.nbytes / 2**20
+    # 3 MP decoded whole: at least the RGB result (3 bytes/pixel) and its float32 map.
+    assert row["per_image_mb"] > 3e6 * (3 + 4) / 2**20
+
+
+def test_the_probe_measures_the_decode_attack_kinds(tiny_bundle_path, tmp_path):
+    from clipinspect.benchmarks.rss_probe import parse_kinds, rss_per_kind
+
+    kinds = parse_kinds("png16:1500x1000,tiff32:1500x1000,tiff-float:1500x1000,la:1500x1000,"
+                        "rgba:1500x1000,jpeg:1500x1000")
+    rows = rss_per_kind(tiny_bundle_path, tmp_path, kinds)
+    assert [row["kind"] for row in rows] == ["png16", "tiff32", "tiff-float", "la", "rgba",
+                                             "jpeg"]
+    pixels_mib = 1.5e6 / 2**20
+    for row in rows:
+        assert row["error"] is None and row["map_size"] == [1000, 1500], row
+        assert row["file_mb"] > 0 and row["per_image_mb"] >= row["decode_mb"]
+        # The bound of docs/security.md: 5 bytes/pixel for 16-bit gray, 8 for 32-bit TIFF (and
+        # its largest strip, small here), 7 for the rest, plus 16 MiB.
+        per_pixel = {"png16": 5, "tiff32": 8, "tiff-float": 8}.get(row["kind"], 7)
+        assert 3 * pixels_mib <= row["decode_mb"] <= per_pixel * pixels_mib + 16, row
+    assert not list(tmp_path.iterdir())  # the probe images are removed
+    with pytest.raises(SystemExit, match="KIND:WIDTHxHEIGHT"):
+        parse_kinds("gif:10x10")
