@@ -173,6 +173,12 @@ class Journal:
             raise JournalUnavailable(
                 f"the journal {str(self.path)!r} is on a read-only file system: remount "
                 f"{str(self.path.parent)!r} writable, or give --journal a file on a writable disk")
+        if not os.access(self.path.parent, os.W_OK) or (
+                self.path.exists() and not os.access(self.path, os.W_OK)):
+            raise JournalUnavailable(
+                f"the journal {str(self.path)!r} is not writable by this user: make it and "
+                f"{str(self.path.parent)!r} writable (SQLite writes files next to it), or give "
+                "another --journal")
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False,
                                        isolation_level=None)
