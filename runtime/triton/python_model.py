@@ -108,7 +108,7 @@ def site_packages() -> list[str]:
 
 
 def _parameter(key: str, value: str) -> str:
-    from .repository import pbtxt_string  # here: the model code in Triton never imports this
+    from .pbtxt import pbtxt_string  # here: the model code in Triton never imports this
 
     return (f"parameters {{\n  key: {pbtxt_string(key)}\n  value: {{\n"
             f"    string_value: {pbtxt_string(value)}\n  }}\n}}\n")

@@ -36,6 +36,7 @@ from typing import Any
 from ..core.bundle import Bundle, atomic_write_bytes, category_dir, npz_bytes, sha256_file
 from ..core.errors import UsageError
 from ..core.manifest import BundleError, EngineBuild, FileEntry
+from .pbtxt import pbtxt_string
 
 ENCODER = "clipinspect_encoder"
 CATEGORIES = "clipinspect_categories"
@@ -55,21 +56,6 @@ IDENTITY_FILE = "clipinspect_bundle.json"
 # Tensor names written into config.pbtxt: a plain identifier, nothing a parser could read as
 # the end of a field (a bundle is input: its graphs name their own tensors).
 TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-
-
-def pbtxt_string(value: str) -> str:
-    """``value`` as a protobuf text-format string literal: '"' and '\\' escaped, every byte
-    outside printable ASCII (newlines, UTF-8 of non-ASCII letters) as an octal escape, so no
-    value can end its field and start another."""
-    out = []
-    for byte in str(value).encode("utf-8"):
-        if byte in b'"\\':
-            out.append("\\" + chr(byte))
-        elif 0x20 <= byte < 0x7F:
-            out.append(chr(byte))
-        else:
-            out.append(f"\\{byte:03o}")
-    return '"' + "".join(out) + '"'
 
 
 def check_tensor_name(name: str, where: str) -> str:
