@@ -84,14 +84,7 @@ def test_make_session_passes_the_options_to_onnxruntime(tmp_path, monkeypatch):
     assert options_of(ort.made[0], "CUDAExecutionProvider")["use_tf32"] == 0
 
 
-# ------------------------------------------------------ 2. the TensorRT provider keeps the types
-def test_tensorrt_fp16_keeps_layer_norm_in_fp32():
-    opts = options_of(ob.provider_options("tensorrt", fp16=True), "TensorrtExecutionProvider")
-    assert opts["trt_fp16_enable"] is True and opts["trt_layer_norm_fp32_fallback"] is True
-    fp32 = options_of(ob.provider_options("tensorrt"), "TensorrtExecutionProvider")
-    assert fp32["trt_fp16_enable"] is False and "trt_layer_norm_fp32_fallback" not in fp32
-
-
+# ---------------------------------------- 2. the TensorRT provider: only options it really has
 def test_tensorrt_provider_is_given_only_options_it_has():
     """onnxruntime 1.31's TensorRT provider has no TF32 or strong-typing option; an invented
     key would make it fail to register. Everything passed is one of its documented options."""

@@ -32,7 +32,7 @@ class FakeArray:
         self.array = array
         FakeArray._next += 0x1000
         self.data = types.SimpleNamespace(ptr=FakeArray._next)
-        self.shape = array.shape
+        self.shape, self.dtype = array.shape, array.dtype
 
 
 class FakeStream:
@@ -264,3 +264,105 @@ def test_fp32_means_fp32_tf32_is_cleared(tmp_path):
     assert ("set_memory_pool_limit", ("WORKSPACE", 64 << 20)) in calls
     assert ("set_shape", ("images", *shapes["images"])) in calls
     assert plan == cache == b"bytes"
+
+
+# ----------------------------------------------------------- binding types, one logger a process
+def test_a_binding_of_another_dtype_is_refused_before_execute(stand_in, monkeypatch):
+    """TensorRT reads a buffer as the engine's type: a float32 array bound to an FP16 input
+    would be read as garbage. The check names the engine, the tensor and both types."""
+    bundle, record, engines = stand_in
+    trt = fake_tensorrt(engines)
+    trt.nptype = lambda dtype: np.float16 if dtype == "half" else np.float32
+    monkeypatch.setattr(engines["encoder"], "get_tensor_dtype",
+                        lambda name: "half" if name == "images" else "float")
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: (trt, fake_cupy([])))
+    monkeypatch.setattr(tb, "current_device", lambda trt, cp: None)
+    monkeypatch.setattr(tb, "find_engines", lambda b, precision, device: record)
+    made = tb.TrtBackend(bundle, "fp32", verify_checksums=False)
+    with pytest.raises(te.EngineError, match=r"the encoder engine's 'images' is float16, the "
+                                             r"array bound to it is float32; .*rebuild") as err:
+        made.encode(np.zeros((1, 3, 224, 224), np.float32))
+    assert "\n" not in str(err.value)
+    assert not any(c[0] == "execute_async_v3" for c in made.contexts["encoder"].calls)
+
+
+def test_one_tensorrt_logger_per_process(stand_in, monkeypatch):
+    bundle, record, engines = stand_in
+    trt = fake_tensorrt(engines)
+    made: list = []
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, lvl: made.append(s)})
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: (trt, fake_cupy([])))
+    monkeypatch.setattr(tb, "current_device", lambda trt, cp: None)
+    monkeypatch.setattr(tb, "find_engines", lambda b, precision, device: record)
+    first = tb.TrtBackend(bundle, "fp32", verify_checksums=False)
+    second = tb.TrtBackend(bundle, "fp32", verify_checksums=False)
+    assert len(made) == 1 and first.logger is second.logger is te.trt_logger(trt)
+
+
+# ------------------------------------------------- head engines built once, shared by precision
+DEVICE = te.Device("NVIDIA H100", "9.0", "10.13.3.9", sm_count=132, memory_gib=80)
+
+
+@pytest.fixture
+def fake_builds(tiny_bundle_copy, monkeypatch):
+    """build_engines with TensorRT's builder replaced: records which graphs it builds. The
+    bundle gets an 'fp16' variant whose encoder is a copy of the FP32 one (graph contents do
+    not matter to the plumbing)."""
+    from clipinspect.runtime.core.bundle import write_versioned
+
+    bundle = Bundle.open(tiny_bundle_copy)
+    data = bundle.graph_path("fp32", "encoder").read_bytes()
+    fp32 = bundle.manifest.graphs["fp32"]["encoder"]
+    entry = bundle.file_entry(write_versioned(bundle.root, "fp16", "encoder.onnx", data),
+                              inputs=fp32.inputs, outputs=fp32.outputs)
+    bundle.set_precision("fp16", entry, {"agreement_vs_fp32": {
+        "map_pearson_min": 1.0, "max_image_score_diff": 0.0, "images": 1}})
+    built: list = []
+
+    def build_one(trt, logger, path, shapes, *, settings, cache_bytes):
+        built.append(path.name.split("-")[0].split(".")[0])
+        return f"plan of {path.name} {sorted(shapes.items())}".encode(), b"timings"
+
+    trt = types.SimpleNamespace(Logger=type("Logger", (), {"WARNING": 2,
+                                                           "__init__": lambda s, lvl: None}))
+    monkeypatch.setattr(te, "import_tensorrt", lambda: (trt, None))
+    monkeypatch.setattr(te, "current_device", lambda trt, cupy: DEVICE)
+    monkeypatch.setattr(te, "_build_one", build_one)
+    return tiny_bundle_copy, built
+
+
+def _build(path, precision, batch=(1, 2, 4)):
+    import io
+
+    return te.build_engines(path, precision, te.BatchRange(*batch), max_shots=2, workspace_mb=64,
+                            stream=io.StringIO())
+
+
+def test_head_engines_are_built_once_and_shared_across_precisions(fake_builds):
+    path, built = fake_builds
+    fp32 = _build(path, "fp32")
+    assert built == ["encoder", "head_zeroshot", "head_fewshot"]
+    assert all(fp32[h]["file"].startswith(f"engines/{DEVICE.key}/heads/")
+               for h in ("head_zeroshot", "head_fewshot"))
+    fp16 = _build(path, "fp16")
+    assert built[3:] == ["encoder"]                     # the heads were not rebuilt
+    assert fp16["heads_reused"] == ["head_zeroshot", "head_fewshot"]
+    for head in ("head_zeroshot", "head_fewshot"):
+        assert fp16[head] == fp32[head]
+    # Both records load: find_engines accepts them, the shared files exist once.
+    bundle = Bundle.open(path)
+    for precision in ("fp32", "fp16"):
+        entry = te.find_engines(bundle, precision, DEVICE)
+        assert (bundle.root / entry.files["head_fewshot"].file).is_file()
+
+
+def test_a_head_engine_of_another_profile_is_not_shared(fake_builds):
+    path, built = fake_builds
+    fp32 = _build(path, "fp32")
+    fp16 = _build(path, "fp16", batch=(1, 4, 8))
+    assert built == ["encoder", "head_zeroshot", "head_fewshot"] * 2
+    assert fp16["heads_reused"] == [] and fp16["head_fewshot"] != fp32["head_fewshot"]
+    # The fp32 record keeps its own head engines.
+    bundle = Bundle.open(path)
+    assert (bundle.root / te.find_engines(bundle, "fp32", DEVICE).files["head_fewshot"].file
+            ).is_file()

@@ -76,7 +76,8 @@ def test_patch_method_with_prompt_pools_passes_and_gets_profiles(patch_bundle_pa
                                                   "fp32/head_fewshot")}
     head = onnx.load(str(b.graph_path("fp32", "head_fewshot")))
     shapes = tc.profile_shapes(b, head, tc.BatchRange(1, 2, 4), max_shots=2, opt_shots=1)
-    assert shapes["text_normal"] == ((1, 384), (256, 384), (2048, 384))
+    # At least top-k (6) prompts: the adaptation's TopK needs them.
+    assert shapes["text_normal"] == ((6, 384), (256, 384), (2048, 384))
     assert shapes["patch_embeddings"] == ((1, 196, 384), (2, 196, 384), (4, 196, 384))
     assert shapes["memory_patch_tokens"] == ((196, 384), (196, 384), (392, 384))
 
@@ -153,3 +154,14 @@ def test_operator_table_states_its_source():
     assert "LayerNormalization" in table["supported"]
     assert "DynamicQuantizeLinear" in table["unsupported"]
     assert not set(table["supported"]) & set(table["unsupported"])
+
+
+def test_prompt_pool_profile_starts_at_the_adaptations_top_k(tiny_patch_bundle_path):
+    """The adaptation's TopK over a category's prompts needs at least k rows: a profile
+    starting at 1 would let TensorRT build for pools the graph cannot take."""
+    b = Bundle.open(tiny_patch_bundle_path)
+    assert b.manifest.adaptation.top_k == 6
+    head = onnx.load(str(b.graph_path("fp32", "head_zeroshot")))
+    shapes = tc.profile_shapes(b, head, tc.BatchRange(1, 2, 4))
+    pools = {n: s for n, s in shapes.items() if n.startswith("text_")}
+    assert pools and all(lo[0] == 6 and hi[0] == 2048 for lo, _, hi in pools.values())

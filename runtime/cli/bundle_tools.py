@@ -73,7 +73,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
     build_engines(args.bundle, args.precision, BatchRange(args.min_batch, args.opt_batch,
                                                           args.max_batch),
-                  args.max_shots, args.workspace)
+                  args.max_shots, args.workspace, int8_graph=args.int8_graph)
     return 0
 
 
@@ -112,6 +112,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most reference images the few-shot engine accepts (default 16)")
     p.add_argument("--workspace", type=positive_int, default=2048, metavar="MB",
                    help="TensorRT builder workspace in MB (default 2048)")
+    p.add_argument("--int8-graph", choices=["fp16", "fp32"], default="fp16",
+                   help="with --precision int8: build the encoder from the INT8 graph with FP16 "
+                        "between its Q/DQ pairs (default; faster on a GPU) or from the FP32 QDQ "
+                        "graph")
     p.set_defaults(func=cmd_build_engine)
 
     p = sub.add_parser("triton", help="write a Triton Inference Server model repository")

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..core.bundle import Bundle, sha256_file
 from ..core.errors import UsageError
-from .engine import GRAPHS, EngineError, current_device, find_engines, import_tensorrt
+from .engine import (GRAPHS, EngineError, current_device, find_engines, import_tensorrt,
+                     trt_logger)
 
 
 def _memory_size(engine) -> int:
@@ -40,7 +41,7 @@ class TrtBackend:
         self.max_batch = int(self.record.profile["batch"][2])
         self.max_shots = int(self.record.profile["max_shots"])
         self.rebuild = f"clipinspect build-engine {bundle.root} --precision {precision}"
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = trt_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {}
         for name in GRAPHS:
@@ -83,6 +84,7 @@ class TrtBackend:
         inputs, outputs = self.io[name]
         for n in inputs:
             arr = feeds[n]
+            self._check_dtype(name, n, arr)
             if not context.set_input_shape(n, tuple(arr.shape)):
                 lo, _, hi = engine.get_tensor_profile_shape(n, 0)
                 raise EngineError(f"the {name} engine refused input {n!r} of shape "
@@ -94,10 +96,20 @@ class TrtBackend:
         for n in outputs:
             dtype = self.trt.nptype(engine.get_tensor_dtype(n))
             result[n] = self.cp.empty(tuple(context.get_tensor_shape(n)), dtype=dtype)
+            self._check_dtype(name, n, result[n])
             context.set_tensor_address(n, result[n].data.ptr)
         if not context.execute_async_v3(self.stream.ptr):
             raise EngineError(f"TensorRT failed to run the {name} engine")
         return result
+
+    def _check_dtype(self, graph: str, tensor: str, arr) -> None:
+        """TensorRT reads a bound buffer as the engine's type, whatever was put there: a
+        float32 array bound to an FP16 input would be read as garbage, not converted."""
+        want = np.dtype(self.trt.nptype(self.engines[graph].get_tensor_dtype(tensor)))
+        if np.dtype(arr.dtype) != want:
+            raise EngineError(f"the {graph} engine's {tensor!r} is {want}, the array bound to it "
+                              f"is {np.dtype(arr.dtype)}; the engine was built from another "
+                              f"graph than this clipinspect feeds: rebuild with '{self.rebuild}'")
 
     def encode(self, images: np.ndarray) -> dict[str, Any]:
         if len(images) > self.max_batch:

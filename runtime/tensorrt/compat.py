@@ -36,7 +36,8 @@ MIN_OPSET = 17
 DEFAULT_TARGET = "10.3"
 DEFAULT_MAX_SHOTS = 16
 # Prompts per state in a category's pool (prompt adaptation): the compositional ensemble has 147
-# normal and 84 anomalous prompts before the ambiguity filter; prompt files add to them.
+# normal and 84 anomalous prompts before the ambiguity filter; prompt files add to them. The
+# minimum is the adaptation's top-k (prompt_pool): its TopK needs at least k rows.
 PROMPT_POOL = (1, 256, 2048)
 
 
@@ -204,6 +205,17 @@ def dynamic_rows(bundle: Bundle) -> dict[str, int]:
     return rows
 
 
+def prompt_pool(bundle: Bundle) -> tuple[int, int, int]:
+    """(min, opt, max) rows of a prompt pool input: at least the adaptation's top-k."""
+    adaptation = bundle.manifest.adaptation
+    k = int(adaptation.top_k) if adaptation is not None and adaptation.top_k else 1
+    lo, opt, hi = PROMPT_POOL
+    if k > hi:
+        raise CompatibilityError(f"prompt adaptation top-k {k} is larger than the prompt pools "
+                                 f"a TensorRT profile covers ({hi}); export with a smaller top_k")
+    return max(lo, k), max(opt, k), hi
+
+
 def profile_shapes(bundle: Bundle, model, batch: BatchRange, max_shots: int = DEFAULT_MAX_SHOTS,
                    opt_shots: int = 4) -> dict[str, tuple[tuple[int, ...], ...]]:
     """{input: (min shape, opt shape, max shape)} covering every input of ``model``.
@@ -217,6 +229,7 @@ def profile_shapes(bundle: Bundle, model, batch: BatchRange, max_shots: int = DE
         raise CompatibilityError(f"max shots {max_shots}: need at least 1")
     opt_shots = min(max(opt_shots, 1), max_shots)
     rows = dynamic_rows(bundle)
+    pool = prompt_pool(bundle)
     shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
     problems = []
     for value in model.graph.input:
@@ -233,7 +246,7 @@ def profile_shapes(bundle: Bundle, model, batch: BatchRange, max_shots: int = DE
                 r = rows[value.name]
                 span = (r, r * opt_shots, r * max_shots)
             elif axis == 0 and value.name.startswith("text_"):
-                span = PROMPT_POOL  # a category's prompt pool (prompt adaptation)
+                span = pool  # a category's prompt pool (prompt adaptation)
             elif axis == 0:
                 span = (batch.min, batch.opt, batch.max)
             else:

@@ -170,8 +170,11 @@ def find_engines(bundle: Bundle, precision: str, device: Device) -> EngineBuild:
                               f"with '{rebuild}'")
         raise EngineError(f"bundle {str(bundle.root)!r} has no {precision} TensorRT engines for "
                           f"this {device.describe()}; build them with '{rebuild}'")
-    for name in GRAPHS:
-        now = bundle.manifest.graphs[precision][name].sha256
+    graphs = bundle.manifest.graphs[precision]
+    # GRAPHS, and the graph the encoder engine was built from where it is another one (the
+    # INT8 graph with FP16 between its Q/DQ pairs).
+    for name in dict.fromkeys([*GRAPHS, *entry.source_graphs]):
+        now = graphs[name].sha256 if name in graphs else None
         if entry.source_graphs.get(name) != now:
             raise EngineError(f"the {precision} {name} graph changed after its engine was built "
                               f"(re-export or quantize --overwrite); rebuild with '{rebuild}'")
@@ -179,6 +182,58 @@ def find_engines(bundle: Bundle, precision: str, device: Device) -> EngineBuild:
 
 
 # ------------------------------------------------------------------------------ building
+_LOGGER: list = []   # [(tensorrt module, its Logger)]
+
+
+def trt_logger(trt):
+    """The process's one TensorRT logger: TensorRT warns when several are made, and builder,
+    runtime and parser all take it."""
+    if not _LOGGER or _LOGGER[0][0] is not trt:
+        _LOGGER[:] = [(trt, trt.Logger(trt.Logger.WARNING))]
+    return _LOGGER[0][1]
+
+
+# build-engine --int8-graph: which INT8 graph the encoder engine is built from. fp16: FP16
+# between the INT8 matrix products (calibration/quantize_fp16.py), so the layers TensorRT does
+# not quantize (softmax, LayerNorm, GELU, residual adds) run in FP16 in a strongly typed
+# engine rather than FP32; fp32: the QDQ graph onnxruntime runs on the CPU.
+INT8_GRAPHS = {"fp16": "encoder_fp16", "fp32": "encoder"}
+
+
+def encoder_graph(bundle: Bundle, precision: str, int8_graph: str = "fp16") -> str:
+    """The name of the graph of ``precision`` the encoder engine is built from."""
+    if precision != "int8":
+        return "encoder"
+    if int8_graph not in INT8_GRAPHS:
+        raise UsageError(f"--int8-graph {int8_graph!r}: choose one of {', '.join(INT8_GRAPHS)}")
+    name = INT8_GRAPHS[int8_graph]
+    if name not in bundle.manifest.graphs["int8"]:
+        raise UsageError(f"bundle {str(bundle.root)!r} has no INT8 graph with FP16 between its "
+                         "Q/DQ pairs (quantized by an older clipinspect); make it with "
+                         f"'clipinspect quantize {bundle.root} --precision int8 --calibration DIR "
+                         "--overwrite', or build from the FP32 QDQ graph with --int8-graph fp32")
+    return name
+
+
+def _profile_json(shapes: dict) -> dict[str, list]:
+    return {name: [list(s) for s in spans] for name, spans in shapes.items()}
+
+
+def shared_head(bundle: Bundle, key: str, name: str, sha: str, shapes: dict) -> dict | None:
+    """A head engine already built on this device from the same graph (``sha``), with the
+    same profile and TF32 off, by a build of any precision: the heads are the FP32 graphs in
+    every variant, so one engine serves them all. Its file entry, or None."""
+    entry = bundle.manifest.engines.get(key)
+    for build in (entry.builds.values() if entry else ()):
+        found = build.files.get(name)
+        if (found is not None and build.source_graphs.get(name) == sha
+                and build.extra.get("tf32") is False
+                and (build.extra.get("head_profiles") or {}).get(name) == _profile_json(shapes)
+                and (bundle.root / found.file).is_file()):
+            return found.to_dict()
+    return None
+
+
 def _progress_monitor(trt, stream):
     """A TensorRT IProgressMonitor printing the builder's top-level phases (TensorRT >= 10)."""
     if not hasattr(trt, "IProgressMonitor"):
@@ -246,9 +301,11 @@ def _build_one(trt, logger, path: Path, shapes: dict, *, settings: BuildSettings
 
 def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
                   max_shots: int = DEFAULT_MAX_SHOTS, workspace_mb: int = DEFAULT_WORKSPACE_MB,
-                  stream=None) -> dict[str, Any]:
-    """Build the encoder and both head engines of ``precision`` for this GPU and store them in
-    the bundle (replacing earlier ones for the same device). Returns the manifest record."""
+                  stream=None, *, int8_graph: str = "fp16") -> dict[str, Any]:
+    """Build the encoder engine of ``precision`` and the FP32 head engines for this GPU and
+    store them in the bundle (replacing earlier ones of this precision and device). Head
+    engines are shared: built once per device, graph and profile, reused by every precision.
+    ``int8_graph``: see INT8_GRAPHS. Returns the manifest record."""
     import onnx
 
     stream = stream or sys.stderr
@@ -261,32 +318,42 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
     if workspace_mb < 16:
         raise UsageError(f"--workspace {workspace_mb} MB is too small; give at least 16")
     batch.validate()
-    labels = [f"{precision}/encoder", "fp32/head_zeroshot", "fp32/head_fewshot"]
-    require_compatible(bundle, labels, batch=batch, max_shots=max_shots)
+    encoder = encoder_graph(bundle, precision, int8_graph)
+    sources = {n: encoder if n == "encoder" else n for n in GRAPHS}
+    require_compatible(bundle, [f"{precision}/{encoder}", "fp32/head_zeroshot",
+                                "fp32/head_fewshot"], batch=batch, max_shots=max_shots)
     trt, cupy = import_tensorrt()
     device = current_device(trt, cupy)
     adopt_legacy_engines(bundle, device)
-    logger = trt.Logger(trt.Logger.WARNING)
     cache_path = bundle.root / "cache" / "tensorrt" / f"{device.key}.timing-cache"
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     print(f"building {precision} TensorRT engines for {device.describe()}: batch "
           f"{batch.min}/{batch.opt}/{batch.max}, up to {max_shots} reference images, workspace "
-          f"{workspace_mb} MB{', reusing the timing cache' if cache_bytes else ''}",
-          file=stream, flush=True)
+          f"{workspace_mb} MB, encoder from the {precision} {encoder} graph"
+          f"{', reusing the timing cache' if cache_bytes else ''}", file=stream, flush=True)
     settings = BuildSettings(workspace_mb, _progress_monitor(trt, stream))
-    folder = f"engines/{device.key}/{precision}"
-    files, seconds = {}, {}
+    graphs = bundle.manifest.graphs[precision]
+    files, seconds, profiles, reused = {}, {}, {}, []
     with Progress(len(GRAPHS), "build-engine", stream=stream, unit="engine") as bar:
-        for name in GRAPHS:
-            path = bundle.graph_path(precision, name)
+        for name, source in sources.items():
+            path = bundle.graph_path(precision, source)
             shapes = profile_shapes(bundle, onnx.load(str(path), load_external_data=False),
                                     batch, max_shots)
+            profiles[name] = _profile_json(shapes)
+            shared = None if name == "encoder" else shared_head(
+                bundle, device.key, name, graphs[name].sha256, shapes)
+            if shared is not None:
+                files[name] = shared
+                reused.append(name)
+                bar.update()
+                continue
             t0 = time.perf_counter()
-            plan, cache_bytes = _build_one(trt, logger, path, shapes, settings=settings,
-                                           cache_bytes=cache_bytes)
+            plan, cache_bytes = _build_one(trt, trt_logger(trt), path, shapes,
+                                           settings=settings, cache_bytes=cache_bytes)
             seconds[name] = round(time.perf_counter() - t0, 1)
             # Saved after each engine: an interrupted build keeps the timings measured so far.
             atomic_write_bytes(cache_path, cache_bytes)
+            folder = f"engines/{device.key}/{precision if name == 'encoder' else 'heads'}"
             files[name] = bundle.file_entry(write_versioned(bundle.root, folder,
                                                             f"{name}.plan", plan))
             bar.update()
@@ -295,10 +362,15 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
         "profile": {"batch": [batch.min, batch.opt, batch.max], "max_shots": int(max_shots)},
         "workspace_mb": int(workspace_mb),
         "tf32": False,
-        "source_graphs": {n: bundle.manifest.graphs[precision][n].sha256 for n in GRAPHS},
+        "encoder_graph": encoder,
+        "head_profiles": {n: p for n, p in profiles.items() if n != "encoder"},
+        "heads_reused": reused,
+        "source_graphs": {n: graphs[n].sha256 for n in dict.fromkeys([*GRAPHS, encoder])},
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": seconds,
     }
     bundle.set_engines(device.key, device.to_json(), precision, record)
-    print(f"{precision} engines stored under {bundle.root / folder}", file=stream, flush=True)
+    print(f"{precision} engines stored under {bundle.root / 'engines' / device.key}"
+          f"{' (head engines shared with an earlier build)' if reused else ''}",
+          file=stream, flush=True)
     return record
