@@ -42,6 +42,15 @@ def inspector(tiny_bundle_path):
 
 
 # ----------------------------------------------------------------- connections
+def needs_other_loopback_addresses() -> None:
+    """The attack tests come from 127.0.0.2 and up (Linux routes all of 127/8 to loopback)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.2", 0))
+        except OSError as e:
+            pytest.skip(f"this system's loopback does not take 127.0.0.2 ({e})")
+
+
 def open_idle(port: int, n: int, addresses: int) -> list[socket.socket]:
     """n connections from 127.0.0.2 .. 127.0.0.(1 + addresses): even ones send nothing, odd
     ones half a header line (and more of it while :func:`drip` runs)."""
@@ -102,6 +111,7 @@ def test_260_idle_and_dripping_sockets_do_not_lock_out_probes_or_requests(inspec
     Probes and a real inspection are answered within 2 s while they are open, and every one of
     them is closed once the header deadline (here 3 s) has passed."""
     header_timeout = 3.0
+    needs_other_loopback_addresses()
     server = Live(inspector, configured(header_timeout_s=header_timeout))
     stop = threading.Event()
     socks: list[socket.socket] = []
@@ -135,6 +145,7 @@ def test_260_idle_and_dripping_sockets_do_not_lock_out_probes_or_requests(inspec
 
 
 def test_one_address_gets_503_beyond_its_connection_cap(inspector):
+    needs_other_loopback_addresses()
     server = Live(inspector, configured(max_connections_per_client=4, header_timeout_s=20.0))
     held = open_idle(server.port, 4, addresses=1)  # 4 silent-or-dripping from 127.0.0.2
     try:
@@ -302,7 +313,8 @@ time.sleep(120)
 """
 
 
-def test_a_locked_journal_does_not_fail_requests_and_readiness_says_why(inspector, tmp_path):
+def test_a_locked_journal_does_not_fail_requests_and_readiness_says_why(inspector, tmp_path,
+                                                                       capfd):
     import subprocess
     import sys
 
@@ -327,6 +339,7 @@ def test_a_locked_journal_does_not_fail_requests_and_readiness_says_why(inspecto
         assert wait_for(lambda: ready(server.url).status_code == 200, 15)
         rows = Journal(path).rows("http")
         assert [row["image_id"] for row in rows] == [image_id]  # written later, once
+        assert "locked by another process" in capfd.readouterr().err  # the real error, logged
     finally:
         locker.kill()
         server.stop()
@@ -384,6 +397,7 @@ def test_the_load_tests_idle_socket_phase_reopens_what_the_server_closes(inspect
     server closes are opened again) and every probe is answered."""
     from clipinspect.benchmarks.loadtest import idle_attack
 
+    needs_other_loopback_addresses()
     server = Live(inspector, configured(header_timeout_s=1.0))
     try:
         attack = idle_attack(server.port, (CATEGORY, png(4)), 40, 3.0)
