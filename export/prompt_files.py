@@ -277,6 +277,8 @@ def _exchange(request: urllib.request.Request, connections: _Connections,
             if size > MAX_ANSWER_BYTES:
                 raise GenerationError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes; that "
                                       "is not a chat answer: check --url")
+            if getattr(response, "length", None):  # Content-Length bytes still missing
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
             return b"".join(chunks)
     except urllib.error.HTTPError as e:
         detail = e.read(300).decode("utf-8", "replace").strip()
@@ -287,6 +289,11 @@ def _exchange(request: urllib.request.Request, connections: _Connections,
         if isinstance(e.reason, (socket.timeout, TimeoutError)):
             raise TimeoutError(str(e.reason)) from e
         raise GenerationError(f"cannot reach {url}: {e.reason}") from e
+    except TimeoutError:
+        raise
+    except (http.client.HTTPException, OSError) as e:  # e.g. the connection closed mid-answer
+        raise GenerationError(f"{url} broke off its answer ({type(e).__name__}: {e}); check "
+                              "the server") from e
 
 
 def _post(url: str, body: dict, api_key: str | None, timeout: float) -> dict:

@@ -284,3 +284,28 @@ def test_timeout_bounds_the_whole_request_against_a_dripping_server(tmp_path, wh
         assert server.cut_at is not None and server.cut_at - started < 1.0 + 3.0  # cut off
     finally:
         server.close()
+
+
+def test_an_answer_broken_off_midway_is_a_one_line_error(tmp_path):
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"choices\"")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        with pytest.raises(GenerationError, match="broke off its answer") as e:
+            prompt_files.generate(url, "m", ["screw"], tmp_path / "p.json", timeout=10,
+                                  progress=lambda m: None)
+        assert "\n" not in str(e.value)
+    finally:
+        thread.join(10)
+        listener.close()
