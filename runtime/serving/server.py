@@ -234,7 +234,9 @@ class Batcher:
     def stalled(self) -> str | None:
         """Why readiness is withdrawn (the worker made no progress for ``inference_timeout_s``
         with a batch in flight or requests queued), or None."""
-        if self.idle or self.task is None or self.task.done():
+        if self.task is not None and self.task.done():
+            return "the inference worker has stopped; restart the service"
+        if self.idle or self.task is None:
             return None
         quiet = asyncio.get_running_loop().time() - self.progress_at
         if quiet <= self.config.inference_timeout_s:
