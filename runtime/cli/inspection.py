@@ -179,6 +179,9 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--header-timeout", type=float, default=5.0,
                    help="seconds a connection may take to send a request head, from connecting "
                         "or from the previous answer; else it is closed (default 5)")
+    p.add_argument("--inference-timeout", type=float, default=60.0,
+                   help="seconds without inference progress, with requests waiting, after which "
+                        "/readyz answers 503 (default 60)")
     add_runtime_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -194,9 +197,6 @@ def _register_watch(sub: argparse._SubParsersAction) -> None:
     add_mode(p)
     p.add_argument("--journal", default=None,
                    help="SQLite results journal (default INPUT/journal.sqlite)")
-    p.add_argument("--inference-timeout", type=float, default=60.0,
-                   help="seconds without inference progress, with requests waiting, after which "
-                        "/readyz answers 503 (default 60)")
     p.add_argument("--out", default=None, help="JSON lines (default INPUT/results.jsonl)")
     p.add_argument("--done", default=None,
                    help="where inspected files are moved (default INPUT/done)")
