@@ -407,3 +407,11 @@ def test_the_load_tests_idle_socket_phase_reopens_what_the_server_closes(inspect
     assert attack["closed_by_server"] >= 40 and attack["sockets_opened"] >= 80
     assert set(attack["probes"]) == {"healthz", "readyz", "inspect"}
     assert all(p["n"] >= 1 and p["max_ms"] < 2000 for p in attack["probes"].values())
+
+
+@pytest.mark.parametrize("flag", ["--header-timeout", "--inference-timeout"])
+def test_the_serve_command_takes_the_new_limits_and_checks_them(tiny_bundle_path, capsys, flag):
+    from clipinspect.runtime.cli import main
+
+    assert main(["serve", str(tiny_bundle_path), flag, "0"]) == 2  # refused before loading
+    assert f"{flag} 0.0: give a positive number of seconds" in capsys.readouterr().err
