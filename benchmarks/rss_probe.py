@@ -39,7 +39,7 @@ def write_jpeg(path: Path, megapixels: float, quality: int = 90) -> tuple[int, i
 
 
 # Image kinds of --kinds: a small file that decodes large (what each one is: the module docstring).
-KINDS = ("jpeg", "png16", "tiff32", "tiff-float", "la", "rgba")
+KINDS = ("jpeg", "png16", "tiff32", "tiff-float", "la", "rgba", "webp")
 
 
 def write_kind(path: Path, kind: str, width: int, height: int) -> Path:
@@ -56,14 +56,19 @@ def write_kind(path: Path, kind: str, width: int, height: int) -> Path:
     if kind == "png16":
         Image.fromarray(ramp.astype(np.uint16)).save(path.with_suffix(".png"), compress_level=9)
         return path.with_suffix(".png")
-    if kind in ("tiff32", "tiff-float"):
-        values = ramp.astype(np.int32 if kind == "tiff32" else np.float32)
+    if kind in ("tiff32", "tiff-float"):  # rows of one value: deflate needs runs to shrink it
+        values = np.repeat(ramp[:, :1], width, axis=1).astype(np.int32 if kind == "tiff32"
+                                                              else np.float32)
         Image.fromarray(values).save(path.with_suffix(".tif"), compression="tiff_deflate")
         return path.with_suffix(".tif")
     if kind in ("la", "rgba"):
         channels = [level, 255 - level] if kind == "la" else [level, 255 - level, level, level]
         Image.fromarray(np.stack(channels, -1)).save(path.with_suffix(".png"), compress_level=9)
         return path.with_suffix(".png")
+    if kind == "webp":
+        Image.fromarray(np.stack([level, 255 - level, level], -1)).save(
+            path.with_suffix(".webp"), quality=50, method=0)
+        return path.with_suffix(".webp")
     raise ValueError(f"image kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 

@@ -151,17 +151,17 @@ def test_the_probe_measures_the_decode_attack_kinds(tiny_bundle_path, tmp_path):
     from clipinspect.benchmarks.rss_probe import parse_kinds, rss_per_kind
 
     kinds = parse_kinds("png16:1500x1000,tiff32:1500x1000,tiff-float:1500x1000,la:1500x1000,"
-                        "rgba:1500x1000,jpeg:1500x1000")
+                        "rgba:1500x1000,webp:1500x1000,jpeg:1500x1000")
     rows = rss_per_kind(tiny_bundle_path, tmp_path, kinds)
     assert [row["kind"] for row in rows] == ["png16", "tiff32", "tiff-float", "la", "rgba",
-                                             "jpeg"]
+                                             "webp", "jpeg"]
     pixels_mib = 1.5e6 / 2**20
     for row in rows:
         assert row["error"] is None and row["map_size"] == [1000, 1500], row
         assert row["file_mb"] > 0 and row["per_image_mb"] >= row["decode_mb"]
         # The bound of docs/security.md: 5 bytes/pixel for 16-bit gray, 8 for 32-bit TIFF (and
-        # its largest strip, small here), 7 for the rest, plus 16 MiB.
-        per_pixel = {"png16": 5, "tiff32": 8, "tiff-float": 8}.get(row["kind"], 7)
+        # its largest strip, small here), 17 for WebP, 7 for the rest, plus 16 MiB.
+        per_pixel = {"png16": 5, "tiff32": 8, "tiff-float": 8, "webp": 17}.get(row["kind"], 7)
         assert 3 * pixels_mib <= row["decode_mb"] <= per_pixel * pixels_mib + 16, row
     assert not list(tmp_path.iterdir())  # the probe images are removed
     with pytest.raises(SystemExit, match="KIND:WIDTHxHEIGHT"):
