@@ -339,6 +339,8 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
     bundle = Bundle.open(bundle_path)
     method = METHODS[bundle.method.name]
     names = [check_category_name(n) for n in names]
+    # Every folder written, the lock and the manifest: confined before CLIP is even loaded.
+    bundle.check_writable(*(category_dir(n) for n in names))
     existing = [n for n in names if n in bundle.manifest.categories]
     if existing and not replace:
         raise ExportError(f"category {existing[0]!r} is already in the bundle; pass --replace to "

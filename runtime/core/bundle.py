@@ -27,11 +27,14 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import shlex
+import stat
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -40,10 +43,11 @@ from .errors import did_you_mean
 # FORMAT_NAME and BundleError are imported from here by the export side.
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, BundleError, Category,  # noqa: F401
                        EngineBuild, EngineDevice, FileEntry, GraphFile, Manifest, MemoryFile,
-                       Preprocess, Quantization, is_category_name, parse)
+                       Preprocess, Quantization, category_folder, is_category_name, parse)
 from ..methods import MethodError, method_of
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -60,6 +64,47 @@ def default_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
+
+
+def bundle_path(root: Path, relative: str, *, for_write: bool = True) -> Path:
+    """``relative`` under the bundle directory ``root``, or a BundleError if it could leave it.
+
+    for_write: every component below the bundle's real root (``root`` with its own links
+    resolved) must be a real folder, or the file itself, or not exist yet: no symlink at all,
+    so what is written or created lands in the bundle whatever links someone placed in it.
+    Otherwise (reading): links are followed, and the result must resolve inside the bundle.
+    Always refused: absolute paths, '..', empty or '.' components. Returns the path under the
+    real root, checked before anything is written (callers check every target first)."""
+    real = Path(os.path.realpath(root))
+    parts = relative.split("/")
+    if (not relative or "\0" in relative or "\\" in relative
+            or PurePosixPath(relative).is_absolute() or any(p in ("", ".", "..") for p in parts)):
+        raise BundleError(f"bundle {str(root)!r}: {relative!r} is not a path inside the bundle "
+                          "(relative, no '..'); a bundle names only its own files")
+    path = real / relative
+    if not for_write:
+        resolved = Path(os.path.realpath(path))
+        if not resolved.is_relative_to(real) or resolved == real:
+            raise BundleError(f"bundle {str(root)!r}: {relative!r} resolves to {str(resolved)!r}, "
+                              "outside the bundle; a bundle names only its own files: remove "
+                              "the link or export the bundle again")
+        return path
+    here = real
+    for i, part in enumerate(parts):
+        here = here / part
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            break  # created below a real folder by the writer
+        last = i == len(parts) - 1
+        if stat.S_ISLNK(mode) or not (last or stat.S_ISDIR(mode)):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+            raise BundleError(
+                f"bundle {str(root)!r}: {'/'.join(parts[:i + 1])!r} is {kind}; clipinspect "
+                f"writes {relative!r} only inside the bundle's own folders and files: replace "
+                "the link by a real folder or file (e.g. copy the bundle with 'cp -rL') and run "
+                "the command again")
+    return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -93,12 +138,13 @@ def check_category_name(name: str) -> str:
 
 
 def category_dir(name: str) -> str:
-    return "categories/" + check_category_name(name).replace(" ", "_")
+    return category_folder(check_category_name(name))
 
 
 def check_category_dir_free(existing: Iterable[str], name: str) -> None:
     """Two names must not share a folder ("metal nut" / "metal_nut", or "Bottle" / "bottle" on
-    case-insensitive file systems). ``existing``: the names already there."""
+    case-insensitive file systems). ``existing``: the names already there. (A manifest with two
+    such names is refused when it is read, by the same folder rule.)"""
     folder = category_dir(name).lower()
     for other in existing:
         if other != name and category_dir(other).lower() == folder:
@@ -132,6 +178,110 @@ def head_text_arrays(text_npz) -> dict[str, np.ndarray]:
     arrays.update({k: text_npz[k] for k in ("text_normal", "text_anomalous")
                    if k in text_npz.files})
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+
+
+# ----------------------------------------------------------------------- array files (.npz)
+# Shapes: a tuple per array name, None where the manifest does not say (older bundles).
+Shape = tuple[int | None, ...]
+# The few-shot memory input normalising AprilLab's score (runtime/core/inspector.MAP_RANGE).
+MAP_RANGE = "reference_map_range"
+
+
+def expected_text(m: Manifest, entry: Category) -> dict[str, Shape]:
+    """The arrays a category's text.npz may hold, as the manifest describes them: prototypes
+    (2, D), the prompt embeddings (N_n, D) and (N_a, D), with prompt adaptation the pools of the
+    prompts the ambiguity filter kept."""
+    d = m.dims.embed
+    dropped = entry.ambiguity_filter_dropped or {"normal": [], "anomalous": []}
+
+    def kept(count: int | None, state: str) -> int | None:
+        return None if count is None else count - len(dropped[state])
+    n, a = entry.n_normal_prompts, entry.n_anomalous_prompts
+    return {"prototypes": (2, d), "normal_embeddings": (n, d), "anomalous_embeddings": (a, d),
+            "text_normal": (kept(n, "normal"), d), "text_anomalous": (kept(a, "anomalous"), d)}
+
+
+def expected_memory(m: Manifest, shots: int) -> dict[str, Shape]:
+    """The arrays a memory.npz of ``shots`` reference images may hold: ``memory_X``, encoder
+    output X of every image flattened over them (shots x rows per image, width), and AprilLab's
+    reference map range (2,)."""
+    d, c, p = m.dims.embed, m.dims.width, m.dims.patches
+    gh, gw = m.grid
+    per_image = {"image_embedding": (1, d), "patch_tokens": (p, c), "patch_embeddings": (p, d),
+                 **{f"window_embeddings_{k}": ((gh - k + 1) * (gw - k + 1), d) for k in m.scales},
+                 **{f"level_tokens_{n}": (p, c) for n in (m.aprillab or {}).get("layers", [])}}
+    return {**{f"memory_{x}": (shots * rows, width) for x, (rows, width) in per_image.items()},
+            MAP_RANGE: (2,)}
+
+
+def check_npz(path: Path, expected: dict[str, Shape], what: str) -> None:
+    """Every array of the .npz file ``path`` must be one of ``expected``, of that shape and a
+    float dtype (object arrays never: pickle stays off), stored uncompressed (what np.savez
+    writes) and inside the file, so that it never takes more memory than the file has bytes.
+    Read from the members' .npy headers without loading any data; BundleError otherwise."""
+    where = f"{what}: {path.name!r}"
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                name, shape, dtype, header = _npy_header(z, info, where)
+                _check_shape(name, shape, expected, where)
+                _check_stored(info, name, math.prod(shape) * dtype.itemsize + header, size, where)
+    except BundleError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, SyntaxError) as e:
+        raise BundleError(f"{where} is not a readable .npz file ({type(e).__name__}: "
+                          f"{str(e)[:80]}); export the bundle again") from None
+
+
+def _npy_header(z: zipfile.ZipFile, info: zipfile.ZipInfo, where: str
+                ) -> tuple[str, tuple[int, ...], np.dtype, int]:
+    """(array name, shape, dtype, header bytes) of one member, from its header alone."""
+    fmt = np.lib.format
+    name = info.filename.removesuffix(".npy")
+    if name == info.filename:
+        raise BundleError(f"{where} holds {info.filename!r}, not an .npy array; export the "
+                          "bundle again")
+    with z.open(info) as f:
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise BundleError(f"{where} member {name!r} is an .npy file of version {version}; "
+                              "clipinspect writes versions 1.0 and 2.0: export the bundle again")
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+        header = f.tell()
+    if dtype.hasobject or dtype.kind != "f":
+        raise BundleError(f"{where} member {name!r} has dtype {dtype}, expected float32 (object "
+                          "arrays are never loaded); export the bundle again")
+    return name, shape, dtype, header
+
+
+def _check_shape(name: str, shape: tuple[int, ...], expected: dict[str, Shape], where: str
+                 ) -> None:
+    want = expected.get(name)
+    if want is None:
+        raise BundleError(f"{where} holds an array {name!r}, which no scoring head takes "
+                          f"(expected {', '.join(sorted(expected))}); export the bundle again")
+    if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
+        shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + \
+            ("," if len(want) == 1 else "") + ")"
+        raise BundleError(f"{where} member {name!r} has shape {shape}, the manifest says "
+                          f"{shown}; export the bundle again (or restore it)")
+
+
+def _check_stored(info: zipfile.ZipInfo, name: str, member_bytes: int, archive_bytes: int,
+                  where: str) -> None:
+    """A zip directory can claim any size and compression any ratio: the member must be stored
+    as it is, inside the file, exactly as large as its header says."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise BundleError(f"{where} member {name!r} is compressed ({member_bytes} bytes from "
+                          f"{info.compress_size}); clipinspect writes .npz files uncompressed "
+                          "(np.savez) and reads no other: export the bundle again")
+    if (info.compress_size != info.file_size or info.file_size != member_bytes
+            or info.header_offset + info.file_size > archive_bytes):
+        raise BundleError(f"{where} member {name!r} declares {member_bytes} bytes but its zip "
+                          f"entry says {info.file_size} in a file of {archive_bytes}; export "
+                          "the bundle again")
 
 
 def read_manifest(root: Path) -> Manifest:
@@ -186,6 +336,7 @@ class Bundle:
         for name, category in m.categories.items():
             for what, entry in category.files().items():
                 self._check_file(entry, f"{what} of category {name!r}", verify_checksums)
+            self.check_arrays(name)
 
     def check_confined(self, manifest: Manifest | None = None) -> None:
         """Every file the manifest names must resolve inside the bundle directory, symlinks
@@ -196,19 +347,28 @@ class Bundle:
 
     def confined(self, rel: str, what: str) -> Path:
         """root / rel, refused unless it resolves inside the bundle directory."""
-        root = self.root.resolve()
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(root) or path == root:
-            raise BundleError(f"bundle {str(self.root)!r}: the {what} {rel!r} resolves to "
-                              f"{str(path)!r}, outside the bundle; a bundle names only its own "
-                              "files: remove the link or export the bundle again")
+        try:
+            bundle_path(self.root, rel, for_write=False)
+        except BundleError as e:
+            raise BundleError(str(e).replace(f": {rel!r}", f": the {what} {rel!r}", 1)) from None
         return self.root / rel
+
+    def check_writable(self, *relatives: str) -> None:
+        """Refuse, before any work, an update whose targets would leave the bundle: the files
+        or folders ``relatives`` it writes, the lock and the manifest (``bundle_path``)."""
+        for rel in (*relatives, LOCK, MANIFEST):
+            bundle_path(self.root, rel)
 
     def _check_file(self, entry: FileEntry, what: str, verify: bool) -> None:
         path = self.root / entry.file
         if not path.is_file():
             raise BundleError(f"bundle {str(self.root)!r}: the {what} {entry.file!r} is missing; "
                               "copy the whole bundle directory or export it again")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"bundle {str(self.root)!r}: the {what} {entry.file!r} was modified "
+                              f"({size} bytes, manifest says {entry.bytes}); restore it or "
+                              "export the bundle again")
         if verify:
             digest = sha256_file(path)
             if digest != entry.sha256:
@@ -270,8 +430,21 @@ class Bundle:
                               f"{shlex.quote(name)}")
         return entries[name]
 
+    def check_arrays(self, name: str) -> None:
+        """Shapes and dtypes of category ``name``'s arrays, from their .npy headers, against
+        what the manifest says they hold (``expected_text``, ``expected_memory``): a file whose
+        checksum is right but whose arrays are not what the head takes is refused before
+        anything is loaded, in one line."""
+        entry, m = self.entry(name), self.manifest
+        check_npz(self.root / entry.text.file, expected_text(m, entry),
+                  f"the text embeddings of category {name!r}")
+        if entry.memory:
+            check_npz(self.root / entry.memory.file, expected_memory(m, entry.memory.shots),
+                      f"the few-shot memory of category {name!r}")
+
     def category(self, name: str) -> CategoryData:
         entry = self.entry(name)
+        self.check_arrays(name)
         with np.load(self.root / entry.text.file) as npz:
             text = head_text_arrays(npz)
         if self.manifest.adaptation and "text_normal" not in text:
@@ -293,8 +466,8 @@ class Bundle:
     def save_manifest(self) -> None:
         """Write the manifest (in the current format version, also when read from an older)."""
         self.manifest.format_version = FORMAT_VERSION
-        atomic_write_bytes(self.root / MANIFEST, (json.dumps(self.manifest.to_dict(), indent=2)
-                                                  + "\n").encode())
+        atomic_write_bytes(bundle_path(self.root, MANIFEST),
+                           (json.dumps(self.manifest.to_dict(), indent=2) + "\n").encode())
 
     @contextlib.contextmanager
     def updating(self) -> Iterator[Manifest]:
@@ -302,8 +475,8 @@ class Bundle:
         references or categories at once do not lose each other's update. Files an update
         replaces are deleted only after the new manifest is in place, and only inside the
         bundle: the manifest re-read here is checked for paths leaving it before anything."""
-        lock_path = self.root / ".lock"
-        with open(lock_path, "a") as lock:
+        self.check_writable()
+        with open_lock(self.root) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self.manifest = read_manifest(self.root)
@@ -323,6 +496,7 @@ class Bundle:
                    shots: int) -> None:
         """Store few-shot reference memory for ``category`` (replacing any earlier memory)."""
         self.entry(category)  # unknown category -> error before writing anything
+        self.check_writable(category_dir(category))
         rel = write_versioned(self.root, category_dir(category), "memory.npz", npz_bytes(arrays))
         entry = parse(MemoryFile, file_entry(self.root, rel, shots=int(shots),
                                              sources=[str(s) for s in sources]),
@@ -398,8 +572,28 @@ def write_versioned(root: Path, folder: str, name: str, data: bytes) -> str:
     manifest points to is never overwritten in place. Returns the relative path."""
     stem, dot, suffix = name.partition(".")
     rel = f"{folder}/{stem}-{hashlib.sha256(data).hexdigest()[:16]}{dot}{suffix}"
-    atomic_write_bytes(root / rel, data)
+    atomic_write_bytes(bundle_path(root, rel), data)
     return rel
+
+
+@contextlib.contextmanager
+def open_lock(root: Path) -> Iterator[int]:
+    """The bundle's lock file, opened without following a link (O_NOFOLLOW): a '.lock' that is
+    a symlink would make every update create or open the file it points to."""
+    path = bundle_path(root, LOCK)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise BundleError(f"bundle {str(root)!r}: its lock file {str(path)!r} cannot be opened "
+                          f"({e.strerror}); it must be a plain file: remove it and run the "
+                          "command again") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"bundle {str(root)!r}: its lock file {str(path)!r} is not a plain "
+                              "file; remove it and run the command again")
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -15,6 +15,7 @@ Format versions:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -35,6 +36,22 @@ LAYOUT = "NCHW float32 RGB"
 # Triton categories model (runtime/triton/categories.py) mirrors this pattern; a test keeps
 # the two equal.
 CATEGORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}")
+# Names a manifest gives that reach generated files (Triton's config.pbtxt, folder names): a
+# strict character set, so that no quote, newline or brace can change what those files say.
+# Tensor names: what the exports produce (image_embedding, window_embeddings_2, memory_..., and
+# ONNX's own "/visual/Add_output_0" style names); graph and precision names: encoder,
+# head_fewshot, fp16; model names: the CLIP model's (ViT-B-16-plus-240, hf-hub:org/name);
+# engine keys: build-engine's device keys (gpu_sm87_16sms_8gib_trt10.3.0.30).
+TENSOR_NAME = re.compile(r"[A-Za-z_/][A-Za-z0-9_.:/-]{0,127}")
+GRAPH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.:/@+=-]{0,199}")
+ENGINE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")
+# Whole numbers a manifest may hold: int64, what numpy and onnxruntime take (a larger one would
+# end in an OverflowError far from the manifest).
+MAX_INT = 2**63 - 1
+# Largest input side a bundle may ask for (each image is resized to it: 4096 x 4096 is already
+# 200 MB of float32 input per image; CLIP exports use 224-518).
+MAX_INPUT_SIDE = 4096
 FIX = "export the bundle again (or restore its manifest.json)"
 
 
@@ -48,6 +65,21 @@ class ManifestError(BundleError):
 
 def is_category_name(name: object) -> bool:
     return isinstance(name, str) and CATEGORY_NAME.fullmatch(name) is not None
+
+
+def category_folder(name: str) -> str:
+    """The folder of category ``name`` (a valid category name), relative to the bundle and, the
+    same, inside the Triton categories model: spaces become '_'. Two names whose folders are
+    equal ignoring case share a folder (case-insensitive file systems)."""
+    return "categories/" + name.replace(" ", "_")
+
+
+def _is_name(pattern: re.Pattern) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and pattern.fullmatch(v) is not None
+
+
+_TENSOR_RULE = "tensor names of letters, digits, '_', '.', ':', '/' or '-' (at most 128)"
+_GRAPH_RULE = "names of letters, digits, '_' or '-' (at most 64), starting with a letter"
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -78,11 +110,11 @@ _MISSING = object()
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool) and -MAX_INT <= v <= MAX_INT
 
 
 def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return _is_int(v) or isinstance(v, float)
 
 
 def _is_positive_int(v: Any) -> bool:
@@ -90,7 +122,14 @@ def _is_positive_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _beyond(v: Any) -> str:
+    """What an error adds for a whole number too large for any array (JSON has no limit)."""
+    values = v if isinstance(v, list) else [v]
+    big = any(isinstance(x, int) and not isinstance(x, bool) and abs(x) > MAX_INT for x in values)
+    return " (at most 2^63 - 1)" if big else ""
 
 
 def _take(d: dict, key: str, at: _At, expected: str, ok: Callable[[Any], bool],
@@ -102,7 +141,7 @@ def _take(d: dict, key: str, at: _At, expected: str, ok: Callable[[Any], bool],
             return None
         raise (at / key).missing(expected)
     if not ok(value):
-        raise (at / key).error(value, expected)
+        raise (at / key).error(value, expected + _beyond(value))
     return value
 
 
@@ -133,6 +172,18 @@ def _list(d: dict, key: str, at: _At, expected: str, item: Callable[[Any], bool]
 
 def _strings(d: dict, key: str, at: _At, optional: bool = False) -> list[str] | None:
     return _list(d, key, at, "a list of strings", lambda x: isinstance(x, str), optional=optional)
+
+
+def _tensor_names(d: dict, key: str, at: _At) -> list[str] | None:
+    """An optional list of graph input or output names, each of the strict character set."""
+    return _list(d, key, at, "a list of " + _TENSOR_RULE, _is_name(TENSOR_NAME), optional=True)
+
+
+def _check_keys(d: dict, at: _At, pattern: re.Pattern, rule: str) -> dict:
+    for key in d:
+        if not _is_name(pattern)(key):
+            raise at.error(key, rule)
+    return d
 
 
 def _records(d: dict, key: str, at: _At) -> dict[str, dict]:
@@ -206,8 +257,8 @@ class GraphFile(FileEntry):
     @classmethod
     def from_dict(cls, d: Any, at: _At) -> "GraphFile":
         base = cls._base(d, at)
-        return cls(**base, inputs=_strings(d, "inputs", at, optional=True),
-                   outputs=_strings(d, "outputs", at, optional=True), extra=_rest(d, cls._KNOWN))
+        return cls(**base, inputs=_tensor_names(d, "inputs", at),
+                   outputs=_tensor_names(d, "outputs", at), extra=_rest(d, cls._KNOWN))
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none({**super().to_dict(), "inputs": self.inputs, "outputs": self.outputs},
@@ -285,7 +336,9 @@ class Model:
 
     @classmethod
     def from_dict(cls, d: dict, at: _At) -> "Model":
-        return cls(_str(d, "name", at), Weights.from_dict(_dict(d, "weights", at), at / "weights"))
+        name = _take(d, "name", at, "a CLIP model name (letters, digits, ' ', '_', '.', "
+                     "':', '/', '@', '+', '=' or '-', at most 200)", _is_name(MODEL_NAME))
+        return cls(name, Weights.from_dict(_dict(d, "weights", at), at / "weights"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "weights": self.weights.to_dict()}
@@ -308,8 +361,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict, at: _At) -> "Preprocess":
-        size = _list(d, "size", at, "[height, width] in pixels", lambda v: _is_int(v) and v > 0,
-                     length=2)
+        size = _list(d, "size", at, f"[height, width] in pixels (1 to {MAX_INPUT_SIDE} each)",
+                     lambda v: _is_int(v) and 0 < v <= MAX_INPUT_SIDE, length=2)
         mean = _list(d, "mean", at, "3 numbers (R, G, B)", _is_num, length=3)
         std = _list(d, "std", at, "3 positive numbers (R, G, B)",
                     lambda v: _is_num(v) and v > 0, length=3)
@@ -484,6 +537,8 @@ class EngineDevice:
         builds = {}
         for precision, record in d.items():
             if precision != "device":
+                if not _is_name(GRAPH_NAME)(precision):
+                    raise at.error(precision, "precision " + _GRAPH_RULE)
                 if not isinstance(record, dict):
                     raise (at / precision).error(record, "an object (an engine record)")
                 builds[precision] = EngineBuild.from_dict(record, at / precision)
@@ -601,7 +656,12 @@ class Manifest:
         at = _At(where)
         if not isinstance(d, dict):
             raise at.error(d, "a JSON object")
-        d = migrate(d, where)
+        manifest = cls._fields(migrate(d, where), at)
+        _check_geometry(manifest, at)
+        return manifest
+
+    @classmethod
+    def _fields(cls, d: dict, at: _At) -> "Manifest":
         positive = _is_positive_int
         adaptation = _dict(d, "adaptation", at, optional=True)
         method = _str(d, "method", at, optional=True) or "winclip"
@@ -615,10 +675,10 @@ class Manifest:
             graphs=_graphs(d, at), categories=_categories(d, at),
             method=method, method_options=_dict(d, "method_options", at, optional=True) or {},
             adaptation=Adaptation.from_dict(adaptation, at / "adaptation") if adaptation else None,
-            outputs=_strings(d, "outputs", at, optional=True),
+            outputs=_tensor_names(d, "outputs", at),
             windows=_take(d, "windows", at, "an object of scale -> number of windows",
-                          lambda v: isinstance(v, dict) and all(map(positive, v.values())),
-                          optional=True),
+                          lambda v: isinstance(v, dict) and all(map(positive, v.values()))
+                          and all(k.isdigit() and k.isascii() for k in v), optional=True),
             patch_size=_int(d, "patch_size", at, optional=True, minimum=1),
             temperature=_num(d, "temperature", at, optional=True),
             opset=_int(d, "opset", at, optional=True, minimum=1),
@@ -628,7 +688,9 @@ class Manifest:
             quantization={k: Quantization.from_dict(v, at / "quantization" / k)
                           for k, v in _records(d, "quantization", at).items()},
             engines={k: EngineDevice.from_dict(v, at / "engines" / k)
-                     for k, v in _records(d, "engines", at).items()},
+                     for k, v in _check_keys(_records(d, "engines", at), at / "engines",
+                                             ENGINE_KEY, "device keys of letters, digits, '_', "
+                                             "'.', '+' or '-'").items()},
             versions=_dict(d, "versions", at, optional=True) or {},
             aprillab=_aprillab(d, at, method), format=d["format"],
             format_version=d["format_version"], extra=_rest(d, cls._KNOWN))
@@ -692,13 +754,15 @@ def migrate(d: dict, where: str) -> dict:
 
 
 def _graphs(d: dict, at: _At) -> dict[str, dict[str, GraphFile]]:
-    graphs = _dict(d, "graphs", at)
+    graphs = _check_keys(_dict(d, "graphs", at), at / "graphs", GRAPH_NAME,
+                         "precision " + _GRAPH_RULE)
     if "fp32" not in graphs:
         raise (at / "graphs").error(sorted(graphs), "an object with fp32 graphs at least")
     out = {}
     for precision, entries in graphs.items():
         if not isinstance(entries, dict):
             raise (at / "graphs" / precision).error(entries, "an object of graph name -> file")
+        _check_keys(entries, at / "graphs" / precision, GRAPH_NAME, "graph " + _GRAPH_RULE)
         out[precision] = {name: GraphFile.from_dict(e, at / "graphs" / precision / name)
                           for name, e in entries.items()}
     return out
@@ -712,7 +776,40 @@ def _categories(d: dict, at: _At) -> dict[str, Category]:
                                             "spaces, '_', '-' or '.', starting with a letter "
                                             "or digit")
         out[name] = Category.from_dict(entry, at / "categories" / name)
+    folders: dict[str, str] = {}
+    for name in out:
+        other = folders.setdefault(category_folder(name).lower(), name)
+        if other != name:
+            raise (at / "categories").error(
+                name, f"names with folders of their own, but {name!r} and {other!r} share the "
+                f"folder {category_folder(name)!r} (spaces become '_', case is ignored)",
+                "rename one of them (or restore its manifest.json)")
     return out
+
+
+def _check_geometry(m: "Manifest", at: _At) -> None:
+    """Sizes that must agree with each other (the encoder was traced with them): the patch grid
+    of the input size, P = rows x columns, window scales that fit the grid and their window
+    counts (every k x k window, stride 1)."""
+    size, grid, patch = m.preprocess.size, m.grid, m.patch_size
+    if patch and [s // patch for s in size] != list(grid):
+        low = [g * patch for g in grid]
+        raise (at / "preprocess" / "size").error(
+            list(size), f"the size of the {grid[0]}x{grid[1]} patch grid in patches of {patch} "
+            f"({low[0]}-{low[0] + patch - 1} x {low[1]}-{low[1] + patch - 1}), what the encoder "
+            "was exported for")
+    if any(g > s for g, s in zip(grid, size)):
+        raise (at / "grid").error(list(grid), f"at most the input size {list(size)}")
+    if m.dims.patches != grid[0] * grid[1]:
+        raise (at / "dims" / "patches").error(m.dims.patches, f"{grid[0] * grid[1]}, the "
+                                              f"{grid[0]}x{grid[1]} patch grid")
+    for k in m.scales:
+        if k > min(grid):
+            raise (at / "scales").error(m.scales, f"window sizes from 1 to {min(grid)} (the grid)")
+        count = (grid[0] - k + 1) * (grid[1] - k + 1)
+        if m.windows is not None and str(k) in m.windows and m.windows[str(k)] != count:
+            raise (at / "windows" / k).error(m.windows[str(k)], f"{count}, the {k}x{k} windows "
+                                             f"of the {grid[0]}x{grid[1]} grid")
 
 
 def _aprillab(d: dict, at: _At, method: str) -> dict[str, Any] | None:
