@@ -51,15 +51,30 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
+MAX_API_KEY_FILE = 4096  # bytes: a key, not a document
+
+
 def _api_key(path: str | None) -> str | None:
     """The key from --api-key-file or CLIPINSPECT_API_KEY (never the command line: ps shows it)."""
     import os
 
     if path:
         try:
-            key = Path(path).read_text().strip()
+            if not Path(path).is_file():  # a FIFO would block, a device never end
+                raise UsageError(f"--api-key-file {path!r} is not a regular file; write the key "
+                                 "into a file")
+            with open(path, "rb") as f:
+                data = f.read(MAX_API_KEY_FILE + 1)
         except OSError as e:
             raise UsageError(f"--api-key-file {path!r} cannot be read: {e}") from None
+        if len(data) > MAX_API_KEY_FILE:
+            raise UsageError(f"--api-key-file {path!r} is larger than {MAX_API_KEY_FILE} bytes; "
+                             "it must hold only the key")
+        try:
+            key = data.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--api-key-file {path!r} is not UTF-8 text (byte {e.start}: "
+                             f"{data[e.start:e.start + 1]!r}); write the key as text") from None
         if not key:
             raise UsageError(f"--api-key-file {path!r} is empty")
         return key
