@@ -372,6 +372,7 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
     if holdout < 1:
         raise UsageError(f"--holdout {holdout}: at least 1 held-out image is needed")
     _existing(bundle, precision, overwrite)
+    bundle.check_writable(precision)  # where the encoder goes, before minutes of work
     t_start = time.perf_counter()
     if calibration is None:
         if precision == "int8":
