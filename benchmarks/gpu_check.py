@@ -132,7 +132,7 @@ def cuda_provider_options(inspector) -> dict[str, str]:
 def gpu_memory_used_mib() -> float | str:
     """Device memory in use (all processes and contexts, this check's own included), from the
     CUDA runtime's cudaMemGetInfo; a string saying why where it cannot be read."""
-    from clipinspect.runtime.core.provider_probe import LIBRARIES, wheel_library_dirs
+    from clipinspect.runtime.core.gpu_libraries import LIBRARIES, wheel_library_dirs
 
     dirs = wheel_library_dirs()
     for name in LIBRARIES["CUDA runtime"][0]:

@@ -39,6 +39,8 @@ from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 from clipinspect.runtime.core.images import IMAGE_SUFFIXES, ImageError, to_rgb_array
 from clipinspect.runtime.core.progress import Progress
 
+from .quantize_fp16 import register  # int8 also gets its FP16-between-Q/DQ graph
+
 PRECISIONS = ("fp16", "int8")
 METHODS = ("minmax", "entropy", "percentile")
 FP16_KEEP_FP32 = ("Softmax", "LayerNormalization")
@@ -428,7 +430,7 @@ def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | 
     rel = write_versioned(bundle.root, precision, "encoder.onnx", data)
     fp32 = bundle.manifest.graphs["fp32"]["encoder"]
     entry = bundle.file_entry(rel, inputs=fp32.inputs, outputs=fp32.outputs)
-    bundle.set_precision(precision, entry, record, overwrite)
+    register(bundle, precision, entry, record, overwrite, qdq=variant, maps=agreement, fp16=to_fp16)
     log(f"{precision} graphs stored in {bundle.root} ({len(data) / 1e6:.0f} MB encoder) in "
         f"{time.perf_counter() - t_start:.0f} s")
     return record

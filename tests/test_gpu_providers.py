@@ -172,7 +172,7 @@ def test_probe_with_the_real_cpu_onnxruntime():
 
 
 def test_library_versions_are_decoded_as_each_library_encodes_them():
-    from clipinspect.runtime.core import provider_probe as pp
+    from clipinspect.runtime.core import gpu_libraries as pp
 
     assert pp._cuda_version(12040) == "12.4" and pp._cuda_version(13000) == "13.0"
     assert pp._cudnn_version(90100) == "9.1.0" and pp._cudnn_version(8902) == "8.9.2"
@@ -180,7 +180,7 @@ def test_library_versions_are_decoded_as_each_library_encodes_them():
 
 
 def test_library_version_is_read_through_ctypes(monkeypatch, tmp_path):
-    from clipinspect.runtime.core import provider_probe as pp
+    from clipinspect.runtime.core import gpu_libraries as pp
 
     class Lib:
         def __init__(self, name):

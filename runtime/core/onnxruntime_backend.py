@@ -121,7 +121,7 @@ def tensorrt_version() -> str:
             return f"trt{importlib.metadata.version(dist)}"
         except importlib.metadata.PackageNotFoundError:
             pass
-    from .provider_probe import library_version
+    from .gpu_libraries import library_version
 
     found = library_version("TensorRT").split(" ")[0]
     return f"trt{found}" if found[:1].isdigit() else "trt-unknown"
@@ -223,7 +223,7 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
     so = session_options(threads, profile_prefix)
     providers = provider_options(provider, cache_dir, fp16, int8, profile,
                                  ort_version=ort.__version__)
-    from .provider_probe import captured_output, loader_reason
+    from .gpu_libraries import captured_output, loader_reason
 
     log = {"text": ""}
     if provider == "cpu":
