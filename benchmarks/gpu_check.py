@@ -175,9 +175,11 @@ def prepare_bundle(work: Path, bundle: str | None) -> Path:
     if CATEGORY not in b.categories:
         raise ClipInspectError(f"--bundle needs a category {CATEGORY!r} for the checks")
     for precision in ("fp16", "int8"):
-        if precision not in b.precisions:
+        # An INT8 variant from before the FP16-between-Q/DQ graph is made again (a private copy).
+        stale = precision == "int8" and "encoder_fp16" not in b.manifest.graphs.get("int8", {})
+        if precision not in b.precisions or stale:
             q.quantize_bundle(path, precision, work / "data" if precision == "int8" else None,
-                              holdout=1)
+                              holdout=1, overwrite=True)
     return path
 
 
