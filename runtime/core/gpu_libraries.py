@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -24,25 +25,35 @@ _REASON = re.compile(r"\[[EWF]:onnxruntime|EP Error|Failed to load|"
 MAX_REASON = 600
 
 
+_CAPTURE = threading.Lock()   # file descriptor 2 is the process's: one capture at a time
+
+
 @contextlib.contextmanager
 def captured_output() -> Iterator[dict[str, str]]:
     """Collect what is written inside the block to file descriptor 2 (onnxruntime's C++ log)
     and to ``sys.stdout`` (its Python fallback notice); ``["text"]`` holds it afterwards. The
     caller decides whether to pass it on (make_session writes it back to stderr)."""
     got = {"text": ""}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    printed = io.StringIO()
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
+    with _CAPTURE, tempfile.TemporaryFile() as tmp:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        try:
+            saved: int | None = os.dup(2)
+        except OSError:   # no file descriptor 2 (a daemon): only the Python notice is kept
+            saved = None
+        printed = io.StringIO()
+        if saved is not None:
+            os.dup2(tmp.fileno(), 2)
         try:
             with contextlib.redirect_stdout(printed):
                 yield got
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
             tmp.seek(0)
             got["text"] = tmp.read().decode(errors="replace") + printed.getvalue()
 

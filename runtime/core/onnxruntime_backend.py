@@ -235,7 +235,8 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
             with captured_output() as log:
                 session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         finally:
-            sys.stderr.write(log["text"])
+            if sys.stderr is not None:
+                sys.stderr.write(log["text"])
     if PROVIDERS[provider] not in session.get_providers():
         # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
         reason = loader_reason(log["text"]) or "onnxruntime printed no reason"
