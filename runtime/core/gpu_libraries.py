@@ -29,12 +29,13 @@ _CAPTURE = threading.Lock()   # file descriptor 2 is the process's: one capture 
 
 
 @contextlib.contextmanager
-def captured_output() -> Iterator[dict[str, str]]:
-    """Collect what is written inside the block to file descriptor 2 (onnxruntime's C++ log)
-    and to ``sys.stdout`` (its Python fallback notice); ``["text"]`` holds it afterwards. The
-    caller decides whether to pass it on (make_session writes it back to stderr)."""
+def captured_output(echo: bool = False) -> Iterator[dict[str, str]]:
+    """Collect what is written inside the block to file descriptor 2 (onnxruntime's C++ log,
+    TensorRT's build messages) and to ``sys.stdout`` (onnxruntime's Python fallback notice);
+    ``["text"]`` holds it afterwards. ``echo``: pass the log on to stderr as it comes (an
+    engine build can take minutes) and the notice to stdout at the end."""
     got = {"text": ""}
-    with _CAPTURE, tempfile.TemporaryFile() as tmp:
+    with _CAPTURE:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
@@ -42,9 +43,16 @@ def captured_output() -> Iterator[dict[str, str]]:
             saved: int | None = os.dup(2)
         except OSError:   # no file descriptor 2 (a daemon): only the Python notice is kept
             saved = None
-        printed = io.StringIO()
+        chunks: list[bytes] = []
+        reader = None
         if saved is not None:
-            os.dup2(tmp.fileno(), 2)
+            read_end, write_end = os.pipe()
+            reader = threading.Thread(target=_pump, args=(read_end, saved if echo else None,
+                                                          chunks), daemon=True)
+            reader.start()
+            os.dup2(write_end, 2)
+            os.close(write_end)
+        printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):
                 yield got
@@ -52,10 +60,20 @@ def captured_output() -> Iterator[dict[str, str]]:
             if sys.stderr is not None:
                 sys.stderr.flush()
             if saved is not None:
-                os.dup2(saved, 2)
+                os.dup2(saved, 2)   # closes the pipe's last write end: the reader ends
+                reader.join(timeout=10)   # a child process could hold the pipe open
                 os.close(saved)
-            tmp.seek(0)
-            got["text"] = tmp.read().decode(errors="replace") + printed.getvalue()
+            got["text"] = b"".join(chunks).decode(errors="replace") + printed.getvalue()
+            if echo and printed.getvalue() and sys.stdout is not None:
+                sys.stdout.write(printed.getvalue())
+
+
+def _pump(read_end: int, echo_to: int | None, chunks: list[bytes]) -> None:
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            chunks.append(chunk)
+            if echo_to is not None:
+                os.write(echo_to, chunk)
 
 
 def loader_reason(text: str) -> str:

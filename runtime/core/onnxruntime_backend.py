@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -230,13 +229,9 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     else:
         # onnxruntime says why a provider's libraries did not load only in its log: keep it
-        # for the error, and pass it on as it would have been printed.
-        try:
-            with captured_output() as log:
-                session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-        finally:
-            if sys.stderr is not None:
-                sys.stderr.write(log["text"])
+        # for the error while it goes to stderr as usual.
+        with captured_output(echo=True) as log:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     if PROVIDERS[provider] not in session.get_providers():
         # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
         reason = loader_reason(log["text"]) or "onnxruntime printed no reason"
