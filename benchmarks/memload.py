@@ -99,7 +99,12 @@ def summarize(records: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    body, (w, h) = large_jpeg(args.megapixels)
+    if args.image:  # a given file (another format or mode; --megapixels unused)
+        body = Path(args.image).read_bytes()
+        with Image.open(io.BytesIO(body)) as im:
+            (w, h), image_format = im.size, f"{im.format} {im.mode}"
+    else:
+        (body, (w, h)), image_format = large_jpeg(args.megapixels), "JPEG"
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
@@ -140,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"command": " ".join(["python -m clipinspect.benchmarks.memload", "BUNDLE",
                                  *sys.argv[2:]]),
             "server_command": " ".join(["clipinspect serve BUNDLE --port PORT", *cmd[7:]]),
-            "image": {"width": w, "height": h, "format": "JPEG", "bytes": len(body)},
+            "image": {"width": w, "height": h, "format": image_format, "bytes": len(body)},
             "requests": args.requests, "heatmap": True,
             "rss_mib": {"idle_ready": idle_rss / 1024, "peak_sampled": max(samples) / 1024,
                         "peak_vmhwm": peak / 1024},
@@ -156,7 +161,7 @@ def render(r: dict) -> str:
     rss = r["rss_mib"]
     s = r["slow_bodies"]
     return (f"# Memory under load: {r['requests']} concurrent {r['image']['width']}x"
-            f"{r['image']['height']} JPEG requests with heat maps\n\n"
+            f"{r['image']['height']} {r['image']['format']} requests with heat maps\n\n"
             f"Command: `{r['command']}`\n\nServer: `{r['server_command']}`\n\n"
             f"Server RSS: idle (ready) {rss['idle_ready']:.0f} MiB, peak during the burst "
             f"{rss['peak_sampled']:.0f} MiB, peak over the whole run (VmHWM) "
@@ -176,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--category", required=True)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--megapixels", type=float, default=40.0)
+    p.add_argument("--image", default=None,
+                   help="send this image file instead of a generated --megapixels JPEG")
     p.add_argument("--max-queue", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
