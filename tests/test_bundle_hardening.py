@@ -138,6 +138,24 @@ def test_object_array_npz_is_a_one_line_error(tiny_bundle_copy, capsys, image, t
     assert "dtype object" in err and "never loaded" in err
 
 
+def test_text_without_prototypes_or_damaged_behind_its_checksum_is_a_one_line_error(
+        tiny_bundle_copy):
+    m = manifest_of(tiny_bundle_copy)
+    entry = m["categories"]["weave"]["text"]
+    with np.load(tiny_bundle_copy / entry["file"]) as z:
+        arrays = dict(z)
+    replace_file(tiny_bundle_copy, entry, npz(normal_embeddings=arrays["normal_embeddings"]))
+    save_manifest(tiny_bundle_copy, m)
+    with pytest.raises(BundleError, match="lacks the array 'prototypes'"):
+        Bundle.open(tiny_bundle_copy)
+    data = bytearray(npz(**arrays))
+    data[400] ^= 0xFF  # inside the first array's data: the zip CRC no longer matches
+    replace_file(tiny_bundle_copy, entry, bytes(data))
+    save_manifest(tiny_bundle_copy, m)
+    with pytest.raises(BundleError, match=r"text embeddings of .*'weave'.*BadZipFile: Bad CRC"):
+        Bundle.open(tiny_bundle_copy).category("weave")
+
+
 def test_memory_with_more_rows_than_its_shots_is_refused(tiny_bundle_copy, image):
     """The memory's rows are shots x rows per image; a manifest claiming 1 shot for a memory
     of 50 (or a memory grown behind it) is refused."""
@@ -242,9 +260,10 @@ def test_add_category_writes_nothing_through_a_linked_category_folder(bundle_cop
     from clipinspect.export.exporter import add_categories
 
     os.symlink(outside, bundle_copy / "categories" / "screw")
-    with pytest.raises(BundleError, match="'categories/screw' is a symbolic link"):
+    with pytest.raises(BundleError) as e:
         add_categories(bundle_copy, ["screw"])
-    assert not any(outside.iterdir())
+    assert not any(outside.iterdir())  # 1a75222 wrote text and prompts there, then refused
+    assert "'categories/screw' is a symbolic link" in str(e.value)
     assert "screw" not in Bundle.open(bundle_copy).categories
 
 

@@ -173,10 +173,11 @@ class CategoryData:
 
 
 def head_text_arrays(text_npz) -> dict[str, np.ndarray]:
-    """A category's ``text.npz`` -> its arrays under the scoring heads' input names."""
+    """A category's ``text.npz`` (an NpzFile or a dict of its arrays) -> its arrays under the
+    scoring heads' input names."""
+    names = text_npz.files if hasattr(text_npz, "files") else list(text_npz)
     arrays = {"text_prototypes": text_npz["prototypes"]}
-    arrays.update({k: text_npz[k] for k in ("text_normal", "text_anomalous")
-                   if k in text_npz.files})
+    arrays.update({k: text_npz[k] for k in ("text_normal", "text_anomalous") if k in names})
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
 
 
@@ -214,19 +215,26 @@ def expected_memory(m: Manifest, shots: int) -> dict[str, Shape]:
             MAP_RANGE: (2,)}
 
 
-def check_npz(path: Path, expected: dict[str, Shape], what: str) -> None:
+def check_npz(path: Path, expected: dict[str, Shape], what: str,
+              required: Iterable[str] = ()) -> None:
     """Every array of the .npz file ``path`` must be one of ``expected``, of that shape and a
     float dtype (object arrays never: pickle stays off), stored uncompressed (what np.savez
     writes) and inside the file, so that it never takes more memory than the file has bytes.
-    Read from the members' .npy headers without loading any data; BundleError otherwise."""
+    Read from the members' .npy headers without loading any data; BundleError otherwise, also
+    when an array named in ``required`` is missing."""
     where = f"{what}: {path.name!r}"
     try:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as z:
+            found = set()
             for info in z.infolist():
                 name, shape, dtype, header = _npy_header(z, info, where)
                 _check_shape(name, shape, expected, where)
                 _check_stored(info, name, math.prod(shape) * dtype.itemsize + header, size, where)
+                found.add(name)
+        missing = [n for n in required if n not in found]
+        if missing:
+            raise BundleError(f"{where} lacks the array {missing[0]!r}; export the bundle again")
     except BundleError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, SyntaxError) as e:
@@ -437,7 +445,7 @@ class Bundle:
         anything is loaded, in one line."""
         entry, m = self.entry(name), self.manifest
         check_npz(self.root / entry.text.file, expected_text(m, entry),
-                  f"the text embeddings of category {name!r}")
+                  f"the text embeddings of category {name!r}", required=("prototypes",))
         if entry.memory:
             check_npz(self.root / entry.memory.file, expected_memory(m, entry.memory.shots),
                       f"the few-shot memory of category {name!r}")
@@ -445,8 +453,7 @@ class Bundle:
     def category(self, name: str) -> CategoryData:
         entry = self.entry(name)
         self.check_arrays(name)
-        with np.load(self.root / entry.text.file) as npz:
-            text = head_text_arrays(npz)
+        text = head_text_arrays(self._load(entry.text.file, f"text embeddings of {name!r}"))
         if self.manifest.adaptation and "text_normal" not in text:
             raise BundleError(f"category {name!r} of bundle {str(self.root)!r} has no prompt pools, "
                               "which its prompt adaptation needs; recompute it with "
@@ -454,10 +461,21 @@ class Bundle:
         memory = None
         shots = 0
         if entry.memory:
-            with np.load(self.root / entry.memory.file) as mem:
-                memory = {k: np.ascontiguousarray(mem[k], dtype=np.float32) for k in mem.files}
+            memory = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in
+                      self._load(entry.memory.file, f"few-shot memory of {name!r}").items()}
             shots = entry.memory.shots
         return CategoryData(name, text["text_prototypes"], memory, shots, entry.thresholds, text)
+
+    def _load(self, rel: str, what: str) -> dict[str, np.ndarray]:
+        """Every array of a category's .npz (checked by ``check_arrays``); a file damaged
+        behind its checksum (a zip CRC error, a cut-off member) is a one-line error."""
+        try:
+            with np.load(self.root / rel) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise BundleError(f"bundle {str(self.root)!r}: the {what} {rel!r} cannot be read "
+                              f"({type(e).__name__}: {str(e)[:80]}); export the bundle "
+                              "again") from None
 
     # ----------------------------------------------------------------- writing
     def file_entry(self, relpath: str, **extra: Any) -> dict[str, Any]:
