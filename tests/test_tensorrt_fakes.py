@@ -366,3 +366,32 @@ def test_a_head_engine_of_another_profile_is_not_shared(fake_builds):
     bundle = Bundle.open(path)
     assert (bundle.root / te.find_engines(bundle, "fp32", DEVICE).files["head_fewshot"].file
             ).is_file()
+
+
+# ------------------------------------------------------- caches are written inside the bundle
+def test_a_linked_timing_cache_folder_is_refused_and_nothing_is_written_outside(fake_builds,
+                                                                                  tmp_path):
+    from clipinspect.runtime.core.manifest import BundleError
+
+    path, built = fake_builds
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (path / "cache").mkdir(exist_ok=True)
+    (path / "cache" / "tensorrt").symlink_to(outside)
+    with pytest.raises(BundleError, match="symbolic link"):
+        _build(path, "fp32")
+    assert built == [] and list(outside.iterdir()) == []
+
+
+def test_the_onnxruntime_tensorrt_cache_folder_is_confined_to_the_bundle(tiny_bundle_copy,
+                                                                         tmp_path):
+    from clipinspect.runtime.core.backends import trt_cache_dir
+    from clipinspect.runtime.core.manifest import BundleError
+
+    bundle = Bundle.open(tiny_bundle_copy)
+    assert trt_cache_dir(bundle) == bundle.root.resolve() / "cache" / "ort-trt"
+    (tmp_path / "outside").mkdir()
+    (bundle.root / "cache").mkdir(exist_ok=True)
+    (bundle.root / "cache" / "ort-trt").symlink_to(tmp_path / "outside")
+    with pytest.raises(BundleError, match="symbolic link"):
+        trt_cache_dir(bundle)

@@ -9,6 +9,7 @@ that needs them is asked for.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UsageError, did_you_mean
@@ -70,6 +71,14 @@ def ort_tensorrt_profiles(bundle: "Bundle", precision: str, batch_size: int | No
             for name in ("encoder", *HEAD_GRAPHS)}
 
 
+def trt_cache_dir(bundle: "Bundle") -> Path:
+    """The folder onnxruntime's TensorRT provider keeps its engines in, inside the bundle:
+    checked like every write into it (a linked ``cache`` folder is refused, not followed)."""
+    from .bundle import bundle_path
+
+    return bundle_path(bundle.root, "cache/ort-trt")
+
+
 def open_backend(bundle: "Bundle", precision: str, provider: str = "cpu", *,
                  threads: int | None = None, batch_size: int | None = None,
                  verify_checksums: bool = True) -> "Backend":
@@ -94,5 +103,5 @@ def open_backend(bundle: "Bundle", precision: str, provider: str = "cpu", *,
     return cls(bundle.graph_path(precision, "encoder"),
                {name: bundle.graph_path(precision, name) for name in HEAD_GRAPHS},
                provider=provider, threads=threads or default_threads(),
-               cache_dir=bundle.root / "cache" / "ort-trt", fp16=precision == "fp16",
+               cache_dir=trt_cache_dir(bundle) if provider == "tensorrt" else None, fp16=precision == "fp16",
                int8=precision == "int8", profiles=profiles)

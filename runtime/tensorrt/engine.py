@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core import bundle as bundle_files
 from ..core.bundle import Bundle, atomic_write_bytes, write_versioned
 from ..core.errors import ClipInspectError, UsageError
 from ..core.manifest import EngineBuild
@@ -126,6 +127,12 @@ def current_device(trt, cupy, device_id: int = 0) -> Device:
                   board=board_model())
 
 
+def timing_cache_path(bundle: Bundle, device_key: str) -> Path:
+    """Where the timing cache of ``device_key`` lives, checked like every write into the bundle
+    (a linked cache folder is refused, not followed)."""
+    return bundle_files.bundle_path(bundle.root, f"cache/tensorrt/{device_key}.timing-cache")
+
+
 def adopt_legacy_engines(bundle: Bundle, device: Device) -> bool:
     """Move engines recorded under ``device.legacy_key`` (older clipinspect) to ``device.key``,
     with their timing cache; True if it did. Only where the legacy key identifies the GPU
@@ -138,10 +145,9 @@ def adopt_legacy_engines(bundle: Bundle, device: Device) -> bool:
         entry = m.engines.pop(device.legacy_key)
         entry.device = device.to_json()
         m.engines[device.key] = entry
-    caches = bundle.root / "cache" / "tensorrt"
-    old = caches / f"{device.legacy_key}.timing-cache"
+    old = timing_cache_path(bundle, device.legacy_key)
     if old.is_file():
-        old.replace(caches / f"{device.key}.timing-cache")
+        old.replace(timing_cache_path(bundle, device.key))
     return True
 
 
@@ -325,7 +331,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
     trt, cupy = import_tensorrt()
     device = current_device(trt, cupy)
     adopt_legacy_engines(bundle, device)
-    cache_path = bundle.root / "cache" / "tensorrt" / f"{device.key}.timing-cache"
+    cache_path = timing_cache_path(bundle, device.key)
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     print(f"building {precision} TensorRT engines for {device.describe()}: batch "
           f"{batch.min}/{batch.opt}/{batch.max}, up to {max_shots} reference images, workspace "
