@@ -150,6 +150,16 @@ def test_a_jpeg_over_pils_bomb_limit_is_decoded_reduced_not_refused(tmp_path):
         to_rgb_array(EncodedImage(png_header(17000, 17000), "huge.png"))
 
 
+
+def test_a_limit_from_the_environment_raises_pils_bomb_check_as_the_setting_does(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    header_only = EncodedImage(png_header(17000, 17000), "huge.png")  # 289 MP, no pixel data
+    monkeypatch.setenv(images.MAX_MEGAPIXELS_ENV, "400")
+    with pytest.raises(ImageError) as e:  # admitted by the limit, then fails as truncated
+        to_rgb_array(header_only)
+    assert "too large to decode safely" not in str(e.value)
+    assert Image.MAX_IMAGE_PIXELS >= 400_000_000
+
 # --- Decoding every mode to RGB uint8: the numbers, and the memory a decode takes ---
 
 def mode_image(mode: str, width: int, height: int, steps: tuple[int, int] = (977, 1531)

@@ -96,9 +96,15 @@ def set_max_megapixels(megapixels: float | None) -> None:
     if megapixels is not None and not megapixels > 0:
         raise ImageError(f"the pixel limit must be > 0 megapixels, got {megapixels!r}")
     _max_megapixels = megapixels
-    if (megapixels is not None and Image.MAX_IMAGE_PIXELS is not None
-            and megapixels * 1e6 > Image.MAX_IMAGE_PIXELS):
-        Image.MAX_IMAGE_PIXELS = int(megapixels * 1e6)
+    if megapixels is not None:
+        _raise_pil_limit(int(megapixels * 1e6))
+
+
+def _raise_pil_limit(pixels: int) -> None:
+    """PIL's decompression-bomb limit raised to ``pixels`` where it is lower (never lowered):
+    our limit is checked first, so PIL's must not refuse what ours admits."""
+    if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = pixels
 
 
 def max_pixels() -> int:
@@ -115,6 +121,7 @@ def max_pixels() -> int:
     if not value > 0:
         raise ImageError(f"{MAX_MEGAPIXELS_ENV}={text!r}: expected a number of megapixels > 0, "
                          f"e.g. {DEFAULT_MAX_MEGAPIXELS:g}")
+    _raise_pil_limit(int(value * 1e6))  # the environment's limit decides too, as set_ does
     return int(value * 1e6)
 
 
@@ -200,6 +207,7 @@ def _decode_file(file, name: str, model_side: int | None = None) -> DecodedImage
     """An encoded image file (a path or a binary file object) -> RGB uint8 and map size."""
     if (file.stat().st_size if isinstance(file, Path) else file.seek(0, io.SEEK_END)) == 0:
         raise ImageError(f"{name} is empty (0 bytes), not an image; was it still being written?")
+    max_pixels()  # reads the limit first: one from the environment raises PIL's check with it
     try:
         with (file.open("rb") if isinstance(file, Path) else nullcontext(file)) as fp, \
                 _open_header(fp) as im:
