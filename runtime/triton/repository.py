@@ -54,14 +54,16 @@ IDENTITY_FILE = "clipinspect_bundle.json"
 
 
 # Tensor names written into config.pbtxt: a plain identifier, nothing a parser could read as
-# the end of a field (a bundle is input: its graphs name their own tensors).
-TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# the end of a field (a bundle is input: its graphs name their own tensors). Stricter than the
+# manifest's TENSOR_NAME, which also admits ONNX's internal names ('/visual/Add_output_0'):
+# only the heads' inputs and outputs reach a config, and those are plain identifiers.
+CONFIG_TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 def check_tensor_name(name: str, where: str) -> str:
     """``name`` when it is a plain tensor name; else a one-line error (the name shown with its
     escapes, shortened)."""
-    if isinstance(name, str) and TENSOR_NAME.fullmatch(name):
+    if isinstance(name, str) and CONFIG_TENSOR_NAME.fullmatch(name):
         return name
     shown = repr(name)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
