@@ -292,7 +292,9 @@ def _register_prompts(sub: argparse._SubParsersAction) -> None:
                    help="descriptions asked for per state and category (default 10)")
     q.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY)")
-    q.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    q.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds for each whole request: lookup, connection, headers and body "
+                        "(default 60)")
     q.add_argument("--temperature", type=float, default=0.7)
     q.set_defaults(func=cmd_prompts_generate)
 
