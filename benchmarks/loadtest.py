@@ -207,7 +207,7 @@ class IdleSockets:
                 next_drip += DRIP_EVERY_S
             for i, s in enumerate(self.socks):
                 try:
-                    if _server_closed(s):
+                    if server_closed(s):
                         self.closed_by_server += 1
                         s.close()
                         self.socks[i] = self._open(i)
@@ -223,7 +223,8 @@ class IdleSockets:
             s.close()
 
 
-def _server_closed(s: socket.socket) -> bool:
+def server_closed(s: socket.socket) -> bool:
+    """Whether the server has closed this connection (EOF or a reset; data is read past)."""
     while select.select([s], [], [], 0)[0]:
         try:
             if not s.recv(4096):

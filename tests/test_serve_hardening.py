@@ -6,7 +6,6 @@ write (results still answered, kept pending, readiness says why), and what the d
 from __future__ import annotations
 
 import re
-import select
 import socket
 import threading
 import time
@@ -19,6 +18,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from clipinspect.benchmarks.loadtest import server_closed  # noqa: E402
 from clipinspect.runtime import Inspector  # noqa: E402
 from clipinspect.runtime.core.errors import UsageError  # noqa: E402
 from clipinspect.runtime.serving.server import ServeConfig, create_app  # noqa: E402
@@ -76,17 +76,6 @@ def drip(socks: list[socket.socket], stop: threading.Event, every_s: float = 2.0
                 pass
 
 
-def closed_by_server(s: socket.socket) -> bool:
-    """Whether the server has closed this connection (EOF or a reset; data is read past)."""
-    while select.select([s], [], [], 0)[0]:
-        try:
-            if not s.recv(4096):
-                return True
-        except OSError:
-            return True
-    return False
-
-
 def read_answer(s: socket.socket) -> bytes:
     """One whole HTTP answer with a Content-Length body."""
     data = b""
@@ -130,7 +119,7 @@ def test_260_idle_and_dripping_sockets_do_not_lock_out_probes_or_requests(inspec
         deadline = opened + header_timeout + 5
         open_ = list(socks)
         while open_ and time.perf_counter() < deadline:
-            open_ = [s for s in open_ if not closed_by_server(s)]
+            open_ = [s for s in open_ if not server_closed(s)]
             time.sleep(0.2)
         assert not open_, f"{len(open_)} of 260 idle sockets still open after the deadline"
         metrics = httpx.get(server.url + "/metrics").text
@@ -183,7 +172,7 @@ def test_a_keep_alive_connection_trickling_bytes_after_an_answer_is_closed(inspe
             except OSError:
                 closed = True
                 break
-            closed = closed_by_server(conn)
+            closed = server_closed(conn)
             time.sleep(0.5)
         assert closed and time.perf_counter() - t0 < 4.5
     finally:
