@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Pages other work adds to docs/; links to them are checked once they exist.
-PENDING = {"docs/deployment.md", "docs/security.md"}
 
 _FENCE = re.compile(r"^(```|~~~)")
 _CODE_SPAN = re.compile(r"`[^`\n]*`")
@@ -69,8 +67,7 @@ def broken_links(path: Path) -> list[str]:
             dest = (path.parent / file_part).resolve() if file_part else path
             rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
             if not dest.exists():
-                if rel not in PENDING:
-                    problems.append(f"{target}: {rel} does not exist")
+                problems.append(f"{target}: {rel} does not exist")
                 continue
             if anchor and (dest.is_dir() or dest.suffix != ".md"):
                 problems.append(f"{target}: an anchor into {rel}, which is not a markdown file")
@@ -99,11 +96,12 @@ def test_checker_reports_missing_files_and_anchors(tmp_path: Path, monkeypatch):
     (tmp_path / "docs" / "a.md").write_text("# A page\n\n## Second `part`, again\n")
     page = tmp_path / "README.md"
     page.write_text("[ok](docs/a.md#second-part-again) [self](#top) [gone](docs/b.md)\n"
-                    "[bad anchor](docs/a.md#third) [pending](docs/deployment.md)\n"
+                    "[bad anchor](docs/a.md#third) [not yet](docs/deployment.md)\n"
                     "```\n[in code](nowhere.md)\n```\n`[in a span](nowhere.md)`\n"
                     "[web](https://example.com/x.md)\n\n# Top\n")
     assert broken_links(page) == ["docs/b.md: docs/b.md does not exist",
-                                  "docs/a.md#third: docs/a.md has no heading with anchor #third"]
+                                  "docs/a.md#third: docs/a.md has no heading with anchor #third",
+                                  "docs/deployment.md: docs/deployment.md does not exist"]
 
 
 def test_slug_follows_github():
