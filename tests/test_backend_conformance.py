@@ -52,8 +52,8 @@ def missing_members(cls: type) -> list[str]:
 
 
 def test_protocol_members_are_what_the_inspector_uses():
-    assert protocol_members() == ["encode", "encoder_outputs", "head_io", "provider", "score",
-                                  "to_host"]
+    assert protocol_members() == ["encode", "encoder_outputs", "head_io", "max_batch", "open",
+                                  "provider", "score", "select_rows", "to_host"]
 
 
 @pytest.mark.parametrize("provider", sorted(BACKEND_CLASSES))
@@ -66,8 +66,16 @@ def test_the_static_check_catches_a_missing_member():
     class NoHeadIo:
         provider = "x"
 
+        @classmethod
+        def open(cls, bundle, precision, provider, **options):
+            return cls()
+
         def __init__(self):
             self.encoder_outputs = []
+            self.max_batch = None
+
+        def select_rows(self, encoded, rows):
+            return encoded, rows
 
         def encode(self, images):
             return {}
@@ -143,7 +151,10 @@ def test_backend_runs_the_bundle_like_onnxruntime_on_the_cpu(bundle, images, ref
     cpu, want = reference
     assert backend.encoder_outputs == cpu.encoder_outputs
     assert backend.head_io == cpu.head_io
-    host = backend.to_host(backend.encode(images))
+    assert backend.max_batch is None or backend.max_batch >= 4  # opened for batches of 4
+    encoded = backend.encode(images)
+    assert list(encoded) == backend.encoder_outputs  # nothing else travels with them
+    host = backend.to_host(encoded)
     assert set(host) == set(backend.encoder_outputs)
     for name, array in host.items():
         assert isinstance(array, np.ndarray) and array.shape == want[name].shape
@@ -172,6 +183,32 @@ def test_inspector_builds_few_shot_memory_through_each_backend(bundle, provider,
     assert sorted(memory) == sorted(wanted)
     for name, array in memory.items():
         assert array.ndim == 2 and array.shape[0] % 2 == 0
+
+
+@pytest.mark.parametrize("provider", sorted(BACKEND_CLASSES))
+def test_selected_rows_score_like_those_images_alone(bundle, images, reference, provider):
+    """select_rows: what the Inspector asks to score a few images of a batch (mixed batches),
+    without knowing where the backend keeps the encoder outputs."""
+    backend = _backend(bundle, provider)
+    extra = bundle.category("weave").text
+    alone = backend.score(backend.encode(images[1:]), "head_zeroshot", extra)
+    part, keep = backend.select_rows(backend.encode(images), [1])
+    got = backend.score(part, "head_zeroshot", extra)
+    if keep is not None:
+        got = {k: v[keep] for k, v in got.items()}
+    for name in ("image_score", "anomaly_grid"):
+        assert got[name].shape == alone[name].shape
+        np.testing.assert_allclose(got[name], alone[name], rtol=0, atol=1e-4)
+
+
+def test_the_batch_limit_is_the_tensorrt_profile_s(bundle):
+    from clipinspect.runtime.core.onnxruntime_backend import OrtBackend
+
+    assert open_backend(bundle, "fp32", "cpu").max_batch is None
+    profile = ((1, 3, 224, 224), (2, 3, 224, 224), (3, 3, 224, 224))
+    backend = OrtBackend(bundle.graph_path("fp32", "encoder"), {}, "cpu",
+                         profiles={"encoder": {"images": profile}})
+    assert backend.max_batch == 3
 
 
 def test_open_backend_refuses_unknown_providers_and_bad_batch_sizes(bundle):

@@ -36,6 +36,10 @@ class Counting:
         return self.inner.score({k: getattr(v, "array", v) for k, v in encoded.items()}, head,
                                 extra)
 
+    def select_rows(self, encoded, rows):
+        # As a device backend: no row indexing where the outputs are, the caller keeps rows.
+        return (encoded, rows) if self.opaque else self.inner.select_rows(encoded, rows)
+
 
 class Held:
     def __init__(self, array):

@@ -12,9 +12,8 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from clipinspect.runtime.core.names import HEADS
 from .common import Adaptation
-
-HEADS = ("head_zeroshot", "head_fewshot")
 
 
 @dataclass(frozen=True)

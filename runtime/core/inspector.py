@@ -1,6 +1,6 @@
 """The Inspector: images in, image scores and anomaly maps out. numpy + onnxruntime only.
 
-Stages, each nameable and timeable on its own:
+Stages (names.STAGES, the names bench and serve time too), each nameable and timeable on its own:
   load      decode + resize + normalize on the host (worker threads, overlapping inference)
   encode    encoder graph: image embedding and the method's embeddings (WinCLIP: window
             embeddings per scale and patch tokens; patch-only: patch embeddings and tokens)
@@ -24,9 +24,8 @@ from .bundle import Bundle, BundleError, CategoryData
 from .errors import UsageError
 from .images import EncodedImage, ImageError, ImageInput, decode, describe, jpeg_draft
 from .maps import gaussian_blur, upsample
-
-MODES = ("auto", "zero-shot", "few-shot")
-HEADS = {"zero-shot": "head_zeroshot", "few-shot": "head_fewshot"}
+from .names import (ENCODE, ENCODER, FEW_SHOT, HEAD_FEWSHOT, HEAD_OF_MODE, LOAD, MODES, POST,
+                    SCORE, STAGES, ZERO_SHOT)
 # A few-shot head input [lo, hi] (2,): the range of the few-shot map's maximum over the reference
 # images, each scored against the others (AprilLab's image-score normaliser, fixed before test
 # time); stored with the memory.
@@ -93,7 +92,7 @@ class Inspector:
         self.bundle = bundle
         self.backend = backend
         self.precision = precision
-        self.stage_seconds = {"load": 0.0, "encode": 0.0, "score": 0.0, "post": 0.0}
+        self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         self._categories: dict[str, object] = {}
         self._last_map_range: tuple[str, dict, np.ndarray] | None = None
 
@@ -106,7 +105,7 @@ class Inspector:
         ``batch_size``: the largest batch that will be run (sizes TensorRT's profiles)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify_checksums=verify_checksums)
-        bundle.graph_path(precision, "encoder")  # unknown precision -> error naming the others
+        bundle.graph_path(precision, ENCODER)  # unknown precision -> error naming the others
         return cls(bundle, open_backend(bundle, precision, provider, threads=threads,
                                         batch_size=batch_size,
                                         verify_checksums=verify_checksums), precision)
@@ -142,7 +141,7 @@ class Inspector:
             for n, _ in enumerate(starts):
                 t0 = time.perf_counter()
                 current = [f.result() for f in pending]
-                self.stage_seconds["load"] += time.perf_counter() - t0
+                self.stage_seconds[LOAD] += time.perf_counter() - t0
                 pending = submit(starts[n + 1]) if n + 1 < len(starts) else []
                 yield current
 
@@ -163,7 +162,7 @@ class Inspector:
             return None
         t0 = time.perf_counter()
         encoded = self.backend.encode(np.stack([b.tensor for b in good]))
-        self.stage_seconds["encode"] += time.perf_counter() - t0
+        self.stage_seconds[ENCODE] += time.perf_counter() - t0
         return encoded
 
     def build_memory(self, images: Sequence[ImageInput], batch_size: int = 8, *,
@@ -189,7 +188,7 @@ class Inspector:
             raise ImageError(f"no usable reference image: {detail or 'none given'}")
         outputs = {k: np.concatenate(v) for k, v in chunks.items()}
         # The few-shot head says what memory it takes: memory_X is encoder output X.
-        names = [n for n in self.backend.head_io[HEADS["few-shot"]][0] if n.startswith("memory_")]
+        names = [n for n in self.backend.head_io[HEAD_FEWSHOT][0] if n.startswith("memory_")]
         memory = {n: np.ascontiguousarray(outputs[n[len("memory_"):]].reshape(
             -1, outputs[n[len("memory_"):]].shape[-1])) for n in names}
         if category is not None and self._takes_map_range():
@@ -197,7 +196,7 @@ class Inspector:
         return memory, used, failed
 
     def _takes_map_range(self) -> bool:
-        return MAP_RANGE in self.backend.head_io[HEADS["few-shot"]][0]
+        return MAP_RANGE in self.backend.head_io[HEAD_FEWSHOT][0]
 
     def reference_map_range(self, category: str, memory: dict[str, np.ndarray]) -> np.ndarray:
         """[lo, hi] (2,) float32: min and max over the K reference images of the few-shot map's
@@ -210,7 +209,7 @@ class Inspector:
             raise UsageError(f"category {category!r}: {shots} reference image; this bundle's "
                              "few-shot score is normalised by the spread of the reference images' "
                              "own maps, which needs at least 2: add another normal image")
-        text = self._category_inputs(category, "zero-shot")[1]
+        text = self._category_inputs(category, ZERO_SHOT)[1]
         # The map does not depend on the image embedding (only the score does): zeros stand in.
         feeds = {**text, MAP_RANGE: np.array([0.0, 1.0], np.float32), "image_embedding":
                  np.zeros((1, self.bundle.manifest.dims.embed), np.float32)}
@@ -220,7 +219,7 @@ class Inspector:
             for n in names:
                 feeds[n[len("memory_"):]] = memory[n][own][None]
                 feeds[n] = np.ascontiguousarray(np.delete(memory[n], own, axis=0))
-            out = self.backend.score({}, HEADS["few-shot"], feeds)
+            out = self.backend.score({}, HEAD_FEWSHOT, feeds)
             peaks.append(float(out["anomaly_grid"].max()))
         lo, hi = min(peaks), max(peaks)
         if hi - lo < MIN_MAP_SPAN:
@@ -266,22 +265,22 @@ class Inspector:
             self._categories[category] = self.bundle.category(category)
         data = self._categories[category]
         memory = data.memory if memory is None else memory
-        if mode == "few-shot" and memory is None:
+        if mode == FEW_SHOT and memory is None:
             raise BundleError(f"category {category!r} has no reference images; add them with "
                               f"'clipinspect fewshot {self.bundle.root} --category {category} DIR'")
-        use_fewshot = memory is not None and mode != "zero-shot"
+        use_fewshot = memory is not None and mode != ZERO_SHOT
         if use_fewshot and MAP_RANGE not in memory and self._takes_map_range():
             memory = {**memory, MAP_RANGE: self._map_range_of(category, memory)}
         extra = {**data.text, **(memory if use_fewshot else {})}
-        return ("few-shot" if use_fewshot else "zero-shot"), extra, data
+        return (FEW_SHOT if use_fewshot else ZERO_SHOT), extra, data
 
     def score(self, encoded: dict, category: str, mode: str = "auto",
               memory: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
         """Encoder outputs of a batch -> (image scores (B,), grid maps (B, gh, gw), mode used)."""
         mode_used, extra, _ = self._category_inputs(category, mode, memory)
         t0 = time.perf_counter()
-        out = self.backend.score(encoded, HEADS[mode_used], extra)
-        self.stage_seconds["score"] += time.perf_counter() - t0
+        out = self.backend.score(encoded, HEAD_OF_MODE[mode_used], extra)
+        self.stage_seconds[SCORE] += time.perf_counter() - t0
         return out["image_score"], out["anomaly_grid"], mode_used
 
     def thresholds(self, category: str, mode_used: str) -> dict[str, float]:
@@ -362,16 +361,11 @@ class Inspector:
                 results[i] = r
         return results
 
-    @staticmethod
-    def _rows(encoded: dict, rows: list[int], total: int) -> tuple[dict, list[int] | None]:
+    def _rows(self, encoded: dict, rows: list[int], total: int) -> tuple[dict, list[int] | None]:
         """(encoder outputs a group's head runs on, rows of that head's outputs to keep)."""
         if len(rows) == total:
             return encoded, None
-        if all(isinstance(v, np.ndarray) for v in encoded.values()):
-            return {k: v[rows] for k, v in encoded.items()}, None
-        # Device-resident outputs (CUDA, TensorRT) have no row indexing without a host round
-        # trip: the head scores the whole batch and the group keeps its rows.
-        return encoded, rows
+        return self.backend.select_rows(encoded, rows)
 
     def _results(self, batch: list[LoadedImage], good: list[LoadedImage], encoded: dict | None,
                  category: str, *, mode: str, mode_used: str, thresholds: dict, sigma: float,
@@ -385,7 +379,7 @@ class Inspector:
             for j, b in enumerate(good):
                 done[id(b)] = self._finish(b, float(scores[j]), grids[j], thresholds, sigma,
                                            mode_used)
-            self.stage_seconds["post"] += time.perf_counter() - t0
+            self.stage_seconds[POST] += time.perf_counter() - t0
         return [done.get(id(b)) or InspectionResult(b.source, error=b.error) for b in batch]
 
     @staticmethod

@@ -2,8 +2,9 @@
 
 Providers are never silently swapped: asking for one that is not installed, or that onnxruntime
 does not actually assign, is an error. The TensorRT provider's optimization profiles are chosen
-by :func:`~.backends.open_backend`; a batch or a reference memory beyond them is refused here
-with an error that names the limit, instead of letting onnxruntime build another engine.
+by :meth:`OrtBackend.open` (:func:`ort_tensorrt_profiles`); a batch or a reference memory beyond
+them is refused here with an error that names the limit, instead of letting onnxruntime build
+another engine.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ClipInspectError, UsageError, did_you_mean
+from .names import ENCODER, HEADS, ORT_PROVIDERS
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+if TYPE_CHECKING:
+    from .bundle import Bundle
+
+#: Our provider names -> onnxruntime's.
+PROVIDERS = dict(zip(ORT_PROVIDERS, ("CPUExecutionProvider", "CUDAExecutionProvider",
+                                     "TensorrtExecutionProvider")))
 
 
 class ProviderError(ClipInspectError, RuntimeError):
@@ -246,6 +249,42 @@ def _prefix(prefix: str | None, graph: str) -> str | None:
     return f"{prefix}_{graph}" if prefix else None
 
 
+def stored_shots(bundle: "Bundle") -> int:
+    """The most reference images any category of the bundle stores (0 if none)."""
+    return max((entry.memory.shots for entry in bundle.manifest.categories.values()
+                if entry.memory), default=0)
+
+
+def ort_tensorrt_profiles(bundle: "Bundle", precision: str, batch_size: int | None = None
+                          ) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
+    """{graph: {input: (min, opt, max) shape}} for onnxruntime's TensorRT provider.
+
+    Batch: 1..``batch_size``, tuned for ``batch_size`` (None: 1..32 tuned for 8, what the
+    callers that do not say their batch size get). Few-shot memory: tuned for the most
+    reference images a category stores, up to that or compat.DEFAULT_MAX_SHOTS (16), whichever
+    is larger, so references added while the Inspector is open still fit. A larger batch or
+    memory is refused by OrtBackend with an error naming the limit (ProfileError).
+    """
+    import onnx
+
+    from ..tensorrt.compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes
+
+    batch = BatchRange() if batch_size is None else BatchRange(1, batch_size, batch_size)
+    shots = stored_shots(bundle)
+    return {name: profile_shapes(bundle, onnx.load(str(bundle.graph_path(precision, name)),
+                                                   load_external_data=False),
+                                 batch, max(shots, DEFAULT_MAX_SHOTS), opt_shots=shots or 4)
+            for name in (ENCODER, *HEADS)}
+
+
+def trt_cache_dir(bundle: "Bundle") -> Path:
+    """The folder onnxruntime's TensorRT provider keeps its engines in, inside the bundle:
+    checked like every write into it (a linked ``cache`` folder is refused, not followed)."""
+    from .bundle import bundle_path
+
+    return bundle_path(bundle.root, "cache/ort-trt")
+
+
 class OrtBackend:
     """Encoder + scoring heads on onnxruntime (``profiles``: {graph: TensorRT profile};
     ``profile_prefix``: onnxruntime's profiler on, one trace per graph, ``<prefix>_<graph>_*``).
@@ -264,8 +303,8 @@ class OrtBackend:
         self.provider = provider
         self.profiles = profiles or {}
         self.encoder = make_session(encoder_path, provider, threads=threads, cache_dir=cache_dir,
-                                    fp16=fp16, int8=int8, profile=self.profiles.get("encoder"),
-                                    profile_prefix=_prefix(profile_prefix, "encoder"))
+                                    fp16=fp16, int8=int8, profile=self.profiles.get(ENCODER),
+                                    profile_prefix=_prefix(profile_prefix, ENCODER))
         # The heads are FP32 graphs in every variant: TensorRT must not lower them to FP16.
         self.heads = {name: make_session(p, provider, threads=threads, cache_dir=cache_dir,
                                          profile=self.profiles.get(name),
@@ -277,6 +316,25 @@ class OrtBackend:
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
         self.head_io = {name: ([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()])
                         for name, s in self.heads.items()}
+        images = self.profiles.get(ENCODER, {}).get("images")
+        self.max_batch: int | None = int(images[2][0]) if images else None
+
+    @classmethod
+    def open(cls, bundle: "Bundle", precision: str, provider: str = "cpu", *,
+             threads: int | None = None, batch_size: int | None = None,
+             verify_checksums: bool = True) -> "OrtBackend":
+        """``bundle``'s ``precision`` graphs on ``provider``; for TensorRT with optimization
+        profiles for batches up to ``batch_size`` and an engine cache in the bundle. The graphs'
+        checksums were verified when the bundle was opened (``verify_checksums`` is for the
+        backends that load other files)."""
+        tensorrt = provider == "tensorrt"
+        return cls(bundle.graph_path(precision, ENCODER),
+                   {name: bundle.graph_path(precision, name) for name in HEADS},
+                   provider=provider, threads=threads or default_threads(),
+                   cache_dir=trt_cache_dir(bundle) if tensorrt else None,
+                   fp16=precision == "fp16", int8=precision == "int8",
+                   profiles=ort_tensorrt_profiles(bundle, precision, batch_size) if tensorrt
+                   else None)
 
     def _within_profile(self, graph: str, arrays: dict[str, np.ndarray]) -> None:
         """A host array beyond the TensorRT profile is an error naming it, not a silent engine
@@ -294,7 +352,7 @@ class OrtBackend:
 
     def encode(self, images: np.ndarray) -> dict[str, Any]:
         """images (B, 3, H, W) float32 -> encoder outputs (numpy on CPU, OrtValues on device)."""
-        self._within_profile("encoder", {"images": images})
+        self._within_profile(ENCODER, {"images": images})
         if self.device is None:
             return dict(zip(self.encoder_outputs, self.encoder.run(None, {"images": images})))
         binding = self.encoder.io_binding()
@@ -335,6 +393,14 @@ class OrtBackend:
 
     def to_host(self, encoded: dict[str, Any]) -> dict[str, np.ndarray]:
         return {k: (v if isinstance(v, np.ndarray) else v.numpy()) for k, v in encoded.items()}
+
+    def select_rows(self, encoded: dict[str, Any], rows: list[int]
+                    ) -> tuple[dict[str, Any], list[int] | None]:
+        if self.device is None:
+            return {k: v[rows] for k, v in encoded.items()}, None
+        # OrtValues on the device have no row indexing without a host round trip: the head
+        # scores the whole batch and the caller keeps the rows.
+        return encoded, rows
 
 
 def default_threads() -> int | None:

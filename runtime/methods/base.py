@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..core.errors import ClipInspectError
+from ..core.names import GRAPHS
 
 if TYPE_CHECKING:
     from ..core.manifest import Manifest
-
-GRAPHS = ("encoder", "head_zeroshot", "head_fewshot")
 
 
 class MethodError(ClipInspectError, ValueError):

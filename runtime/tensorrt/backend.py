@@ -16,8 +16,8 @@ import numpy as np
 
 from ..core.bundle import Bundle, sha256_file
 from ..core.errors import UsageError
-from .engine import (GRAPHS, EngineError, current_device, find_engines, import_tensorrt,
-                     trt_logger)
+from ..core.names import ENCODER, GRAPHS, HEAD_FEWSHOT, HEADS, TENSORRT_NATIVE
+from .engine import EngineError, current_device, find_engines, import_tensorrt, trt_logger
 
 
 def _memory_size(engine) -> int:
@@ -27,12 +27,32 @@ def _memory_size(engine) -> int:
     return int(engine.device_memory_size if size is None else size)
 
 
+class DeviceOutputs(dict):
+    """Encoder outputs on the GPU ({name: cupy array}, exactly the encoder's outputs), holding
+    the images they were computed from (``inputs``) until the stream has used them."""
+
+    inputs: Any = None
+
+
 class TrtBackend:
     """A :class:`~clipinspect.runtime.core.backend.Backend` on TensorRT engines (one per graph:
     encoder, head_zeroshot, head_fewshot), made by ``open_backend(..., "tensorrt-native")``."""
 
-    provider = "tensorrt-native"
+    provider = TENSORRT_NATIVE
     device = "cuda"
+
+    @classmethod
+    def open(cls, bundle: Bundle, precision: str, provider: str = TENSORRT_NATIVE, *,
+             threads: int | None = None, batch_size: int | None = None,
+             verify_checksums: bool = True) -> "TrtBackend":
+        """The engines built for this GPU; a ``batch_size`` beyond their profile is refused now,
+        not at the first batch (``threads``: onnxruntime's, not used here)."""
+        backend = cls(bundle, precision, verify_checksums)
+        if batch_size is not None and batch_size > backend.max_batch:
+            raise UsageError(f"batch size {batch_size} is larger than the engines' profile "
+                             f"allows ({backend.max_batch}); lower --batch-size or rebuild with "
+                             f"'{backend.rebuild} --max-batch {batch_size}'")
+        return backend
 
     def __init__(self, bundle: Bundle, precision: str, verify_checksums: bool = True):
         trt, cp = import_tensorrt()
@@ -69,8 +89,8 @@ class TrtBackend:
         # {graph: ([inputs], [outputs])} from the engines' I/O tensors, as OrtBackend reads
         # them off its sessions; head_io is the heads' part, which the Inspector reads.
         self.io = {name: self._io(engine) for name, engine in self.engines.items()}
-        self.encoder_outputs = self.io["encoder"][1]
-        self.head_io = {name: names for name, names in self.io.items() if name != "encoder"}
+        self.encoder_outputs = self.io[ENCODER][1]
+        self.head_io = {name: self.io[name] for name in HEADS}
         self._device_cache: dict[str, tuple[np.ndarray, Any]] = {}
 
     def _io(self, engine) -> tuple[list[str], list[str]]:
@@ -118,8 +138,8 @@ class TrtBackend:
                              f"(with '{self.rebuild} --max-batch N')")
         with self.stream:
             x = self.cp.asarray(np.ascontiguousarray(images, dtype=np.float32))
-            out = self._run("encoder", {"images": x})
-        out["_input"] = x  # keeps the input alive until the stream has used it
+            out = DeviceOutputs(self._run(ENCODER, {"images": x}))
+        out.inputs = x
         return out
 
     def score(self, encoded: dict[str, Any], head: str, extra: dict[str, np.ndarray]
@@ -134,7 +154,7 @@ class TrtBackend:
 
     def _on_device(self, name: str, arr: np.ndarray):
         if name.startswith("memory_"):
-            rows = self.engines["head_fewshot"].get_tensor_profile_shape(name, 0)[2][0]
+            rows = self.engines[HEAD_FEWSHOT].get_tensor_profile_shape(name, 0)[2][0]
             if arr.shape[0] > rows:
                 raise UsageError(f"the reference memory has more images than the engines take "
                                  f"({self.max_shots}); rebuild with '{self.rebuild} "
@@ -147,7 +167,11 @@ class TrtBackend:
         return cached[1]
 
     def to_host(self, encoded: dict[str, Any]) -> dict[str, np.ndarray]:
-        host = {k: self.cp.asnumpy(v, stream=self.stream) for k, v in encoded.items()
-                if k in self.encoder_outputs}
+        host = {k: self.cp.asnumpy(v, stream=self.stream) for k, v in encoded.items()}
         self.stream.synchronize()
         return host
+
+    def select_rows(self, encoded: dict[str, Any], rows: list[int]
+                    ) -> tuple[dict[str, Any], list[int] | None]:
+        # The head scores the whole batch on the device and the caller keeps the rows.
+        return encoded, rows

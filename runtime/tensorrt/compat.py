@@ -1,6 +1,6 @@
 """Static TensorRT compatibility of a bundle's ONNX graphs, checked without TensorRT.
 
-What TensorRT's ONNX parser accepts is encoded as data in ``tensorrt_onnx_ops.json`` (the
+What TensorRT's ONNX parser accepts is encoded as data in ``onnx_ops.json`` (the
 operator table published with one TensorRT release, its source named in the file). A graph is
 compatible with a target TensorRT version when:
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from ..core.bundle import Bundle
 from ..core.errors import ClipInspectError
+from ..core.names import HEADS
 
 OPS_FILE = Path(__file__).with_name("onnx_ops.json")
 MIN_OPSET = 17
@@ -178,7 +179,7 @@ def head_inputs(bundle: Bundle, outputs: bool = False) -> dict[str, list[int | N
     import onnx
 
     found: dict[str, list[int | None]] = {}
-    for name in ("head_zeroshot", "head_fewshot"):
+    for name in HEADS:
         model = onnx.load(str(bundle.graph_path("fp32", name)), load_external_data=False)
         values = model.graph.output if outputs else model.graph.input
         found.update({v.name: value_dims(v) for v in values})

@@ -34,11 +34,10 @@ from ..core import bundle as bundle_files
 from ..core.bundle import Bundle, atomic_write_bytes, write_versioned
 from ..core.errors import ClipInspectError, UsageError
 from ..core.manifest import EngineBuild
+from ..core.names import ENCODER, GRAPHS, PRECISIONS
 from ..core.progress import Progress
 from .compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes, require_compatible
 
-GRAPHS = ("encoder", "head_zeroshot", "head_fewshot")
-PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 2048
 
 
@@ -203,13 +202,13 @@ def trt_logger(trt):
 # between the INT8 matrix products (calibration/quantize_fp16.py), so the layers TensorRT does
 # not quantize (softmax, LayerNorm, GELU, residual adds) run in FP16 in a strongly typed
 # engine rather than FP32; fp32: the QDQ graph onnxruntime runs on the CPU.
-INT8_GRAPHS = {"fp16": "encoder_fp16", "fp32": "encoder"}
+INT8_GRAPHS = {"fp16": "encoder_fp16", "fp32": ENCODER}
 
 
 def encoder_graph(bundle: Bundle, precision: str, int8_graph: str = "fp16") -> str:
     """The name of the graph of ``precision`` the encoder engine is built from."""
     if precision != "int8":
-        return "encoder"
+        return ENCODER
     if int8_graph not in INT8_GRAPHS:
         raise UsageError(f"--int8-graph {int8_graph!r}: choose one of {', '.join(INT8_GRAPHS)}")
     name = INT8_GRAPHS[int8_graph]
@@ -325,7 +324,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
         raise UsageError(f"--workspace {workspace_mb} MB is too small; give at least 16")
     batch.validate()
     encoder = encoder_graph(bundle, precision, int8_graph)
-    sources = {n: encoder if n == "encoder" else n for n in GRAPHS}
+    sources = {n: encoder if n == ENCODER else n for n in GRAPHS}
     require_compatible(bundle, [f"{precision}/{encoder}", "fp32/head_zeroshot",
                                 "fp32/head_fewshot"], batch=batch, max_shots=max_shots)
     trt, cupy = import_tensorrt()
@@ -346,7 +345,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
             shapes = profile_shapes(bundle, onnx.load(str(path), load_external_data=False),
                                     batch, max_shots)
             profiles[name] = _profile_json(shapes)
-            shared = None if name == "encoder" else shared_head(
+            shared = None if name == ENCODER else shared_head(
                 bundle, device.key, name, graphs[name].sha256, shapes)
             if shared is not None:
                 files[name] = shared
@@ -369,7 +368,7 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
         "workspace_mb": int(workspace_mb),
         "tf32": False,
         "encoder_graph": encoder,
-        "head_profiles": {n: p for n, p in profiles.items() if n != "encoder"},
+        "head_profiles": {n: p for n, p in profiles.items() if n != ENCODER},
         "heads_reused": reused,
         "source_graphs": {n: graphs[n].sha256 for n in dict.fromkeys([*GRAPHS, encoder])},
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

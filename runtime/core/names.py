@@ -1,0 +1,41 @@
+"""The names the bundle, the runtime and the tools share, each written once.
+
+Graphs and precisions name files of the bundle contract (manifest.py, docs/bundle-format.md);
+modes and providers are what a user chooses; stages are what the Inspector, ``bench`` and
+``serve`` time. Every other module imports them from here (tests/test_names.py checks that none
+writes one of these tuples out again).
+"""
+
+from __future__ import annotations
+
+#: The graphs every precision of a bundle holds: the encoder, then the two scoring heads.
+ENCODER = "encoder"
+HEAD_ZEROSHOT = "head_zeroshot"
+HEAD_FEWSHOT = "head_fewshot"
+HEADS = (HEAD_ZEROSHOT, HEAD_FEWSHOT)
+GRAPHS = (ENCODER, *HEADS)
+
+#: Graph precisions: fp32 is what export writes, the others what quantize makes from it.
+PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZED_PRECISIONS = PRECISIONS[1:]
+
+#: Scoring modes: "auto" is few-shot when the category has reference images, else zero-shot.
+AUTO = "auto"
+ZERO_SHOT = "zero-shot"
+FEW_SHOT = "few-shot"
+SCORING_MODES = (ZERO_SHOT, FEW_SHOT)
+MODES = (AUTO, *SCORING_MODES)
+#: The head graph that scores each mode.
+HEAD_OF_MODE = {ZERO_SHOT: HEAD_ZEROSHOT, FEW_SHOT: HEAD_FEWSHOT}
+
+#: Providers: onnxruntime's execution providers, then the native TensorRT engines.
+ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")
+TENSORRT_NATIVE = "tensorrt-native"
+PROVIDERS = (*ORT_PROVIDERS, TENSORRT_NATIVE)
+
+#: The stages of one inspection, in order, each timed on its own: ``load`` decode + resize +
+#: normalize on the host; ``encode`` the encoder graph; ``score`` a scoring head (image scores,
+#: the grid map); ``post`` upsampling to the input's size, smoothing, thresholds.
+LOAD, ENCODE, SCORE, POST = STAGES = ("load", "encode", "score", "post")
+#: Wall time of all stages together (bench), and of a whole request (serve).
+END_TO_END = "end_to_end"
