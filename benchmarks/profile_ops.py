@@ -105,9 +105,9 @@ def profile_precision(bundle, precision: str, work: tuple[list[Path], list[Path]
     """Stage times and operator summaries of one precision (few-shot with ``args.shots``
     references, or zero-shot)."""
     from clipinspect.runtime import Inspector
-    from clipinspect.runtime.core.names import HEADS
     from clipinspect.runtime.core.images import to_rgb_array
     from clipinspect.runtime.core.maps import upsample
+    from clipinspect.runtime.core.names import HEADS
     from clipinspect.runtime.core.onnxruntime_backend import OrtBackend
 
     backend = OrtBackend(bundle.graph_path(precision, "encoder"),
