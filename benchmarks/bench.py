@@ -160,8 +160,9 @@ def time_runtime(inspector: Inspector, work: Workload, mode: str, memory: dict |
 
 
 class TorchBaseline:
-    """The PyTorch eager evaluation of the same algorithm (export/reference.py) on the bundle's
-    weights: FP32 on the CPU; FP32 and FP16 on a CUDA GPU."""
+    """The PyTorch eager evaluation of the same algorithm (WinClipReference,
+    export/methods/winclip.py) on the bundle's weights: FP32 on the CPU; FP32 and FP16 on a CUDA
+    GPU."""
 
     def __init__(self, bundle: Bundle, device: str, dtype: str):
         import torch

@@ -1,4 +1,5 @@
-"""clipinspect runtime: run WinCLIP bundles with numpy + onnxruntime (never torch).
+"""clipinspect runtime: run exported bundles (any scoring method) with numpy + onnxruntime
+(never torch).
 
     from clipinspect.runtime import Inspector
     inspector = Inspector.open("bundle", precision="fp32", provider="cpu")

@@ -12,7 +12,7 @@ A bundle is a directory::
                                            (+ normalized prompt pools with prompt adaptation)
     categories/<name>/prompts-<digest>.json  the prompts used
     categories/<name>/memory-<digest>.npz  few-shot reference memory (optional)
-    engines/<device>/<precision>/*.plan    TensorRT engines ('build-engine'; see trt_engine.py)
+    engines/<device>/<precision>/*.plan    TensorRT engines ('build-engine'; see tensorrt/engine.py)
 
 Text prototypes and memory are graph *inputs*, never constants, so adding a category or
 reference images never touches a graph. Category files are content-addressed and written before

@@ -17,11 +17,13 @@ other formats over the limit are refused (and PIL's check stays in force for the
 limit is ``DEFAULT_MAX_MEGAPIXELS``, the environment variable ``CLIPINSPECT_MAX_MEGAPIXELS`` or
 :func:`set_max_megapixels` (the CLI's ``--max-megapixels``).
 
-Decoding for the model (:func:`decode`): the encoder sees the image resized to a few hundred
-pixels, so a JPEG is decoded by DCT scaling at the smallest scale (down to 1/8 per side) that
-still has both sides >= the model's input side, and only the anomaly map keeps the full size
-(the size the limit allows). A 12 MP camera JPEG is then decoded as about 0.2 MP. PNG, BMP, TIFF
-and WebP have no reduced decoding in PIL and are decoded whole.
+Decoding for the model (:func:`decode`): by default an image within the limit is decoded whole
+and then resized, exactly as the reference pipelines do. Reduced JPEG decoding is opt-in
+(:func:`set_jpeg_draft`, ``CLIPINSPECT_JPEG_DRAFT=1``): the encoder sees the image resized to a
+few hundred pixels, so a JPEG is then decoded by DCT scaling at the smallest scale (down to 1/8
+per side) that still has both sides >= the model's input side, and only the anomaly map keeps
+the full size (a 12 MP camera JPEG is decoded as about 0.2 MP; the model's input differs
+slightly). PNG, BMP, TIFF and WebP have no reduced decoding in PIL and are always decoded whole.
 
 Preprocessing follows the WinCLIP reference: the whole image resized to the model's input size
 (bicubic, antialiased; no crop), then normalized with the CLIP mean and std.

@@ -285,10 +285,6 @@ class MemoryFile(FileEntry):
         return {**super().to_dict(), "shots": self.shots, "sources": list(self.sources)}
 
 
-def file_entry_dict(file: str, sha256: str, size: int, **extra: Any) -> dict[str, Any]:
-    return {"file": file, "sha256": sha256, "bytes": int(size), **extra}
-
-
 # ------------------------------------------------------------------------------ model, input
 @dataclass
 class Weights:

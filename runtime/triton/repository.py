@@ -5,7 +5,7 @@ Models (one bundle per repository)::
     clipinspect_encoder        images -> embeddings; batching model with a dynamic batcher, so
                                concurrent requests from many cameras share one GPU batch
     clipinspect_categories     category name -> text prototypes, few-shot memory (Python
-                               backend, arrays stored as files next to it: triton_categories.py)
+                               backend, arrays stored as files next to it: categories.py)
     clipinspect_head_zeroshot  embeddings + text prototypes -> image score, anomaly grid
     clipinspect_head_fewshot   ... + reference memory
     clipinspect_zeroshot       ensemble: {images, category} -> {image_score, anomaly_grid}
