@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from clipinspect.runtime.cli.options import (add_bundle, add_threads, csv_list, int_list,
-                                             positive_int)
+                                             non_negative_int, positive_int)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default 1,2,4,8,16,32 (stops cleanly at out-of-memory)")
     p.add_argument("--shots", type=positive_int, default=4, help="references for few-shot")
     p.add_argument("--runs", type=positive_int, default=5, help="timed runs per configuration")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=1,
+                   help="untimed runs first (default 1)")
     p.add_argument("--images", type=positive_int, default=16, help="distinct synthetic images")
     p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch eager baseline")
     p.add_argument("--stream-fps", type=float, default=None,

@@ -39,8 +39,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from clipinspect.runtime.cli.options import (add_batch_size, add_bundle, add_precision,
-                                             add_threads, csv_list, int_list, positive_int)
+from clipinspect.runtime.cli.options import (add_batch_size, add_bundle, add_categories,
+                                             add_precision, add_threads, int_list,
+                                             non_negative_int, positive_int)
 from clipinspect.runtime.core.images import IMAGE_SUFFIXES
 
 from .report import machine, write_results
@@ -465,7 +466,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "them (1,8,1,8) to interleave on a machine whose speed drifts")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
     p.add_argument("--images-per-category", type=positive_int, default=6)
-    p.add_argument("--categories", default=None, help="comma-separated (default: all found)")
+    add_categories(p, "default: all found")
     add_batch_size(p, help="server max batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     add_precision(p)
@@ -473,7 +474,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="largest accepted |served - offline| score difference (default 0: equal)")
     p.add_argument("--note", default="", help="free text stored with the result")
-    p.add_argument("--idle-sockets", type=int, default=0,
+    p.add_argument("--idle-sockets", type=non_negative_int, default=0,
                    help="last phase: hold this many idle or dripping connections open (reopened "
                         "when closed) for --duration s while timing probes and one inspection on "
                         "fresh connections (default 0: skip)")
@@ -482,7 +483,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     options = LoadtestOptions(clients=args.clients, duration=args.duration,
                               per_category=args.images_per_category,
-                              categories=csv_list(args.categories or "") or None,
+                              categories=args.categories or None,
                               batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
                               precision=args.precision, threads=args.threads,
                               tolerance=args.tolerance, note=args.note,

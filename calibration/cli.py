@@ -7,16 +7,18 @@ import sys
 from pathlib import Path
 
 from clipinspect.runtime.cli.options import (ORT_PROVIDERS, add_batch_size, add_bundle,
-                                             add_category, add_mode, add_precision, add_provider,
-                                             add_threads, csv_list, deprecated_alias, int_list,
-                                             positive_int)
+                                             add_categories, add_category, add_dataset_format,
+                                             add_max_megapixels, add_mode, add_precision,
+                                             add_provider, add_threads, csv_list,
+                                             deprecated_alias, int_list, non_negative_int,
+                                             positive_int, whole_number)
 from clipinspect.runtime.core.progress import Progress
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from .synth import CATEGORIES, generate
 
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] or list(CATEGORIES)
+    categories = args.categories or list(CATEGORIES)
     with Progress(0, "synth") as bar:
         def advance(done: int, total: int) -> None:
             bar.total = total
@@ -35,10 +37,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalOptions, evaluate
 
-    options = EvalOptions(fmt=args.format, categories=csv_list(args.categories) or None,
+    options = EvalOptions(fmt=args.format, categories=args.categories or None,
                           precisions=csv_list(args.precisions), shots=args.shots,
                           batch_size=args.batch_size, pixel_size=args.pixel_size,
-                          provider=args.provider, resume=not args.no_resume)
+                          provider=args.provider, resume=not args.no_resume,
+                          threads=args.threads)
     report = evaluate(args.bundle, args.data, args.out, options)
     for p, why in report["skipped_precisions"].items():
         print(f"clipinspect: {p} skipped: {why}", file=sys.stderr)
@@ -60,7 +63,8 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
     from .thresholds import calibrate, describe
 
-    inspector = Inspector.open(args.bundle, args.precision, args.provider)
+    inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
+                               batch_size=args.batch_size)
     normal = expand_inputs(args.normal) if args.normal else None
     key, t = calibrate(inspector, args.category, normal=normal, fpr=args.fpr,
                        validation=args.validation, fmt=args.format, mode=args.mode,
@@ -92,6 +96,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_quantize(sub)
+    _register_eval(sub)
+    _register_threshold(sub)
+    _register_synth(sub)
+
+
+def _register_quantize(sub: argparse._SubParsersAction) -> None:
     from .quantize import DEFAULT_HOLDOUT, DEFAULT_MAX_IMAGES, DEFAULT_TARGET, METHODS
 
     p = sub.add_parser("quantize", help="add FP16 or INT8 graphs to a bundle, checked against FP32")
@@ -125,11 +136,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "precision")
     p.set_defaults(func=cmd_quantize)
 
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy, FP32 agreement and speed on MVTec AD / VisA data")
     add_bundle(p)
     p.add_argument("--data", required=True, help="dataset root (MVTec AD or VisA layout)")
-    p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa"])
-    p.add_argument("--categories", default="", help="comma-separated (default: all in the data)")
+    add_dataset_format(p)
+    add_categories(p, "categories to evaluate (default: all in the data)")
     p.add_argument("--precisions", default="fp32", help="comma-separated, e.g. fp32,fp16,int8")
     p.add_argument("--shots", type=int_list(0, "0,1,2,4"), default=[0], help="reference shots, e.g. 0,1,2,4")
     p.add_argument("--out", required=True, help="report directory")
@@ -137,10 +150,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pixel-size", type=positive_int, default=256,
                    help="resolution of the pixel metrics (default 256)")
     add_provider(p, choices=ORT_PROVIDERS)
+    add_threads(p)
+    add_max_megapixels(p)
     p.add_argument("--no-resume", action="store_true",
                    help="recompute categories already in the report directory")
     p.set_defaults(func=cmd_eval)
 
+
+def _register_threshold(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("threshold", help="set a category's image and pixel decision thresholds")
     add_bundle(p)
     add_category(p)
@@ -149,21 +166,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="target false-positive rate on normal parts (default 0.01)")
     p.add_argument("--validation", help="annotated dataset root whose test split sets F1-max "
                                         "thresholds")
-    p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa"])
+    add_dataset_format(p)
     add_mode(p)
     add_precision(p)
     add_provider(p, choices=ORT_PROVIDERS)
     add_batch_size(p)
+    add_threads(p)
+    add_max_megapixels(p)
     p.set_defaults(func=cmd_threshold)
 
+
+def _register_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic defect dataset in MVTec AD layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--categories", default="",
-                   help="comma-separated (default: weave,grain,washer,pill; also tile,gear, "
-                        "e.g. for a second dataset with disjoint categories)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--train", type=int, default=8, help="normal training images per category")
-    p.add_argument("--test-good", type=int, default=6, help="normal test images per category")
-    p.add_argument("--test-defect", type=int, default=3, help="test images per defect type")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    add_categories(p, "default: weave,grain,washer,pill; also tile,gear, e.g. for a second "
+                      "dataset with disjoint categories")
+    p.add_argument("--size", type=whole_number(32), default=256,
+                   help="image side in pixels (>= 32, default 256)")
+    p.add_argument("--train", type=positive_int, default=8,
+                   help="normal training images per category")
+    p.add_argument("--test-good", type=positive_int, default=6,
+                   help="normal test images per category")
+    p.add_argument("--test-defect", type=positive_int, default=3,
+                   help="test images per defect type")
     p.set_defaults(func=cmd_synth)

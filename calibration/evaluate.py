@@ -50,6 +50,7 @@ class EvalOptions:
     pixel_size: int = 256
     provider: str = "cpu"
     resume: bool = True
+    threads: int | None = None  # onnxruntime intra-op threads (None: one per physical core)
 
 
 def _safe(fn, *args) -> float | None:
@@ -160,11 +161,14 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path,
     # FP32 first: the other precisions are compared against it.
     wanted = sorted(dict.fromkeys(options.precisions), key=lambda p: p != "fp32")
     skipped = {p: f"the bundle has no {p} graphs" for p in wanted if p not in b.precisions}
-    inspectors = {p: Inspector.open(b, p, provider) for p in wanted if p not in skipped}
+    inspectors = {p: Inspector.open(b, p, provider, options.threads) for p in wanted
+                  if p not in skipped}
     config = {"bundle": b.identity, "data": str(Path(data).resolve()), "format": fmt,
               "precisions": list(inspectors), "shots": sorted(set(options.shots)),
               "batch_size": options.batch_size, "pixel_size": options.pixel_size,
-              "provider": provider}
+              "provider": provider,
+              # Only when set: speed depends on it, and reports without it still resume.
+              **({"threads": options.threads} if options.threads else {})}
     report = {"config": config, "skipped_precisions": skipped, "categories": {}}
     todo = []
     for c in categories:

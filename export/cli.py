@@ -4,8 +4,9 @@ Registering imports nothing heavy: the scoring methods' options (``--method`` an
 own flags) come from the method registry, which imports torch, so they are added to the parser
 of ``export`` (and ``train-adapters``) only when that command is parsed or its help shown.
 
-Category names are given the same way everywhere: ``--categories a b`` or ``--categories a,b``
-(names hold no commas). ``add-category`` also still takes them positionally, as it always did.
+Category names are given as everywhere in ``clipinspect``: ``--categories a,b`` (names hold no
+commas); the old ``--categories a b`` still parses here, with a warning. ``add-category`` also
+still takes them positionally, as it always did.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import argparse
 import sys
 from typing import Callable
 
-from clipinspect.runtime.cli import csv_list
+from clipinspect.runtime.cli.options import (add_categories, add_dataset_format, csv_list,
+                                             non_negative_int, positive_int, whole_number)
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 
+from .defaults import ADAPTER_MODEL, ADAPTER_PRETRAINED, DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .demo_defaults import DEMO_MODEL, DEMO_PRETRAINED
 from .training_recipes import DEFAULT_RECIPE, MASK_RULES, RECIPES
 
@@ -37,17 +40,17 @@ def _exporter():
     return exporter
 
 
-class CategoryNames(argparse.Action):
-    """Category names separated by spaces, commas, or both; repeated flags add up."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        names = list(getattr(namespace, self.dest) or [])
-        setattr(namespace, self.dest, names + [n for v in values for n in csv_list(v)])
-
-
 def add_categories_option(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
-    p.add_argument("--categories", nargs="+", action=CategoryNames, default=[],
-                   required=required, metavar="NAME", help=help + " (space- or comma-separated)")
+    """These commands took ``--categories a b``: still parsed, with a warning."""
+    add_categories(p, help, required=required, words=True)
+
+
+def add_model_options(p: argparse.ArgumentParser, model: str, pretrained: str,
+                      pretrained_help: str | None = None) -> None:
+    p.add_argument("--model", default=model, help=f"open_clip model (default {model})")
+    p.add_argument("--pretrained", default=pretrained,
+                   help=pretrained_help or f"open_clip tag, local checkpoint file, or 'none' "
+                                           f"(random init, for tests; default {pretrained})")
 
 
 class LazyOptionsParser(argparse.ArgumentParser):
@@ -198,9 +201,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _register_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export an open_clip CLIP into a bundle (torch)")
-    p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model name")
-    p.add_argument("--pretrained", default="laion400m_e31",
-                   help="open_clip tag, local checkpoint file, or 'none' (random init, for tests)")
+    add_model_options(p, DEFAULT_MODEL, DEFAULT_PRETRAINED)
     add_categories_option(p, "category names")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--adapt", action="store_true",
@@ -208,20 +209,21 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
                         "ambiguity filter at export")
     p.add_argument("--tau-ctx", type=float, default=DEFAULT_TAU_CTX,
                    help=f"--adapt: temperature of the prompt weights (default {DEFAULT_TAU_CTX:g})")
-    p.add_argument("--top-k", type=int, default=None,
+    p.add_argument("--top-k", type=positive_int, default=None,
                    help="--adapt: weight only the k most relevant prompts per state (default all)")
     p.add_argument("--prompts", default=None,
                    help="prompt file (JSON or YAML) whose descriptions join the prompt ensemble")
     p.add_argument("--no-ensemble", action="store_true",
                    help="with --prompts: the file's descriptions alone, without the compositional "
                         "ensemble (e.g. LLM-written prompts on their own)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--opset", type=whole_number(17), default=17, help="ONNX opset (>= 17)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest |onnxruntime - torch| accepted (FP32), default 1e-4")
     p.add_argument("--no-strict-parity", action="store_true",
                    help="keep the bundle even if the parity check fails (it is recorded)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init with 'none'")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the random init with 'none'")
     lazy_options(p, add_export_method_options)
     p.set_defaults(func=cmd_export)
 
@@ -231,19 +233,18 @@ def _register_train_adapters(sub: argparse._SubParsersAction) -> None:
                        help="train AprilLab's per-level projections on an annotated dataset (torch)")
     p.add_argument("data", help="dataset root, MVTec AD or VisA layout, with masks")
     p.add_argument("--out", required=True, help="checkpoint file to write (after every epoch)")
-    p.add_argument("--model", default="ViT-L-14-336", help="open_clip model name")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip tag, local checkpoint file, or 'none' (random init, for tests)")
+    add_model_options(p, ADAPTER_MODEL, ADAPTER_PRETRAINED)
     add_categories_option(p, "categories (default all)")
-    p.add_argument("--format", default="auto", choices=("auto", "mvtec", "visa"))
+    add_dataset_format(p)
     p.add_argument("--split", default="test", choices=("train", "test"),
                    help="split with annotated defects (default test, as APRIL-GAN)")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
                    help="training recipe (the flags below override its values): "
                         + "; ".join(f"{r.name}: {r.about}" for r in RECIPES.values()))
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=non_negative_int, default=None,
                    help="epochs (default: the recipe's); 0 writes the untrained projections")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (8)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="default: the recipe's (8)")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate, betas 0.5, 0.999 (default: the recipe's, 1e-3)")
     p.add_argument("--mosaic", type=float, default=None, metavar="P",
@@ -252,7 +253,8 @@ def _register_train_adapters(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-resize", default=None, choices=MASK_RULES,
                    help="masks to the input size: nearest, or bilinear then > 0.5 "
                         "(default: the recipe's)")
-    p.add_argument("--seed", type=int, default=0, help="projection init and shuffling")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="projection init and shuffling")
     p.add_argument("--cache", default=None,
                    help="feature cache folder (default: <out>.features next to the checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -288,7 +290,7 @@ def _register_prompts(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", required=True, help="model name the endpoint knows")
     add_categories_option(q, "category names", required=True)
     q.add_argument("--out", required=True, help="prompt file to write (JSON)")
-    q.add_argument("--per-state", type=int, default=10,
+    q.add_argument("--per-state", type=positive_int, default=10,
                    help="descriptions asked for per state and category (default 10)")
     q.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY)")
@@ -305,13 +307,13 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the contents of an existing --out (its bundle is reused when "
                    "it has the same model, weights and categories)")
-    p.add_argument("--model", default=DEMO_MODEL, help=f"open_clip model (default {DEMO_MODEL})")
-    p.add_argument("--pretrained", default=DEMO_PRETRAINED,
-                   help=f"weights tag or checkpoint file, tried first (default {DEMO_PRETRAINED}); "
-                   "random weights, reported once, if it cannot be loaded")
+    add_model_options(p, DEMO_MODEL, DEMO_PRETRAINED,
+                      f"weights tag or checkpoint file, tried first (default {DEMO_PRETRAINED}); "
+                      "random weights, reported once, if it cannot be loaded")
     add_categories_option(p, "synthetic categories (default: two of them)")
-    p.add_argument("--shots", type=int, default=4,
+    p.add_argument("--shots", type=positive_int, default=4,
                    help="few-shot reference images per category (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="images per inference batch (default 4)")
     p.set_defaults(func=cmd_demo)

@@ -30,6 +30,7 @@ from clipinspect.runtime.core.manifest import Manifest
 
 from . import prompt_files
 from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
+from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .errors import ExportError, log
 from .graphs import (PARITY_TOLERANCE, check_parity, example_text, export_graphs, input_size,
                      judge_parity, max_abs_diff)
@@ -37,8 +38,6 @@ from .methods import METHODS, Adaptation, Built, Clip, ExportMethod, method_opti
 from .methods.aprillab import set_activation
 from .text import load_ensemble
 
-DEFAULT_MODEL = "ViT-B-16-plus-240"
-DEFAULT_PRETRAINED = "laion400m_e31"
 # An ensemble that expands to no prompt: a category's prompts are then its prompt file's alone.
 NO_ENSEMBLE = {"templates": [], "normal_states": [], "anomalous_states": []}
 

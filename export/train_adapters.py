@@ -32,6 +32,7 @@ from clipinspect.runtime.core.manifest import Preprocess, parse
 from clipinspect.runtime.core.progress import Progress
 
 from .clip import load_clip, preprocess_config
+from .defaults import ADAPTER_MODEL, ADAPTER_PRETRAINED
 from .errors import ExportError, log
 from .methods.aprillab import (CHECKPOINT_KEY, LevelProjections, adapter_loss, build_modules,
                                category_text, check_layers, default_layers, image_size_for,
@@ -151,8 +152,8 @@ class TrainOptions:
 
     data: str | Path
     out: str | Path
-    model: str = "ViT-L-14-336"
-    pretrained: str | None = "openai"
+    model: str = ADAPTER_MODEL
+    pretrained: str | None = ADAPTER_PRETRAINED
     layers: Sequence[int] | None = None
     image_size: int | None = None
     activation: str | None = None

@@ -202,13 +202,18 @@ def test_category_names_are_given_the_same_way_to_every_command(tmp_path, capsys
     from clipinspect.runtime.cli import build_parser, main
 
     parser = build_parser()
-    export = parser.parse_args(["export", "--out", "b", "--categories", "bottle,metal nut",
-                                "screw"])
+    export = parser.parse_args(["export", "--out", "b", "--categories", "bottle,metal nut,screw"])
     assert export.categories == ["bottle", "metal nut", "screw"]
-    new = parser.parse_args(["add-category", "B", "--categories", "screw", "cable,pill"])
+    assert capsys.readouterr().err == ""
+    words = parser.parse_args(["export", "--out", "b", "--categories", "bottle,metal nut",
+                               "screw"])  # the old form: the same names, and a warning
+    assert words.categories == export.categories
+    assert "deprecated" in capsys.readouterr().err
+    new = parser.parse_args(["add-category", "B", "--categories", "screw,cable,pill"])
     old = parser.parse_args(["add-category", "B", "screw"])  # the positional form still works
     assert (new.names, new.categories) == ([], ["screw", "cable", "pill"])
     assert (old.names, old.categories) == (["screw"], [])
+    assert capsys.readouterr().err == ""
     assert main(["add-category", str(tmp_path)]) == 2
     assert "name at least one category" in capsys.readouterr().err
 

@@ -7,8 +7,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from clipinspect.runtime.cli.options import (ORT_PROVIDERS, add_batch_size, add_provider,
-                                             csv_list, int_list, positive_int)
+from clipinspect.export.defaults import DEFAULT_MODEL
+from clipinspect.runtime.cli.options import (ORT_PROVIDERS, add_batch_size, add_categories,
+                                             add_dataset_format, add_provider, csv_list,
+                                             int_list, positive_int)
 from clipinspect.runtime.core.errors import UsageError
 
 
@@ -25,14 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "study.json, plots; results/ per variant)")
     p.add_argument("--work", default=None, help="bundle cache (default OUT/work)")
     p.add_argument("--model", default=None, help="open_clip model of --variant variants "
-                                                 "(default ViT-B-16-plus-240)")
+                                                 f"(default {DEFAULT_MODEL})")
     p.add_argument("--pretrained", default=None,
                    help="weights of --variant variants: tag, checkpoint, or 'none' (random)")
     p.add_argument("--shots", type=int_list(0, "0,1,4"), default=None,
                    help="reference shot counts (default: the study file's, else 0,1,2,4,8)")
-    p.add_argument("--categories", default="", help="comma-separated (default: the study "
-                                                     "file's, else all in the data)")
-    p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa"])
+    add_categories(p, "default: the study file's, else all in the data")
+    add_dataset_format(p)
     add_batch_size(p, default=None, help="images per batch (default: the study file's, else 8)")
     p.add_argument("--pixel-size", type=positive_int, default=None,
                    help="resolution of the pixel metrics (default 256)")
@@ -68,7 +69,7 @@ def study_of(args: argparse.Namespace):
                              f"{', '.join(v.name for v in study.variants)}")
         study = dataclasses.replace(study, variants=tuple(v for v in study.variants
                                                           if v.name in only))
-    categories = csv_list(args.categories)
+    categories = args.categories
     timeout = args.variant_timeout
     changes = {"shots": tuple(sorted(set(args.shots))) if args.shots else None,
                "categories": category_list(categories, "--categories") if categories else None,

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from clipinspect.export.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.manifest import is_category_name
 
@@ -64,8 +65,8 @@ class Variant:
     """
 
     name: str
-    model: str = "ViT-B-16-plus-240"
-    pretrained: str = "laion400m_e31"
+    model: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
     seed: int = 0
     method: str = "winclip"
     prompts: str = "ensemble"

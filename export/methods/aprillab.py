@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from clipinspect.runtime.cli import int_list
+from clipinspect.runtime.cli import int_list, positive_int
 from clipinspect.runtime.core.bundle import sha256_file
 from clipinspect.runtime.core.manifest import Manifest
 from clipinspect.runtime.core.inspector import MAP_RANGE, MIN_MAP_SPAN
@@ -516,7 +516,7 @@ METHOD = ExportMethod(
         Option("image_size", None, "aprillab: square input side, a multiple of the patch size, if "
                "not the model's own (positional embedding resampled bicubically; default 518 for "
                "ViT-L-14-336 as APRIL-GAN, else the model's own)",
-               type=int, metavar="PIXELS"),
+               type=positive_int, metavar="PIXELS"),
         Option("activation", None, "aprillab: MLP activation of both towers, gelu or quick_gelu "
                "(default: what open_clip's model config gives, recorded; APRIL-GAN's "
                "projections were fitted with gelu)", type=activation_name, metavar="NAME")),

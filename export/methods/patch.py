@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipinspect.runtime.cli import positive_int
 from clipinspect.runtime.core.manifest import Manifest
 
 from .base import HEADS, Built, Clip, ExportMethod, Option
@@ -193,5 +194,5 @@ METHOD = ExportMethod(
     name="patch",
     summary="patch-only, one encoder pass, dense value-value patch embeddings",
     options=(Option("dense_blocks", 1, "patch and alfa: last blocks whose value-value attention "
-                    "makes the patch embeddings (default 1)", type=int, metavar="N"),),
+                    "makes the patch embeddings (default 1)", type=positive_int, metavar="N"),),
     build=build, category_text=category_text, reference=PatchReference)

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..core.errors import UsageError
-from .options import (add_bundle, add_category, add_mode, add_runtime_options, positive_int)
+from .options import (add_bundle, add_category, add_mode, add_runtime_options, positive_int,
+                      whole_number)
 
 
 def _images(items: list[str]):
@@ -170,7 +171,8 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     add_bundle(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other needs an API key)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=whole_number(0), default=8080,
+                   help="TCP port (default 8080; 0: any free port)")
     p.add_argument("--api-key-file", default=None,
                    help="file holding the API key clients send in X-API-Key (or set "
                         "CLIPINSPECT_API_KEY); required unless bound to loopback")

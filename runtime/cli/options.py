@@ -9,15 +9,17 @@ few things commands legitimately differ in (default, help, choices) as keywords.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Sequence
 
 from ..core.errors import did_you_mean
+# Re-exported: the commands import the choices with the options that take them.
+from ..core.names import MODES, ORT_PROVIDERS, PRECISIONS, PROVIDERS, TENSORRT_NATIVE
 
-MODES = ("auto", "zero-shot", "few-shot")
-PRECISIONS = ("fp32", "fp16", "int8")
-ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")
-PROVIDERS = (*ORT_PROVIDERS, "tensorrt-native")
+# Dataset layouts of --format ("auto": told apart by their folders). The last two are
+# calibration.datasets.FORMATS, which this module must not import (a test checks they agree).
+DATASET_FORMATS = ("auto", "mvtec", "visa")
 
 
 # ------------------------------------------------------------------------------------ types
@@ -40,14 +42,24 @@ def int_list(minimum: int, example: str):
     return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
-    return value
+def whole_number(minimum: int):
+    """argparse type for one whole number >= minimum; its ``minimum`` attribute says the bound
+    (tests check that every whole-number option has one)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {minimum}")
+        return value
+    parse.minimum = minimum  # type: ignore[attr-defined]
+    parse.__name__ = f"whole_number_{minimum}"
+    return parse
+
+
+positive_int = whole_number(1)  # counts, sizes, batch sizes, threads
+non_negative_int = whole_number(0)  # seeds, and counts where 0 means "none" (epochs, warm-ups)
 
 
 # ---------------------------------------------------------------------------- option groups
@@ -58,6 +70,40 @@ def add_bundle(p: argparse.ArgumentParser, help: str | None = None) -> None:
 
 def add_category(p: argparse.ArgumentParser) -> None:
     p.add_argument("--category", required=True)
+
+
+class CategoryNames(argparse.Action):
+    """``--categories NAME,NAME``: names separated by commas (a name may hold spaces, never a
+    comma); repeated flags add up. ``words=True``: the old form of the export commands, names as
+    separate words (``--categories a b``), still parses, with a one-line warning."""
+
+    def __init__(self, option_strings, dest, words: bool = False, **kwargs):
+        super().__init__(option_strings, dest, nargs="+" if words else None, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = values if isinstance(values, list) else [values]
+        names = [n for v in given for n in csv_list(v)]
+        if len(given) > 1:
+            print(f"clipinspect: warning: {option_string} {' '.join(map(shlex.quote, given))}: "
+                  "names as separate words are deprecated, separate them with commas: "
+                  f"{option_string} {shlex.quote(','.join(names))}", file=sys.stderr)
+        setattr(namespace, self.dest, list(getattr(namespace, self.dest) or []) + names)
+
+
+def add_categories(p: argparse.ArgumentParser, help: str, *, required: bool = False,
+                   words: bool = False) -> None:
+    """``--categories a,b`` (a list, ``[]`` when not given). ``words``: also the deprecated
+    ``--categories a b``, for the commands that took it."""
+    p.add_argument("--categories", action=CategoryNames, words=words, default=[],
+                   required=required, metavar="NAME,...",
+                   help=help + " (comma-separated; quote a name with spaces: \"bottle,metal nut\")")
+
+
+def add_dataset_format(p: argparse.ArgumentParser) -> None:
+    """``--format``: the layout of a dataset root."""
+    p.add_argument("--format", default="auto", choices=list(DATASET_FORMATS),
+                   type=one_of(DATASET_FORMATS),
+                   help="dataset layout: mvtec, visa, or auto (default: told apart by its folders)")
 
 
 def one_of(choices: Sequence[str]):
@@ -84,7 +130,7 @@ def add_precision(p: argparse.ArgumentParser, *, default: str | None = "fp32",
 
 def add_provider(p: argparse.ArgumentParser, *, choices: Sequence[str] = PROVIDERS) -> None:
     help = ("onnxruntime execution provider (default cpu), or tensorrt-native: the engines of "
-            "'clipinspect build-engine' without onnxruntime" if "tensorrt-native" in choices
+            "'clipinspect build-engine' without onnxruntime" if TENSORRT_NATIVE in choices
             else None)
     p.add_argument("--provider", default="cpu", choices=list(choices), type=one_of(choices),
                    help=help)
@@ -96,7 +142,8 @@ def add_batch_size(p: argparse.ArgumentParser, *, default: int = 8,
 
 
 def add_threads(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
-    p.add_argument("--threads", type=positive_int, default=None, help=help)
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help=help or "onnxruntime intra-op threads (default: one per physical core)")
 
 
 class MaxMegapixels(argparse.Action):
@@ -141,7 +188,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                           "quantize'")
     add_provider(p)
     add_batch_size(p, help="images per inference batch")
-    add_threads(p, help="onnxruntime intra-op threads (default: one per physical core)")
+    add_threads(p)
     add_max_megapixels(p)
 
 

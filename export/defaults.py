@@ -1,0 +1,8 @@
+"""The models and weights the export commands default to, apart from the exporter so that the
+CLI (and the study's variants) can name them without importing torch."""
+
+DEFAULT_MODEL = "ViT-B-16-plus-240"
+DEFAULT_PRETRAINED = "laion400m_e31"
+# AprilLab's projections are trained on (and APRIL-GAN's were published for) this one.
+ADAPTER_MODEL = "ViT-L-14-336"
+ADAPTER_PRETRAINED = "openai"
