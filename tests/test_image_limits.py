@@ -183,7 +183,7 @@ def mode_image(mode: str, width: int, height: int, steps: tuple[int, int] = (977
         return im
     channels = {"L": [level], "1": [level], "LA": [level, 255 - level],
                 "RGB": [level, 255 - level, level // 2],
-                "RGBA": [level, 255 - level, level // 2, (level * 7) % 256],
+                "RGBA": [level, 255 - level, level // 2, (wide * 7 % 256).astype(np.uint8)],
                 "CMYK": [level, 255 - level, level // 2, level // 3]}[mode]
     raw_mode = "CMYK" if mode == "CMYK" else {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[len(channels)]
     im = Image.frombytes(raw_mode, (width, height), np.stack(channels, -1).tobytes())
