@@ -2,8 +2,10 @@
 precision, mode and batch size, with the PyTorch eager evaluation of the same algorithm in the
 same run, and a fixed-frame-rate stream mode.
 
-Stages are timed separately on every run: decode and resize (host), encoder, scoring head,
-post-processing (upsampling to the image size, thresholding), and end to end. onnxruntime's
+Stages are timed separately on every run, named as the Inspector names them (names.STAGES):
+load (decode and resize on the host), encode (encoder), score (scoring head), post (upsampling
+to the image size, thresholding), and end to end. Result files written before these names
+(decode, encoder, head) are still read (:func:`stage`). onnxruntime's
 ``run`` and ``run_with_iobinding`` return when the device work is done, so GPU stage times are
 synchronized. Warm-up runs are excluded from every statistic.
 """
@@ -24,6 +26,9 @@ from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backends import ProviderError, available_providers
 from clipinspect.runtime.core.images import to_rgb_array
 from clipinspect.runtime.core.maps import upsample
+from clipinspect.runtime.core.names import (ENCODE, END_TO_END, FEW_SHOT, LOAD, PRECISIONS,
+                                            SCORE, SCORING_MODES)
+from clipinspect.runtime.core.names import STAGES as INSPECTION_STAGES
 from clipinspect.runtime.methods import gflops_per_image as method_gflops
 from clipinspect.runtime.methods import transformer_layers
 
@@ -31,7 +36,11 @@ from .report import command, machine, read_text
 from .rss_probe import render_rss, rss_per_image
 from .stats import run_stream, summarize
 
-STAGES = ("decode", "encoder", "head", "post", "end_to_end")
+STAGES = (*INSPECTION_STAGES, END_TO_END)
+# The PyTorch baseline is one eager call: its model and post-processing are timed together.
+MODEL_AND_POST = "model_and_post"
+# Stage names of result files written before the stages had one vocabulary.
+OLD_STAGE_NAMES = {LOAD: "decode", ENCODE: "encoder", SCORE: "head"}
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
 IMAGE_SIZE = 256
 PIXEL_THRESHOLD = 0.5  # thresholding a map is part of post-processing on a line
@@ -154,8 +163,8 @@ def time_runtime(inspector: Inspector, work: Workload, mode: str, memory: dict |
         for im, g in zip(rgbs, grids):
             _ = upsample(g, im.shape[:2]) >= PIXEL_THRESHOLD
         t4 = time.perf_counter()
-        for stage, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
-            times[stage].append(dt)
+        for name, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+            times[name].append(dt)
     return times
 
 
@@ -202,20 +211,20 @@ class TorchBaseline:
              ) -> dict[str, list[float]]:
         data = self.bundle.category(work.category)
         prototypes = self.tensor(data.text_prototypes)
-        times: dict[str, list[float]] = {"decode": [], "model_and_post": [], "end_to_end": []}
+        times: dict[str, list[float]] = {LOAD: [], MODEL_AND_POST: [], END_TO_END: []}
         for r in range(runs):
             t0 = time.perf_counter()
             rgbs = [to_rgb_array(p) for p in work.batch(r, batch)]
             x = self.bundle.preprocess.batch(rgbs)
             t1 = time.perf_counter()
             scores, maps = self.reference(self.tensor(x), prototypes, rgbs[0].shape[:2],
-                                          memory if mode == "few-shot" else None)
+                                          memory if mode == FEW_SHOT else None)
             _ = (maps >= 0.5).cpu()
             self.sync()
             t2 = time.perf_counter()
-            times["decode"].append(t1 - t0)
-            times["model_and_post"].append(t2 - t1)
-            times["end_to_end"].append(t2 - t0)
+            times[LOAD].append(t1 - t0)
+            times[MODEL_AND_POST].append(t2 - t1)
+            times[END_TO_END].append(t2 - t0)
         return times
 
 
@@ -253,8 +262,8 @@ class BenchOptions:
         from clipinspect.runtime.core.errors import UsageError
 
         for name, values, known in (("backend", self.backends, PROVIDERS),
-                                    ("mode", self.modes, ("zero-shot", "few-shot")),
-                                    ("precision", self.precisions, ("fp32", "fp16", "int8"))):
+                                    ("mode", self.modes, SCORING_MODES),
+                                    ("precision", self.precisions, PRECISIONS)):
             bad = [v for v in values if v not in known]
             if bad or not values:
                 raise UsageError(f"unknown {name} {bad[0] if bad else '(none given)'!r}: choose "
@@ -279,7 +288,14 @@ def _row(target: Target, mode: str, batch: int, times: dict[str, list[float]],
     return {"kind": target.kind, "backend": target.backend, "precision": target.precision,
             "mode": mode, "batch": batch,
             "stages": {s: summarize(v, warmup, batch) for s, v in times.items()},
-            "images_per_second": summarize(times["end_to_end"], warmup, batch)["images_per_second"]}
+            "images_per_second": summarize(times[END_TO_END], warmup, batch)["images_per_second"]}
+
+
+def stage(row: dict, name: str) -> dict:
+    """The summary of stage ``name`` in a result row, also of a file written before the stage
+    names were the Inspector's (decode, encoder, head)."""
+    stages = row["stages"]
+    return stages[name] if name in stages else stages[OLD_STAGE_NAMES[name]]
 
 
 def run_bench(bundle_path: str | Path, out: str | Path, options: BenchOptions = BenchOptions(),
@@ -401,7 +417,7 @@ def _sweep(result: dict, target: Target, options: BenchOptions, memory_for, time
             result["rows"].append(row)
             progress(f"{kind:8s} {backend:8s} {precision:5s} {mode:9s} batch {b:3d}: "
                      f"{row['images_per_second']:8.3f} img/s, p50 "
-                     f"{row['stages']['end_to_end']['p50_ms']:.0f} ms")
+                     f"{stage(row, END_TO_END)['p50_ms']:.0f} ms")
 
 
 def _baselines(result: dict, bundle: Bundle, work: Workload, options: BenchOptions,
@@ -491,21 +507,20 @@ def render(r: dict) -> str:
              "PyTorch FP32 eager evaluation of the same algorithm on the same kind of device "
              "at the same mode and batch.", "",
              "| kind | backend | precision | mode | batch | images/s | ratio to PyTorch FP32 | "
-             "p50 | p90 | p95 | p99 | max | decode p50 | encoder p50 | head p50 | post p50 | "
+             "p50 | p90 | p95 | p99 | max | load p50 | encode p50 | score p50 | post p50 | "
              "peak RSS MB | GPU MB |", "|" + "---|" * 18]
     for row in r["rows"]:
-        s = row["stages"]
-        e = s["end_to_end"]
-        stage = ([_f(s[k]["p50_ms"], ".1f") for k in ("decode", "encoder", "head", "post")]
-                 if row["kind"] == "runtime" else
-                 [_f(s["decode"]["p50_ms"], ".1f"), "model+post " +
-                  _f(s["model_and_post"]["p50_ms"], ".1f"), "", ""])
+        e = stage(row, END_TO_END)
+        stages = ([_f(stage(row, k)["p50_ms"], ".1f") for k in INSPECTION_STAGES]
+                  if row["kind"] == "runtime" else
+                  [_f(stage(row, LOAD)["p50_ms"], ".1f"), "model+post " +
+                   _f(stage(row, MODEL_AND_POST)["p50_ms"], ".1f"), "", ""])
         ratio = row.get("ratio_to_pytorch_fp32")
         lines.append("| " + " | ".join([
             row["kind"], row["backend"], row["precision"], row["mode"], str(row["batch"]),
             _f(row["images_per_second"]), f"{ratio:.2f}x" if ratio else "",
             *(_f(e[k], ".0f") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
-            *stage, _f(row.get("peak_host_rss_mb"), ".0f"), _f(row.get("gpu_memory_mb"), ".0f"),
+            *stages, _f(row.get("peak_host_rss_mb"), ".0f"), _f(row.get("gpu_memory_mb"), ".0f"),
         ]) + " |")
     c = r.get("ceiling")
     if c:
@@ -558,9 +573,9 @@ def plot(r: dict, path: Path) -> bool:
         bs = [x["batch"] for x in rows]
         style = "--" if key.startswith("pytorch") else "-"
         a.plot(bs, [x["images_per_second"] for x in rows], style, marker="o", label=key)
-        line, = b.plot(bs, [x["stages"]["end_to_end"]["p50_ms"] for x in rows], style, marker="o",
+        line, = b.plot(bs, [stage(x, END_TO_END)["p50_ms"] for x in rows], style, marker="o",
                        label=f"{key} p50")
-        b.plot(bs, [x["stages"]["end_to_end"]["p99_ms"] for x in rows], ":", marker="x",
+        b.plot(bs, [stage(x, END_TO_END)["p99_ms"] for x in rows], ":", marker="x",
                color=line.get_color())
     for ax, title, unit in ((a, "throughput", "images/s"), (b, "latency per batch (p50 solid, "
                                                                 "p99 dotted)", "ms")):
