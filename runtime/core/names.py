@@ -37,5 +37,12 @@ PROVIDERS = (*ORT_PROVIDERS, TENSORRT_NATIVE)
 #: normalize on the host; ``encode`` the encoder graph; ``score`` a scoring head (image scores,
 #: the grid map); ``post`` upsampling to the input's size, smoothing, thresholds.
 LOAD, ENCODE, SCORE, POST = STAGES = ("load", "encode", "score", "post")
-#: Wall time of all stages together (bench), and of a whole request (serve).
+#: Wall time of all stages together (bench).
 END_TO_END = "end_to_end"
+#: What serve reports per request (``timings_ms``): its load stage, its wait in the batch queue,
+#: its batch's encode + score + post, and the whole request.
+QUEUE, INFERENCE, TOTAL = "queue", "inference", "total"
+REQUEST_TIMINGS = (LOAD, QUEUE, INFERENCE, TOTAL)
+#: The name ``timings_ms`` gave the load stage before the stages had one vocabulary; still
+#: reported, equal to ``load``, so existing clients keep working.
+OLD_LOAD_TIMING = "decode"

@@ -44,7 +44,9 @@ from starlette.routing import Route
 
 from ..core.errors import ClipInspectError, UsageError
 from ..core.images import EncodedImage
-from ..core.inspector import MODES, InspectionResult, Inspector, LoadedImage
+from ..core.inspector import InspectionResult, Inspector, LoadedImage
+from ..core.names import (INFERENCE, LOAD, MODES, OLD_LOAD_TIMING, QUEUE, REQUEST_TIMINGS,
+                          SCORING_MODES, TOTAL)
 from .journal import Entry, Journal, JournalUnavailable
 from .ui import LiveFeed, ui_routes
 from ..core.maps import overlay
@@ -486,10 +488,11 @@ class Service:
                            "key": f"{self.inspector.precision}/{mode_used}"}
                           if "image" in thresholds else None),
             "bundle": self.identity, "batch_size": done.batch_size,
-            "timings_ms": {"decode": 1e3 * (decoded - t0), "queue": 1e3 * done.queue_s,
-                           "inference": 1e3 * done.inference_s,
-                           "total": 1e3 * (time.perf_counter() - t0)},
+            "timings_ms": {LOAD: 1e3 * (decoded - t0), QUEUE: 1e3 * done.queue_s,
+                           INFERENCE: 1e3 * done.inference_s,
+                           TOTAL: 1e3 * (time.perf_counter() - t0)},
         }
+        body["timings_ms"][OLD_LOAD_TIMING] = body["timings_ms"][LOAD]
         if want_map:
             body["heatmap_png"] = await anyio.to_thread.run_sync(heatmap_png, r, thresholds)
         # The live page's record (its thumbnail) is made after the answer has been sent.
@@ -692,7 +695,7 @@ def openapi_schema(categories: list[str], config: ServeConfig) -> dict:
                              "threshold", "bundle", "batch_size", "timings_ms"],
                 "properties": {
                     "image_id": {"type": "string"}, "category": {"type": "string"},
-                    "mode": {"type": "string", "enum": ["zero-shot", "few-shot"]},
+                    "mode": {"type": "string", "enum": list(SCORING_MODES)},
                     "image_score": {"type": "number"},
                     "is_anomalous": {"type": ["boolean", "null"],
                                      "description": "null when no threshold is set"},
@@ -701,7 +704,7 @@ def openapi_schema(categories: list[str], config: ServeConfig) -> dict:
                     "bundle": {"type": "object"},
                     "batch_size": {"type": "integer", "minimum": 1},
                     "timings_ms": {"type": "object", "properties": {
-                        k: number_or_null for k in ("decode", "queue", "inference", "total")}},
+                        k: number_or_null for k in (*REQUEST_TIMINGS, OLD_LOAD_TIMING)}},
                     "heatmap_png": {"type": "string", "description": "base64 PNG overlay"},
                 }}},
         },
