@@ -42,6 +42,7 @@ import numpy as np
 
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.errors import ClipInspectError
+from clipinspect.runtime.core.names import HEADS, PRECISIONS, QUANTIZED_PRECISIONS, SCORING_MODES
 
 # (min map Pearson, max |image score difference|) against onnxruntime FP32 on the CPU.
 TOLERANCES = {"fp32": (0.99999, 1e-4), "fp16": (0.999, 2e-3), "int8": (0.98, 1e-2)}
@@ -51,7 +52,6 @@ BATCH = (1, 2, 4)
 THROUGHPUT_BATCHES = (1, 8, 32)
 SHOTS = 2
 CATEGORY = "weave"
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def ort_tolerance(provider: str, precision: str, environ=os.environ) -> tuple[float, float]:
@@ -174,7 +174,7 @@ def prepare_bundle(work: Path, bundle: str | None) -> Path:
     b = Bundle.open(path)
     if CATEGORY not in b.categories:
         raise ClipInspectError(f"--bundle needs a category {CATEGORY!r} for the checks")
-    for precision in ("fp16", "int8"):
+    for precision in QUANTIZED_PRECISIONS:
         # An INT8 variant from before the FP16-between-Q/DQ graph is made again (a private copy).
         stale = precision == "int8" and "encoder_fp16" not in b.manifest.graphs.get("int8", {})
         if precision not in b.precisions or stale:
@@ -194,14 +194,14 @@ def check_precision(checks: Checks, path: Path, precision: str, images: list) ->
         if precision == "int8":   # INT8 engines come from the FP16-between-Q/DQ graph
             ok = ok and record.get("encoder_graph") == "encoder_fp16"
         if precision != "fp32":   # built after fp32 with the same profile: heads shared
-            ok = ok and record.get("heads_reused") == ["head_zeroshot", "head_fewshot"]
+            ok = ok and record.get("heads_reused") == list(HEADS)
         return ok, {k: record.get(k) for k in ("profile", "tf32", "encoder_graph",
                                                "heads_reused", "build_seconds")}
     checks.run(f"build {precision} engines", build)
     reference = Inspector.open(path, "fp32", "cpu")
     native = Inspector.open(path, precision, "tensorrt-native")
     lo, hi = TOLERANCES[precision]
-    for mode in ("zero-shot", "few-shot"):
+    for mode in SCORING_MODES:
         def compare(mode=mode):
             got = agreement(reference.inspect(images, CATEGORY, batch_size=BATCH[2], mode=mode),
                             native.inspect(images, CATEGORY, batch_size=BATCH[2], mode=mode))
@@ -230,7 +230,7 @@ def check_onnxruntime(checks: Checks, path: Path, images: list, provider: str) -
     for precision in PRECISIONS:
         opened: dict[str, Any] = {}
         lo, hi = ort_tolerance(provider, precision)
-        for mode in ("zero-shot", "few-shot"):
+        for mode in SCORING_MODES:
             def compare(precision=precision, mode=mode, lo=lo, hi=hi):
                 if "inspector" not in opened:
                     opened["inspector"] = open_inspector(path, precision, provider, BATCH[2])

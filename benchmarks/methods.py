@@ -19,6 +19,7 @@ import json
 import numpy as np
 
 from clipinspect.runtime.methods import gflops_per_image, transformer_layers
+from clipinspect.runtime.core.names import SCORING_MODES
 
 from .report import machine, write_results
 from .sidebyside import end_to_end, interleaved_rounds, synthetic_images
@@ -27,7 +28,7 @@ from .sidebyside import end_to_end, interleaved_rounds, synthetic_images
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundles", nargs="+", help="bundles to compare; ratios are to the first")
-    ap.add_argument("--mode", default="few-shot", choices=["zero-shot", "few-shot"])
+    ap.add_argument("--mode", default="few-shot", choices=list(SCORING_MODES))
     ap.add_argument("--shots", type=int, default=2, help="reference images for few-shot")
     ap.add_argument("--images", type=int, default=8, help="images per round")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -16,6 +16,8 @@ import argparse
 
 import numpy as np
 
+from clipinspect.runtime.core.names import SCORING_MODES
+
 from .report import machine, write_results
 from .sidebyside import bundle_with_precisions, end_to_end, interleaved_rounds, synthetic_images
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
     ap.add_argument("--precisions", default="fp32,fp16,int8")
-    ap.add_argument("--mode", default="few-shot", choices=["zero-shot", "few-shot"])
+    ap.add_argument("--mode", default="few-shot", choices=list(SCORING_MODES))
     ap.add_argument("--shots", type=int, default=4, help="reference images for few-shot")
     ap.add_argument("--images", type=int, default=8, help="images per round")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clipinspect.runtime.core.names import SCORING_MODES
+
 from .report import machine, write_results
 
 # Operator types onnxruntime's CPU provider runs in integer arithmetic after its QDQ fusions.
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
     ap.add_argument("--precisions", default="fp32,int8")
-    ap.add_argument("--mode", default="few-shot", choices=["zero-shot", "few-shot"])
+    ap.add_argument("--mode", default="few-shot", choices=list(SCORING_MODES))
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3, help="profiled runs after the warm-up")

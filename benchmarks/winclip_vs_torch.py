@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from clipinspect.runtime.methods.winclip import cost as winclip_gflops
+from clipinspect.runtime.core.names import SCORING_MODES
 
 from .report import machine, write_results
 
@@ -117,7 +118,7 @@ def measure(args: argparse.Namespace, inspector) -> dict:
 
     # Equal outputs first (zero-shot and few-shot), then timing rounds of the few-shot mode.
     diffs = {}
-    for mode in ("zero-shot", "few-shot"):
+    for mode in SCORING_MODES:
         (s1, m1), (s2, m2) = run_runtime(mode), run_reference(mode)
         diffs[mode] = {"image_score": float(np.abs(s1 - s2).max()),
                        "anomaly_map": float(max(np.abs(a - b).max() for a, b in zip(m1, m2)))}

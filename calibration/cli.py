@@ -12,6 +12,7 @@ from clipinspect.runtime.cli.options import (ORT_PROVIDERS, add_batch_size, add_
                                              add_provider, add_threads, csv_list,
                                              deprecated_alias, int_list, non_negative_int,
                                              positive_int, whole_number)
+from clipinspect.runtime.core.names import QUANTIZED_PRECISIONS
 from clipinspect.runtime.core.progress import Progress
 
 
@@ -107,7 +108,7 @@ def _register_quantize(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("quantize", help="add FP16 or INT8 graphs to a bundle, checked against FP32")
     add_bundle(p)
-    add_precision(p, default=None, choices=("fp16", "int8"))
+    add_precision(p, default=None, choices=QUANTIZED_PRECISIONS)
     p.add_argument("--calibration", help="normal images of the line (a folder, searched "
                    "recursively, or an MVTec AD / VisA root whose train images are used); "
                    "required for int8, optional for fp16 (else synthetic probe images)")

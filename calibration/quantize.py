@@ -37,11 +37,11 @@ from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.bundle import write_versioned
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 from clipinspect.runtime.core.images import IMAGE_SUFFIXES, ImageError, to_rgb_array
+from clipinspect.runtime.core.names import QUANTIZED_PRECISIONS as PRECISIONS
 from clipinspect.runtime.core.progress import Progress
 
 from .quantize_fp16 import register  # int8 also gets its FP16-between-Q/DQ graph
 
-PRECISIONS = ("fp16", "int8")
 METHODS = ("minmax", "entropy", "percentile")
 FP16_KEEP_FP32 = ("Softmax", "LayerNormalization")
 DEFAULT_TARGET = 0.99

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 from clipinspect.export.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.manifest import is_category_name
+from clipinspect.runtime.core.names import PRECISIONS
 
 DEFAULT_SHOTS = (0, 1, 2, 4, 8)
 # What a study file may ask for: beyond these a value is a typo, not a study.
@@ -50,7 +51,6 @@ EVAL_LIMITS = {"batch_size": (1, 4096), "pixel_size": (8, 4096), "timing_images"
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_NAME = 100
-PRECISIONS = ("fp32", "fp16", "int8")
 PROMPT_SOURCES = ("ensemble", "llm", "both")
 VARIANT_KEYS = ("name", "model", "pretrained", "seed", "method", "prompts", "adapt", "precision",
                 "adapters", "adapters_categories", "options")

@@ -17,6 +17,7 @@ from typing import Any
 
 from .gpu_libraries import (LIBRARIES, captured_output, library_version, loader_reason,
                             package_version)
+from .names import ORT_PROVIDERS
 
 
 def tiny_model() -> bytes:
@@ -71,7 +72,7 @@ GPU_PACKAGES = ("onnxruntime-gpu", "onnxruntime", "tensorrt", "tensorrt-cu12", "
                 "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime")
 
 
-def report(providers: tuple[str, ...] = ("cpu", "cuda", "tensorrt")) -> dict[str, Any]:
+def report(providers: tuple[str, ...] = ORT_PROVIDERS) -> dict[str, Any]:
     """Everything ``clipinspect providers`` prints, as data."""
     return {"onnxruntime": ort_distribution(),
             "providers": [probe_provider(p) for p in providers],
