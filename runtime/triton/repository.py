@@ -227,7 +227,7 @@ def _engine_record(bundle: Bundle, precision: str, engine_key: str | None) -> En
     if engine_key not in engines:
         raise UsageError(f"no {precision} engines for device {engine_key!r}; the bundle has "
                          f"{', '.join(sorted(engines))}")
-    from ..tensorrt.engine import GRAPHS
+    from ..core.names import GRAPHS
 
     record = engines[engine_key][precision]
     for name in GRAPHS:
