@@ -26,21 +26,17 @@ def missing_export_modules() -> list[str]:
     return [m for m in EXPORT_MODULES if importlib.util.find_spec(m) is None]
 
 
-# Fixtures that export or load a real open_clip model: their tests, and those of modules that
-# import torch, are marked ``torch`` too, so that ``-m "not torch"`` selects exactly the tests
-# that run without the export extra.
-REAL_MODEL_FIXTURES = {"small_bundle_path", "patch_bundle_path", "bundle_copy", "small_model",
-                       "reference"}
-
-
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``torch`` are skipped, with the reason, where the export extra is absent."""
+    """Tests that need torch are marked ``torch`` (tests/torch_needs.py: read off their code,
+    their fixtures and the helpers they call; or marked by hand), so that ``-m "not torch"``
+    selects exactly the tests that run without the export extra; where it is absent they are
+    skipped with the reason."""
+    from torch_needs import item_needs_torch
+
     missing = missing_export_modules()
     skip = pytest.mark.skip(reason=f"needs the export extra ({', '.join(missing)} not installed)")
     for item in items:
-        module = getattr(item, "module", None)
-        if (REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
-                or (module is not None and "torch" in vars(module))):
+        if item.get_closest_marker("torch") is None and item_needs_torch(item):
             item.add_marker(pytest.mark.torch)
         if missing and item.get_closest_marker("torch") is not None:
             item.add_marker(skip)

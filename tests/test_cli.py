@@ -198,7 +198,10 @@ def test_quantize_old_method_spelling_still_checks_its_values(capsys):
     assert "invalid choice: 'kl'" in capsys.readouterr().err
 
 
-def test_category_names_are_given_the_same_way_to_every_command(tmp_path, capsys):
+# Parsing 'export' adds the methods' options (their registry imports torch), and 'add-category'
+# checks its names only once the export extra is found.
+@pytest.mark.torch
+def test_export_takes_category_names_as_every_command_does(tmp_path, capsys):
     from clipinspect.runtime.cli import build_parser, main
 
     parser = build_parser()
@@ -209,13 +212,19 @@ def test_category_names_are_given_the_same_way_to_every_command(tmp_path, capsys
                                "screw"])  # the old form: the same names, and a warning
     assert words.categories == export.categories
     assert "deprecated" in capsys.readouterr().err
+    assert main(["add-category", str(tmp_path)]) == 2
+    assert "name at least one category" in capsys.readouterr().err
+
+
+def test_category_names_are_given_the_same_way_to_every_command(capsys):
+    from clipinspect.runtime.cli import build_parser
+
+    parser = build_parser()
     new = parser.parse_args(["add-category", "B", "--categories", "screw,cable,pill"])
     old = parser.parse_args(["add-category", "B", "screw"])  # the positional form still works
     assert (new.names, new.categories) == ([], ["screw", "cable", "pill"])
     assert (old.names, old.categories) == (["screw"], [])
     assert capsys.readouterr().err == ""
-    assert main(["add-category", str(tmp_path)]) == 2
-    assert "name at least one category" in capsys.readouterr().err
 
 
 def test_export_and_train_adapters_take_every_methods_options_from_the_registry(capsys):
