@@ -466,7 +466,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "them (1,8,1,8) to interleave on a machine whose speed drifts")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
     p.add_argument("--images-per-category", type=positive_int, default=6)
-    add_categories(p, "default: all found")
+    add_categories(p, "categories whose test images are sent (default: all found)")
     add_batch_size(p, help="server max batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     add_precision(p)

@@ -181,8 +181,8 @@ def _register_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic defect dataset in MVTec AD layout")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=non_negative_int, default=0)
-    add_categories(p, "default: weave,grain,washer,pill; also tile,gear, e.g. for a second "
-                      "dataset with disjoint categories")
+    add_categories(p, "categories to generate (default: weave,grain,washer,pill; also tile,gear, "
+                      "e.g. for a second dataset with disjoint categories)")
     p.add_argument("--size", type=whole_number(32), default=256,
                    help="image side in pixels (>= 32, default 256)")
     p.add_argument("--train", type=positive_int, default=8,

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights of --variant variants: tag, checkpoint, or 'none' (random)")
     p.add_argument("--shots", type=int_list(0, "0,1,4"), default=None,
                    help="reference shot counts (default: the study file's, else 0,1,2,4,8)")
-    add_categories(p, "default: the study file's, else all in the data")
+    add_categories(p, "categories evaluated (default: the study file's, else all in the data)")
     add_dataset_format(p)
     add_batch_size(p, default=None, help="images per batch (default: the study file's, else 8)")
     p.add_argument("--pixel-size", type=positive_int, default=None,

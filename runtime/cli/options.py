@@ -96,7 +96,8 @@ def add_categories(p: argparse.ArgumentParser, help: str, *, required: bool = Fa
     ``--categories a b``, for the commands that took it."""
     p.add_argument("--categories", action=CategoryNames, words=words, default=[],
                    required=required, metavar="NAME,...",
-                   help=help + " (comma-separated; quote a name with spaces: \"bottle,metal nut\")")
+                   help=f"{help}; comma-separated, quoted when a name holds a space: "
+                        "\"bottle,metal nut\"")
 
 
 def add_dataset_format(p: argparse.ArgumentParser) -> None:
