@@ -2,8 +2,9 @@
 one run, interleaved phases: throughput and p50/p99 latency side by side per concurrency.
 
 Per method (ViT-S-16, random weights): export the bundle, write the synthetic dataset, write a
-``--platform python`` model repository, start tritonserver (the nvidia-pytriton wheel's, via
-runtime/triton/local_server.py) and ``clipinspect serve`` (benchmarks/loadtest.py), then for
+``--platform python`` model repository, start tritonserver (the nvidia-pytriton wheel's, in a
+venv of its own under WORK or ``$CLIPINSPECT_TRITON_VENV``, via runtime/triton/local_server.py)
+and ``clipinspect serve`` (benchmarks/loadtest.py), then for
 each round and concurrency run perf_analyzer against the zero-shot ensemble (gRPC, real
 preprocessed images as ``--input-data``), then our HTTP client against serve (PNG bodies decoded by
 the server). perf_analyzer is the binary of the ``tritonclient==2.40.0`` wheel, installed by this
@@ -182,9 +183,10 @@ def grpc_phase(server, bundle: Path, chosen: list[Path], concurrency: int,
                                 if after[1] > before[1] else None)}
 
 
-def run_method(method: str, work: Path, args: argparse.Namespace, pa: tuple) -> dict:
+def run_method(method: str, work: Path, args: argparse.Namespace, pa: tuple,
+               environment) -> dict:
     """Both servers up on one bundle; phases interleaved (Triton, serve) per round and
-    concurrency."""
+    concurrency. ``environment``: the venv tritonserver runs from."""
     from clipinspect.runtime.triton.local_server import running_server
 
     bundle, repo = prepare_method(work, method)
@@ -199,7 +201,7 @@ def run_method(method: str, work: Path, args: argparse.Namespace, pa: tuple) -> 
     tmp = work / "logs" / method
     tmp.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        server = stack.enter_context(running_server(repo, tmp))
+        server = stack.enter_context(running_server(repo, tmp, environment))
         stack.enter_context(serve_process(serve_command(str(bundle), port, options), port,
                                           tmp / "serve.log"))
         for r in range(args.rounds):
@@ -247,8 +249,12 @@ def run(args: argparse.Namespace) -> dict:
                          "threads": args.threads},
               "triton_driver": "perf_analyzer 2.40.0 (gRPC)" if cmd else "own gRPC client",
               "perf_analyzer_unavailable": why, "methods": {}}
+    from clipinspect.runtime.triton.local_server import server_environment
+
+    environment = server_environment(work / "triton-venv", progress=lambda msg: print(
+        f"triton_vs_serve: {msg}", file=sys.stderr, flush=True))
     for method in args.methods:
-        result["methods"][method] = run_method(method, work, args, (cmd, env))
+        result["methods"][method] = run_method(method, work, args, (cmd, env), environment)
     result["load_average_1m"]["after"] = os.getloadavg()[0]
     write_results(result, args.out, render)
     return result

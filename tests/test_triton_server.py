@@ -6,6 +6,10 @@ batcher really batches (requests of different categories together), bad requests
 and /metrics answers.
 
 One server per bundle (two per module); they start in about 10 s each once the bundles exist.
+The server runs from a venv of its own (numpy < 2, which nvidia-pytriton pins; the test
+environment keeps numpy 2): ``.venv-triton`` in the repository, or ``$CLIPINSPECT_TRITON_VENV``,
+made on the first run (a few minutes, from the package index or pip's cache) and reused after.
+If it cannot be made, the tests fail with pip's message; they skip only off Linux x86_64.
 """
 
 from __future__ import annotations
@@ -35,15 +39,29 @@ CATEGORY = "weave"
 MODES = {"zeroshot": "zero-shot", "fewshot": "few-shot"}
 
 
-@contextlib.contextmanager
-def running_server(repo: Path, workdir: Path):
-    """The shared launcher (runtime/triton/local_server.py); skipped where the binary is absent,
-    failed with the server's log where it does not start."""
-    if local_server.tritonserver_dir() is None:
-        pytest.skip("no tritonserver binary: pip install nvidia-pytriton (Linux x86_64; in the "
-                    "dev extra)")
+UNSUPPORTED = local_server.supported_platform()
+pytestmark = pytest.mark.skipif(UNSUPPORTED is not None, reason=str(UNSUPPORTED))
+
+
+@pytest.fixture(scope="session")
+def server_environment(pytestconfig) -> local_server.ServerEnvironment:
+    """The venv tritonserver runs from, made once (runtime/triton/local_server.py). A venv that
+    cannot be made (no package index, say) fails every test here with pip's message."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     try:
-        with local_server.running_server(repo, workdir) as server:
+        return local_server.server_environment(
+            pytestconfig.rootpath / ".venv-triton",
+            progress=None if reporter is None else lambda msg: reporter.write_line(msg))
+    except local_server.TritonServerError as e:
+        pytest.fail(f"the Triton server's venv could not be made: {e}", pytrace=False)
+
+
+@contextlib.contextmanager
+def running_server(repo: Path, workdir: Path, environment: local_server.ServerEnvironment):
+    """The shared launcher (runtime/triton/local_server.py), failed with the server's log where
+    it does not start."""
+    try:
+        with local_server.running_server(repo, workdir, environment) as server:
             yield server
     except local_server.TritonServerError as e:
         pytest.fail(str(e))
@@ -67,16 +85,16 @@ def served_bundle(source: Path, tmp_path_factory, images, name: str) -> tuple[Pa
 
 
 @pytest.fixture(scope="module")
-def winclip(small_bundle_path, tmp_path_factory, images):
+def winclip(small_bundle_path, tmp_path_factory, images, server_environment):
     path, repo = served_bundle(small_bundle_path, tmp_path_factory, images, "winclip")
-    with running_server(repo, path.parent) as server:
+    with running_server(repo, path.parent, server_environment) as server:
         yield path, server
 
 
 @pytest.fixture(scope="module")
-def patch(patch_bundle_path, tmp_path_factory, images):
+def patch(patch_bundle_path, tmp_path_factory, images, server_environment):
     path, repo = served_bundle(patch_bundle_path, tmp_path_factory, images, "patch")
-    with running_server(repo, path.parent) as server:
+    with running_server(repo, path.parent, server_environment) as server:
         yield path, server
 
 
@@ -235,3 +253,68 @@ def test_metrics_endpoint_counts_inferences(winclip, images):
     line = next(x for x in text.splitlines() if x.startswith("nv_inference_request_success")
                 and f'model="{triton.ENSEMBLES["zeroshot"]}"' in x)
     assert float(line.rsplit(" ", 1)[1]) >= 1
+
+
+# ------------------------------------------------------------------ the server's venv, no server
+def test_python_models_are_pointed_at_the_servers_site_packages(tiny_bundle_path, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from clipinspect.runtime.triton import python_model
+
+    out = triton.write_repository(tiny_bundle_path, tmp_path / "models", platform="python")
+    local_server.use_site_packages(out, ["/srv/triton venv/site-packages"])
+    python_models = {triton.ENCODER, triton.CATEGORIES, *triton.HEADS.values()}
+    for config in out.glob("*/config.pbtxt"):
+        cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        if cfg.name in python_models:
+            assert params[python_model.SITE_PACKAGES] == '["/srv/triton venv/site-packages"]'
+            assert python_model.PROVIDERS in params or cfg.name == triton.CATEGORIES
+        else:
+            assert python_model.SITE_PACKAGES not in params
+
+
+class FakeMaker:
+    """local_server's subprocess steps recorded; pip fails while ``fail`` is set."""
+
+    def __init__(self, monkeypatch, tmp_path):
+        self.calls, self.fail = [], False
+        root = tmp_path / "site" / "pytriton" / "tritonserver" / "bin"
+        root.mkdir(parents=True)
+        (root / "tritonserver").touch()
+        monkeypatch.setattr(local_server, "_run", self.run)
+        monkeypatch.setattr(local_server, "_describe", lambda python: (
+            local_server.ServerEnvironment(python, tmp_path / "site", "3.11")))
+        monkeypatch.delenv(local_server.VENV_ENV, raising=False)
+
+    def run(self, command, what):
+        self.calls.append(what)
+        if what.startswith("pip") and self.fail:
+            raise local_server.TritonServerError(f"{what} failed (1): no network")
+        if what.endswith("venv"):
+            (Path(command[-1]) / "bin").mkdir(parents=True, exist_ok=True)
+            (Path(command[-1]) / "bin" / "python").touch()
+
+
+def test_the_servers_venv_is_made_once_and_reused_when_complete(monkeypatch, tmp_path):
+    maker = FakeMaker(monkeypatch, tmp_path)
+    venv = tmp_path / "venv"
+    maker.fail = True
+    with pytest.raises(local_server.TritonServerError, match="no network"):
+        local_server.server_environment(venv)
+    assert not (venv / local_server.STAMP).exists()  # not taken for complete next time
+    maker.fail = False
+    environment = local_server.server_environment(venv)
+    assert environment.root == tmp_path / "site" / "pytriton" / "tritonserver"
+    assert (venv / local_server.STAMP).read_text().splitlines() == \
+        local_server.server_requirements()
+    maker.calls.clear()
+    local_server.server_environment(venv)
+    assert maker.calls == []  # reused
+    monkeypatch.setattr(local_server, "server_requirements", lambda: ["nvidia-pytriton==0.7.1"])
+    local_server.server_environment(venv)
+    assert len(maker.calls) == 2  # other requirements: made again
+    monkeypatch.setenv(local_server.VENV_ENV, str(tmp_path / "elsewhere"))
+    elsewhere = local_server.server_environment(venv).python
+    assert elsewhere == tmp_path / "elsewhere" / "bin" / "python"
