@@ -168,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts_check(args: argparse.Namespace) -> int:
-    from .prompt_files import load
+    from .prompt_format import load
 
     entries = load(args.file)
     for name, entry in entries.items():
@@ -178,7 +178,7 @@ def cmd_prompts_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts_generate(args: argparse.Namespace) -> int:
-    from .prompt_files import generate
+    from .llm_client import generate
 
     categories = args.categories
     if not categories:

@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from clipinspect.export import prompt_files
-from clipinspect.export.prompt_files import GenerationError, PromptFileError
+from clipinspect.export import llm_client, prompt_files, prompt_format
+from clipinspect.export.llm_client import GenerationError
+from clipinspect.export.prompt_format import PromptFileError
 
 VALID = {"format": "clipinspect-prompts", "version": 1, "source": "a person",
          "categories": {"metal nut": {"normal": ["a shiny {} with clean threads"],
@@ -25,10 +26,10 @@ def test_valid_json_and_yaml_files_load_the_same(tmp_path):
     yaml = pytest.importorskip("yaml")
     (tmp_path / "p.json").write_text(json.dumps(VALID))
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(VALID))
-    from_json = prompt_files.load(tmp_path / "p.json")
-    assert from_json == prompt_files.load(tmp_path / "p.yaml")
+    from_json = prompt_format.load(tmp_path / "p.json")
+    assert from_json == prompt_format.load(tmp_path / "p.yaml")
     assert from_json["bottle"] == {"normal": [], "anomalous": ["a bottle with a broken rim"]}
-    assert prompt_files.expand(from_json["metal nut"]["anomalous"], "metal nut") == [
+    assert prompt_format.expand(from_json["metal nut"]["anomalous"], "metal nut") == [
         "a metal nut with a bent flange", "a scratched nut"]
 
 
@@ -38,7 +39,7 @@ def test_every_problem_is_reported_with_its_path_and_value(tmp_path):
         "cable": [], "bad/name": {"normal": ["x"]}, "screw": {"normal": [], "anomalous": []}}}
     (tmp_path / "p.json").write_text(json.dumps(bad))
     with pytest.raises(PromptFileError) as e:
-        prompt_files.load(tmp_path / "p.json")
+        prompt_format.load(tmp_path / "p.json")
     text = str(e.value)
     for expected in ("extra: unknown top-level key", "format: 'other'; expected 'clipinspect-prompts'",
                      "categories.bottle.normal[1]: expected a non-empty string, got 42 (int)",
@@ -52,7 +53,20 @@ def test_every_problem_is_reported_with_its_path_and_value(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(bad))
     with pytest.raises(PromptFileError, match=r"(?s)'bad/name'.*invalid category name.*"
                                               r"categories.screw: no descriptions"):
-        prompt_files.load(tmp_path / "p.json")
+        prompt_format.load(tmp_path / "p.json")
+
+
+def test_the_format_reads_without_the_http_client_and_the_old_module_names_both():
+    """prompt_format is the format alone (the runtime's CLI loads it, no HTTP client with it);
+    prompt_files, the module both used to live in, still names the same objects."""
+    code = ("import sys; import clipinspect.export.prompt_format; "
+            "print('clipinspect.export.llm_client' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert (out.returncode, out.stdout.strip()) == (0, "False"), out.stderr
+    for name in prompt_files.__all__:
+        home = prompt_format if name in vars(prompt_format) else llm_client
+        assert getattr(prompt_files, name) is getattr(home, name), name
 
 
 @pytest.mark.parametrize("content, message", [
@@ -64,7 +78,7 @@ def test_unreadable_files_are_explained(tmp_path, content, message):
     (tmp_path / "p.json").write_text(content)
     with pytest.raises(PromptFileError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
-        prompt_files.load(tmp_path / "p.json")
+        prompt_format.load(tmp_path / "p.json")
 
 
 # ------------------------------------------------------------------------ a local endpoint
@@ -127,14 +141,14 @@ def test_generate_sends_chat_requests_and_writes_a_valid_file(endpoint, tmp_path
     endpoint.reply = lambda body: chat(answer("screw") if "screw" in body["messages"][1]["content"]
                                        else "```json\n" + answer("cable") + "\n```")
     out = tmp_path / "prompts.json"
-    data = prompt_files.generate(endpoint.url, "local-model", ["screw", "cable"], out,
+    data = llm_client.generate(endpoint.url, "local-model", ["screw", "cable"], out,
                                  per_state=4, api_key_env="TEST_LLM_KEY", progress=lambda m: None)
     assert [r["path"] for r in endpoint.requests] == ["/v1/chat/completions"] * 2
     first = endpoint.requests[0]
     assert first["auth"] == "Bearer sk-test" and first["body"]["model"] == "local-model"
     assert [m["role"] for m in first["body"]["messages"]] == ["system", "user"]
     assert "screw" in first["body"]["messages"][1]["content"] and "4" in first["body"]["messages"][1]["content"]
-    assert prompt_files.load(out) == data["categories"]
+    assert prompt_format.load(out) == data["categories"]
     assert data["categories"]["cable"]["anomalous"] == ["a cable with a crack", "a dented surface"]
     assert data["source"]["model"] == "local-model"
 
@@ -154,7 +168,7 @@ def test_bad_answers_fail_clearly_and_write_nothing(endpoint, tmp_path, reply, e
     endpoint.reply = reply
     out = tmp_path / "prompts.json"
     with pytest.raises(error, match=message):
-        prompt_files.generate(endpoint.url + "/chat/completions", "m", ["screw"], out,
+        llm_client.generate(endpoint.url + "/chat/completions", "m", ["screw"], out,
                               progress=lambda m: None)
     assert not out.exists()
 
@@ -165,13 +179,13 @@ def test_timeout_and_unreachable_server(endpoint, tmp_path):
         return chat(answer("screw"))
     endpoint.reply = slow
     with pytest.raises(GenerationError, match="did not answer within 0.3 s"):
-        prompt_files.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json", timeout=0.3,
+        llm_client.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json", timeout=0.3,
                               progress=lambda m: None)
     with pytest.raises(GenerationError, match="cannot reach"):
-        prompt_files.generate("http://127.0.0.1:9/v1", "m", ["screw"], tmp_path / "p.json",
+        llm_client.generate("http://127.0.0.1:9/v1", "m", ["screw"], tmp_path / "p.json",
                               timeout=2, progress=lambda m: None)
     with pytest.raises(GenerationError, match="expected an http"):
-        prompt_files.generate("localhost:8000", "m", ["screw"], tmp_path / "p.json")
+        llm_client.generate("localhost:8000", "m", ["screw"], tmp_path / "p.json")
     assert not (tmp_path / "p.json").exists()
 
 
@@ -202,8 +216,8 @@ def test_generate_never_follows_a_redirect_with_the_api_key(endpoint, tmp_path, 
         monkeypatch.setenv("TEST_LLM_KEY", "sk-secret")
         location = elsewhere.url + "/chat/completions"
         endpoint.reply = lambda body: (status, b"", {"Location": location})
-        with pytest.raises(prompt_files.GenerationError, match="redirect") as e:
-            prompt_files.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json",
+        with pytest.raises(llm_client.GenerationError, match="redirect") as e:
+            llm_client.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json",
                                   api_key_env="TEST_LLM_KEY", progress=lambda m: None)
         assert location in str(e.value)
         assert elsewhere.requests == []
@@ -214,10 +228,10 @@ def test_generate_never_follows_a_redirect_with_the_api_key(endpoint, tmp_path, 
 
 
 def test_generate_refuses_an_oversized_answer(endpoint, tmp_path, monkeypatch):
-    endpoint.reply = lambda body: (200, b"[" + b"0," * (prompt_files.MAX_ANSWER_BYTES // 2)
+    endpoint.reply = lambda body: (200, b"[" + b"0," * (llm_client.MAX_ANSWER_BYTES // 2)
                                    + b"0]")
-    with pytest.raises(prompt_files.GenerationError, match="more than"):
-        prompt_files.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json",
+    with pytest.raises(llm_client.GenerationError, match="more than"):
+        llm_client.generate(endpoint.url, "m", ["screw"], tmp_path / "p.json",
                               progress=lambda m: None)
 
 
@@ -274,7 +288,7 @@ def test_timeout_bounds_the_whole_request_against_a_dripping_server(tmp_path, wh
     try:
         started = time.monotonic()
         with pytest.raises(GenerationError, match=r"did not answer within 1 s") as e:
-            prompt_files.generate(server.url, "m", ["screw"], tmp_path / "p.json", timeout=1.0,
+            llm_client.generate(server.url, "m", ["screw"], tmp_path / "p.json", timeout=1.0,
                                   progress=lambda m: None)
         elapsed = time.monotonic() - started
         assert elapsed < 1.0 + 1.0, elapsed  # urllib's per-read timeout alone: about 30 s
@@ -303,7 +317,7 @@ def test_an_answer_broken_off_midway_is_a_one_line_error(tmp_path):
     try:
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
         with pytest.raises(GenerationError, match="broke off its answer") as e:
-            prompt_files.generate(url, "m", ["screw"], tmp_path / "p.json", timeout=10,
+            llm_client.generate(url, "m", ["screw"], tmp_path / "p.json", timeout=10,
                                   progress=lambda m: None)
         assert "\n" not in str(e.value)
     finally:
