@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .core.images import ImageInput
 from .core.inspector import InspectionResult, Inspector
-from .core.maps import heatmap_rgb, overlay
+# colour_range and colour_bar stay importable from here (export/demo.py, demo_report.py).
+from .core.maps import colour_bar, colour_range, scaled_overlay, shared_scale
 from .core.progress import Progress
 
 
@@ -21,46 +22,6 @@ def overlay_name(index: int, source: str) -> str:
     p = Path(source)
     stem = "_".join(part for part in (p.parent.name, p.stem) if part)
     return f"{index:05d}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem)[:80] or 'image'}.png"
-
-
-def colour_range(thresholds: dict, amap: np.ndarray, vmin: float | None = None,
-                 vmax: float | None = None) -> tuple[float, float]:
-    """Overlay colours span [vmin, vmax]; by default, where the category has a pixel threshold,
-    a range centred on it (hot = above threshold): from the median pixel of its normal images
-    when recorded (maps with a high baseline, like WinCLIP's), else from 0.5 x the threshold.
-    Without a threshold: the map's own range (relative only)."""
-    if "pixel" in thresholds and vmin is None and vmax is None:
-        t = thresholds["pixel"]
-        vmin = min(thresholds.get("pixel_median", 0.5 * t), t)
-        vmax = 2 * t - vmin
-    lo = float(amap.min()) if vmin is None else vmin
-    hi = float(amap.max()) if vmax is None else vmax
-    return lo, max(hi, lo + 1e-6)
-
-
-def shared_scale(thresholds: dict, vmin: float | None = None, vmax: float | None = None
-                 ) -> tuple[float, float] | None:
-    """The colour scale all overlays of a category share, or None where each map is coloured by
-    its own range (no pixel threshold and no explicit vmin and vmax)."""
-    if "pixel" in thresholds and vmin is None and vmax is None:
-        return colour_range(thresholds, np.zeros(1, np.float32))
-    return (vmin, max(vmax, vmin + 1e-6)) if vmin is not None and vmax is not None else None
-
-
-def colour_bar(width: int, height: int, scale: tuple[float, float],
-               middle: str | None = None) -> Image.Image:
-    """A horizontal bar of the overlay colours over ``scale``, its ends (and ``middle``, a label
-    for the centre) written underneath."""
-    ramp = np.linspace(scale[0], scale[1], width, dtype=np.float32)[None, :].repeat(12, 0)
-    bar = Image.new("RGB", (width, height), "white")
-    bar.paste(Image.fromarray(heatmap_rgb(ramp, *scale)), (0, 0))
-    draw = ImageDraw.Draw(bar)
-    draw.text((2, 14), f"{scale[0]:.3g}", fill="black")
-    right = f"{scale[1]:.3g}"
-    draw.text((width - 7 * len(right) - 2, 14), right, fill="black")
-    if middle:
-        draw.text((width // 2 - 3 * len(middle), 14), middle, fill="black")
-    return bar
 
 
 def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category: str,
@@ -72,8 +33,8 @@ def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category:
     with ``save_maps``, ``maps/*.npy`` (float32 H x W). Results are written as they arrive, so
     an interruption keeps what was done; the category is checked before anything is written.
 
-    Overlay colours: :func:`colour_range`; where all overlays share one scale
-    (:func:`shared_scale`) its bar is written to ``colour_bar.png``.
+    Overlay colours: :func:`~.core.maps.colour_range`; where all overlays share one scale
+    (:func:`~.core.maps.shared_scale`) its bar is written to ``colour_bar.png``.
     """
     thresholds = inspector.thresholds(category, inspector.check(category, mode))
     out = Path(out)
@@ -95,9 +56,8 @@ def predict_to_dir(inspector: Inspector, images: Sequence[ImageInput], category:
             record = {"index": i, "category": category, **r.to_json()}
             name = overlay_name(i, r.source)
             if r.ok and overlays:
-                lo, hi = colour_range(thresholds, r.anomaly_map, vmin, vmax)
-                Image.fromarray(overlay(r.image, r.anomaly_map, vmin=lo, vmax=hi,
-                                        mask=r.mask)).save(out / "overlays" / name)
+                Image.fromarray(scaled_overlay(r.image, r.anomaly_map, thresholds, r.mask,
+                                               vmin=vmin, vmax=vmax)).save(out / "overlays" / name)
                 record["overlay"] = f"overlays/{name}"
             if r.ok and save_maps:
                 np.save(out / "maps" / name.replace(".png", ".npy"), r.anomaly_map)

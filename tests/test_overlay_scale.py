@@ -11,8 +11,7 @@ from PIL import Image
 
 from clipinspect.runtime.cli import main
 from clipinspect.runtime.core.bundle import Bundle
-from clipinspect.runtime.core.maps import heatmap_rgb
-from clipinspect.runtime.predict import colour_bar, shared_scale
+from clipinspect.runtime.core.maps import colour_bar, heatmap_rgb, shared_scale
 
 
 def test_shared_scale_comes_from_the_pixel_threshold_or_explicit_bounds():

@@ -1,10 +1,12 @@
-"""Post-processing of anomaly maps on the host: upsampling, optional smoothing, overlays."""
+"""Post-processing of anomaly maps on the host: upsampling, optional smoothing, overlays and
+their colour scale."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 
 @lru_cache(maxsize=64)
@@ -84,3 +86,52 @@ def overlay(rgb: np.ndarray, m: np.ndarray, alpha: float = 0.5, vmin: float = 0.
     if mask is not None and mask.any():
         out[mask_edge(mask)] = 255
     return out.astype(np.uint8)
+
+
+def colour_range(thresholds: dict, amap: np.ndarray, vmin: float | None = None,
+                 vmax: float | None = None) -> tuple[float, float]:
+    """Overlay colours span [vmin, vmax]; by default, where the category has a pixel threshold,
+    a range centred on it (hot = above threshold): from the median pixel of its normal images
+    when recorded (maps with a high baseline, like WinCLIP's), else from 0.5 x the threshold.
+    Without a threshold: the map's own range (relative only)."""
+    if "pixel" in thresholds and vmin is None and vmax is None:
+        t = thresholds["pixel"]
+        vmin = min(thresholds.get("pixel_median", 0.5 * t), t)
+        vmax = 2 * t - vmin
+    lo = float(amap.min()) if vmin is None else vmin
+    hi = float(amap.max()) if vmax is None else vmax
+    return lo, max(hi, lo + 1e-6)
+
+
+def shared_scale(thresholds: dict, vmin: float | None = None, vmax: float | None = None
+                 ) -> tuple[float, float] | None:
+    """The colour scale all overlays of a category share, or None where each map is coloured by
+    its own range (no pixel threshold and no explicit vmin and vmax)."""
+    if "pixel" in thresholds and vmin is None and vmax is None:
+        return colour_range(thresholds, np.zeros(1, np.float32))
+    return (vmin, max(vmax, vmin + 1e-6)) if vmin is not None and vmax is not None else None
+
+
+def scaled_overlay(rgb: np.ndarray, m: np.ndarray, thresholds: dict,
+                   mask: np.ndarray | None = None, *, vmin: float | None = None,
+                   vmax: float | None = None) -> np.ndarray:
+    """:func:`overlay` coloured over :func:`colour_range` of the category's ``thresholds``: the
+    colours every overlay of this project (files, HTTP answers, the live page) shows."""
+    lo, hi = colour_range(thresholds, m, vmin, vmax)
+    return overlay(rgb, m, vmin=lo, vmax=hi, mask=mask)
+
+
+def colour_bar(width: int, height: int, scale: tuple[float, float],
+               middle: str | None = None) -> Image.Image:
+    """A horizontal bar of the overlay colours over ``scale``, its ends (and ``middle``, a label
+    for the centre) written underneath."""
+    ramp = np.linspace(scale[0], scale[1], width, dtype=np.float32)[None, :].repeat(12, 0)
+    bar = Image.new("RGB", (width, height), "white")
+    bar.paste(Image.fromarray(heatmap_rgb(ramp, *scale)), (0, 0))
+    draw = ImageDraw.Draw(bar)
+    draw.text((2, 14), f"{scale[0]:.3g}", fill="black")
+    right = f"{scale[1]:.3g}"
+    draw.text((width - 7 * len(right) - 2, 14), right, fill="black")
+    if middle:
+        draw.text((width // 2 - 3 * len(middle), 14), middle, fill="black")
+    return bar
