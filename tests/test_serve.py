@@ -24,8 +24,12 @@ from clipinspect.runtime.cli import main  # noqa: E402
 from clipinspect.runtime.core.errors import UsageError  # noqa: E402
 from clipinspect.runtime.core.images import EncodedImage, set_max_megapixels  # noqa: E402
 from clipinspect.runtime.serving.journal import Journal  # noqa: E402
-from clipinspect.runtime.serving.server import (Batcher, HTTPError, Job, Metrics, ServeConfig,  # noqa: E402
-                                        check_exposure, create_app, uvicorn_config)
+from clipinspect.runtime.serving.auth import check_exposure  # noqa: E402
+from clipinspect.runtime.serving.batcher import Batcher, Job  # noqa: E402
+from clipinspect.runtime.serving.errors import HTTPError  # noqa: E402
+from clipinspect.runtime.serving.metrics import Metrics  # noqa: E402
+from clipinspect.runtime.serving.server import (ServeConfig, create_app,  # noqa: E402
+                                                uvicorn_config)
 
 KEY = "test-key"
 CATEGORY = "weave"

@@ -357,7 +357,9 @@ def test_results_that_cannot_be_kept_for_the_journal_get_503_not_500(inspector):
 
     from clipinspect.runtime.core.errors import ClipInspectError
     from clipinspect.runtime.serving import journal
-    from clipinspect.runtime.serving.server import Batcher, HTTPError, Job, Metrics
+    from clipinspect.runtime.serving.batcher import Batcher, Job
+    from clipinspect.runtime.serving.errors import HTTPError
+    from clipinspect.runtime.serving.metrics import Metrics
 
     unavailable = getattr(journal, "JournalUnavailable", ClipInspectError)
     config = ServeConfig()

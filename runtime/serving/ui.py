@@ -8,21 +8,17 @@ the key like ``/metrics``; the page asks for it once and keeps it for the browse
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 from collections import deque
 
 import numpy as np
-from PIL import Image
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..core.inspector import InspectionResult
-from ..core.maps import overlay
-from ..predict import colour_range
+from .heatmap import overlay_png
 
 THUMB_SIDE = 192  # pixels, longest side of an overlay on the page
 THROUGHPUT_WINDOW_S = 60.0
@@ -93,13 +89,7 @@ class LiveFeed:
 
 def _thumbnail(result: InspectionResult, thresholds: dict) -> str:
     """Overlay (colours as in ``predict``), at most THUMB_SIDE pixels, as a PNG data URI."""
-    lo, hi = colour_range(thresholds, result.anomaly_map)
-    image = Image.fromarray(overlay(result.image, result.anomaly_map, vmin=lo, vmax=hi,
-                                    mask=result.mask))
-    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + overlay_png(result, thresholds, THUMB_SIDE)
 
 
 PAGE = """<!DOCTYPE html>
