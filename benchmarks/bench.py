@@ -12,7 +12,6 @@ synchronized. Warm-up runs are excluded from every statistic.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -32,7 +31,8 @@ from clipinspect.runtime.core.names import STAGES as INSPECTION_STAGES
 from clipinspect.runtime.methods import gflops_per_image as method_gflops
 from clipinspect.runtime.methods import transformer_layers
 
-from .report import command, machine, read_text
+from .harness import DEFECTS, IMAGE_SIZE
+from .report import command, command_line, machine, machine_text, read_text, write_results
 from .rss_probe import render_rss, rss_per_image
 from .stats import run_stream, summarize
 
@@ -42,7 +42,6 @@ MODEL_AND_POST = "model_and_post"
 # Stage names of result files written before the stages had one vocabulary.
 OLD_STAGE_NAMES = {LOAD: "decode", ENCODE: "encoder", SCORE: "head"}
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
-IMAGE_SIZE = 256
 PIXEL_THRESHOLD = 0.5  # thresholding a map is part of post-processing on a line
 
 
@@ -133,12 +132,11 @@ def make_workload(bundle: Bundle, folder: Path, n_images: int, shots: int) -> Wo
 
     category = next((c for c in bundle.categories if c in CATEGORIES), bundle.categories[0])
     style = category if category in CATEGORIES else "weave"
-    defects = ["good", "scratch", "hole", "stain", "crack"]
     paths, refs = [], []
     for i in range(n_images):
         p = folder / f"test_{i:03d}.png"
-        Image.fromarray(render_sample(style, "test", defects[i % 5], i, image_size=IMAGE_SIZE)[0]
-                        ).save(p)
+        Image.fromarray(render_sample(style, "test", DEFECTS[i % len(DEFECTS)], i,
+                                      image_size=IMAGE_SIZE)[0]).save(p)
         paths.append(p)
     for i in range(shots):
         p = folder / f"ref_{i:03d}.png"
@@ -272,6 +270,28 @@ class BenchOptions:
             raise UsageError(f"need --runs >= 1 and --warmup >= 0, got {self.runs} and "
                              f"{self.warmup}")
 
+    def command(self, out: str | Path) -> str:
+        """The ``clipinspect bench`` command that sweeps these options (the bundle as BUNDLE):
+        what a result file records to be reproduced."""
+        def joined(values) -> str:
+            return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        args = ["--out", str(out), "--backends", joined(self.backends),
+                "--precisions", joined(self.precisions), "--modes", joined(self.modes),
+                "--batch-sizes", joined(self.batches), "--shots", str(self.shots),
+                "--runs", str(self.runs), "--warmup", str(self.warmup),
+                "--images", str(self.images),
+                "--rss-megapixels", joined(self.rss_megapixels) or "none"]
+        if not self.baseline:
+            args.append("--no-baseline")
+        if self.stream_fps is not None:
+            args += ["--stream-fps", f"{self.stream_fps:g}", "--stream-frames",
+                     str(self.stream_frames)]
+            if self.stream_deadline_ms is not None:
+                args += ["--deadline-ms", f"{self.stream_deadline_ms:g}"]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
+        return command_line("clipinspect bench BUNDLE", args)
+
 
 @dataclass(frozen=True)
 class Target:
@@ -306,7 +326,8 @@ def run_bench(bundle_path: str | Path, out: str | Path, options: BenchOptions = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "schema": "clipinspect-bench/1", "bundle": bundle.identity,
+        "schema": "clipinspect-bench/1", "command": options.command(out),
+        "bundle": bundle.identity,
         "model": bundle.manifest.model.name,
         "weights": bundle.manifest.model.weights.kind,
         "config": {"backends": list(options.backends), "precisions": list(options.precisions),
@@ -329,8 +350,7 @@ def run_bench(bundle_path: str | Path, out: str | Path, options: BenchOptions = 
                                                     precision=options.precisions[0])
     _ratios(result)
     _ceiling(result, bundle)
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "bench.md").write_text(render(result))
+    write_results(result, out / "bench", render, indent=1, echo=False)
     plot(result, out / "bench.png")
     return result
 
@@ -491,66 +511,87 @@ def _f(v, fmt=".3f") -> str:
 
 
 def render(r: dict) -> str:
-    m = r["machine"]
-    gpu = "; ".join(g["name"] for g in m.get("gpus", [])) or "none"
-    lines = [f"# clipinspect bench: {r['model']} ({r['weights']} weights)", "",
-             f"Machine: {m['cpu']}, {m['logical_cores']} logical cores; GPU: {gpu}"
-             + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
-             + (f"; Jetson {m['jetson']['model']}, power mode {m['jetson']['power_mode']}"
-                if m.get("jetson") else "") + ".",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
-             f"Bundle `{r['bundle']}`. {r['config']['images']} synthetic "
-             f"{IMAGE_SIZE}x{IMAGE_SIZE} PNG images decoded on every run; "
-             f"{r['config']['runs']} timed runs per row after {r['config']['warmup']} warm-up "
-             f"run(s); few-shot uses {r['config']['shots']} references. Latency is per batch, "
-             "in ms; images/s = batch / median end-to-end latency; ratio = images/s over the "
-             "PyTorch FP32 eager evaluation of the same algorithm on the same kind of device "
-             "at the same mode and batch.", "",
-             "| kind | backend | precision | mode | batch | images/s | ratio to PyTorch FP32 | "
-             "p50 | p90 | p95 | p99 | max | load p50 | encode p50 | score p50 | post p50 | "
-             "peak RSS MB | GPU MB |", "|" + "---|" * 18]
-    for row in r["rows"]:
-        e = stage(row, END_TO_END)
-        stages = ([_f(stage(row, k)["p50_ms"], ".1f") for k in INSPECTION_STAGES]
-                  if row["kind"] == "runtime" else
-                  [_f(stage(row, LOAD)["p50_ms"], ".1f"), "model+post " +
-                   _f(stage(row, MODEL_AND_POST)["p50_ms"], ".1f"), "", ""])
-        ratio = row.get("ratio_to_pytorch_fp32")
-        lines.append("| " + " | ".join([
-            row["kind"], row["backend"], row["precision"], row["mode"], str(row["batch"]),
-            _f(row["images_per_second"]), f"{ratio:.2f}x" if ratio else "",
-            *(_f(e[k], ".0f") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
-            *stages, _f(row.get("peak_host_rss_mb"), ".0f"), _f(row.get("gpu_memory_mb"), ".0f"),
-        ]) + " |")
-    c = r.get("ceiling")
-    if c:
-        shares = ", ".join(f"{row['precision']} batch {row['batch']}: "
-                           f"{100 * row['share_of_cpu_fp32_ceiling']:.0f}% of "
-                           f"{row['cpu_fp32_ceiling_images_per_second']:.3f} "
-                           f"({row['cpu_fp32_gemm_peak_gflops_per_second']:.0f} GFLOP/s)"
-                           for row in r["rows"] if "share_of_cpu_fp32_ceiling" in row)
-        lines += ["", f"Ceiling: the encoder executes {c['gflops_per_image']:.0f} GFLOP per "
-                      "image (cost model); before each CPU row the FP32 GEMM peak of one large "
-                      "matrix product is measured, and peak / GFLOP is the images/s a perfect "
-                      "FP32 implementation would reach then. Share of that ceiling reached "
-                      f"(ceiling images/s, peak): {shares}."]
+    """bench.md: the header (command, machine, what was timed), one table row per
+    configuration, then the ceiling, memory per image, what was skipped and the stream runs."""
+    lines = _header(r) + [
+        "| kind | backend | precision | mode | batch | images/s | ratio to PyTorch FP32 | "
+        "p50 | p90 | p95 | p99 | max | load p50 | encode p50 | score p50 | post p50 | "
+        "peak RSS MB | GPU MB |", "|" + "---|" * 18]
+    lines += [_table_row(row) for row in r["rows"]]
+    lines += _ceiling_lines(r)
     lines += render_rss(r.get("rss_per_image") or [])
     if r["skipped"]:
         lines += ["", "Skipped:"] + [f"- {s['what']}: {s['reason']}" for s in r["skipped"]]
-    if r.get("stream"):
-        st0 = r["stream"][0]
-        lines += ["", f"Stream mode: a camera at {st0['fps']:g} frames/s, one image per frame, "
-                      f"{st0['frames']} frames, deadline {st0['deadline_ms']:.0f} ms from arrival "
-                      f"to result, {st0['mode']}; frames queue (none dropped).", "",
-                  "| backend | precision | deadline misses | latency p50 | p99 | max | "
-                  "queueing mean | queueing max | keeps up |", "|" + "---|" * 9]
-        for st in r["stream"]:
-            lat, qd = st["latency_ms"], st["queueing_ms"]
-            lines.append(f"| {st['backend']} | {st['precision']} | {st['deadline_misses']}/"
-                         f"{st['frames']} | {lat['p50']:.0f} ms | {lat['p99']:.0f} ms | "
-                         f"{lat['max']:.0f} ms | {qd['mean']:.0f} ms | {qd['max']:.0f} ms | "
-                         f"{'yes' if st['sustained'] else 'NO: the queue grows'} |")
+    lines += _stream_lines(r.get("stream") or [])
     return "\n".join(lines) + "\n"
+
+
+def _header(r: dict) -> list[str]:
+    m = r["machine"]
+    gpu = "; ".join(g["name"] for g in m.get("gpus", [])) or "none"
+    return [f"# clipinspect bench: {r['model']} ({r['weights']} weights)", "",
+            *([f"Command: `{r['command']}`", ""] if r.get("command") else []),
+            f"Machine: {machine_text(m)}; GPU: {gpu}"
+            + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
+            + (f"; Jetson {m['jetson']['model']}, power mode {m['jetson']['power_mode']}"
+               if m.get("jetson") else "") + ".",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+            f"Bundle `{r['bundle']}`. {r['config']['images']} synthetic "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE} PNG images decoded on every run; "
+            f"{r['config']['runs']} timed runs per row after {r['config']['warmup']} warm-up "
+            f"run(s); few-shot uses {r['config']['shots']} references. Latency is per batch, "
+            "in ms; images/s = batch / median end-to-end latency; ratio = images/s over the "
+            "PyTorch FP32 eager evaluation of the same algorithm on the same kind of device "
+            "at the same mode and batch.", ""]
+
+
+def _table_row(row: dict) -> str:
+    e = stage(row, END_TO_END)
+    stages = ([_f(stage(row, k)["p50_ms"], ".1f") for k in INSPECTION_STAGES]
+              if row["kind"] == "runtime" else
+              [_f(stage(row, LOAD)["p50_ms"], ".1f"), "model+post " +
+               _f(stage(row, MODEL_AND_POST)["p50_ms"], ".1f"), "", ""])
+    ratio = row.get("ratio_to_pytorch_fp32")
+    return "| " + " | ".join([
+        row["kind"], row["backend"], row["precision"], row["mode"], str(row["batch"]),
+        _f(row["images_per_second"]), f"{ratio:.2f}x" if ratio else "",
+        *(_f(e[k], ".0f") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
+        *stages, _f(row.get("peak_host_rss_mb"), ".0f"), _f(row.get("gpu_memory_mb"), ".0f"),
+    ]) + " |"
+
+
+def _ceiling_lines(r: dict) -> list[str]:
+    c = r.get("ceiling")
+    if not c:
+        return []
+    shares = ", ".join(f"{row['precision']} batch {row['batch']}: "
+                       f"{100 * row['share_of_cpu_fp32_ceiling']:.0f}% of "
+                       f"{row['cpu_fp32_ceiling_images_per_second']:.3f} "
+                       f"({row['cpu_fp32_gemm_peak_gflops_per_second']:.0f} GFLOP/s)"
+                       for row in r["rows"] if "share_of_cpu_fp32_ceiling" in row)
+    return ["", f"Ceiling: the encoder executes {c['gflops_per_image']:.0f} GFLOP per "
+                "image (cost model); before each CPU row the FP32 GEMM peak of one large "
+                "matrix product is measured, and peak / GFLOP is the images/s a perfect "
+                "FP32 implementation would reach then. Share of that ceiling reached "
+                f"(ceiling images/s, peak): {shares}."]
+
+
+def _stream_lines(stream: list[dict]) -> list[str]:
+    if not stream:
+        return []
+    st0 = stream[0]
+    lines = ["", f"Stream mode: a camera at {st0['fps']:g} frames/s, one image per frame, "
+                 f"{st0['frames']} frames, deadline {st0['deadline_ms']:.0f} ms from arrival "
+                 f"to result, {st0['mode']}; frames queue (none dropped).", "",
+             "| backend | precision | deadline misses | latency p50 | p99 | max | "
+             "queueing mean | queueing max | keeps up |", "|" + "---|" * 9]
+    for st in stream:
+        lat, qd = st["latency_ms"], st["queueing_ms"]
+        lines.append(f"| {st['backend']} | {st['precision']} | {st['deadline_misses']}/"
+                     f"{st['frames']} | {lat['p50']:.0f} ms | {lat['p99']:.0f} ms | "
+                     f"{lat['max']:.0f} ms | {qd['mean']:.0f} ms | {qd['max']:.0f} ms | "
+                     f"{'yes' if st['sustained'] else 'NO: the queue grows'} |")
+    return lines
 
 
 def plot(r: dict, path: Path) -> bool:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import platform
 import time
@@ -43,6 +42,8 @@ import numpy as np
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.errors import ClipInspectError
 from clipinspect.runtime.core.names import HEADS, PRECISIONS, QUANTIZED_PRECISIONS, SCORING_MODES
+
+from .report import command_line, environment, write_json
 
 # (min map Pearson, max |image score difference|) against onnxruntime FP32 on the CPU.
 TOLERANCES = {"fp32": (0.99999, 1e-4), "fp16": (0.999, 2e-3), "int8": (0.98, 1e-2)}
@@ -321,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu_check.json", help="the JSON report to write")
     args = p.parse_args(argv)
     report: dict[str, Any] = {"format": "clipinspect-gpu-check", "version": 2,
-                              "python": platform.python_version(), "machine": platform.machine()}
+                              "command": command_line("python -m clipinspect.benchmarks.gpu_check",
+                                                      argv, {args.bundle: "BUNDLE"}
+                                                      if args.bundle else None),
+                              "python": platform.python_version(), "machine": platform.machine(),
+                              "environment": environment()}
     groups = capabilities()
     report["groups"] = {g: "ran" if why is None else f"skipped: {why}" for g, why in
                         groups.items()}
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if all(why is not None for why in groups.values()):
         report.update(passed=False, error="cannot run the GPU checks here: " + "; ".join(
             f"{g}: {why}" for g, why in groups.items()))
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(report, args.out)
         print(report["error"], file=sys.stderr)
         return 2
     checks = Checks()
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
     run_checks(checks, groups, args, images, report)
     report.update(passed=checks.passed, checks=checks.results)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, args.out)
     skipped = [g for g, why in groups.items() if why is not None]
     print(f"{'all checks that ran passed' if checks.passed else 'some checks FAILED'}"
           f"{' (skipped: ' + ', '.join(skipped) + ')' if skipped else ''}; report: {args.out}")

@@ -44,7 +44,7 @@ from clipinspect.runtime.cli.options import (add_batch_size, add_bundle, add_cat
                                              non_negative_int, positive_int)
 from clipinspect.runtime.core.images import IMAGE_SUFFIXES
 
-from .report import machine, write_results
+from .report import command_line, machine, machine_text, write_results
 
 HOST = "127.0.0.1"
 
@@ -319,6 +319,26 @@ class LoadtestOptions:
     note: str = ""
     idle_sockets: int = 0
 
+    def command(self, data: str | None, out: str | Path) -> str:
+        """The ``clipinspect loadtest`` command that runs these options (the bundle as BUNDLE,
+        a dataset as DATA): what a result file records to be reproduced."""
+        args = [*(["--data", "DATA"] if data else []), "--out", str(out),
+                "--clients", ",".join(map(str, self.clients)), "--duration", f"{self.duration:g}",
+                "--images-per-category", str(self.per_category)]
+        if self.categories:
+            args += ["--categories", ",".join(self.categories)]
+        args += ["--batch-size", str(self.batch_size), "--max-wait-ms", f"{self.max_wait_ms:g}",
+                 "--precision", self.precision]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
+        if self.tolerance:
+            args += ["--tolerance", f"{self.tolerance:g}"]
+        if self.note:
+            args += ["--note", self.note]
+        if self.idle_sockets:
+            args += ["--idle-sockets", str(self.idle_sockets)]
+        return command_line("clipinspect loadtest BUNDLE", args)
+
 
 def run_loadtest(bundle: str, data: str | None, out: str,
                  options: LoadtestOptions = LoadtestOptions()) -> dict:
@@ -345,7 +365,8 @@ def run_loadtest(bundle: str, data: str | None, out: str,
                   / sum(p["elapsed_s"] for p in phases if p["clients"] == n)
                   for n in dict.fromkeys(p["clients"] for p in phases)}
     result = {
-        "benchmark": "loadtest", "machine": machine(), "note": options.note,
+        "benchmark": "loadtest", "command": options.command(data, out), "machine": machine(),
+        "note": options.note,
         "load_average_1m": {"before": load_before[0], "after": load_after[0]},
         "config": {"bundle": Bundle.open(bundle, verify_checksums=False).identity,
                    "precision": options.precision, "batch_size": options.batch_size,
@@ -420,7 +441,8 @@ def _serve_and_load(bundle: str, images: list[tuple[str, bytes]], options: Loadt
 def render(r: dict) -> str:
     c, s = r["config"], r["score_check"]
     lines = [f"# Loopback load test of clipinspect serve ({c['bundle']}, {c['precision']})", "",
-             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores. "
+             *([f"Command: `{r['command']}`", ""] if r.get("command") else []),
+             f"Machine: {machine_text(r['machine'])}. "
              f"Max batch {c['batch_size']}, max wait {c['max_wait_ms']:g} ms, "
              f"{c['images']} images of {', '.join(c['categories'])}.", ""]
     if r.get("note"):

@@ -1,4 +1,5 @@
-"""What every benchmark result carries: the machine it ran on, and how it is written."""
+"""What every benchmark result carries: the machine it ran on, the command that reproduces it,
+and how it is written (JSON for programs, Markdown for people)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 
 def read_text(path: str) -> str | None:
@@ -60,10 +63,60 @@ def machine() -> dict:
     return info
 
 
-def write_results(result: dict, out: str | Path, render: Callable[[dict], str]) -> None:
-    """``out``.json and ``out``.md (``out`` is a path without extension); the table printed."""
+def environment() -> dict:
+    """The record every measurement stores next to its figures: the machine, its load average at
+    the time (a shared machine's figures are read with it) and the versions that did the work."""
+    import numpy
+
+    versions = {"numpy": numpy.__version__}
+    try:
+        import onnxruntime
+
+        versions = {"onnxruntime": onnxruntime.__version__, **versions}
+    except ImportError:
+        pass
+    return {"machine": machine(), "load_average": list(os.getloadavg()), "versions": versions}
+
+
+def command_line(program: str, argv: Sequence[str] | None = None,
+                 placeholders: Mapping[str, str] | None = None) -> str:
+    """The command that reproduces a result: ``program`` and its arguments (``sys.argv[1:]`` by
+    default), with the paths of this machine written as the placeholders the docs use
+    (``{"/tmp/b": "BUNDLE"}`` turns ``/tmp/b`` and ``/tmp/b/x`` into ``BUNDLE``, ``BUNDLE/x``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    swaps = sorted((placeholders or {}).items(), key=lambda kv: -len(str(kv[0])))
+
+    def placed(arg: str) -> str:
+        for path, name in swaps:
+            root = str(path).rstrip("/")
+            if arg == root or arg.startswith(root + "/"):
+                return name + arg[len(root):]
+        return arg
+    return " ".join([program, shlex.join(placed(a) for a in args)]).strip()
+
+
+def machine_text(m: Mapping[str, Any]) -> str:
+    """``CPU, N logical cores``: how every Markdown result names its machine."""
+    return f"{m['cpu']}, {m['logical_cores']} logical cores"
+
+
+def load_text(load: Sequence[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in load)
+
+
+def write_json(result: dict, path: str | Path, indent: int = 2) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=indent) + "\n")
+
+
+def write_results(result: dict, out: str | Path, render: Callable[[dict], str], *,
+                  indent: int = 2, echo: bool = True) -> None:
+    """``out``.json and ``out``.md (``out`` is a path without extension); the Markdown printed
+    too unless ``echo`` is false."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(result))
-    print(render(result))
+    text = render(result)
+    write_json(result, out.with_suffix(".json"), indent)
+    out.with_suffix(".md").write_text(text)
+    if echo:
+        print(text)

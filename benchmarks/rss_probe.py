@@ -238,13 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.image:
         print(json.dumps(probe(args.bundle, args.image, args.precision, args.category)))
         return
-    import os
     import tempfile
 
     from clipinspect.runtime import Bundle
     from clipinspect.runtime.core.images import max_pixels
 
-    from .report import machine, write_results
+    from .report import command_line, environment, write_results
 
     with tempfile.TemporaryDirectory(prefix="clipinspect-rss-") as tmp:
         if args.kinds:
@@ -257,9 +256,9 @@ def main(argv: list[str] | None = None) -> None:
               "bundle": bundle.identity,
               "model": bundle.manifest.model.name, "precision": args.precision,
               "max_megapixels": max_pixels() / 1e6,
-              "command": "python -m clipinspect.benchmarks.rss_probe "
-                         + " ".join(sys.argv[1:] if argv is None else argv),
-              "rows": rows, "load_average": list(os.getloadavg()), "machine": machine()}
+              "command": command_line("python -m clipinspect.benchmarks.rss_probe", argv,
+                                      {args.bundle: "BUNDLE"}),
+              "rows": rows, **environment()}
     write_results(result, args.out, lambda r: "\n".join(
         [f"# Peak RSS per image: {r['model']} ({r['precision']}), pixel limit "
          f"{r['max_megapixels']:g} MP", "", f"Command: `{r['command']}`",

@@ -1,16 +1,21 @@
-"""Statistics of the benchmark: latency summaries, warm-up exclusion, and the stream (fixed
-frame rate) simulation. Pure functions of measured or injected timings, so they are tested with
-timings known in advance."""
+"""Statistics of the benchmarks: latency summaries, warm-up exclusion, interleaved rounds with
+their medians and ratios, and the stream (fixed frame rate) simulation. Pure functions of
+measured or injected timings, so they are tested with timings known in advance."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 PERCENTILES = (50, 90, 95, 99)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def summarize(seconds: Sequence[float], warmup: int = 0, images_per_run: int = 1) -> dict:
@@ -84,3 +89,31 @@ def run_stream(process: Callable[[int], None], fps: float, frames: int,
         process(i)
         result.finish.append(clock() - t0)
     return result
+
+
+def interleaved_rounds(labels: Sequence[str], run: Callable[[int], object], rounds: int,
+                       images_per_round: int, *, clock: Callable[[], float] = time.perf_counter,
+                       progress: Callable[[str], None] | None = None
+                       ) -> tuple[list[list[float]], list[float]]:
+    """Time ``run(i)`` for every variant ``labels[i]`` in turn, ``rounds`` times (after the
+    caller's warm-up), so that a drifting machine's noise hits every variant alike ->
+    (seconds per round per variant, median images/s per variant)."""
+    if rounds < 1 or images_per_round < 1:
+        raise ValueError(f"need rounds >= 1 and images_per_round >= 1, got rounds={rounds}, "
+                         f"images_per_round={images_per_round}")
+    times: list[list[float]] = [[] for _ in labels]
+    for r in range(rounds):
+        for i, label in enumerate(labels):
+            t0 = clock()
+            run(i)
+            times[i].append(clock() - t0)
+            (progress or _say)(f"round {r + 1}/{rounds} {label}: "
+                               f"{images_per_round / times[i][-1]:.3f} img/s")
+    return times, [images_per_round / statistics.median(t) for t in times]
+
+
+def ratios(rates: Mapping[str, float], base: str) -> dict[str, float]:
+    """Each rate over the rate of ``base`` (a key of ``rates``)."""
+    if base not in rates:
+        raise ValueError(f"no rate for the base {base!r}; measured: {', '.join(rates)}")
+    return {k: v / rates[base] for k, v in rates.items()}

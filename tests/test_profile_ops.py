@@ -1,5 +1,6 @@
-"""The INT8 speed tools: the profile summary per operator and stage, the attention products of
-the INT8 graph, and the bundle copy the end-to-end benchmark stores its memory in."""
+"""The INT8 speed tools: the profile summary per operator and stage (benchmarks/experiments/
+profile_ops.py), the attention products of the INT8 graph, and the bundle copy the end-to-end
+benchmark stores its memory in (the harness's linked_copy)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from clipinspect.benchmarks import profile_ops
-from clipinspect.benchmarks.int8_speedup import linked_copy
+from experiment_scripts import load
+
+from clipinspect.benchmarks.harness import linked_copy
 from clipinspect.runtime import Bundle
+
+profile_ops = load("profile_ops")
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -66,12 +70,14 @@ def test_profile_of_a_bundle_leaves_no_trace_behind(tiny_bundle_path, tmp_path, 
     # The two used graphs, in the caller's (temporary) folder; the unused head's is removed.
     assert sorted(p.name.split("_2")[0] for p in traces.glob("*.json")) == [
         "fp32_encoder", "fp32_head_fewshot"]
-    text = profile_ops.render({"model": "m", "weights": "random", "mode": "few-shot",
+    text = profile_ops.render({"command": "python benchmarks/experiments/profile_ops.py BUNDLE",
+                               "model": "m", "weights": "random", "mode": "few-shot",
                                "shots": 2, "batch_size": 2, "machine": {"cpu": "c",
                                "logical_cores": 2}, "load_average": [1.0, 1.0, 1.0],
                                "versions": {"onnxruntime": "x"}, "runs": 1, "warmup": 1,
                                "precisions": {"fp32": r}})
     assert "| fp32 |" in text and "## fp32 encoder" in text
+    assert "Command: `python benchmarks/experiments/profile_ops.py BUNDLE`" in text
 
 
 def test_attention_products_are_the_activation_matmuls():

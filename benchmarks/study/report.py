@@ -174,10 +174,11 @@ def tables(report: dict) -> list[Table]:
 
 def _preamble(report: dict) -> list[str]:
     s, m = report["study"], report["machine"]
-    lines = [f"Data `{s['data']}`, categories {', '.join(s['categories'])}; shots "
-             f"{', '.join(map(str, s['shots']))}; pixel metrics at {s['pixel_size']}x"
-             f"{s['pixel_size']}, PRO integrated to FPR 0.3. Machine: {m.get('cpu')} "
-             f"({m.get('logical_cores')} logical cores)."]
+    lines = [f"Command: `{report['command']}`"] if report.get("command") else []
+    lines += [f"Data `{s['data']}`, categories {', '.join(s['categories'])}; shots "
+              f"{', '.join(map(str, s['shots']))}; pixel metrics at {s['pixel_size']}x"
+              f"{s['pixel_size']}, PRO integrated to FPR 0.3. Machine: {m.get('cpu')} "
+              f"({m.get('logical_cores')} logical cores)."]
     weights = sorted({r.get("weights") for v in report["variants"] for r in v["shots"].values()
                       if r.get("weights")})
     if "random" in weights:

@@ -11,7 +11,7 @@ the server). perf_analyzer is the binary of the ``tritonclient==2.40.0`` wheel, 
 script in its own venv under WORK (it also needs libb64: ``apt-get install libb64-0d``). If it
 cannot run, the reason is recorded and Triton is driven by our own gRPC client instead.
 
-    python -m clipinspect.benchmarks.triton_vs_serve --work /tmp/tvs \\
+    python benchmarks/experiments/triton_vs_serve.py --work /tmp/tvs \\
         --out benchmarks/results/triton_vs_serve_cpu_s16/triton_vs_serve
 """
 
@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import shlex
 import subprocess
 import sys
 import threading
@@ -32,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from clipinspect.benchmarks.harness import finish, parser
+from clipinspect.benchmarks.loadtest import (LoadtestOptions, free_port, offline_check,
+                                             pick_images, run_phase, serve_command,
+                                             serve_process)
+from clipinspect.benchmarks.report import machine_text
 from clipinspect.runtime.cli.options import csv_list, int_list, positive_int
-
-from .loadtest import (LoadtestOptions, free_port, offline_check, pick_images, run_phase,
-                       serve_command, serve_process)
-from .report import machine, write_results
 
 MODEL = "ViT-S-16"
 CATEGORY = "weave"
@@ -227,7 +227,7 @@ def run_method(method: str, work: Path, args: argparse.Namespace, pa: tuple,
     return {"bundle": bundle.name, "phases": phases, "serve_score_check": check}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from clipinspect.calibration.synth import generate
 
     work = Path(args.work).resolve()
@@ -235,10 +235,7 @@ def run(args: argparse.Namespace) -> dict:
     if not (work / "data" / CATEGORY).is_dir():
         generate(str(work / "data"), seed=0, categories=[CATEGORY])
     cmd, env, why = perf_analyzer(work) if not args.own_client else (None, {}, "--own-client")
-    result = {"benchmark": "triton_vs_serve", "machine": machine(),
-              "command": "python -m clipinspect.benchmarks.triton_vs_serve "
-                         + shlex.join(a if not a.startswith(str(work)) else "WORK"
-                                      for a in sys.argv[1:]),
+    result = {"benchmark": "triton_vs_serve",
               "note": args.note, "load_average_1m": {"before": os.getloadavg()[0]},
               "config": {"model": f"{MODEL} (random weights)", "category": CATEGORY,
                          "mode": "zero-shot", "images": args.images, "duration_s": args.duration,
@@ -256,15 +253,15 @@ def run(args: argparse.Namespace) -> dict:
     for method in args.methods:
         result["methods"][method] = run_method(method, work, args, (cmd, env), environment)
     result["load_average_1m"]["after"] = os.getloadavg()[0]
-    write_results(result, args.out, render)
-    return result
+    return finish(result, args.out, render, script=__file__, argv=argv,
+                  placeholders={args.work: "WORK", str(work): "WORK"})
 
 
 def render(r: dict) -> str:
     c, m = r["config"], r["machine"]
     lines = ["# Triton Inference Server vs clipinspect serve, same bundle and images", "",
              f"Command: `{r['command']}`", "",
-             f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['platform']}; "
+             f"Machine: {machine_text(m)}, {m['platform']}; "
              f"1-minute load average {r['load_average_1m']['before']:.2f} before, "
              f"{r['load_average_1m']['after']:.2f} after. {c['model']}, category "
              f"{c['category']}, {c['mode']}, {c['images']} synthetic images, {c['duration_s']:g} s "
@@ -297,12 +294,10 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clipinspect.benchmarks.triton_vs_serve",
-                                description=__doc__.split("\n\n")[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser(__doc__, out=None, prog="python benchmarks/experiments/triton_vs_serve.py")
     p.add_argument("--work", required=True, help="folder for bundles, data, repositories, the "
                                                  "perf_analyzer venv and logs (reused)")
-    p.add_argument("--out", required=True, help="result path without extension (.json, .md)")
     p.add_argument("--methods", default="winclip,patch", help="comma-separated: winclip,patch")
     p.add_argument("--concurrency", type=int_list(1, "1,2,4,8"), default=[1, 2, 4, 8])
     p.add_argument("--duration", type=float, default=30.0, help="seconds per phase")
@@ -319,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    r = run(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    r = run(parse(argv), argv)
     failed = [p for res in r["methods"].values() for p in res["phases"]
               if "error" in p or p.get("errors")]
     return 1 if failed else 0

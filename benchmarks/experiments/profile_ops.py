@@ -1,6 +1,6 @@
 """Where the time goes, per stage and per operator type, for each precision of a bundle.
 
-    python -m clipinspect.benchmarks.profile_ops BUNDLE --precisions fp32,int8 \
+    python benchmarks/experiments/profile_ops.py BUNDLE --precisions fp32,int8 \
         --batch-size 8 --out benchmarks/results/profile_ops_cpu_b16p
 
 Every precision inspects the same synthetic PNG files: the host stage (decode, resize,
@@ -23,11 +23,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from clipinspect.runtime.core.names import SCORING_MODES
-
-from .report import machine, write_results
+from clipinspect.benchmarks.harness import (IMAGE_SIZE, bundle_with_precisions, finish, parser,
+                                            synthetic_category, synthetic_images)
+from clipinspect.benchmarks.report import load_text, machine_text
+from clipinspect.runtime.core.names import FEW_SHOT, SCORING_MODES
 
 # Operator types onnxruntime's CPU provider runs in integer arithmetic after its QDQ fusions.
 INTEGER_OPS = {"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "QGemm",
@@ -70,29 +69,8 @@ def summarise_trace(path: str | Path, warmup: int) -> dict:
             "kernel_ms_per_run": total / n, "ops": ops, "class_share": dict(classes)}
 
 
-def synthetic_category(bundle, asked: str | None) -> str:
-    """The category to score: the one asked, else the bundle's first that the synthetic image
-    generator draws."""
-    from clipinspect.calibration.synth import CATEGORIES
-
-    if asked is not None:
-        if asked not in bundle.categories or asked not in CATEGORIES:
-            raise SystemExit(f"--category {asked!r} must be one of the bundle's categories "
-                             f"({', '.join(bundle.categories)}) that synthetic images exist for "
-                             f"({', '.join(CATEGORIES)})")
-        return asked
-    usable = [c for c in bundle.categories if c in CATEGORIES]
-    if not usable:
-        raise SystemExit(f"the bundle's categories ({', '.join(bundle.categories)}) have no "
-                         f"synthetic images; add one of {', '.join(CATEGORIES)} with "
-                         "'clipinspect add-category'")
-    return usable[0]
-
-
 def _images(category: str, n: int, shots: int, folder: Path) -> tuple[list[Path], list[Path]]:
     from PIL import Image
-
-    from .sidebyside import synthetic_images
 
     images, refs = synthetic_images(category, n, shots)
     paths = []
@@ -119,7 +97,7 @@ def profile_precision(bundle, precision: str, work: tuple[list[Path], list[Path]
     inspector = Inspector(bundle, backend, precision)
     paths, refs = work
     category = args.category
-    memory = inspector.build_memory(refs)[0] if args.mode == "few-shot" else None
+    memory = inspector.build_memory(refs)[0] if args.mode == FEW_SHOT else None
     # build_memory ran the encoder: those runs count as warm-up runs of its trace.
     encoder_warmup = -(-len(refs) // 8) if memory is not None else 0
     stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
@@ -151,11 +129,11 @@ def profile_precision(bundle, precision: str, work: tuple[list[Path], list[Path]
             "total_ms": total, "graphs": graphs}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = parser(__doc__, out="benchmarks/results/profile_ops_cpu")
     ap.add_argument("bundle")
     ap.add_argument("--precisions", default="fp32,int8")
-    ap.add_argument("--mode", default="few-shot", choices=list(SCORING_MODES))
+    ap.add_argument("--mode", default=FEW_SHOT, choices=list(SCORING_MODES))
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3, help="profiled runs after the warm-up")
@@ -163,13 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--category", default=None, help="default: the bundle's first category "
                                                     "with synthetic images")
-    ap.add_argument("--out", default="benchmarks/results/profile_ops_cpu",
-                    help="output path without extension (.json and .md are written)")
-    args = ap.parse_args(argv)
-    import onnxruntime
+    return ap.parse_args(argv)
 
-    from .sidebyside import bundle_with_precisions
 
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
     bundle, precisions = bundle_with_precisions(args.bundle, args.precisions)
     args.category = synthetic_category(bundle, args.category)
     with tempfile.TemporaryDirectory(prefix="clipinspect-profile-") as tmp:
@@ -178,23 +154,22 @@ def main(argv: list[str] | None = None) -> dict:
                for p in precisions}
     result = {"benchmark": "profile_ops", "bundle": bundle.identity,
               "model": bundle.manifest.model.name, "weights": bundle.manifest.model.weights.kind,
-              "category": args.category, "mode": args.mode, "shots": args.shots if args.mode == "few-shot" else 0,
+              "category": args.category, "mode": args.mode,
+              "shots": args.shots if args.mode == FEW_SHOT else 0,
               "batch_size": args.batch_size, "runs": args.runs, "warmup": args.warmup,
-              "threads": args.threads, "image_size": [256, 256], "precisions": per,
-              "load_average": list(os.getloadavg()),
-              "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-              "machine": machine()}
-    write_results(result, args.out, render)
-    return result
+              "threads": args.threads, "image_size": [IMAGE_SIZE, IMAGE_SIZE],
+              "precisions": per}
+    return finish(result, args.out, render, script=__file__, argv=argv,
+                  placeholders={args.bundle: "BUNDLE"})
 
 
 def render(r: dict, top: int = 12) -> str:
     per = r["precisions"]
     lines = [f"# Profile per stage and operator: {r['model']} ({r['weights']} weights), "
              f"{r['mode']}{' ' + str(r['shots']) + '-shot' if r['shots'] else ''}, "
-             f"batch {r['batch_size']}", "",
-             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores, "
-             f"load average at the end {', '.join(f'{x:.2f}' for x in r['load_average'])}; "
+             f"batch {r['batch_size']}", "", f"Command: `{r['command']}`", "",
+             f"Machine: {machine_text(r['machine'])}, "
+             f"load average at the end {load_text(r['load_average'])}; "
              f"onnxruntime {r['versions']['onnxruntime']}. Medians of {r['runs']} runs after "
              f"{r['warmup']} warm-up; operator times from onnxruntime's profiler.", "",
              "## Stages (ms per batch, share of the batch)", "",

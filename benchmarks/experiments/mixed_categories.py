@@ -7,7 +7,7 @@ round, so that a drifting machine's noise hits both alike. The clients post test
 categories interleaved (consecutive requests alternate categories), so micro-batches mix them.
 Every returned score is then compared with the image inspected alone, offline.
 
-    python -m clipinspect.benchmarks.mixed_categories BUNDLE --clients 4,8 --rounds 2 \\
+    python benchmarks/experiments/mixed_categories.py BUNDLE --clients 4,8 --rounds 2 \\
         --duration 30 --out benchmarks/results/mixed_categories_cpu_s16/mixed
 """
 
@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
+from clipinspect.benchmarks.harness import finish, parser
+from clipinspect.benchmarks.loadtest import (HOST, LoadtestOptions, free_port, offline_check,
+                                             run_phase, serve_process, test_images)
+from clipinspect.benchmarks.report import machine_text
 from clipinspect.runtime.cli.options import (add_batch_size, add_bundle, add_threads, csv_list,
                                              int_list, positive_int)
-
-from .loadtest import (HOST, LoadtestOptions, free_port, offline_check, run_phase,
-                       serve_process, test_images)
-from .report import machine, write_results
 
 VARIANTS = {"per-group": False, "one-pass": True}  # label -> ServeConfig.one_encoder_pass
 
@@ -41,7 +40,7 @@ def interleave(chosen: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
 
 
 def child_command(bundle: str, port: int, options: LoadtestOptions, one_pass: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "clipinspect.benchmarks.mixed_categories", bundle,
+    cmd = [sys.executable, str(Path(__file__).resolve()), bundle,
            "--serve-port", str(port), "--one-encoder-pass", str(int(one_pass)),
            "--batch-size", str(options.batch_size), "--max-wait-ms", str(options.max_wait_ms)]
     return cmd + (["--threads", str(options.threads)] if options.threads else [])
@@ -57,7 +56,8 @@ def serve_child(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(bundle: str, out: str, options: LoadtestOptions, rounds: int) -> dict:
+def run(bundle: str, out: str, options: LoadtestOptions, rounds: int,
+        argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="clipinspect-mixed-") as tmp:
         categories, chosen = test_images(bundle, None, options.categories, options.per_category,
                                          Path(tmp))
@@ -86,10 +86,7 @@ def run(bundle: str, out: str, options: LoadtestOptions, rounds: int) -> dict:
                       / sum(p["elapsed_s"] for p in phases if (p["variant"], p["clients"])
                             == (label, n)) for n in options.clients} for label in VARIANTS}
     result = {
-        "benchmark": "mixed_categories", "machine": machine(),
-        # The bundle by identity (config), not by its path on this machine.
-        "command": "python -m clipinspect.benchmarks.mixed_categories "
-                   + shlex.join("BUNDLE" if a == bundle else a for a in sys.argv[1:]),
+        "benchmark": "mixed_categories",
         "load_average_1m": {"before": load_before[0], "after": load_after[0]},
         "config": {"bundle": bundle_identity(bundle), "batch_size": options.batch_size,
                    "max_wait_ms": options.max_wait_ms, "threads": options.threads,
@@ -99,8 +96,9 @@ def run(bundle: str, out: str, options: LoadtestOptions, rounds: int) -> dict:
         "gain_one_pass_vs_per_group": {n: pooled["one-pass"][n] / pooled["per-group"][n]
                                        for n in options.clients if pooled["per-group"][n]},
     }
-    write_results(result, out, render)
-    return result
+    # The bundle by identity (config), not by its path on this machine.
+    return finish(result, out, render, script=__file__, argv=argv,
+                  placeholders={bundle: "BUNDLE"})
 
 
 def bundle_identity(bundle: str) -> str:
@@ -113,7 +111,7 @@ def render(r: dict) -> str:
     c, s = r["config"], r["score_check"]
     lines = [f"# Mixed categories on clipinspect serve: one encoder pass vs one per category "
              f"({c['bundle']})", "", f"Command: `{r['command']}`", "",
-             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores; "
+             f"Machine: {machine_text(r['machine'])}; "
              f"1-minute load average {r['load_average_1m']['before']:.2f} before, "
              f"{r['load_average_1m']['after']:.2f} after. Max batch {c['batch_size']}, max wait "
              f"{c['max_wait_ms']:g} ms; {c['images']} images of {', '.join(c['categories'])}, "
@@ -138,10 +136,8 @@ def render(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clipinspect.benchmarks.mixed_categories",
-                                description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, out="", prog="python benchmarks/experiments/mixed_categories.py")
     add_bundle(p)
-    p.add_argument("--out", help="result path without extension (.json, .md)")
     p.add_argument("--clients", type=int_list(1, "4,8"), default=[4, 8],
                    help="client counts, one phase per variant each (default 4,8)")
     p.add_argument("--rounds", type=positive_int, default=2, help="alternations (default 2)")
@@ -163,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                               categories=csv_list(args.categories or "") or None,
                               batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
                               threads=args.threads)
-    r = run(args.bundle, args.out, options, args.rounds)
+    r = run(args.bundle, args.out, options, args.rounds, argv)
     failed = sum(p["errors"] for p in r["phases"]) + r["score_check"]["mismatches"]
     return 1 if failed else 0
 

@@ -9,22 +9,24 @@ baseline is the seeded initialisation every training run starts from (``--epochs
 computed with the scoring head's torch module (the one the ONNX head is traced from; their
 agreement within 1e-4 is tested separately) on cached level tokens, at the 224x224 input size.
 
-    python -m clipinspect.benchmarks.aprillab_training --work scratch/aprillab \
+    python benchmarks/experiments/aprillab_training.py --work scratch/aprillab \
         --out benchmarks/results/aprillab_training_synth
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+from typing import Sequence
 
-from .report import machine, write_results
+from clipinspect.benchmarks.harness import finish, parser
+from clipinspect.runtime.cli.options import csv_list
 
 MODEL = "ViT-S-16"
 
 
-def run(work: Path, epochs: int, train_seed: int, eval_seed: int) -> dict:
+def run(work: Path, epochs: int, train_seed: int, eval_seed: int,
+        categories: Sequence[str] | None = None) -> dict:
     import torch
 
     from clipinspect.calibration.datasets import load_dataset
@@ -39,9 +41,9 @@ def run(work: Path, epochs: int, train_seed: int, eval_seed: int) -> dict:
 
     t0 = time.perf_counter()
     train_data, eval_data, cache = work / "train-data", work / "eval-data", work / "features"
-    generate(train_data, seed=train_seed)
-    generate(eval_data, seed=eval_seed)
-    categories = list(CATEGORIES)
+    categories = list(categories or CATEGORIES)
+    generate(train_data, seed=train_seed, categories=categories)
+    generate(eval_data, seed=eval_seed, categories=categories)
     common = dict(data=train_data, model=MODEL, pretrained=None, cache=cache, overwrite=True)
     train_adapters(TrainOptions(out=work / "untrained.pt", epochs=0, **common))
     losses = {c: train_adapters(TrainOptions(out=work / f"trained-{c}.pt", categories=[c],
@@ -78,9 +80,7 @@ def run(work: Path, epochs: int, train_seed: int, eval_seed: int) -> dict:
             "eval_data": f"synthetic, seed {eval_seed}, test split (held-out images)",
             "metric": "pixel AUROC, all pixels of a category pooled, maps and masks at 224x224",
             "pixel_auroc": rows, "mean": mean, "loss_per_epoch": losses,
-            "command": "python -m clipinspect.benchmarks.aprillab_training --work WORK "
-                       f"--epochs {epochs} --train-seed {train_seed} --eval-seed {eval_seed}",
-            "seconds": round(time.perf_counter() - t0), "machine": machine()}
+            "seconds": round(time.perf_counter() - t0)}
 
 
 def render(r: dict) -> str:
@@ -99,16 +99,16 @@ def render(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, out="benchmarks/results/aprillab_training_synth")
     p.add_argument("--work", required=True, help="scratch folder (datasets, bundles, caches)")
-    p.add_argument("--out", default="benchmarks/results/aprillab_training_synth",
-                   help="result path without extension (.json and .md are written)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-seed", type=int, default=1)
     p.add_argument("--eval-seed", type=int, default=2)
+    p.add_argument("--categories", type=csv_list, default=None,
+                   help="synthetic categories, comma-separated (default: all)")
     args = p.parse_args(argv)
-    write_results(run(Path(args.work), args.epochs, args.train_seed, args.eval_seed), args.out,
-                  render)
+    finish(run(Path(args.work), args.epochs, args.train_seed, args.eval_seed, args.categories),
+           args.out, render, script=__file__, argv=argv, placeholders={args.work: "WORK"})
     return 0
 
 

@@ -6,7 +6,7 @@ burst of connections that declare a large body and send two bytes. It samples th
 resident memory (peak: VmHWM from /proc) and times every answer. Memory is the figure to read;
 timings on a shared CPU are only indicative. Loopback only; every loop is bounded.
 
-    python -m clipinspect.benchmarks.memload BUNDLE --category weave --requests 64 \\
+    python benchmarks/experiments/memload.py BUNDLE --category weave --requests 64 \\
         --megapixels 40 --max-queue 4 --batch-size 2 --out benchmarks/results/memload_cpu_s16
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .report import machine, write_results
+from clipinspect.benchmarks.harness import finish, parser
 
 HOST = "127.0.0.1"
 
@@ -142,17 +142,14 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         server.terminate()
         server.wait(60)
-    return {"command": " ".join(["python -m clipinspect.benchmarks.memload", "BUNDLE",
-                                 *sys.argv[2:]]),
-            "server_command": " ".join(["clipinspect serve BUNDLE --port PORT", *cmd[7:]]),
+    return {"server_command": " ".join(["clipinspect serve BUNDLE --port PORT", *cmd[7:]]),
             "image": {"width": w, "height": h, "format": image_format, "bytes": len(body)},
             "requests": args.requests, "heatmap": True,
             "rss_mib": {"idle_ready": idle_rss / 1024, "peak_sampled": max(samples) / 1024,
                         "peak_vmhwm": peak / 1024},
             "rss_bound_mib": args.rss_bound_mib,
             "within_bound": peak / 1024 < args.rss_bound_mib,
-            "answers": summarize(records), "burst_s": burst_s, "slow_bodies": slow,
-            "machine": machine()}
+            "answers": summarize(records), "burst_s": burst_s, "slow_bodies": slow}
 
 
 def render(r: dict) -> str:
@@ -176,7 +173,7 @@ def render(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="memload", description=__doc__.split("\n")[0])
+    p = parser(__doc__, out=None, prog="memload")
     p.add_argument("bundle")
     p.add_argument("--category", required=True)
     p.add_argument("--requests", type=int, default=64)
@@ -191,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-bound-mib", type=float, default=2048,
                    help="the peak RSS the run must stay under (default 2048)")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, s")
-    p.add_argument("--out", required=True, help="results path without extension")
     args = p.parse_args(argv)
-    result = run(args)
-    write_results(result, args.out, render)
+    result = finish(run(args), args.out, render, script=__file__, argv=argv,
+                    placeholders={args.bundle: "BUNDLE",
+                                  **({args.image: "IMAGE"} if args.image else {})})
     return 0 if result["within_bound"] else 1
 
 

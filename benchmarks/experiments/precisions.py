@@ -1,6 +1,6 @@
 """Full WinCLIP throughput per precision (FP32, FP16, INT8), side by side in one process.
 
-    python -m clipinspect.benchmarks.precisions BUNDLE --precisions fp32,fp16,int8 \
+    python benchmarks/experiments/precisions.py BUNDLE --precisions fp32,fp16,int8 \
         --out benchmarks/results/precisions_cpu
 
 The bundle needs the precision variants (``clipinspect quantize``). Every precision inspects the
@@ -16,47 +16,38 @@ import argparse
 
 import numpy as np
 
-from clipinspect.runtime.core.names import SCORING_MODES
+from clipinspect.benchmarks.harness import (IMAGE_SIZE, bundle_with_precisions,
+                                            end_to_end_rounds, finish, parser, synthetic_images)
+from clipinspect.benchmarks.report import machine_text
+from clipinspect.benchmarks.stats import ratios
+from clipinspect.runtime.core.names import FEW_SHOT, SCORING_MODES
 
-from .report import machine, write_results
-from .sidebyside import bundle_with_precisions, end_to_end, interleaved_rounds, synthetic_images
 
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = parser(__doc__, out="benchmarks/results/precisions_cpu", rounds=5)
     ap.add_argument("bundle")
     ap.add_argument("--precisions", default="fp32,fp16,int8")
-    ap.add_argument("--mode", default="few-shot", choices=list(SCORING_MODES))
+    ap.add_argument("--mode", default=FEW_SHOT, choices=list(SCORING_MODES))
     ap.add_argument("--shots", type=int, default=4, help="reference images for few-shot")
     ap.add_argument("--images", type=int, default=8, help="images per round")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default="benchmarks/results/precisions_cpu",
-                    help="output path without extension (.json and .md are written)")
-    args = ap.parse_args(argv)
-    return measure(args)
+    return ap.parse_args(argv)
 
 
-def measure(args: argparse.Namespace) -> dict:
-    import onnxruntime
+def main(argv: list[str] | None = None) -> dict:
+    return measure(parse(argv), argv)
 
+
+def measure(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from clipinspect.runtime import Inspector
 
     bundle, precisions = bundle_with_precisions(args.bundle, args.precisions)
     category = bundle.categories[0]
-    images, refs = synthetic_images(category, args.images, args.shots)
-    inspectors = {p: Inspector.open(bundle, p) for p in precisions}
-    memories = {p: (insp.build_memory(refs)[0] if args.mode == "few-shot" else None)
-                for p, insp in inspectors.items()}
-
-    def run(i: int):
-        p = precisions[i]
-        return end_to_end(inspectors[p], images, args.batch_size, category, args.mode,
-                          memories[p])
-
-    outputs = {p: run(i) for i, p in enumerate(precisions)}  # also the warm-up
-    seconds, rates = interleaved_rounds(precisions, run, args.rounds, args.images)
-    times, ips = dict(zip(precisions, seconds)), dict(zip(precisions, rates))
+    outputs, seconds, rates = end_to_end_rounds(
+        [Inspector.open(bundle, p) for p in precisions], precisions,
+        synthetic_images(category, args.images, args.shots), category=category, mode=args.mode,
+        batch_size=args.batch_size, rounds=args.rounds)
+    outputs, ips = dict(zip(precisions, outputs)), dict(zip(precisions, rates))
     base = "fp32" if "fp32" in ips else precisions[0]
     ref_scores, ref_maps = outputs[base]
     agreement = {p: {"map_pearson": float(np.corrcoef(ref_maps.ravel(), m.ravel())[0, 1]),
@@ -66,24 +57,22 @@ def measure(args: argparse.Namespace) -> dict:
         "benchmark": "precisions", "bundle": bundle.identity,
         "model": bundle.manifest.model.name,
         "weights": bundle.manifest.model.weights.kind, "category": category,
-        "mode": args.mode, "shots": args.shots if args.mode == "few-shot" else 0,
-        "images_per_round": args.images, "image_size": [256, 256], "batch_size": args.batch_size,
-        "rounds": args.rounds, "provider": "cpu",
+        "mode": args.mode, "shots": args.shots if args.mode == FEW_SHOT else 0,
+        "images_per_round": args.images, "image_size": [IMAGE_SIZE, IMAGE_SIZE],
+        "batch_size": args.batch_size, "rounds": args.rounds, "provider": "cpu",
         "timed": "end to end from decoded RGB: preprocessing, encoder, scoring head, upsampling",
-        "seconds_per_round": times, "images_per_second": ips,
-        "ratio_to_fp32": {p: v / ips[base] for p, v in ips.items()},
-        "agreement_vs_fp32": agreement,
-        "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-        "machine": machine(),
+        "seconds_per_round": dict(zip(precisions, seconds)), "images_per_second": ips,
+        "ratio_to_fp32": ratios(ips, base), "agreement_vs_fp32": agreement,
     }
-    write_results(result, args.out, render)
-    return result
+    return finish(result, args.out, render, script=__file__, argv=argv,
+                  placeholders={args.bundle: "BUNDLE"})
 
 
 def render(r: dict) -> str:
     lines = [f"# Throughput per precision: {r['model']} ({r['weights']} weights), {r['mode']}"
              f"{' ' + str(r['shots']) + '-shot' if r['shots'] else ''}", "",
-             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores; "
+             f"Command: `{r['command']}`", "",
+             f"Machine: {machine_text(r['machine'])}; "
              f"onnxruntime {r['versions']['onnxruntime']}, provider {r['provider']}. "
              f"{r['images_per_round']} images of {r['image_size'][0]}x{r['image_size'][1]} per "
              f"round, batch {r['batch_size']}, median of {r['rounds']} rounds cycling through "

@@ -10,19 +10,20 @@ torch modules (``PatchEncoder``, ``PatchHead`` with ``Adaptation()``: tau 0.01, 
 modules the ONNX graphs are traced from. With random CLIP weights (no weights can be downloaded
 here) the figures show the mechanics of the adaptation, not its accuracy.
 
-    python -m clipinspect.benchmarks.alfa_pool_size --work scratch/alfa \
+    python benchmarks/experiments/alfa_pool_size.py --work scratch/alfa \
         --out benchmarks/results/alfa_pool_size_synth
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from .report import machine, write_results
+from clipinspect.benchmarks.harness import finish, parser
+from clipinspect.runtime.cli.options import csv_list
 
 MODEL = "ViT-S-16"
 EXTRA_STATES = ("{} with a scratch", "{} with a hole", "{} with a stain", "{} with a crack",
@@ -83,7 +84,7 @@ def score_category(features, labels, normal, anomalous, k: int, draws: int) -> l
     return rows
 
 
-def run(work: Path, seed: int, draws: int) -> dict:
+def run(work: Path, seed: int, draws: int, categories: Sequence[str] | None = None) -> dict:
     import torch
 
     from clipinspect.calibration.datasets import load_dataset
@@ -94,13 +95,15 @@ def run(work: Path, seed: int, draws: int) -> dict:
     from clipinspect.runtime.core.manifest import Preprocess, parse
 
     t0 = time.perf_counter()
-    generate(work / "data", seed=seed, n_test_good=8, n_test_defect_per_type=3)
+    categories = list(categories or CATEGORIES)
+    generate(work / "data", seed=seed, categories=categories, n_test_good=8,
+             n_test_defect_per_type=3)
     model, tokenizer, _ = load_clip(MODEL, None, 0, warn_random=False)
     encoder = PatchEncoder(model.visual, 1).eval()
     size = [int(s) for s in model.visual.image_size]
     preprocess = parse(Preprocess, {**preprocess_config(model), "size": size}, MODEL)
     rows = {}
-    for c in CATEGORIES:
+    for c in categories:
         samples = load_dataset(work / "data", "mvtec", [c], "test")
         with torch.no_grad():
             image, patches, _ = encoder(torch.from_numpy(
@@ -113,9 +116,7 @@ def run(work: Path, seed: int, draws: int) -> dict:
             "data": f"synthetic, seed {seed}, test split (8 good + 12 defective per category)",
             "adaptation": "contextual, tau 0.01, all prompts (the preset's default)",
             "rows": rows, "summary": summarise(rows),
-            "command": f"python -m clipinspect.benchmarks.alfa_pool_size --work WORK "
-                       f"--seed {seed} --draws {draws}",
-            "seconds": round(time.perf_counter() - t0), "machine": machine()}
+            "seconds": round(time.perf_counter() - t0)}
 
 
 def summarise(rows: dict) -> list[dict]:
@@ -133,8 +134,8 @@ def render(r: dict) -> str:
              f"{r['weights']})", "",
              f"Data: {r['data']}. Adaptation: {r['adaptation']}. Normal pool: WinCLIP's 147 "
              "prompts; anomalous pool: k = 84 (WinCLIP's), 2k and 4k, nested random draws of "
-             "hand-written extra phrasings, each through the ambiguity filter. Means over the 4 "
-             "categories and the draws; image scores zero-shot.", "",
+             "hand-written extra phrasings, each through the ambiguity filter. Means over the "
+             f"{len(r['rows'])} categories and the draws; image scores zero-shot.", "",
              f"Command: `{r['command']}`", "",
              "| anomalous pool | kept by the filter | mean score, normal images | mean score, "
              "anomalous images | image AUROC | mean map | cos(v, adapted t_a) |",
@@ -156,14 +157,15 @@ def render(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, out="benchmarks/results/alfa_pool_size_synth")
     p.add_argument("--work", required=True, help="scratch folder (the synthetic dataset)")
-    p.add_argument("--out", default="benchmarks/results/alfa_pool_size_synth",
-                   help="result path without extension (.json and .md are written)")
     p.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
     p.add_argument("--draws", type=int, default=3, help="random draws of the extra prompts")
+    p.add_argument("--categories", type=csv_list, default=None,
+                   help="synthetic categories, comma-separated (default: all)")
     args = p.parse_args(argv)
-    write_results(run(Path(args.work), args.seed, args.draws), args.out, render)
+    finish(run(Path(args.work), args.seed, args.draws, args.categories), args.out, render,
+           script=__file__, argv=argv, placeholders={args.work: "WORK"})
     return 0
 
 

@@ -2,7 +2,7 @@
 setting against the bundle's FP32 and INT8 encoders, in interleaved rounds (medians), with the
 map agreement of each candidate graph with FP32.
 
-    python -m clipinspect.benchmarks.int8_levers BUNDLE --calibration DIR \
+    python benchmarks/experiments/int8_levers.py BUNDLE --calibration DIR \
         --out benchmarks/results/int8_levers_cpu_b16p
 
 Candidates: the INT8 graph with the attention products (QK^T, attention x V) quantized too
@@ -14,14 +14,12 @@ one intra-op thread. The encoder alone is timed: it is where the levers act.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from .report import machine, write_results
-from .sidebyside import interleaved_rounds
+from clipinspect.benchmarks.harness import finish, parser
+from clipinspect.benchmarks.report import load_text, machine_text
+from clipinspect.benchmarks.stats import interleaved_rounds, ratios
 
 
 def _session(model, *, threads: int | None, spinning: bool = True):
@@ -64,22 +62,22 @@ def candidates(bundle, calibration: str, args: argparse.Namespace, agreement) ->
     return sessions, agree
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = parser(__doc__, out="benchmarks/results/int8_levers_cpu", rounds=5)
     ap.add_argument("bundle")
     ap.add_argument("--calibration", required=True, help="normal images for the candidates' "
                                                           "activation ranges")
     ap.add_argument("--calibration-images", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="benchmarks/results/int8_levers_cpu")
-    args = ap.parse_args(argv)
-    import onnxruntime
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
     from clipinspect.calibration.quantize import MapAgreement, probe_images
     from clipinspect.runtime import Bundle
 
+    args = parse(argv)
     bundle = Bundle.open(args.bundle)
     agreement = MapAgreement(bundle, probe_images(bundle, 3), args.threads)
     sessions, agree = candidates(bundle, args.calibration, args, agreement)
@@ -90,23 +88,21 @@ def main(argv: list[str] | None = None) -> dict:
     seconds, rates = interleaved_rounds(
         labels, lambda i: sessions[labels[i]].run(None, {"images": x}), args.rounds,
         args.batch_size)
+    ips = dict(zip(labels, rates))
     result = {"benchmark": "int8_levers", "bundle": bundle.identity,
               "model": bundle.manifest.model.name, "batch_size": args.batch_size,
               "rounds": args.rounds, "threads": args.threads, "timed": "encoder graph alone",
-              "seconds_per_round": dict(zip(labels, seconds)),
-              "images_per_second": dict(zip(labels, rates)),
-              "ratio_to_fp32": {k: v / rates[0] for k, v in zip(labels, rates)},
-              "agreement_vs_fp32": agree, "load_average": list(os.getloadavg()),
-              "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-              "machine": machine()}
-    write_results(result, args.out, render)
-    return result
+              "seconds_per_round": dict(zip(labels, seconds)), "images_per_second": ips,
+              "ratio_to_fp32": ratios(ips, "fp32"), "agreement_vs_fp32": agree}
+    return finish(result, args.out, render, script=__file__, argv=argv,
+                  placeholders={args.bundle: "BUNDLE", args.calibration: "DIR"})
 
 
 def render(r: dict) -> str:
     lines = [f"# INT8 levers on the encoder: {r['model']}, batch {r['batch_size']}", "",
-             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores, "
-             f"load average at the end {', '.join(f'{x:.2f}' for x in r['load_average'])}; "
+             f"Command: `{r['command']}`", "",
+             f"Machine: {machine_text(r['machine'])}, "
+             f"load average at the end {load_text(r['load_average'])}; "
              f"onnxruntime {r['versions']['onnxruntime']}. Median of {r['rounds']} interleaved "
              f"rounds; timed: {r['timed']}.", "",
              "| candidate | images/s | ratio to FP32 | ratio to INT8 | map Pearson vs FP32 |",

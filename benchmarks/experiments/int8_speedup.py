@@ -1,7 +1,7 @@
 """INT8 against FP32 end to end through ``Inspector.inspect``, few-shot, at several batch sizes,
 with the accuracy bounds of the INT8 graphs checked on a synthetic annotated set.
 
-    python -m clipinspect.benchmarks.int8_speedup BUNDLE \
+    python benchmarks/experiments/int8_speedup.py BUNDLE \
         --out benchmarks/results/int8_speedup_cpu_b16p
 
 Speed: the bundle is copied to a temporary folder (graphs hard-linked), ``--shots`` normal
@@ -19,30 +19,14 @@ Bounds (issue 3): image and pixel AUROC within ``--auroc-points`` of FP32, map P
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from .report import machine, write_results
-from .sidebyside import interleaved_rounds, synthetic_images
-
-
-def linked_copy(src: Path, dst: Path) -> Path:
-    """A copy of a bundle whose large files are hard links (copied where linking fails); the
-    manifest is a real copy, so storing memory in the copy never touches the original."""
-    def link(a: str, b: str) -> None:
-        if Path(a).name == "manifest.json":
-            shutil.copy2(a, b)
-            return
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    return Path(shutil.copytree(src, dst, copy_function=link))
+from clipinspect.benchmarks.harness import (IMAGE_SIZE, finish, linked_copy, parser,
+                                            synthetic_images)
+from clipinspect.benchmarks.report import load_text, machine_text
+from clipinspect.benchmarks.stats import interleaved_rounds
+from clipinspect.runtime.core.names import FEW_SHOT
 
 
 def speed(bundle_path: Path, category: str, args: argparse.Namespace) -> dict:
@@ -57,7 +41,7 @@ def speed(bundle_path: Path, category: str, args: argparse.Namespace) -> dict:
     def run(i: int):
         batch, precision = labels[i]
         results = inspectors[precision].inspect(images, category, batch_size=batch,
-                                                mode="few-shot")
+                                                mode=FEW_SHOT)
         if not all(r.ok for r in results):
             raise SystemExit(f"{precision}: {next(r.error for r in results if not r.ok)}")
     for i in range(len(labels)):  # warm-up
@@ -104,26 +88,22 @@ def accuracy(bundle_path: Path, categories: list[str], args: argparse.Namespace,
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__, out="benchmarks/results/int8_speedup_cpu", rounds=5)
     ap.add_argument("bundle")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--images", type=int, default=8, help="images per round")
-    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic accuracy set")
     ap.add_argument("--auroc-points", type=float, default=1.0)
     ap.add_argument("--min-pearson", type=float, default=0.98)
     ap.add_argument("--target-ratio", type=float, default=3.0)
-    ap.add_argument("--out", default="benchmarks/results/int8_speedup_cpu")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import onnxruntime
-
     from clipinspect.calibration.synth import CATEGORIES
     from clipinspect.runtime import Bundle
 
@@ -143,28 +123,24 @@ def main(argv: list[str] | None = None) -> dict:
         acc = accuracy(copy, categories, args, Path(tmp) / "data")
     result = {"benchmark": "int8_speedup", "bundle": bundle.identity,
               "model": bundle.manifest.model.name, "weights": bundle.manifest.model.weights.kind,
-              "command": "python -m clipinspect.benchmarks.int8_speedup "
-                         + " ".join(sys.argv[1:] if argv is None else argv),
               "category": categories[0], "shots": args.shots, "images_per_round": args.images,
-              "image_size": [256, 256], "rounds": args.rounds, "threads": args.threads,
+              "image_size": [IMAGE_SIZE, IMAGE_SIZE], "rounds": args.rounds,
+              "threads": args.threads,
               "timed": "Inspector.inspect from decoded RGB, few-shot (load, encoder, head, maps)",
               "speed": timing, "accuracy": acc,
               "bounds": {"auroc_points": args.auroc_points, "min_pearson": args.min_pearson},
               "target_ratio": args.target_ratio,
               "target_met": all(r["ratio"] >= args.target_ratio for r in timing.values()),
-              "accuracy_bounds_held": all(r["within_bounds"] for r in acc.values()),
-              "load_average": list(os.getloadavg()),
-              "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-              "machine": machine()}
-    write_results(result, args.out, render)
-    return result
+              "accuracy_bounds_held": all(r["within_bounds"] for r in acc.values())}
+    return finish(result, args.out, render, script=__file__, argv=argv,
+                  placeholders={args.bundle: "BUNDLE"})
 
 
 def render(r: dict) -> str:
     lines = [f"# INT8 vs FP32 end to end: {r['model']} ({r['weights']} weights), "
              f"{r['shots']}-shot", "", f"Command: `{r['command']}`", "",
-             f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores, "
-             f"load average at the end {', '.join(f'{x:.2f}' for x in r['load_average'])}; "
+             f"Machine: {machine_text(r['machine'])}, "
+             f"load average at the end {load_text(r['load_average'])}; "
              f"onnxruntime {r['versions']['onnxruntime']}. {r['images_per_round']} synthetic "
              f"{r['image_size'][0]}x{r['image_size'][1]} images of {r['category']} per round, "
              f"median of {r['rounds']} rounds cycling through every batch size and precision; "

@@ -1,6 +1,6 @@
 """Runtime (onnxruntime FP32) against the PyTorch eager reference, same images, one process.
 
-    python -m clipinspect.benchmarks.winclip_vs_torch --model ViT-B-16-plus-240 \
+    python benchmarks/experiments/winclip_vs_torch.py --model ViT-B-16-plus-240 \
         --out benchmarks/results/winclip_vs_torch_cpu
 
 Both sides start from the same decoded RGB images and include preprocessing and upsampling to
@@ -19,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from clipinspect.benchmarks.harness import finish, parser, synthetic_images
+from clipinspect.benchmarks.report import machine_text
+from clipinspect.benchmarks.stats import interleaved_rounds
+from clipinspect.runtime.core.names import FEW_SHOT, SCORING_MODES
 from clipinspect.runtime.methods.winclip import cost as winclip_gflops
-from clipinspect.runtime.core.names import SCORING_MODES
 
-from .report import machine, write_results
+SIDES = ("runtime", "reference")
 
 
 def gemm_peak(repeats: int = 5) -> float:
@@ -40,8 +43,8 @@ def gemm_peak(repeats: int = 5) -> float:
     return 2 * 6760 * 896 * 3584 / statistics.median(times) / 1e9
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = parser(__doc__, out="benchmarks/results/winclip_vs_torch_cpu", rounds=3)
     ap.add_argument("--model", default="ViT-B-16-plus-240")
     ap.add_argument("--bundle", default=None,
                     help="existing random-weights bundle of --model (default: export one); "
@@ -49,19 +52,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--images", type=int, default=8, help="test images per round")
     ap.add_argument("--shots", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/winclip_vs_torch_cpu",
-                    help="output path without extension (.json and .md are written)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
     from clipinspect.export.exporter import ExportOptions, export_bundle
     from clipinspect.runtime import Inspector
 
+    args = parse(argv)
     with tempfile.TemporaryDirectory(prefix="clipinspect-bench-") as work:
         bundle_path = Path(args.bundle) if args.bundle else Path(work) / "bundle"
         if not args.bundle:
             export_bundle(ExportOptions(bundle_path, args.model, None, ["weave"], seed=0))
-        return measure(args, Inspector.open(bundle_path))
+        return measure(args, Inspector.open(bundle_path), argv)
 
 
 def _check_bundle(bundle) -> None:
@@ -76,80 +79,90 @@ def _check_bundle(bundle) -> None:
                          + " (compare methods with python -m clipinspect.benchmarks.methods)")
 
 
-def measure(args: argparse.Namespace, inspector) -> dict:
-    import onnxruntime
-    import torch
+class Sides:
+    """The runtime and the eager reference on the same images and references: ``run(side,
+    mode)`` -> (image scores (N,), maps [(H, W)])."""
 
-    from clipinspect.calibration.synth import render_sample
-    from clipinspect.export.exporter import load_clip
-    from clipinspect.export.methods.winclip import WinClipReference
+    def __init__(self, args: argparse.Namespace, inspector, model):
+        import torch
 
-    bundle = inspector.bundle
-    _check_bundle(bundle)
-    model, _, _ = load_clip(args.model, None, bundle.manifest.model.weights.seed)
-    reference = WinClipReference(model, bundle.scales)
-    category = bundle.categories[0]
+        from clipinspect.export.methods.winclip import WinClipReference
 
-    defects = ["good", "scratch", "hole", "stain", "crack"]
-    images = [render_sample("weave", "test", defects[i % 5], i, image_size=256)[0]
-              for i in range(args.images)]
-    refs = [render_sample("weave", "train", "good", i, image_size=256)[0] for i in range(args.shots)]
-    inspector.add_references(category, refs)
-    data = bundle.category(category)
-    prototypes = torch.from_numpy(data.text_prototypes)
-    def to_tensor(batch):
-        return torch.from_numpy(bundle.preprocess.batch(batch))
+        bundle = self.bundle = inspector.bundle
+        self.inspector, self.batch_size = inspector, args.batch_size
+        self.reference = WinClipReference(model, bundle.scales)
+        self.category = bundle.categories[0]
+        self.images, refs = synthetic_images("weave", args.images, args.shots)
+        inspector.add_references(self.category, refs)
+        self.prototypes = torch.from_numpy(bundle.category(self.category).text_prototypes)
+        self.memory = self.reference.features(self.tensor(refs))
 
-    memory = reference.features(to_tensor(refs))
+    def tensor(self, batch):
+        import torch
 
-    def run_runtime(mode):
-        res = inspector.inspect(images, category, args.batch_size, mode=mode)
-        return np.array([r.image_score for r in res]), [r.anomaly_map for r in res]
+        return torch.from_numpy(self.bundle.preprocess.batch(batch))
 
-    def run_reference(mode):
+    def run(self, side: str, mode: str):
+        if side == "runtime":
+            res = self.inspector.inspect(self.images, self.category, self.batch_size, mode=mode)
+            return np.array([r.image_score for r in res]), [r.anomaly_map for r in res]
         scores, maps = [], []
-        for i in range(0, len(images), args.batch_size):
-            batch = images[i:i + args.batch_size]
-            s, m = reference(to_tensor(batch), prototypes, batch[0].shape[:2],
-                             memory if mode == "few-shot" else None)
+        for i in range(0, len(self.images), self.batch_size):
+            batch = self.images[i:i + self.batch_size]
+            s, m = self.reference(self.tensor(batch), self.prototypes, batch[0].shape[:2],
+                                  self.memory if mode == FEW_SHOT else None)
             scores.append(s.numpy())
             maps += list(m.numpy())
         return np.concatenate(scores), maps
 
-    # Equal outputs first (zero-shot and few-shot), then timing rounds of the few-shot mode.
-    diffs = {}
-    for mode in SCORING_MODES:
-        (s1, m1), (s2, m2) = run_runtime(mode), run_reference(mode)
-        diffs[mode] = {"image_score": float(np.abs(s1 - s2).max()),
-                       "anomaly_map": float(max(np.abs(a - b).max() for a, b in zip(m1, m2)))}
-    times = {"runtime": [], "reference": []}
-    for r in range(args.rounds):
-        for name, fn in (("runtime", run_runtime), ("reference", run_reference)):
-            t0 = time.perf_counter()
-            fn("few-shot")
-            times[name].append(time.perf_counter() - t0)
-            print(f"round {r + 1}/{args.rounds} {name}: {args.images / times[name][-1]:.3f} img/s",
-                  flush=True)
-    peak = gemm_peak()
-    layers = len(model.visual.transformer.resblocks)
-    cost = winclip_gflops(bundle.manifest, layers)
-    ips = {k: args.images / statistics.median(v) for k, v in times.items()}
-    result = {
+    def differences(self) -> dict:
+        """Largest |runtime - reference| of scores and maps, per scoring mode."""
+        diffs = {}
+        for mode in SCORING_MODES:
+            (s1, m1), (s2, m2) = (self.run(side, mode) for side in SIDES)
+            diffs[mode] = {"image_score": float(np.abs(s1 - s2).max()),
+                           "anomaly_map": float(max(np.abs(a - b).max()
+                                                    for a, b in zip(m1, m2)))}
+        return diffs
+
+
+def measure(args: argparse.Namespace, inspector, argv: list[str] | None = None) -> dict:
+    """Equal outputs first (zero-shot and few-shot), then timing rounds of the few-shot mode,
+    alternating runtime and reference; the GEMM peak and the cost model to read them against."""
+    from clipinspect.export.exporter import load_clip
+
+    bundle = inspector.bundle
+    _check_bundle(bundle)
+    model, _, _ = load_clip(args.model, None, bundle.manifest.model.weights.seed)
+    sides = Sides(args, inspector, model)
+    diffs = sides.differences()
+    seconds, rates = interleaved_rounds(SIDES, lambda i: sides.run(SIDES[i], FEW_SHOT),
+                                        args.rounds, args.images)
+    cost = winclip_gflops(bundle.manifest, len(model.visual.transformer.resblocks))
+    result = _result(args, dict(zip(SIDES, seconds)), dict(zip(SIDES, rates)), cost)
+    result.update(image_size=list(sides.images[0].shape[:2]), max_abs_diff=diffs,
+                  bundle=bundle.identity)
+    return finish(result, args.out, render, script=__file__, argv=argv,
+                  placeholders={args.bundle: "BUNDLE"} if args.bundle else None)
+
+
+def _result(args: argparse.Namespace, times: dict, ips: dict, cost: dict) -> dict:
+    import onnxruntime
+    import torch
+
+    return {
         "benchmark": "winclip_vs_torch", "model": args.model, "weights": "random (seeded)",
         "mode": f"WinCLIP+ {args.shots}-shot (timed); zero-shot and few-shot checked for equality",
         "images_per_round": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
-        "image_size": list(images[0].shape[:2]), "seconds_per_round": times,
-        "images_per_second": ips, "ratio_runtime_over_reference": ips["runtime"] / ips["reference"],
-        "max_abs_diff": diffs, "gflops_per_image_cost_model": cost,
+        "seconds_per_round": times, "images_per_second": ips,
+        "ratio_runtime_over_reference": ips["runtime"] / ips["reference"],
+        "gflops_per_image_cost_model": cost,
         "gflops_per_second": {k: v * cost["total"] for k, v in ips.items()},
-        "gemm_peak_gflops_per_second": peak,
+        "gemm_peak_gflops_per_second": gemm_peak(),
         "threads": {"torch": torch.get_num_threads(), "onnxruntime": "default (physical cores)"},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "numpy": np.__version__},
-        "machine": machine(), "bundle": bundle.identity,
     }
-    write_results(result, args.out, render)
-    return result
 
 
 def render(r: dict) -> str:
@@ -158,7 +171,9 @@ def render(r: dict) -> str:
     return "\n".join([
         f"# WinCLIP runtime vs PyTorch eager: {r['model']}",
         "",
-        f"Machine: {r['machine']['cpu']}, {r['machine']['logical_cores']} logical cores. "
+        f"Command: `{r['command']}`",
+        "",
+        f"Machine: {machine_text(r['machine'])}. "
         f"{r['mode']}; batch {r['batch_size']}, {r['images_per_round']} images of "
         f"{r['image_size'][0]}x{r['image_size'][1]} per round, median of {r['rounds']} "
         "alternating rounds.",
