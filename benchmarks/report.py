@@ -3,6 +3,7 @@ and how it is written (JSON for programs, Markdown for people)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -93,6 +94,28 @@ def command_line(program: str, argv: Sequence[str] | None = None,
                 return name + arg[len(root):]
         return arg
     return " ".join([program, shlex.join(placed(a) for a in args)]).strip()
+
+
+def command_of(parser: argparse.ArgumentParser, args: argparse.Namespace, program: str,
+               placeholders: Mapping[str, str] | None = None) -> str:
+    """The command line that gives ``args`` to ``parser`` again: every option whose value
+    differs from its default (lists comma-separated), positionals in their place."""
+    words: list[str] = []
+    for action in parser._actions:
+        if action.dest in ("help", argparse.SUPPRESS) or action.help == argparse.SUPPRESS:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[:1]
+        if isinstance(action, argparse._StoreTrueAction):
+            words += flag
+        elif isinstance(action, argparse._AppendAction):
+            words += [w for v in value for w in (*flag, str(v))]
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            words += [*flag, text]
+    return command_line(program, words, placeholders)
 
 
 def machine_text(m: Mapping[str, Any]) -> str:

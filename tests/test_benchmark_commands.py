@@ -58,7 +58,10 @@ EXTRA = {
 }
 PARSED_ONLY = {"python benchmarks/experiments/triton_vs_serve.py": "triton_vs_serve",
                "sh benchmarks/studies/synthetic.sh": "study"}
-NEEDS_TORCH = ("winclip_vs_torch.py", "aprillab_training.py", "alfa_pool_size.py")
+# The study script trains adapters (train-adapters); without torch its command line does not
+# even parse.
+NEEDS_TORCH = ("winclip_vs_torch.py", "aprillab_training.py", "alfa_pool_size.py",
+               "studies/synthetic.sh")
 
 
 def result_files() -> list[Path]:

@@ -238,6 +238,12 @@ def test_cli_runs_a_study_from_flags(small_study, tmp_path):
     assert code == 0
     assert "| fp32 | winclip | ensemble | fp32 | 0 |" in (out / "report.md").read_text()
     assert Path(out / "study.json").is_file()
+    # The report names the command that reproduces it (the data as DATA).
+    command = json.loads((out / "study.json").read_text())["command"]
+    assert command == ("clipinspect study DATA --variant name=fp32,method=winclip --out "
+                       f"{out} --model ViT-S-16 --pretrained none --shots 0,1 --batch-size 2 "
+                       "--pixel-size 32 --timing-images 1")
+    assert f"Command: `{command}`" in (out / "report.md").read_text()
 
 
 # ---------------------------------------------------------------------------- export --no-ensemble

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from clipinspect.benchmarks.harness import finish, parser
-from clipinspect.runtime.cli.options import csv_list
+from clipinspect.runtime.cli.options import add_categories
 
 MODEL = "ViT-S-16"
 EXTRA_STATES = ("{} with a scratch", "{} with a hole", "{} with a stain", "{} with a crack",
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="scratch folder (the synthetic dataset)")
     p.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
     p.add_argument("--draws", type=int, default=3, help="random draws of the extra prompts")
-    p.add_argument("--categories", type=csv_list, default=None,
-                   help="synthetic categories, comma-separated (default: all)")
+    add_categories(p, "synthetic categories measured (default: all)")
     args = p.parse_args(argv)
     finish(run(Path(args.work), args.seed, args.draws, args.categories), args.out, render,
            script=__file__, argv=argv, placeholders={args.work: "WORK"})

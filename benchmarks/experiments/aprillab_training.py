@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clipinspect.benchmarks.harness import finish, parser
-from clipinspect.runtime.cli.options import csv_list
+from clipinspect.runtime.cli.options import add_categories
 
 MODEL = "ViT-S-16"
 
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-seed", type=int, default=1)
     p.add_argument("--eval-seed", type=int, default=2)
-    p.add_argument("--categories", type=csv_list, default=None,
-                   help="synthetic categories, comma-separated (default: all)")
+    add_categories(p, "synthetic categories measured (default: all)")
     args = p.parse_args(argv)
     finish(run(Path(args.work), args.epochs, args.train_seed, args.eval_seed, args.categories),
            args.out, render, script=__file__, argv=argv, placeholders={args.work: "WORK"})

@@ -79,12 +79,23 @@ def study_of(args: argparse.Namespace):
     return dataclasses.replace(study, **{k: v for k, v in changes.items() if v is not None})
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The ``clipinspect study`` command of ``args`` (the data as DATA, the work folder as WORK),
+    recorded in the report."""
+    from ..report import command_of
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return command_of(parser, args, "clipinspect study",
+                      {args.data: "DATA", **({args.work: "WORK"} if args.work else {})})
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .runner import RunOptions, run_study
 
     study = study_of(args)
     options = RunOptions(work=Path(args.work) if args.work else None, force=args.force,
-                         fmt=args.format, provider=args.provider)
+                         fmt=args.format, provider=args.provider, command=_command(args))
     report = run_study(study, args.data, args.out, options)
     failed = 0
     for v in report["variants"]:

@@ -26,13 +26,15 @@ from .spec import Study, Variant, bundle_key, result_folder
 class RunOptions:
     """work: bundle cache (default ``out``/work); force: recompute stored results; fmt: dataset
     layout; provider: onnxruntime provider; isolate: evaluate each variant in a child process
-    (False only for debugging: peak memory then includes everything before it)."""
+    (False only for debugging: peak memory then includes everything before it); command: the
+    command line that ran the study, recorded in the report."""
 
     work: Path | None = None
     force: bool = False
     fmt: str = "auto"
     provider: str = "cpu"
     isolate: bool = True
+    command: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,8 @@ def run_study(study: Study, data: str | Path, out: str | Path,
                                                     categories=categories, options=options)
             bar.update(1)
     report = assemble(study, per_variant, data=data, categories=categories)
+    if options.command:
+        report = {"command": options.command, **report}
     write_reports(report, out)
     return report
 
