@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from clipinspect.benchmarks import bench
-from clipinspect.benchmarks.stats import run_stream, summarize
+from clipinspect.benchmarks.report import command_line
+from clipinspect.benchmarks.stats import interleaved_rounds, ratios, run_stream, summarize
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.errors import UsageError
 
@@ -44,6 +45,39 @@ class FakeClock:
 
     def sleep(self, dt):
         self.now += dt
+
+
+def test_interleaved_rounds_cycle_through_the_variants_and_take_medians():
+    clock, order = FakeClock(), []
+    cost = {0: [1.0, 3.0, 2.0], 1: [4.0, 4.0, 10.0]}  # seconds per round of each variant
+
+    def run(i):
+        order.append(i)
+        clock.sleep(cost[i][order.count(i) - 1])
+    seconds, rates = interleaved_rounds(["a", "b"], run, 3, 8, clock=clock,
+                                        progress=lambda msg: None)
+    assert order == [0, 1, 0, 1, 0, 1]  # a, b, a, b: drift hits both alike
+    assert seconds == [cost[0], cost[1]]
+    assert rates == [pytest.approx(8 / 2.0), pytest.approx(8 / 4.0)]
+    assert ratios(dict(zip("ab", rates)), "a") == {"a": 1.0, "b": pytest.approx(0.5)}
+    with pytest.raises(ValueError, match="no rate for the base 'c'"):
+        ratios({"a": 1.0}, "c")
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        interleaved_rounds(["a"], run, 0, 8)
+
+
+def test_a_result_names_its_command_with_placeholders_for_this_machine_s_paths():
+    assert command_line("python benchmarks/experiments/x.py",
+                        ["/tmp/b", "--calibration", "/tmp/b/train", "--note", "a b", "--w",
+                         "/tmp/bb"], {"/tmp/b": "BUNDLE"}) == (
+        "python benchmarks/experiments/x.py BUNDLE --calibration BUNDLE/train --note 'a b' "
+        "--w /tmp/bb")
+    options = bench.BenchOptions(precisions=("fp32", "int8"), batches=(1, 4), baseline=False,
+                                 rss_megapixels=(), stream_fps=0.5)
+    assert options.command("out") == (
+        "clipinspect bench BUNDLE --out out --backends cpu --precisions fp32,int8 --modes "
+        "few-shot --batch-sizes 1,4 --shots 4 --runs 5 --warmup 1 --images 16 --rss-megapixels "
+        "none --no-baseline --stream-fps 0.5 --stream-frames 30")
 
 
 def test_stream_accounting_with_known_service_times():
