@@ -191,7 +191,7 @@ class TorchBaseline:
         self.device = torch.device(device)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
         model = model.to(self.device, self.dtype).eval()
-        self.reference = WinClipReference(model, bundle.scales)
+        self.reference = WinClipReference(model, bundle.manifest.section.scales)
         self.bundle = bundle
 
     def tensor(self, x: np.ndarray):

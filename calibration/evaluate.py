@@ -22,9 +22,7 @@ import numpy as np
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.bundle import atomic_write_bytes
 from clipinspect.runtime.core.errors import UsageError
-from clipinspect.runtime.core.inspector import MAP_RANGE
 from clipinspect.runtime.core.maps import upsample
-from clipinspect.runtime.core.names import HEAD_FEWSHOT
 from clipinspect.runtime.core.progress import Progress
 
 from .datasets import dataset_categories, load_dataset, load_mask
@@ -75,13 +73,9 @@ def metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.
 
 def shots_refused(inspector: Inspector, shots: int) -> str | None:
     """Why ``inspector`` cannot score with ``shots`` reference images (None if it can): a
-    few-shot head normalised by the references' own map spread (AprilLab) needs two of them."""
-    head_inputs = inspector.backend.head_io[HEAD_FEWSHOT][0]
-    if 0 < shots < 2 and MAP_RANGE in head_inputs:
-        return (f"{shots}-shot skipped: this {inspector.bundle.method.name} bundle's few-shot "
-                "score is normalised by the spread of the reference images' own maps, which "
-                "needs at least 2 references")
-    return None
+    the bundle's method says (AprilLab's few-shot score, normalised by the references' own map
+    spread, needs two of them)."""
+    return inspector.bundle.method.shots_refused(shots)
 
 
 def evaluate_category(inspectors: dict[str, Inspector], root: Path, category: str,

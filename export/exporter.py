@@ -22,11 +22,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle, category_dir,
+from clipinspect.runtime.core.bundle import (Bundle, category_dir,
                                              check_category_dir_free, check_category_name,
                                              default_mode, file_entry, head_text_arrays,
                                              npz_bytes, sha256_file, write_versioned)
-from clipinspect.runtime.core.manifest import Manifest
+from clipinspect.runtime.core.manifest import (Category, Dims, GraphFile, Manifest, Model, Parity,
+                                               Preprocess, parse)
 
 from . import prompt_files
 from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
@@ -35,7 +36,6 @@ from .errors import ExportError, log
 from .graphs import (PARITY_TOLERANCE, check_parity, example_text, export_graphs, input_size,
                      judge_parity, max_abs_diff)
 from .methods import METHODS, Adaptation, Built, Clip, ExportMethod, method_options
-from .methods.aprillab import set_activation
 from .text import load_ensemble
 
 # An ensemble that expands to no prompt: a category's prompts are then its prompt file's alone.
@@ -113,7 +113,8 @@ def export_bundle(options: ExportOptions) -> Bundle:
     except ValueError as e:  # an option the model cannot take (e.g. more dense blocks than it has)
         raise ExportError(f"method {method.name!r} on {options.model}: {e}") from e
     recipe = TextRecipe.of(method, clip.model, clip.tokenizer, descriptions,
-                           built.manifest.get("adaptation"), ensemble=options.ensemble)
+                           built.adaptation.to_dict() if built.adaptation else None,
+                           ensemble=options.ensemble)
     with _staging(out) as tmp:
         log(f"[2/5] exporting ONNX graphs (opset {options.opset})")
         files = export_graphs(built, tmp, options.opset)
@@ -192,40 +193,40 @@ def _parity_text(root: Path, built: Built, entries: dict[str, dict], dim: int
 
 
 def build_manifest(options: ExportOptions, clip: Clip, built: Built, parity: dict,
-                   categories: dict[str, dict]) -> dict:
+                   categories: dict[str, dict]) -> Manifest:
     """The bundle's manifest (``graphs`` filled in when written): what every method records,
-    and the method's own entries (``Built.manifest``)."""
+    and the method's own typed section (``Built.section``)."""
     encoder, visual = built.encoder, clip.model.visual
-    grid = list(encoder.grid)
-    return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": options.method,
-        **built.manifest,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": clip.name, "weights": clip.weights},
-        "preprocess": {**preprocess_config(clip.model), "size": list(input_size(encoder))},
-        "grid": grid, "patch_size": int(visual.patch_size[0]),
-        "outputs": encoder.output_names(),
-        "dims": {"embed": int(visual.output_dim), "width": int(visual.conv1.out_channels),
-                 "patches": grid[0] * grid[1], "layers": len(visual.transformer.resblocks)},
-        "opset": options.opset,
-        "graphs": {},
-        "parity": {"fp32": parity},
-        "versions": package_versions(),
-        "categories": categories,
-        **({} if options.ensemble else {"prompt_ensemble": False}),
-    }
+    grid = tuple(int(g) for g in encoder.grid)
+    where = f"exported bundle {str(options.out)!r}"
+    return Manifest(
+        method=options.method, section=built.section, adaptation=built.adaptation,
+        temperature=built.temperature,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        model=parse(Model, {"name": clip.name, "weights": clip.weights}, where, "model"),
+        preprocess=parse(Preprocess, {**preprocess_config(clip.model),
+                                      "size": list(input_size(encoder))}, where, "preprocess"),
+        grid=grid, patch_size=int(visual.patch_size[0]), outputs=encoder.output_names(),
+        dims=Dims(int(visual.output_dim), int(visual.conv1.out_channels), grid[0] * grid[1],
+                  len(visual.transformer.resblocks)),
+        opset=options.opset, graphs={}, parity={"fp32": parse(Parity, parity, where, "parity")},
+        versions=package_versions(), prompt_ensemble=options.ensemble,
+        categories={n: parse(Category, e, where, f"categories.{n}")
+                    for n, e in categories.items()})
 
 
-def write_manifest_and_move(tmp: Path, out: Path, manifest: dict, files: dict[str, str],
+def write_manifest_and_move(tmp: Path, out: Path, manifest: Manifest, files: dict[str, str],
                             overwrite: bool) -> None:
     """Record the graphs (with their input and output names), write the manifest of the bundle
     built in ``tmp`` and move it to ``out``. The manifest is validated as a reader would
-    (``Manifest.from_dict``) and written with the bundle's atomic save."""
-    manifest["graphs"]["fp32"] = {
-        name: file_entry(tmp, rel, inputs=_io_names(tmp / rel, "inputs"),
-                         outputs=_io_names(tmp / rel, "outputs"))
+    (``Manifest.from_dict`` of its JSON form) and written with the bundle's atomic save."""
+    where = f"exported bundle {str(out)!r}"
+    manifest.graphs["fp32"] = {
+        name: parse(GraphFile, file_entry(tmp, rel, inputs=_io_names(tmp / rel, "inputs"),
+                                          outputs=_io_names(tmp / rel, "outputs")),
+                    where, f"graphs.fp32.{name}")
         for name, rel in files.items()}
-    Bundle(tmp, Manifest.from_dict(manifest, f"exported bundle {str(out)!r}")).save_manifest()
+    Bundle(tmp, Manifest.from_dict(manifest.to_dict(), where)).save_manifest()
     _move_into_place(tmp, out, overwrite)
 
 
@@ -349,14 +350,12 @@ def add_categories(bundle_path: str | Path, names: Sequence[str], pretrained: st
                           "prompt recipe)")
     descriptions = _prompt_file(prompts, names)
     _check_needed_prompts(method, descriptions, names)
-    ensemble = bundle.manifest.extra.get("prompt_ensemble", True)
+    ensemble = bundle.manifest.prompt_ensemble
     if not ensemble:
         _check_file_only(descriptions, names)
     model, tokenizer = _same_clip(bundle, pretrained)
     adaptation = bundle.manifest.adaptation
-    activation = (bundle.manifest.aprillab or {}).get("activation")
-    if activation:  # the text tower as the bundle's export ran it
-        set_activation(model, activation)
+    method.text_tower(model, bundle.manifest)  # the text tower as the bundle's export ran it
     recipe = TextRecipe.of(method, model, tokenizer, descriptions,
                            adaptation.to_dict() if adaptation else None, ensemble=ensemble)
     for name in names:

@@ -7,6 +7,9 @@
     results[0].image_score, results[0].anomaly_map
 """
 
+# Methods and backends register themselves with core (core.registry) when imported: core never
+# imports the floors above it.
+from . import methods, tensorrt  # noqa: F401
 from .core.bundle import Bundle, BundleError
 from .core.images import ImageError
 from .core.inspector import InspectionResult, Inspector

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Inspector  # noqa: E402
 from clipinspect.runtime.core.errors import UsageError  # noqa: E402
-from clipinspect.runtime.core.inspector import MAP_RANGE  # noqa: E402
+from clipinspect.runtime.methods.aprillab import MAP_RANGE  # noqa: E402
 from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
 
 TOL = 1e-4

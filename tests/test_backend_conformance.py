@@ -21,7 +21,7 @@ import pytest
 
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backend import Backend, protocol_members
-from clipinspect.runtime.core.backends import (BACKEND_CLASSES, ProfileError, backend_class,
+from clipinspect.runtime.core.backends import (BACKENDS, ProfileError, backend_class,
                                                open_backend)
 
 
@@ -56,7 +56,7 @@ def test_protocol_members_are_what_the_inspector_uses():
                                   "provider", "score", "select_rows", "to_host"]
 
 
-@pytest.mark.parametrize("provider", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("provider", sorted(BACKENDS))
 def test_every_backend_class_defines_the_whole_protocol(provider):
     cls = backend_class(provider)
     assert missing_members(cls) == [], f"{cls.__name__} ({provider}) lacks these members"
@@ -143,7 +143,7 @@ def _backend(bundle, provider):
     return open_backend(bundle, "fp32", provider, batch_size=4)
 
 
-@pytest.mark.parametrize("provider", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("provider", sorted(BACKENDS))
 def test_backend_runs_the_bundle_like_onnxruntime_on_the_cpu(bundle, images, reference,
                                                              provider):
     backend = _backend(bundle, provider)
@@ -171,7 +171,7 @@ def test_backend_runs_the_bundle_like_onnxruntime_on_the_cpu(bundle, images, ref
         np.testing.assert_allclose(got["image_score"], expected["image_score"], atol=2e-3)
 
 
-@pytest.mark.parametrize("provider", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("provider", sorted(BACKENDS))
 def test_inspector_builds_few_shot_memory_through_each_backend(bundle, provider, rng):
     """The path that ended in AttributeError with the native TensorRT backend (no head_io)."""
     backend = _backend(bundle, provider)
@@ -185,7 +185,7 @@ def test_inspector_builds_few_shot_memory_through_each_backend(bundle, provider,
         assert array.ndim == 2 and array.shape[0] % 2 == 0
 
 
-@pytest.mark.parametrize("provider", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("provider", sorted(BACKENDS))
 def test_selected_rows_score_like_those_images_alone(bundle, images, reference, provider):
     """select_rows: what the Inspector asks to score a few images of a batch (mixed batches),
     without knowing where the backend keeps the encoder outputs."""

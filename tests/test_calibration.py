@@ -44,7 +44,7 @@ def test_normal_image_thresholds_are_stored_and_used(tiny_bundle_copy, dataset):
     key, t = calibrate(inspector, "weave", normal=normal, fpr=0.25)
     assert key == "fp32/zero-shot" and t["images"] == 4 and t["measured_image_fpr"] <= 0.25
     stored = Bundle.open(tiny_bundle_copy).manifest.categories["weave"].thresholds[key]
-    assert stored["image"] == t["image"] and stored["target_fpr"] == 0.25
+    assert stored.image == t["image"] and stored.extra["target_fpr"] == 0.25
     results = Inspector.open(tiny_bundle_copy).inspect(normal, "weave")
     assert sum(r.is_anomalous for r in results) <= 1     # 25% of 4 images
     share = np.mean(np.concatenate([r.mask.ravel() for r in results]))

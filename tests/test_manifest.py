@@ -135,8 +135,8 @@ def test_bundle_writes_version_2_when_it_rewrites_a_version_1_manifest(bundle_co
     on_disk = json.loads((bundle_copy / "manifest.json").read_text())
     assert on_disk["format_version"] == 2 and "input" not in on_disk
     assert on_disk["preprocess"] == v1["input"]
-    assert Bundle.open(bundle_copy).manifest.categories["weave"].thresholds == {
-        "fp32/zero-shot": {"image": 0.5}}
+    stored = Bundle.open(bundle_copy).manifest.categories["weave"].thresholds
+    assert {k: t.to_dict() for k, t in stored.items()} == {"fp32/zero-shot": {"image": 0.5}}
 
 
 def _as_version_1(fresh: Path) -> dict:

@@ -134,7 +134,7 @@ def test_default_model_vit_b_16_plus_240_parity(tmp_path, rng):
 
     bundle = export_bundle(ExportOptions(tmp_path / "b16p", "ViT-B-16-plus-240", None, ["pill"],
                                          seed=0))
-    assert bundle.manifest.grid == (15, 15) and bundle.manifest.windows == {"2": 196, "3": 169}
+    assert bundle.manifest.grid == (15, 15) and bundle.manifest.section.windows == {"2": 196, "3": 169}
     assert bundle.manifest.dims.to_dict() == {"embed": 640, "width": 896, "patches": 225,
                                               "layers": 12}
     model, _, _ = load_clip("ViT-B-16-plus-240", None, seed=0)

@@ -356,8 +356,9 @@ def build_tiny_bundle(out: str | Path, categories: Sequence[str] = ("weave", "wa
         "preprocess": {"size": [SIZE, SIZE], "mean": MEAN, "std": STD,
                   "resize": "bicubic-antialiased, whole image, no crop",
                   "layout": "NCHW float32 RGB"},
-        "grid": list(GRID), "patch_size": PATCH, "scales": list(scales),
-        "windows": {str(k): len(window_cover(k)) for k in scales},
+        "grid": list(GRID), "patch_size": PATCH,
+        **({"scales": list(scales), "windows": {str(k): len(window_cover(k)) for k in scales}}
+           if method == "winclip" else {}),
         "outputs": encoder_outputs(method, scales),
         # No "layers": there is no transformer here.
         "dims": {"embed": EMBED, "width": WIDTH, "patches": GRID[0] * GRID[1]},

@@ -90,7 +90,7 @@ class Sides:
 
         bundle = self.bundle = inspector.bundle
         self.inspector, self.batch_size = inspector, args.batch_size
-        self.reference = WinClipReference(model, bundle.scales)
+        self.reference = WinClipReference(model, bundle.manifest.section.scales)
         self.category = bundle.categories[0]
         self.images, refs = synthetic_images("weave", args.images, args.shots)
         inspector.add_references(self.category, refs)

@@ -55,7 +55,7 @@ def _quantized(path: Path, precision: str, data: Path) -> None:
     bundle = Bundle.open(path)
     record = bundle.manifest.quantization.get(precision)
     source = str(data.resolve()) if precision == "int8" else "synthetic probe images"
-    if record is not None and record.agreement.get("source") == source:
+    if record is not None and record.agreement.source == source:
         return
     quantize_bundle(path, precision, data if precision == "int8" else None,
                     overwrite=record is not None)
@@ -64,8 +64,8 @@ def _quantized(path: Path, precision: str, data: Path) -> None:
 def adapters_seen(variant: Variant, bundle: Bundle) -> tuple[list[str] | None, str]:
     """(categories the variant's adapters were trained on, where that comes from). None when
     the variant has no trained adapters; [] for random ones."""
-    trained = ((bundle.manifest.aprillab or {}).get("projections") or {})
-    recorded = (trained.get("trained") or {}).get("categories")
+    section = bundle.manifest.section
+    recorded = section.adapters_categories()
     declared = None if variant.adapters_categories is None else list(variant.adapters_categories)
     if declared is not None and recorded is not None and sorted(declared) != sorted(recorded):
         raise ValueError(f"variant {variant.name!r}: adapters_categories {declared} differ from "
@@ -74,7 +74,7 @@ def adapters_seen(variant: Variant, bundle: Bundle) -> tuple[list[str] | None, s
         return list(recorded), "recorded in the checkpoint"
     if declared is not None:
         return declared, "declared in the study"
-    if trained.get("kind") == "random":
+    if section.adapters_kind() == "random":
         return [], "random projections (never trained)"
     if variant.adapters not in (None, "none"):
         return None, "not recorded: add adapters_categories to the variant"

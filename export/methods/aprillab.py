@@ -22,8 +22,9 @@ from torch import nn
 
 from clipinspect.runtime.cli import int_list, positive_int
 from clipinspect.runtime.core.bundle import sha256_file
-from clipinspect.runtime.core.manifest import Manifest
-from clipinspect.runtime.core.inspector import MAP_RANGE, MIN_MAP_SPAN
+from clipinspect.runtime.core.manifest import Manifest, parse
+from clipinspect.runtime.methods.aprillab import (MAP_RANGE, MIN_MAP_SPAN, AprilLabSection,
+                                                 Projections)
 
 from ..errors import log
 from ..text import encode_texts, expand_prompts
@@ -421,12 +422,12 @@ class AprilLabReference:
 
     @classmethod
     def from_manifest(cls, model: torch.nn.Module, manifest: Manifest) -> "AprilLabReference":
-        record, layers = manifest.aprillab["projections"], manifest.aprillab["layers"]
+        record, layers = manifest.section.projections, manifest.section.layers
         width, dim = manifest.dims.width, manifest.dims.embed
-        source = record["path"] if record["kind"] == "file" else "none"
-        activation = (manifest.aprillab or {}).get("activation")
+        source = record.path if record.kind == "file" else "none"
+        activation = manifest.section.activation
         projections, _ = load_projections(source, width, dim, layers, manifest.model.name,
-                                          record.get("seed", 0), activation=activation)
+                                          record.seed or 0, activation=activation)
         return cls(model, projections.state_dict(), layers, manifest.preprocess.size[0],
                    activation)
 
@@ -491,17 +492,21 @@ def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
     own = visual.image_size
     own = [own, own] if isinstance(own, int) else [int(s) for s in own]
     log(f"      {encoder.image_size[0]}x{encoder.image_size[1]}, levels {list(layers)}")
-    return Built(encoder, heads, {"scales": [], "aprillab": {
-        "layers": list(layers),
+    section = AprilLabSection(list(layers), parse(Projections, record, "export", "projections"),
+                              activation, extra={
         "positional_embedding": ("as trained" if own == list(encoder.image_size) else
                                  f"resampled bicubically (antialiased) from {own[0]}x{own[1]}"),
-        "projections": record,
-        "activation": activation,
         "activation_source": "--activation" if options["activation"] else "model config",
         "logit_scale": LOGIT_SCALE,
         "map": "at the input size (per level: upsampled bilinearly, align_corners true, "
-               "then softmax; summed over levels)",
-    }})
+               "then softmax; summed over levels)"})
+    return Built(encoder, heads, section)
+
+
+def text_tower(model: nn.Module, manifest: Manifest) -> None:
+    """The text tower as the bundle's export ran it: with the recorded MLP activation."""
+    if manifest.section.activation:
+        set_activation(model, manifest.section.activation)
 
 
 METHOD = ExportMethod(
@@ -521,4 +526,4 @@ METHOD = ExportMethod(
                "(default: what open_clip's model config gives, recorded; APRIL-GAN's "
                "projections were fitted with gelu)", type=activation_name, metavar="NAME")),
     build=build, category_text=category_text, reference=AprilLabReference,
-    ensemble="aprillab", prompt_adaptation=False, check=require_adapters)
+    ensemble="aprillab", prompt_adaptation=False, check=require_adapters, text_tower=text_tower)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from clipinspect.runtime.core.manifest import Adaptation as ManifestAdaptation
 from clipinspect.runtime.core.names import HEADS
 from .common import Adaptation
 
@@ -47,14 +48,22 @@ class Clip:
 @dataclass
 class Built:
     """encoder: images -> ``output_names()``; heads: ``head_zeroshot`` and ``head_fewshot``
-    (``input_names()``); manifest: the method's own manifest entries."""
+    (``input_names()``); section: the method's typed manifest section (its runtime module's
+    section class); adaptation and temperature: the manifest's scoring entries of the methods
+    scored against (adapted) text prototypes (None for the others)."""
 
     encoder: nn.Module
     heads: dict[str, nn.Module]
-    manifest: dict[str, Any]
+    section: Any
+    adaptation: ManifestAdaptation | None = None
+    temperature: float | None = None
 
 
 def _no_check(options: dict[str, Any]) -> None:
+    return None
+
+
+def _as_loaded(model: nn.Module, manifest: Any) -> None:
     return None
 
 
@@ -69,6 +78,8 @@ class ExportMethod:
     prompt_adaptation: whether it takes contextual adaptation and prompt files (--adapt,
     --prompts); needs_prompt_file: whether every category must have descriptions in a prompt
     file. check(options): refuses options before CLIP is loaded (ValueError).
+    text_tower(model, manifest): makes a loaded CLIP run its text tower as the bundle's export
+    did (add-category; AprilLab sets the recorded activation), default: as loaded.
     """
 
     name: str
@@ -81,6 +92,7 @@ class ExportMethod:
     prompt_adaptation: bool = True
     check: Callable[[dict[str, Any]], None] = field(default=_no_check)
     needs_prompt_file: bool = False
+    text_tower: Callable[[nn.Module, Any], None] = field(default=_as_loaded)
 
     @property
     def defaults(self) -> dict[str, Any]:

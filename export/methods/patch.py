@@ -31,11 +31,13 @@ from torch import nn
 
 from clipinspect.runtime.cli import positive_int
 from clipinspect.runtime.core.manifest import Manifest
+from clipinspect.runtime.methods.patch import PatchSection
 
 from .base import HEADS, Built, Clip, ExportMethod, Option
 from .common import (Adaptation, ClipTower, association, class_score, eager_tokens, head_text,
                      text_input_names)
-from .winclip import ReferenceFeatures, WinClipReference, category_text, scoring_manifest
+from .winclip import (ReferenceFeatures, WinClipReference, category_text, recorded_options,
+                      scoring)
 
 
 def value_value_attention(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -139,7 +141,7 @@ class PatchReference(WinClipReference):
 
     @classmethod
     def from_manifest(cls, model: torch.nn.Module, manifest: Manifest) -> "PatchReference":
-        return cls(model, manifest.method_options["dense_blocks"])
+        return cls(model, manifest.section.dense_blocks)
 
     @staticmethod
     def value_value(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -186,8 +188,8 @@ def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
     encoder = PatchEncoder(clip.model.visual, int(options["dense_blocks"])).eval()
     heads = {name: PatchHead(encoder.grid, name == "head_fewshot", adaptation).eval()
              for name in HEADS}
-    return Built(encoder, heads, {**scoring_manifest(options, adaptation), "scales": [],
-                                  "windows": {}})
+    section = PatchSection(int(options["dense_blocks"]), recorded_options(options))
+    return Built(encoder, heads, section, **scoring(adaptation))
 
 
 METHOD = ExportMethod(

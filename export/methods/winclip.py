@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipinspect.runtime.cli import int_list
-from clipinspect.runtime.core.manifest import Manifest
+from clipinspect.runtime.core.manifest import Adaptation as ManifestAdaptation
+from clipinspect.runtime.core.manifest import Manifest, parse
+from clipinspect.runtime.methods.winclip import WinClipSection
 
 from ..prompt_files import expand
 from ..text import ambiguity_filter, encode_texts, expand_prompts, normalized
@@ -228,7 +230,7 @@ class WinClipReference:
 
     @classmethod
     def from_manifest(cls, model: torch.nn.Module, manifest: Manifest) -> "WinClipReference":
-        return cls(model, manifest.scales)
+        return cls(model, manifest.section.scales)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> ReferenceFeatures:
@@ -316,12 +318,16 @@ class WinClipReference:
 
 
 # ----------------------------------------------------------------------------------- the unit
-def scoring_manifest(options: dict, adaptation: Adaptation | None) -> dict:
-    """Manifest entries of the methods scored against (adapted) text prototypes."""
-    return {"method_options": {k: list(v) if isinstance(v, tuple) else v
-                               for k, v in options.items()},
-            "adaptation": adaptation.record() if adaptation else None,
-            "temperature": TEMPERATURE}
+def recorded_options(options: dict) -> dict:
+    """The method's options as the manifest records them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def scoring(adaptation: Adaptation | None) -> dict:
+    """``Built``'s scoring entries of the methods scored against (adapted) text prototypes."""
+    record = parse(ManifestAdaptation, adaptation.record(), "export", "adaptation") \
+        if adaptation else None
+    return {"adaptation": record, "temperature": TEMPERATURE}
 
 
 def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
@@ -336,8 +342,8 @@ def build(clip: Clip, options: dict, adaptation: Adaptation | None) -> Built:
     heads = {name: WinClipHead(encoder.grid, scales, name == "head_fewshot", adaptation).eval()
              for name in HEADS}
     windows = {str(k): int(getattr(encoder, f"windows_{k}").shape[0]) for k in scales}
-    return Built(encoder, heads, {**scoring_manifest({"scales": scales}, adaptation),
-                                  "scales": list(scales), "windows": windows})
+    section = WinClipSection(list(scales), windows, recorded_options({"scales": scales}))
+    return Built(encoder, heads, section, **scoring(adaptation))
 
 
 METHOD = ExportMethod(

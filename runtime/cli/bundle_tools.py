@@ -25,7 +25,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{': ' + weights.tag if weights.kind == 'tag' else ''}"
           f"{'  <-- RANDOM WEIGHTS, not for inspection' if weights.kind == 'random' else ''}")
     print(f"input       {m.preprocess.size[0]}x{m.preprocess.size[1]}, grid "
-          f"{m.grid[0]}x{m.grid[1]}, scales {m.scales}")
+          f"{m.grid[0]}x{m.grid[1]}, {m.section.summary()}")
     print(f"precisions  {', '.join(bundle.precisions)}")
     for precision, parity in m.parity.items():
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in parity.max_abs_diff.items())
@@ -50,7 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"category    {name}: {entry.n_normal_prompts}+{entry.n_anomalous_prompts} "
               f"prompts{kept}{', prompt file' if entry.prompt_file else ''}, "
               f"{entry.memory.shots if entry.memory else 0}-shot memory, thresholds "
-              f"{entry.thresholds or 'none'}")
+              f"{ {k: t.values() for k, t in entry.thresholds.items()} or 'none'}")
     return 0
 
 

@@ -7,11 +7,11 @@ cupy and onnx are imported only when a provider that needs them is asked for.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-from .errors import UsageError, did_you_mean
-from .names import ORT_PROVIDERS, TENSORRT_NATIVE
+from .errors import UsageError
+from .names import ORT_PROVIDERS
+from .registry import BACKENDS, backend_loader, register_backend
 from .onnxruntime_backend import (PROVIDERS, OrtBackend, ProfileError, ProviderError,
                                   available_providers, default_threads, ort_conflict,
                                   ort_tensorrt_profiles, stored_shots, trt_cache_dir)
@@ -20,26 +20,24 @@ if TYPE_CHECKING:
     from .backend import Backend
     from .bundle import Bundle
 
-__all__ = ["BACKEND_CLASSES", "PROVIDERS", "ProfileError", "ProviderError", "OrtBackend",
+__all__ = ["BACKENDS", "PROVIDERS", "ProfileError", "ProviderError", "OrtBackend",
            "available_providers", "backend_class", "default_threads", "open_backend",
            "ort_conflict", "ort_tensorrt_profiles", "stored_shots", "trt_cache_dir"]
 
-# provider -> (module, class); modules relative to clipinspect.runtime, imported on demand.
-BACKEND_CLASSES = {
-    **{name: ("core.onnxruntime_backend", "OrtBackend") for name in ORT_PROVIDERS},
-    TENSORRT_NATIVE: ("tensorrt.backend", "TrtBackend"),
-}
+
+def _ort_backend() -> type:
+    return OrtBackend
+
+
+for _provider in ORT_PROVIDERS:
+    register_backend(_provider, _ort_backend)
 
 
 def backend_class(provider: str) -> type:
-    """The class serving ``provider``; importing it imports no TensorRT (that happens when an
-    instance is made)."""
-    if provider not in BACKEND_CLASSES:
-        raise ProviderError(f"unknown provider {provider!r}"
-                            f"{did_you_mean(provider, BACKEND_CLASSES)}: choose one of "
-                            f"{', '.join(BACKEND_CLASSES)}")
-    module, name = BACKEND_CLASSES[provider]
-    return getattr(importlib.import_module(f"clipinspect.runtime.{module}"), name)
+    """The class serving ``provider`` (registered in core.registry: onnxruntime's providers
+    here, ``tensorrt-native`` by runtime/tensorrt); importing it imports no TensorRT (that
+    happens when an instance is made)."""
+    return backend_loader(provider, ProviderError)()
 
 
 def open_backend(bundle: "Bundle", precision: str, provider: str = "cpu", *,

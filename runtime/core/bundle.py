@@ -43,8 +43,9 @@ from .errors import did_you_mean
 # FORMAT_NAME and BundleError are imported from here by the export side.
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, BundleError, Category,  # noqa: F401
                        EngineBuild, EngineDevice, FileEntry, GraphFile, Manifest, MemoryFile,
-                       Preprocess, Quantization, category_folder, is_category_name, parse)
-from ..methods import MethodError, method_of
+                       Preprocess, Quantization, Thresholds, category_folder, is_category_name,
+                       parse)
+from .registry import MethodError, method_of
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -168,7 +169,7 @@ class CategoryData:
     text_prototypes: np.ndarray
     memory: dict[str, np.ndarray] | None
     shots: int
-    thresholds: dict[str, dict[str, Any]]  # "<precision>/<mode>" -> {"image", "pixel", ...}
+    thresholds: dict[str, Thresholds]  # "<precision>/<mode>" -> image/pixel thresholds
     text: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -184,8 +185,6 @@ def head_text_arrays(text_npz) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------- array files (.npz)
 # Shapes: a tuple per array name, None where the manifest does not say (older bundles).
 Shape = tuple[int | None, ...]
-# The few-shot memory input normalising AprilLab's score (runtime/core/inspector.MAP_RANGE).
-MAP_RANGE = "reference_map_range"
 
 
 def expected_text(m: Manifest, entry: Category) -> dict[str, Shape]:
@@ -204,15 +203,12 @@ def expected_text(m: Manifest, entry: Category) -> dict[str, Shape]:
 
 def expected_memory(m: Manifest, shots: int) -> dict[str, Shape]:
     """The arrays a memory.npz of ``shots`` reference images may hold: ``memory_X``, encoder
-    output X of every image flattened over them (shots x rows per image, width), and AprilLab's
-    reference map range (2,)."""
-    d, c, p = m.dims.embed, m.dims.width, m.dims.patches
-    gh, gw = m.grid
-    per_image = {"image_embedding": (1, d), "patch_tokens": (p, c), "patch_embeddings": (p, d),
-                 **{f"window_embeddings_{k}": ((gh - k + 1) * (gw - k + 1), d) for k in m.scales},
-                 **{f"level_tokens_{n}": (p, c) for n in (m.aprillab or {}).get("layers", [])}}
-    return {**{f"memory_{x}": (shots * rows, width) for x, (rows, width) in per_image.items()},
-            MAP_RANGE: (2,)}
+    output X of every image flattened over them (shots x rows per image, width), and what the
+    method keeps with them (AprilLab: the reference map range, (2,))."""
+    method = method_of(m)
+    return {**{f"memory_{x}": (shots * rows, width)
+               for x, (rows, width) in method.output_shapes(m).items()},
+            **method.memory_extras(m)}
 
 
 def check_npz(path: Path, expected: dict[str, Shape], what: str,
@@ -401,10 +397,6 @@ class Bundle:
         return self.manifest.grid
 
     @property
-    def scales(self) -> list[int]:
-        return list(self.manifest.scales)
-
-    @property
     def categories(self) -> list[str]:
         return sorted(self.manifest.categories)
 
@@ -524,10 +516,14 @@ class Bundle:
                 raise BundleError(f"category {category!r} was removed from the bundle meanwhile")
             m.categories[category].memory = entry
 
-    def set_thresholds(self, category: str, key: str, thresholds: dict[str, Any]) -> None:
+    def set_thresholds(self, category: str, key: str,
+                       thresholds: dict[str, Any] | Thresholds) -> None:
         """Store decision thresholds of ``category`` under ``key`` ("<precision>/<mode>"):
         ``image`` and/or ``pixel`` (scores >= threshold are anomalous) plus how they were set."""
         self.entry(category)
+        if not isinstance(thresholds, Thresholds):
+            thresholds = parse(Thresholds, thresholds, f"bundle {str(self.root)!r}",
+                               f"categories.{category}.thresholds.{key}")
         with self.updating() as m:
             if category not in m.categories:
                 raise BundleError(f"category {category!r} was removed from the bundle meanwhile")

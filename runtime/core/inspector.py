@@ -21,16 +21,12 @@ import numpy as np
 from .backend import Backend
 from .backends import open_backend
 from .bundle import Bundle, BundleError, CategoryData
+from .manifest import Manifest
 from .errors import UsageError
 from .images import EncodedImage, ImageError, ImageInput, decode, describe, jpeg_draft
 from .maps import gaussian_blur, upsample
 from .names import (ENCODE, ENCODER, FEW_SHOT, HEAD_FEWSHOT, HEAD_OF_MODE, LOAD, MODES, POST,
                     SCORE, STAGES, ZERO_SHOT)
-# A few-shot head input [lo, hi] (2,): the range of the few-shot map's maximum over the reference
-# images, each scored against the others (AprilLab's image-score normaliser, fixed before test
-# time); stored with the memory.
-MAP_RANGE = "reference_map_range"
-MIN_MAP_SPAN = 1e-6
 
 
 def threshold_key(precision: str, mode: str) -> str:
@@ -94,7 +90,11 @@ class Inspector:
         self.precision = precision
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         self._categories: dict[str, object] = {}
-        self._last_map_range: tuple[str, dict, np.ndarray] | None = None
+        self._prepared: tuple[str, dict, dict] | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, precision: str = "fp32", provider: str = "cpu",
@@ -171,8 +171,8 @@ class Inspector:
         """Few-shot reference memory from normal images, without storing it.
 
         Returns (memory arrays for the few-shot head, sources used, [(source, error)]). With a
-        ``category``, a head that takes ``reference_map_range`` gets it in the memory too
-        (otherwise it is computed when the memory is used).
+        ``category``, the memory is prepared by the bundle's method as its few-shot head takes
+        it (AprilLab adds the references' map range); otherwise that happens when it is used.
         """
         chunks: dict[str, list[np.ndarray]] = {}
         used: list[str] = []
@@ -191,50 +191,27 @@ class Inspector:
         names = [n for n in self.backend.head_io[HEAD_FEWSHOT][0] if n.startswith("memory_")]
         memory = {n: np.ascontiguousarray(outputs[n[len("memory_"):]].reshape(
             -1, outputs[n[len("memory_"):]].shape[-1])) for n in names}
-        if category is not None and self._takes_map_range():
-            memory[MAP_RANGE] = self.reference_map_range(category, memory)
+        if category is not None:
+            memory = self.bundle.method.prepare_memory(self, category, memory)
         return memory, used, failed
 
-    def _takes_map_range(self) -> bool:
-        return MAP_RANGE in self.backend.head_io[HEAD_FEWSHOT][0]
+    # The method's memory hook (core.registry.MemoryContext) sees the Inspector through these.
+    def run_head(self, head: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A scoring head on explicit inputs (no encoder outputs, no category)."""
+        return self.backend.score({}, head, feeds)
 
-    def reference_map_range(self, category: str, memory: dict[str, np.ndarray]) -> np.ndarray:
-        """[lo, hi] (2,) float32: min and max over the K reference images of the few-shot map's
-        maximum, each image scored against the memory of the other K - 1 (leave one out: scored
-        against itself its few-shot term is 0). Needs K >= 2 and maxima that differ."""
-        names = [n for n in memory if n.startswith("memory_")]
-        rows = int(self.bundle.manifest.dims.patches)
-        shots = len(memory[names[0]]) // rows
-        if shots < 2:
-            raise UsageError(f"category {category!r}: {shots} reference image; this bundle's "
-                             "few-shot score is normalised by the spread of the reference images' "
-                             "own maps, which needs at least 2: add another normal image")
-        text = self._category_inputs(category, ZERO_SHOT)[1]
-        # The map does not depend on the image embedding (only the score does): zeros stand in.
-        feeds = {**text, MAP_RANGE: np.array([0.0, 1.0], np.float32), "image_embedding":
-                 np.zeros((1, self.bundle.manifest.dims.embed), np.float32)}
-        peaks = []
-        for k in range(shots):
-            own = np.arange(k * rows, (k + 1) * rows)
-            for n in names:
-                feeds[n[len("memory_"):]] = memory[n][own][None]
-                feeds[n] = np.ascontiguousarray(np.delete(memory[n], own, axis=0))
-            out = self.backend.score({}, HEAD_FEWSHOT, feeds)
-            peaks.append(float(out["anomaly_grid"].max()))
-        lo, hi = min(peaks), max(peaks)
-        if hi - lo < MIN_MAP_SPAN:
-            raise UsageError(f"category {category!r}: the {shots} reference images' maps all "
-                             f"peak at {lo:.6g}, which fixes no score scale; add reference "
-                             "images that differ from each other")
-        return np.array([lo, hi], np.float32)
+    def category_text(self, category: str) -> dict[str, np.ndarray]:
+        """The category's text inputs of the heads."""
+        return self._category_inputs(category, ZERO_SHOT)[1]
 
-    def _map_range_of(self, category: str, memory: dict[str, np.ndarray]) -> np.ndarray:
-        """reference_map_range of a memory that lacks it, kept for the last memory asked about:
-        an evaluation scores many batches against one memory."""
-        last = self._last_map_range
+    def _prepared_memory(self, category: str, memory: dict[str, np.ndarray]
+                         ) -> dict[str, np.ndarray]:
+        """The memory as the method's few-shot head takes it, kept for the last memory asked
+        about: an evaluation scores many batches against one memory."""
+        last = self._prepared
         if last is None or last[0] != category or last[1] is not memory:
-            last = self._last_map_range = (category, memory,
-                                           self.reference_map_range(category, memory))
+            last = self._prepared = (category, memory,
+                                     self.bundle.method.prepare_memory(self, category, memory))
         return last[2]
 
     def add_references(self, category: str, images: Sequence[ImageInput], batch_size: int = 8
@@ -269,8 +246,8 @@ class Inspector:
             raise BundleError(f"category {category!r} has no reference images; add them with "
                               f"'clipinspect fewshot {self.bundle.root} --category {category} DIR'")
         use_fewshot = memory is not None and mode != ZERO_SHOT
-        if use_fewshot and MAP_RANGE not in memory and self._takes_map_range():
-            memory = {**memory, MAP_RANGE: self._map_range_of(category, memory)}
+        if use_fewshot:
+            memory = self._prepared_memory(category, memory)
         extra = {**data.text, **(memory if use_fewshot else {})}
         return (FEW_SHOT if use_fewshot else ZERO_SHOT), extra, data
 
@@ -286,7 +263,8 @@ class Inspector:
     def thresholds(self, category: str, mode_used: str) -> dict[str, float]:
         """Thresholds stored for this category, precision and mode ({} if none)."""
         entry = self.bundle.manifest.categories.get(category)
-        return entry.thresholds.get(threshold_key(self.precision, mode_used), {}) if entry else {}
+        found = entry.thresholds.get(threshold_key(self.precision, mode_used)) if entry else None
+        return found.values() if found else {}
 
     def inspect(self, images: Sequence[ImageInput] | ImageInput, category: str,
                 batch_size: int = 8, mode: str = "auto", *, smoothing_sigma: float = 0.0,

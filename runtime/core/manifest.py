@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import registry
 from .errors import ClipInspectError
 
 FORMAT_NAME = "clipinspect-bundle"
@@ -454,82 +455,417 @@ class Parity:
                            "passed": self.passed, **self.extra}, ("passed",))
 
 
-@dataclass
-class Quantization:
-    """How a precision variant was made and how closely it agrees with FP32 (``agreement``:
-    map_pearson_min, max_image_score_diff, images, ...). ``calibration`` and ``sensitivity``
-    exist for INT8."""
+class _ByKey:
+    """``record["key"]`` and ``record.get("key")`` read a record's JSON form: for callers written
+    when these records were dicts (runtime/cli/bundle_tools.py); new code reads the attributes."""
 
-    agreement: dict[str, Any]
-    calibration: dict[str, Any] | None = None
-    sensitivity: dict[str, Any] | None = None
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+def _record(kind: type, d: dict, key: str, at: _At) -> Any:
+    """The optional object ``d[key]`` parsed as ``kind``; None when absent."""
+    value = _dict(d, key, at, optional=True)
+    return None if value is None else kind.from_dict(value, at / key)
+
+
+def _numbers_by_name(d: dict, key: str, at: _At, what: str) -> dict[str, float] | None:
+    return _take(d, key, at, f"an object of {what} -> number",
+                 lambda v: isinstance(v, dict) and all(map(_is_real, v.values())), optional=True)
+
+
+def _opt_strings(d: dict, key: str, at: _At) -> list[str] | None:
+    return _strings(d, key, at, optional=True)
+
+
+@dataclass
+class Agreement(_ByKey):
+    """How closely a precision variant agrees with FP32 on held-out normal images: the smallest
+    Pearson correlation of the patch-grid anomaly maps over the (category, mode) runs
+    (``map_pearson``: per "<category>/<mode>"), the largest image-score difference and how many
+    images. A stored variant's record adds where the images came from (``source``), the map
+    Pearson ``target`` and what was measured (``measured_on``)."""
+
+    map_pearson_min: float
+    max_image_score_diff: float
+    images: int
+    map_pearson: dict[str, float] | None = None
+    source: str | None = None
+    target: float | None = None
+    measured_on: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("map_pearson_min", "map_pearson", "max_image_score_diff", "images", "source",
+              "target", "measured_on")
+    _OPTIONAL = ("map_pearson", "source", "target", "measured_on")
+
+    @classmethod
+    def from_dict(cls, d: dict, at: _At) -> "Agreement":
+        return cls(_take(d, "map_pearson_min", at, "a number", _is_real),
+                   _take(d, "max_image_score_diff", at, "a number", _is_real),
+                   _int(d, "images", at),
+                   map_pearson=_numbers_by_name(d, "map_pearson", at, '"<category>/<mode>"'),
+                   source=_str(d, "source", at, optional=True),
+                   target=_take(d, "target", at, "a number", _is_real, optional=True),
+                   measured_on=_str(d, "measured_on", at, optional=True),
+                   extra=_rest(d, cls._KNOWN))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"map_pearson_min": self.map_pearson_min, "map_pearson": self.map_pearson,
+               "max_image_score_diff": self.max_image_score_diff, "images": self.images,
+               "source": self.source, "target": self.target, "measured_on": self.measured_on,
+               **self.extra}
+        return _drop_none(out, self._OPTIONAL)
+
+
+@dataclass
+class Calibration(_ByKey):
+    """How the INT8 activation ranges were calibrated: ``method`` (minmax, entropy or
+    percentile) over ``images`` normal images."""
+
+    method: str
+    images: int
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict, at: _At) -> "Quantization":
-        agreement = _dict(d, "agreement_vs_fp32", at)
-        a = at / "agreement_vs_fp32"
-        for key in ("map_pearson_min", "max_image_score_diff"):
-            _take(agreement, key, a, "a number", _is_real)
-        _int(agreement, "images", a)
-        calibration = _dict(d, "calibration", at, optional=True)
-        if calibration is not None:
-            _str(calibration, "method", at / "calibration")
-            _int(calibration, "images", at / "calibration")
-        sensitivity = _dict(d, "sensitivity", at, optional=True)
-        if sensitivity is not None:
-            _list(sensitivity, "excluded_weights", at / "sensitivity", "a list", lambda v: True)
-        return cls(agreement, calibration, sensitivity,
-                   _rest(d, ("agreement_vs_fp32", "calibration", "sensitivity")))
+    def from_dict(cls, d: dict, at: _At) -> "Calibration":
+        return cls(_str(d, "method", at), _int(d, "images", at), _rest(d, ("method", "images")))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {**self.extra, "agreement_vs_fp32": self.agreement,
-               "calibration": self.calibration, "sensitivity": self.sensitivity}
-        return _drop_none(out, ("calibration", "sensitivity"))
+        return {"method": self.method, "images": self.images, **self.extra}
+
+
+@dataclass
+class WeightRank:
+    """One weight of the sensitivity ranking: its label, the MatMul nodes that read it, the
+    map Pearson with it alone kept FP32 and the gain over every weight quantized."""
+
+    weight: str
+    nodes: list[str]
+    map_pearson_if_fp32: float
+    gain: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("weight", "nodes", "map_pearson_if_fp32", "gain")
+
+    @classmethod
+    def from_dict(cls, d: Any, at: _At) -> "WeightRank":
+        if not isinstance(d, dict):
+            raise at.error(d, "an object with weight, nodes, map_pearson_if_fp32 and gain")
+        return cls(_str(d, "weight", at), _strings(d, "nodes", at),
+                   _take(d, "map_pearson_if_fp32", at, "a number", _is_real),
+                   _take(d, "gain", at, "a number", _is_real), _rest(d, cls._KNOWN))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight, "nodes": list(self.nodes),
+                "map_pearson_if_fp32": self.map_pearson_if_fp32, "gain": self.gain, **self.extra}
+
+
+@dataclass
+class Sensitivity(_ByKey):
+    """The INT8 sensitivity pass: whether it ran (``mode`` auto, always or off) and for which
+    map Pearson ``target``, the top of its ranking, and the weights (labels) and MatMul nodes
+    it kept FP32."""
+
+    excluded_weights: list[str]
+    ran: bool | None = None
+    mode: str | None = None
+    target: float | None = None
+    ranking: list[WeightRank] | None = None
+    excluded_nodes: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("ran", "mode", "target", "ranking", "excluded_weights", "excluded_nodes")
+
+    @classmethod
+    def from_dict(cls, d: dict, at: _At) -> "Sensitivity":
+        ranking = _list(d, "ranking", at, "a list of objects", lambda v: True, optional=True)
+        return cls(_strings(d, "excluded_weights", at),
+                   ran=_take(d, "ran", at, "true or false", lambda v: isinstance(v, bool),
+                             optional=True),
+                   mode=_str(d, "mode", at, optional=True),
+                   target=_take(d, "target", at, "a number", _is_real, optional=True),
+                   ranking=None if ranking is None else [
+                       WeightRank.from_dict(r, at / "ranking" / i) for i, r in enumerate(ranking)],
+                   excluded_nodes=_opt_strings(d, "excluded_nodes", at),
+                   extra=_rest(d, cls._KNOWN))
+
+    def to_dict(self) -> dict[str, Any]:
+        ranking = None if self.ranking is None else [r.to_dict() for r in self.ranking]
+        out = {"ran": self.ran, "mode": self.mode, "target": self.target, "ranking": ranking,
+               "excluded_weights": list(self.excluded_weights),
+               "excluded_nodes": self.excluded_nodes, **self.extra}
+        return _drop_none(out, ("ran", "mode", "target", "ranking", "excluded_nodes"))
+
+
+@dataclass
+class Scheme:
+    """How a variant represents its numbers: ``format`` "FP16" (with the ``kept_fp32_ops``, the
+    ``io`` type and how ``layer_norm`` runs) or "QDQ" (the quantized ``ops``, how many
+    ``attention_products``, how ``weights`` and ``activations`` are quantized)."""
+
+    format: str
+    ops: list[str] | None = None
+    kept_fp32_ops: list[str] | None = None
+    attention_products: int | None = None
+    weights: str | None = None
+    activations: str | None = None
+    io: str | None = None
+    layer_norm: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("format", "ops", "kept_fp32_ops", "attention_products", "weights", "activations",
+              "io", "layer_norm")
+
+    @classmethod
+    def from_dict(cls, d: dict, at: _At) -> "Scheme":
+        return cls(_str(d, "format", at), ops=_opt_strings(d, "ops", at),
+                   kept_fp32_ops=_opt_strings(d, "kept_fp32_ops", at),
+                   attention_products=_int(d, "attention_products", at, optional=True),
+                   weights=_str(d, "weights", at, optional=True),
+                   activations=_str(d, "activations", at, optional=True),
+                   io=_str(d, "io", at, optional=True),
+                   layer_norm=_str(d, "layer_norm", at, optional=True), extra=_rest(d, cls._KNOWN))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self._KNOWN}
+        return _drop_none({**out, **self.extra}, self._KNOWN[1:])
+
+
+@dataclass
+class Fp16BetweenQdq:
+    """The INT8 graph with FP16 between its Q/DQ pairs (``graphs.int8.<graph>``, what
+    build-engine's INT8 engines are built from): its graph name and opset, its Q/DQ scales (how
+    many, the smallest, how many are FP16 subnormals), what runs between the pairs, and its
+    agreement with FP32 (onnxruntime CPU)."""
+
+    graph: str
+    opset: int
+    agreement: Agreement
+    scales: int | None = None
+    min_scale: float | None = None
+    subnormal_scales: int | None = None
+    between_qdq: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("graph", "opset", "scales", "min_scale", "subnormal_scales", "between_qdq",
+              "agreement_vs_fp32")
+
+    @classmethod
+    def from_dict(cls, d: dict, at: _At) -> "Fp16BetweenQdq":
+        return cls(_take(d, "graph", at, "a graph name (letters, digits, '_' or '-')",
+                         _is_name(GRAPH_NAME)),
+                   _int(d, "opset", at, minimum=1),
+                   Agreement.from_dict(_dict(d, "agreement_vs_fp32", at), at / "agreement_vs_fp32"),
+                   scales=_int(d, "scales", at, optional=True),
+                   min_scale=_take(d, "min_scale", at, "a number", _is_real, optional=True),
+                   subnormal_scales=_int(d, "subnormal_scales", at, optional=True),
+                   between_qdq=_str(d, "between_qdq", at, optional=True),
+                   extra=_rest(d, cls._KNOWN))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"graph": self.graph, "opset": self.opset, "scales": self.scales,
+               "min_scale": self.min_scale, "subnormal_scales": self.subnormal_scales,
+               "between_qdq": self.between_qdq, "agreement_vs_fp32": self.agreement.to_dict(),
+               **self.extra}
+        return _drop_none(out, ("scales", "min_scale", "subnormal_scales", "between_qdq"))
+
+
+@dataclass
+class Quantization:
+    """How a precision variant was made and how closely it agrees with FP32 (``agreement``,
+    written as ``agreement_vs_fp32``): its ``scheme``; for INT8 also the ``calibration``, the
+    quantized and FP32 MatMul node counts, the agreement with every weight quantized, the
+    ``sensitivity`` pass and the graph with FP16 between its Q/DQ pairs; when it was made and
+    with which onnx / onnxruntime ``versions``."""
+
+    agreement: Agreement
+    scheme: Scheme | None = None
+    calibration: Calibration | None = None
+    sensitivity: Sensitivity | None = None
+    quantized_nodes: int | None = None
+    fp32_nodes: int | None = None
+    all_quantized_agreement: Agreement | None = None
+    fp16_between_qdq: Fp16BetweenQdq | None = None
+    created: str | None = None
+    versions: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("scheme", "calibration", "quantized_nodes", "fp32_nodes", "all_quantized_agreement",
+              "sensitivity", "fp16_between_qdq", "created", "agreement_vs_fp32", "versions")
+
+    @classmethod
+    def from_dict(cls, d: dict, at: _At) -> "Quantization":
+        versions = _take(d, "versions", at, "an object of package -> version string",
+                         lambda v: isinstance(v, dict) and all(isinstance(x, str)
+                                                               for x in v.values()), optional=True)
+        return cls(Agreement.from_dict(_dict(d, "agreement_vs_fp32", at), at / "agreement_vs_fp32"),
+                   scheme=_record(Scheme, d, "scheme", at),
+                   calibration=_record(Calibration, d, "calibration", at),
+                   sensitivity=_record(Sensitivity, d, "sensitivity", at),
+                   quantized_nodes=_int(d, "quantized_nodes", at, optional=True),
+                   fp32_nodes=_int(d, "fp32_nodes", at, optional=True),
+                   all_quantized_agreement=_record(Agreement, d, "all_quantized_agreement", at),
+                   fp16_between_qdq=_record(Fp16BetweenQdq, d, "fp16_between_qdq", at),
+                   created=_str(d, "created", at, optional=True), versions=versions,
+                   extra=_rest(d, cls._KNOWN))
+
+    def to_dict(self) -> dict[str, Any]:
+        def form(record: Any) -> Any:
+            return None if record is None else record.to_dict()
+
+        out = {"scheme": form(self.scheme), "calibration": form(self.calibration),
+               "quantized_nodes": self.quantized_nodes, "fp32_nodes": self.fp32_nodes,
+               "all_quantized_agreement": form(self.all_quantized_agreement),
+               "sensitivity": form(self.sensitivity),
+               "fp16_between_qdq": form(self.fp16_between_qdq), "created": self.created,
+               "agreement_vs_fp32": self.agreement.to_dict(), "versions": self.versions,
+               **self.extra}
+        return _drop_none(out, [k for k in self._KNOWN if k != "agreement_vs_fp32"])
+
+    def describe(self) -> str:
+        """Its agreement with FP32 and, for INT8, how it was calibrated, in one line."""
+        a, how = self.agreement, ""
+        if self.calibration is not None:
+            kept = self.sensitivity.excluded_weights if self.sensitivity else []
+            how = (f"; {self.calibration.method} calibration on {self.calibration.images} "
+                   f"images, {len(kept)} weight(s) kept FP32")
+        return (f"map Pearson {a.map_pearson_min:.5f}, image score diff "
+                f"{a.max_image_score_diff:.1e} ({a.images} held-out images{how})")
+
+
+@dataclass
+class EngineProfile:
+    """The optimization profile engines were built for: ``batch`` [min, opt, max] images per
+    encoder call and ``max_shots``, the most reference images a few-shot head takes."""
+
+    batch: tuple[int, int, int]
+    max_shots: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, at: _At) -> "EngineProfile":
+        batch = _list(d, "batch", at, "[min, opt, max] batch sizes",
+                      lambda v: _is_int(v) and v > 0, length=3)
+        return cls(tuple(batch), _int(d, "max_shots", at), _rest(d, ("batch", "max_shots")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": list(self.batch), "max_shots": self.max_shots, **self.extra}
+
+    @property
+    def min_batch(self) -> int:
+        return self.batch[0]
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch[2]
 
 
 @dataclass
 class EngineBuild:
     """TensorRT engines of one precision built on one device: a plan file per graph, the
-    sha256 of the ONNX graphs they were built from, the optimization profile (``batch``:
-    [min, opt, max], ``max_shots``) and how they were built (workspace, times, ...)."""
+    sha256 of the ONNX graphs they were built from, the optimization ``profile`` and how they
+    were built: workspace, TF32 (off), the graph the encoder engine came from, the heads'
+    input shape profiles (``head_profiles``: graph -> input -> [min, opt, max] shapes), which
+    head engines were reused from an earlier build, when, and the seconds per engine."""
 
     files: dict[str, FileEntry]
     source_graphs: dict[str, str]
-    profile: dict[str, Any]
+    profile: EngineProfile
+    workspace_mb: int | None = None
+    tf32: bool | None = None
+    encoder_graph: str | None = None
+    head_profiles: dict[str, dict[str, list]] | None = None
+    heads_reused: list[str] | None = None
+    built: str | None = None
+    build_seconds: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("profile", "workspace_mb", "tf32", "encoder_graph", "head_profiles",
+              "heads_reused", "source_graphs", "built", "build_seconds")
 
     @classmethod
     def from_dict(cls, d: dict, at: _At) -> "EngineBuild":
         files = {k: FileEntry.from_dict(v, at / k) for k, v in d.items()
-                 if isinstance(v, dict) and "file" in v}
+                 if k not in cls._KNOWN and isinstance(v, dict) and "file" in v}
         sources = _take(d, "source_graphs", at, "an object of graph -> sha256",
                         lambda v: isinstance(v, dict)
                         and all(isinstance(x, str) for x in v.values()))
-        profile = _dict(d, "profile", at)
-        _list(profile, "batch", at / "profile", "[min, opt, max] batch sizes",
-              lambda v: _is_int(v) and v > 0, length=3)
-        _int(profile, "max_shots", at / "profile")
-        return cls(files, sources, profile, _rest(d, (*files, "source_graphs", "profile")))
+        head_profiles = _take(d, "head_profiles", at, "an object of graph -> input shapes",
+                              lambda v: isinstance(v, dict)
+                              and all(isinstance(x, dict) for x in v.values()), optional=True)
+        return cls(files, sources, EngineProfile.from_dict(_dict(d, "profile", at), at / "profile"),
+                   workspace_mb=_int(d, "workspace_mb", at, optional=True, minimum=1),
+                   tf32=_take(d, "tf32", at, "true or false", lambda v: isinstance(v, bool),
+                              optional=True),
+                   encoder_graph=_take(d, "encoder_graph", at, "a graph name (letters, digits, "
+                                       "'_' or '-')", _is_name(GRAPH_NAME), optional=True),
+                   head_profiles=head_profiles,
+                   heads_reused=_strings(d, "heads_reused", at, optional=True),
+                   built=_str(d, "built", at, optional=True),
+                   build_seconds=_numbers_by_name(d, "build_seconds", at, "graph"),
+                   extra=_rest(d, (*files, *cls._KNOWN)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: v.to_dict() for k, v in self.files.items()}, "profile": self.profile,
-                "source_graphs": self.source_graphs, **self.extra}
+        out = {**{k: v.to_dict() for k, v in self.files.items()},
+               "profile": self.profile.to_dict(), "workspace_mb": self.workspace_mb,
+               "tf32": self.tf32, "encoder_graph": self.encoder_graph,
+               "head_profiles": self.head_profiles, "heads_reused": self.heads_reused,
+               "source_graphs": self.source_graphs, "built": self.built,
+               "build_seconds": self.build_seconds, **self.extra}
+        return _drop_none(out, [k for k in self._KNOWN if k not in ("profile", "source_graphs")])
+
+
+@dataclass
+class DeviceRecord:
+    """The device engines were built on: GPU name, compute capability ("8.7"), TensorRT
+    version and, in records written since they were keyed by them, the SM count, the memory in
+    GiB and the board model ('' off a Jetson)."""
+
+    gpu: str
+    compute_capability: str
+    tensorrt: str
+    sm_count: int | None = None
+    memory_gib: int | None = None
+    board: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = ("gpu", "compute_capability", "tensorrt", "sm_count", "memory_gib", "board")
+
+    @classmethod
+    def from_dict(cls, d: dict, at: _At) -> "DeviceRecord":
+        return cls(_str(d, "gpu", at), _str(d, "compute_capability", at), _str(d, "tensorrt", at),
+                   sm_count=_int(d, "sm_count", at, optional=True),
+                   memory_gib=_int(d, "memory_gib", at, optional=True),
+                   board=_str(d, "board", at, optional=True), extra=_rest(d, cls._KNOWN))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self._KNOWN}
+        return _drop_none({**out, **self.extra}, self._KNOWN[3:])
+
+    def describe(self) -> str:
+        return f"{self.gpu} (sm {self.compute_capability}, TensorRT {self.tensorrt})"
 
 
 @dataclass
 class EngineDevice:
-    """Engines built on one device (key: GPU, compute capability, TensorRT version)."""
+    """Engines built on one device (key: GPU, compute capability, TensorRT version, ...)."""
 
-    device: dict[str, str]
+    device: DeviceRecord
     builds: dict[str, EngineBuild]  # precision -> engines
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Bundle.set_engines assigns the device in its JSON form: parsed, so it is checked.
+        if name == "device" and isinstance(value, dict):
+            value = DeviceRecord.from_dict(value, _At("engine record", "device"))
+        super().__setattr__(name, value)
 
     @classmethod
     def from_dict(cls, d: dict, at: _At) -> "EngineDevice":
-        device = _take(d, "device", at, "an object with gpu, compute_capability and tensorrt",
-                       lambda v: isinstance(v, dict) and all(
-                           isinstance(v.get(k), str)
-                           for k in ("gpu", "compute_capability", "tensorrt")))
+        device = DeviceRecord.from_dict(_dict(d, "device", at), at / "device")
         builds = {}
         for precision, record in d.items():
             if precision != "device":
@@ -541,20 +877,63 @@ class EngineDevice:
         return cls(device, builds)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, **{p: b.to_dict() for p, b in self.builds.items()}}
+        return {"device": self.device.to_dict(),
+                **{p: b.to_dict() for p, b in self.builds.items()}}
 
 
 # ------------------------------------------------------------------------------- categories
-def _thresholds(d: dict, at: _At) -> dict[str, dict[str, Any]]:
-    """"<precision>/<mode>" -> {"image": t, "pixel": t, ...}; {} when there are none."""
+@dataclass
+class Thresholds:
+    """Decision thresholds of one category, precision and mode: scores >= ``image`` mean an
+    anomalous part, map values >= ``pixel`` an anomalous pixel (either may be absent); ``extra``
+    says how they were set (rule, FPR, images, ...)."""
+
+    image: float | None = None
+    pixel: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, at: _At) -> "Thresholds":
+        if not isinstance(d, dict):
+            raise at.error(d, "an object with image and/or pixel thresholds")
+        return cls(_num(d, "image", at, optional=True), _num(d, "pixel", at, optional=True),
+                   _rest(d, ("image", "pixel")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none({"image": self.image, "pixel": self.pixel, **self.extra},
+                          ("image", "pixel"))
+
+    def values(self) -> dict[str, float]:
+        """{"image": t, "pixel": t}, the thresholds that are set."""
+        return _drop_none({"image": self.image, "pixel": self.pixel}, ("image", "pixel"))
+
+
+def _thresholds(d: dict, at: _At) -> dict[str, Thresholds]:
+    """"<precision>/<mode>" -> Thresholds; {} when there are none."""
     value = _dict(d, "thresholds", at, optional=True) or {}
-    for key, record in value.items():
-        here = at / "thresholds" / key
-        if not isinstance(record, dict):
-            raise here.error(record, "an object with image and/or pixel thresholds")
-        _num(record, "image", here, optional=True)
-        _num(record, "pixel", here, optional=True)
-    return value
+    return {key: Thresholds.from_dict(record, at / "thresholds" / key)
+            for key, record in value.items()}
+
+
+@dataclass
+class PromptFileUse:
+    """Which prompt file's descriptions a category's text embeddings include: its path and
+    sha256 as given at export, and how many descriptions per state (``n_normal``,
+    ``n_anomalous``)."""
+
+    file: str
+    sha256: str
+    counts: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, at: _At) -> "PromptFileUse":
+        counts = {k: _int(d, k, at) for k in ("n_normal", "n_anomalous") if k in d}
+        return cls(_str(d, "file", at), _str(d, "sha256", at), counts,
+                   _rest(d, ("file", "sha256", "n_normal", "n_anomalous")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, **self.counts, **self.extra}
 
 
 @dataclass
@@ -565,10 +944,10 @@ class Category:
     text: FileEntry
     prompts: FileEntry
     memory: MemoryFile | None = None
-    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    thresholds: dict[str, Thresholds] = field(default_factory=dict)
     n_normal_prompts: int | None = None
     n_anomalous_prompts: int | None = None
-    prompt_file: dict[str, Any] | None = None
+    prompt_file: PromptFileUse | None = None
     ambiguity_filter_dropped: dict[str, list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -580,6 +959,7 @@ class Category:
         if not isinstance(d, dict):
             raise at.error(d, "an object (the category's files)")
         memory = _dict(d, "memory", at, optional=True)
+        prompt_file = _dict(d, "prompt_file", at, optional=True)
         dropped = _take(d, "ambiguity_filter_dropped", at, "lists 'normal' and 'anomalous'",
                         lambda v: isinstance(v, dict) and all(
                             isinstance(v.get(k), list) for k in ("normal", "anomalous")),
@@ -590,17 +970,19 @@ class Category:
                    thresholds=_thresholds(d, at),
                    n_normal_prompts=_int(d, "n_normal_prompts", at, optional=True),
                    n_anomalous_prompts=_int(d, "n_anomalous_prompts", at, optional=True),
-                   prompt_file=_dict(d, "prompt_file", at, optional=True),
+                   prompt_file=(PromptFileUse.from_dict(prompt_file, at / "prompt_file")
+                                if prompt_file is not None else None),
                    ambiguity_filter_dropped=dropped, extra=_rest(d, cls._KNOWN))
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text.to_dict(), "prompts": self.prompts.to_dict(),
                 "n_normal_prompts": self.n_normal_prompts,
                 "n_anomalous_prompts": self.n_anomalous_prompts,
-                "prompt_file": self.prompt_file,
+                "prompt_file": self.prompt_file.to_dict() if self.prompt_file else None,
                 "ambiguity_filter_dropped": self.ambiguity_filter_dropped,
                 "memory": self.memory.to_dict() if self.memory else None,
-                "thresholds": self.thresholds or None, **self.extra}
+                "thresholds": {k: t.to_dict() for k, t in self.thresholds.items()} or None,
+                **self.extra}
 
     def files(self) -> dict[str, FileEntry]:
         """What -> file entry, for checks and clean-up."""
@@ -613,95 +995,94 @@ class Category:
 class Manifest:
     """The whole manifest. ``graphs``: precision -> graph name -> file; ``parity``: precision ->
     measured parity; ``quantization``: precision (fp16, int8) -> how it was made; ``engines``:
-    device key -> TensorRT engines; ``method_options``: the method's export options;
-    ``aprillab``: the AprilLab section (levels, projections) of aprillab bundles."""
+    device key -> TensorRT engines; ``section``: the method's own part, typed by the method
+    (registry.MethodSpec.section: WinCLIP's scales and windows, AprilLab's levels and
+    projections, ...); ``prompt_ensemble``: whether the categories' text includes the method's
+    prompt ensemble (False: the prompt file's descriptions alone)."""
 
     model: Model
     preprocess: Preprocess
     grid: tuple[int, int]
-    scales: list[int]
     dims: Dims
     graphs: dict[str, dict[str, GraphFile]]
     categories: dict[str, Category]
     method: str = "winclip"
-    method_options: dict[str, Any] = field(default_factory=dict)
+    section: Any = None
     adaptation: Adaptation | None = None
     outputs: list[str] | None = None
-    windows: dict[str, int] | None = None
     patch_size: int | None = None
     temperature: float | None = None
     opset: int | None = None
     created: str | None = None
+    prompt_ensemble: bool = True
     parity: dict[str, Parity] = field(default_factory=dict)
     quantization: dict[str, Quantization] = field(default_factory=dict)
     engines: dict[str, EngineDevice] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
-    aprillab: dict[str, Any] | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = ("format", "format_version", "method", "method_options", "adaptation", "created",
-              "model", "preprocess", "grid", "patch_size", "scales", "windows", "outputs",
-              "dims", "temperature", "opset", "graphs", "parity", "quantization", "engines",
-              "versions", "aprillab", "categories")
+    _KNOWN = ("format", "format_version", "method", "adaptation", "created", "model",
+              "preprocess", "grid", "patch_size", "outputs", "dims", "temperature", "opset",
+              "graphs", "parity", "quantization", "engines", "versions", "categories",
+              "prompt_ensemble")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "bundle") -> "Manifest":
-        """Validate (and migrate to the current version) a manifest read from JSON."""
+        """Validate (and migrate to the current version) a manifest read from JSON; the
+        method's section is read by the method (the registry)."""
         at = _At(where)
         if not isinstance(d, dict):
             raise at.error(d, "a JSON object")
         manifest = cls._fields(migrate(d, where), at)
         _check_geometry(manifest, at)
+        manifest.section.check(manifest, at)
         return manifest
 
     @classmethod
     def _fields(cls, d: dict, at: _At) -> "Manifest":
-        positive = _is_positive_int
         adaptation = _dict(d, "adaptation", at, optional=True)
         method = _str(d, "method", at, optional=True) or "winclip"
+        if method not in registry.METHODS:
+            raise (at / "method").error(method, f"one of {', '.join(registry.METHODS)}", "it "
+                                        "was written by a newer clipinspect: upgrade clipinspect")
+        section_type = registry.METHODS[method].section
         return cls(
             model=Model.from_dict(_dict(d, "model", at), at / "model"),
             preprocess=Preprocess.from_dict(_dict(d, "preprocess", at), at / "preprocess"),
-            grid=tuple(_list(d, "grid", at, "[rows, columns] of the patch grid", positive,
-                             length=2)),
-            scales=_list(d, "scales", at, "a list of window sizes (whole numbers > 0)", positive),
+            grid=tuple(_list(d, "grid", at, "[rows, columns] of the patch grid",
+                             _is_positive_int, length=2)),
             dims=Dims.from_dict(_dict(d, "dims", at), at / "dims"),
-            graphs=_graphs(d, at), categories=_categories(d, at),
-            method=method, method_options=_dict(d, "method_options", at, optional=True) or {},
+            graphs=_graphs(d, at), categories=_categories(d, at), method=method,
+            section=section_type.from_dict(d, at),
             adaptation=Adaptation.from_dict(adaptation, at / "adaptation") if adaptation else None,
             outputs=_tensor_names(d, "outputs", at),
-            windows=_take(d, "windows", at, "an object of scale -> number of windows",
-                          lambda v: isinstance(v, dict) and all(map(positive, v.values()))
-                          and all(k.isdigit() and k.isascii() for k in v), optional=True),
             patch_size=_int(d, "patch_size", at, optional=True, minimum=1),
             temperature=_num(d, "temperature", at, optional=True),
             opset=_int(d, "opset", at, optional=True, minimum=1),
             created=_str(d, "created", at, optional=True),
+            prompt_ensemble=_take(d, "prompt_ensemble", at, "true or false",
+                                  lambda v: isinstance(v, bool), optional=True) is not False,
             parity={k: Parity.from_dict(v, at / "parity" / k)
                     for k, v in _records(d, "parity", at).items()},
             quantization={k: Quantization.from_dict(v, at / "quantization" / k)
                           for k, v in _records(d, "quantization", at).items()},
-            engines={k: EngineDevice.from_dict(v, at / "engines" / k)
-                     for k, v in _check_keys(_records(d, "engines", at), at / "engines",
-                                             ENGINE_KEY, "device keys of letters, digits, '_', "
-                                             "'.', '+' or '-'").items()},
-            versions=_dict(d, "versions", at, optional=True) or {},
-            aprillab=_aprillab(d, at, method), format=d["format"],
-            format_version=d["format_version"], extra=_rest(d, cls._KNOWN))
+            engines=_engines(d, at), versions=_dict(d, "versions", at, optional=True) or {},
+            format=d["format"], format_version=d["format_version"],
+            extra=_rest(d, (*cls._KNOWN, *section_type.KEYS)))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (current format version)."""
         out = {
             "format": self.format, "format_version": self.format_version, "method": self.method,
-            "method_options": self.method_options,
+            **self.section.to_dict(),
             "adaptation": self.adaptation.to_dict() if self.adaptation else None,
             "created": self.created, "model": self.model.to_dict(),
             "preprocess": self.preprocess.to_dict(), "grid": list(self.grid),
-            "patch_size": self.patch_size, "scales": list(self.scales), "windows": self.windows,
-            "outputs": self.outputs, "dims": self.dims.to_dict(), "aprillab": self.aprillab,
+            "patch_size": self.patch_size, "outputs": self.outputs, "dims": self.dims.to_dict(),
             "temperature": self.temperature, "opset": self.opset,
+            "prompt_ensemble": None if self.prompt_ensemble else False,
             "graphs": {p: {n: g.to_dict() for n, g in gs.items()} for p, gs in self.graphs.items()},
             "parity": {p: r.to_dict() for p, r in self.parity.items()},
             "quantization": {p: r.to_dict() for p, r in self.quantization.items()} or None,
@@ -709,8 +1090,8 @@ class Manifest:
             "versions": self.versions,
             "categories": {n: c.to_dict() for n, c in self.categories.items()},
             **self.extra}
-        optional = ("created", "patch_size", "windows", "outputs", "aprillab", "temperature",
-                    "opset", "quantization", "engines")
+        optional = ("created", "patch_size", "outputs", "temperature", "opset", "quantization",
+                    "engines", "prompt_ensemble")
         return _drop_none(out, optional)
 
     def files(self) -> list[tuple[str, FileEntry]]:
@@ -722,6 +1103,12 @@ class Manifest:
             out += [(f"{p} {n} TensorRT engine ({key})", e)
                     for p, build in device.builds.items() for n, e in build.files.items()]
         return out
+
+
+def _engines(d: dict, at: _At) -> dict[str, EngineDevice]:
+    records = _check_keys(_records(d, "engines", at), at / "engines", ENGINE_KEY,
+                          "device keys of letters, digits, '_', '.', '+' or '-'")
+    return {k: EngineDevice.from_dict(v, at / "engines" / k) for k, v in records.items()}
 
 
 def migrate(d: dict, where: str) -> dict:
@@ -785,8 +1172,7 @@ def _categories(d: dict, at: _At) -> dict[str, Category]:
 
 def _check_geometry(m: "Manifest", at: _At) -> None:
     """Sizes that must agree with each other (the encoder was traced with them): the patch grid
-    of the input size, P = rows x columns, window scales that fit the grid and their window
-    counts (every k x k window, stride 1)."""
+    of the input size and P = rows x columns (the method's section checks its own sizes)."""
     size, grid, patch = m.preprocess.size, m.grid, m.patch_size
     if patch and [s // patch for s in size] != list(grid):
         low = [g * patch for g in grid]
@@ -799,24 +1185,17 @@ def _check_geometry(m: "Manifest", at: _At) -> None:
     if m.dims.patches != grid[0] * grid[1]:
         raise (at / "dims" / "patches").error(m.dims.patches, f"{grid[0] * grid[1]}, the "
                                               f"{grid[0]}x{grid[1]} patch grid")
-    for k in m.scales:
-        if k > min(grid):
-            raise (at / "scales").error(m.scales, f"window sizes from 1 to {min(grid)} (the grid)")
-        count = (grid[0] - k + 1) * (grid[1] - k + 1)
-        if m.windows is not None and str(k) in m.windows and m.windows[str(k)] != count:
-            raise (at / "windows" / k).error(m.windows[str(k)], f"{count}, the {k}x{k} windows "
-                                             f"of the {grid[0]}x{grid[1]} grid")
-
-
-def _aprillab(d: dict, at: _At, method: str) -> dict[str, Any] | None:
-    section = _dict(d, "aprillab", at, optional=method != "aprillab")
-    if section is not None:
-        _list(section, "layers", at / "aprillab", "a list of transformer block numbers",
-              lambda v: _is_int(v) and v >= 0)
-    return section
 
 
 def parse(kind: type, d: Any, where: str, path: str = "") -> Any:
     """A part of a manifest (``Category``, ``GraphFile``, ``Quantization``, ``EngineBuild``, ...)
     from its JSON form, validated like a whole manifest; ``path`` names it in errors."""
     return kind.from_dict(d, _At(where, path))
+
+
+# The reading toolkit of a method's manifest section (runtime/methods/*): the same checks and
+# the same one-line errors as the rest of the manifest.
+At = _At
+take, take_dict, take_str, take_int, take_num, take_list, take_strings = (
+    _take, _dict, _str, _int, _num, _list, _strings)
+is_int, is_num, is_positive_int, rest, drop_none = _is_int, _is_num, _is_positive_int, _rest, _drop_none

@@ -261,13 +261,13 @@ def ort_tensorrt_profiles(bundle: "Bundle", precision: str, batch_size: int | No
 
     Batch: 1..``batch_size``, tuned for ``batch_size`` (None: 1..32 tuned for 8, what the
     callers that do not say their batch size get). Few-shot memory: tuned for the most
-    reference images a category stores, up to that or compat.DEFAULT_MAX_SHOTS (16), whichever
+    reference images a category stores, up to that or profiles.DEFAULT_MAX_SHOTS (16), whichever
     is larger, so references added while the Inspector is open still fit. A larger batch or
     memory is refused by OrtBackend with an error naming the limit (ProfileError).
     """
     import onnx
 
-    from ..tensorrt.compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes
+    from .profiles import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes
 
     batch = BatchRange() if batch_size is None else BatchRange(1, batch_size, batch_size)
     shots = stored_shots(bundle)

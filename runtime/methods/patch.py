@@ -1,18 +1,57 @@
-"""Patch-only bundles: encoder outputs and cost model."""
+"""Patch-only bundles: manifest section (dense blocks), encoder outputs and cost model."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from .base import Method
+from ..core.manifest import At, is_positive_int, take, take_dict
+from .base import Method, token_shapes
 from .cost import full_pass_gflops
 
 if TYPE_CHECKING:
     from ..core.manifest import Manifest
 
 
+@dataclass
+class PatchSection:
+    """``dense_blocks``: the last blocks whose value-value attention makes the patch
+    embeddings; ``options``: the export options as recorded (``method_options``)."""
+
+    dense_blocks: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    KEYS = ("method_options",)
+
+    @classmethod
+    def from_dict(cls, d: dict, at: At) -> "PatchSection":
+        options = take_dict(d, "method_options", at)
+        return cls(take(options, "dense_blocks", at / "method_options", "a whole number >= 1",
+                        is_positive_int), options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method_options": {**self.options, "dense_blocks": self.dense_blocks}}
+
+    def check(self, manifest: "Manifest", at: At) -> None:
+        return None
+
+    def summary(self) -> str:
+        return f"dense blocks {self.dense_blocks}"
+
+    def adapters_categories(self) -> list[str] | None:
+        return None
+
+    def adapters_kind(self) -> str | None:
+        return None
+
+
 def outputs(manifest: "Manifest") -> list[str]:
     return ["image_embedding", "patch_embeddings", "patch_tokens"]
+
+
+def output_shapes(manifest: "Manifest") -> dict[str, tuple[int, int]]:
+    return {**token_shapes(manifest),
+            "patch_embeddings": (manifest.dims.patches, manifest.dims.embed)}
 
 
 def gflops(manifest: "Manifest", layers: int) -> float:
@@ -20,9 +59,10 @@ def gflops(manifest: "Manifest", layers: int) -> float:
     projection of every token and value-value attention, then ln_post and proj of the patches."""
     c, d, p = manifest.dims.width, manifest.dims.embed, manifest.dims.patches
     n = p + 1
-    dense = manifest.method_options["dense_blocks"] * (4 * n * c * c + 4 * n * n * c)
+    dense = manifest.section.dense_blocks * (4 * n * c * c + 4 * n * n * c)
     return full_pass_gflops(manifest, layers) + (dense + 2 * p * c * d) / 1e9
 
 
 METHOD = Method("patch", "patch-only: one encoder pass, dense value-value patch embeddings "
-                         "scored against the text (no window passes)", outputs, gflops)
+                         "scored against the text (no window passes)", PatchSection, outputs,
+                output_shapes, gflops)
