@@ -76,19 +76,20 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from clipinspect.runtime.core.manifest import Quantization, parse
+
     from .quantize import quantize_bundle
 
-    record = quantize_bundle(args.bundle, args.precision, args.calibration,
-                             method=args.calibration_method, target=args.target,
-                             holdout=args.holdout, max_images=args.max_images,
-                             sensitivity=args.sensitivity, overwrite=args.overwrite,
-                             threads=args.threads,
-                             attention_products=args.attention_products)
-    a = record["agreement_vs_fp32"]
-    print(f"{args.precision}: map Pearson vs FP32 {a['map_pearson_min']:.5f} (worst category/mode "
-          f"on {a['images']} held-out image(s)), largest image score difference "
-          f"{a['max_image_score_diff']:.2e}")
-    excluded = record.get("sensitivity", {}).get("excluded_weights", [])
+    record = parse(Quantization, quantize_bundle(
+        args.bundle, args.precision, args.calibration, method=args.calibration_method,
+        target=args.target, holdout=args.holdout, max_images=args.max_images,
+        sensitivity=args.sensitivity, overwrite=args.overwrite, threads=args.threads,
+        attention_products=args.attention_products), "quantize", f"quantization.{args.precision}")
+    a = record.agreement
+    print(f"{args.precision}: map Pearson vs FP32 {a.map_pearson_min:.5f} (worst category/mode "
+          f"on {a.images} held-out image(s)), largest image score difference "
+          f"{a.max_image_score_diff:.2e}")
+    excluded = record.sensitivity.excluded_weights if record.sensitivity else []
     if excluded:
         print(f"kept in FP32 by the sensitivity pass: {', '.join(excluded)}")
     print(f"compare accuracy and speed: clipinspect eval {args.bundle} --data ROOT "

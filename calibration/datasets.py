@@ -188,22 +188,8 @@ def load_mask(sample: Sample, size: int | tuple[int, int] | None = None) -> np.n
             "mask_path; load samples with load_mvtec(), load_visa() or load_dataset(), "
             "or set mask_path"
         )
-    try:
-        with Image.open(sample.mask_path) as im:
-            im.load()  # force decoding here so truncated files fail inside the try
-            mask_size = im.size
-            if sample.mask_any_nonzero:
-                mask = _nonzero(im)
-            else:
-                arr = np.asarray(im.convert("L"))
-                mask = arr > 0 if arr.max(initial=0) < 128 else arr >= 128
-    except FileNotFoundError:
-        raise DatasetError(f"mask file {str(sample.mask_path)!r} does not exist") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(
-            f"cannot read mask file {str(sample.mask_path)!r} ({exc}); "
-            "replace it with a valid 8-bit PNG"
-        ) from exc
+    mask = _read_mask(sample)
+    mask_size = (mask.shape[1], mask.shape[0])
     if mask_size != (img_w, img_h):
         raise DatasetError(
             f"mask {str(sample.mask_path)!r} is {mask_size[0]}x{mask_size[1]} "
@@ -215,6 +201,25 @@ def load_mask(sample: Sample, size: int | tuple[int, int] | None = None) -> np.n
         small = Image.fromarray(mask.astype(np.uint8) * 255)
         mask = np.asarray(small.resize((out_hw[1], out_hw[0]), Image.Resampling.NEAREST)) > 0
     return mask
+
+
+def _read_mask(sample: Sample) -> np.ndarray:
+    """The mask file of ``sample`` as bool (H, W) at its own size, binarized as
+    :func:`load_mask` says."""
+    try:
+        with Image.open(sample.mask_path) as im:
+            im.load()  # force decoding here so truncated files fail inside the try
+            if sample.mask_any_nonzero:
+                return _nonzero(im)
+            arr = np.asarray(im.convert("L"))
+            return arr > 0 if arr.max(initial=0) < 128 else arr >= 128
+    except FileNotFoundError:
+        raise DatasetError(f"mask file {str(sample.mask_path)!r} does not exist") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(
+            f"cannot read mask file {str(sample.mask_path)!r} ({exc}); "
+            "replace it with a valid 8-bit PNG"
+        ) from exc
 
 
 def list_visa_categories(root: str | Path) -> list[str]:

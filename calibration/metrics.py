@@ -295,9 +295,21 @@ def connected_components(mask) -> tuple[np.ndarray, int]:
     if k == 0:
         return labels, 0
 
+    parent = _union_find_roots(k, *_neighbour_edges(fg, h, w))
+    # A root is the smallest node of its tree (hooks only go to smaller indices), i.e. the
+    # component's first pixel in raster order: numbering roots in order gives raster labels.
+    is_root = parent == np.arange(k)
+    rank = np.cumsum(is_root, dtype=np.int32)
+    labels.ravel()[fg] = rank[parent]
+    return labels, int(rank[-1])
+
+
+def _neighbour_edges(fg: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every 8-neighbour edge between the foreground pixels ``fg`` (flat indices into an
+    (h, w) mask, raster order) once, as (src, dst) node numbers (positions in ``fg``)."""
     # node[r, c] = index of the pixel among the foreground pixels (raster order), -1 elsewhere.
     node = np.full(h * w, -1, dtype=np.intp)
-    node[fg] = np.arange(k)
+    node[fg] = np.arange(fg.size)
     node = node.reshape(h, w)
     src, dst = [], []
     # right, down, down-right, down-left: the other 4 neighbours are these edges reversed.
@@ -310,9 +322,12 @@ def connected_components(mask) -> tuple[np.ndarray, int]:
         both = (a >= 0) & (b >= 0)
         src.append(a[both])
         dst.append(b[both])
-    src = np.concatenate(src)
-    dst = np.concatenate(dst)
+    return np.concatenate(src), np.concatenate(dst)
 
+
+def _union_find_roots(k: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """(k,) the root of each of ``k`` nodes joined by the edges (src, dst): the smallest node
+    of its component (see :func:`connected_components`)."""
     parent = np.arange(k)
     while True:
         while True:  # pointer jumping until every node points at its root
@@ -324,17 +339,10 @@ def connected_components(mask) -> tuple[np.ndarray, int]:
         root_b = parent[dst]
         between = root_a != root_b
         if not between.any():
-            break
+            return parent
         root_a, root_b = root_a[between], root_b[between]
         np.minimum.at(parent, np.maximum(root_a, root_b), np.minimum(root_a, root_b))
         src, dst = src[between], dst[between]
-
-    # A root is the smallest node of its tree (hooks only go to smaller indices), i.e. the
-    # component's first pixel in raster order: numbering roots in order gives raster labels.
-    is_root = parent == np.arange(k)
-    rank = np.cumsum(is_root, dtype=np.int32)
-    labels.ravel()[fg] = rank[parent]
-    return labels, int(rank[-1])
 
 
 def _area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:

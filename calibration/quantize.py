@@ -24,6 +24,7 @@ until the maps of held-out normal images agree with FP32 (Pearson correlation) a
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import tempfile
 import time
@@ -37,6 +38,8 @@ from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.bundle import write_versioned
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 from clipinspect.runtime.core.images import IMAGE_SUFFIXES, ImageError, to_rgb_array
+from clipinspect.runtime.core.manifest import (Agreement, Calibration, Quantization, Scheme,
+                                               Sensitivity, WeightRank)
 from clipinspect.runtime.core.names import QUANTIZED_PRECISIONS as PRECISIONS
 from clipinspect.runtime.core.progress import Progress
 
@@ -124,78 +127,96 @@ def activation_products(model) -> list[str]:
             if n.op_type == "MatMul" and n.input[0] not in inits and n.input[1] not in inits]
 
 
+class _QdqNodes:
+    """The Quantize/DequantizeLinear nodes and initializers a quantized copy of ``graph`` adds,
+    under fresh tensor names: each weight and each activation is quantized once, however many
+    MatMuls read it. ``nodes`` collects the new graph's nodes in order."""
+
+    def __init__(self, graph, activation_amax: dict[str, float]):
+        self.inits = {t.name: t for t in graph.initializer}
+        self.taken = set(self.inits) | {o for n in graph.node for o in n.output}
+        self.activation_amax = activation_amax
+        self.nodes: list = []
+        self.new_inits: list = []
+        self._weight_dq: dict[str, str] = {}
+        self._act_dq: dict[str, str] = {}
+
+    def fresh(self, name: str) -> str:
+        if name in self.taken:
+            raise QuantizeError(f"graph already has a tensor named {name!r}; export it again")
+        self.taken.add(name)
+        return name
+
+    def weight(self, w: str) -> str:
+        """The dequantized form of weight ``w``: int8, symmetric, one scale per output channel."""
+        from onnx import helper, numpy_helper
+
+        if w not in self._weight_dq:
+            wf = numpy_helper.to_array(self.inits[w]).astype(np.float32)  # (K, N)
+            scale = np.maximum(np.abs(wf).max(axis=0), 1e-12) / 127.0     # (N,)
+            q = np.clip(np.rint(wf / scale), -127, 127).astype(np.int8)
+            names = [self.fresh(f"{w}_int8"), self.fresh(f"{w}_scale"),
+                     self.fresh(f"{w}_zero_point")]
+            self.new_inits.extend([numpy_helper.from_array(q, names[0]),
+                                   numpy_helper.from_array(scale.astype(np.float32), names[1]),
+                                   numpy_helper.from_array(np.zeros(q.shape[1], np.int8),
+                                                           names[2])])
+            self._weight_dq[w] = self.fresh(f"{w}_dequantized")
+            self.nodes.append(helper.make_node("DequantizeLinear", names, [self._weight_dq[w]],
+                                               axis=1, name=self.fresh(f"{w}_DequantizeLinear")))
+        return self._weight_dq[w]
+
+    def activation(self, x: str, node) -> str:
+        """Activation ``x`` through a Q/DQ pair: int8, symmetric, one scale per tensor."""
+        from onnx import helper, numpy_helper
+
+        if x not in self._act_dq:
+            if x not in self.activation_amax:
+                raise QuantizeError(f"no calibration range for {x!r} (input of {node.name})")
+            s = max(float(self.activation_amax[x]), 1e-12) / 127.0
+            names = [self.fresh(f"{x}_scale"), self.fresh(f"{x}_zero_point")]
+            self.new_inits.extend([numpy_helper.from_array(np.array(s, np.float32), names[0]),
+                                   numpy_helper.from_array(np.array(0, np.int8), names[1])])
+            q_out, self._act_dq[x] = self.fresh(f"{x}_quantized"), self.fresh(f"{x}_dequantized")
+            self.nodes.append(helper.make_node("QuantizeLinear", [x, *names], [q_out],
+                                               name=self.fresh(f"{x}_QuantizeLinear")))
+            self.nodes.append(helper.make_node("DequantizeLinear", [q_out, *names],
+                                               [self._act_dq[x]],
+                                               name=self.fresh(f"{x}_DequantizeLinear")))
+        return self._act_dq[x]
+
+
 def quantize_int8(model, groups: Sequence[WeightGroup], activation_amax: dict[str, float],
                   exclude: set[str] = frozenset(), *, products: Sequence[str] = ()):
     """A copy of ``model`` with QDQ pairs around every MatMul of ``groups`` except the
     weights in ``exclude``, and around both inputs of the activation x activation MatMuls named
     in ``products``. activation_amax: calibrated max |value| of each MatMul input."""
     import onnx
-    from onnx import helper, numpy_helper
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    inits = {t.name: t for t in graph.initializer}
     chosen = {g.weight for g in groups if g.weight not in exclude}
     products = set(products)
-    taken = set(inits) | {o for n in graph.node for o in n.output}
-
-    def fresh(name: str) -> str:
-        if name in taken:
-            raise QuantizeError(f"graph already has a tensor named {name!r}; export it again")
-        taken.add(name)
-        return name
-
-    nodes, new_inits = [], []
-    weight_dq: dict[str, str] = {}
-    act_dq: dict[str, str] = {}
-
-    def weight(w: str) -> str:
-        if w not in weight_dq:
-            wf = numpy_helper.to_array(inits[w]).astype(np.float32)      # (K, N)
-            scale = np.maximum(np.abs(wf).max(axis=0), 1e-12) / 127.0    # (N,)
-            q = np.clip(np.rint(wf / scale), -127, 127).astype(np.int8)
-            names = [fresh(f"{w}_int8"), fresh(f"{w}_scale"), fresh(f"{w}_zero_point")]
-            new_inits.extend([numpy_helper.from_array(q, names[0]),
-                              numpy_helper.from_array(scale.astype(np.float32), names[1]),
-                              numpy_helper.from_array(np.zeros(q.shape[1], np.int8), names[2])])
-            weight_dq[w] = fresh(f"{w}_dequantized")
-            nodes.append(helper.make_node("DequantizeLinear", names, [weight_dq[w]], axis=1,
-                                          name=fresh(f"{w}_DequantizeLinear")))
-        return weight_dq[w]
-
-    def activation(x: str, node) -> str:
-        if x not in act_dq:
-            if x not in activation_amax:
-                raise QuantizeError(f"no calibration range for {x!r} (input of {node.name})")
-            s = max(float(activation_amax[x]), 1e-12) / 127.0
-            names = [fresh(f"{x}_scale"), fresh(f"{x}_zero_point")]
-            new_inits.extend([numpy_helper.from_array(np.array(s, np.float32), names[0]),
-                              numpy_helper.from_array(np.array(0, np.int8), names[1])])
-            q_out, act_dq[x] = fresh(f"{x}_quantized"), fresh(f"{x}_dequantized")
-            nodes.append(helper.make_node("QuantizeLinear", [x, *names], [q_out],
-                                          name=fresh(f"{x}_QuantizeLinear")))
-            nodes.append(helper.make_node("DequantizeLinear", [q_out, *names], [act_dq[x]],
-                                          name=fresh(f"{x}_DequantizeLinear")))
-        return act_dq[x]
-
+    qdq = _QdqNodes(graph, activation_amax)
     for node in graph.node:
         with_weight = node.op_type == "MatMul" and node.input[1] in chosen
         if with_weight or node.name in products:
-            inputs = (activation(node.input[0], node),
-                      weight(node.input[1]) if with_weight else activation(node.input[1], node))
+            inputs = (qdq.activation(node.input[0], node),
+                      qdq.weight(node.input[1]) if with_weight
+                      else qdq.activation(node.input[1], node))
             quantized = onnx.NodeProto()
             quantized.CopyFrom(node)
             quantized.input[0], quantized.input[1] = inputs
-            nodes.append(quantized)
+            qdq.nodes.append(quantized)
         else:
-            nodes.append(node)
-    still_read = {i for n in nodes for i in n.input}
+            qdq.nodes.append(node)
+    still_read = {i for n in qdq.nodes for i in n.input}
     kept = [t for t in graph.initializer if t.name in still_read]
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(qdq.nodes)
     del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    graph.initializer.extend(kept + qdq.new_inits)
     return out
 
 
@@ -332,6 +353,10 @@ class MapAgreement:
         return dict(zip(names, session.run(None, {"images": self.images})))
 
     def measure(self, model) -> dict:
+        """:meth:`agreement` as a dict (its JSON form)."""
+        return self.agreement(model).to_dict()
+
+    def agreement(self, model) -> Agreement:
         """Agreement of the graph ``model`` with FP32: the smallest Pearson correlation of maps
         over (category, mode) runs, pooled over the images, and the largest score difference."""
         got = self.scores_and_maps(self.encode(model))
@@ -343,103 +368,152 @@ class MapAgreement:
             per_run[f"{run[0]}/{run[1]}"] = r if np.isfinite(r) else -1.0
             worst_score = max(worst_score, float(np.abs(ref_scores - scores).max())
                               if finite else float("inf"))
-        return {"map_pearson_min": min(per_run.values()), "map_pearson": per_run,
-                "max_image_score_diff": worst_score, "images": int(len(self.images))}
+        return Agreement(min(per_run.values()), worst_score, int(len(self.images)),
+                         map_pearson=per_run)
 
 
 # ---------------------------------------------------------------------------------- driver
-def _existing(bundle: Bundle, precision: str, overwrite: bool) -> None:
-    if precision in bundle.manifest.graphs and not overwrite:
-        raise UsageError(f"bundle {str(bundle.root)!r} already has {precision} graphs; pass "
-                         "--overwrite to replace them")
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What to make (``precision``) and from what: ``calibration``, a folder of normal images
+    (or an MVTec AD / VisA root; INT8 needs it, FP16 then checks on synthetic images without
+    it), the calibration ``method``, the map Pearson ``target`` of the sensitivity pass (auto,
+    always or off), ``holdout`` images kept out of calibration to check the maps, at most
+    ``max_images`` to calibrate on; ``attention_products``: INT8 also quantizes the
+    activation x activation MatMuls (QK^T, attention x V), not only those with a weight."""
+
+    precision: str
+    calibration: str | Path | None = None
+    method: str = "minmax"
+    target: float = DEFAULT_TARGET
+    holdout: int = DEFAULT_HOLDOUT
+    max_images: int = DEFAULT_MAX_IMAGES
+    sensitivity: str = "auto"
+    overwrite: bool = False
+    threads: int | None = None
+    attention_products: bool = False
+
+    def validate(self) -> "QuantizeOptions":
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: choose one of "
+                             f"{', '.join(PRECISIONS)} (fp32 is what export writes)")
+        if self.sensitivity not in ("auto", "always", "off"):
+            raise UsageError(f"--sensitivity {self.sensitivity!r}: choose auto, always or off")
+        if not 0.0 < self.target <= 1.0:
+            raise UsageError(f"--target {self.target} is not a correlation in (0, 1], e.g. 0.99")
+        if self.holdout < 1:
+            raise UsageError(f"--holdout {self.holdout}: at least 1 held-out image is needed")
+        return self
 
 
-def quantize_bundle(bundle_path: str | Path, precision: str, calibration: str | Path | None = None,
-                    *, method: str = "minmax", target: float = DEFAULT_TARGET,
-                    holdout: int = DEFAULT_HOLDOUT, max_images: int = DEFAULT_MAX_IMAGES,
-                    sensitivity: str = "auto", overwrite: bool = False,
-                    threads: int | None = None, attention_products: bool = False) -> dict:
-    """Make the ``precision`` variant of a bundle's encoder, check it against FP32, store it.
-    ``attention_products``: INT8 also quantizes the activation x activation MatMuls (QK^T,
-    attention x V), not only those with a weight.
-    Returns the record written to the manifest under ``quantization.<precision>``."""
+def quantize_bundle(bundle_path: str | Path, precision: str,
+                    calibration: str | Path | None = None, **options) -> dict:
+    """Make the ``precision`` variant of a bundle's encoder, check it against FP32, store it;
+    ``options``: the other fields of :class:`QuantizeOptions`. Returns the record written to
+    the manifest under ``quantization.<precision>`` (its JSON form)."""
+    return quantize(bundle_path, QuantizeOptions(precision, calibration, **options)).to_dict()
+
+
+def quantize(bundle_path: str | Path, options: QuantizeOptions) -> Quantization:
+    """:func:`quantize_bundle` with its options as one value: validate, select the images,
+    make and measure the variant, store it. -> its manifest record."""
     bundle = Bundle.open(bundle_path)
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)} "
-                         "(fp32 is what export writes)")
-    if sensitivity not in ("auto", "always", "off"):
-        raise UsageError(f"--sensitivity {sensitivity!r}: choose auto, always or off")
-    if not 0.0 < target <= 1.0:
-        raise UsageError(f"--target {target} is not a correlation in (0, 1], e.g. 0.99")
-    if holdout < 1:
-        raise UsageError(f"--holdout {holdout}: at least 1 held-out image is needed")
-    _existing(bundle, precision, overwrite)
-    bundle.check_writable(precision)  # where the encoder goes, before minutes of work
+    validate(bundle, options)
     t_start = time.perf_counter()
-    if calibration is None:
-        if precision == "int8":
-            raise UsageError("INT8 needs --calibration DIR: a folder of normal images of the "
-                             "line (or an MVTec AD / VisA root, whose train images are used)")
-        paths, held, source = [], probe_images(bundle, holdout), "synthetic probe images"
-    else:
-        paths = find_images(calibration)
-        source = str(Path(calibration).resolve())
-        if precision == "int8" and len(paths) < holdout + MIN_CALIBRATION_IMAGES:
-            raise UsageError(f"found {len(paths)} images under {str(calibration)!r}; INT8 needs "
-                             f"at least {holdout + MIN_CALIBRATION_IMAGES} ({holdout} held out "
-                             f"to check the maps, the rest to calibrate); add images or lower "
-                             f"--holdout")
-        held_paths = paths[-holdout:] if len(paths) > holdout else paths
-        paths = paths[:-holdout][:max_images] if len(paths) > holdout else []
-        log(f"loading {len(held_paths)} held-out image(s)" +
-            (f" and {len(paths)} calibration image(s)" if precision == "int8" else ""))
-        held = load_tensors(bundle, held_paths)
+    images = select_images(bundle, options)
     log("[1] preparing the FP32 graph")
     model = clean_graph(bundle.graph_path("fp32", "encoder"))
     with tempfile.TemporaryDirectory(prefix="clipinspect-quantize-") as tmp:
-        tmp = Path(tmp)
-        agreement = MapAgreement(bundle, held, threads)
-        if precision == "fp16":
-            log("[2] converting to FP16 (softmax and layer norm kept FP32, FP32 inputs and "
-                "outputs)")
-            variant = to_fp16(model)
-            measured = None
-            record = {"scheme": {"format": "FP16", "kept_fp32_ops": list(FP16_KEEP_FP32),
-                                 "io": "float32",
-                                 "layer_norm": "LayerNormalization in FP32 (Cast in and out)"}}
-        else:
-            variant, record, measured = _int8(model, bundle, paths, agreement, tmp,
-                                              method=method, target=target,
-                                              sensitivity=sensitivity,
-                                              attention_products=attention_products)
-        if measured is None:
-            log(f"[3] checking the FP16 maps against FP32 on {len(held)} held-out image(s)")
-            measured = agreement.measure(variant)
-        log(f"    map Pearson (worst category/mode) {measured['map_pearson_min']:.5f}, largest "
-            f"image score difference {measured['max_image_score_diff']:.2e}")
-        if not np.isfinite(measured["max_image_score_diff"]) or measured["map_pearson_min"] < 0:
-            raise QuantizeError(f"the {precision} graph gives non-finite or unrelated maps; "
-                                "nothing was written")
+        agreement = MapAgreement(bundle, images.held, options.threads)
+        variant, record = run_variant(model, bundle, images, agreement, Path(tmp), options)
         data = variant.SerializeToString()
-    record.update({
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "agreement_vs_fp32": {**measured, "source": source, "target": target,
-                              "measured_on": "patch-grid maps of held-out normal images"},
-        "versions": _versions(),
-    })
-    rel = write_versioned(bundle.root, precision, "encoder.onnx", data)
+    rel = write_versioned(bundle.root, options.precision, "encoder.onnx", data)
     fp32 = bundle.manifest.graphs["fp32"]["encoder"]
     entry = bundle.file_entry(rel, inputs=fp32.inputs, outputs=fp32.outputs)
-    register(bundle, precision, entry, record, overwrite, qdq=variant, maps=agreement, fp16=to_fp16)
-    log(f"{precision} graphs stored in {bundle.root} ({len(data) / 1e6:.0f} MB encoder) in "
-        f"{time.perf_counter() - t_start:.0f} s")
+    register(bundle, options.precision, entry, record, options.overwrite, qdq=variant,
+             maps=agreement, fp16=to_fp16)
+    log(f"{options.precision} graphs stored in {bundle.root} ({len(data) / 1e6:.0f} MB encoder) "
+        f"in {time.perf_counter() - t_start:.0f} s")
     return record
 
 
-def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp: Path, *,
-          method: str, target: float, sensitivity: str, attention_products: bool = False):
-    """Calibrate, quantize, run the sensitivity pass; -> (graph, manifest record, its
-    agreement with FP32)."""
+def validate(bundle: Bundle, options: QuantizeOptions) -> None:
+    """Refuse options and bundles that cannot give the variant, before minutes of work."""
+    options.validate()
+    if options.precision in bundle.manifest.graphs and not options.overwrite:
+        raise UsageError(f"bundle {str(bundle.root)!r} already has {options.precision} graphs; "
+                         "pass --overwrite to replace them")
+    bundle.check_writable(options.precision)  # where the encoder goes
+    if options.calibration is None and options.precision == "int8":
+        raise UsageError("INT8 needs --calibration DIR: a folder of normal images of the "
+                         "line (or an MVTec AD / VisA root, whose train images are used)")
+
+
+@dataclass
+class Images:
+    """The images a quantization uses: ``calibration`` (paths; INT8 only), ``held`` out ones
+    to check the maps on ((N, 3, H, W), preprocessed) and where they came from (``source``)."""
+
+    calibration: list[Path]
+    held: np.ndarray
+    source: str
+
+
+def select_images(bundle: Bundle, options: QuantizeOptions) -> Images:
+    """The last ``holdout`` images are held out, up to ``max_images`` of the rest calibrate;
+    without a calibration folder, synthetic probe images are held out (FP16)."""
+    holdout, calibration = options.holdout, options.calibration
+    if calibration is None:
+        return Images([], probe_images(bundle, holdout), "synthetic probe images")
+    paths = find_images(calibration)
+    int8 = options.precision == "int8"
+    if int8 and len(paths) < holdout + MIN_CALIBRATION_IMAGES:
+        raise UsageError(f"found {len(paths)} images under {str(calibration)!r}; INT8 needs "
+                         f"at least {holdout + MIN_CALIBRATION_IMAGES} ({holdout} held out "
+                         f"to check the maps, the rest to calibrate); add images or lower "
+                         f"--holdout")
+    held_paths = paths[-holdout:] if len(paths) > holdout else paths
+    paths = paths[:-holdout][:options.max_images] if len(paths) > holdout else []
+    log(f"loading {len(held_paths)} held-out image(s)" +
+        (f" and {len(paths)} calibration image(s)" if int8 else ""))
+    return Images(paths, load_tensors(bundle, held_paths), str(Path(calibration).resolve()))
+
+
+def run_variant(model, bundle: Bundle, images: Images, agreement: MapAgreement, tmp: Path,
+                 options: QuantizeOptions):
+    """The variant graph of ``model`` (the cleaned FP32 encoder) and its manifest record,
+    refused when its maps are unrelated to FP32's."""
+    if options.precision == "fp16":
+        variant, measured, how = _fp16(model, agreement)
+    else:
+        variant, measured, how = _int8(model, bundle, images.calibration, agreement, tmp,
+                                       options)
+    log(f"    map Pearson (worst category/mode) {measured.map_pearson_min:.5f}, largest "
+        f"image score difference {measured.max_image_score_diff:.2e}")
+    if not np.isfinite(measured.max_image_score_diff) or measured.map_pearson_min < 0:
+        raise QuantizeError(f"the {options.precision} graph gives non-finite or unrelated maps; "
+                            "nothing was written")
+    stored = dataclasses.replace(measured, source=images.source, target=options.target,
+                                 measured_on="patch-grid maps of held-out normal images")
+    return variant, Quantization(
+        stored, **how, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        versions=_versions())
+
+
+def _fp16(model, agreement: MapAgreement):
+    """-> (FP16 graph, its agreement with FP32, its record's scheme)."""
+    log("[2] converting to FP16 (softmax and layer norm kept FP32, FP32 inputs and outputs)")
+    variant = to_fp16(model)
+    log(f"[3] checking the FP16 maps against FP32 on {len(agreement.images)} held-out image(s)")
+    scheme = Scheme("FP16", kept_fp32_ops=list(FP16_KEEP_FP32), io="float32",
+                    layer_norm="LayerNormalization in FP32 (Cast in and out)")
+    return variant, agreement.agreement(variant), {"scheme": scheme}
+
+
+def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp: Path,
+          options: QuantizeOptions):
+    """Calibrate, quantize, run the sensitivity pass; -> (graph, its agreement with FP32,
+    how it was made: the fields of its record)."""
     import onnx
 
     groups = weight_groups(model)
@@ -448,74 +522,80 @@ def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp
     images = load_tensors(bundle, paths)
     clean_path = tmp / "clean.onnx"
     onnx.save(model, str(clean_path))
-    log(f"[2] calibrating activations ({method}) on {len(images)} normal image(s)")
+    log(f"[2] calibrating activations ({options.method}) on {len(images)} normal image(s)")
     with Progress(len(images), "calibrate") as bar:
-        amax = activation_ranges(clean_path, images, method, bar.update)
+        amax = activation_ranges(clean_path, images, options.method, bar.update)
     log(f"[3] quantizing {sum(len(g.nodes) for g in groups)} MatMuls ({len(groups)} weights)")
-    products = activation_products(model) if attention_products else []
-    full = agreement.measure(quantize_int8(model, groups, amax, products=products))
-    log(f"    all quantized: map Pearson {full['map_pearson_min']:.5f} (target {target})")
-    ran = sensitivity == "always" or (sensitivity == "auto" and full["map_pearson_min"] < target)
-    ranking: list[dict] = []
+    products = activation_products(model) if options.attention_products else []
+
+    def measure(keep: set[str]) -> Agreement:
+        return agreement.agreement(quantize_int8(model, groups, amax, keep, products=products))
+
+    full = measure(set())
+    log(f"    all quantized: map Pearson {full.map_pearson_min:.5f} (target {options.target})")
+    sensitivity, excluded, measured = _sensitivity(groups, measure, full, options)
+    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded}, products=products)
+    how = {"scheme": Scheme("QDQ", ops=["MatMul"], attention_products=len(products),
+                            weights="int8, symmetric, per output channel, zero point 0",
+                            activations="int8, symmetric, per tensor, zero point 0"),
+           "calibration": Calibration(options.method, len(images)),
+           "quantized_nodes": sum(len(g.nodes) for g in groups if g not in excluded),
+           "fp32_nodes": sum(len(g.nodes) for g in excluded),
+           "all_quantized_agreement": full, "sensitivity": sensitivity}
+    if len(excluded) > len(groups) // 2:
+        log(f"warning: {len(excluded)} of {len(groups)} weights had to stay FP32 to reach map "
+            f"Pearson {options.target}; expect little speed-up (try --calibration-method "
+            "entropy or percentile, or a lower --target)")
+    return variant, measured, how
+
+
+def _sensitivity(groups: Sequence[WeightGroup], measure: Callable[[set[str]], Agreement],
+                 full: Agreement, options: QuantizeOptions
+                 ) -> tuple[Sensitivity, list[WeightGroup], Agreement]:
+    """The sensitivity pass when ``options.sensitivity`` asks for it (auto: when the graph
+    with every weight quantized misses the target); -> (its record, the weights kept FP32,
+    the agreement of the graph with them kept FP32)."""
+    mode, target = options.sensitivity, options.target
+    ran = mode == "always" or (mode == "auto" and full.map_pearson_min < target)
+    ranking: list[WeightRank] = []
     excluded: list[WeightGroup] = []
     measured = full
     if ran:
         log(f"[4] sensitivity: map agreement with each of the {len(groups)} weights kept FP32")
         with Progress(len(groups), "sensitivity", unit="weights") as bar:
-            ranking, excluded, measured = sensitivity_pass(
-                groups, lambda keep: agreement.measure(
-                    quantize_int8(model, groups, amax, keep, products=products)),
-                full, target, bar.update)
+            ranking, excluded, measured = sensitivity_pass(groups, measure, full, target,
+                                                           bar.update)
     else:
-        log("[4] sensitivity pass " + ("off" if sensitivity == "off" else
+        log("[4] sensitivity pass " + ("off" if mode == "off" else
                                       "not needed: the target is met with every MatMul quantized"))
-    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded}, products=products)
-    n_quantized = sum(len(g.nodes) for g in groups if g not in excluded)
-    record = {
-        "scheme": {"format": "QDQ", "ops": ["MatMul"],
-                   "attention_products": len(products),
-                   "weights": "int8, symmetric, per output channel, zero point 0",
-                   "activations": "int8, symmetric, per tensor, zero point 0"},
-        "calibration": {"method": method, "images": len(images)},
-        "quantized_nodes": n_quantized,
-        "fp32_nodes": sum(len(g.nodes) for g in excluded),
-        "all_quantized_agreement": full,
-        "sensitivity": {"ran": ran, "mode": sensitivity, "target": target,
-                        "ranking": ranking[:20],
-                        "excluded_weights": [g.label for g in excluded],
-                        "excluded_nodes": [n for g in excluded for n in g.nodes]},
-    }
-    if len(excluded) > len(groups) // 2:
-        log(f"warning: {len(excluded)} of {len(groups)} weights had to stay FP32 to reach map "
-            f"Pearson {target}; expect little speed-up (try --calibration-method entropy or "
-            "percentile, or a lower --target)")
-    return variant, record, measured
+    record = Sensitivity([g.label for g in excluded], ran=ran, mode=mode, target=target,
+                         ranking=ranking[:20], excluded_nodes=[n for g in excluded for n in g.nodes])
+    return record, excluded, measured
 
 
-def sensitivity_pass(groups: Sequence[WeightGroup], measure: Callable[[set[str]], dict],
-                     full: dict, target: float, progress: Callable[[], None] | None = None
-                     ) -> tuple[list[dict], list[WeightGroup], dict]:
+def sensitivity_pass(groups: Sequence[WeightGroup], measure: Callable[[set[str]], Agreement],
+                     full: Agreement, target: float, progress: Callable[[], None] | None = None
+                     ) -> tuple[list[WeightRank], list[WeightGroup], Agreement]:
     """Rank the weights by how much keeping each one alone in FP32 raises the map agreement
     (``measure(weights kept FP32)`` against FP32), then keep them in FP32 in that order until
     the agreement reaches ``target``. -> (ranking, weights kept FP32, last measurement)."""
     ranking = []
     for g in groups:
         r = measure({g.weight})
-        ranking.append({"weight": g.label, "nodes": g.nodes,
-                        "map_pearson_if_fp32": r["map_pearson_min"],
-                        "gain": r["map_pearson_min"] - full["map_pearson_min"]})
+        ranking.append(WeightRank(g.label, g.nodes, r.map_pearson_min,
+                                  r.map_pearson_min - full.map_pearson_min))
         if progress:
             progress()
-    order = sorted(range(len(groups)), key=lambda i: -ranking[i]["gain"])
+    order = sorted(range(len(groups)), key=lambda i: -ranking[i].gain)
     excluded: list[WeightGroup] = []
     measured = full
     for i in order:
-        if measured["map_pearson_min"] >= target:
+        if measured.map_pearson_min >= target:
             break
         excluded.append(groups[i])
         measured = measure({g.weight for g in excluded})
         log(f"    keeping {groups[i].label} in FP32: map Pearson "
-            f"{measured['map_pearson_min']:.5f}")
+            f"{measured.map_pearson_min:.5f}")
     return [ranking[i] for i in order], excluded, measured
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from clipinspect.runtime.core.manifest import Fp16BetweenQdq, Quantization
+
 GRAPH_NAME = "encoder_fp16"
 OPSET = 19
 REDUCE_AXES_TO_INPUT = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
@@ -133,32 +135,36 @@ def int8_on_fp16(qdq_model, to_fp16):
     return model
 
 
-def make_variant(qdq_model, agreement, to_fp16) -> tuple[bytes, dict]:
+def make_variant(qdq_model, agreement, to_fp16) -> tuple[bytes, Fp16BetweenQdq]:
     """(serialized graph, record) of the INT8-on-FP16 variant of ``qdq_model``, its agreement
     with FP32 measured by ``agreement`` (calibration.quantize.MapAgreement)."""
     print(f"[5] INT8 with FP16 between the Q/DQ pairs (opset {OPSET}) for TensorRT", flush=True)
     model = int8_on_fp16(qdq_model, to_fp16)
-    measured = agreement.measure(model)
-    print(f"    map Pearson {measured['map_pearson_min']:.5f}, largest image score difference "
-          f"{measured['max_image_score_diff']:.2e} (onnxruntime CPU)", flush=True)
-    record = {"graph": GRAPH_NAME, "opset": OPSET, **scale_report(model),
-              "between_qdq": "float16 (softmax and LayerNormalization float32)",
-              "agreement_vs_fp32": measured}
+    measured = agreement.agreement(model)
+    print(f"    map Pearson {measured.map_pearson_min:.5f}, largest image score difference "
+          f"{measured.max_image_score_diff:.2e} (onnxruntime CPU)", flush=True)
+    scales = scale_report(model)
+    record = Fp16BetweenQdq(GRAPH_NAME, OPSET, measured, scales=scales["scales"],
+                            min_scale=scales["min_scale"],
+                            subnormal_scales=scales["subnormal_scales"],
+                            between_qdq="float16 (softmax and LayerNormalization float32)")
     return model.SerializeToString(), record
 
 
-def register(bundle, precision: str, entry: dict, record: dict, overwrite: bool, *, qdq, maps,
-             fp16) -> None:
+def register(bundle, precision: str, entry: dict, record: Quantization, overwrite: bool, *,
+             qdq, maps, fp16) -> None:
     """``bundle.set_precision`` and, for int8, the graph with FP16 between the Q/DQ pairs of
     ``qdq`` (converted by ``fp16``, quantize.to_fp16; measured by ``maps``, quantize's
-    MapAgreement) made and measured before anything is registered."""
+    MapAgreement) made and measured before anything is registered; ``record`` gets its
+    record too."""
     made = make_variant(qdq, maps, fp16) if precision == "int8" else None
-    bundle.set_precision(precision, entry, record, overwrite)
+    bundle.set_precision(precision, entry, record.to_dict(), overwrite)
     if made is not None:
         store_variant(bundle, *made)
+        record.fp16_between_qdq = made[1]
 
 
-def store_variant(bundle, data: bytes, record: dict) -> None:
+def store_variant(bundle, data: bytes, record: Fp16BetweenQdq) -> None:
     """Write the graph and register it as ``graphs.int8.encoder_fp16`` (after set_precision
     registered the int8 variant itself), with its record under ``quantization.int8``."""
     from clipinspect.runtime.core.bundle import write_versioned
@@ -170,4 +176,4 @@ def store_variant(bundle, data: bytes, record: dict) -> None:
     graph = parse(GraphFile, entry, f"bundle {str(bundle.root)!r}", f"graphs.int8.{GRAPH_NAME}")
     with bundle.updating() as m:
         m.graphs["int8"][GRAPH_NAME] = graph
-        m.quantization["int8"].extra["fp16_between_qdq"] = record
+        m.quantization["int8"].fp16_between_qdq = record

@@ -101,41 +101,46 @@ def generate(
     root = _dataset_root(out_dir)
 
     n_total = len(cats) * (n_train + n_test_good + len(defs) * n_def)
-    n_done = 0
+    done = [0]
+
+    def written() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], n_total)
+
     summary: dict[str, dict] = {}
     for cat in cats:
-        cat_dir = root / cat
         jobs = [("train", "good", n_train), ("test", "good", n_test_good)]
         jobs += [("test", d, n_def) for d in defs]
         for split, defect, count in jobs:
-            img_dir = cat_dir / split / defect
-            img_dir.mkdir(parents=True, exist_ok=True)
-            mask_dir = cat_dir / "ground_truth" / defect
-            if defect != "good":
-                mask_dir.mkdir(parents=True, exist_ok=True)
-            width = max(3, len(str(count - 1)))  # 000.png like MVTec, wider if needed
-            for i in range(count):
-                image, mask = render_sample(
-                    cat,
-                    split=split,
-                    defect=defect,
-                    index=i,
-                    seed=seed,
-                    image_size=image_size,
-                )
-                stem = f"{i:0{width}d}"
-                _write_png(image, img_dir / f"{stem}.png")
-                if defect != "good":
-                    _write_png(mask.astype(np.uint8) * 255, mask_dir / f"{stem}_mask.png")
-                n_done += 1
-                if progress is not None:
-                    progress(n_done, n_total)
+            _write_folder(root / cat, cat, split, defect, count, seed=seed,
+                          image_size=image_size, written=written)
         summary[cat] = {
             "train": n_train,
             "test_good": n_test_good,
             "test_defect": {d: n_def for d in defs},
         }
     return summary
+
+
+def _write_folder(cat_dir: Path, cat: str, split: str, defect: str, count: int, *,
+                  seed: int, image_size: int, written: Callable[[], None]) -> None:
+    """The ``count`` images of one category, split and defect (and their masks), named
+    000.png, 001.png, ... like MVTec AD; ``written()`` after each image."""
+    img_dir = cat_dir / split / defect
+    img_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir = cat_dir / "ground_truth" / defect
+    if defect != "good":
+        mask_dir.mkdir(parents=True, exist_ok=True)
+    width = max(3, len(str(count - 1)))  # 000.png like MVTec, wider if needed
+    for i in range(count):
+        image, mask = render_sample(cat, split=split, defect=defect, index=i, seed=seed,
+                                    image_size=image_size)
+        stem = f"{i:0{width}d}"
+        _write_png(image, img_dir / f"{stem}.png")
+        if defect != "good":
+            _write_png(mask.astype(np.uint8) * 255, mask_dir / f"{stem}_mask.png")
+        written()
 
 
 def render_sample(

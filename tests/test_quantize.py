@@ -13,6 +13,7 @@ from clipinspect.calibration import quantize as q
 from clipinspect.calibration.synth import generate
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.manifest import Agreement
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -182,13 +183,13 @@ def test_sensitivity_pass_keeps_the_most_harmful_weights_until_the_target():
 
     def measure(kept):
         calls.append(set(kept))
-        return {"map_pearson_min": 1.0 - sum(v for k, v in harm.items() if k not in kept)}
+        return Agreement(1.0 - sum(v for k, v in harm.items() if k not in kept), 0.0, 1)
 
     full = measure(set())
     ranking, kept, last = q.sensitivity_pass(groups, measure, full, target=0.99)
-    assert [e["weight"].split()[0] for e in ranking] == ["#01", "#03", "#04", "#00", "#02"]
+    assert [e.weight.split()[0] for e in ranking] == ["#01", "#03", "#04", "#00", "#02"]
     assert [g.weight for g in kept] == ["w1", "w3"]  # 0.964 -> 0.984 -> 0.994 >= 0.99
-    assert last["map_pearson_min"] == pytest.approx(0.994)
+    assert last.map_pearson_min == pytest.approx(0.994)
     assert len(calls) == 1 + 5 + 2
 
 

@@ -21,6 +21,7 @@ from clipinspect.runtime.core.onnxruntime_backend import provider_options
 from clipinspect.runtime.core.bundle import write_versioned
 from clipinspect.runtime.cli import main
 from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.manifest import DeviceRecord
 from clipinspect.runtime.tensorrt.compat import BatchRange, CompatibilityError
 
 NANO = "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
@@ -54,7 +55,7 @@ def _legacy(bundle_path, device: te.Device, tmp_path) -> Path:
     b = Bundle.open(path)
     with b.updating() as m:
         entry = m.engines.pop(THERE.key)
-        entry.device = {k: THERE.to_json()[k] for k in ("gpu", "compute_capability", "tensorrt")}
+        entry.device = DeviceRecord(THERE.gpu, THERE.compute_capability, THERE.tensorrt)
         m.engines[device.legacy_key] = entry
     cache = path / "cache" / "tensorrt" / f"{device.legacy_key}.timing-cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +69,7 @@ def test_engines_under_a_legacy_key_are_adopted_where_it_identifies_the_gpu(engi
     record = te.find_engines(Bundle.open(path), "fp32", THERE)
     assert (path / record.files["encoder"].file).is_file()
     m = Bundle.open(path).manifest
-    assert list(m.engines) == [THERE.key] and m.engines[THERE.key].device == \
-        THERE.to_json()
+    assert list(m.engines) == [THERE.key] and m.engines[THERE.key].device == THERE.record()
     assert (path / "cache" / "tensorrt" / f"{THERE.key}.timing-cache").read_bytes() == b"timings"
 
 
@@ -96,13 +96,13 @@ def register(bundle: Bundle, device: te.Device, content: bytes) -> dict:
     record = {**files, "profile": {"batch": [1, 8, 32], "max_shots": 16},
               "source_graphs": {g: bundle.manifest.graphs["fp32"][g].sha256
                                 for g in te.GRAPHS}}
-    bundle.set_engines(device.key, device.to_json(), "fp32", record)
+    bundle.set_engines(device.key, device.record().to_dict(), "fp32", record)
     return record
 
 
 def test_engines_are_found_for_their_own_device_only(engine_bundle):
     b = Bundle.open(engine_bundle)
-    assert te.find_engines(b, "fp32", THERE).profile["max_shots"] == 16
+    assert te.find_engines(b, "fp32", THERE).profile.max_shots == 16
     with pytest.raises(te.EngineError, match=r"built for NVIDIA H200 \(sm 9.0, TensorRT 10.15.1\)"
                                              r".*rebuild here with 'clipinspect build-engine"):
         te.find_engines(b, "fp32", HERE)
@@ -131,7 +131,7 @@ def test_rebuilt_engines_replace_the_old_files(engine_bundle, tmp_path):
     assert all(not p.exists() for p in old.values())
     assert all((path / m.engines[k].builds["fp32"].files[g].file).is_file()
                for k in m.engines for g in te.GRAPHS)
-    assert m.engines[HERE.key].device == HERE.to_json()
+    assert m.engines[HERE.key].device == HERE.record()
 
 
 def test_ort_tensorrt_options_follow_the_graph_precision(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backend import Backend
-from clipinspect.runtime.core.manifest import EngineBuild, FileEntry
+from clipinspect.runtime.core.manifest import EngineBuild, EngineProfile, FileEntry
 from clipinspect.runtime.tensorrt import backend as tb
 from clipinspect.runtime.tensorrt import engine as te
 
@@ -160,7 +160,7 @@ def stand_in(tiny_bundle_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("plans")
     # Built directly, not parsed: the stand-in plans lie outside the bundle, unchecked.
     record = EngineBuild(files={}, source_graphs={},
-                         profile={"batch": [1, 2, 4], "max_shots": 2})
+                         profile=EngineProfile((1, 2, 4), max_shots=2))
     engines = {}
     for name in te.GRAPHS:
         graph = onnx.load(str(bundle.graph_path("fp32", name)), load_external_data=False).graph

@@ -63,16 +63,16 @@ def test_quantize_int8_also_writes_the_fp16_between_qdq_graph(int8_bundle):
 
 def test_its_agreement_with_fp32_is_measured_and_within_the_fp16_bound(int8_bundle):
     m = Bundle.open(int8_bundle).manifest
-    record = m.quantization["int8"].extra["fp16_between_qdq"]
-    assert record["graph"] == "encoder_fp16" and record["subnormal_scales"] == 0
-    fp16_agreement = record["agreement_vs_fp32"]
+    record = m.quantization["int8"].fp16_between_qdq
+    assert record.graph == "encoder_fp16" and record.subnormal_scales == 0
+    fp16_agreement = record.agreement
     int8_agreement = m.quantization["int8"].agreement
     # Against FP32 it is about as close as the FP32 QDQ graph is; the FP16 rounding between
     # the Q/DQ pairs costs no more than the FP16 bound.
-    assert fp16_agreement["map_pearson_min"] >= int8_agreement["map_pearson_min"] - (
+    assert fp16_agreement.map_pearson_min >= int8_agreement.map_pearson_min - (
         1 - FP16_BOUND[0])
-    assert fp16_agreement["max_image_score_diff"] <= (int8_agreement["max_image_score_diff"]
-                                                      + FP16_BOUND[1])
+    assert fp16_agreement.max_image_score_diff <= (int8_agreement.max_image_score_diff
+                                                   + FP16_BOUND[1])
 
 
 def test_it_runs_on_onnxruntime_cpu_close_to_the_fp32_qdq_graph(int8_bundle):

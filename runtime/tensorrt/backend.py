@@ -58,8 +58,8 @@ class TrtBackend:
         trt, cp = import_tensorrt()
         self.trt, self.cp = trt, cp
         self.record = find_engines(bundle, precision, current_device(trt, cp))
-        self.max_batch = int(self.record.profile["batch"][2])
-        self.max_shots = int(self.record.profile["max_shots"])
+        self.max_batch = self.record.profile.max_batch
+        self.max_shots = self.record.profile.max_shots
         self.rebuild = f"clipinspect build-engine {bundle.root} --precision {precision}"
         self.logger = trt_logger(trt)
         self.runtime = trt.Runtime(self.logger)

@@ -26,14 +26,14 @@ import datetime as _dt
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core import bundle as bundle_files
 from ..core.bundle import Bundle, atomic_write_bytes, write_versioned
 from ..core.errors import ClipInspectError, UsageError
-from ..core.manifest import EngineBuild
+from ..core.manifest import DeviceRecord, EngineBuild, EngineProfile, FileEntry, parse
 from ..core.names import ENCODER, GRAPHS, PRECISIONS
 from ..core.progress import Progress
 from .compat import DEFAULT_MAX_SHOTS, BatchRange, profile_shapes, require_compatible
@@ -82,10 +82,10 @@ class Device:
         return (f"{self.gpu}{board} (compute capability {self.compute_capability}, "
                 f"{self.sm_count} SMs, {self.memory_gib} GiB), TensorRT {self.tensorrt}")
 
-    def to_json(self) -> dict[str, Any]:
-        return {"gpu": self.gpu, "compute_capability": self.compute_capability,
-                "tensorrt": self.tensorrt, "sm_count": self.sm_count,
-                "memory_gib": self.memory_gib, "board": self.board}
+    def record(self) -> DeviceRecord:
+        """What the manifest records of this device (``engines.<key>.device``)."""
+        return DeviceRecord(self.gpu, self.compute_capability, self.tensorrt,
+                            sm_count=self.sm_count, memory_gib=self.memory_gib, board=self.board)
 
 
 def import_tensorrt():
@@ -142,7 +142,7 @@ def adopt_legacy_engines(bundle: Bundle, device: Device) -> bool:
         return False
     with bundle.updating() as m:
         entry = m.engines.pop(device.legacy_key)
-        entry.device = device.to_json()
+        entry.device = device.record()
         m.engines[device.key] = entry
     old = timing_cache_path(bundle, device.legacy_key)
     if old.is_file():
@@ -165,9 +165,7 @@ def find_engines(bundle: Bundle, precision: str, device: Device) -> EngineBuild:
                           f"come from another {device.gpu} module); rebuild them here with "
                           f"'{rebuild}'")
     if entry is None:
-        elsewhere = [f"{e.device['gpu']} (sm {e.device['compute_capability']}, "
-                     f"TensorRT {e.device['tensorrt']})"
-                     for e in engines.values() if precision in e.builds]
+        elsewhere = [e.device.describe() for e in engines.values() if precision in e.builds]
         if elsewhere:
             raise EngineError(f"the {precision} engines in {str(bundle.root)!r} were built for "
                               f"{'; '.join(elsewhere)}, not for this {device.describe()}; "
@@ -224,7 +222,8 @@ def _profile_json(shapes: dict) -> dict[str, list]:
     return {name: [list(s) for s in spans] for name, spans in shapes.items()}
 
 
-def shared_head(bundle: Bundle, key: str, name: str, sha: str, shapes: dict) -> dict | None:
+def shared_head(bundle: Bundle, key: str, name: str, sha: str, shapes: dict
+                ) -> FileEntry | None:
     """A head engine already built on this device from the same graph (``sha``), with the
     same profile and TF32 off, by a build of any precision: the heads are the FP32 graphs in
     every variant, so one engine serves them all. Its file entry, or None."""
@@ -232,10 +231,10 @@ def shared_head(bundle: Bundle, key: str, name: str, sha: str, shapes: dict) -> 
     for build in (entry.builds.values() if entry else ()):
         found = build.files.get(name)
         if (found is not None and build.source_graphs.get(name) == sha
-                and build.extra.get("tf32") is False
-                and (build.extra.get("head_profiles") or {}).get(name) == _profile_json(shapes)
+                and build.tf32 is False
+                and (build.head_profiles or {}).get(name) == _profile_json(shapes)
                 and (bundle.root / found.file).is_file()):
-            return found.to_dict()
+            return found
     return None
 
 
@@ -304,17 +303,9 @@ def _build_one(trt, logger, path: Path, shapes: dict, *, settings: BuildSettings
     return bytes(plan), bytes(config.get_timing_cache().serialize())
 
 
-def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
-                  max_shots: int = DEFAULT_MAX_SHOTS, workspace_mb: int = DEFAULT_WORKSPACE_MB,
-                  stream=None, *, int8_graph: str = "fp16") -> dict[str, Any]:
-    """Build the encoder engine of ``precision`` and the FP32 head engines for this GPU and
-    store them in the bundle (replacing earlier ones of this precision and device). Head
-    engines are shared: built once per device, graph and profile, reused by every precision.
-    ``int8_graph``: see INT8_GRAPHS. Returns the manifest record."""
-    import onnx
-
-    stream = stream or sys.stderr
-    bundle = Bundle.open(bundle_path)
+def _check_request(bundle: Bundle, precision: str, batch: BatchRange, max_shots: int,
+                   workspace_mb: int, int8_graph: str) -> str:
+    """Refuse what cannot be built before TensorRT is imported; -> the encoder's source graph."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision not in bundle.manifest.graphs:
@@ -324,58 +315,96 @@ def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
         raise UsageError(f"--workspace {workspace_mb} MB is too small; give at least 16")
     batch.validate()
     encoder = encoder_graph(bundle, precision, int8_graph)
-    sources = {n: encoder if n == ENCODER else n for n in GRAPHS}
     require_compatible(bundle, [f"{precision}/{encoder}", "fp32/head_zeroshot",
                                 "fp32/head_fewshot"], batch=batch, max_shots=max_shots)
+    return encoder
+
+
+@dataclass
+class _EngineRun:
+    """The engines of one build-engine run: what they are built from and with, and what was
+    built (``files``, ``seconds``, ``head_profiles``, ``reused``)."""
+
+    bundle: Bundle
+    precision: str
+    device: Device
+    trt: Any
+    settings: BuildSettings
+    cache_path: Path
+    cache_bytes: bytes
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    head_profiles: dict[str, dict[str, list]] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+    def engine(self, name: str, source: str, batch: BatchRange, max_shots: int) -> None:
+        """The engine of graph ``name`` from the graph ``source`` of the precision, or the head
+        engine an earlier build made from the same graph with the same profile."""
+        import onnx
+
+        path = self.bundle.graph_path(self.precision, source)
+        shapes = profile_shapes(self.bundle, onnx.load(str(path), load_external_data=False),
+                                batch, max_shots)
+        if name != ENCODER:
+            self.head_profiles[name] = _profile_json(shapes)
+            sha = self.bundle.manifest.graphs[self.precision][name].sha256
+            shared = shared_head(self.bundle, self.device.key, name, sha, shapes)
+            if shared is not None:
+                self.files[name] = shared
+                self.reused.append(name)
+                return
+        t0 = time.perf_counter()
+        plan, self.cache_bytes = _build_one(self.trt, trt_logger(self.trt), path, shapes,
+                                            settings=self.settings, cache_bytes=self.cache_bytes)
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        # Saved after each engine: an interrupted build keeps the timings measured so far.
+        atomic_write_bytes(self.cache_path, self.cache_bytes)
+        folder = f"engines/{self.device.key}/{self.precision if name == ENCODER else 'heads'}"
+        rel = write_versioned(self.bundle.root, folder, f"{name}.plan", plan)
+        self.files[name] = parse(FileEntry, self.bundle.file_entry(rel),
+                                 f"bundle {str(self.bundle.root)!r}",
+                                 f"engines.{self.device.key}.{self.precision}.{name}")
+
+    def record(self, batch: BatchRange, max_shots: int, encoder: str) -> EngineBuild:
+        graphs = self.bundle.manifest.graphs[self.precision]
+        return EngineBuild(
+            files=dict(self.files), profile=EngineProfile((batch.min, batch.opt, batch.max),
+                                                          int(max_shots)),
+            workspace_mb=int(self.settings.workspace_mb), tf32=False, encoder_graph=encoder,
+            head_profiles=dict(self.head_profiles), heads_reused=list(self.reused),
+            source_graphs={n: graphs[n].sha256 for n in dict.fromkeys([*GRAPHS, encoder])},
+            built=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            build_seconds=dict(self.seconds))
+
+
+def build_engines(bundle_path, precision: str, batch: BatchRange = BatchRange(),
+                  max_shots: int = DEFAULT_MAX_SHOTS, workspace_mb: int = DEFAULT_WORKSPACE_MB,
+                  *, stream=None, int8_graph: str = "fp16") -> dict[str, Any]:
+    """Build the encoder engine of ``precision`` and the FP32 head engines for this GPU and
+    store them in the bundle (replacing earlier ones of this precision and device). Head
+    engines are shared: built once per device, graph and profile, reused by every precision.
+    ``int8_graph``: see INT8_GRAPHS. Returns the manifest record (its JSON form)."""
+    stream = stream or sys.stderr
+    bundle = Bundle.open(bundle_path)
+    encoder = _check_request(bundle, precision, batch, max_shots, workspace_mb, int8_graph)
     trt, cupy = import_tensorrt()
     device = current_device(trt, cupy)
     adopt_legacy_engines(bundle, device)
     cache_path = timing_cache_path(bundle, device.key)
-    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    run = _EngineRun(bundle, precision, device, trt,
+                     BuildSettings(workspace_mb, _progress_monitor(trt, stream)), cache_path,
+                     cache_path.read_bytes() if cache_path.is_file() else b"")
     print(f"building {precision} TensorRT engines for {device.describe()}: batch "
           f"{batch.min}/{batch.opt}/{batch.max}, up to {max_shots} reference images, workspace "
           f"{workspace_mb} MB, encoder from the {precision} {encoder} graph"
-          f"{', reusing the timing cache' if cache_bytes else ''}", file=stream, flush=True)
-    settings = BuildSettings(workspace_mb, _progress_monitor(trt, stream))
-    graphs = bundle.manifest.graphs[precision]
-    files, seconds, profiles, reused = {}, {}, {}, []
+          f"{', reusing the timing cache' if run.cache_bytes else ''}", file=stream, flush=True)
     with Progress(len(GRAPHS), "build-engine", stream=stream, unit="engine") as bar:
-        for name, source in sources.items():
-            path = bundle.graph_path(precision, source)
-            shapes = profile_shapes(bundle, onnx.load(str(path), load_external_data=False),
-                                    batch, max_shots)
-            profiles[name] = _profile_json(shapes)
-            shared = None if name == ENCODER else shared_head(
-                bundle, device.key, name, graphs[name].sha256, shapes)
-            if shared is not None:
-                files[name] = shared
-                reused.append(name)
-                bar.update()
-                continue
-            t0 = time.perf_counter()
-            plan, cache_bytes = _build_one(trt, trt_logger(trt), path, shapes,
-                                           settings=settings, cache_bytes=cache_bytes)
-            seconds[name] = round(time.perf_counter() - t0, 1)
-            # Saved after each engine: an interrupted build keeps the timings measured so far.
-            atomic_write_bytes(cache_path, cache_bytes)
-            folder = f"engines/{device.key}/{precision if name == 'encoder' else 'heads'}"
-            files[name] = bundle.file_entry(write_versioned(bundle.root, folder,
-                                                            f"{name}.plan", plan))
+        for name in GRAPHS:
+            run.engine(name, encoder if name == ENCODER else name, batch, max_shots)
             bar.update()
-    record = {
-        **files,
-        "profile": {"batch": [batch.min, batch.opt, batch.max], "max_shots": int(max_shots)},
-        "workspace_mb": int(workspace_mb),
-        "tf32": False,
-        "encoder_graph": encoder,
-        "head_profiles": {n: p for n, p in profiles.items() if n != ENCODER},
-        "heads_reused": reused,
-        "source_graphs": {n: graphs[n].sha256 for n in dict.fromkeys([*GRAPHS, encoder])},
-        "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": seconds,
-    }
-    bundle.set_engines(device.key, device.to_json(), precision, record)
+    record = run.record(batch, max_shots, encoder)
+    bundle.set_engines(device.key, device.record().to_dict(), precision, record.to_dict())
     print(f"{precision} engines stored under {bundle.root / 'engines' / device.key}"
-          f"{' (head engines shared with an earlier build)' if reused else ''}",
+          f"{' (head engines shared with an earlier build)' if run.reused else ''}",
           file=stream, flush=True)
-    return record
+    return record.to_dict()

@@ -241,7 +241,7 @@ def engine_max_batch(record: EngineBuild, max_batch: int | None, build: str) -> 
     """The encoder's max_batch_size for engines built with ``record.profile``: Triton's
     TensorRT backend refuses a config whose max_batch_size exceeds the engine profile's
     maximum, and its dynamic batcher sends any batch from 1 up, so the profile must start at 1."""
-    lo, _, hi = (int(b) for b in record.profile["batch"])
+    lo, hi = record.profile.min_batch, record.profile.max_batch
     if lo > 1:
         raise UsageError(f"the engines' profile starts at batch {lo}, but Triton sends batches "
                          f"from 1 up; rebuild with '{build} --min-batch 1'")
