@@ -31,14 +31,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in parity.max_abs_diff.items())
         print(f"parity      {precision}: {diffs} (tolerance {parity.tolerance:g})")
     for precision, q in m.quantization.items():
-        a = q.agreement
-        how = ""
-        if q.calibration is not None:
-            kept = (q.sensitivity or {}).get("excluded_weights", [])
-            how = (f"; {q.calibration['method']} calibration on {q.calibration['images']} "
-                   f"images, {len(kept)} weight(s) kept FP32")
-        print(f"parity      {precision} vs fp32: map Pearson {a['map_pearson_min']:.5f}, image "
-              f"score diff {a['max_image_score_diff']:.1e} ({a['images']} held-out images{how})")
+        print(f"parity      {precision} vs fp32: {q.describe()}")
     for key, engines in m.engines.items():
         built = ", ".join(sorted(engines.builds))
         print(f"engines     {key}: {built or 'none'} (TensorRT; 'clipinspect build-engine')")
