@@ -452,3 +452,73 @@ def test_watch_waits_for_a_journal_another_process_holds_locked(watch_inspector,
     assert sorted(os.listdir(tmp_path / "done")) == ["l0.png", "l1.png"]
     assert any("locked by another process" in line and "trying again" in line
                for line in logged)
+
+
+class FakeCamera:
+    """What watch_source uses of OpenCV: a capture giving ``frames`` BGR frames, then the end."""
+
+    COLOR_BGR2RGB = 4
+
+    def __init__(self, frames: int):
+        self.frames = [np.random.default_rng(40 + i).integers(0, 256, (40, 40, 3), np.uint8)
+                       for i in range(frames)]
+
+    def VideoCapture(self, source):  # noqa: N802 - OpenCV's name
+        frames = iter(self.frames)
+        return type("Capture", (), {"isOpened": lambda _: True, "release": lambda _: None,
+                                    "read": lambda _: next(((True, f) for f in frames),
+                                                           (False, None))})()
+
+    @staticmethod
+    def cvtColor(frame, code):  # noqa: N802
+        return np.ascontiguousarray(frame[..., ::-1])
+
+
+def test_camera_results_wait_for_a_full_journal_and_none_is_lost(watch_inspector, tmp_path,
+                                                                 monkeypatch):
+    """watch --source, like the hot folder: while the journal cannot be written the frame's
+    result is kept and tried again, waiting longer each time; the stream goes on after."""
+    monkeypatch.setitem(sys.modules, "cv2", FakeCamera(4))
+    journal = Journal(tmp_path / "j.sqlite")
+    origin = "source:cam"
+    sink = JsonlSink(tmp_path / "r.jsonl", journal, origin)
+    pages = fill_to_page_limit(journal)
+    logged, inspected = [], []
+    real_inspect = watch_inspector.inspect_loaded
+
+    def counting(images, *args, **kwargs):
+        inspected.append(len(images))
+        return real_inspect(images, *args, **kwargs)
+
+    def log(line: str) -> None:
+        logged.append(line)
+        if sum("trying again" in seen for seen in logged) == 2:  # room again after two tries
+            journal._db.execute(f"PRAGMA max_page_count = {pages * 100}")
+
+    monkeypatch.setattr(watch_inspector, "inspect_loaded", counting)
+    monkeypatch.setattr(watch, "log", log)
+    assert watch.watch_source(watch_inspector, "cam", CATEGORY, journal, sink) == 4
+    sink.close()
+    rows = journal.rows(origin)
+    assert [r["image_id"].split("-")[-1] for r in rows] == [f"frame{i:08d}" for i in (1, 2, 3, 4)]
+    assert [r["image_id"] for r in jsonl(tmp_path / "r.jsonl")] == [r["image_id"] for r in rows]
+    assert inspected == [1, 1, 1, 1]  # the frame that waited was journaled, not inspected again
+    waits = [line for line in logged if "trying again" in line]
+    assert len(waits) == 2 and all("full" in line for line in waits)
+    assert [float(w.rsplit("in ", 1)[1].split()[0]) for w in waits] == [0.5, 1.0]  # backs off
+    assert "the journal is written again" in logged
+
+
+def test_camera_journal_that_waiting_cannot_cure_still_stops_the_watch(watch_inspector,
+                                                                       tmp_path, monkeypatch):
+    from clipinspect.runtime.serving.journal import JournalUnavailable
+
+    class Broken(Journal):
+        def record(self, entries):
+            raise JournalUnavailable("the journal is damaged; move it away", transient=False)
+
+    monkeypatch.setitem(sys.modules, "cv2", FakeCamera(2))
+    journal = Broken(tmp_path / "j.sqlite")
+    sink = JsonlSink(tmp_path / "r.jsonl", journal, "source:cam")
+    with pytest.raises(JournalUnavailable, match="damaged"):
+        watch.watch_source(watch_inspector, "cam", CATEGORY, journal, sink)

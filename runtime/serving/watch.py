@@ -23,6 +23,10 @@ Names are shown with control characters and undecodable bytes escaped (one log l
 
 Camera / stream (``--source``): frames from OpenCV (a device index, an RTSP/HTTP URL or a video
 file), every n-th inspected, results to the journal and the JSON lines (frames are not kept).
+While the journal cannot be written, the frame's result is kept and tried again as in the hot
+folder (the same waits, the same log lines). No frame is read meanwhile: a video file waits; a
+live camera's frames of that time wait in OpenCV's buffer as far as it holds them, and the rest
+are not inspected.
 """
 
 from __future__ import annotations
@@ -116,6 +120,28 @@ def move(path: Path, folder: Path) -> Path:
         os.replace(partial, target)  # appears complete or not at all
         os.unlink(path)
     return target
+
+
+class Backoff:
+    """The waits between tries while the journal cannot be written: ``first_s``, doubled at
+    each failure up to ``max_s``; each failure is logged with its reason and what is kept, and
+    the first success after them too."""
+
+    def __init__(self, first_s: float, max_s: float):
+        self.first_s, self.max_s, self.wait = first_s, max_s, 0.0
+
+    def failed(self, error: JournalUnavailable, kept: str) -> None:
+        """Wait before the next try; raises ``error`` if waiting cannot cure it."""
+        if not error.transient:
+            raise error
+        self.wait = min(max(2 * self.wait, self.first_s), self.max_s)
+        log(f"{error.reason}; {kept}; trying again in {self.wait:g} s")
+        time.sleep(self.wait)
+
+    def succeeded(self) -> None:
+        if self.wait:
+            log("the journal is written again")
+            self.wait = 0.0
 
 
 class FolderWatcher:
@@ -294,21 +320,15 @@ class FolderWatcher:
         """Poll until interrupted; with ``once``, until nothing is left or changing. While the
         journal cannot be written, says why and tries again after ``interval``, doubling the
         wait up to ``retry_max_s``."""
-        wait = 0.0
+        backoff = Backoff(interval, self.retry_max_s)
         while not stop():
             try:
                 handled = self.poll()
             except JournalUnavailable as e:
-                if not e.transient:
-                    raise
-                wait = min(max(2 * wait, interval), self.retry_max_s)
-                log(f"{e.reason}; {len(self._waiting)} result(s) kept, their files left in "
-                    f"place; trying again in {wait:g} s")
-                time.sleep(wait)
+                backoff.failed(e, f"{len(self._waiting)} result(s) kept, their files left in "
+                               "place")
                 continue
-            if wait:
-                log("the journal is written again")
-                wait = 0.0
+            backoff.succeeded()
             if once and not handled and not self._changing():
                 return
             if not handled:
@@ -330,10 +350,25 @@ def opencv():
     return cv2
 
 
+def journal_entry(journal: Journal, entry: Entry, backoff: Backoff) -> list[dict]:
+    """Record ``entry``, trying again while the journal cannot be written; -> its rows."""
+    while True:
+        try:
+            rows = journal.record([entry])
+        except JournalUnavailable as e:
+            backoff.failed(e, f"the result of {entry.image_id} kept, no frame read meanwhile")
+            continue
+        backoff.succeeded()
+        return rows
+
+
 def watch_source(inspector: Inspector, source: str, category: str, journal: Journal,
                  sink: JsonlSink, *, mode: str = "auto", every: int = 1,
-                 max_frames: int | None = None) -> int:
-    """Inspect frames of a camera, stream or video file; returns the number inspected."""
+                 max_frames: int | None = None, retry_first_s: float = 0.5,
+                 retry_max_s: float = RETRY_MAX_S) -> int:
+    """Inspect frames of a camera, stream or video file; returns the number inspected. While
+    the journal cannot be written, the frame's result waits (:class:`Backoff`: ``retry_first_s``
+    doubling up to ``retry_max_s``) and the next frame is read once it is journaled."""
     cv2 = opencv()
     capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
     if not capture.isOpened():
@@ -343,6 +378,7 @@ def watch_source(inspector: Inspector, source: str, category: str, journal: Jour
     mode_used = inspector.check(category, mode)
     threshold = inspector.thresholds(category, mode_used).get("image")
     started = time.strftime("%Y%m%dT%H%M%S")
+    backoff = Backoff(retry_first_s, retry_max_s)
     frame_no = inspected = 0
     try:
         while max_frames is None or inspected < max_frames:
@@ -357,10 +393,10 @@ def watch_source(inspector: Inspector, source: str, category: str, journal: Jour
             result = inspector.inspect_loaded([inspector.load(rgb)], category, mode)[0]
             # A restart begins a new series: frame numbers are unique within one run.
             image_id = f"{started}-frame{frame_no:08d}"
-            sink.write(journal.record([Entry.of(result, origin, image_id, category,
-                                                bundle=inspector.bundle.identity,
-                                                precision=inspector.precision,
-                                                threshold=threshold)]))
+            sink.write(journal_entry(journal, Entry.of(result, origin, image_id, category,
+                                                       bundle=inspector.bundle.identity,
+                                                       precision=inspector.precision,
+                                                       threshold=threshold), backoff))
             inspected += 1
             log(f"frame {frame_no}: " + (f"score {result.image_score:.4f}" if result.ok
                                           else f"error: {result.error}"))
