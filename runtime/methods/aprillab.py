@@ -12,7 +12,7 @@ from ..core.errors import UsageError
 from ..core.manifest import At, is_int, rest, take, take_dict, take_list, take_str
 from ..core.names import HEAD_FEWSHOT
 from ..core.registry import MemoryContext
-from .base import Method
+from .base import Method, SectionDefaults
 from .cost import full_pass_gflops
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class Projections:
 
 
 @dataclass
-class AprilLabSection:
+class AprilLabSection(SectionDefaults):
     """``layers``: 1-based transformer blocks whose tokens are the feature levels;
     ``projections``: their learned (C -> D) projections; ``activation``: the MLP activation
     both towers ran (None in bundles exported before it was recorded); ``extra``: the rest of
@@ -87,9 +87,6 @@ class AprilLabSection:
         record = {"layers": list(self.layers), "projections": self.projections.to_dict(),
                   **({"activation": self.activation} if self.activation else {}), **self.extra}
         return {"method_options": self.options, "aprillab": record}
-
-    def check(self, manifest: "Manifest", at: At) -> None:
-        return None
 
     def summary(self) -> str:
         return f"levels {self.layers}, {self.projections.kind} projections"

@@ -15,30 +15,15 @@ if TYPE_CHECKING:
 
     from ..core.manifest import Manifest
 
-__all__ = ["GRAPHS", "Method", "MethodError", "OptionsSection"]
+__all__ = ["GRAPHS", "Method", "MethodError", "SectionDefaults"]
 
 
-@dataclass
-class OptionsSection:
-    """A method section holding only ``method_options`` (the method's export options, kept as
-    recorded). Sections of methods with more of their own subclass it."""
-
-    options: dict[str, Any] = field(default_factory=dict)
-
-    KEYS = ("method_options",)
-
-    @classmethod
-    def from_dict(cls, d: dict, at: At) -> "OptionsSection":
-        return cls(take_dict(d, "method_options", at, optional=True) or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method_options": self.options}
+class SectionDefaults:
+    """What a method section (core.registry.MethodSection) does unless it says otherwise:
+    nothing more to check against the rest of the manifest, no learned parts."""
 
     def check(self, manifest: "Manifest", at: At) -> None:
         return None
-
-    def summary(self) -> str:
-        return ", ".join(f"{k} {v}" for k, v in self.options.items()) or "no options"
 
     def adapters_categories(self) -> list[str] | None:
         return None

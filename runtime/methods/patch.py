@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..core.manifest import At, is_positive_int, take, take_dict
-from .base import Method, token_shapes
+from .base import Method, SectionDefaults, token_shapes
 from .cost import full_pass_gflops
 
 if TYPE_CHECKING:
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class PatchSection:
+class PatchSection(SectionDefaults):
     """``dense_blocks``: the last blocks whose value-value attention makes the patch
     embeddings; ``options``: the export options as recorded (``method_options``)."""
 
@@ -32,17 +32,9 @@ class PatchSection:
     def to_dict(self) -> dict[str, Any]:
         return {"method_options": {**self.options, "dense_blocks": self.dense_blocks}}
 
-    def check(self, manifest: "Manifest", at: At) -> None:
-        return None
-
     def summary(self) -> str:
         return f"dense blocks {self.dense_blocks}"
 
-    def adapters_categories(self) -> list[str] | None:
-        return None
-
-    def adapters_kind(self) -> str | None:
-        return None
 
 
 def outputs(manifest: "Manifest") -> list[str]:

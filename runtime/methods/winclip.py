@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..core.manifest import At, is_positive_int, take, take_dict, take_list
-from .base import Method, token_shapes
+from .base import Method, SectionDefaults, token_shapes
 from .cost import vit_gflops
 
 if TYPE_CHECKING:
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class WinClipSection:
+class WinClipSection(SectionDefaults):
     """``scales``: window sizes k (k x k patches, stride 1); ``windows``: scale -> number of
     windows (None in bundles exported before it was recorded); ``options``: the export options
     as recorded (``method_options``)."""
@@ -54,11 +54,6 @@ class WinClipSection:
     def summary(self) -> str:
         return f"scales {self.scales}"
 
-    def adapters_categories(self) -> list[str] | None:
-        return None
-
-    def adapters_kind(self) -> str | None:
-        return None
 
 
 def window_count(grid: tuple[int, int], k: int) -> int:
