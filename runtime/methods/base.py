@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-from ..core.manifest import At, take_dict
+from ..core.manifest import At
 from ..core.names import GRAPHS
 from ..core.registry import MemoryContext, MethodError
 
