@@ -229,16 +229,24 @@ def test_every_method_has_a_cost_model():
 
     from clipinspect.runtime.methods import full_pass_gflops
 
-    any_method = dict(dims=Dims(embed=384, width=384, patches=196, layers=12), patch_size=16,
-                      scales=[2], windows={"2": 169}, method_options={"dense_blocks": 1},
-                      aprillab={"layers": [3, 6, 9, 12]}, outputs=None)
+    from clipinspect.runtime.methods.aprillab import AprilLabSection, Projections
+    from clipinspect.runtime.methods.patch import PatchSection
+    from clipinspect.runtime.methods.winclip import WinClipSection
+
+    sections = {"winclip": WinClipSection([2], {"2": 169}), "patch": PatchSection(1),
+                "alfa": PatchSection(1),
+                "aprillab": AprilLabSection([3, 6, 9, 12], Projections("random", seed=0))}
+    assert set(sections) == set(METHODS)
     for name in METHODS:  # each adds its own work to the one ordinary pass
-        manifest = SimpleNamespace(**any_method, method=name)
+        manifest = SimpleNamespace(dims=Dims(embed=384, width=384, patches=196, layers=12),
+                                   grid=(14, 14), patch_size=16, outputs=None, method=name,
+                                   section=sections[name])
         assert gflops_per_image(manifest) > full_pass_gflops(manifest, 12)
     # ViT-L-14-336 at 518 x 518 with APRIL-GAN's four levels: one pass (1,370 tokens) plus
     # four 1024 -> 768 projections of the 1,369 patch tokens.
     manifest = SimpleNamespace(method="aprillab", dims=Dims(embed=768, width=1024, patches=1369),
-                               patch_size=14, aprillab={"layers": [6, 12, 18, 24]}, outputs=None)
+                               patch_size=14, outputs=None, section=AprilLabSection(
+                                   [6, 12, 18, 24], Projections("random", seed=0)))
     one_pass = 24 * (24 * 1370 * 1024 ** 2 + 4 * 1370 ** 2 * 1024) + 2 * 1369 * 1024 * 3 * 14 ** 2
     assert gflops_per_image(manifest, 24) == pytest.approx(
         (one_pass + 4 * 2 * 1369 * 1024 * 768) / 1e9)
