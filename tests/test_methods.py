@@ -91,7 +91,7 @@ def test_manifest_records_method_adaptation_prompts_and_parity(patch_bundle_path
     assert m["method"] == "patch" and m["method_options"] == {"dense_blocks": 1}
     assert m["adaptation"] == {"kind": "contextual", "tau": 0.02, "top_k": 6}
     assert m["outputs"] == ["image_embedding", "patch_embeddings", "patch_tokens"]
-    assert m["scales"] == [] and m["windows"] == {}
+    assert "scales" not in m and "windows" not in m  # WinCLIP's section, not the patch method's
     parity = m["parity"]["fp32"]
     assert parity["passed"] and set(parity["max_abs_diff"]) == {"encoder", "head_zeroshot",
                                                                 "head_fewshot"}
@@ -183,6 +183,7 @@ def test_bundle_without_method_field_is_winclip_and_unknown_method_is_refused(bu
     with pytest.raises(BundleError, match="method 'dreamclip'.*knows winclip, patch"):
         Bundle.open(bundle_copy)
     manifest["method"] = "patch"  # WinCLIP graphs declared as a patch bundle
+    manifest["method_options"] = {"dense_blocks": 1}
     manifest["outputs"] = ["image_embedding", "window_embeddings_2", "window_embeddings_3",
                            "patch_tokens"]
     path.write_text(json.dumps(manifest))

@@ -1045,8 +1045,9 @@ class Manifest:
         adaptation = _dict(d, "adaptation", at, optional=True)
         method = _str(d, "method", at, optional=True) or "winclip"
         if method not in registry.METHODS:
-            raise (at / "method").error(method, f"one of {', '.join(registry.METHODS)}", "it "
-                                        "was written by a newer clipinspect: upgrade clipinspect")
+            raise ManifestError(f"{at.where}: it uses method {_show(method)}, which this "
+                                f"clipinspect does not know (it knows "
+                                f"{', '.join(registry.METHODS)}); upgrade clipinspect")
         section_type = registry.METHODS[method].section
         return cls(
             model=Model.from_dict(_dict(d, "model", at), at / "model"),
