@@ -78,13 +78,15 @@ def test_bundle_key_follows_what_makes_the_bundle(tmp_path):
 
 # ---------------------------------------------------------------------------- eval skip
 def test_two_reference_heads_refuse_one_shot():
-    def inspector(inputs):
-        return SimpleNamespace(backend=SimpleNamespace(head_io={"head_fewshot": (inputs, [])}),
-                               bundle=SimpleNamespace(method=SimpleNamespace(name="aprillab")))
-    spread = inspector(["memory_x", "reference_map_range"])
+    """eval asks the bundle's method: AprilLab's few-shot score needs two references."""
+    from clipinspect.runtime.methods import METHODS
+
+    def inspector(method):
+        return SimpleNamespace(bundle=SimpleNamespace(method=METHODS[method]))
+    spread = inspector("aprillab")
     assert "needs at least 2" in shots_refused(spread, 1)
     assert shots_refused(spread, 0) is None and shots_refused(spread, 2) is None
-    assert shots_refused(inspector(["memory_x"]), 1) is None
+    assert all(shots_refused(inspector(m), 1) is None for m in ("winclip", "patch", "alfa"))
 
 
 # ---------------------------------------------------------------------------- report
