@@ -223,7 +223,7 @@ def test_add_category_with_prompt_file_gets_pools_and_filter(patch_bundle_path, 
     add_categories(copy, ["screw"], prompts=path, progress=lambda m: None)
     bundle = Bundle.open(copy)
     entry = bundle.manifest.categories["screw"]
-    assert entry.n_anomalous_prompts == 85 and entry.prompt_file["n_anomalous"] == 1
+    assert entry.n_anomalous_prompts == 85 and entry.prompt_file.counts["n_anomalous"] == 1
     text = bundle.category("screw").text
     assert len(text["text_anomalous"]) == 85 - len(entry.ambiguity_filter_dropped["anomalous"])
     assert Inspector.open(bundle).inspect([np.zeros((40, 40, 3), np.uint8)], "screw")[0].ok
