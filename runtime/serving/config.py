@@ -31,7 +31,7 @@ class ServeConfig:
     inference_timeout_s: float = 60.0
     # True: a micro-batch mixing categories (or modes) is encoded in one pass and split at the
     # scoring heads. False: one encoder pass per (category, mode) group, as before; kept so that
-    # benchmarks/mixed_categories.py measures both in one run.
+    # benchmarks/experiments/mixed_categories.py measures both in one run.
     one_encoder_pass: bool = True
 
 
