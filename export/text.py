@@ -24,11 +24,48 @@ def expand_prompts(category: str, ensemble: dict) -> tuple[list[str], list[str]]
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, prompts: list[str], batch_size: int = 64) -> np.ndarray:
-    """(N, D) float32 raw (not normalized) text embeddings."""
+    """(N, D) float32 raw (not normalized) text embeddings.
+
+    A causal text tower pooled at the end-of-text token (open_clip's CLIP) runs only up to the
+    batch's last end-of-text token instead of the whole 77-token context: a token attends only
+    to those before it, so the padding after it changes nothing but the time (prompts are about
+    a fifth of the context; tests/test_text_tower.py checks the equality). Other towers
+    run as open_clip runs them."""
+    short = _causal_argmax_tower(model)
     out = []
     for i in range(0, len(prompts), batch_size):
-        out.append(model.encode_text(tokenizer(prompts[i:i + batch_size])).float())
+        tokens = tokenizer(prompts[i:i + batch_size])
+        x = _encode_to_last_eot(model, tokens) if short else model.encode_text(tokens)
+        out.append(x.float())
     return torch.cat(out).numpy()
+
+
+def _causal_argmax_tower(model) -> bool:
+    """open_clip's built-in text tower, causally masked and pooled at the highest token id
+    (the end-of-text token), as every CLIP of OpenAI's layout is."""
+    mask = getattr(model, "attn_mask", None)
+    if getattr(model, "text_pool_type", None) != "argmax" or not isinstance(mask, torch.Tensor):
+        return False
+    if not all(hasattr(model, a) for a in ("token_embedding", "positional_embedding",
+                                           "transformer", "ln_final")):
+        return False
+    above = torch.triu(torch.ones_like(mask, dtype=torch.bool), diagonal=1)
+    return mask.ndim == 2 and bool(torch.isneginf(mask[above]).all()) and \
+        bool((mask[~above] == 0).all())
+
+
+def _encode_to_last_eot(model, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text`` on the first L positions, L = the last end-of-text + 1."""
+    eot = tokens.argmax(dim=-1)
+    n = int(eot.max()) + 1
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens[:, :n]).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = x[torch.arange(x.shape[0]), eot]
+    projection = model.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
 
 def ambiguity_filter(normal: np.ndarray, anomalous: np.ndarray
