@@ -33,8 +33,8 @@ from . import prompt_files
 from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
 from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .errors import ExportError, log
-from .graphs import (PARITY_TOLERANCE, check_parity, example_text, export_graphs, input_size,
-                     judge_parity, max_abs_diff)
+from .graphs import (PARITY_TOLERANCE, Probe, check_parity, example_text, export_graphs,
+                     input_size, judge_parity, max_abs_diff)
 from .methods import METHODS, Adaptation, Built, Clip, ExportMethod, method_options
 from .text import load_ensemble
 
@@ -117,14 +117,15 @@ def export_bundle(options: ExportOptions) -> Bundle:
                            ensemble=options.ensemble)
     with _staging(out) as tmp:
         log(f"[2/5] exporting ONNX graphs (opset {options.opset})")
-        files = export_graphs(built, tmp, options.opset)
+        probe = Probe.of(built.encoder)
+        files = export_graphs(built, tmp, options.opset, probe)
         text_entries = {}
         for i, name in enumerate(options.categories):
             log(f"[3/5] text embeddings for {name!r} ({i + 1}/{len(options.categories)})")
             text_entries[name] = write_category_text(tmp, name, recipe)
         log("[4/5] checking onnxruntime against PyTorch")
         text = _parity_text(tmp, built, text_entries, int(clip.model.visual.output_dim))
-        parity = judge_parity(check_parity(tmp, files, built, text), options.tolerance,
+        parity = judge_parity(check_parity(tmp, files, built, text, probe), options.tolerance,
                               options.strict)
         log("[5/5] writing manifest")
         manifest = build_manifest(options, clip, built, parity, text_entries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +36,38 @@ def input_size(encoder: torch.nn.Module) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def export_graphs(built: Built, root: Path, opset: int) -> dict[str, str]:
-    """Write fp32/encoder.onnx and fp32/head_*.onnx; returns name -> relative path."""
+@dataclass
+class Probe:
+    """The parity check's inputs, fixed by a seed. The references (the check's few-shot
+    memory) are also what the graphs are traced on, and their torch encoder outputs are
+    computed once for both; the checked images are never seen by the tracer, and their batch
+    (3) differs from the traced one (2)."""
+    images: torch.Tensor       # (PARITY_IMAGES, 3, H, W)
+    references: torch.Tensor   # (2, 3, H, W)
+    reference_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, encoder: torch.nn.Module, n_images: int = PARITY_IMAGES, seed: int = 123
+           ) -> "Probe":
+        gen = torch.Generator().manual_seed(seed)
+        size = input_size(encoder)
+        images = torch.randn(n_images, 3, *size, generator=gen)
+        return cls(images, torch.randn(2, 3, *size, generator=gen))
+
+
+def export_graphs(built: Built, root: Path, opset: int, probe: Probe) -> dict[str, str]:
+    """Write fp32/encoder.onnx and fp32/head_*.onnx; returns name -> relative path. Fills
+    ``probe.reference_outputs`` (the heads are traced on them)."""
     encoder = built.encoder
-    example = torch.randn(2, 3, *input_size(encoder))
     outs = encoder.output_names()
     files = {"encoder": "fp32/encoder.onnx"}
     axes = {"images": {0: "batch"}, **{n: {0: "batch"} for n in outs}}
-    _export(encoder, (example,), root / files["encoder"], input_names=["images"],
+    _export(encoder, (probe.references,), root / files["encoder"], input_names=["images"],
             output_names=outs, dynamic_axes=axes, opset=opset)
     with torch.no_grad():
-        encoded = dict(zip(outs, encoder(example)))
+        probe.reference_outputs = dict(zip(outs, encoder(probe.references)))
     for name, head in built.heads.items():
-        inputs = head_example_inputs(head, encoded)
+        inputs = head_example_inputs(head, probe.reference_outputs)
         fixed = ("text_prototypes", *getattr(head, "example_inputs", dict)())
         axes = {n: ({0: n} if n.startswith("memory_") or n in ("text_normal", "text_anomalous")
                     else {} if n in fixed else {0: "batch"}) for n in inputs}
@@ -87,26 +107,23 @@ def head_example_inputs(head: torch.nn.Module, encoded: dict[str, torch.Tensor],
 
 # ------------------------------------------------------------------------------- parity check
 def check_parity(root: Path, files: dict[str, str], built: Built, text: dict[str, torch.Tensor],
-                 *, n_images: int = PARITY_IMAGES, seed: int = 123) -> dict:
-    """Run onnxruntime and the method's torch modules on the same inputs; max |difference| per
-    graph. ``text``: the head's text inputs by name (a category's, or ``example_text``)."""
+                 probe: Probe) -> dict:
+    """Run onnxruntime and the method's torch modules on the probe's images (with the
+    references' encoder outputs export_graphs computed as few-shot memory); max |difference|
+    per graph. ``text``: the head's
+    text inputs by name (a category's, or ``example_text``)."""
     import onnxruntime as ort
 
     encoder, heads = built.encoder, built.heads
-    size = input_size(encoder)
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n_images, 3, *size, generator=gen)
-    references = torch.randn(2, 3, *size, generator=gen)
     names = encoder.output_names()
 
     def session(name):
         return ort.InferenceSession(str(root / files[name]), providers=["CPUExecutionProvider"])
 
-    enc = session("encoder")
     with torch.no_grad():
-        torch_out = dict(zip(names, encoder(images)))
-        torch_ref = dict(zip(names, encoder(references)))
-    ort_out = dict(zip(names, enc.run(None, {"images": images.numpy()})))
+        torch_out = dict(zip(names, encoder(probe.images)))
+        torch_ref = probe.reference_outputs or dict(zip(names, encoder(probe.references)))
+    ort_out = dict(zip(names, session("encoder").run(None, {"images": probe.images.numpy()})))
     result = {"encoder": max(max_abs_diff(ort_out[n], torch_out[n].numpy()) for n in names)}
     memory = {f"memory_{n}": torch_ref[n].flatten(0, 1) for n in names}
     for name, head in heads.items():
