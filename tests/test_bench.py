@@ -179,7 +179,7 @@ def test_bench_end_to_end_with_baseline(small_bundle_path, tmp_path):
     out = tmp_path / "bench"
     r = bench.run_bench(small_bundle_path, out, bench.BenchOptions(
         backends=["cpu", "cuda"], precisions=["fp32", "int8"], modes=["zero-shot", "few-shot"],
-        batches=[1, 2], shots=1, runs=2, warmup=1, images=3, stream_fps=50, stream_frames=3,
+        batches=[1, 2], shots=1, runs=2, warmup=0, images=3, stream_fps=50, stream_frames=3,
         rss_megapixels=[1]))
     kinds = {(row["kind"], row["mode"], row["batch"]) for row in r["rows"]}
     assert kinds == {(k, m, b) for k in ("runtime", "pytorch") for m in ("zero-shot", "few-shot")

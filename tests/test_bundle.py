@@ -89,9 +89,11 @@ def test_export_refuses_non_empty_output(tmp_path):
 def test_failed_export_leaves_nothing_behind(tmp_path):
     from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
 
-    # A tolerance no float computation meets: the parity check must fail and clean up.
+    # A tolerance no float computation meets: the parity check must fail and clean up (the
+    # patch method: the same staging and check as WinCLIP, without the window work).
     with pytest.raises(ExportError, match="differ from PyTorch"):
-        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["weave"], tolerance=0.0))
+        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["weave"], tolerance=0.0,
+                                    method="patch"))
     assert list(tmp_path.iterdir()) == []
 
 

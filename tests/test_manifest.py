@@ -160,8 +160,8 @@ def test_version_1_bundle_gives_identical_results(small_bundle_path, tmp_path, r
     old = shutil.copytree(small_bundle_path, tmp_path / "v1")
     write_manifest(old, _as_version_1(fresh))
     assert json.loads((old / "manifest.json").read_text())["format_version"] == 1
-    images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(3)]
-    refs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(2)]
+    refs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
     results = {}
     for name, path in (("fresh", fresh), ("v1", old)):
         inspector = Inspector.open(path)
@@ -169,7 +169,7 @@ def test_version_1_bundle_gives_identical_results(small_bundle_path, tmp_path, r
         inspector.add_references("washer", refs)
         few = Inspector.open(path).inspect(images, "washer")
         results[name] = zero + few
-    assert [r.mode for r in results["v1"]] == ["zero-shot"] * 3 + ["few-shot"] * 3
+    assert [r.mode for r in results["v1"]] == ["zero-shot"] * 2 + ["few-shot"] * 2
     for a, b in zip(results["fresh"], results["v1"]):
         assert a.image_score == b.image_score
         assert np.array_equal(a.anomaly_map, b.anomaly_map)

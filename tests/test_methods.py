@@ -234,11 +234,11 @@ def test_add_category_with_prompt_file_gets_pools_and_filter(patch_bundle_path, 
     (["--top-k", "3"], "--tau-ctx and --top-k set the prompt adaptation: add --adapt"),
     (["--adapt", "--tau-ctx", "0"], "the adaptation temperature must be > 0"),
 ])
-def test_export_command_explains_wrong_method_options(tmp_path, args, message):
-    import subprocess
-    import sys
+def test_export_command_explains_wrong_method_options(tmp_path, args, message, capsys):
+    from clipinspect.runtime.cli import main
 
-    proc = subprocess.run([sys.executable, "-m", "clipinspect.runtime.cli", "export", "--model",
-                           "ViT-S-16", "--pretrained", "none", "--out", str(tmp_path / "b"), *args],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and message in proc.stderr
+    code = main(["export", "--model", "ViT-S-16", "--pretrained", "none", "--out",
+                 str(tmp_path / "b"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
