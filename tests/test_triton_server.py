@@ -292,7 +292,7 @@ class FakeMaker:
         self.calls.append(what)
         if what.startswith("pip") and self.fail:
             raise local_server.TritonServerError(f"{what} failed (1): no network")
-        if what.endswith("venv"):
+        if what == "python -m venv":  # (pip's 'what' names the folder, which may end in venv)
             (Path(command[-1]) / "bin").mkdir(parents=True, exist_ok=True)
             (Path(command[-1]) / "bin" / "python").touch()
 
