@@ -1,5 +1,5 @@
 """Bundles written by main at 1a75222 (format version 2, before methods owned their manifest
-sections and thresholds were typed) still open and give identical results.
+sections and thresholds were typed) still open and give the same results (to float32 rounding: kernels differ by CPU).
 
 tests/data/v2-1a75222 holds a WinCLIP and a patch-only bundle (tiny graphs of tests/tinybundle.py
 as it was at 1a75222, with 2-shot memory and thresholds), the images they were run on and the
@@ -17,6 +17,7 @@ import pytest
 from clipinspect.runtime import Bundle, Inspector
 
 DATA = Path(__file__).parent / "data" / "v2-1a75222"
+FLOAT32_ROUNDING = 1e-6  # a few units in the last place of values below 1
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,13 @@ def test_old_bundle_gives_identical_results(method, mode, expected, images, tmp_
     root = Path(shutil.copytree(DATA / method, tmp_path / method))
     results = Inspector.open(root).inspect(images, "weave", mode=mode)
     assert all(r.ok for r in results)
-    np.testing.assert_array_equal([r.image_score for r in results],
-                                  expected[f"{method}/{mode}/scores"])
-    np.testing.assert_array_equal(np.stack([r.anomaly_map[:40, :48] for r in results]),
-                                  expected[f"{method}/{mode}/maps"])
+    # Equal to float32 rounding: the expected values were computed on another CPU, and both
+    # onnxruntime's and numpy's BLAS kernels are chosen per CPU (on an AMD EPYC the upsampling
+    # product differs from the recorded maps by 3e-8 in 1.5 % of pixels).
+    np.testing.assert_allclose([r.image_score for r in results],
+                               expected[f"{method}/{mode}/scores"], rtol=0, atol=FLOAT32_ROUNDING)
+    np.testing.assert_allclose(np.stack([r.anomaly_map[:40, :48] for r in results]),
+                               expected[f"{method}/{mode}/maps"], rtol=0, atol=FLOAT32_ROUNDING)
     if mode == "few-shot":
         assert all(r.is_anomalous is not None and r.mask is not None for r in results)
 
