@@ -1,5 +1,6 @@
 """Bundles written by main at 1a75222 (format version 2, before methods owned their manifest
-sections and thresholds were typed) still open and give the same results (to float32 rounding: kernels differ by CPU).
+sections and thresholds were typed) still open and give the same results, to float32 rounding
+(onnxruntime's and numpy's kernels are chosen per CPU).
 
 tests/data/v2-1a75222 holds a WinCLIP and a patch-only bundle (tiny graphs of tests/tinybundle.py
 as it was at 1a75222, with 2-shot memory and thresholds), the images they were run on and the
