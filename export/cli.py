@@ -19,7 +19,8 @@ from clipinspect.runtime.cli.options import (add_categories, add_dataset_format,
                                              non_negative_int, positive_int, whole_number)
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 
-from .defaults import ADAPTER_MODEL, ADAPTER_PRETRAINED, DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .defaults import (ADAPTER_MODEL, ADAPTER_PRETRAINED, DEFAULT_MODEL, DEFAULT_PRETRAINED,
+                       PARITY_IMAGES, PARITY_TOLERANCE)
 from .demo_defaults import DEMO_MODEL, DEMO_PRETRAINED
 from .training_recipes import DEFAULT_RECIPE, MASK_RULES, RECIPES
 
@@ -123,8 +124,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         out=args.out, model=args.model, pretrained=args.pretrained, categories=args.categories,
         method=args.method, method_options=given, adaptation=adaptation, prompts=args.prompts,
         ensemble=not args.no_ensemble, opset=args.opset,
-        tolerance=ex.PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
-        strict=not args.no_strict_parity, overwrite=args.overwrite, seed=args.seed))
+        tolerance=PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
+        strict=not args.no_strict_parity, parity_images=args.parity_images,
+        overwrite=args.overwrite, seed=args.seed))
     return 0
 
 
@@ -218,9 +220,14 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
                         "ensemble (e.g. LLM-written prompts on their own)")
     p.add_argument("--opset", type=whole_number(17), default=17, help="ONNX opset (>= 17)")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="largest |onnxruntime - torch| accepted (FP32), default 1e-4")
+                   help=f"largest |onnxruntime - torch| accepted (FP32), default "
+                        f"{PARITY_TOLERANCE:g}")
     p.add_argument("--no-strict-parity", action="store_true",
                    help="keep the bundle even if the parity check fails (it is recorded)")
+    p.add_argument("--parity-images", type=positive_int, default=PARITY_IMAGES,
+                   help=f"unseen random images the parity check runs (default {PARITY_IMAGES}; "
+                        "each is one eager PyTorch pass, the slow part of exporting a large "
+                        "model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the random init with 'none'")

@@ -31,7 +31,7 @@ from clipinspect.runtime.core.manifest import (Category, Dims, GraphFile, Manife
 
 from . import prompt_files
 from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
-from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PARITY_IMAGES
 from .errors import ExportError, log
 from .graphs import (PARITY_TOLERANCE, Probe, check_parity, example_text, export_graphs,
                      input_size, judge_parity, max_abs_diff)
@@ -58,7 +58,9 @@ class ExportOptions:
     False they replace it (the file's prompts alone, recorded in the manifest as
     ``prompt_ensemble: false``; every category then needs both states in the file). pretrained: an
     open_clip tag, a checkpoint file, or None for seeded random weights (warned about unless
-    ``warn_random`` is False: a caller that has said so already).
+    ``warn_random`` is False: a caller that has said so already). parity_images: how many
+    unseen random images the export-time parity check runs (each one a full eager pass, the
+    slow part of exporting a large model).
     """
 
     out: str | Path
@@ -73,6 +75,7 @@ class ExportOptions:
     opset: int = 17
     tolerance: float = PARITY_TOLERANCE
     strict: bool = True
+    parity_images: int = PARITY_IMAGES
     overwrite: bool = False
     seed: int = 0
     warn_random: bool = True
@@ -117,7 +120,7 @@ def export_bundle(options: ExportOptions) -> Bundle:
                            ensemble=options.ensemble)
     with _staging(out) as tmp:
         log(f"[2/5] exporting ONNX graphs (opset {options.opset})")
-        probe = Probe.of(built.encoder)
+        probe = Probe.of(built.encoder, options.parity_images)
         files = export_graphs(built, tmp, options.opset, probe)
         text_entries = {}
         for i, name in enumerate(options.categories):
@@ -126,7 +129,7 @@ def export_bundle(options: ExportOptions) -> Bundle:
         log("[4/5] checking onnxruntime against PyTorch")
         text = _parity_text(tmp, built, text_entries, int(clip.model.visual.output_dim))
         parity = judge_parity(check_parity(tmp, files, built, text, probe), options.tolerance,
-                              options.strict)
+                              options.strict, len(probe.images))
         log("[5/5] writing manifest")
         manifest = build_manifest(options, clip, built, parity, text_entries)
         write_manifest_and_move(tmp, out, manifest, files, options.overwrite)
@@ -161,6 +164,10 @@ def _checked(options: ExportOptions) -> tuple[ExportMethod, dict, dict | None]:
     _check_needed_prompts(method, descriptions, names)
     if not options.ensemble:
         _check_file_only(descriptions, names)
+    if isinstance(options.parity_images, bool) or not isinstance(options.parity_images, int) \
+            or options.parity_images < 1:
+        raise ExportError(f"parity_images {options.parity_images!r}: expected a whole number "
+                          ">= 1 (the unseen images the parity check runs)")
     if options.opset < 17:
         raise ExportError(f"--opset {options.opset} is too old: LayerNormalization needs "
                           "opset >= 17")

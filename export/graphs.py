@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .defaults import PARITY_IMAGES, PARITY_TOLERANCE
 from .errors import ExportError, log
 from .methods import Built
-
-PARITY_TOLERANCE = 1e-4
-PARITY_IMAGES = 3
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names: list[str],
@@ -41,8 +39,8 @@ class Probe:
     """The parity check's inputs, fixed by a seed. The references (the check's few-shot
     memory) are also what the graphs are traced on, and their torch encoder outputs are
     computed once for both; the checked images are never seen by the tracer, and their batch
-    (3) differs from the traced one (2)."""
-    images: torch.Tensor       # (PARITY_IMAGES, 3, H, W)
+    (3 by default; 1 or more) differs from the traced one (2) unless it is 2 too."""
+    images: torch.Tensor       # (n_images, 3, H, W), PARITY_IMAGES by default
     references: torch.Tensor   # (2, 3, H, W)
     reference_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -142,9 +140,10 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max())
 
 
-def judge_parity(parity: dict[str, float], tolerance: float, strict: bool) -> dict:
-    """The manifest's parity record of the measured differences; raises when they exceed the
-    tolerance and ``strict``."""
+def judge_parity(parity: dict[str, float], tolerance: float, strict: bool,
+                 images: int = PARITY_IMAGES) -> dict:
+    """The manifest's parity record of the differences measured on ``images`` images; raises
+    when they exceed the tolerance and ``strict``."""
     worst = max(parity.values())
     passed = bool(np.isfinite(worst)) and worst <= tolerance
     log("      max |onnxruntime - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in
@@ -153,4 +152,4 @@ def judge_parity(parity: dict[str, float], tolerance: float, strict: bool) -> di
         raise ExportError(f"exported graphs differ from PyTorch by {worst:.3e} > {tolerance:g} "
                           "(FP32); pass --no-strict-parity to keep them anyway")
     return {"max_abs_diff": parity, "tolerance": tolerance, "passed": passed,
-            "images": PARITY_IMAGES, "reference": "the torch modules the graphs were traced from"}
+            "images": images, "reference": "the torch modules the graphs were traced from"}

@@ -205,6 +205,7 @@ def test_adaptation_without_prompt_pools_is_refused(bundle_copy):
      "--scales does not apply to method 'patch'"),
     ({"method": "winclip", "method_options": {"dense_blocks": 2}}, "--dense-blocks does not apply"),
     ({"method": "sliding"}, "unknown method 'sliding'"),
+    ({"parity_images": 0}, "parity_images 0: expected a whole number >= 1"),
 ])
 def test_export_refuses_options_of_other_methods(tmp_path, kwargs, message):
     from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
@@ -233,12 +234,16 @@ def test_add_category_with_prompt_file_gets_pools_and_filter(patch_bundle_path, 
     (["--method", "patch", "--scales", "2"], "--scales does not apply to method 'patch'"),
     (["--top-k", "3"], "--tau-ctx and --top-k set the prompt adaptation: add --adapt"),
     (["--adapt", "--tau-ctx", "0"], "the adaptation temperature must be > 0"),
+    (["--parity-images", "0"], "argument --parity-images: '0': expected a whole number >= 1"),
 ])
 def test_export_command_explains_wrong_method_options(tmp_path, args, message, capsys):
     from clipinspect.runtime.cli import main
 
-    code = main(["export", "--model", "ViT-S-16", "--pretrained", "none", "--out",
-                 str(tmp_path / "b"), *args])
+    try:
+        code = main(["export", "--model", "ViT-S-16", "--pretrained", "none", "--out",
+                     str(tmp_path / "b"), *args])
+    except SystemExit as e:  # argparse's own refusals (exit status 2, usage on stderr)
+        code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
