@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Bundle, Inspector  # noqa: E402
 from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
+from conftest import SMALL_MODEL  # noqa: E402
 
 TOL = 1e-4  # as the patch and adaptation tests (tests/test_methods.py)
 PROMPTS = Path(__file__).parent / "data" / "synthetic_prompts_handwritten.json"
@@ -24,7 +25,7 @@ def alfa_bundle_path(tmp_path_factory) -> Path:
     from clipinspect.export.exporter import ExportOptions, export_bundle
 
     path = tmp_path_factory.mktemp("alfa") / "bundle"
-    export_bundle(ExportOptions(path, "ViT-S-16", None, ["weave"], seed=0, method="alfa",
+    export_bundle(ExportOptions(path, SMALL_MODEL, None, ["weave"], seed=0, method="alfa",
                                 prompts=PROMPTS))
     return path
 
@@ -95,7 +96,7 @@ def test_preset_without_descriptions_is_refused_before_loading(prompts, message,
     categories = ["weave"] if prompts is None else ["weave", "screw"]
     with pytest.raises(exporter.ExportError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace(".", r"\.")):
-        exporter.export_bundle(exporter.ExportOptions(tmp_path / "b", "ViT-S-16", None,
+        exporter.export_bundle(exporter.ExportOptions(tmp_path / "b", SMALL_MODEL, None,
                                                       categories, method="alfa", prompts=prompts))
     assert not (tmp_path / "b").exists()
 
@@ -113,7 +114,7 @@ def test_add_category_to_a_preset_bundle_needs_descriptions(alfa_bundle_path, tm
 def test_export_command_explains_the_missing_prompt_file(tmp_path, capsys):
     from clipinspect.runtime.cli import main
 
-    assert main(["export", "--out", str(tmp_path / "b"), "--model", "ViT-S-16", "--pretrained",
+    assert main(["export", "--out", str(tmp_path / "b"), "--model", SMALL_MODEL, "--pretrained",
                  "none", "--method", "alfa", "--categories", "weave"]) == 2
     assert "pass --prompts prompts.json" in capsys.readouterr().err
     # The preset shares the patch method's --dense-blocks: one flag in the help.

@@ -11,9 +11,10 @@ from clipinspect.runtime import Inspector  # noqa: E402
 from clipinspect.runtime.core.errors import UsageError  # noqa: E402
 from clipinspect.runtime.methods.aprillab import MAP_RANGE  # noqa: E402
 from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
+from conftest import SMALL_MODEL, SMALL_PATCH  # noqa: E402
 
 TOL = 1e-4
-MODEL = "ViT-S-16"
+MODEL = SMALL_MODEL
 SIZE = 160            # not the model's 224: exercises the positional-embedding resampling
 LAYERS = (3, 6, 9, 12)
 WIDTH = DIM = 384
@@ -70,10 +71,11 @@ def test_manifest_records_method_levels_size_and_parity(aprillab_bundle):
     m = Bundle.open(aprillab_bundle).manifest.to_dict()
     assert m["method"] == "aprillab"
     assert m["aprillab"]["layers"] == list(LAYERS)
-    assert m["preprocess"]["size"] == [SIZE, SIZE] and m["grid"] == [SIZE // 16, SIZE // 16]
+    assert m["preprocess"]["size"] == [SIZE, SIZE]
+    assert m["grid"] == [SIZE // SMALL_PATCH, SIZE // SMALL_PATCH]
     assert "resampled bicubically (antialiased) from 224x224" in m["aprillab"]["positional_embedding"]
     assert m["aprillab"]["projections"]["kind"] == "file"
-    assert m["aprillab"]["activation"] == "gelu"   # ViT-S-16's open_clip config: plain GELU
+    assert m["aprillab"]["activation"] == "gelu"   # the open_clip config of the test model: plain GELU
     assert m["aprillab"]["activation_source"] == "model config"
     parity = m["parity"]["fp32"]
     assert parity["passed"] and set(parity["max_abs_diff"]) == {"encoder", "head_zeroshot",
@@ -91,7 +93,7 @@ def test_graphs_pass_the_static_tensorrt_checks_and_get_profiles(aprillab_bundle
                                                   "fp32/head_fewshot")}
     rows = tc.dynamic_rows(b)
     assert set(rows) == {f"memory_level_tokens_{n}" for n in LAYERS}
-    assert set(rows.values()) == {(SIZE // 16) ** 2}
+    assert set(rows.values()) == {(SIZE // SMALL_PATCH) ** 2}
 
 
 def test_onnx_zero_and_few_shot_equal_eager_reference(aprillab_bundle, small_model, rng):
@@ -292,7 +294,7 @@ def test_short_training_lowers_the_loss_resumes_and_exports(tmp_path, monkeypatc
     projections, record = load_projections(str(ckpt), WIDTH, DIM, LAYERS, MODEL)
     assert record["kind"] == "file" and record["trained"]["epochs"] == 4
     assert record["trained"]["activation"] == "gelu"
-    with pytest.raises(Exception, match="trained for ViT-S-16 layers"):
+    with pytest.raises(Exception, match=f"trained for {MODEL} layers"):
         load_projections(str(ckpt), WIDTH, DIM, (4, 8, 12), MODEL)
 
 

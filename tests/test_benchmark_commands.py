@@ -1,6 +1,6 @@
 """Every committed result under benchmarks/results/ names the command that reproduces it, and that
 command still works: each one is run here in a tiny form (tiny bundles of tests/tinybundle.py or
-random-weight ViT-S-16, a few images, one round), so a benchmark script that moves or changes
+the random-weight test model, a few images, one round), so a benchmark script that moves or changes
 its options without its results being updated fails here.
 
 The tiny form is the recorded command with its placeholders (BUNDLE, DATA, DIR, WORK, the
@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from experiment_scripts import EXPERIMENTS, load
+from conftest import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,7 +53,7 @@ EXTRA = {
     "python benchmarks/experiments/mixed_categories.py": {"--images-per-category": "1"},
     "python benchmarks/experiments/aprillab_training.py": {"--categories": "weave"},
     "python benchmarks/experiments/alfa_pool_size.py": {"--categories": "weave"},
-    "python benchmarks/experiments/winclip_vs_torch.py": {**SMALL, "--model": "ViT-S-16",
+    "python benchmarks/experiments/winclip_vs_torch.py": {**SMALL, "--model": SMALL_MODEL,
                                                           "--batch-size": "1"},
     "python -m clipinspect.benchmarks.rss_probe": {"--decoding": "whole"},
 }
@@ -217,7 +218,7 @@ def test_the_command_of_each_result_runs_in_a_tiny_form(command, tiny, tmp_path,
     monkeypatch.chdir(tmp_path)  # nothing a command writes lands in the repository
     tiny_tokens = tiny_form(command, tiny, tmp_path)
     if "winclip_vs_torch.py" in command:
-        # The random-weight ViT-S-16 export the other tests share (a copy: its memory is
+        # The random-weight SMALL_MODEL export the other tests share (a copy: its memory is
         # replaced), instead of the script exporting one of its own.
         tiny_tokens += ["--bundle", str(request.getfixturevalue("bundle_copy"))]
     assert run(tiny_tokens) == 0, shlex.join(tiny_tokens)

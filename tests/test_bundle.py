@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from clipinspect.runtime import Bundle, BundleError, Inspector
+from conftest import SMALL_MODEL
+from tinybundle import GRID
 
 
 def test_missing_graph_file_names_it(tiny_bundle_copy):
@@ -67,7 +69,8 @@ def test_memory_and_thresholds_persist_and_verify(tiny_bundle_copy, rng):
     inspector.bundle.set_thresholds("weave", "fp32/zero-shot", {"image": 2.0})
     reopened = Inspector.open(tiny_bundle_copy)  # verifies the new checksums
     data = reopened.bundle.category("weave")
-    assert data.shots == 2 and data.memory["memory_patch_tokens"].shape == (2 * 196, 384)
+    assert data.shots == 2
+    assert data.memory["memory_patch_tokens"].shape == (2 * GRID[0] * GRID[1], 384)
     r = reopened.inspect([rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)], "weave")[0]
     assert r.is_anomalous is True                      # every score >= 0
     assert r.mask.shape == (50, 70) and not r.mask.any()  # no map value reaches 2
@@ -81,7 +84,7 @@ def test_export_refuses_non_empty_output(tmp_path):
 
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(ExportError, match="exists and is not empty.*--overwrite"):
-        export_bundle(ExportOptions(tmp_path, "ViT-S-16", None, ["weave"]))
+        export_bundle(ExportOptions(tmp_path, SMALL_MODEL, None, ["weave"]))
     assert (tmp_path / "keep.txt").read_text() == "user data"
 
 
@@ -92,7 +95,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
     # A tolerance no float computation meets: the parity check must fail and clean up (the
     # patch method: the same staging and check as WinCLIP, without the window work).
     with pytest.raises(ExportError, match="differ from PyTorch"):
-        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["weave"], tolerance=0.0,
+        export_bundle(ExportOptions(tmp_path / "b", SMALL_MODEL, None, ["weave"], tolerance=0.0,
                                     method="patch"))
     assert list(tmp_path.iterdir()) == []
 
@@ -104,7 +107,7 @@ def test_bad_pretrained_and_model_are_explained():
     with pytest.raises(ExportError, match="unknown open_clip model 'ViT-Q-99'"):
         load_clip("ViT-Q-99", None)
     with pytest.raises(ExportError, match="neither a local checkpoint file nor an open_clip tag"):
-        load_clip("ViT-S-16", "/no/such/file.pt")
+        load_clip(SMALL_MODEL, "/no/such/file.pt")
 
 
 def test_local_checkpoint_is_loaded_and_identified(tmp_path, small_model):
@@ -114,7 +117,7 @@ def test_local_checkpoint_is_loaded_and_identified(tmp_path, small_model):
 
     path = tmp_path / "ckpt.pt"
     torch.save(small_model[0].state_dict(), path)
-    model, _, weights = load_clip("ViT-S-16", str(path))
+    model, _, weights = load_clip(SMALL_MODEL, str(path))
     assert weights["kind"] == "file" and len(weights["sha256"]) == 64
     for (name, a), b in zip(small_model[0].state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name

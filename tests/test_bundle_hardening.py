@@ -19,6 +19,9 @@ from clipinspect.runtime import Bundle, BundleError, Inspector
 from clipinspect.runtime.cli import main
 from clipinspect.runtime.core.bundle import write_versioned
 from clipinspect.runtime.core.manifest import Manifest, ManifestError
+from tinybundle import GRID
+
+PATCHES = GRID[0] * GRID[1]
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -168,7 +171,8 @@ def test_memory_with_more_rows_than_its_shots_is_refused(tiny_bundle_copy, image
     replace_file(tiny_bundle_copy, entry, npz(**arrays))
     save_manifest(tiny_bundle_copy, m)
     with pytest.raises(BundleError, match=r"few-shot memory of category 'weave'.*'memory_patch_"
-                                          r"tokens' has shape \(9800, 384\).*says \(196, 384\)"):
+                                          rf"tokens' has shape \({50 * PATCHES}, 384\).*says "
+                                          rf"\({PATCHES}, 384\)"):
         Bundle.open(tiny_bundle_copy)
 
 

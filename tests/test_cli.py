@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import SMALL_MODEL
 
 
 def run(*args, check=False):
@@ -81,7 +82,7 @@ def test_errors_are_one_line_without_traceback(args, message, tiny_bundle_path, 
 @pytest.mark.torch
 @pytest.mark.parametrize("args, message", [
     (["--scales", "2,x"], "expected comma-separated whole numbers"),
-    (["--model", "ViT-S-16", "--categories", "metal nut,metal_nut"], "would share the folder"),
+    (["--model", SMALL_MODEL, "--categories", "metal nut,metal_nut"], "would share the folder"),
 ])
 def test_export_errors_are_one_line_without_traceback(args, message, tmp_path, capsys):
     # In-process (the export parser imports torch, seconds per child process); the console

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Bundle, BundleError, Inspector  # noqa: E402
 from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
+from conftest import SMALL_GRID, SMALL_MODEL  # noqa: E402
 
 TOL = 1e-4
 
@@ -75,7 +76,7 @@ def test_patch_encoder_outputs_equal_reference(patch_bundle_path, small_model):
                    session.run(None, {"images": x.numpy()})))
     f = PatchReference(small_model[0]).features(x)
     assert list(out) == ["image_embedding", "patch_embeddings", "patch_tokens"]
-    assert out["patch_embeddings"].shape == (2, 196, 384)
+    assert out["patch_embeddings"].shape == (2, SMALL_GRID ** 2, 384)
     for name, expected in (("image_embedding", f.image_embedding),
                            ("patch_embeddings", f.patch_embeddings),
                            ("patch_tokens", f.patch_tokens)):
@@ -118,7 +119,7 @@ def test_winclip_with_adaptation_equals_reference(tmp_path, reference, rng):
     from clipinspect.export.methods.winclip import WinClipReference
 
     # One window scale keeps this second export short; the scoring code is the same per scale.
-    bundle = export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["washer"], seed=0,
+    bundle = export_bundle(ExportOptions(tmp_path / "b", SMALL_MODEL, None, ["washer"], seed=0,
                                          method_options={"scales": [3]},
                                          adaptation=Adaptation(tau=0.01)))
     reference = WinClipReference(reference.model, (3,))
@@ -211,7 +212,7 @@ def test_export_refuses_options_of_other_methods(tmp_path, kwargs, message):
     from clipinspect.export.exporter import ExportError, ExportOptions, export_bundle
 
     with pytest.raises(ExportError, match=message):
-        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ["weave"], **kwargs))
+        export_bundle(ExportOptions(tmp_path / "b", SMALL_MODEL, None, ["weave"], **kwargs))
     assert not (tmp_path / "b").exists()
 
 
@@ -240,7 +241,7 @@ def test_export_command_explains_wrong_method_options(tmp_path, args, message, c
     from clipinspect.runtime.cli import main
 
     try:
-        code = main(["export", "--model", "ViT-S-16", "--pretrained", "none", "--out",
+        code = main(["export", "--model", SMALL_MODEL, "--pretrained", "none", "--out",
                      str(tmp_path / "b"), *args])
     except SystemExit as e:  # argparse's own refusals (exit status 2, usage on stderr)
         code = e.code

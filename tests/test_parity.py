@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")  # compares with torch: the export extra
 
 from clipinspect.runtime import Inspector  # noqa: E402
 from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
+from conftest import SMALL_GRID  # noqa: E402
 
 TOL = 1e-4
 
@@ -79,10 +80,11 @@ def test_encoder_outputs_equal_open_clip_and_reference(small_bundle_path, small_
     f = reference.features(x)
     with torch.no_grad():
         official = small_model[0].encode_image(x).numpy()
+    windows = {k: (SMALL_GRID - k + 1) ** 2 for k in (2, 3)}  # 36 and 25 on a 7 x 7 grid
     assert out["image_embedding"].shape == (2, 384)
-    assert out["window_embeddings_2"].shape == (2, 169, 384)
-    assert out["window_embeddings_3"].shape == (2, 144, 384)
-    assert out["patch_tokens"].shape == (2, 196, 384)
+    assert out["window_embeddings_2"].shape == (2, windows[2], 384)
+    assert out["window_embeddings_3"].shape == (2, windows[3], 384)
+    assert out["patch_tokens"].shape == (2, SMALL_GRID ** 2, 384)
     assert np.abs(out["image_embedding"] - official).max() <= TOL
     assert np.abs(out["patch_tokens"] - f.patch_tokens.numpy()).max() <= TOL
     for k in (2, 3):
@@ -122,7 +124,7 @@ def test_manifest_records_weights_and_measured_parity(small_bundle_path):
     assert set(parity["max_abs_diff"]) == {"encoder", "head_zeroshot", "head_fewshot"}
     assert all(0 <= v <= TOL for v in parity["max_abs_diff"].values())
     assert m["opset"] >= 17
-    assert m["grid"] == [14, 14] and m["windows"] == {"2": 169, "3": 144}
+    assert m["grid"] == [SMALL_GRID, SMALL_GRID] and m["windows"] == {"2": 36, "3": 25}
 
 
 @pytest.mark.slow

@@ -197,7 +197,7 @@ def test_calibration_methods_clip_no_more_than_minmax(clean, normal_images, smal
                                                       tmp_path):
     path = tmp_path / "clean.onnx"
     onnx.save(clean, str(path))
-    images = q.load_tensors(Bundle.open(small_bundle_path), q.find_images(normal_images)[:1])
+    images = q.load_tensors(Bundle.open(small_bundle_path), q.find_images(normal_images)[:2])
     ranges = {m: q.activation_ranges(path, images, m) for m in ("minmax", "percentile")}
     inputs = {n.input[0] for n in clean.graph.node if n.op_type == "MatMul"}
     assert inputs <= set(ranges["minmax"])

@@ -17,6 +17,7 @@ from clipinspect.benchmarks.study.spec import (Variant, bundle_key, load_study,
                                                study_from_dict, variant_flag)
 from clipinspect.calibration.evaluate import shots_refused
 from clipinspect.runtime.core.errors import UsageError
+from conftest import SMALL_MODEL
 
 CATEGORIES = ["washer", "weave"]
 
@@ -179,7 +180,7 @@ def small_study(small_bundle_path, tmp_path_factory):
     generate(root / "data", seed=0, categories=CATEGORIES, image_size=64, n_train=1,
              n_test_good=1, n_test_defect_per_type=1, defects=["hole"])
     study = study_from_dict({
-        "shots": [0, 1], "defaults": {"model": "ViT-S-16", "pretrained": "none"},
+        "shots": [0, 1], "defaults": {"model": SMALL_MODEL, "pretrained": "none"},
         "eval": {"batch_size": 2, "pixel_size": 32, "timing_images": 1},
         "variants": [{"name": "fp32", "method": "winclip"},
                      {"name": "fp16", "method": "winclip", "precision": "fp16"},
@@ -234,7 +235,7 @@ def test_cli_runs_a_study_from_flags(small_study, tmp_path):
     root, _ = small_study
     out = root / "out"
     code = main(["study", str(root / "data"), "--variant", "name=fp32,method=winclip",
-                 "--model", "ViT-S-16", "--pretrained", "none", "--shots", "0,1",
+                 "--model", SMALL_MODEL, "--pretrained", "none", "--shots", "0,1",
                  "--batch-size", "2", "--pixel-size", "32", "--timing-images", "1",
                  "--out", str(out)])
     assert code == 0
@@ -243,7 +244,7 @@ def test_cli_runs_a_study_from_flags(small_study, tmp_path):
     # The report names the command that reproduces it (the data as DATA).
     command = json.loads((out / "study.json").read_text())["command"]
     assert command == ("clipinspect study DATA --variant name=fp32,method=winclip --out "
-                       f"{out} --model ViT-S-16 --pretrained none --shots 0,1 --batch-size 2 "
+                       f"{out} --model {SMALL_MODEL} --pretrained none --shots 0,1 --batch-size 2 "
                        "--pixel-size 32 --timing-images 1")
     assert f"Command: `{command}`" in (out / "report.md").read_text()
 
@@ -278,4 +279,4 @@ def test_no_ensemble_is_refused_before_loading_clip(given, message, prompt_file,
     if given.pop("prompts", None):
         given["prompts"] = prompt_file
     with pytest.raises(ExportError, match=message):
-        export_bundle(ExportOptions(tmp_path / "b", "ViT-S-16", None, ensemble=False, **given))
+        export_bundle(ExportOptions(tmp_path / "b", SMALL_MODEL, None, ensemble=False, **given))

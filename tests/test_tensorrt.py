@@ -23,6 +23,7 @@ from clipinspect.runtime.cli import main
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.manifest import DeviceRecord
 from clipinspect.runtime.tensorrt.compat import BatchRange, CompatibilityError
+from conftest import SMALL_GRID
 
 NANO = "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
 HERE = te.Device("Orin", "8.7", "10.3.0.30", sm_count=8, memory_gib=8, board=NANO)
@@ -165,7 +166,7 @@ def test_ort_tensorrt_profiles_follow_batch_size_and_stored_shots(engine_bundle,
     b = Bundle.open(path)
     p = ort_tensorrt_profiles(b, "fp32", batch_size=4)
     assert p["encoder"]["images"] == ((1, 3, 224, 224), (4, 3, 224, 224), (4, 3, 224, 224))
-    rows = 196  # ViT-S-16 at 224: 14 x 14 patch tokens per reference image
+    rows = SMALL_GRID ** 2  # patch tokens per reference image
     assert p["head_fewshot"]["memory_patch_tokens"] == ((rows, 384), (4 * rows, 384),
                                                         (16 * rows, 384))
     assert ort_tensorrt_profiles(b, "fp32")["encoder"]["images"][2][0] == 32  # not said: 1..32

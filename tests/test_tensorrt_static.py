@@ -13,6 +13,7 @@ from clipinspect.runtime.tensorrt import compat as tc
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from conftest import SMALL_GRID  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,9 @@ def test_profiles_cover_batch_and_memory(variant_bundle):
     b = Bundle.open(variant_bundle)
     head = onnx.load(str(b.graph_path("fp32", "head_fewshot")))
     shapes = tc.profile_shapes(b, head, tc.BatchRange(2, 4, 6), max_shots=3, opt_shots=2)
-    assert shapes["window_embeddings_2"] == ((2, 169, 384), (4, 169, 384), (6, 169, 384))
-    assert shapes["memory_patch_tokens"] == ((196, 384), (392, 384), (588, 384))
+    w, p = (SMALL_GRID - 1) ** 2, SMALL_GRID ** 2  # windows of scale 2, patches per image
+    assert shapes["window_embeddings_2"] == ((2, w, 384), (4, w, 384), (6, w, 384))
+    assert shapes["memory_patch_tokens"] == ((p, 384), (2 * p, 384), (3 * p, 384))
     assert shapes["text_prototypes"] == ((2, 384),) * 3
     with pytest.raises(tc.CompatibilityError, match="min 4, opt 2"):
         tc.profile_shapes(b, head, tc.BatchRange(4, 2, 8))
@@ -78,8 +80,9 @@ def test_patch_method_with_prompt_pools_passes_and_gets_profiles(patch_bundle_pa
     shapes = tc.profile_shapes(b, head, tc.BatchRange(1, 2, 4), max_shots=2, opt_shots=1)
     # At least top-k (6) prompts: the adaptation's TopK needs them.
     assert shapes["text_normal"] == ((6, 384), (256, 384), (2048, 384))
-    assert shapes["patch_embeddings"] == ((1, 196, 384), (2, 196, 384), (4, 196, 384))
-    assert shapes["memory_patch_tokens"] == ((196, 384), (196, 384), (392, 384))
+    p = SMALL_GRID ** 2
+    assert shapes["patch_embeddings"] == ((1, p, 384), (2, p, 384), (4, p, 384))
+    assert shapes["memory_patch_tokens"] == ((p, 384), (p, 384), (2 * p, 384))
 
 
 # ------------------------------------------------------------------- the checker on small graphs

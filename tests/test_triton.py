@@ -24,6 +24,7 @@ from clipinspect.runtime.core.maps import upsample
 ort = pytest.importorskip("onnxruntime")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from google.protobuf import json_format, text_format  # noqa: E402
+from tinybundle import GRID  # noqa: E402
 
 CATEGORY_WITH_MEMORY = "weave"
 
@@ -211,7 +212,7 @@ def test_ensemble_gives_the_runtimes_scores_and_maps(served, images, pb_utils, m
         pb_utils)
     expected = inspector.inspect(
         images, CATEGORY_WITH_MEMORY, mode={"zeroshot": "zero-shot", "fewshot": "few-shot"}[mode])
-    assert out["anomaly_grid"].shape == (len(images), 14, 14)
+    assert out["anomaly_grid"].shape == (len(images), *GRID)
     np.testing.assert_allclose(out["image_score"], [r.image_score for r in expected],
                                rtol=0, atol=1e-6)
     for grid, r, img in zip(out["anomaly_grid"], expected, images):
@@ -249,7 +250,7 @@ def test_new_references_reach_a_running_categories_model(bundle_path, repo, tmp_
     triton.write_repository(path, live, categories_only=True)
     [response] = model.execute(ask)  # same model instance: no restart
     assert response.error is None
-    assert response.output_tensors[0].as_numpy().shape == (196, 384)
+    assert response.output_tensors[0].as_numpy().shape == (GRID[0] * GRID[1], 384)
     memory = Bundle.open(path).category("washer").memory
     np.testing.assert_array_equal(response.output_tensors[0].as_numpy(),
                                   memory["memory_patch_tokens"])

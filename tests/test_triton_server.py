@@ -34,6 +34,7 @@ from clipinspect.runtime.triton.local_server import Server
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
+from conftest import SMALL_GRID  # noqa: E402
 
 CATEGORY = "weave"
 MODES = {"zeroshot": "zero-shot", "fewshot": "few-shot"}
@@ -160,7 +161,7 @@ def test_every_model_and_ensemble_is_ready(served):
 def test_ensembles_give_the_runtimes_scores_and_maps(served, images, runtime, protocol, mode):
     path, server = served
     scores, grids = infer(server, protocol, batch_for(server, images), CATEGORY, mode)
-    assert scores.shape == (len(images),) and grids.shape == (len(images), 14, 14)
+    assert scores.shape == (len(images),) and grids.shape == (len(images), SMALL_GRID, SMALL_GRID)
     assert_matches_runtime(scores, grids, runtime(path, CATEGORY, mode), images)
     if mode == "fewshot":  # not the zero-shot numbers by accident
         zero = runtime(path, CATEGORY, "zeroshot")

@@ -45,9 +45,9 @@ MODEL_NAME = "tiny-test"
 SIZE = 224          # input height and width
 PATCH = 16
 GRID = (SIZE // PATCH, SIZE // PATCH)
-# The input size, grid and widths of ViT-S-16 (224 x 224, 14 x 14 patches, C = D = 384), so that
-# shapes a test expects of the small real export hold here too; without the transformer an image
-# costs about 0.1 GFLOP.
+# The input size and widths of the small real export (224 x 224, C = D = 384), with ViT-S-16's
+# 14 x 14 grid (the small export's ViT-S-32 has 7 x 7: tests/test_tinybundle.py checks the
+# same contract at both); without the transformer an image costs about 0.1 GFLOP.
 WIDTH = 384         # C, patch token width
 EMBED = 384         # D, joint embedding width
 TEMPERATURE = 0.07
