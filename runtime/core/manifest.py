@@ -455,17 +455,6 @@ class Parity:
                            "passed": self.passed, **self.extra}, ("passed",))
 
 
-class _ByKey:
-    """``record["key"]`` and ``record.get("key")`` read a record's JSON form: for callers written
-    when these records were dicts (runtime/cli/bundle_tools.py); new code reads the attributes."""
-
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
-
-
 def _record(kind: type, d: dict, key: str, at: _At) -> Any:
     """The optional object ``d[key]`` parsed as ``kind``; None when absent."""
     value = _dict(d, key, at, optional=True)
@@ -482,7 +471,7 @@ def _opt_strings(d: dict, key: str, at: _At) -> list[str] | None:
 
 
 @dataclass
-class Agreement(_ByKey):
+class Agreement:
     """How closely a precision variant agrees with FP32 on held-out normal images: the smallest
     Pearson correlation of the patch-grid anomaly maps over the (category, mode) runs
     (``map_pearson``: per "<category>/<mode>"), the largest image-score difference and how many
@@ -522,7 +511,7 @@ class Agreement(_ByKey):
 
 
 @dataclass
-class Calibration(_ByKey):
+class Calibration:
     """How the INT8 activation ranges were calibrated: ``method`` (minmax, entropy or
     percentile) over ``images`` normal images."""
 
@@ -565,7 +554,7 @@ class WeightRank:
 
 
 @dataclass
-class Sensitivity(_ByKey):
+class Sensitivity:
     """The INT8 sensitivity pass: whether it ran (``mode`` auto, always or off) and for which
     map Pearson ``target``, the top of its ranking, and the weights (labels) and MatMul nodes
     it kept FP32."""
