@@ -29,7 +29,7 @@ from clipinspect.runtime.core.bundle import (Bundle, category_dir,
 from clipinspect.runtime.core.manifest import (Category, Dims, GraphFile, Manifest, Model, Parity,
                                                Preprocess, parse)
 
-from . import prompt_files
+from . import prompt_format
 from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
 from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PARITY_IMAGES
 from .errors import ExportError, log
@@ -288,7 +288,7 @@ def _prompt_file(path: str | Path | None, categories: Sequence[str]) -> dict | N
     get no descriptions from it, since that is easy to get wrong (a typo in a name)."""
     if path is None:
         return None
-    entries = prompt_files.load(path)
+    entries = prompt_format.load(path)
     missing = [c for c in categories if c not in entries]
     if missing:
         log(f"note: prompt file {str(path)!r} has no descriptions for "

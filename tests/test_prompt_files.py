@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from clipinspect.export import llm_client, prompt_files, prompt_format
+from clipinspect.export import llm_client, prompt_format
 from clipinspect.export.llm_client import GenerationError
 from clipinspect.export.prompt_format import PromptFileError
 
@@ -56,17 +56,13 @@ def test_every_problem_is_reported_with_its_path_and_value(tmp_path):
         prompt_format.load(tmp_path / "p.json")
 
 
-def test_the_format_reads_without_the_http_client_and_the_old_module_names_both():
-    """prompt_format is the format alone (the runtime's CLI loads it, no HTTP client with it);
-    prompt_files, the module both used to live in, still names the same objects."""
+def test_the_format_reads_without_the_http_client():
+    """prompt_format is the format alone (the runtime's CLI loads it, no HTTP client with it)."""
     code = ("import sys; import clipinspect.export.prompt_format; "
             "print('clipinspect.export.llm_client' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert (out.returncode, out.stdout.strip()) == (0, "False"), out.stderr
-    for name in prompt_files.__all__:
-        home = prompt_format if name in vars(prompt_format) else llm_client
-        assert getattr(prompt_files, name) is getattr(home, name), name
 
 
 @pytest.mark.parametrize("content, message", [

@@ -123,7 +123,7 @@ def test_a_result_folder_that_links_outside_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------- prompt files
 def test_a_fifo_prompt_file_does_not_hang_the_report(tmp_path):
-    from clipinspect.export import prompt_files
+    from clipinspect.export import prompt_format
 
     fifo = tmp_path / "prompts.json"
     os.mkfifo(fifo)
@@ -138,19 +138,19 @@ def test_a_fifo_prompt_file_does_not_hang_the_report(tmp_path):
         reader.join(5)
     assert not hung, "reading a FIFO prompt file blocked the report"
     assert "not a regular file" in found[0]
-    with pytest.raises(prompt_files.PromptFileError, match="not a regular file"):
-        prompt_files.read_prompt_file(fifo)
+    with pytest.raises(prompt_format.PromptFileError, match="not a regular file"):
+        prompt_format.read_prompt_file(fifo)
 
 
 def test_an_oversized_prompt_file_is_not_read_whole(tmp_path):
-    from clipinspect.export import prompt_files
+    from clipinspect.export import prompt_format
 
     big = tmp_path / "big.json"
     big.write_text(json.dumps({"source": "someone", "categories": {},
-                               "pad": "x" * (prompt_files.MAX_FILE_BYTES + 10)}))
+                               "pad": "x" * (prompt_format.MAX_FILE_BYTES + 10)}))
     assert "larger than" in study_report.prompt_file_source(str(big))
-    with pytest.raises(prompt_files.PromptFileError, match="larger than"):
-        prompt_files.load(big)
+    with pytest.raises(prompt_format.PromptFileError, match="larger than"):
+        prompt_format.load(big)
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero here")

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from clipinspect.export import prompt_files
+from clipinspect.export import prompt_format
 from clipinspect.runtime.core.bundle import (FORMAT_NAME, FORMAT_VERSION, Bundle,
                                              atomic_write_bytes, category_dir,
                                              check_category_name, file_entry, npz_bytes,
@@ -282,7 +282,7 @@ def category_text(name: str, descriptions: dict | None, adaptation: dict | None
     (the WinCLIP ensemble's prompts, then the prompt file's)."""
     ensemble = json.loads(resources.files("clipinspect.export.prompts")
                           .joinpath("winclip.json").read_text())
-    extra = {s: prompt_files.expand((descriptions or {}).get(s, []), name)
+    extra = {s: prompt_format.expand((descriptions or {}).get(s, []), name)
              for s in ("normal", "anomalous")}
     prompts = {s: [t.format(p.format(name)) for p in ensemble[f"{s}_states"]
                    for t in ensemble["templates"]] + extra[s] for s in ("normal", "anomalous")}
@@ -345,7 +345,7 @@ def build_tiny_bundle(out: str | Path, categories: Sequence[str] = ("weave", "wa
                                   outputs=[v.name for v in model.graph.output])
     prompt_file = None if prompts is None else {
         "file": str(Path(prompts).resolve()), "sha256": sha256_file(Path(prompts)),
-        "categories": prompt_files.load(prompts)}
+        "categories": prompt_format.load(prompts)}
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": method,
         "method_options": {"scales": list(scales)} if method == "winclip" else {"dense_blocks": 1},

@@ -46,9 +46,9 @@ def assemble(study: Study, per_variant: dict[str, dict[int, dict]], *, data: Pat
 
 def prompt_file_source(path: str) -> str:
     """The prompt file's own word on who wrote it (its ``source``), for the report. Read only
-    when it is a regular file of at most prompt_files.MAX_FILE_BYTES (a FIFO would hang the
+    when it is a regular file of at most prompt_format.MAX_FILE_BYTES (a FIFO would hang the
     report, an endless device fill the memory)."""
-    from clipinspect.export.prompt_files import PromptFileError, read_prompt_file
+    from clipinspect.export.prompt_format import PromptFileError, read_prompt_file
 
     try:
         data = json.loads(read_prompt_file(path).decode("utf-8"))

@@ -19,7 +19,7 @@ from clipinspect.runtime.core.manifest import Adaptation as ManifestAdaptation
 from clipinspect.runtime.core.manifest import Manifest, parse
 from clipinspect.runtime.methods.winclip import WinClipSection
 
-from ..prompt_files import expand
+from ..prompt_format import expand
 from ..text import ambiguity_filter, encode_texts, expand_prompts, normalized
 from .base import HEADS, Built, Clip, ExportMethod, Option
 from .common import (TEMPERATURE, Adaptation, ClipTower, adapted_prototypes, association,
