@@ -1,5 +1,5 @@
-"""The models, weights and parity check the export commands default to, apart from the exporter so that the
-CLI (and the study's variants) can name them without importing torch."""
+"""The models, weights and parity check the export commands default to, apart from the
+exporter so that the CLI (and the study's variants) can name them without importing torch."""
 
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"

@@ -31,10 +31,10 @@ from clipinspect.runtime.core.manifest import (Category, Dims, GraphFile, Manife
 
 from . import prompt_format
 from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
-from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PARITY_IMAGES
+from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PARITY_IMAGES, PARITY_TOLERANCE
 from .errors import ExportError, log
-from .graphs import (PARITY_TOLERANCE, Probe, check_parity, example_text, export_graphs,
-                     input_size, judge_parity, max_abs_diff)
+from .graphs import (Probe, check_parity, example_text, export_graphs, input_size, judge_parity,
+                     max_abs_diff)
 from .methods import METHODS, Adaptation, Built, Clip, ExportMethod, method_options
 from .text import load_ensemble
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .defaults import PARITY_IMAGES, PARITY_TOLERANCE
+from .defaults import PARITY_IMAGES
 from .errors import ExportError, log
 from .methods import Built
 
@@ -140,8 +140,8 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max())
 
 
-def judge_parity(parity: dict[str, float], tolerance: float, strict: bool,
-                 images: int = PARITY_IMAGES) -> dict:
+def judge_parity(parity: dict[str, float], tolerance: float, strict: bool, images: int
+                 ) -> dict:
     """The manifest's parity record of the differences measured on ``images`` images; raises
     when they exceed the tolerance and ``strict``."""
     worst = max(parity.values())

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from clipinspect.runtime import Bundle, Inspector
-from tinybundle import build_tiny_bundle
+from conftest import SMALL_GRID
+from tinybundle import GRID, build_tiny_bundle
 
 
 def images(seed: int, n: int) -> list[np.ndarray]:
@@ -61,7 +62,7 @@ def test_shaped_like_a_real_export(tiny, real, request):
     assert set(t) == set(r)
     for key in ("format_version", "method", "method_options", "adaptation", "scales", "outputs"):
         assert t.get(key) == r.get(key), key
-    for m, grid in ((t, [14, 14]), (r, [7, 7])):
+    for m, grid in ((t, list(GRID)), (r, [SMALL_GRID, SMALL_GRID])):
         assert m["grid"] == grid and m["dims"]["patches"] == grid[0] * grid[1]
         if m.get("scales"):
             assert m["windows"] == {str(k): (grid[0] - k + 1) * (grid[1] - k + 1)
