@@ -20,7 +20,7 @@ from clipinspect.runtime.cli.options import (add_categories, add_dataset_format,
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 
 from .defaults import (ADAPTER_MODEL, ADAPTER_PRETRAINED, DEFAULT_MODEL, DEFAULT_PRETRAINED,
-                       PARITY_IMAGES, PARITY_TOLERANCE)
+                       FUSED_ATTENTION, PARITY_IMAGES, PARITY_TOLERANCE)
 from .demo_defaults import DEMO_MODEL, DEMO_PRETRAINED
 from .training_recipes import DEFAULT_RECIPE, MASK_RULES, RECIPES
 
@@ -126,7 +126,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ensemble=not args.no_ensemble, opset=args.opset,
         tolerance=PARITY_TOLERANCE if args.tolerance is None else args.tolerance,
         strict=not args.no_strict_parity, parity_images=args.parity_images,
-        overwrite=args.overwrite, seed=args.seed))
+        fused_attention=args.fused_attention, overwrite=args.overwrite, seed=args.seed))
     return 0
 
 
@@ -228,6 +228,12 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
                    help=f"unseen random images the parity check runs (default {PARITY_IMAGES}; "
                         "each is one eager PyTorch pass, the slow part of exporting a large "
                         "model)")
+    p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction,
+                   default=FUSED_ATTENTION,
+                   help="also write the onnxruntime-only encoder with attention as onnxruntime's "
+                        "fused operator, which the CPU provider runs (default: on; "
+                        "--no-fused-attention for a bundle that only TensorRT or Triton runs, "
+                        "one encoder file smaller)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the random init with 'none'")

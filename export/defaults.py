@@ -10,3 +10,6 @@ ADAPTER_PRETRAINED = "openai"
 # and how many unseen random images it runs.
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 3
+# Whether export also writes the onnxruntime-only encoder with fused attention
+# (benchmarks/results/line_rate_cpu_b16p.md measures it against the standard graph).
+FUSED_ATTENTION = True

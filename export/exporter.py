@@ -31,7 +31,8 @@ from clipinspect.runtime.core.manifest import (Category, Dims, GraphFile, Manife
 
 from . import prompt_format
 from .clip import RANDOM_WEIGHTS_WARNING, load_clip, package_versions, preprocess_config
-from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PARITY_IMAGES, PARITY_TOLERANCE
+from .defaults import (DEFAULT_MODEL, DEFAULT_PRETRAINED, FUSED_ATTENTION, PARITY_IMAGES,
+                       PARITY_TOLERANCE)
 from .errors import ExportError, log
 from .graphs import (Probe, check_parity, example_text, export_graphs, input_size, judge_parity,
                      max_abs_diff)
@@ -60,7 +61,9 @@ class ExportOptions:
     open_clip tag, a checkpoint file, or None for seeded random weights (warned about unless
     ``warn_random`` is False: a caller that has said so already). parity_images: how many
     unseen random images the export-time parity check runs (each one a full eager pass, the
-    slow part of exporting a large model).
+    slow part of exporting a large model). fused_attention: also write the onnxruntime-only
+    encoder with attention as onnxruntime's fused operator (``graphs.fp32.encoder_fused``, which
+    onnxruntime's CPU provider then runs), checked against PyTorch like the standard one.
     """
 
     out: str | Path
@@ -76,6 +79,7 @@ class ExportOptions:
     tolerance: float = PARITY_TOLERANCE
     strict: bool = True
     parity_images: int = PARITY_IMAGES
+    fused_attention: bool = FUSED_ATTENTION
     overwrite: bool = False
     seed: int = 0
     warn_random: bool = True
@@ -121,7 +125,7 @@ def export_bundle(options: ExportOptions) -> Bundle:
     with _staging(out) as tmp:
         log(f"[2/5] exporting ONNX graphs (opset {options.opset})")
         probe = Probe.of(built.encoder, options.parity_images)
-        files = export_graphs(built, tmp, options.opset, probe)
+        files = export_graphs(built, tmp, options.opset, probe, options.fused_attention)
         text_entries = {}
         for i, name in enumerate(options.categories):
             log(f"[3/5] text embeddings for {name!r} ({i + 1}/{len(options.categories)})")

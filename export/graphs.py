@@ -9,13 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipinspect.runtime.core.names import FUSED_ENCODER
+
 from .defaults import PARITY_IMAGES
 from .errors import ExportError, log
 from .methods import Built
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names: list[str],
-            output_names: list[str], dynamic_axes: dict, opset: int) -> None:
+            output_names: list[str], dynamic_axes: dict, opset: int,
+            custom_opsets: dict[str, int] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Traced without autograd: the graph is the same (same bytes, checked on ViT-S-16) and the
     # trace does not keep every intermediate for a backward pass that never comes.
@@ -23,7 +26,8 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names: li
         warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values
         torch.onnx.export(module, args, str(path), input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes,
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
+                          opset_version=opset, do_constant_folding=True, dynamo=False,
+                          custom_opsets=custom_opsets)
     import onnx
     onnx.checker.check_model(str(path))
 
@@ -53,8 +57,10 @@ class Probe:
         return cls(images, torch.randn(2, 3, *size, generator=gen))
 
 
-def export_graphs(built: Built, root: Path, opset: int, probe: Probe) -> dict[str, str]:
-    """Write fp32/encoder.onnx and fp32/head_*.onnx; returns name -> relative path. Fills
+def export_graphs(built: Built, root: Path, opset: int, probe: Probe,
+                  fused_attention: bool = False) -> dict[str, str]:
+    """Write fp32/encoder.onnx and fp32/head_*.onnx (and with ``fused_attention`` the
+    onnxruntime-only fp32/encoder_fused.onnx); returns name -> relative path. Fills
     ``probe.reference_outputs`` (the heads are traced on them)."""
     encoder = built.encoder
     outs = encoder.output_names()
@@ -62,6 +68,17 @@ def export_graphs(built: Built, root: Path, opset: int, probe: Probe) -> dict[st
     axes = {"images": {0: "batch"}, **{n: {0: "batch"} for n in outs}}
     _export(encoder, (probe.references,), root / files["encoder"], input_names=["images"],
             output_names=outs, dynamic_axes=axes, opset=opset)
+    if fused_attention:
+        # The same module traced a second time with its attention as onnxruntime's fused
+        # operator: an onnxruntime-only graph (TensorRT and Triton keep the standard one).
+        files[FUSED_ENCODER] = f"fp32/{FUSED_ENCODER}.onnx"
+        encoder.fused_attention = True
+        try:
+            _export(encoder, (probe.references,), root / files[FUSED_ENCODER],
+                    input_names=["images"], output_names=outs, dynamic_axes=axes, opset=opset,
+                    custom_opsets={"com.microsoft": 1})
+        finally:
+            encoder.fused_attention = False
     with torch.no_grad():
         probe.reference_outputs = dict(zip(outs, encoder(probe.references)))
     for name, head in built.heads.items():
@@ -123,6 +140,9 @@ def check_parity(root: Path, files: dict[str, str], built: Built, text: dict[str
         torch_ref = probe.reference_outputs or dict(zip(names, encoder(probe.references)))
     ort_out = dict(zip(names, session("encoder").run(None, {"images": probe.images.numpy()})))
     result = {"encoder": max(max_abs_diff(ort_out[n], torch_out[n].numpy()) for n in names)}
+    if FUSED_ENCODER in files:
+        fused = dict(zip(names, session(FUSED_ENCODER).run(None, {"images": probe.images.numpy()})))
+        result[FUSED_ENCODER] = max(max_abs_diff(fused[n], torch_out[n].numpy()) for n in names)
     memory = {f"memory_{n}": torch_ref[n].flatten(0, 1) for n in names}
     for name, head in heads.items():
         inputs = head_example_inputs(head, torch_out, text, memory)

@@ -35,19 +35,33 @@ class ClipTower(nn.Module):
         cls = v.class_embedding.reshape(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
         return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
 
-    @staticmethod
-    def attention(block: nn.Module, h: torch.Tensor, class_only: bool = False) -> torch.Tensor:
+    #: Trace attention as onnxruntime's fused operator (com.microsoft MultiHeadAttention)
+    #: instead of standard ONNX ops; the exporter sets it for the onnxruntime-only graph.
+    fused_attention: bool = False
+
+    def attention(self, block: nn.Module, h: torch.Tensor, class_only: bool = False
+                  ) -> torch.Tensor:
         """Multi-head self-attention of ``block`` on h (N, L, C) -> (N, L or 1, C).
 
         Same weights and value as open_clip's nn.MultiheadAttention, written batch-first so the
         exported graph carries two transposes per block instead of the eight of torch's
-        sequence-first implementation. With ``class_only`` only the class token queries.
+        sequence-first implementation. With ``class_only`` only the class token queries. The
+        width is a Python number, so the class-only slices of the projection weights are
+        constants of the graph (folded at export, quantized like every other weight).
         """
         attn = block.attn
-        n_tokens, width = h.shape[1], h.shape[2]
+        n_tokens, width = h.shape[1], int(attn.embed_dim)
         heads = attn.num_heads
         dim = width // heads
         w, b = attn.in_proj_weight, attn.in_proj_bias
+        if self.fused_attention:
+            if class_only:
+                q = F.linear(h[:, :1], w[:width], b[:width])
+                k, v = F.linear(h, w[width:], b[width:]).chunk(2, dim=-1)
+            else:
+                q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
+            return F.linear(FusedAttention.apply(q, k, v, heads), attn.out_proj.weight,
+                            attn.out_proj.bias)
         if class_only:
             q = F.linear(h[:, :1], w[:width], b[:width]).reshape(-1, 1, heads, dim).transpose(1, 2)
             kv = F.linear(h, w[width:], b[width:]).reshape(-1, n_tokens, 2, heads, dim)
@@ -72,6 +86,30 @@ class ClipTower(nn.Module):
         for i, block in enumerate(blocks):
             x = self.block(block, x, class_only and i == len(blocks) - 1)
         return x
+
+
+class FusedAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v over ``heads`` heads: q (N, Lq, C), k and v (N, Lk, C) ->
+    (N, Lq, C). In torch, the formula of ``ClipTower.attention``; traced into ONNX, one
+    com.microsoft MultiHeadAttention node (onnxruntime's fused kernel, whose default scale is
+    1/sqrt(d)), which replaces the reshapes, transposes, products and softmax of the standard
+    graph."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
+                ) -> torch.Tensor:
+        n, width = q.shape[0], q.shape[2]
+        dim = width // heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:                   # (N, H, L, d)
+            return t.reshape(n, t.shape[1], heads, dim).transpose(1, 2)
+
+        weights = ((split(q) * dim ** -0.5) @ split(k).transpose(-2, -1)).softmax(dim=-1)
+        return (weights @ split(v)).transpose(1, 2).reshape(n, q.shape[1], width)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads: int):
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
 
 
 def check_supported(visual: nn.Module) -> None:

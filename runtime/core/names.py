@@ -14,6 +14,13 @@ HEAD_ZEROSHOT = "head_zeroshot"
 HEAD_FEWSHOT = "head_fewshot"
 HEADS = (HEAD_ZEROSHOT, HEAD_FEWSHOT)
 GRAPHS = (ENCODER, *HEADS)
+#: An optional second encoder of a precision, for onnxruntime only: the same formula with
+#: attention as onnxruntime's fused operator (com.microsoft MultiHeadAttention). TensorRT and
+#: Triton use ``encoder``.
+FUSED_ENCODER = "encoder_fused"
+#: Which encoder graph a session runs: the fused one where the bundle has it and the provider
+#: is onnxruntime's CPU one (``auto``), or the one named.
+ATTENTION_CHOICES = ("auto", "fused", "standard")
 
 #: Graph precisions: fp32 is what export writes, the others what quantize makes from it.
 PRECISIONS = ("fp32", "fp16", "int8")
