@@ -21,7 +21,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..predict import predict_to_dir
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, attention=args.attention)
     images = _images(args.images)
     results = predict_to_dir(inspector, images, args.category, args.out, args.batch_size,
                              mode=args.mode, smoothing_sigma=args.smooth,
@@ -44,7 +44,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     from ..core.inspector import Inspector
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, attention=args.attention)
     shots, failed = inspector.add_references(args.category, _images(args.images), args.batch_size)
     for source, error in failed:
         print(f"clipinspect: skipped: {error}", file=sys.stderr)
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          header_timeout_s=args.header_timeout,
                          inference_timeout_s=args.inference_timeout)
     serve(args.bundle, args.host, args.port, config, precision=args.precision,
-          provider=args.provider, threads=args.threads)
+          provider=args.provider, threads=args.threads, attention=args.attention)
     return 0
 
 
@@ -118,7 +118,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     journal_path = Path(args.journal or base / "journal.sqlite")
     out = Path(args.out or base / "results.jsonl")
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, attention=args.attention)
     inspector.check(args.category, args.mode)
     journal = Journal(journal_path)
     if args.input is not None:

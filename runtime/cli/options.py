@@ -15,7 +15,8 @@ from typing import Sequence
 
 from ..core.errors import did_you_mean
 # Re-exported: the commands import the choices with the options that take them.
-from ..core.names import MODES, ORT_PROVIDERS, PRECISIONS, PROVIDERS, TENSORRT_NATIVE
+from ..core.names import (ATTENTION_CHOICES, MODES, ORT_PROVIDERS, PRECISIONS, PROVIDERS,
+                          TENSORRT_NATIVE)
 
 # Dataset layouts of --format ("auto": told apart by their folders). The last two are
 # calibration.datasets.FORMATS, which this module must not import (a test checks they agree).
@@ -188,9 +189,18 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     add_precision(p, help="graph precision: fp32 (default), or fp16 / int8 after 'clipinspect "
                           "quantize'")
     add_provider(p)
+    add_attention(p)
     add_batch_size(p, help="images per inference batch")
     add_threads(p)
     add_max_megapixels(p)
+
+
+def add_attention(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES),
+                   type=one_of(ATTENTION_CHOICES),
+                   help="encoder graph onnxruntime runs: auto (default: the fused-attention "
+                        "encoder on the CPU provider where the bundle has one, else the "
+                        "standard one), fused, or standard")
 
 
 def deprecated_alias(new: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import UsageError
-from .names import ORT_PROVIDERS
+from .names import ATTENTION_CHOICES, ENCODER, FUSED_ENCODER, ORT_PROVIDERS
 from .registry import BACKENDS, backend_loader, register_backend
 from .onnxruntime_backend import (PROVIDERS, OrtBackend, ProfileError, ProviderError,
                                   available_providers, default_threads, ort_conflict,
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .bundle import Bundle
 
 __all__ = ["BACKENDS", "PROVIDERS", "ProfileError", "ProviderError", "OrtBackend",
-           "available_providers", "backend_class", "default_threads", "open_backend",
+           "available_providers", "backend_class", "default_threads", "encoder_graph", "open_backend",
            "ort_conflict", "ort_tensorrt_profiles", "stored_shots", "trt_cache_dir"]
 
 
@@ -42,14 +42,39 @@ def backend_class(provider: str) -> type:
 
 def open_backend(bundle: "Bundle", precision: str, provider: str = "cpu", *,
                  threads: int | None = None, batch_size: int | None = None,
-                 verify_checksums: bool = True) -> "Backend":
+                 verify_checksums: bool = True, attention: str = "auto") -> "Backend":
     """The backend running ``bundle``'s ``precision`` graphs on ``provider``.
 
     provider: cpu, cuda or tensorrt (onnxruntime execution providers), or tensorrt-native
     (engines from 'clipinspect build-engine', no onnxruntime). ``batch_size``: the largest
     batch the caller will run (sizes the TensorRT profiles; checked against native engines).
+    ``attention``: which encoder graph onnxruntime runs (:func:`encoder_graph`).
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise UsageError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    graph = encoder_graph(bundle, precision, provider, attention)
+    extra = {"encoder_graph": graph} if provider in ORT_PROVIDERS else {}
     return backend_class(provider).open(bundle, precision, provider, threads=threads,
-                                        batch_size=batch_size, verify_checksums=verify_checksums)
+                                        batch_size=batch_size, verify_checksums=verify_checksums,
+                                        **extra)
+
+
+def encoder_graph(bundle: "Bundle", precision: str, provider: str, attention: str = "auto"
+                  ) -> str:
+    """The encoder graph of ``precision`` a session runs: ``encoder_fused`` (attention as
+    onnxruntime's fused operator) for ``attention`` "fused", and for "auto" on onnxruntime's
+    CPU provider where the bundle has it; ``encoder`` (standard ONNX operators) otherwise."""
+    if attention not in ATTENTION_CHOICES:
+        raise UsageError(f"attention {attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+    has_fused = FUSED_ENCODER in bundle.manifest.graphs.get(precision, {})
+    if attention == "fused":
+        if provider != "cpu":
+            raise UsageError(f"--attention fused runs on onnxruntime's CPU provider only, not "
+                             f"{provider!r} (its graph uses onnxruntime's own fused operator); "
+                             "use --attention standard or auto")
+        if not has_fused:
+            raise UsageError(f"bundle {str(bundle.root)!r} has no fused-attention {precision} "
+                             "encoder: export it again (fused attention is on by default) and "
+                             "quantize again, or use --attention standard")
+        return FUSED_ENCODER
+    return FUSED_ENCODER if attention == "auto" and provider == "cpu" and has_fused else ENCODER

@@ -45,6 +45,7 @@ from .manifest import (FORMAT_NAME, FORMAT_VERSION, BundleError, Category,  # no
                        EngineBuild, EngineDevice, FileEntry, GraphFile, Manifest, MemoryFile,
                        Preprocess, Quantization, Thresholds, category_folder, is_category_name,
                        parse)
+from .names import ENCODER, FUSED_ENCODER
 from .registry import MethodError, method_of
 
 MANIFEST = "manifest.json"
@@ -337,6 +338,8 @@ class Bundle:
                     raise BundleError(f"bundle {str(self.root)!r} lists no {precision} {name} graph; "
                                       "export it again")
                 self._check_file(graphs[name], f"{precision} {name} graph", verify_checksums)
+            for name in graphs.keys() - set(self.method.graphs):  # encoder_fused, encoder_fp16
+                self._check_file(graphs[name], f"{precision} {name} graph", verify_checksums)
         for name, category in m.categories.items():
             for what, entry in category.files().items():
                 self._check_file(entry, f"{what} of category {name!r}", verify_checksums)
@@ -544,10 +547,11 @@ class Bundle:
             m.categories[name] = entry
 
     def set_precision(self, precision: str, encoder: dict[str, Any], record: dict[str, Any],
-                      overwrite: bool = False) -> None:
-        """Register a precision variant: its own encoder graph (already written), the FP32
-        scoring heads, and how it was made (``quantization.<precision>``). Thresholds set for an
-        earlier graph of this precision no longer apply and are dropped."""
+                      overwrite: bool = False, fused: dict[str, Any] | None = None) -> None:
+        """Register a precision variant: its own encoder graph (already written) and, from the
+        fused FP32 encoder, its fused one (``fused``), the FP32 scoring heads, and how it was
+        made (``quantization.<precision>``). Thresholds set for an earlier graph of this
+        precision no longer apply and are dropped."""
         if precision == "fp32":
             raise BundleError("the fp32 graphs are written by export, not replaced")
         where = f"bundle {str(self.root)!r}"
@@ -556,8 +560,12 @@ class Bundle:
         with self.updating() as m:
             if precision in m.graphs and not overwrite:
                 raise BundleError(f"bundle {str(self.root)!r} already has {precision} graphs")
-            heads = {k: v for k, v in m.graphs["fp32"].items() if k != "encoder"}
-            m.graphs[precision] = {"encoder": encoder_entry, **heads}
+            heads = {k: v for k, v in m.graphs["fp32"].items()
+                     if k in self.method.graphs and k != ENCODER}
+            m.graphs[precision] = {ENCODER: encoder_entry, **heads}
+            if fused is not None:
+                m.graphs[precision][FUSED_ENCODER] = parse(
+                    GraphFile, fused, where, f"graphs.{precision}.{FUSED_ENCODER}")
             m.quantization[precision] = quantization
             for entry in m.categories.values():
                 for key in [k for k in entry.thresholds if k.startswith(precision + "/")]:

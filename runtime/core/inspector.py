@@ -99,16 +99,23 @@ class Inspector:
     @classmethod
     def open(cls, bundle: str | Path | Bundle, precision: str = "fp32", provider: str = "cpu",
              threads: int | None = None, verify_checksums: bool = True, *,
-             batch_size: int | None = None) -> "Inspector":
+             batch_size: int | None = None, attention: str = "auto") -> "Inspector":
         """provider: cpu, cuda or tensorrt (onnxruntime execution providers), or
         tensorrt-native (engines from 'clipinspect build-engine', no onnxruntime).
-        ``batch_size``: the largest batch that will be run (sizes TensorRT's profiles)."""
+        ``batch_size``: the largest batch that will be run (sizes TensorRT's profiles).
+        ``attention``: auto, fused or standard, which encoder graph onnxruntime runs
+        (backends.encoder_graph; ``encoder_graph`` says which one did)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify_checksums=verify_checksums)
         bundle.graph_path(precision, ENCODER)  # unknown precision -> error naming the others
         return cls(bundle, open_backend(bundle, precision, provider, threads=threads,
-                                        batch_size=batch_size,
-                                        verify_checksums=verify_checksums), precision)
+                                        batch_size=batch_size, verify_checksums=verify_checksums,
+                                        attention=attention), precision)
+
+    @property
+    def encoder_graph(self) -> str:
+        """The bundle's encoder graph this Inspector runs: ``encoder`` or ``encoder_fused``."""
+        return getattr(self.backend, "encoder_graph", ENCODER)
 
     # --------------------------------------------------------------- loading
     def _load_one(self, index: int, item: ImageInput, keep_image: bool) -> LoadedImage:

@@ -681,10 +681,13 @@ class Quantization:
     fp16_between_qdq: Fp16BetweenQdq | None = None
     created: str | None = None
     versions: dict[str, str] | None = None
+    #: The fused-attention encoder's agreement with FP32 (``graphs.<precision>.encoder_fused``).
+    fused_agreement: Agreement | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     _KNOWN = ("scheme", "calibration", "quantized_nodes", "fp32_nodes", "all_quantized_agreement",
-              "sensitivity", "fp16_between_qdq", "created", "agreement_vs_fp32", "versions")
+              "sensitivity", "fp16_between_qdq", "created", "agreement_vs_fp32", "versions",
+              "fused_agreement_vs_fp32")
 
     @classmethod
     def from_dict(cls, d: dict, at: _At) -> "Quantization":
@@ -700,6 +703,7 @@ class Quantization:
                    all_quantized_agreement=_record(Agreement, d, "all_quantized_agreement", at),
                    fp16_between_qdq=_record(Fp16BetweenQdq, d, "fp16_between_qdq", at),
                    created=_str(d, "created", at, optional=True), versions=versions,
+                   fused_agreement=_record(Agreement, d, "fused_agreement_vs_fp32", at),
                    extra=_rest(d, cls._KNOWN))
 
     def to_dict(self) -> dict[str, Any]:
@@ -712,7 +716,7 @@ class Quantization:
                "sensitivity": form(self.sensitivity),
                "fp16_between_qdq": form(self.fp16_between_qdq), "created": self.created,
                "agreement_vs_fp32": self.agreement.to_dict(), "versions": self.versions,
-               **self.extra}
+               "fused_agreement_vs_fp32": form(self.fused_agreement), **self.extra}
         return _drop_none(out, [k for k in self._KNOWN if k != "agreement_vs_fp32"])
 
     def describe(self) -> str:

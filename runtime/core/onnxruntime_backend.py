@@ -301,6 +301,8 @@ class OrtBackend:
         if conflict:
             warnings.warn(conflict, RuntimeWarning, stacklevel=2)
         self.provider = provider
+        #: Which of the bundle's encoder graphs runs (``open`` sets it; reported by bench).
+        self.encoder_graph = ENCODER
         self.profiles = profiles or {}
         self.encoder = make_session(encoder_path, provider, threads=threads, cache_dir=cache_dir,
                                     fp16=fp16, int8=int8, profile=self.profiles.get(ENCODER),
@@ -322,19 +324,22 @@ class OrtBackend:
     @classmethod
     def open(cls, bundle: "Bundle", precision: str, provider: str = "cpu", *,
              threads: int | None = None, batch_size: int | None = None,
-             verify_checksums: bool = True) -> "OrtBackend":
-        """``bundle``'s ``precision`` graphs on ``provider``; for TensorRT with optimization
+             verify_checksums: bool = True, encoder_graph: str = ENCODER) -> "OrtBackend":
+        """``bundle``'s ``precision`` graphs on ``provider`` (the encoder ``encoder_graph``:
+        ``encoder``, or ``encoder_fused`` on the CPU); for TensorRT with optimization
         profiles for batches up to ``batch_size`` and an engine cache in the bundle. The graphs'
         checksums were verified when the bundle was opened (``verify_checksums`` is for the
         backends that load other files)."""
         tensorrt = provider == "tensorrt"
-        return cls(bundle.graph_path(precision, ENCODER),
+        backend = cls(bundle.graph_path(precision, encoder_graph),
                    {name: bundle.graph_path(precision, name) for name in HEADS},
                    provider=provider, threads=threads or default_threads(),
                    cache_dir=trt_cache_dir(bundle) if tensorrt else None,
                    fp16=precision == "fp16", int8=precision == "int8",
                    profiles=ort_tensorrt_profiles(bundle, precision, batch_size) if tensorrt
                    else None)
+        backend.encoder_graph = encoder_graph
+        return backend
 
     def _within_profile(self, graph: str, arrays: dict[str, np.ndarray]) -> None:
         """A host array beyond the TensorRT profile is an error naming it, not a silent engine

@@ -48,7 +48,7 @@ def create_app(source: Inspector | Callable[[], Inspector], config: ServeConfig 
 
 
 def serve(bundle: str, host: str, port: int, config: ServeConfig, *, precision: str = "fp32",
-          provider: str = "cpu", threads: int | None = None) -> None:
+          provider: str = "cpu", threads: int | None = None, attention: str = "auto") -> None:
     """Bind first, then load the bundle: /readyz answers 503 until it is loaded and warm."""
     import uvicorn
 
@@ -57,8 +57,9 @@ def serve(bundle: str, host: str, port: int, config: ServeConfig, *, precision: 
     failed: list[BaseException] = []
 
     def load() -> Inspector:
-        inspector = Inspector.open(bundle, precision, provider, threads)
-        print(f"clipinspect serve: loaded {inspector.bundle.identity}; warming up",
+        inspector = Inspector.open(bundle, precision, provider, threads, attention=attention)
+        print(f"clipinspect serve: loaded {inspector.bundle.identity} ({inspector.encoder_graph});"
+              " warming up",
               file=sys.stderr, flush=True)
         return inspector
 

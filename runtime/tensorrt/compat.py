@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..core.bundle import Bundle
+from ..core.names import FUSED_ENCODER
 # Profiles are shared with onnxruntime's TensorRT provider (core); named here too.
 from ..core.profiles import (DEFAULT_MAX_SHOTS, PROMPT_POOL, BatchRange,  # noqa: F401
                              CompatibilityError, dynamic_rows, head_inputs, is_category_input,
@@ -142,12 +143,16 @@ def _check_qdq(node, where: str, inits: dict, numpy_helper) -> list[str]:
 
 
 def graph_files(bundle: Bundle) -> dict[str, Path]:
-    """Every graph file the bundle references, once: {'<precision>/<graph>': path}."""
+    """Every graph file of the bundle that TensorRT may build, once:
+    {'<precision>/<graph>': path}. The fused-attention encoders are onnxruntime's own
+    (com.microsoft operators, run by its CPU provider only) and not among them."""
     seen: dict[Path, str] = {}
     # fp32 first: the variants share its heads, which are then named after it.
     for precision, graphs in sorted(bundle.manifest.graphs.items(),
                                     key=lambda kv: (kv[0] != "fp32", kv[0])):
         for name, entry in graphs.items():
+            if name == FUSED_ENCODER:
+                continue
             path = bundle.root / entry.file
             seen.setdefault(path, f"{precision}/{name}")
     return {label: path for path, label in seen.items()}
