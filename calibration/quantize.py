@@ -40,6 +40,7 @@ from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 from clipinspect.runtime.core.images import IMAGE_SUFFIXES, ImageError, to_rgb_array
 from clipinspect.runtime.core.manifest import (Agreement, Calibration, Quantization, Scheme,
                                                Sensitivity, WeightRank)
+from clipinspect.runtime.core.names import FUSED_ENCODER
 from clipinspect.runtime.core.names import QUANTIZED_PRECISIONS as PRECISIONS
 from clipinspect.runtime.core.progress import Progress
 
@@ -328,8 +329,9 @@ class MapAgreement:
         self.runs = [(c, "zero-shot") for c in bundle.categories]
         self.runs += [(c, "few-shot") for c in bundle.categories
                       if bundle.manifest.categories[c].memory]
-        # The FP32 encoder and heads, opened once; a candidate only brings its encoder.
-        self.inspector = Inspector.open(bundle, "fp32", "cpu", threads)
+        # The FP32 encoder (the standard one) and heads, opened once; a candidate only brings
+        # its encoder.
+        self.inspector = Inspector.open(bundle, "fp32", "cpu", threads, attention="standard")
         self.reference = self.scores_and_maps(self.inspector.backend.encode(images))
 
     def scores_and_maps(self, encoded: dict[str, np.ndarray]
@@ -425,13 +427,22 @@ def quantize(bundle_path: str | Path, options: QuantizeOptions) -> Quantization:
     model = clean_graph(bundle.graph_path("fp32", "encoder"))
     with tempfile.TemporaryDirectory(prefix="clipinspect-quantize-") as tmp:
         agreement = MapAgreement(bundle, images.held, options.threads)
-        variant, record = run_variant(model, bundle, images, agreement, Path(tmp), options)
+        variant, record, plan = run_variant(model, bundle, images, agreement, Path(tmp), options)
         data = variant.SerializeToString()
+        fused = None
+        if plan is not None and FUSED_ENCODER in bundle.manifest.graphs["fp32"]:
+            fused_graph, record.fused_agreement = fused_int8(bundle, model, plan, agreement,
+                                                              Path(tmp))
+            fused = fused_graph.SerializeToString()
     rel = write_versioned(bundle.root, options.precision, "encoder.onnx", data)
     fp32 = bundle.manifest.graphs["fp32"]["encoder"]
     entry = bundle.file_entry(rel, inputs=fp32.inputs, outputs=fp32.outputs)
+    fused_entry = None
+    if fused is not None:
+        fused_rel = write_versioned(bundle.root, options.precision, f"{FUSED_ENCODER}.onnx", fused)
+        fused_entry = bundle.file_entry(fused_rel, inputs=fp32.inputs, outputs=fp32.outputs)
     register(bundle, options.precision, entry, record, options.overwrite, qdq=variant,
-             maps=agreement, fp16=to_fp16)
+             maps=agreement, fp16=to_fp16, fused=fused_entry)
     log(f"{options.precision} graphs stored in {bundle.root} ({len(data) / 1e6:.0f} MB encoder) "
         f"in {time.perf_counter() - t_start:.0f} s")
     return record
@@ -481,13 +492,15 @@ def select_images(bundle: Bundle, options: QuantizeOptions) -> Images:
 
 def run_variant(model, bundle: Bundle, images: Images, agreement: MapAgreement, tmp: Path,
                  options: QuantizeOptions):
-    """The variant graph of ``model`` (the cleaned FP32 encoder) and its manifest record,
-    refused when its maps are unrelated to FP32's."""
+    """The variant graph of ``model`` (the cleaned FP32 encoder), its manifest record and, for
+    INT8, the plan the fused-attention encoder is quantized by (``Int8Plan``); refused when its
+    maps are unrelated to FP32's."""
+    plan = None
     if options.precision == "fp16":
         variant, measured, how = _fp16(model, agreement)
     else:
-        variant, measured, how = _int8(model, bundle, images.calibration, agreement, tmp,
-                                       options)
+        variant, measured, how, plan = _int8(model, bundle, images.calibration, agreement, tmp,
+                                             options)
     log(f"    map Pearson (worst category/mode) {measured.map_pearson_min:.5f}, largest "
         f"image score difference {measured.max_image_score_diff:.2e}")
     if not np.isfinite(measured.max_image_score_diff) or measured.map_pearson_min < 0:
@@ -497,7 +510,7 @@ def run_variant(model, bundle: Bundle, images: Images, agreement: MapAgreement, 
                                  measured_on="patch-grid maps of held-out normal images")
     return variant, Quantization(
         stored, **how, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        versions=_versions())
+        versions=_versions()), plan
 
 
 def _fp16(model, agreement: MapAgreement):
@@ -546,7 +559,59 @@ def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp
         log(f"warning: {len(excluded)} of {len(groups)} weights had to stay FP32 to reach map "
             f"Pearson {options.target}; expect little speed-up (try --calibration-method "
             "entropy or percentile, or a lower --target)")
-    return variant, measured, how
+    return variant, measured, how, Int8Plan(images, options.method, groups,
+                                            {g.weight for g in excluded})
+
+
+@dataclass
+class Int8Plan:
+    """What the standard INT8 encoder was made with: the calibration images and method, its
+    weight groups and the weights kept FP32; the fused-attention encoder follows the plan."""
+
+    images: np.ndarray
+    method: str
+    groups: list[WeightGroup]
+    excluded: set[str]
+
+
+def _weight_key(model, group: WeightGroup) -> tuple:
+    """A weight by its values (the same constant in both encoders, under other names)."""
+    import hashlib
+
+    t = next(t for t in model.graph.initializer if t.name == group.weight)
+    return group.shape, hashlib.sha256(t.raw_data or t.SerializeToString()).hexdigest()
+
+
+def fused_int8(bundle: Bundle, model, plan: Int8Plan, agreement: MapAgreement, tmp: Path):
+    """The INT8 form of the bundle's fused-attention FP32 encoder, made like the standard one
+    (``model``, cleaned; ``plan``): the same weights quantized (matched by value) and the same
+    ones kept FP32, activations calibrated on the same images by the same method. The attention
+    products stay FP32 inside the fused operator. -> (graph, its agreement with FP32)."""
+    import onnx
+
+    fused = clean_graph(bundle.graph_path("fp32", FUSED_ENCODER))
+    groups = weight_groups(fused)
+    mine = {_weight_key(fused, g): g for g in groups}
+    theirs = {_weight_key(model, g): g for g in plan.groups}
+    if mine.keys() != theirs.keys():
+        raise QuantizeError(f"the fused-attention encoder's {len(groups)} weights are not the "
+                            f"standard encoder's {len(plan.groups)}; export the bundle again")
+    excluded = {mine[k].weight for k, g in theirs.items() if g.weight in plan.excluded}
+    path = tmp / "clean_fused.onnx"
+    onnx.save(fused, str(path))
+    log(f"[4b] the fused-attention encoder: calibrating ({plan.method}) on the same "
+        f"{len(plan.images)} image(s), quantizing the same {len(groups) - len(excluded)} weights")
+    with Progress(len(plan.images), "calibrate") as bar:
+        amax = activation_ranges(path, plan.images, plan.method, bar.update)
+    variant = quantize_int8(fused, groups, amax, excluded)
+    measured = agreement.agreement(variant)
+    log(f"    fused-attention map Pearson {measured.map_pearson_min:.5f}, largest image score "
+        f"difference {measured.max_image_score_diff:.2e}")
+    if not np.isfinite(measured.max_image_score_diff) or measured.map_pearson_min < 0:
+        raise QuantizeError("the fused-attention int8 graph gives non-finite or unrelated maps; "
+                            "nothing was written")
+    return variant, dataclasses.replace(measured, measured_on="patch-grid maps of held-out "
+                                        "normal images")
 
 
 def _sensitivity(groups: Sequence[WeightGroup], measure: Callable[[set[str]], Agreement],

@@ -152,13 +152,13 @@ def make_variant(qdq_model, agreement, to_fp16) -> tuple[bytes, Fp16BetweenQdq]:
 
 
 def register(bundle, precision: str, entry: dict, record: Quantization, overwrite: bool, *,
-             qdq, maps, fp16) -> None:
+             qdq, maps, fp16, fused: dict | None = None) -> None:
     """``bundle.set_precision`` and, for int8, the graph with FP16 between the Q/DQ pairs of
     ``qdq`` (converted by ``fp16``, quantize.to_fp16; measured by ``maps``, quantize's
     MapAgreement) made and measured before anything is registered; ``record`` gets its
-    record too."""
+    record too. ``fused``: the fused-attention encoder's entry (already written), or None."""
     made = make_variant(qdq, maps, fp16) if precision == "int8" else None
-    bundle.set_precision(precision, entry, record.to_dict(), overwrite)
+    bundle.set_precision(precision, entry, record.to_dict(), overwrite, fused=fused)
     if made is not None:
         store_variant(bundle, *made)
         record.fp16_between_qdq = made[1]
