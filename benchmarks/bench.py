@@ -25,8 +25,8 @@ from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.backends import ProviderError, available_providers
 from clipinspect.runtime.core.images import to_rgb_array
 from clipinspect.runtime.core.maps import upsample
-from clipinspect.runtime.core.names import (ENCODE, END_TO_END, FEW_SHOT, LOAD, PRECISIONS,
-                                            SCORE, SCORING_MODES)
+from clipinspect.runtime.core.names import (ATTENTION_CHOICES, ENCODE, END_TO_END, FEW_SHOT,
+                                            LOAD, PRECISIONS, SCORE, SCORING_MODES)
 from clipinspect.runtime.core.names import STAGES as INSPECTION_STAGES
 from clipinspect.runtime.methods import gflops_per_image as method_gflops
 from clipinspect.runtime.methods import transformer_layers
@@ -235,7 +235,8 @@ class BenchOptions:
     few-shot. runs / warmup: timed and untimed runs per row. images: distinct synthetic images.
     baseline: also time the PyTorch eager evaluation. stream_fps: also simulate a camera at this
     frame rate, stream_frames frames, deadline stream_deadline_ms (default one frame period).
-    threads: onnxruntime intra-op threads (None: one per physical core).
+    threads: onnxruntime intra-op threads (None: one per physical core). attention: which
+    encoder graph onnxruntime runs (auto, fused or standard; each row names the one that ran).
     rss_megapixels: JPEG sizes (megapixels) whose peak RSS per image is measured, each in a
     child process (rss_probe.py); empty: none.
     """
@@ -254,6 +255,7 @@ class BenchOptions:
     stream_deadline_ms: float | None = None
     threads: int | None = None
     rss_megapixels: Sequence[float] = (1, 12, 64)
+    attention: str = "auto"
 
     def check(self) -> None:
         from clipinspect.runtime.core.backends import PROVIDERS
@@ -269,6 +271,9 @@ class BenchOptions:
         if self.warmup < 0 or self.runs < 1:
             raise UsageError(f"need --runs >= 1 and --warmup >= 0, got {self.runs} and "
                              f"{self.warmup}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise UsageError(f"unknown attention {self.attention!r}: choose from "
+                             f"{', '.join(ATTENTION_CHOICES)}")
 
     def command(self, out: str | Path) -> str:
         """The ``clipinspect bench`` command that sweeps these options (the bundle as BUNDLE):
@@ -290,6 +295,8 @@ class BenchOptions:
                 args += ["--deadline-ms", f"{self.stream_deadline_ms:g}"]
         if self.threads is not None:
             args += ["--threads", str(self.threads)]
+        if self.attention != "auto":
+            args += ["--attention", self.attention]
         return command_line("clipinspect bench BUNDLE", args)
 
 
@@ -301,12 +308,15 @@ class Target:
     kind: str
     backend: str
     precision: str
+    #: The bundle's encoder graph the runtime ran (encoder, or encoder_fused with onnxruntime's
+    #: fused attention); None for PyTorch.
+    encoder_graph: str | None = None
 
 
 def _row(target: Target, mode: str, batch: int, times: dict[str, list[float]],
          warmup: int) -> dict:
     return {"kind": target.kind, "backend": target.backend, "precision": target.precision,
-            "mode": mode, "batch": batch,
+            "encoder_graph": target.encoder_graph, "mode": mode, "batch": batch,
             "stages": {s: summarize(v, warmup, batch) for s, v in times.items()},
             "images_per_second": summarize(times[END_TO_END], warmup, batch)["images_per_second"]}
 
@@ -375,11 +385,12 @@ def _runtime_rows(result: dict, bundle: Bundle, work: Workload, options: BenchOp
                                           f"quantize')"})
                 continue
             try:
-                inspector = Inspector.open(bundle, precision, backend, options.threads)
+                inspector = Inspector.open(bundle, precision, backend, options.threads,
+                                           attention=options.attention)
             except ProviderError as e:
                 result["skipped"].append({"what": f"{backend}/{precision}", "reason": str(e)})
                 continue
-            target = Target("runtime", backend, precision)
+            target = Target("runtime", backend, precision, inspector.encoder_graph)
             _sweep(result, target, options,
                    lambda mode: (inspector.build_memory(work.references)[0]
                                  if mode == "few-shot" else None),
@@ -437,7 +448,8 @@ def _sweep(result: dict, target: Target, options: BenchOptions, memory_for, time
             result["rows"].append(row)
             progress(f"{kind:8s} {backend:8s} {precision:5s} {mode:9s} batch {b:3d}: "
                      f"{row['images_per_second']:8.3f} img/s, p50 "
-                     f"{stage(row, END_TO_END)['p50_ms']:.0f} ms")
+                     f"{stage(row, END_TO_END)['p50_ms']:.0f} ms"
+                     + (f" ({target.encoder_graph})" if target.encoder_graph else ""))
 
 
 def _baselines(result: dict, bundle: Bundle, work: Workload, options: BenchOptions,
@@ -516,7 +528,7 @@ def render(r: dict) -> str:
     lines = _header(r) + [
         "| kind | backend | precision | mode | batch | images/s | ratio to PyTorch FP32 | "
         "p50 | p90 | p95 | p99 | max | load p50 | encode p50 | score p50 | post p50 | "
-        "peak RSS MB | GPU MB |", "|" + "---|" * 18]
+        "peak RSS MB | GPU MB | encoder graph |", "|" + "---|" * 19]
     lines += [_table_row(row) for row in r["rows"]]
     lines += _ceiling_lines(r)
     lines += render_rss(r.get("rss_per_image") or [])
@@ -557,6 +569,7 @@ def _table_row(row: dict) -> str:
         _f(row["images_per_second"]), f"{ratio:.2f}x" if ratio else "",
         *(_f(e[k], ".0f") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
         *stages, _f(row.get("peak_host_rss_mb"), ".0f"), _f(row.get("gpu_memory_mb"), ".0f"),
+        row.get("encoder_graph") or "",
     ]) + " |"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipinspect.runtime.cli.options import (add_bundle, add_threads, csv_list, int_list,
-                                             non_negative_int, positive_int)
+from clipinspect.runtime.cli.options import (add_attention, add_bundle, add_threads, csv_list,
+                                             int_list, non_negative_int, positive_int)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            baseline=not args.no_baseline, stream_fps=args.stream_fps,
                            stream_frames=args.stream_frames,
                            stream_deadline_ms=args.deadline_ms, threads=args.threads,
-                           rss_megapixels=args.rss_megapixels)
+                           rss_megapixels=args.rss_megapixels, attention=args.attention)
     result = run_bench(args.bundle, args.out, options)
     for s in result["skipped"]:
         print(f"skipped: {s['what']}: {s['reason']}")
@@ -87,4 +87,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="JPEG sizes whose peak RSS per image is measured, each in a child "
                         "process (default 1,12,64; 'none' to skip)")
     add_threads(p)
+    add_attention(p)
     p.set_defaults(func=cmd_bench)

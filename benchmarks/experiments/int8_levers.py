@@ -8,7 +8,8 @@ map agreement of each candidate graph with FP32.
 Candidates: the INT8 graph with the attention products (QK^T, attention x V) quantized too
 (calibrated on ``--calibration`` images, as ``clipinspect quantize`` does); the bundle's INT8
 graph without onnxruntime's thread spinning (``session.intra_op.allow_spinning`` 0); and with
-one intra-op thread. The encoder alone is timed: it is where the levers act.
+one intra-op thread; where the bundle has them, its fused-attention FP32 and INT8 encoders (the
+latter also without spinning). The encoder alone is timed: it is where the levers act.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from clipinspect.benchmarks.harness import finish, parser
 from clipinspect.benchmarks.report import load_text, machine_text
 from clipinspect.benchmarks.stats import interleaved_rounds, ratios
+from clipinspect.runtime.core.names import FUSED_ENCODER
 
 
 def _session(model, *, threads: int | None, spinning: bool = True):
@@ -59,6 +61,15 @@ def candidates(bundle, calibration: str, args: argparse.Namespace, agreement) ->
     agree = {"int8 + attention products": agreement.measure(variant),
              "int8": agreement.measure(onnx.load(int8))}
     agree["int8 + attention products"]["quantized_products"] = len(products)
+    if FUSED_ENCODER in bundle.manifest.graphs["int8"]:
+        # The fused-attention encoders (onnxruntime's CPU default), beside the standard ones.
+        fused = str(bundle.graph_path("int8", FUSED_ENCODER))
+        sessions["fp32 fused attention"] = _session(str(bundle.graph_path("fp32", FUSED_ENCODER)),
+                                                    threads=args.threads)
+        sessions["int8 fused attention"] = _session(fused, threads=args.threads)
+        sessions["int8 fused attention, no spinning"] = _session(fused, threads=args.threads,
+                                                                 spinning=False)
+        agree["int8 fused attention"] = agreement.measure(onnx.load(fused))
     return sessions, agree
 
 

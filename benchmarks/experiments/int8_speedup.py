@@ -26,7 +26,7 @@ from clipinspect.benchmarks.harness import (IMAGE_SIZE, finish, linked_copy, par
                                             synthetic_images)
 from clipinspect.benchmarks.report import load_text, machine_text
 from clipinspect.benchmarks.stats import interleaved_rounds
-from clipinspect.runtime.core.names import FEW_SHOT
+from clipinspect.runtime.core.names import FEW_SHOT, ZERO_SHOT
 
 
 def speed(bundle_path: Path, category: str, args: argparse.Namespace) -> dict:
@@ -35,25 +35,42 @@ def speed(bundle_path: Path, category: str, args: argparse.Namespace) -> dict:
 
     images, refs = synthetic_images(category, args.images, args.shots)
     Inspector.open(bundle_path, "fp32").add_references(category, refs)
-    inspectors = {p: Inspector.open(bundle_path, p, threads=args.threads) for p in ("fp32", "int8")}
-    labels = [(b, p) for b in args.batch_sizes for p in inspectors]
+    inspectors = {f"{p} {a}": Inspector.open(bundle_path, p, threads=args.threads, attention=a)
+                  for p in ("fp32", "int8") for a in attention_variants(bundle_path, p)}
+    labels = [(b, v) for b in args.batch_sizes for v in inspectors]
 
     def run(i: int):
-        batch, precision = labels[i]
-        results = inspectors[precision].inspect(images, category, batch_size=batch,
-                                                mode=FEW_SHOT)
+        batch, variant = labels[i]
+        results = inspectors[variant].inspect(images, category, batch_size=batch,
+                                              mode=args.mode)
         if not all(r.ok for r in results):
-            raise SystemExit(f"{precision}: {next(r.error for r in results if not r.ok)}")
+            raise SystemExit(f"{variant}: {next(r.error for r in results if not r.ok)}")
     for i in range(len(labels)):  # warm-up
         run(i)
-    seconds, rates = interleaved_rounds([f"{p} batch {b}" for b, p in labels], run, args.rounds,
+    seconds, rates = interleaved_rounds([f"{v} batch {b}" for b, v in labels], run, args.rounds,
                                         args.images)
     out: dict = {}
-    for (b, p), t, r in zip(labels, seconds, rates):
-        out.setdefault(str(b), {})[p] = {"images_per_second": r, "seconds_per_round": t}
+    for (b, v), t, r in zip(labels, seconds, rates):
+        out.setdefault(str(b), {})[v] = {"images_per_second": r, "seconds_per_round": t,
+                                         "encoder_graph": inspectors[v].encoder_graph}
     for row in out.values():
-        row["ratio"] = row["int8"]["images_per_second"] / row["fp32"]["images_per_second"]
+        # INT8 (the graph onnxruntime's CPU provider runs by default) against the fastest FP32.
+        fp32 = max((k for k in row if k.startswith("fp32")),
+                   key=lambda k: row[k]["images_per_second"])
+        int8 = "int8 auto"
+        row["ratio"] = row[int8]["images_per_second"] / row[fp32]["images_per_second"]
+        row["compared"] = [int8, fp32]
     return out
+
+
+def attention_variants(bundle_path: Path, precision: str) -> list[str]:
+    """The encoder graphs of ``precision`` to time: the default (auto: fused where the bundle
+    has it) and, where that is the fused one, the standard one beside it."""
+    from clipinspect.runtime import Bundle
+    from clipinspect.runtime.core.names import FUSED_ENCODER
+
+    fused = FUSED_ENCODER in Bundle.open(bundle_path).manifest.graphs[precision]
+    return ["auto", "standard"] if fused else ["auto"]
 
 
 def accuracy(bundle_path: Path, categories: list[str], args: argparse.Namespace,
@@ -98,6 +115,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--auroc-points", type=float, default=1.0)
     ap.add_argument("--min-pearson", type=float, default=0.98)
     ap.add_argument("--target-ratio", type=float, default=3.0)
+    ap.add_argument("--mode", choices=(FEW_SHOT, ZERO_SHOT), default=FEW_SHOT,
+                    help="scoring mode timed (default few-shot, --shots references)")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     return args
@@ -126,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
               "category": categories[0], "shots": args.shots, "images_per_round": args.images,
               "image_size": [IMAGE_SIZE, IMAGE_SIZE], "rounds": args.rounds,
               "threads": args.threads,
-              "timed": "Inspector.inspect from decoded RGB, few-shot (load, encoder, head, maps)",
+              "timed": f"Inspector.inspect from decoded RGB, {args.mode} (load, encoder, head, "
+                       "maps)", "mode": args.mode,
               "speed": timing, "accuracy": acc,
               "bounds": {"auroc_points": args.auroc_points, "min_pearson": args.min_pearson},
               "target_ratio": args.target_ratio,
@@ -145,10 +165,19 @@ def render(r: dict) -> str:
              f"{r['image_size'][0]}x{r['image_size'][1]} images of {r['category']} per round, "
              f"median of {r['rounds']} rounds cycling through every batch size and precision; "
              f"timed: {r['timed']}.", "",
-             "| batch | FP32 images/s | INT8 images/s | INT8 / FP32 |", "|---|---|---|---|"]
+             "Variants: precision and encoder graph (`auto` is what onnxruntime's CPU provider "
+             "runs by default: the fused-attention encoder where the bundle has one; `standard` "
+             "the standard-operator encoder that TensorRT and Triton run). The ratio is INT8 "
+             "`auto` against the fastest FP32 variant.", "",
+             "| batch | variant | encoder graph | images/s |", "|---|---|---|---|"]
     for b, row in r["speed"].items():
-        lines.append(f"| {b} | {row['fp32']['images_per_second']:.3f} | "
-                     f"{row['int8']['images_per_second']:.3f} | {row['ratio']:.2f}x |")
+        for v, cell in row.items():
+            if isinstance(cell, dict):
+                lines.append(f"| {b} | {v} | {cell['encoder_graph']} | "
+                             f"{cell['images_per_second']:.3f} |")
+    lines += ["", "| batch | INT8 / fastest FP32 | compared |", "|---|---|---|"]
+    for b, row in r["speed"].items():
+        lines.append(f"| {b} | {row['ratio']:.2f}x | {' vs '.join(row['compared'])} |")
     lines += ["", f"Target {r['target_ratio']:g}x at every batch size: "
                   f"{'met' if r['target_met'] else 'NOT met'}.", "",
               f"Accuracy ({r['shots']}-shot, synthetic set), bounds: AUROC within "
