@@ -168,10 +168,11 @@ def test_version_1_bundle_gives_identical_results(small_bundle_path, tmp_path, r
     refs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
     results = {}
     for name, path in (("fresh", fresh), ("v1", old)):
-        inspector = Inspector.open(path)
+        # The graphs a version-1 bundle has: the standard encoder (no fused-attention one).
+        inspector = Inspector.open(path, attention="standard")
         zero = inspector.inspect(images, "washer")
         inspector.add_references("washer", refs)
-        few = Inspector.open(path).inspect(images, "washer")
+        few = Inspector.open(path, attention="standard").inspect(images, "washer")
         results[name] = zero + few
     assert [r.mode for r in results["v1"]] == ["zero-shot"] * 2 + ["few-shot"] * 2
     for a, b in zip(results["fresh"], results["v1"]):

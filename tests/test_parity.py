@@ -11,6 +11,8 @@ from clipinspect.runtime.core.images import to_rgb_array  # noqa: E402
 from conftest import SMALL_GRID  # noqa: E402
 
 TOL = 1e-4
+# Both encoder graphs of a bundle: the standard-operator one and onnxruntime's fused attention.
+ATTENTION = pytest.mark.parametrize("attention", ["fused", "standard"])
 
 
 def _tensor(bundle, rgb_images):
@@ -35,8 +37,10 @@ def _expected(reference, bundle, images, category, memory=None):
     return out
 
 
-def test_zero_shot_scores_and_maps_equal_reference(small_bundle_path, reference, rng):
-    inspector = Inspector.open(small_bundle_path)
+@ATTENTION
+def test_zero_shot_scores_and_maps_equal_reference(small_bundle_path, reference, rng, attention):
+    inspector = Inspector.open(small_bundle_path, attention=attention)
+    assert inspector.encoder_graph == {"fused": "encoder_fused", "standard": "encoder"}[attention]
     images = _images(rng)
     results = inspector.inspect(images, category="weave", batch_size=3)
     expected = _expected(reference, inspector.bundle, images, "weave")
@@ -47,8 +51,9 @@ def test_zero_shot_scores_and_maps_equal_reference(small_bundle_path, reference,
         assert np.abs(r.anomaly_map - amap).max() <= TOL
 
 
-def test_few_shot_scores_and_maps_equal_reference(bundle_copy, reference, rng):
-    inspector = Inspector.open(bundle_copy)
+@ATTENTION
+def test_few_shot_scores_and_maps_equal_reference(bundle_copy, reference, rng, attention):
+    inspector = Inspector.open(bundle_copy, attention=attention)
     refs = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
     shots, failed = inspector.add_references("washer", refs)
     assert (shots, failed) == (3, [])
@@ -65,14 +70,15 @@ def test_few_shot_scores_and_maps_equal_reference(bundle_copy, reference, rng):
     assert abs(zero.image_score - _expected(reference, inspector.bundle, images[:1], "washer")[0][0]) <= TOL
 
 
+@pytest.mark.parametrize("graph", ["encoder", "encoder_fused"])
 def test_encoder_outputs_equal_open_clip_and_reference(small_bundle_path, small_model, reference,
-                                                       rng):
+                                                       rng, graph):
     import onnxruntime as ort
 
     from clipinspect.runtime import Bundle
 
     bundle = Bundle.open(small_bundle_path)
-    session = ort.InferenceSession(str(bundle.graph_path("fp32", "encoder")),
+    session = ort.InferenceSession(str(bundle.graph_path("fp32", graph)),
                                    providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     names = [o.name for o in session.get_outputs()]
@@ -121,7 +127,8 @@ def test_manifest_records_weights_and_measured_parity(small_bundle_path):
     assert m["model"]["weights"] == {**m["model"]["weights"], "kind": "random", "seed": 0}
     parity = m["parity"]["fp32"]
     assert parity["passed"] is True and parity["tolerance"] == TOL and parity["images"] == 3
-    assert set(parity["max_abs_diff"]) == {"encoder", "head_zeroshot", "head_fewshot"}
+    assert set(parity["max_abs_diff"]) == {"encoder", "encoder_fused", "head_zeroshot",
+                                           "head_fewshot"}
     assert all(0 <= v <= TOL for v in parity["max_abs_diff"].values())
     assert m["opset"] >= 17
     assert m["grid"] == [SMALL_GRID, SMALL_GRID] and m["windows"] == {"2": 36, "3": 25}

@@ -45,18 +45,20 @@ def test_images(small_bundle_path):
     return q.probe_images(b, 6)[2:]  # not the held-out images the quantizer checked
 
 
-def maps_of(bundle, precision, images, category="weave"):
-    inspector = Inspector.open(bundle, precision)
+def maps_of(bundle, precision, images, category="weave", attention="auto"):
+    inspector = Inspector.open(bundle, precision, attention=attention)
     scores, grids, _ = inspector.score(inspector.backend.encode(images), category, "zero-shot")
     return scores, grids
 
 
 # ------------------------------------------------------------------------------- INT8 graph
-def test_int8_graph_is_portable_qdq(quantized):
+@pytest.mark.parametrize("graph", ["encoder", "encoder_fused"])
+def test_int8_graph_is_portable_qdq(quantized, graph):
     """Signed 8-bit, zero points 0, per-channel weight scales, positive scales: the form
-    TensorRT explicit quantization accepts; every weight MatMul reads dequantized operands."""
+    TensorRT explicit quantization accepts; every weight MatMul reads dequantized operands.
+    The fused-attention encoder is quantized the same way, MatMul for MatMul."""
     m = Bundle.open(quantized).manifest.to_dict()
-    model = onnx.load(str(quantized / m["graphs"]["int8"]["encoder"]["file"]))
+    model = onnx.load(str(quantized / m["graphs"]["int8"][graph]["file"]))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert qdq
@@ -82,11 +84,14 @@ def test_int8_record(quantized):
     a = record["agreement_vs_fp32"]
     assert a["map_pearson_min"] > 0.99 and a["images"] == 1
     assert record["calibration"] == {"method": "minmax", "images": 5}
+    fused = record["fused_agreement_vs_fp32"]
+    assert fused["map_pearson_min"] > 0.99 and fused["images"] == 1
 
 
-def test_int8_maps_agree_with_fp32_on_unseen_images(quantized, test_images):
-    s32, m32 = maps_of(quantized, "fp32", test_images)
-    s8, m8 = maps_of(quantized, "int8", test_images)
+@pytest.mark.parametrize("attention", ["fused", "standard"])
+def test_int8_maps_agree_with_fp32_on_unseen_images(quantized, test_images, attention):
+    s32, m32 = maps_of(quantized, "fp32", test_images, attention="standard")
+    s8, m8 = maps_of(quantized, "int8", test_images, attention=attention)
     assert np.corrcoef(m32.ravel(), m8.ravel())[0, 1] > 0.99
     assert np.abs(s32 - s8).max() < 5e-3
 
@@ -121,6 +126,10 @@ def test_variants_share_the_fp32_heads_and_validate(quantized):
         assert g[p]["head_fewshot"] == g["fp32"]["head_fewshot"]
         assert g[p]["encoder"].file.startswith(f"{p}/encoder-")
         assert g[p]["encoder"].outputs == g["fp32"]["encoder"].outputs
+    # The fused-attention encoder is made for int8 (onnxruntime's CPU provider), not fp16, and
+    # never borrowed from fp32.
+    assert g["int8"]["encoder_fused"].file.startswith("int8/encoder_fused-")
+    assert "encoder_fused" not in g["fp16"]
 
 
 def test_sensitivity_pass_keeps_weights_fp32_until_an_unmet_target(
