@@ -10,6 +10,7 @@ ADAPTER_PRETRAINED = "openai"
 # and how many unseen random images it runs.
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 3
-# Whether export also writes the onnxruntime-only encoder with fused attention
-# (benchmarks/results/line_rate_cpu_b16p.md measures it against the standard graph).
-FUSED_ATTENTION = True
+# Whether export also writes the onnxruntime-only encoder with fused attention: off, because
+# on ViT-B-16-plus-240 it doubles the encoder files for a few percent on INT8 and none on FP32
+# (benchmarks/results/int8_notes_cpu_b16p.md, issue 27); --fused-attention for CPU lines.
+FUSED_ATTENTION = False

@@ -76,7 +76,9 @@ def small_bundle_path(tmp_path_factory) -> Path:
     from clipinspect.export.exporter import ExportOptions, export_bundle
 
     path = tmp_path_factory.mktemp("bundles") / SMALL_MODEL.lower()
-    export_bundle(ExportOptions(path, SMALL_MODEL, None, CATEGORIES, seed=0))
+    # With the fused-attention encoder too, so that every test of this bundle covers both.
+    export_bundle(ExportOptions(path, SMALL_MODEL, None, CATEGORIES, seed=0,
+                                fused_attention=True))
     return path
 
 

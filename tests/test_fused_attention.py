@@ -34,18 +34,17 @@ def test_fused_encoder_replaces_each_attention_by_one_operator(small_bundle_path
         [n for n in standard if n.op_type == "MatMul"])
 
 
-def test_export_without_fused_attention_writes_the_standard_encoder_only(tmp_path):
-    pytest.importorskip("torch")
-    from clipinspect.runtime.cli import main
-    from conftest import SMALL_MODEL
+def test_export_writes_the_fused_encoder_only_when_asked(patch_bundle_path):
+    """Off by default (test_methods checks the default bundle's parity record lists no fused
+    encoder); small_bundle_path asks for it."""
+    from clipinspect.runtime.cli import build_parser
 
-    out = tmp_path / "b"
-    assert main(["export", "--model", SMALL_MODEL, "--pretrained", "none", "--out", str(out),
-                 "--categories", "weave", "--no-fused-attention", "--parity-images", "1"]) == 0
-    m = Bundle.open(out).manifest
-    assert "encoder_fused" not in m.graphs["fp32"]
-    assert "encoder_fused" not in m.parity["fp32"].max_abs_diff
-    assert Inspector.open(out).encoder_graph == "encoder"
+    parse = build_parser().parse_args
+    base = ["export", "--model", "ViT-S-32", "--out", "x"]
+    assert parse(base + ["--fused-attention"]).fused_attention is True
+    assert parse(base).fused_attention is False
+    assert "encoder_fused" not in Bundle.open(patch_bundle_path).manifest.graphs["fp32"]
+    assert Inspector.open(patch_bundle_path).encoder_graph == "encoder"
 
 
 @pytest.mark.parametrize("attention, provider, expected", [

@@ -56,7 +56,7 @@ def test_trace_summary_per_operator_skips_the_warmup(tmp_path):
 def test_profile_of_a_bundle_leaves_no_trace_behind(tiny_bundle_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = SimpleNamespace(threads=1, mode="few-shot", shots=2, batch_size=2, warmup=1, runs=1,
-                           category="weave")
+                           category="weave", attention="auto")
     bundle = Bundle.open(tiny_bundle_path)
     work = profile_ops._images("weave", 2, 2, tmp_path)
     traces = tmp_path / "traces"
@@ -65,6 +65,7 @@ def test_profile_of_a_bundle_leaves_no_trace_behind(tiny_bundle_path, tmp_path, 
     assert set(r["stage_ms"]) == set(profile_ops.STAGES)
     assert sum(r["stage_share"].values()) == pytest.approx(1.0)
     assert set(r["graphs"]) == {"encoder", "head_fewshot"}
+    assert r["encoder_graph"] == "encoder"  # the tiny bundle has no fused-attention encoder
     assert r["graphs"]["encoder"]["runs"] == 1 and r["graphs"]["encoder"]["ops"]
     assert not list(tmp_path.glob("onnxruntime_profile_*.json"))
     # The two used graphs, in the caller's (temporary) folder; the unused head's is removed.

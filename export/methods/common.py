@@ -109,7 +109,9 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, heads: int):
-        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+        out.setType(q.type())  # the output is shaped like the queries: (N, Lq, C)
+        return out
 
 
 def check_supported(visual: nn.Module) -> None:

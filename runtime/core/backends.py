@@ -74,7 +74,7 @@ def encoder_graph(bundle: "Bundle", precision: str, provider: str, attention: st
                              "use --attention standard or auto")
         if not has_fused:
             raise UsageError(f"bundle {str(bundle.root)!r} has no fused-attention {precision} "
-                             "encoder: export it again (fused attention is on by default) and "
-                             "quantize again, or use --attention standard")
+                             "encoder: export it again with --fused-attention (and quantize "
+                             "again), or use --attention standard")
         return FUSED_ENCODER
     return FUSED_ENCODER if attention == "auto" and provider == "cpu" and has_fused else ENCODER
