@@ -121,8 +121,11 @@ def render(r: dict) -> str:
     ips = r["images_per_second"]
     for label, v in ips.items():
         a = r["agreement_vs_fp32"].get(label)
+        graph = label.split(",")[0]  # "int8, no spinning" runs the graph of "int8"
         pearson = (f"{a['map_pearson_min']:.5f}" if a else
-                   "1 (reference)" if label == "fp32" else "as int8 (same graph)")
+                   "1 (reference)" if label == "fp32" else
+                   f"as {graph} (same graph)" if graph in r["agreement_vs_fp32"] else
+                   "FP32 (checked against PyTorch at export)")
         lines.append(f"| {label} | {v:.3f} | {r['ratio_to_fp32'][label]:.2f}x | "
                      f"{v / ips['int8']:.2f}x | {pearson} |")
     return "\n".join(lines) + "\n"

@@ -180,7 +180,8 @@ def render(r: dict) -> str:
         lines.append(f"| {b} | {row['ratio']:.2f}x | {' vs '.join(row['compared'])} |")
     lines += ["", f"Target {r['target_ratio']:g}x at every batch size: "
                   f"{'met' if r['target_met'] else 'NOT met'}.", "",
-              f"Accuracy ({r['shots']}-shot, synthetic set), bounds: AUROC within "
+              f"Accuracy ({r['shots']}-shot, synthetic set, each precision's `auto` encoder "
+              f"graph), bounds: AUROC within "
               f"{r['bounds']['auroc_points']:g} point of FP32, map Pearson >= "
               f"{r['bounds']['min_pearson']:g}: "
               f"{'held' if r['accuracy_bounds_held'] else 'NOT held'}.", "",
