@@ -89,3 +89,17 @@ def test_head_class_score_is_the_softmax_of_cosines_over_temperature():
     expected = torch.softmax(torch.tensor([[0.7071, 0.7071], [1.0, 0.0]]) / 0.07, -1)[:, 1]
     assert torch.allclose(score, expected, atol=1e-4)
     assert torch.allclose(grid, score[:, None, None].expand(2, 2, 2))  # no scales: broadcast
+
+
+@pytest.mark.parametrize("grid, size", [((15, 15), (256, 256)), ((7, 7), (90, 120)),
+                                        ((14, 14), (1300, 1001)), ((15, 15), (10, 7)),
+                                        ((1, 1), (5, 5))])
+def test_upsample_is_the_bilinear_matrix_product_without_blas(grid, size):
+    """upsample computes ry @ map @ rx.T from the two taps per row (element-wise numpy, no
+    BLAS call whose threads would spin), larger maps in blocks of rows."""
+    g = np.random.default_rng(1).random(grid).astype(np.float32)
+    expected = (bilinear_matrix(size[0], grid[0]).astype(np.float64) @ g
+                @ bilinear_matrix(size[1], grid[1]).astype(np.float64).T)
+    out = upsample(g, size)
+    assert out.dtype == np.float32 and out.shape == size
+    assert np.abs(out - expected).max() <= 1e-6

@@ -31,13 +31,43 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=64)
+def bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, ...]:
+    """The two non-zero entries of each row of :func:`bilinear_matrix`: (first index, second
+    index, first weight, second weight), each (n_out,), read-only."""
+    m = bilinear_matrix(n_out, n_in)
+    rows = np.arange(n_out)
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.minimum(np.floor(np.maximum(src, 0.0)).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w0 = m[rows, i0]
+    w1 = np.where(i0 == i1, np.float32(0), m[rows, i1])  # clamped: the whole weight is in w0
+    out = (i0, i1, w0, w1)
+    for a in out:
+        a.flags.writeable = False  # shared through the cache
+    return out
+
+
+# Rows of an upsampled map computed at a time: bounds the temporaries of a large map.
+_UPSAMPLE_ROWS = 512
+
+
 def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of one (gh, gw) map to (H, W), as two small matrix products."""
+    """Bilinear upsampling of one (gh, gw) map to (H, W): the products of
+    :func:`bilinear_matrix`, computed from its two taps per row and column with element-wise
+    numpy (no BLAS call: OpenBLAS's threads busy-wait after one and took the cores from the
+    next encoder run; benchmarks/results/int8_notes_cpu_b16p.md, issue 27)."""
     h, w = size
-    ry = bilinear_matrix(h, grid_map.shape[0])
-    rx = bilinear_matrix(w, grid_map.shape[1])
-    # Both factors are float32, so the (H, W) product is too: no second full-size copy.
-    return ry @ grid_map.astype(np.float32) @ rx.T
+    y0, y1, wy0, wy1 = bilinear_taps(h, grid_map.shape[0])
+    x0, x1, wx0, wx1 = bilinear_taps(w, grid_map.shape[1])
+    g = grid_map.astype(np.float32)
+    rows = g[y0] * wy0[:, None] + g[y1] * wy1[:, None]                  # (H, gw)
+    out = np.empty((h, w), np.float32)
+    for r in range(0, h, _UPSAMPLE_ROWS):
+        block = rows[r:r + _UPSAMPLE_ROWS]
+        np.multiply(block[:, x0], wx0, out=out[r:r + _UPSAMPLE_ROWS])
+        out[r:r + _UPSAMPLE_ROWS] += block[:, x1] * wx1
+    return out
 
 
 def gaussian_blur(m: np.ndarray, sigma: float) -> np.ndarray:

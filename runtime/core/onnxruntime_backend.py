@@ -185,14 +185,19 @@ def provider_options(provider: str, cache_dir: Path | None = None, fp16: bool = 
                         f"choose one of {', '.join(PROVIDERS)}")
 
 
-def session_options(threads: int | None = None, profile_prefix: str | None = None):
+def session_options(threads: int | None = None, profile_prefix: str | None = None,
+                    spinning: bool = True):
     """onnxruntime session options of every session the runtime opens. ``profile_prefix``:
-    write onnxruntime's per-node profile (a JSON trace) to ``<prefix>_<date>.json``."""
+    write onnxruntime's per-node profile (a JSON trace) to ``<prefix>_<date>.json``.
+    ``spinning`` False: the intra-op threads sleep as soon as a run ends instead of
+    busy-waiting for the next one."""
     ort = _import_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = int(threads)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -202,10 +207,10 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
 def make_session(path: Path, provider: str, *, threads: int | None = None,
                  cache_dir: Path | None = None, fp16: bool = False, int8: bool = False,
                  profile: dict[str, tuple[tuple[int, ...], ...]] | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, spinning: bool = True):
     """An onnxruntime session for the graph at ``path`` (``fp16`` / ``int8``: the graph's
     precision, ``profile``: its TensorRT optimization profile; for the TensorRT provider;
-    ``profile_prefix``: see :func:`session_options`)."""
+    ``profile_prefix`` and ``spinning``: see :func:`session_options`)."""
     ort = _import_ort()
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}{did_you_mean(provider, PROVIDERS)}: "
@@ -222,7 +227,7 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
                       "FP32 matrix products run in TF32 (10-bit mantissas) on Ampere and later "
                       "GPUs; install onnxruntime-gpu >= 1.18 (see docs/deployment.md) or set "
                       "NVIDIA_TF32_OVERRIDE=0", RuntimeWarning, stacklevel=2)
-    so = session_options(threads, profile_prefix)
+    so = session_options(threads, profile_prefix, spinning)
     providers = provider_options(provider, cache_dir, fp16, int8, profile,
                                  ort_version=ort.__version__)
     from .gpu_libraries import captured_output, loader_reason
@@ -308,9 +313,13 @@ class OrtBackend:
                                     fp16=fp16, int8=int8, profile=self.profiles.get(ENCODER),
                                     profile_prefix=_prefix(profile_prefix, ENCODER))
         # The heads are FP32 graphs in every variant: TensorRT must not lower them to FP16.
+        # Their threads do not spin: a head runs for a millisecond between two encoder runs,
+        # and on a 2-core CPU its spinning threads took the cores from the next encoder run
+        # (patch-only INT8 at batch 1: benchmarks/results/int8_notes_cpu_b16p.md, issue 27).
         self.heads = {name: make_session(p, provider, threads=threads, cache_dir=cache_dir,
                                          profile=self.profiles.get(name),
-                                         profile_prefix=_prefix(profile_prefix, name))
+                                         profile_prefix=_prefix(profile_prefix, name),
+                                         spinning=False)
                       for name, p in head_paths.items()}
         # Where IO binding keeps tensors; None = plain numpy in and out (CPU provider).
         self.device: str | None = "cuda" if provider in ("cuda", "tensorrt") else None
