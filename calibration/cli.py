@@ -84,7 +84,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.bundle, args.precision, args.calibration, method=args.calibration_method,
         target=args.target, holdout=args.holdout, max_images=args.max_images,
         sensitivity=args.sensitivity, overwrite=args.overwrite, threads=args.threads,
-        attention_products=args.attention_products), "quantize", f"quantization.{args.precision}")
+        attention_products=args.attention_products, weight_range=args.weight_range), "quantize", f"quantization.{args.precision}")
     a = record.agreement
     print(f"{args.precision}: map Pearson vs FP32 {a.map_pearson_min:.5f} (worst category/mode "
           f"on {a.images} held-out image(s)), largest image score difference "
@@ -134,6 +134,10 @@ def _register_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention-products", action="store_true",
                    help="INT8: also quantize the attention products (QK^T, attention x V); "
                         "measured about 1.2x on the CPU encoder, see docs/precision.md")
+    p.add_argument("--weight-range", default="auto", choices=["auto", "full", "reduced"],
+                   help="INT8 weights: full [-127, 127], reduced [-63, 63] (no INT8 kernel can "
+                        "clip their products), or auto (default): reduced where this CPU's "
+                        "onnxruntime kernels clip full-range products (x86 without VNNI)")
     p.add_argument("--overwrite", action="store_true", help="replace existing graphs of this "
                    "precision")
     p.set_defaults(func=cmd_quantize)

@@ -38,6 +38,7 @@ from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.bundle import write_versioned
 from clipinspect.runtime.core.errors import ClipInspectError, UsageError
 from clipinspect.runtime.core.images import IMAGE_SUFFIXES, ImageError, to_rgb_array
+from clipinspect.runtime.core.int8_kernels import FULL_WEIGHT_MAX, weight_max
 from clipinspect.runtime.core.manifest import (Agreement, Calibration, Quantization, Scheme,
                                                Sensitivity, WeightRank)
 from clipinspect.runtime.core.names import FUSED_ENCODER
@@ -128,12 +129,22 @@ def activation_products(model) -> list[str]:
             if n.op_type == "MatMul" and n.input[0] not in inits and n.input[1] not in inits]
 
 
+WEIGHT_RANGES = ("auto", "full", "reduced")
+
+
+def weights_scheme(wmax: int) -> str:
+    """How the weights are quantized, as the manifest records it."""
+    return f"int8 in [-{wmax}, {wmax}], symmetric, per output channel, zero point 0"
+
+
 class _QdqNodes:
     """The Quantize/DequantizeLinear nodes and initializers a quantized copy of ``graph`` adds,
     under fresh tensor names: each weight and each activation is quantized once, however many
     MatMuls read it. ``nodes`` collects the new graph's nodes in order."""
 
-    def __init__(self, graph, activation_amax: dict[str, float]):
+    def __init__(self, graph, activation_amax: dict[str, float],
+                 weight_max: int = FULL_WEIGHT_MAX):
+        self.weight_max = weight_max
         self.inits = {t.name: t for t in graph.initializer}
         self.taken = set(self.inits) | {o for n in graph.node for o in n.output}
         self.activation_amax = activation_amax
@@ -154,8 +165,9 @@ class _QdqNodes:
 
         if w not in self._weight_dq:
             wf = numpy_helper.to_array(self.inits[w]).astype(np.float32)  # (K, N)
-            scale = np.maximum(np.abs(wf).max(axis=0), 1e-12) / 127.0     # (N,)
-            q = np.clip(np.rint(wf / scale), -127, 127).astype(np.int8)
+            top = self.weight_max
+            scale = np.maximum(np.abs(wf).max(axis=0), 1e-12) / float(top)  # (N,)
+            q = np.clip(np.rint(wf / scale), -top, top).astype(np.int8)
             names = [self.fresh(f"{w}_int8"), self.fresh(f"{w}_scale"),
                      self.fresh(f"{w}_zero_point")]
             self.new_inits.extend([numpy_helper.from_array(q, names[0]),
@@ -188,10 +200,12 @@ class _QdqNodes:
 
 
 def quantize_int8(model, groups: Sequence[WeightGroup], activation_amax: dict[str, float],
-                  exclude: set[str] = frozenset(), *, products: Sequence[str] = ()):
+                  exclude: set[str] = frozenset(), *, products: Sequence[str] = (),
+                  weight_max: int = FULL_WEIGHT_MAX):
     """A copy of ``model`` with QDQ pairs around every MatMul of ``groups`` except the
     weights in ``exclude``, and around both inputs of the activation x activation MatMuls named
-    in ``products``. activation_amax: calibrated max |value| of each MatMul input."""
+    in ``products``. activation_amax: calibrated max |value| of each MatMul input;
+    ``weight_max``: the largest |int8 weight| (63: the reduced range, runtime/core/int8_kernels.py)."""
     import onnx
 
     out = onnx.ModelProto()
@@ -199,7 +213,7 @@ def quantize_int8(model, groups: Sequence[WeightGroup], activation_amax: dict[st
     graph = out.graph
     chosen = {g.weight for g in groups if g.weight not in exclude}
     products = set(products)
-    qdq = _QdqNodes(graph, activation_amax)
+    qdq = _QdqNodes(graph, activation_amax, weight_max)
     for node in graph.node:
         with_weight = node.op_type == "MatMul" and node.input[1] in chosen
         if with_weight or node.name in products:
@@ -394,6 +408,7 @@ class QuantizeOptions:
     overwrite: bool = False
     threads: int | None = None
     attention_products: bool = False
+    weight_range: str = "auto"  # full, reduced, or auto: reduced where this CPU's kernels clip
 
     def validate(self) -> "QuantizeOptions":
         if self.precision not in PRECISIONS:
@@ -401,6 +416,9 @@ class QuantizeOptions:
                              f"{', '.join(PRECISIONS)} (fp32 is what export writes)")
         if self.sensitivity not in ("auto", "always", "off"):
             raise UsageError(f"--sensitivity {self.sensitivity!r}: choose auto, always or off")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise UsageError(f"--weight-range {self.weight_range!r}: choose one of "
+                             f"{', '.join(WEIGHT_RANGES)}")
         if not 0.0 < self.target <= 1.0:
             raise UsageError(f"--target {self.target} is not a correlation in (0, 1], e.g. 0.99")
         if self.holdout < 1:
@@ -540,16 +558,23 @@ def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp
         amax = activation_ranges(clean_path, images, options.method, bar.update)
     log(f"[3] quantizing {sum(len(g.nodes) for g in groups)} MatMuls ({len(groups)} weights)")
     products = activation_products(model) if options.attention_products else []
+    wmax = weight_max(options.weight_range)
+    if wmax != FULL_WEIGHT_MAX:
+        log(f"    weights in [-{wmax}, {wmax}] (--weight-range {options.weight_range}"
+            + ("; this CPU's onnxruntime INT8 kernels clip full-range weight products"
+               if options.weight_range == "auto" else "") + ")")
 
     def measure(keep: set[str]) -> Agreement:
-        return agreement.agreement(quantize_int8(model, groups, amax, keep, products=products))
+        return agreement.agreement(quantize_int8(model, groups, amax, keep, products=products,
+                                                 weight_max=wmax))
 
     full = measure(set())
     log(f"    all quantized: map Pearson {full.map_pearson_min:.5f} (target {options.target})")
     sensitivity, excluded, measured = _sensitivity(groups, measure, full, options)
-    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded}, products=products)
+    variant = quantize_int8(model, groups, amax, {g.weight for g in excluded}, products=products,
+                            weight_max=wmax)
     how = {"scheme": Scheme("QDQ", ops=["MatMul"], attention_products=len(products),
-                            weights="int8, symmetric, per output channel, zero point 0",
+                            weights=weights_scheme(wmax),
                             activations="int8, symmetric, per tensor, zero point 0"),
            "calibration": Calibration(options.method, len(images)),
            "quantized_nodes": sum(len(g.nodes) for g in groups if g not in excluded),
@@ -560,7 +585,7 @@ def _int8(model, bundle: Bundle, paths: list[Path], agreement: MapAgreement, tmp
             f"Pearson {options.target}; expect little speed-up (try --calibration-method "
             "entropy or percentile, or a lower --target)")
     return variant, measured, how, Int8Plan(images, options.method, groups,
-                                            {g.weight for g in excluded})
+                                            {g.weight for g in excluded}, wmax)
 
 
 @dataclass
@@ -572,6 +597,7 @@ class Int8Plan:
     method: str
     groups: list[WeightGroup]
     excluded: set[str]
+    weight_max: int = FULL_WEIGHT_MAX
 
 
 def _weight_key(model, group: WeightGroup) -> tuple:
@@ -603,7 +629,7 @@ def fused_int8(bundle: Bundle, model, plan: Int8Plan, agreement: MapAgreement, t
         f"{len(plan.images)} image(s), quantizing the same {len(groups) - len(excluded)} weights")
     with Progress(len(plan.images), "calibrate") as bar:
         amax = activation_ranges(path, plan.images, plan.method, bar.update)
-    variant = quantize_int8(fused, groups, amax, excluded)
+    variant = quantize_int8(fused, groups, amax, excluded, weight_max=plan.weight_max)
     measured = agreement.agreement(variant)
     log(f"    fused-attention map Pearson {measured.map_pearson_min:.5f}, largest image score "
         f"difference {measured.max_image_score_diff:.2e}")

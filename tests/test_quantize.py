@@ -84,6 +84,10 @@ def test_int8_record(quantized):
     a = record["agreement_vs_fp32"]
     assert a["map_pearson_min"] > 0.99 and a["images"] == 1
     assert record["calibration"] == {"method": "minmax", "images": 5}
+    # Weights in the range this CPU's INT8 kernels compute exactly (--weight-range auto).
+    from clipinspect.calibration.quantize import weights_scheme
+    from clipinspect.runtime.core.int8_kernels import weight_max
+    assert record["scheme"]["weights"] == weights_scheme(weight_max("auto"))
     fused = record["fused_agreement_vs_fp32"]
     assert fused["map_pearson_min"] > 0.99 and fused["images"] == 1
 

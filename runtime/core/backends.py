@@ -54,9 +54,35 @@ def open_backend(bundle: "Bundle", precision: str, provider: str = "cpu", *,
         raise UsageError(f"batch size must be a whole number >= 1, got {batch_size!r}")
     graph = encoder_graph(bundle, precision, provider, attention)
     extra = {"encoder_graph": graph} if provider in ORT_PROVIDERS else {}
+    if precision == "int8" and provider == "cpu":
+        warn_if_int8_clips(bundle)
     return backend_class(provider).open(bundle, precision, provider, threads=threads,
                                         batch_size=batch_size, verify_checksums=verify_checksums,
                                         **extra)
+
+
+def warn_if_int8_clips(bundle: "Bundle") -> None:
+    """Say so, once per process, when a bundle's INT8 weights use the full range on a CPU whose
+    onnxruntime INT8 kernels clip such products (int8_kernels.py): its accuracy record was then
+    measured on other kernels than the ones running it."""
+    import sys
+
+    from .int8_kernels import REDUCED_WEIGHT_MAX, saturates
+
+    record = bundle.manifest.quantization.get("int8")
+    weights = (record.scheme.weights or "") if record is not None and record.scheme else ""
+    if f"[-{REDUCED_WEIGHT_MAX}, {REDUCED_WEIGHT_MAX}]" in weights or bundle.root in _WARNED:
+        return
+    if saturates():
+        _WARNED.add(bundle.root)
+        print(f"clipinspect: warning: bundle {str(bundle.root)!r} has full-range INT8 weights and "
+              "this CPU's onnxruntime INT8 kernels clip their products (x86 without VNNI): its "
+              "INT8 scores are less accurate here than its manifest's agreement record says. "
+              "Quantize it on this machine or with 'clipinspect quantize --weight-range "
+              "reduced'", file=sys.stderr)
+
+
+_WARNED: set = set()
 
 
 def encoder_graph(bundle: "Bundle", precision: str, provider: str, attention: str = "auto"
