@@ -123,7 +123,7 @@ class OpcUaSink(Sink):
                               self._prepare_product, [String], [Boolean])
         await server.start()
         self.server = server
-        self.loop.create_task(self._heartbeat())
+        self._beat = self.loop.create_task(self._heartbeat())
         await self._write({"Bundle": self.identity.get("identity", ""),
                            "Precision": self.identity.get("precision", ""),
                            "IsSimulated": self.identity.get("weights") == "random",
@@ -181,6 +181,7 @@ class OpcUaSink(Sink):
         try:
             asyncio.run_coroutine_threadsafe(self._write({"State": "Halted"}), self.loop).result(
                 WRITE_TIMEOUT_S)
+            self.loop.call_soon_threadsafe(self._beat.cancel)
             asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(5)
         except Exception as e:  # stopping anyway
             log(f"OPC UA server: {type(e).__name__} while stopping: {e}")
