@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from experiment_scripts import EXPERIMENTS, load
+from line_components import aravis_missing
 from conftest import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,7 @@ EXTRA = {
     "python benchmarks/experiments/winclip_vs_torch.py": {**SMALL, "--model": SMALL_MODEL,
                                                           "--batch-size": "1"},
     "python -m clipinspect.benchmarks.rss_probe": {"--decoding": "whole"},
+    "python benchmarks/experiments/station_line_rate.py": {"--max-trials": "1"},
 }
 PARSED_ONLY = {"python benchmarks/experiments/triton_vs_serve.py": "triton_vs_serve",
                "sh benchmarks/studies/synthetic.sh": "study"}
@@ -205,6 +207,8 @@ def _params():
     out = []
     for command, source in commands().items():
         marks = [pytest.mark.torch] if any(s in command for s in NEEDS_TORCH) else []
+        if "station_line_rate.py" in command and (why := aravis_missing()):
+            marks.append(pytest.mark.skip(reason=why))
         out.append(pytest.param(command, id=source, marks=marks))
     return out
 

@@ -40,6 +40,7 @@ MINIMAL = {
     "study": ["data", "--out", "o", "--variant", "method=winclip"],
     "loadtest": ["B", "--out", "o"],
     "bench": ["B", "--out", "o"],
+    "station": ["station.toml"],
 }
 # The commands that took ``--categories a b`` before: still parsed, with a warning.
 WORDS = {"export", "train-adapters", "add-category", "prompts generate", "demo"}

@@ -243,3 +243,40 @@ def test_sigterm_lets_every_acquired_part_finish(tiny_bundle_path, tmp_path):
     assert "SIGTERM: finishing the parts acquired" in err
     assert [r["part"] for r in lines(tmp_path / "out.jsonl")] == [1, 2, 3, 4]
     assert sorted(os.listdir(tmp_path / "done")) == [f"p{i}.png" for i in range(4)]
+
+
+def test_http_side_health_metrics_and_trigger(tmp_path, inspector):
+    import httpx
+
+    from clipinspect.runtime.station.http import HttpThread, create_app
+
+    config = station_file(tmp_path, budget_ms=2000, extra="[trigger]\nkind = 'http'\n")
+    built = build(config, inspector, ListSource(frames(200), period_s=0.02))
+    station = built.station
+    http = HttpThread(create_app(station, built.feed, "k3y", True), "127.0.0.1", 0)
+    port = http.start()
+    url = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{url}/readyz").status_code == 503  # no source connected yet
+    worker = threading.Thread(target=station.run)
+    worker.start()
+    try:
+        wait_until = time.monotonic() + 10
+        while httpx.get(f"{url}/readyz").status_code != 200 and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["status"] == "ready" and ready["sinks"]["jsonl"]["up"]
+        assert httpx.post(f"{url}/v1/trigger").status_code == 401  # the key is set
+        part = httpx.post(f"{url}/v1/trigger", params={"meas_id": "h1"},
+                          headers={"X-API-Key": "k3y"}).json()["part_id"]
+        while station.counts["parts"] < 1:
+            time.sleep(0.01)
+        scrape = httpx.get(f"{url}/metrics", headers={"X-API-Key": "k3y"}).text
+        assert 'clipinspect_station_parts_total{verdict=' in scrape
+        assert 'clipinspect_station_sink_up{sink="jsonl"} 1.0' in scrape
+        assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    finally:
+        station.stop()
+        worker.join()
+        http.stop()
+    (r,) = lines(tmp_path / "out.jsonl")
+    assert (r["part_id"], r["meas_id"], r["trigger"]) == (part, "h1", "http")

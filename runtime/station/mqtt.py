@@ -52,6 +52,7 @@ class Outbox:
         self.path, self.max_rows, self.dropped = Path(path), max_rows, 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._left = 0  # rows left when it was closed
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -84,11 +85,16 @@ class Outbox:
 
     def __len__(self) -> int:
         with self._lock:
-            return self._count()
+            if self._db is not None:
+                self._left = self._count()
+            return self._left
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._left = self._count()
+                self._db.close()
+                self._db = None
 
 
 class MqttSink(Sink):

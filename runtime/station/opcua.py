@@ -7,9 +7,9 @@ and not the companion specification's information model (no VisionSystemType, no
 events, no recipe transfer). docs/station.md lists every node id. String node ids are stable:
 ``ns=<index of our namespace>;s=STATION.LastResult.Verdict``.
 
-A result is written variable by variable and ``LastResult.Json`` holds the whole result in one
-string: a client that needs one consistent view reads that one, or waits for
-``LastResult.Sequence`` to change and then reads the others. The server runs its own asyncio
+A result's variables are written in one Write service call, so a client reading several of
+them in one Read request sees one result; ``LastResult.Json`` also holds the whole result in one
+string. The server runs its own asyncio
 loop in its own thread; a write that does not finish within a second fails (and is retried
 like any sink's).
 """
@@ -121,8 +121,8 @@ class OpcUaSink(Sink):
                               self._start_single_job, [String], [String])
         await root.add_method(f"ns={idx};s={s}.PrepareProduct", f"{idx}:PrepareProduct",
                               self._prepare_product, [String], [Boolean])
-        await server.start()
         self.server = server
+        await server.start()
         self._beat = self.loop.create_task(self._heartbeat())
         await self._write({"Bundle": self.identity.get("identity", ""),
                            "Precision": self.identity.get("precision", ""),
@@ -149,9 +149,19 @@ class OpcUaSink(Sink):
             await asyncio.sleep(1.0)
 
     async def _write(self, values: dict) -> None:
+        """Every value in one Write service call: a client's one Read request of several of
+        them sees them all from the same result."""
+        ua = self.ua.ua
+        params = ua.WriteParameters()
         for name, value in values.items():
-            kind = getattr(self.ua.ua.VariantType, KINDS[name.split(".")[-1]])
-            await self.nodes[name].write_value(self.ua.ua.Variant(value, kind))
+            item = ua.WriteValue()
+            item.NodeId = self.nodes[name].nodeid
+            item.AttributeId = ua.AttributeIds.Value
+            kind = getattr(ua.VariantType, KINDS[name.split(".")[-1]])
+            item.Value = ua.DataValue(ua.Variant(value, kind))
+            params.NodesToWrite.append(item)
+        for status in await self.server.iserver.isession.write(params):
+            status.check()
 
     def set(self, values: dict) -> None:
         """Write station variables from any thread (state, counters, active product)."""

@@ -131,9 +131,10 @@ class Sink:
                         return
                     self._cond.wait(wait)
                 continue
-            if not self.up:
+            wait = 0.0
+            if not self.up and not self.confirms_itself:  # those say when they are up
                 log(f"sink {self.name}: publishing again")
-            self.up, self.reason, wait = True, "", 0.0
+                self.up, self.reason = True, ""
             self.count += 1
             with self._cond:
                 if self._queue and self._queue[0] is record:
