@@ -274,6 +274,11 @@ def test_http_side_health_metrics_and_trigger(tmp_path, inspector):
         assert 'clipinspect_station_parts_total{verdict=' in scrape
         assert 'clipinspect_station_sink_up{sink="jsonl"} 1.0' in scrape
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+        # The live page shows the source and each sink's health.
+        page = httpx.get(f"{url}/ui/state.json", headers={"X-API-Key": "k3y"}).json()
+        assert [h["name"] for h in page["health"]] == ["source list", "sink jsonl",
+                                                       "sink journal"]
+        assert all(h["up"] for h in page["health"])
     finally:
         station.stop()
         worker.join()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 import numpy as np
 from starlette.requests import Request
@@ -32,7 +33,11 @@ class LiveFeed:
 
     wants_images = True  # the page shows every inspection's overlay: keep image and map
 
-    def __init__(self, latest: int = 12, latencies: int = 1000):
+    def __init__(self, latest: int = 12, latencies: int = 1000,
+                 health: Callable[[], list[dict]] | None = None):
+        # health: rows {"name", "up", "backlog", "detail"} the page shows as a table (the
+        # station's source and sinks); None for serve
+        self.health = health
         self._lock = threading.Lock()
         self._latest: deque[dict] = deque(maxlen=latest)
         self._latencies: deque[float] = deque(maxlen=latencies)
@@ -45,12 +50,13 @@ class LiveFeed:
         self._polled = float("-inf")
 
     def record(self, category: str, result: InspectionResult, thresholds: dict,
-               seconds: float) -> None:
-        """One finished inspection (a worker thread: the thumbnail is rendered here)."""
+               seconds: float, verdict: str | None = None) -> None:
+        """One finished inspection (a worker thread: the thumbnail is rendered here);
+        ``verdict`` where the caller decided it (the station's fail-safe), else the result's."""
         watched = time.time() - self._polled < WATCHED_S
         thumb = (_thumbnail(result, thresholds)
                  if watched and result.image is not None else None)
-        verdict = {True: "NG", False: "OK"}.get(result.is_anomalous, "no threshold")
+        verdict = verdict or {True: "NG", False: "OK"}.get(result.is_anomalous, "no threshold")
         now = time.time()
         with self._lock:
             self._seq += 1
@@ -84,7 +90,8 @@ class LiveFeed:
                     "throughput_window_s": round(window, 1),
                     "latency_ms": ({"p50": float(np.percentile(lat, 50)),
                                     "p99": float(np.percentile(lat, 99)), "n": int(lat.size)}
-                                   if lat.size else None)}
+                                   if lat.size else None),
+                    "health": self.health() if self.health else None}
 
 
 def _thumbnail(result: InspectionResult, thresholds: dict) -> str:
@@ -112,6 +119,8 @@ table{border-collapse:collapse;margin-top:1em}td,th{border:1px solid #444;paddin
 <span id="status">connecting</span></div>
 <table id="counts"><thead><tr><th>category</th><th>inspected</th><th>NG</th><th>OK</th></tr>
 </thead><tbody></tbody></table>
+<table id="health" style="display:none"><thead><tr><th>source / sink</th><th>state</th>
+<th>backlog</th><th>detail</th></tr></thead><tbody></tbody></table>
 <div id="grid"></div>
 <script>
 "use strict";
@@ -131,6 +140,17 @@ function render(s) {
     tr.append(cell(name), cell(c.inspected), cell(c.NG, "NG"), cell(c.OK, "OK"));
     body.append(tr);
   }
+  const health = document.getElementById("health");
+  health.style.display = s.health ? "table" : "none";
+  if (s.health) {
+    const rows = health.querySelector("tbody"); rows.replaceChildren();
+    for (const h of s.health) {
+      const tr = document.createElement("tr");
+      tr.append(cell(h.name), cell(h.up ? "up" : "DOWN", h.up ? "OK" : "NG"), cell(h.backlog),
+                cell(h.detail));
+      rows.append(tr);
+    }
+  }
   if (s.seq === lastSeq) return;
   lastSeq = s.seq;
   const grid = document.getElementById("grid"); grid.replaceChildren();
@@ -143,7 +163,8 @@ function render(s) {
     }
     const p = document.createElement("div");
     const v = document.createElement("span"); v.className = r.verdict; v.textContent = r.verdict;
-    p.append(v, " " + r.category + " score " + r.image_score.toFixed(4)
+    const score = r.image_score === null ? "-" : r.image_score.toFixed(4);
+    p.append(v, " " + r.category + " score " + score
              + " " + new Date(r.time * 1000).toLocaleTimeString());
     card.append(p); grid.append(card);
   }

@@ -132,6 +132,7 @@ def build(config: StationConfig, inspector=None, source: Source | None = None) -
     if st["archive"]:
         sinks.append(ArchiveSink(st["archive"], st["archive_verdicts"]))
     sinks.append(PageSink(feed))
+    feed.health = station.health_rows
     opcua = next((s for s in sinks if s.name == "opcua"), None)
     if opcua is not None:
         station.on_state = opcua.set

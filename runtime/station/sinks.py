@@ -231,9 +231,10 @@ class PageSink(Sink):
         self.feed = feed
 
     def publish(self, record: Record) -> None:
-        if record.result is not None:
+        if record.result is not None and record.result.ok:
             self.feed.record(record.payload["category"], record.result, record.thresholds,
-                             record.payload["latency_ms"]["decision"] / 1e3)
+                             record.payload["latency_ms"]["decision"] / 1e3,
+                             verdict=record.payload["verdict"])
 
 
 class ArchiveSink(Sink):

@@ -344,3 +344,17 @@ class Station:
                     "missed_estimate": c.missed_estimate},
                 "parts": dict(self.counts), "queue": self.parts.qsize(),
                 "sinks": {s.name: s.health() for s in self.sinks}}
+
+    def health_rows(self) -> list[dict]:
+        """The live page's table: the source, then each sink the line reads."""
+        c = self.source.counters
+        rows = [{"name": f"source {self.source.name}", "up": self.source_up, "backlog":
+                 self.parts.qsize(), "detail": f"{c.frames} frames, {c.incomplete} incomplete, "
+                 f"{c.dropped} dropped, {c.reconnects} reconnects; state {self.state}"}]
+        for sink in self.sinks:
+            if sink.line:
+                h = sink.health()
+                rows.append({"name": f"sink {sink.name}", "up": h["up"], "backlog": h["backlog"],
+                             "detail": h["reason"] or f"{h['published']} published, "
+                             f"{h['dropped']} dropped"})
+        return rows
