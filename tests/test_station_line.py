@@ -272,3 +272,22 @@ def test_an_mqtt_message_triggers_a_part_and_the_outbox_survives_a_restart(
     first = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert first[0]["meas_id"] == "lot-9" and first[0]["trigger"] == "mqtt"
     assert [m["meas_id"] for m in got] == ["while-down"]
+
+
+@pytest.mark.parametrize("fmt", ["Mono8", "Mono16", "BayerRG8"])
+def test_the_fake_cameras_pixel_formats_arrive_as_rgb(camera, fmt):
+    from clipinspect.runtime.station.aravis import AravisSource
+    source = AravisSource(pixel_format=fmt, frame_rate=20.0, region=[0, 0, 64, 48])
+    source.open()
+    try:
+        frame = None
+        deadline = time.monotonic() + 10
+        while frame is None and time.monotonic() < deadline:
+            frame = source.read(0.2)
+    finally:
+        source.close()
+    assert source.format == fmt and frame is not None
+    assert frame.image.shape == (48, 64, 3) and frame.image.dtype == np.uint8
+    if fmt.startswith("Mono"):
+        assert (frame.image[..., 0] == frame.image[..., 2]).all()
+    assert frame.frame_id and frame.camera_timestamp_ns

@@ -143,7 +143,9 @@ class AravisSource:
         buf = self._stream.timeout_pop_buffer(int(timeout_s * 1e6))
         now = time.monotonic()
         if buf is None:
-            if not self.software_trigger and now - self._last_frame > self.frame_timeout_s:
+            # A slow frame rate is not a lost camera: wait at least three frame periods.
+            patience = max(self.frame_timeout_s, 3.0 / self.frame_rate if self.frame_rate else 0)
+            if not self.software_trigger and now - self._last_frame > patience:
                 raise SourceLost(f"camera {self.device_id!r} sent no frame for "
                                  f"{now - self._last_frame:.1f} s")
             return None
