@@ -212,10 +212,8 @@ def parse(raw: dict, path: Path) -> StationConfig:
     tables = flatten(raw, path)
     for name, table in tables.items():
         if name not in SECTIONS:
-            near = difflib.get_close_matches(name, SECTIONS, n=1)
-            raise StationFileError(f"{path}: unknown section [{name}]" + (
-                f" (did you mean [{near[0]}]?)" if near else
-                f"; the sections are {', '.join(f'[{s}]' for s in SECTIONS)}"))
+            raise unknown(path, "section", f"[{name}]", [f"[{s}]" for s in SECTIONS],
+                          "the sections are")
         config.sections[name] = section(name, table, path)
     for required in ("station", "bundle", "source"):
         if required not in config.sections:
@@ -225,6 +223,16 @@ def parse(raw: dict, path: Path) -> StationConfig:
         config.sections.setdefault(optional, section(optional, {}, path))
     check_together(config)
     return config
+
+
+def unknown(path: Path, what: str, name: str, known: list[str], listing: str
+            ) -> StationFileError:
+    """'unknown key [station] budgte_ms (did you mean 'budget_ms'?)', or the known names."""
+    near = difflib.get_close_matches(name, known, n=1)
+    if not near:
+        return StationFileError(f"{path}: unknown {what} {name}; {listing} {', '.join(known)}")
+    guess = near[0] if near[0].startswith("[") else repr(near[0])  # a [section] as written
+    return StationFileError(f"{path}: unknown {what} {name} (did you mean {guess}?)")
 
 
 def flatten(raw: dict, path: Path) -> dict[str, dict]:
@@ -251,10 +259,7 @@ def section(name: str, table: dict, path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in keys:
-            near = difflib.get_close_matches(key, keys, n=1)
-            raise StationFileError(f"{path}: unknown key [{name}] {key}" + (
-                f" (did you mean {near[0]!r}?)" if near else
-                f"; [{name}] takes {', '.join(keys)}"))
+            raise unknown(path, f"key [{name}]", key, list(keys), f"[{name}] takes")
     for key, spec in keys.items():
         if key not in table:
             if spec.default is REQUIRED:

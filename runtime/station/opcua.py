@@ -164,10 +164,16 @@ class OpcUaSink(Sink):
             status.check()
 
     def set(self, values: dict) -> None:
-        """Write station variables from any thread (state, counters, active product)."""
+        """Write station variables from any thread (state, counters, active product); never
+        waits: the inspection and acquisition threads call it."""
         if self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._write(values), self.loop).result(
-                WRITE_TIMEOUT_S)
+            asyncio.run_coroutine_threadsafe(self._write(values), self.loop
+                                             ).add_done_callback(self._report)
+
+    @staticmethod
+    def _report(done) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log(f"OPC UA server: a station variable could not be written: {done.exception()}")
 
     # ------------------------------------------------------------ the sink
     def publish(self, record: Record) -> None:
