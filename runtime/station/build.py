@@ -87,7 +87,6 @@ def make_source(config: StationConfig) -> Source:
 class Built:
     station: Station
     feed: object
-    opcua: Sink | None = None
 
 
 def build(config: StationConfig, inspector=None, source: Source | None = None) -> Built:
@@ -104,8 +103,7 @@ def build(config: StationConfig, inspector=None, source: Source | None = None) -
     kind = config["trigger"]["kind"]
     camera_trigger = getattr(source, "trigger", None) if kind == "camera" else None
     run_id = time.strftime("%Y%m%dT%H%M%S")
-    triggers = Triggers("free" if kind == "free" else kind, config["trigger"]["every"], run_id,
-                        camera_trigger)
+    triggers = Triggers(kind, config["trigger"]["every"], run_id, camera_trigger)
     feed = LiveFeed()
     sinks: list[Sink] = []
     station = Station(settings, inspector, source, triggers, sinks)
@@ -136,7 +134,7 @@ def build(config: StationConfig, inspector=None, source: Source | None = None) -
     opcua = next((s for s in sinks if s.name == "opcua"), None)
     if opcua is not None:
         station.on_state = opcua.set
-    return Built(station, feed, opcua)
+    return Built(station, feed)
 
 
 def run_station(config: StationConfig) -> int:

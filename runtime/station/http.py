@@ -39,11 +39,10 @@ def create_app(station: Station, feed: LiveFeed, api_key: str | None,
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        health = station.health()
         if not station.source_up or station.stopping.is_set():
             return JSONResponse({"status": "not_ready", "state": station.state}, 503,
                                 headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ready"} | health)
+        return JSONResponse({"status": "ready"} | station.health())
 
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST

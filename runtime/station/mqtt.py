@@ -200,7 +200,7 @@ class MqttSink(Sink):
             self.outbox.remove(row_id)
             record = self._records.pop(row_id, None)
             if record is not None:
-                self.published(self.name, record, time.monotonic())
+                self.published(self, record, time.monotonic())
 
     @property
     def backlog(self) -> int:

@@ -42,7 +42,7 @@ class Record:
     frame: Any = None  # the sources.Frame (the archive keeps its pixels)
 
 
-Published = Callable[[str, Record, float], None]  # (sink name, record, monotonic time)
+Published = Callable[["Sink", Record, float], None]  # (the sink, record, monotonic time)
 
 
 class Sink:
@@ -61,7 +61,7 @@ class Sink:
         self._stopping = False
         self._abandoned = False  # stop() gave up waiting: the thread ends at its next wait
         self._thread: threading.Thread | None = None
-        self.published: Published = lambda name, record, at: None
+        self.published: Published = lambda sink, record, at: None
         self.up, self.reason = True, ""
         self.count, self.failures, self.dropped = 0, 0, 0
 
@@ -140,7 +140,7 @@ class Sink:
                 if self._queue and self._queue[0] is record:
                     self._queue.popleft()
             if not self.confirms_itself:
-                self.published(self.name, record, time.monotonic())
+                self.published(self, record, time.monotonic())
 
     def open(self) -> None:
         pass

@@ -184,6 +184,7 @@ class Station:
     # ------------------------------------------------------------------ inference
     def run(self) -> None:
         """Acquire and inspect until stopped (or a finite source ends), then drain."""
+        self._line_sinks = sum(1 for k in self.sinks if k.line)
         for sink in self.sinks:
             sink.start(self._published)
         self._acquirer.start()
@@ -251,7 +252,7 @@ class Station:
             if reason in ("timeout", "no frame", "overload"):
                 self.counts["budget_misses"] += 1
                 self.metrics.budget_misses.inc()
-            self._pending_confirmations[p.seq] = sum(1 for k in self.sinks if k.line)
+            self._pending_confirmations[p.seq] = self._line_sinks
         self.metrics.parts.labels(verdict).inc()
         if reason:
             self.metrics.fail_safe.labels(reason.split(":")[0]).inc()
@@ -293,11 +294,11 @@ class Station:
         }
         return Record(p.seq, payload, p.t0, result, {"image": threshold}, frame=f)
 
-    def _published(self, sink: str, record: Record, at: float) -> None:
+    def _published(self, sink: Sink, record: Record, at: float) -> None:
         seconds = at - record.t0
-        self.metrics.publish.labels(sink).observe(seconds)
-        self.metrics.latencies.add(f"publish:{sink}", seconds)
-        if not next((k.line for k in self.sinks if k.name == sink), False):
+        self.metrics.publish.labels(sink.name).observe(seconds)
+        self.metrics.latencies.add(f"publish:{sink.name}", seconds)
+        if not sink.line:
             return
         with self._lock:
             left = self._pending_confirmations.get(record.seq, 0) - 1
