@@ -84,7 +84,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.bundle, args.precision, args.calibration, method=args.calibration_method,
         target=args.target, holdout=args.holdout, max_images=args.max_images,
         sensitivity=args.sensitivity, overwrite=args.overwrite, threads=args.threads,
-        attention_products=args.attention_products, weight_range=args.weight_range), "quantize", f"quantization.{args.precision}")
+        attention_products=args.attention_products, weight_range=args.weight_range),
+        "quantize", f"quantization.{args.precision}")
     a = record.agreement
     print(f"{args.precision}: map Pearson vs FP32 {a.map_pearson_min:.5f} (worst category/mode "
           f"on {a.images} held-out image(s)), largest image score difference "

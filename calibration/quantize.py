@@ -205,7 +205,7 @@ def quantize_int8(model, groups: Sequence[WeightGroup], activation_amax: dict[st
     """A copy of ``model`` with QDQ pairs around every MatMul of ``groups`` except the
     weights in ``exclude``, and around both inputs of the activation x activation MatMuls named
     in ``products``. activation_amax: calibrated max |value| of each MatMul input;
-    ``weight_max``: the largest |int8 weight| (63: the reduced range, runtime/core/int8_kernels.py)."""
+    ``weight_max``: the largest |int8 weight| (63: the reduced range of int8_kernels.py)."""
     import onnx
 
     out = onnx.ModelProto()

@@ -63,8 +63,8 @@ def open_backend(bundle: "Bundle", precision: str, provider: str = "cpu", *,
 
 def warn_if_int8_clips(bundle: "Bundle") -> None:
     """Say so, once per process, when a bundle's INT8 weights use the full range on a CPU whose
-    onnxruntime INT8 kernels clip such products (int8_kernels.py): its accuracy record was then
-    measured on other kernels than the ones running it."""
+    onnxruntime INT8 kernels clip such products (int8_kernels.py): its scores here are not what
+    its QDQ arithmetic says, and its agreement record may come from kernels that do not clip."""
     import sys
 
     from .int8_kernels import REDUCED_WEIGHT_MAX, saturates
@@ -77,7 +77,7 @@ def warn_if_int8_clips(bundle: "Bundle") -> None:
         _WARNED.add(bundle.root)
         print(f"clipinspect: warning: bundle {str(bundle.root)!r} has full-range INT8 weights and "
               "this CPU's onnxruntime INT8 kernels clip their products (x86 without VNNI): its "
-              "INT8 scores are less accurate here than its manifest's agreement record says. "
+              "INT8 scores here may be less accurate than its agreement record says. "
               "Quantize it on this machine or with 'clipinspect quantize --weight-range "
               "reduced'", file=sys.stderr)
 
