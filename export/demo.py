@@ -27,6 +27,7 @@ from clipinspect.runtime.predict import colour_range, predict_to_dir
 
 from .demo_defaults import DEMO_CATEGORIES, DEMO_MODEL, DEMO_PRETRAINED
 from .demo_report import contact_sheet, render_html, render_markdown
+from .clip import WeightsDownloadError
 from .exporter import ExportError, ExportOptions, export_bundle, log
 
 HELD_OUT_NORMAL = 8  # train/good images beyond the references, for the thresholds
@@ -62,11 +63,17 @@ def _bundle_matches(path: Path, model: str, pretrained: str | None, categories: 
 
 
 def weights_warning(model: str, pretrained: str, error: Exception) -> str:
-    """One line: what failed (the cause's type, not its page of text) and the fix."""
-    cause = type(error.__cause__ or error).__name__
+    """One line: what failed (the real cause: no network connection or another one, and the hub
+    repository and file it tried to fetch; not a page of text) and the fix."""
+    if isinstance(error, WeightsDownloadError):
+        cause = error.cause + (f"; tried {error.source}" if error.source else "")
+        fix = ("download that file on a machine with internet access" if error.offline
+               else "download the checkpoint")
+    else:
+        cause, fix = type(error.__cause__ or error).__name__, "download the checkpoint elsewhere"
     return (f"WARNING: could not load pretrained weights {model}/{pretrained} ({cause}); using "
-            "RANDOM weights: the numbers test the pipeline, not detection. Fix: download the "
-            "checkpoint elsewhere and pass --pretrained PATH.")
+            f"RANDOM weights: the numbers test the pipeline, not detection. Fix: {fix} and pass "
+            "--pretrained PATH.")
 
 
 def export_for_demo(path: Path, model: str, pretrained: str, categories: Sequence[str],
