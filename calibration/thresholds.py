@@ -13,53 +13,13 @@ from clipinspect.runtime import Inspector
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.images import ImageInput
 from clipinspect.runtime.core.inspector import threshold_key
+# Re-exported: these lived here before the runtime needed them (refit after feedback).
+from clipinspect.runtime.core.thresholds import MAX_PIXELS  # noqa: F401
+from clipinspect.runtime.core.thresholds import from_normal_images
+from clipinspect.runtime.core.thresholds import threshold_at_fpr  # noqa: F401
 
 from .datasets import load_dataset, load_mask
 from .metrics import f1_max_threshold
-
-MAX_PIXELS = 20_000_000  # pooled pixel values kept for a pixel threshold (a random subsample)
-
-
-def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> tuple[float, float]:
-    """Lowest threshold t whose false-positive rate on these normal scores is at most ``fpr``
-    (anomalous means score >= t). Returns (t, the rate measured on the scores)."""
-    if not 0.0 <= fpr < 1.0:
-        raise UsageError(f"--fpr {fpr} is not a rate in [0, 1), e.g. 0.01 for 1%")
-    s = np.sort(np.ravel(np.asarray(normal_scores)))[::-1]
-    if s.size == 0:
-        raise UsageError("no normal scores to set a threshold on")
-    allowed = int(np.floor(fpr * s.size))  # false positives the target permits
-    # Everything strictly above the (allowed+1)-th largest score is flagged: at most `allowed`.
-    # The step up is taken in the scores' own dtype: float32 maps compare in float32, where a
-    # float64 step would round back onto the score itself.
-    kth = s[min(allowed, s.size - 1)]
-    t = float(np.nextafter(kth, np.array(np.inf, dtype=kth.dtype)))
-    return t, float(np.count_nonzero(s >= t) / s.size)
-
-
-def _pooled(maps: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    values = np.concatenate([m.ravel() for m in maps])
-    if values.size > MAX_PIXELS:
-        values = rng.choice(values, MAX_PIXELS, replace=False)
-    return values
-
-
-def from_normal_images(inspector: Inspector, category: str, images: Sequence[ImageInput],
-                       fpr: float, mode: str = "auto", batch_size: int = 8) -> dict:
-    """Image and pixel thresholds at ``fpr`` on normal images (all their pixels are normal)."""
-    results = [r for r in inspector.inspect(images, category, batch_size, mode) if r.ok]
-    if len(results) < 2:
-        raise UsageError(f"need at least 2 usable normal images of {category!r}, got "
-                         f"{len(results)}")
-    scores = np.array([r.image_score for r in results])
-    image_t, image_fpr = threshold_at_fpr(scores, fpr)
-    pixels = _pooled([r.anomaly_map for r in results], np.random.default_rng(0))
-    pixel_t, pixel_fpr = threshold_at_fpr(pixels, fpr)
-    return {"image": image_t, "pixel": pixel_t, "method": "normal images at a target FPR",
-            "target_fpr": fpr, "measured_image_fpr": image_fpr, "measured_pixel_fpr": pixel_fpr,
-            "images": len(results), "smallest_measurable_image_fpr": 1.0 / len(results),
-            "pixel_median": float(np.median(pixels)),  # where overlay colours start
-            "mode": results[0].mode}
 
 
 def from_validation(inspector: Inspector, category: str, root: str | Path, fmt: str = "auto",

@@ -41,6 +41,10 @@ MINIMAL = {
     "loadtest": ["B", "--out", "o"],
     "bench": ["B", "--out", "o"],
     "station": ["station.toml"],
+    "feedback": ["B", "x.png", "--category", "c", "--label", "false-alarm"],
+    "memory": ["show", "B", "--category", "c"],
+    "promote": ["http://127.0.0.1:8080"],
+    "rollback": ["http://127.0.0.1:8080"],
 }
 # The commands that took ``--categories a b`` before: still parsed, with a warning.
 WORDS = {"export", "train-adapters", "add-category", "prompts generate", "demo"}

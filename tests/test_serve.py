@@ -50,12 +50,13 @@ def inspector(tiny_bundle_path):
 class Live:
     """A real uvicorn server in a thread, on a free loopback port."""
 
-    def __init__(self, source, config: ServeConfig, wait_for: int = 200):
+    def __init__(self, source, config: ServeConfig, wait_for: int = 200, **app):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        uv_config = uvicorn_config(create_app(source, config), "127.0.0.1", self.port, config)
+        uv_config = uvicorn_config(create_app(source, config, **app), "127.0.0.1", self.port,
+                                   config)
         uv_config.log_level = "warning"
         self.server = uvicorn.Server(uv_config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -14,7 +14,7 @@ import importlib.metadata
 import sys
 
 from ..core.errors import ClipInspectError
-from . import bundle_tools, inspection, station
+from . import bundle_tools, inspection, operations, station
 # Re-exported: the argparse types other subpackages have imported from here.
 from .options import add_runtime_options, csv_list, int_list, positive_int
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspection.register(sub)
     bundle_tools.register(sub)
     station.register(sub)
+    operations.register(sub)
     for ep in sorted(importlib.metadata.entry_points(group="clipinspect.cli"), key=lambda e: e.name):
         try:
             ep.load()(sub)

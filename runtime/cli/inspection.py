@@ -94,9 +94,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections,
                          max_connections_per_client=args.max_connections_per_client,
                          header_timeout_s=args.header_timeout,
-                         inference_timeout_s=args.inference_timeout)
+                         inference_timeout_s=args.inference_timeout,
+                         feedback_results=args.feedback_results, memory_max=args.memory_max,
+                         threshold_policy=args.threshold_policy)
     serve(args.bundle, args.host, args.port, config, precision=args.precision,
-          provider=args.provider, threads=args.threads, attention=args.attention)
+          provider=args.provider, threads=args.threads, attention=args.attention,
+          shadow=args.shadow)
     return 0
 
 
@@ -199,6 +202,18 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inference-timeout", type=float, default=60.0,
                    help="seconds without inference progress, with requests waiting, after which "
                         "/readyz answers 503 (default 60)")
+    p.add_argument("--shadow", default=None, metavar="BUNDLE",
+                   help="a candidate bundle that scores the same traffic off the critical path "
+                        "(GET /v1/shadow; 'clipinspect promote URL' swaps the two)")
+    p.add_argument("--feedback-results", type=whole_number(0), default=64,
+                   help="recent results whose images are kept for operator feedback "
+                        "(default 64; 0: none)")
+    p.add_argument("--memory-max", type=positive_int, default=32,
+                   help="most few-shot reference images; when full the oldest added by "
+                        "feedback leaves (default 32)")
+    p.add_argument("--threshold-policy", default="keep", choices=("keep", "refit"),
+                   help="after a false alarm joins the memory: keep the thresholds (default) "
+                        "or refit them from their normal images")
     add_runtime_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -505,19 +505,32 @@ class Bundle:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def set_memory(self, category: str, arrays: dict[str, np.ndarray], sources: Iterable[str],
-                   shots: int) -> None:
-        """Store few-shot reference memory for ``category`` (replacing any earlier memory)."""
+    def set_memory(self, category: str, arrays: dict[str, np.ndarray] | bytes | None,
+                   sources: Iterable[str], shots: int,
+                   thresholds: dict[str, dict[str, Any]] | None = None) -> None:
+        """Store few-shot reference memory for ``category`` (replacing any earlier memory; None
+        removes it; bytes are a memory file's own, written as they are). ``thresholds`` ("<precision>/<mode>" -> thresholds), when given, replace
+        the category's in the same manifest update, so a reader never sees one without the
+        other (operator feedback, runtime/core/memory_book.py)."""
         self.entry(category)  # unknown category -> error before writing anything
         self.check_writable(category_dir(category))
-        rel = write_versioned(self.root, category_dir(category), "memory.npz", npz_bytes(arrays))
-        entry = parse(MemoryFile, file_entry(self.root, rel, shots=int(shots),
-                                             sources=[str(s) for s in sources]),
-                      f"bundle {str(self.root)!r}", f"categories.{category}.memory")
+        entry = None
+        if arrays is not None:
+            data = arrays if isinstance(arrays, bytes) else npz_bytes(arrays)
+            rel = write_versioned(self.root, category_dir(category), "memory.npz", data)
+            entry = parse(MemoryFile, file_entry(self.root, rel, shots=int(shots),
+                                                 sources=[str(s) for s in sources]),
+                          f"bundle {str(self.root)!r}", f"categories.{category}.memory")
+        where = f"bundle {str(self.root)!r}"
+        parsed = None if thresholds is None else {
+            k: parse(Thresholds, v, where, f"categories.{category}.thresholds.{k}")
+            for k, v in thresholds.items()}
         with self.updating() as m:
             if category not in m.categories:
                 raise BundleError(f"category {category!r} was removed from the bundle meanwhile")
             m.categories[category].memory = entry
+            if parsed is not None:
+                m.categories[category].thresholds = parsed
 
     def set_thresholds(self, category: str, key: str,
                        thresholds: dict[str, Any] | Thresholds) -> None:

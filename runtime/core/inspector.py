@@ -20,7 +20,7 @@ import numpy as np
 
 from .backend import Backend
 from .backends import open_backend
-from .bundle import Bundle, BundleError, CategoryData
+from .bundle import MANIFEST, Bundle, BundleError, CategoryData, read_manifest
 from .manifest import Manifest
 from .errors import UsageError
 from .images import EncodedImage, ImageError, ImageInput, decode, describe, jpeg_draft
@@ -91,6 +91,10 @@ class Inspector:
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         self._categories: dict[str, object] = {}
         self._prepared: tuple[str, dict, dict] | None = None
+        # The manifest as this Inspector's cached category data knows it (``refresh``); the
+        # bundle's own is replaced by every update this process makes through it.
+        self._manifest_seen = _stamp(bundle.root / MANIFEST)
+        self._manifest_used = bundle.manifest
 
     @property
     def manifest(self) -> Manifest:
@@ -116,6 +120,48 @@ class Inspector:
     def encoder_graph(self) -> str:
         """The bundle's encoder graph this Inspector runs: ``encoder`` or ``encoder_fused``."""
         return getattr(self.backend, "encoder_graph", ENCODER)
+
+    def refresh(self) -> list[str]:
+        """Take up few-shot memory and threshold changes made to the bundle since it was opened
+        or last refreshed (operator feedback, by this process or another). Costs one read of the
+        manifest when nothing changed; call it between batches, from the thread that inspects,
+        so that a batch never mixes two memories. Returns the categories that changed; the
+        changed ones are loaded (and their memory checksummed) before anything is replaced."""
+        for attempt in range(3):
+            stamp = _stamp(self.bundle.root / MANIFEST)
+            if stamp == self._manifest_seen:
+                return []
+            new = read_manifest(self.bundle.root)
+            old = self._manifest_used
+            changed = sorted({name for name in {*new.categories, *old.categories}
+                              if name not in new.categories or name not in old.categories
+                              or new.categories[name].to_dict() != old.categories[name].to_dict()})
+            fresh = Bundle(self.bundle.root, new)
+            try:
+                loaded = {}
+                for name in changed:
+                    if name in new.categories:
+                        if new.categories[name].memory is not None:
+                            fresh._check_file(new.categories[name].memory,
+                                              f"few-shot memory of category {name!r}", True)
+                        loaded[name] = fresh.category(name)
+            except BundleError:
+                if attempt == 2:  # changed again while being read, three times over
+                    raise
+                continue
+            self.bundle.manifest, self._manifest_seen, self._manifest_used = new, stamp, new
+            for name in changed:
+                self._categories.pop(name, None)
+            self._categories.update(loaded)
+            if changed:
+                self._prepared = None
+            return changed
+        return []
+
+    def memory_digest(self, category: str) -> str | None:
+        """sha256 of the category's few-shot memory file as loaded (None: no memory)."""
+        entry = self.bundle.manifest.categories.get(category)
+        return entry.memory.sha256 if entry is not None and entry.memory else None
 
     # --------------------------------------------------------------- loading
     def _load_one(self, index: int, item: ImageInput, keep_image: bool) -> LoadedImage:
@@ -379,3 +425,13 @@ class Inspector:
         if "pixel" in thresholds:
             result.mask = amap >= thresholds["pixel"]
         return result
+
+
+def _stamp(path: Path) -> bytes | None:
+    """The manifest's bytes: a few kB read per batch. Its inode, size and time stamp do not
+    tell two quick updates apart (an inode is reused, time stamps are coarse, a new memory
+    file's name has the same length)."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None

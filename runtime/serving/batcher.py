@@ -35,15 +35,21 @@ class Done:
     batch_size: int
     queue_s: float
     inference_s: float
+    # What scored it: the thresholds applied, the bundle identity and the few-shot memory digest
+    # (after a feedback swap or a promote, the next batch has new ones, never a mix).
+    thresholds: dict = field(default_factory=dict)
+    identity: str = ""
+    memory: str | None = None
 
 
 class Batcher:
     """The bounded queue and the one inference worker."""
 
     def __init__(self, inspector: Inspector, config: ServeConfig, metrics: Metrics,
-                 journal: Journal | None):
+                 journal: Journal | None, shadow=None):
         self.inspector, self.config, self.metrics, self.journal = (inspector, config, metrics,
                                                                    journal)
+        self.shadow = shadow  # a .shadow.Shadow, offered every answered batch
         self.queue: asyncio.Queue[Job | None] = asyncio.Queue(config.max_queue)
         # The only thread that ever runs the session.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="clipinspect-infer")
@@ -115,6 +121,14 @@ class Batcher:
                     j.future.set_exception(outcome)
                 else:
                     j.future.set_result(outcome)
+            if self.shadow is not None:  # after every answer: never on the critical path
+                self.shadow.offer([(j.loaded, j.category, j.mode, j.image_id, o.result)
+                                   for j, o in zip(batch, outcomes) if isinstance(o, Done)])
+
+    async def between_batches(self, fn):
+        """Run ``fn()`` on the inference worker's thread after the batch in flight (if any) and
+        before the next one: what changes the memory or swaps the bundle goes through here."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn)
 
     def stalled(self) -> str | None:
         """Why readiness is withdrawn (the worker made no progress for ``inference_timeout_s``
@@ -132,8 +146,10 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> list[Done | HTTPError]:
         start = time.perf_counter()
+        inspector = self.inspector  # swapped only between batches (between_batches)
+        inspector.refresh()  # feedback written by another process since the last batch
         if self.config.one_encoder_pass:
-            results = self.inspector.inspect_mixed([j.loaded for j in batch],
+            results = inspector.inspect_mixed([j.loaded for j in batch],
                                                    [(j.category, j.mode) for j in batch])
         else:
             results = [None] * len(batch)
@@ -141,26 +157,28 @@ class Batcher:
             for i, j in enumerate(batch):
                 groups.setdefault((j.category, j.mode), []).append(i)
             for (category, mode), idx in groups.items():
-                out = self.inspector.inspect_loaded([batch[i].loaded for i in idx], category, mode)
+                out = inspector.inspect_loaded([batch[i].loaded for i in idx], category, mode)
                 for i, r in zip(idx, out):
                     results[i] = r
         inference_s = time.perf_counter() - start
         self.metrics.inference.observe(inference_s)
         self.metrics.batch_size.observe(len(batch))
         self.per_image_s = 0.8 * self.per_image_s + 0.2 * inference_s / len(batch)
+        used = [inspector.thresholds(j.category, r.mode or "") for j, r in zip(batch, results)]
         if self.journal is not None:
-            bundle, precision = self.inspector.bundle.identity, self.inspector.precision
+            bundle, precision = inspector.bundle.identity, inspector.precision
             try:
                 # Never waits long nor raises while the journal is locked or its disk full:
                 # the entries stay pending and are written later (journal.py).
                 self.journal.submit([
                     Entry.of(r, "http", j.image_id, j.category, bundle=bundle,
-                             precision=precision, threshold=self.inspector.thresholds(
-                                 j.category, r.mode or "").get("image"))
-                    for j, r in zip(batch, results)])
+                             precision=precision, threshold=t.get("image"))
+                    for j, r, t in zip(batch, results, used)])
             except JournalUnavailable as e:  # no room left to keep these results
                 error = HTTPError(503, "journal_unavailable", f"the result could not be "
                                   f"journaled, so it is not given: {e}", {"Retry-After": "5"})
                 return [error] * len(batch)
-        return [Done(r, len(batch), start - j.enqueued, inference_s)
-                for j, r in zip(batch, results)]
+        identity = inspector.bundle.identity
+        return [Done(r, len(batch), start - j.enqueued, inference_s, t, identity,
+                     inspector.memory_digest(j.category))
+                for j, r, t in zip(batch, results, used)]

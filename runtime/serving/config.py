@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UsageError
+from ..core.memory_book import FeedbackPolicy
 from .auth import check_api_key
 
 MiB = 1 << 20
@@ -33,11 +34,20 @@ class ServeConfig:
     # scoring heads. False: one encoder pass per (category, mode) group, as before; kept so that
     # benchmarks/experiments/mixed_categories.py measures both in one run.
     one_encoder_pass: bool = True
+    # Operator feedback (docs/operations.md): the last results whose images are kept for a
+    # click (count and bytes), the few-shot memory's largest size and the threshold policy.
+    feedback_results: int = 64
+    feedback_bytes: int = 256 * MiB
+    memory_max: int = 32
+    threshold_policy: str = "keep"
+    # Shadow bundle: batches waiting for it beyond this are dropped (counted).
+    shadow_backlog: int = 2
 
 
 def check_config(config: ServeConfig) -> None:
     if min(config.max_batch, config.max_queue, config.max_body_bytes, config.decode_workers,
-           config.max_map_side, config.max_connections, config.max_connections_per_client) < 1:
+           config.max_map_side, config.max_connections, config.max_connections_per_client,
+           config.shadow_backlog) < 1:
         raise UsageError("max batch, max queue, max body size, decode workers, max map side, "
                          "max connections and max connections per client must be >= 1")
     for name, seconds in (("--body-timeout", config.body_timeout_s),
@@ -46,3 +56,6 @@ def check_config(config: ServeConfig) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
             raise UsageError(f"{name} {seconds!r}: give a positive number of seconds")
     check_api_key(config.api_key)
+    if config.feedback_results < 0 or config.feedback_bytes < 0:
+        raise UsageError("--feedback-results must be >= 0 (0: no feedback from the page)")
+    FeedbackPolicy(config.threshold_policy, config.memory_max).check()

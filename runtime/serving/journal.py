@@ -64,6 +64,15 @@ CREATE TABLE IF NOT EXISTS results (
     UNIQUE (origin, image_id)
 )
 """
+# Operator and service events beside the results: promote, rollback, drift alarms, feedback.
+EVENTS = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+)
+"""
 COLUMNS = ("id", "origin", "image_id", "time", "category", "mode", "image_score", "is_anomalous",
            "threshold", "bundle", "precision", "error")
 
@@ -192,6 +201,7 @@ class Journal:
             if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
                                     "AND name = 'results'").fetchone():
                 self._db.execute(SCHEMA)
+                self._db.execute(EVENTS)
             self._db.execute("SELECT count(*) FROM results").fetchone()
         except sqlite3.Error as e:
             self._db.close()
@@ -248,6 +258,37 @@ class Journal:
         """Results submitted and not yet written."""
         with self._pending_lock:
             return len(self._pending)
+
+    def event(self, kind: str, detail: dict) -> bool:
+        """Journal one event (``kind``: promote, rollback, drift, feedback, ...; ``detail`` as
+        JSON) at once; False, saying why on stderr, when the journal cannot take it now (an
+        event is never worth blocking inspection for)."""
+        if not self._lock.acquire(timeout=self.submit_timeout_s):
+            log(f"event {kind!r} not journaled: the journal is busy")
+            return False
+        try:
+            self._set_busy_timeout(self.submit_timeout_s)
+            with self._db:
+                self._db.execute(EVENTS)  # a journal from before events were kept
+                self._db.execute("INSERT INTO events (time, kind, detail) VALUES (?, ?, ?)",
+                                 (time.time(), kind, json.dumps(detail)))
+            return True
+        except sqlite3.Error as e:
+            log(f"event {kind!r} not journaled: {unavailable(e, self.path).reason}")
+            return False
+        finally:
+            self._lock.release()
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        """Journaled events, oldest first."""
+        query, args = "SELECT id, time, kind, detail FROM events", ()
+        if kind is not None:
+            query, args = query + " WHERE kind = ?", (kind,)
+        with self._lock:
+            if not self._read("SELECT 1 FROM sqlite_master WHERE name = 'events'", ()):
+                return []
+            rows = self._read(query + " ORDER BY id", args)
+        return [{"id": i, "time": t, "kind": k, "detail": json.loads(d)} for i, t, k, d in rows]
 
     def has(self, origin: str, image_id: str) -> bool:
         with self._lock:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ..core.errors import ClipInspectError
@@ -30,7 +30,10 @@ from .config import ServeConfig
 from .errors import HTTPError, error_response
 from .heatmap import overlay_png
 from .journal import Journal
+from ..core.memory_book import FeedbackPolicy
 from .metrics import Metrics
+from .operations import Operations
+from .shadow import Shadow
 from .openapi import openapi_schema
 from .ui import LiveFeed, ui_routes
 
@@ -43,8 +46,14 @@ class Service:
     and /readyz answers 503 while the model loads and warms up."""
 
     def __init__(self, source: Inspector | Callable[[], Inspector], config: ServeConfig,
-                 on_load_error: Callable[[BaseException], None] | None = None):
+                 on_load_error: Callable[[BaseException], None] | None = None,
+                 shadow: Inspector | Callable[[], Inspector] | None = None):
         self.source, self.config, self.on_load_error = source, config, on_load_error
+        self.shadow_source = shadow
+        self.on_ready: Callable[[], None] | None = None
+        self.operations = Operations(self, FeedbackPolicy(config.threshold_policy,
+                                                          config.memory_max),
+                                     config.feedback_results, config.feedback_bytes)
         self.metrics = Metrics(config.max_batch)
         self.journal = Journal(config.journal) if config.journal else None
         self.feed = LiveFeed()
@@ -62,19 +71,21 @@ class Service:
     async def start(self) -> None:
         """Load (when given a loader), warm up on the worker thread, then report ready."""
         try:
-            inspector = self.source
-            if not isinstance(inspector, Inspector):
-                inspector = await anyio.to_thread.run_sync(self.source)
-            bundle = inspector.bundle
-            self.identity = {"identity": bundle.identity, "precision": inspector.precision,
-                             "model": bundle.manifest.model.name,
-                             "weights": bundle.manifest.model.weights.kind}
-            batcher = Batcher(inspector, self.config, self.metrics, self.journal)
+            inspector = await opened(self.source)
+            self.use(inspector)
+            shadow = None
+            if self.shadow_source is not None:
+                shadow = Shadow(check_shadow(inspector, await opened(self.shadow_source)),
+                                self.config.shadow_backlog)
+            batcher = Batcher(inspector, self.config, self.metrics, self.journal, shadow)
             # Every category's data is loaded once, and the first (slow) session run happens
             # before readiness is reported.
             probe = inspector.load(np.full((64, 64, 3), 128, np.uint8))
             await asyncio.get_running_loop().run_in_executor(batcher.worker, warm_up,
                                                              inspector, probe)
+            if shadow is not None:
+                await asyncio.get_running_loop().run_in_executor(shadow.worker, warm_up,
+                                                                 shadow.inspector, probe)
         except BaseException as e:
             if self.on_load_error is None or not isinstance(e, Exception):
                 raise
@@ -82,6 +93,8 @@ class Service:
             return
         batcher.start()
         self.inspector, self.batcher, self.ready = inspector, batcher, True
+        if self.on_ready is not None:
+            self.on_ready()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -96,8 +109,19 @@ class Service:
                 await starting
             if self.batcher is not None:
                 await self.batcher.stop()
+                if self.batcher.shadow is not None:
+                    self.batcher.shadow.close()
             if self.journal is not None:
                 self.journal.close()
+
+    def use(self, inspector: Inspector) -> None:
+        """Serve with ``inspector`` from now on (at start, and on promote or rollback)."""
+        bundle = inspector.bundle
+        self.inspector = inspector
+        self.identity = {"identity": bundle.identity, "precision": inspector.precision,
+                         "model": bundle.manifest.model.name,
+                         "weights": bundle.manifest.model.weights.kind}
+        self.feed.bundle = dict(self.identity)
 
     # ------------------------------------------------------------- plumbing
     def authorized(self, request: Request) -> bool:
@@ -148,7 +172,6 @@ class Service:
         async with self.decoders:  # at most decode_workers full-size images in memory
             loaded = await anyio.to_thread.run_sync(self._load, data,
                                                     want_map or self.feed.wants_images)
-        del data
         if loaded.error:
             raise HTTPError(400, "bad_image", loaded.error)
         decoded = time.perf_counter()
@@ -164,14 +187,16 @@ class Service:
         r = done.result
         if not r.ok:  # unreachable for a decoded image unless inference itself failed
             raise HTTPError(500, "inference_failed", r.error or "inference failed")
-        thresholds = self.inspector.thresholds(category, mode_used)
+        thresholds = done.thresholds
+        identity = (self.identity if done.identity == self.identity["identity"]
+                    else {**self.identity, "identity": done.identity})
         body = {
             "image_id": job.image_id, "category": category, "mode": r.mode,
             "image_score": r.image_score, "is_anomalous": r.is_anomalous,
             "threshold": ({"image": thresholds["image"],
                            "key": f"{self.inspector.precision}/{mode_used}"}
                           if "image" in thresholds else None),
-            "bundle": self.identity, "batch_size": done.batch_size,
+            "bundle": identity, "memory": done.memory, "batch_size": done.batch_size,
             "timings_ms": {LOAD: 1e3 * (decoded - t0), QUEUE: 1e3 * done.queue_s,
                            INFERENCE: 1e3 * done.inference_s,
                            TOTAL: 1e3 * (time.perf_counter() - t0)},
@@ -179,9 +204,11 @@ class Service:
         body["timings_ms"][OLD_LOAD_TIMING] = body["timings_ms"][LOAD]
         if want_map:
             body["heatmap_png"] = await anyio.to_thread.run_sync(overlay_png, r, thresholds)
+        self.operations.recent.add(job.image_id, category, data, r)
         # The live page's record (its thumbnail) is made after the answer has been sent.
         return JSONResponse(body, background=BackgroundTask(
-            self.feed.record, category, r, thresholds, time.perf_counter() - t0))
+            self.feed.record, category, r, thresholds, time.perf_counter() - t0,
+            image_id=job.image_id))
 
     def _parameters(self, request: Request, fields: dict) -> tuple[str, str, str, bool]:
         """(category, mode, mode used, heat map wanted) from the form fields or the query."""
@@ -222,6 +249,9 @@ class Service:
                         (loaded.size[1], loaded.size[0]), Image.Resampling.BILINEAR))
         return loaded
 
+    async def root(self, request: Request) -> Response:
+        return RedirectResponse("/ui", status_code=307)
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -256,6 +286,22 @@ class Service:
 
 
 
+async def opened(source: Inspector | Callable[[], Inspector]) -> Inspector:
+    if isinstance(source, Inspector):
+        return source
+    return await anyio.to_thread.run_sync(source)
+
+
+def check_shadow(active: Inspector, shadow: Inspector) -> Inspector:
+    """A shadow must take every request the active bundle takes: the same categories."""
+    missing = [c for c in active.bundle.categories if c not in shadow.bundle.categories]
+    if missing:
+        raise ClipInspectError(f"the shadow bundle {shadow.bundle.identity} lacks the "
+                               f"categories {', '.join(missing)} of the active bundle; add "
+                               "them or choose another candidate")
+    return shadow
+
+
 def warm_up(inspector: Inspector, probe: LoadedImage) -> None:
     for category in inspector.bundle.categories:
         inspector.inspect_loaded([probe], category, inspector.check(category))
@@ -270,5 +316,7 @@ def routes(s: Service) -> list[Route]:
         Route("/metrics", s.endpoint("metrics", s.metrics_endpoint, auth=True), methods=["GET"]),
         Route("/openapi.json", s.endpoint("openapi", s.openapi_endpoint, auth=True),
               methods=["GET"]),
+        Route("/", s.endpoint("root", s.root), methods=["GET"]),
+        *s.operations.routes(s.endpoint),
         *ui_routes(s.feed, s.endpoint),
     ]

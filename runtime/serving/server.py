@@ -35,12 +35,16 @@ __all__ = ["ServeConfig", "create_app", "serve", "uvicorn_config"]
 
 
 def create_app(source: Inspector | Callable[[], Inspector], config: ServeConfig | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> Starlette:
+               on_load_error: Callable[[BaseException], None] | None = None, *,
+               shadow: Inspector | Callable[[], Inspector] | None = None,
+               on_ready: Callable[[], None] | None = None) -> Starlette:
     """The service of an Inspector, or of a function that opens one (loaded after the port is
-    bound; ``on_load_error`` is told if that fails)."""
+    bound; ``on_load_error`` is told if that fails); ``shadow``: a candidate bundle scoring the
+    same traffic off the critical path (docs/operations.md)."""
     config = config or ServeConfig()
     check_config(config)
-    s = Service(source, config, on_load_error)
+    s = Service(source, config, on_load_error, shadow)
+    s.on_ready = on_ready
     app = Starlette(routes=routes(s), lifespan=s.lifespan)
     app.state.metrics = s.metrics
     app.state.service = s
@@ -48,7 +52,8 @@ def create_app(source: Inspector | Callable[[], Inspector], config: ServeConfig 
 
 
 def serve(bundle: str, host: str, port: int, config: ServeConfig, *, precision: str = "fp32",
-          provider: str = "cpu", threads: int | None = None, attention: str = "auto") -> None:
+          provider: str = "cpu", threads: int | None = None, attention: str = "auto",
+          shadow: str | None = None) -> None:
     """Bind first, then load the bundle: /readyz answers 503 until it is loaded and warm."""
     import uvicorn
 
@@ -56,19 +61,29 @@ def serve(bundle: str, host: str, port: int, config: ServeConfig, *, precision: 
     check_config(config)
     failed: list[BaseException] = []
 
-    def load() -> Inspector:
-        inspector = Inspector.open(bundle, precision, provider, threads, attention=attention)
-        print(f"clipinspect serve: loaded {inspector.bundle.identity} ({inspector.encoder_graph});"
-              " warming up",
-              file=sys.stderr, flush=True)
-        return inspector
+    def opener(path: str, what: str) -> Callable[[], Inspector]:
+        def load() -> Inspector:
+            inspector = Inspector.open(path, precision, provider, threads, attention=attention)
+            print(f"clipinspect serve: loaded {what} {inspector.bundle.identity} "
+                  f"({inspector.encoder_graph}); warming up", file=sys.stderr, flush=True)
+            if inspector.bundle.manifest.model.weights.kind == "random":
+                print(f"clipinspect serve: WARNING: {what} {inspector.bundle.identity} has "
+                      "RANDOM weights: its scores mean nothing for inspection",
+                      file=sys.stderr, flush=True)
+            return inspector
+        return load
+
+    def ready() -> None:
+        print(f"clipinspect serve: ready on http://{host}:{port}; live page "
+              f"http://{host}:{port}/ui", file=sys.stderr, flush=True)
 
     def load_failed(e: BaseException) -> None:
         failed.append(e)
         server.should_exit = True
 
-    server = uvicorn.Server(uvicorn_config(create_app(load, config, load_failed), host, port,
-                                           config))
+    app = create_app(opener(bundle, "bundle"), config, load_failed, on_ready=ready,
+                     shadow=opener(shadow, "shadow bundle") if shadow else None)
+    server = uvicorn.Server(uvicorn_config(app, host, port, config))
     print(f"clipinspect serve: {bundle} ({precision}, {provider}) on http://{host}:{port}; "
           f"{auth_line}; max batch {config.max_batch}, max wait {config.max_wait_ms:g} ms, "
           f"queue {config.max_queue}", file=sys.stderr, flush=True)

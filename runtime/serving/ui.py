@@ -23,6 +23,7 @@ from .heatmap import overlay_png
 
 THUMB_SIDE = 192  # pixels, longest side of an overlay on the page
 THROUGHPUT_WINDOW_S = 60.0
+HISTORY = 300  # points per category on the score-over-time chart
 # Overlays are rendered only while someone polls the page: a line without a screen open pays
 # nothing per request beyond the counters.
 WATCHED_S = 30.0
@@ -48,9 +49,14 @@ class LiveFeed:
         self._seq = 0
         self._started = time.time()
         self._polled = float("-inf")
+        self.bundle: dict = {}  # identity, precision, model, weights of the active bundle
+        # name -> function giving a part of the state (drift, shadow): the page shows each
+        self.providers: dict[str, Callable[[], object]] = {}
+        self._history: dict[str, deque] = {}
+        self._thresholds: dict[str, dict] = {}
 
     def record(self, category: str, result: InspectionResult, thresholds: dict,
-               seconds: float, verdict: str | None = None) -> None:
+               seconds: float, verdict: str | None = None, image_id: str | None = None) -> None:
         """One finished inspection (a worker thread: the thumbnail is rendered here);
         ``verdict`` where the caller decided it (the station's fail-safe), else the result's."""
         watched = time.time() - self._polled < WATCHED_S
@@ -63,7 +69,12 @@ class LiveFeed:
             self._latest.appendleft({"seq": self._seq, "category": category, "time": now,
                                      "image_score": result.image_score, "verdict": verdict,
                                      "threshold": thresholds.get("image"),
-                                     "overlay_png": thumb})
+                                     "overlay_png": thumb, "image_id": image_id,
+                                     "feedback": None})
+            self._thresholds[category] = dict(thresholds)
+            if result.image_score is not None:
+                self._history.setdefault(category, deque(maxlen=HISTORY)).append(
+                    (round(now, 3), result.image_score, verdict))
             self._latencies.append(seconds)
             self._times.append(now)
             self._trim(now)
@@ -71,6 +82,17 @@ class LiveFeed:
             c["inspected"] += 1
             if verdict in c:
                 c[verdict] += 1
+
+    def mark(self, image_id: str, label: str, change: dict) -> None:
+        """An operator's feedback on a shown result: its card says so (and the memory after)."""
+        after = change.get("after") or {}
+        with self._lock:
+            self._seq += 1  # the page redraws its cards
+            for item in self._latest:
+                if item["image_id"] == image_id:
+                    item["feedback"] = {"label": label, "id": change.get("id"),
+                                        "memory": (after.get("memory") or "")[:12],
+                                        "shots": after.get("shots")}
 
     def _trim(self, now: float) -> None:
         while self._times and self._times[0] < now - THROUGHPUT_WINDOW_S:
@@ -91,7 +113,11 @@ class LiveFeed:
                     "latency_ms": ({"p50": float(np.percentile(lat, 50)),
                                     "p99": float(np.percentile(lat, 99)), "n": int(lat.size)}
                                    if lat.size else None),
-                    "health": self.health() if self.health else None}
+                    "health": self.health() if self.health else None,
+                    "bundle": self.bundle,
+                    "thresholds": {k: dict(v) for k, v in sorted(self._thresholds.items())},
+                    "history": {k: list(v) for k, v in sorted(self._history.items())},
+                    **{name: get() for name, get in self.providers.items()}}
 
 
 def _thumbnail(result: InspectionResult, thresholds: dict) -> str:
