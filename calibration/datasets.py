@@ -42,6 +42,9 @@ from clipinspect.runtime.core.images import IMAGE_SUFFIXES
 SPLITS: tuple[str, ...] = ("train", "test")
 
 GOOD = "good"
+# A file at a dataset root saying its anomalous images have image-level labels only (no masks):
+# the labelled set operator feedback keeps (runtime/core/memory_book.py).
+IMAGE_LEVEL = "IMAGE_LEVEL_LABELS"
 
 ANOMALY = "anomaly"
 """``defect`` of anomalous VisA samples (VisA does not name defect types in its split CSV)."""
@@ -417,7 +420,9 @@ def _load_split(root: Path, cat: str, split: str) -> list[Sample]:
             mask_path = None
             if d.name != GOOD:
                 mask_path = root / cat / "ground_truth" / d.name / f"{path.stem}_mask.png"
-                if not mask_path.is_file():
+                if not mask_path.is_file() and (root / IMAGE_LEVEL).is_file():
+                    mask_path = None  # image-level labels: no pixel metrics or threshold
+                elif not mask_path.is_file():
                     raise DatasetError(
                         f"no ground-truth mask for anomalous image {str(path)!r}: "
                         f"expected {str(mask_path)!r}"

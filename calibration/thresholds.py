@@ -34,19 +34,23 @@ def from_validation(inspector: Inspector, category: str, root: str | Path, fmt: 
                          "normal and anomalous images")
     scores = np.array([r.image_score for _, r in pairs])
     image_f1, image_t = f1_max_threshold(labels, scores)
+    normal = scores[~labels]
+    out = {"image": image_t, "method": "F1-max on a validation set", "image_f1": image_f1,
+           "measured_image_fpr": float(np.mean(normal >= image_t)), "images": len(pairs),
+           "mode": pairs[0][1].mode}
+    if any(s.is_anomalous and s.mask_path is None for s, _ in pairs):
+        # Image-level labels (the operators' labelled set): no pixel threshold from them.
+        return {**out, "pixel_f1": None, "image_level_labels": True}
     masks = [load_mask(s, size=r.anomaly_map.shape) for s, r in pairs]
     pixel_f1, pixel_t = f1_max_threshold(np.concatenate([m.ravel() for m in masks]),
                                          np.concatenate([r.anomaly_map.ravel() for _, r in pairs]))
-    normal = scores[~labels]
-    return {"image": image_t, "pixel": pixel_t, "method": "F1-max on a validation set",
-            "image_f1": image_f1, "pixel_f1": pixel_f1,
-            "measured_image_fpr": float(np.mean(normal >= image_t)), "images": len(pairs),
-            "mode": pairs[0][1].mode}
+    return {**out, "pixel": pixel_t, "pixel_f1": pixel_f1}
 
 
 def describe(category: str, key: str, t: dict) -> str:
+    pixel = f"{t['pixel']:.6g}" if t.get("pixel") is not None else "not set (no masks)"
     lines = [f"{category} ({key}): image threshold {t['image']:.6g}, pixel threshold "
-             f"{t['pixel']:.6g} ({t['method']}, {t['images']} images)"]
+             f"{pixel} ({t['method']}, {t['images']} images)"]
     if "target_fpr" in t:
         lines.append(
             f"  expected false-positive rate about {100 * t['target_fpr']:.2g}% of normal parts; "
@@ -58,7 +62,8 @@ def describe(category: str, key: str, t: dict) -> str:
                          f" use about {int(np.ceil(10 / max(t['target_fpr'], 1e-9)))} normal "
                          "images for a reliable threshold at this rate")
     else:
-        lines.append(f"  F1 image {t['image_f1']:.3f}, pixel {t['pixel_f1']:.3f}; false-positive "
+        pixel_f1 = f"{t['pixel_f1']:.3f}" if t.get("pixel_f1") is not None else "-"
+        lines.append(f"  F1 image {t['image_f1']:.3f}, pixel {pixel_f1}; false-positive "
                      f"rate on the normal validation images {100 * t['measured_image_fpr']:.2g}%")
     return "\n".join(lines)
 

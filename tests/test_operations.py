@@ -259,3 +259,52 @@ def test_a_shadow_missing_a_category_is_refused_at_start(bundle, tmp_path):
     build_tiny_bundle(path, ["weave"])
     with pytest.raises(ClipInspectError, match="lacks the categories washer"):
         check_shadow(Inspector.open(bundle), Inspector.open(path))
+
+
+def test_a_running_watch_takes_up_feedback_given_from_the_command_line(bundle, tmp_path):
+    import json
+    import time
+
+    from clipinspect.runtime.serving.journal import JsonlSink
+    from clipinspect.runtime.serving.watch import FolderWatcher
+
+    folder, part = tmp_path / "in", tmp_path / "part.png"
+    folder.mkdir()
+    part.write_bytes(picture("checker"))
+    journal = Journal(tmp_path / "j.sqlite")
+    watcher = FolderWatcher(Inspector.open(bundle), folder, CATEGORY, journal,
+                            JsonlSink(tmp_path / "r.jsonl", journal, "watch"), None,
+                            settle=0.0)
+
+    def watched(name: str) -> dict:
+        (folder / name).write_bytes(part.read_bytes())
+        for _ in range(20):
+            if watcher.poll():
+                break
+            time.sleep(0.1)
+        return json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+
+    assert watched("a.png")["is_anomalous"] is True
+    assert main(["feedback", str(bundle), str(part), "--category", CATEGORY,
+                 "--label", "false-alarm", "--who", "lee"]) == 0
+    assert watched("b.png")["is_anomalous"] is False  # the next batch has the new memory
+    assert main(["memory", "undo", str(bundle), "--category", CATEGORY]) == 0
+    assert watched("c.png")["is_anomalous"] is True
+
+
+def test_the_labelled_set_of_feedback_sets_an_image_threshold(bundle, capsys):
+    pytest.importorskip("clipinspect.calibration.cli")
+    inspector = Inspector.open(bundle)
+    book = MemoryBook(bundle)
+    for i in range(2):
+        book.feedback(inspector, CATEGORY, picture("gradient", 40 + i), "false_alarm", who="op")
+    for i in range(2):
+        book.feedback(inspector, CATEGORY, picture("checker", 2 + i), "confirmed_defect",
+                      who="op")
+    labelled = bundle / "feedback" / "labelled"
+    assert main(["threshold", str(bundle), "--category", CATEGORY, "--validation",
+                 str(labelled), "--mode", "few-shot"]) == 0
+    out = capsys.readouterr().out
+    assert "pixel threshold not set (no masks)" in out
+    t = Bundle.open(bundle).manifest.categories[CATEGORY].thresholds["fp32/few-shot"]
+    assert t.image is not None and t.pixel is None and t.extra["image_level_labels"] is True

@@ -258,6 +258,10 @@ class MemoryBook:
         rel = (f"{FOLDER}/labelled/{_folder(category)}/test/{split}/{name}"
                f"{image_suffix(image)}")
         atomic_write_bytes(self.root / rel, image)
+        marker = self.folder / "labelled" / "IMAGE_LEVEL_LABELS"
+        if not marker.exists():  # calibration/datasets.py: anomalous images without masks
+            atomic_write_bytes(marker, b"Operator feedback: image-level labels, no masks. Use "
+                               b"with 'clipinspect threshold --validation' (image threshold).\n")
         return rel
 
     def _keep_history(self, category: str, bundle) -> None:

@@ -237,6 +237,8 @@ class FolderWatcher:
         return handled
 
     def _inspect(self, batch: list[Pending]) -> int:
+        if self.inspector.refresh():  # operator feedback since the last batch
+            self.threshold = self.inspector.thresholds(self.category, self.mode_used).get("image")
         loaded = [self.inspector.load(EncodedImage(p.data, shown(p.path.name))) for p in batch]
         results = self.inspector.inspect_loaded(loaded, self.category, self.mode)
         self._waiting = [(p, r, Entry.of(r, self.origin, p.image_id, self.category,
@@ -390,6 +392,8 @@ def watch_source(inspector: Inspector, source: str, category: str, journal: Jour
             if (frame_no - 1) % every:
                 continue
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            if inspector.refresh():  # operator feedback since the last frame
+                threshold = inspector.thresholds(category, mode_used).get("image")
             result = inspector.inspect_loaded([inspector.load(rgb)], category, mode)[0]
             # A restart begins a new series: frame numbers are unique within one run.
             image_id = f"{started}-frame{frame_no:08d}"

@@ -223,6 +223,9 @@ class Station:
         runnable = [p for p in batch if p.loaded is not None and p.loaded.error is None
                     and not p.reason and started < p.deadline]
         results: dict[int, InspectionResult] = {}
+        # Operator feedback (memory, thresholds) written since the last batch: this thread is
+        # the only one that inspects, so the batch is scored with one memory.
+        self.inspector.refresh()
         if runnable:
             out = self.inspector.inspect_loaded([p.loaded for p in runnable], batch[0].category,
                                                 self.settings.mode)
