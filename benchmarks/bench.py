@@ -166,6 +166,11 @@ def time_runtime(inspector: Inspector, work: Workload, mode: str, memory: dict |
     return times
 
 
+BASELINE_RANDOM_WEIGHTS = (
+    "note: the PyTorch baseline uses the bundle's random weights (seed {seed}), as the bundle "
+    "does: its timings are valid, its scores mean nothing")
+
+
 class TorchBaseline:
     """The PyTorch eager evaluation of the same algorithm (WinClipReference,
     export/methods/winclip.py) on the bundle's weights: FP32 on the CPU; FP32 and FP16 on a CUDA
@@ -186,7 +191,10 @@ class TorchBaseline:
             pretrained = weights.path
             if not pretrained or not Path(pretrained).is_file():
                 raise RuntimeError(f"the bundle's checkpoint {pretrained!r} is not on this machine")
-        model, _, _ = load_clip(bundle.manifest.model.name, pretrained, weights.seed or 0)
+        # Not the exporter's "exporting with RANDOM weights" warning: nothing is exported here
+        # (_baselines says what the random weights mean for the baseline).
+        model, _, _ = load_clip(bundle.manifest.model.name, pretrained, weights.seed or 0,
+                                warn_random=False)
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
@@ -330,7 +338,8 @@ def stage(row: dict, name: str) -> dict:
 
 def run_bench(bundle_path: str | Path, out: str | Path, options: BenchOptions = BenchOptions(),
               progress: Callable[[str], None] = log) -> dict:
-    """Sweep, write ``out``/bench.json, bench.md and bench.png, and return the result."""
+    """Sweep, write ``out``/bench.json, bench.md and bench.png (with matplotlib; the result's
+    ``plot_drawn`` says whether it was), and return the result."""
     options.check()
     bundle = Bundle.open(bundle_path)
     out = Path(out)
@@ -361,7 +370,7 @@ def run_bench(bundle_path: str | Path, out: str | Path, options: BenchOptions = 
     _ratios(result)
     _ceiling(result, bundle)
     write_results(result, out / "bench", render, indent=1, echo=False)
-    plot(result, out / "bench.png")
+    result["plot_drawn"] = plot(result, out / "bench.png")  # not in bench.json
     return result
 
 
@@ -473,6 +482,9 @@ def _baselines(result: dict, bundle: Bundle, work: Workload, options: BenchOptio
         else:
             result["skipped"].append({"what": "PyTorch baseline on the GPU",
                                       "reason": "torch.cuda is not available; baseline on the CPU"})
+    weights = bundle.manifest.model.weights
+    if weights.kind == "random":
+        progress(BASELINE_RANDOM_WEIGHTS.format(seed=weights.seed or 0))
     for device, dtype in targets:
         try:
             base = TorchBaseline(bundle, device, dtype)
@@ -609,12 +621,10 @@ def _stream_lines(stream: list[dict]) -> list[str]:
 
 def plot(r: dict, path: Path) -> bool:
     """Throughput and p50 / p99 latency against batch size, one line per configuration."""
-    try:
-        import matplotlib
+    from clipinspect.calibration.evaluate import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     series: dict[str, list[dict]] = {}
     for row in r["rows"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from clipinspect.runtime.cli.options import (add_attention, add_bundle, add_threads, csv_list,
@@ -10,6 +11,8 @@ from clipinspect.runtime.cli.options import (add_attention, add_bundle, add_thre
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from clipinspect.calibration.evaluate import plot_note
+
     from .bench import BenchOptions, run_bench
 
     options = BenchOptions(backends=csv_list(args.backends), precisions=csv_list(args.precisions),
@@ -22,8 +25,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(args.bundle, args.out, options)
     for s in result["skipped"]:
         print(f"skipped: {s['what']}: {s['reason']}")
-    out = Path(args.out)
-    print(f"results: {out / 'bench.md'} (also bench.json, bench.png)")
+    note = plot_note("bench.png", result["plot_drawn"])
+    if note:
+        print(f"clipinspect: {note}", file=sys.stderr)
+    also = "bench.json" + ("" if note else ", bench.png")
+    print(f"results: {Path(args.out) / 'bench.md'} (also {also})")
     return 0
 
 

@@ -36,7 +36,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalOptions, evaluate
+    from .evaluate import EvalOptions, evaluate, plot_note
 
     options = EvalOptions(fmt=args.format, categories=args.categories or None,
                           precisions=csv_list(args.precisions), shots=args.shots,
@@ -54,7 +54,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for c in failed:
         print(f"clipinspect: category {c!r} failed: {report['categories'][c]['error']}",
               file=sys.stderr)
-    print(f"report: {Path(args.out) / 'report.md'} (also report.json, report.png)")
+    note = plot_note("report.png", report["plot_drawn"])
+    if note:
+        print(f"clipinspect: {note}", file=sys.stderr)
+    also = "report.json" + ("" if note else ", report.png")
+    print(f"report: {Path(args.out) / 'report.md'} (also {also})")
     return 1 if failed else 0
 
 

@@ -141,8 +141,9 @@ def evaluate_category(inspectors: dict[str, Inspector], root: Path, category: st
 
 def evaluate(bundle: str | Path, data: str | Path, out: str | Path,
              options: EvalOptions = EvalOptions()) -> dict:
-    """Evaluate, write ``out``/report.json, report.md, report.png (and one file per category
-    under ``out``/categories), and return the report."""
+    """Evaluate, write ``out``/report.json, report.md, report.png (with matplotlib; the returned
+    report's ``plot_drawn`` says whether it was) and one file per category under
+    ``out``/categories, and return the report."""
     fmt, provider = options.fmt, options.provider
     out = Path(out)
     (out / "categories").mkdir(parents=True, exist_ok=True)
@@ -187,7 +188,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path,
     report["mean"] = mean_over_categories(report["categories"])
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
     atomic_write_bytes(out / "report.md", render_markdown(report).encode())
-    chart(report, out / "report.png")
+    report["plot_drawn"] = chart(report, out / "report.png")  # not in report.json
     return report
 
 
@@ -236,14 +237,35 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else []) + [""])
 
 
-def chart(report: dict, path: Path) -> bool:
-    """Grouped bars of the mean image AUROC, pixel AUROC and PRO per run; False without
-    matplotlib (the Markdown and JSON reports are written regardless)."""
+PLOTS_EXTRA = "install the plots extra (pip install 'clipinspect[plots]')"
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; None where matplotlib (the plots extra) is
+    not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_note(name: str, drawn: bool) -> str | None:
+    """None where the plot ``name`` was drawn, else one line saying why not (so that a command
+    never lists a picture it did not write)."""
+    if drawn:
+        return None
+    why = PLOTS_EXTRA if pyplot() is None else "nothing to plot"
+    return f"{name} not drawn: {why}"
+
+
+def chart(report: dict, path: Path) -> bool:
+    """Grouped bars of the mean image AUROC, pixel AUROC and PRO per run; False without
+    matplotlib (the Markdown and JSON reports are written regardless)."""
+    plt = pyplot()
+    if plt is None:
         return False
     runs = report["mean"]
     names = list(runs)

@@ -63,3 +63,70 @@ def test_weights_failure_for_another_cause_names_that_cause(monkeypatch):
     message = str(caught.value)
     assert "no network" not in message and not caught.value.offline
     assert "PermissionError" in message and "Permission denied" in message and HUB_REPO in message
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib (the plots extra) as if not installed: importing it raises ImportError."""
+    import sys
+
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def _main(*args) -> tuple[int, str, str]:
+    """The clipinspect command in this process -> (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from clipinspect.runtime.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as e:
+            status = e.code
+    return status, out.getvalue(), err.getvalue()
+
+
+PLOTS_HINT = "install the plots extra (pip install 'clipinspect[plots]')"
+
+
+def test_bench_without_matplotlib_does_not_list_a_png_it_did_not_write(
+        tiny_bundle_path, tmp_path, no_matplotlib):
+    out = tmp_path / "bench"
+    status, stdout, stderr = _main(
+        "bench", tiny_bundle_path, "--out", out, "--no-baseline", "--runs", "1", "--warmup", "0",
+        "--images", "1", "--batch-sizes", "1", "--shots", "1", "--rss-megapixels", "none")
+    assert status == 0, stderr
+    assert "bench.png" not in stdout and not (out / "bench.png").exists()
+    assert f"bench.png not drawn: {PLOTS_HINT}" in stderr
+
+
+def test_eval_without_matplotlib_does_not_list_a_png_it_did_not_write(
+        tiny_bundle_path, tmp_path, no_matplotlib):
+    from clipinspect.calibration.synth import generate
+
+    data, out = tmp_path / "data", tmp_path / "report"
+    generate(data, seed=3, categories=["weave"], image_size=64, n_train=1, n_test_good=1,
+             n_test_defect_per_type=1)
+    status, stdout, stderr = _main("eval", tiny_bundle_path, "--data", data, "--out", out,
+                                   "--categories", "weave")
+    assert status == 0, stderr
+    assert "report.png" not in stdout and not (out / "report.png").exists()
+    assert f"report.png not drawn: {PLOTS_HINT}" in stderr
+
+
+def test_bench_baseline_on_random_weights_does_not_warn_about_exporting(small_bundle_path,
+                                                                        tmp_path, capsys):
+    from clipinspect.benchmarks import bench
+
+    r = bench.run_bench(small_bundle_path, tmp_path / "bench", bench.BenchOptions(
+        modes=["zero-shot"], batches=[1], shots=1, runs=1, warmup=0, images=1,
+        rss_megapixels=[]))
+    assert any(row["kind"] == "pytorch" for row in r["rows"]), r["skipped"]
+    said = capsys.readouterr()
+    console = said.out + said.err
+    assert "exporting" not in console.lower()
+    assert console.count("the PyTorch baseline uses the bundle's random weights (seed 0)") == 1
