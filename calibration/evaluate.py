@@ -11,6 +11,7 @@ failure in one category is recorded without losing the others.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 
 from clipinspect.runtime import Bundle, Inspector
 from clipinspect.runtime.core.bundle import atomic_write_bytes
-from clipinspect.runtime.core.errors import UsageError
+from clipinspect.runtime.core.errors import UsageError, did_you_mean
 from clipinspect.runtime.core.maps import upsample
 from clipinspect.runtime.core.progress import Progress
 
@@ -139,6 +140,19 @@ def evaluate_category(inspectors: dict[str, Inspector], root: Path, category: st
     return out
 
 
+def check_categories(b: Bundle, categories: Sequence[str]) -> None:
+    """Refuse categories the bundle has no text embeddings for, each with the bundle's closest
+    name (a typo) and the command that adds it."""
+    known = b.manifest.categories
+    missing = [c for c in categories if c not in known]
+    if missing:
+        named = ", ".join(f"{c!r}{did_you_mean(c, known)}" for c in missing)
+        command = shlex.join(["clipinspect", "add-category", str(b.root), *missing])
+        raise UsageError(f"the bundle has no text embeddings for {named}; add them with: "
+                         f"{command}; or pass --categories with the bundle's: "
+                         f"{', '.join(sorted(known)) or 'none'}")
+
+
 def evaluate(bundle: str | Path, data: str | Path, out: str | Path,
              options: EvalOptions = EvalOptions()) -> dict:
     """Evaluate, write ``out``/report.json, report.md, report.png (with matplotlib; the returned
@@ -149,11 +163,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path,
     (out / "categories").mkdir(parents=True, exist_ok=True)
     b = Bundle.open(bundle)
     categories = list(options.categories or dataset_categories(data, fmt))
-    missing = [c for c in categories if c not in b.manifest.categories]
-    if missing:
-        raise UsageError(f"the bundle has no text embeddings for {', '.join(map(repr, missing))}; "
-                         f"add them with 'clipinspect add-category {bundle} "
-                         f"{' '.join(map(repr, missing))}' or pass --categories")
+    check_categories(b, categories)
     # FP32 first: the other precisions are compared against it.
     wanted = sorted(dict.fromkeys(options.precisions), key=lambda p: p != "fp32")
     skipped = {p: f"the bundle has no {p} graphs" for p in wanted if p not in b.precisions}

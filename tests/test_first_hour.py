@@ -130,3 +130,55 @@ def test_bench_baseline_on_random_weights_does_not_warn_about_exporting(small_bu
     console = said.out + said.err
     assert "exporting" not in console.lower()
     assert console.count("the PyTorch baseline uses the bundle's random weights (seed 0)") == 1
+
+
+def test_did_you_mean_names_a_close_misspelling_after_a_case_match():
+    from clipinspect.runtime.core.errors import did_you_mean
+
+    assert did_you_mean("weeve", ["washer", "weave"]) == " (did you mean 'weave'?)"
+    assert did_you_mean("WEEVE", ["washer", "weave"]) == " (did you mean 'weave'?)"
+    assert did_you_mean("washr", ["washer", "weave"]) == " (did you mean 'washer'?)"
+    # The case-only match wins over a closer-looking spelling.
+    assert did_you_mean("Weave", ["weavee", "weave"]) == " (did you mean 'weave'?)"
+    assert did_you_mean("bottle", ["washer", "weave"]) == ""
+    assert did_you_mean("pcb5", ["pcb1", "pcb2"]) == ""  # another real name, not a typo
+    assert did_you_mean("weave", ["weave"]) == ""
+
+
+@pytest.fixture
+def typo_data(tmp_path):
+    from clipinspect.calibration.synth import generate
+
+    generate(tmp_path / "data", seed=3, categories=["weave"], image_size=64, n_train=1,
+             n_test_good=1, n_test_defect_per_type=1)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("command", [
+    ("predict", "{bundle}", "{good}", "--category", "weeve", "--out", "{tmp}/out"),
+    ("fewshot", "{bundle}", "{good}", "--category", "weeve"),
+    ("threshold", "{bundle}", "--category", "weeve", "--normal", "{good}"),
+    ("eval", "{bundle}", "--data", "{data}", "--out", "{tmp}/report", "--categories", "weeve"),
+])
+def test_a_category_typo_gets_the_hint_in_every_command(command, tiny_bundle_copy, typo_data,
+                                                         tmp_path):
+    values = {"bundle": tiny_bundle_copy, "good": typo_data / "weave" / "train" / "good",
+              "data": typo_data, "tmp": tmp_path}
+    status, _, stderr = _main(*(part.format(**values) for part in command))
+    assert status != 0
+    (line,) = [x for x in stderr.splitlines() if x.strip()]
+    assert "'weeve' (did you mean 'weave'?)" in line, line
+
+
+def test_bundle_entry_names_the_close_category(tiny_bundle_path):
+    from clipinspect.runtime.core.bundle import Bundle
+    from clipinspect.runtime.core.errors import ClipInspectError
+
+    with pytest.raises(ClipInspectError, match=r"'washr' \(did you mean 'washer'\?\)"):
+        Bundle.open(tiny_bundle_path).entry("washr")
+
+
+def test_a_misspelt_choice_option_is_named(tiny_bundle_path, tmp_path):
+    status, _, stderr = _main("predict", tiny_bundle_path, tmp_path, "--category", "weave",
+                              "--mode", "zero-sht")
+    assert status != 0 and "invalid choice 'zero-sht' (did you mean 'zero-shot'?)" in stderr

@@ -109,8 +109,9 @@ def add_dataset_format(p: argparse.ArgumentParser) -> None:
 
 
 def one_of(choices: Sequence[str]):
-    """An argparse ``type`` for a choice option: a value that differs from a choice only in case
-    is refused naming the choice (argparse itself would only list them all)."""
+    """An argparse ``type`` for a choice option: a value that differs from a choice only in case,
+    or is a close misspelling of one, is refused naming the choice (argparse itself would only
+    list them all)."""
     def check(value: str) -> str:
         if value not in choices and (hint := did_you_mean(value, choices)):
             raise argparse.ArgumentTypeError(f"invalid choice {value!r}{hint}")
