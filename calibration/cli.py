@@ -64,13 +64,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_threshold(args: argparse.Namespace) -> int:
     from clipinspect.runtime import Inspector
-    from clipinspect.runtime.core.images import expand_inputs
+    from clipinspect.runtime.core.images import expand_input_paths
 
     from .thresholds import calibrate, describe
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
                                batch_size=args.batch_size)
-    normal = expand_inputs(args.normal) if args.normal else None
+    inspector.bundle.entry(args.category)  # the bundle, the category, then the inputs
+    normal = expand_input_paths(args.normal) if args.normal else None
     key, t = calibrate(inspector, args.category, normal=normal, fpr=args.fpr,
                        validation=args.validation, fmt=args.format, mode=args.mode,
                        batch_size=args.batch_size)

@@ -66,7 +66,8 @@ def test_an_empty_file_is_called_empty(tmp_path):
 
 
 def test_a_skipped_image_is_reported_with_a_colon(capsys, tiny_bundle_path, tmp_path):
-    rc = main(["predict", str(tiny_bundle_path), str(tmp_path / "missing.png"), "--category",
+    (tmp_path / "broken.png").write_bytes(b"not an image")  # a missing path is refused instead
+    rc = main(["predict", str(tiny_bundle_path), str(tmp_path / "broken.png"), "--category",
                "weave", "--out", str(tmp_path / "out")])
     assert rc == 2
     assert "clipinspect: skipped: '" in capsys.readouterr().err

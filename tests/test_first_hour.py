@@ -182,3 +182,21 @@ def test_a_misspelt_choice_option_is_named(tiny_bundle_path, tmp_path):
     status, _, stderr = _main("predict", tiny_bundle_path, tmp_path, "--category", "weave",
                               "--mode", "zero-sht")
     assert status != 0 and "invalid choice 'zero-sht' (did you mean 'zero-shot'?)" in stderr
+
+
+@pytest.mark.parametrize("command", [
+    ("predict", "{bundle}", "{missing}", "--category", "weave", "--out", "{tmp}/out"),
+    ("fewshot", "{bundle}", "{missing}", "--category", "weave"),
+    ("threshold", "{bundle}", "--category", "weave", "--normal", "{missing}"),
+])
+def test_a_missing_input_path_is_one_line_naming_it(command, tiny_bundle_copy, tmp_path):
+    from test_cli import run
+
+    missing = tmp_path / "no" / "such" / "dir"
+    values = {"bundle": tiny_bundle_copy, "missing": missing, "tmp": tmp_path}
+    proc = run(*(part.format(**values) for part in command))
+    assert proc.returncode == 2
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert line.startswith("clipinspect: error: input path ") and repr(str(missing)) in line
+    assert "no such file or directory" in line and "failed" not in proc.stdout
+    assert not (tmp_path / "out").exists()

@@ -12,8 +12,8 @@ from .options import (add_bundle, add_category, add_mode, add_runtime_options, p
 
 
 def _images(items: list[str]):
-    from ..core.images import expand_inputs
-    return expand_inputs(items)
+    from ..core.images import expand_input_paths
+    return expand_input_paths(items)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -22,6 +22,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
                                batch_size=args.batch_size, attention=args.attention)
+    inspector.bundle.entry(args.category)  # the bundle, the category, then the inputs
     images = _images(args.images)
     results = predict_to_dir(inspector, images, args.category, args.out, args.batch_size,
                              mode=args.mode, smoothing_sigma=args.smooth,
@@ -45,6 +46,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
                                batch_size=args.batch_size, attention=args.attention)
+    inspector.bundle.entry(args.category)  # the bundle, the category, then the inputs
     shots, failed = inspector.add_references(args.category, _images(args.images), args.batch_size)
     for source, error in failed:
         print(f"clipinspect: skipped: {error}", file=sys.stderr)

@@ -371,3 +371,16 @@ def expand_inputs(items: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
         else:
             out.append(item)
     return out
+
+
+def expand_input_paths(paths: Sequence[str | os.PathLike]) -> list[ImageInput]:
+    """Image files and folders named on a command line, folders expanded (``expand_inputs``). A
+    path that does not exist is refused before any work, in one line naming it: inspected, it
+    would only be one failed image under a progress bar."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        what = "path " + repr(missing[0]) if len(missing) == 1 else \
+            "paths " + ", ".join(map(repr, missing))
+        raise ImageError(f"input {what}: no such file or directory; expected image files or "
+                         "folders of images: check the spelling, or give the full path")
+    return expand_inputs(list(paths))
