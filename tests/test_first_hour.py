@@ -200,3 +200,26 @@ def test_a_missing_input_path_is_one_line_naming_it(command, tiny_bundle_copy, t
     assert line.startswith("clipinspect: error: input path ") and repr(str(missing)) in line
     assert "no such file or directory" in line and "failed" not in proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_info_prints_thresholds_as_a_table(tiny_bundle_copy):
+    from clipinspect.runtime.core.bundle import Bundle
+    from test_cli import run
+
+    assert "thresholds  none (set them with 'clipinspect threshold')" in run(
+        "info", tiny_bundle_copy, check=True).stdout
+    Bundle.open(tiny_bundle_copy).set_thresholds("weave", "fp32/zero-shot", {
+        "image": 0.1234567, "pixel": 0.25, "method": "normal images at a target FPR",
+        "images": 12})
+    Bundle.open(tiny_bundle_copy).set_thresholds("washer", "fp32/few-shot", {"image": 0.5})
+    lines = run("info", tiny_bundle_copy, check=True).stdout.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("thresholds"))
+    header, *rows = [x.split("  ") for x in lines[start:start + 3]]
+    cells = [[c.strip() for c in row if c.strip()] for row in (header, *rows)]
+    assert cells[0] == ["thresholds", "category", "key", "image", "pixel", "method", "images"]
+    assert cells[1:] == [["washer", "fp32/few-shot", "0.5", "-", "-", "-"],
+                         ["weave", "fp32/zero-shot", "0.123457", "0.25",
+                          "normal images at a target FPR", "12"]]
+    assert not any("{" in x for x in lines)
+    column = lines[start].index("key")
+    assert all(x[column:].startswith(("key", "fp32/")) for x in lines[start:start + 3])

@@ -42,9 +42,31 @@ def cmd_info(args: argparse.Namespace) -> int:
                 if dropped else "")
         print(f"category    {name}: {entry.n_normal_prompts}+{entry.n_anomalous_prompts} "
               f"prompts{kept}{', prompt file' if entry.prompt_file else ''}, "
-              f"{entry.memory.shots if entry.memory else 0}-shot memory, thresholds "
-              f"{ {k: t.values() for k, t in entry.thresholds.items()} or 'none'}")
+              f"{entry.memory.shots if entry.memory else 0}-shot memory")
+    for line in threshold_table(m):
+        print(line)
     return 0
+
+
+THRESHOLD_COLUMNS = ("category", "key", "image", "pixel", "method", "images")
+
+
+def threshold_table(m) -> list[str]:
+    """The thresholds of every category as an aligned table (one row per precision/mode key),
+    under the 'thresholds' label of ``info``; one line saying how to set them if there are
+    none."""
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.6g}"
+
+    rows = [(name, key, number(t.image), number(t.pixel), str(t.extra.get("method", "-")),
+             str(t.extra.get("images", "-")))
+            for name in sorted(m.categories) for key, t in m.categories[name].thresholds.items()]
+    if not rows:
+        return ["thresholds  none (set them with 'clipinspect threshold')"]
+    table = [THRESHOLD_COLUMNS, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(THRESHOLD_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    return [f"{'thresholds' if i == 0 else '':12s}{line}" for i, line in enumerate(lines)]
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
