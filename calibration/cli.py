@@ -66,12 +66,16 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     from clipinspect.runtime import Inspector
     from clipinspect.runtime.core.images import expand_input_paths
 
-    from .thresholds import calibrate, describe
+    from .thresholds import calibrate, describe, references_among, references_warning
 
     inspector = Inspector.open(args.bundle, args.precision, args.provider, args.threads,
                                batch_size=args.batch_size)
     inspector.bundle.entry(args.category)  # the bundle, the category, then the inputs
     normal = expand_input_paths(args.normal) if args.normal else None
+    if normal and args.mode != "zero-shot":
+        found = references_among(inspector.bundle, args.category, normal)
+        if found:
+            print(f"clipinspect: {references_warning(args.category, found)}", file=sys.stderr)
     key, t = calibrate(inspector, args.category, normal=normal, fpr=args.fpr,
                        validation=args.validation, fmt=args.format, mode=args.mode,
                        batch_size=args.batch_size)

@@ -4,12 +4,14 @@ and mode; the runtime then sets ``is_anomalous`` and the binary mask."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from clipinspect.runtime import Inspector
+from clipinspect.runtime import Bundle, Inspector
+from clipinspect.runtime.core.bundle import sha256_file
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.images import ImageInput
 from clipinspect.runtime.core.inspector import threshold_key
@@ -20,6 +22,42 @@ from clipinspect.runtime.core.thresholds import threshold_at_fpr  # noqa: F401
 
 from .datasets import load_dataset, load_mask
 from .metrics import f1_max_threshold
+
+
+def references_among(bundle: Bundle, category: str, images: Sequence[ImageInput]) -> list[str]:
+    """The ``images`` (paths) that are ``category``'s few-shot references, by the sources its
+    memory records: the same file (resolved path; a relative source read from here or from the
+    bundle, where feedback keeps its images) or the same content (sha256, only of files whose
+    size is that of a reference, so it costs little). [] without memory."""
+    memory = bundle.manifest.categories[category].memory if category in \
+        bundle.manifest.categories else None
+    if memory is None or not memory.sources:
+        return []
+    sources: set[Path] = set()
+    for s in memory.sources:
+        for p in ([Path(s)] if Path(s).is_absolute() else [Path(s), bundle.root / s]):
+            if p.is_file():
+                sources.add(p.resolve())
+    sizes = {p.stat().st_size for p in sources}
+    digests = {sha256_file(p) for p in sources}
+    found = []
+    for item in images:
+        if not isinstance(item, (str, os.PathLike)) or not Path(item).is_file():
+            continue
+        path = Path(item).resolve()
+        if path in sources or (path.stat().st_size in sizes and sha256_file(path) in digests):
+            found.append(str(item))
+    return found
+
+
+def references_warning(category: str, found: Sequence[str], shown: int = 4) -> str:
+    """One line: which --normal images are the category's references, why that matters, the
+    fix."""
+    names = ", ".join(found[:shown]) + (f" and {len(found) - shown} more" if len(found) > shown
+                                         else "")
+    return (f"WARNING: {len(found)} of the --normal images are few-shot references of "
+            f"{category!r} ({names}): their few-shot scores are near zero, so the thresholds come "
+            "out too low; give normal images not used as references (or --mode zero-shot)")
 
 
 def from_validation(inspector: Inspector, category: str, root: str | Path, fmt: str = "auto",

@@ -223,3 +223,29 @@ def test_info_prints_thresholds_as_a_table(tiny_bundle_copy):
     assert not any("{" in x for x in lines)
     column = lines[start].index("key")
     assert all(x[column:].startswith(("key", "fp32/")) for x in lines[start:start + 3])
+
+
+def test_threshold_warns_when_normal_images_include_the_references(tiny_bundle_copy, tmp_path,
+                                                                   rng):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    refs, normal = tmp_path / "refs", tmp_path / "normal"
+    refs.mkdir()
+    normal.mkdir()
+    for path in (refs / "r0.png", refs / "r1.png", *(normal / f"n{i}.png" for i in range(3))):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    shutil.copy(refs / "r1.png", normal / "copy_of_r1.png")  # the same content, another name
+    assert _main("fewshot", tiny_bundle_copy, refs, "--category", "weave")[0] == 0
+
+    status, _, stderr = _main("threshold", tiny_bundle_copy, "--category", "weave",
+                              "--normal", normal, refs / "r0.png")
+    assert status == 0, stderr
+    (line,) = [x for x in stderr.splitlines() if "few-shot references" in x]
+    assert line.startswith("clipinspect: WARNING: 2 of the --normal images")
+    assert "copy_of_r1.png" in line and "r0.png" in line and "n0.png" not in line
+    status, _, stderr = _main("threshold", tiny_bundle_copy, "--category", "weave",
+                              "--normal", normal / "n0.png", normal / "n1.png")
+    assert status == 0 and "few-shot references" not in stderr
