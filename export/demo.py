@@ -81,16 +81,17 @@ def export_for_demo(path: Path, model: str, pretrained: str, categories: Sequenc
     """Export with ``pretrained``; fall back to random weights. -> (bundle, one-line warning,
     the full error) where the fallback was taken."""
     if _bundle_matches(path, model, pretrained, categories):
-        log(f"reusing the bundle in {path}")
+        log(f"  reusing the bundle in {path}")
         return Bundle.open(path), None, None
-    options = ExportOptions(path, model, pretrained, categories, overwrite=True, seed=seed)
+    options = ExportOptions(path, model, pretrained, categories, overwrite=True, seed=seed,
+                            sub_steps=True)
     try:
         return export_bundle(options), None, None
     except ExportError as e:
         warning, error = weights_warning(model, pretrained, e), str(e)
         log(warning)
     if _bundle_matches(path, model, None, categories):
-        log(f"reusing the random-weights bundle in {path}")
+        log(f"  reusing the random-weights bundle in {path}")
         return Bundle.open(path), warning, error
     options.pretrained, options.warn_random = None, False
     return export_bundle(options), warning, error
@@ -129,18 +130,29 @@ def decisions(labels: np.ndarray, flagged: np.ndarray) -> dict[str, int]:
             "FN": int(np.sum(labels & ~flagged)), "TN": int(np.sum(~labels & ~flagged))}
 
 
+def demo_steps(categories: Sequence[str]) -> int:
+    """How many numbered steps the demo logs: data, export, then two per category."""
+    return 2 + 2 * len(categories)
+
+
+def step(k: int, total: int, text: str) -> None:
+    """One of the demo's steps, each number logged once."""
+    log(f"== {k}/{total} {text}")
+
+
 def inspect_category(inspector: Inspector, data: Path, out: Path, name: str,
-                     options: DemoOptions) -> dict:
+                     options: DemoOptions, *, first_step: int) -> dict:
     """References, thresholds, inspection of the test split, contact sheet -> the category's
-    report entry."""
+    report entry; logged as steps ``first_step`` and the next."""
+    total = demo_steps(options.categories or DEMO_CATEGORIES)
     train = [s.path for s in load_mvtec(data, [name], split="train")]
     refs, held_out = train[:options.shots], train[options.shots:]
-    log(f"== 3/4 {name}: {len(refs)}-shot references, thresholds from {len(held_out)} "
-        "other normal images")
+    step(first_step, total, f"{name}: {len(refs)}-shot references, thresholds from "
+         f"{len(held_out)} other normal images")
     inspector.add_references(name, refs, options.batch_size)
     thresholds = set_demo_thresholds(inspector, name, held_out)
     test = load_mvtec(data, [name], split="test")
-    log(f"== 4/4 {name}: inspecting {len(test)} test images")
+    step(first_step + 1, total, f"{name}: inspecting {len(test)} test images")
     pred_dir = out / "predictions" / name
     start = time.perf_counter()
     results = predict_to_dir(inspector, [s.path for s in test], name, pred_dir,
@@ -175,11 +187,12 @@ def run_demo(options: DemoOptions) -> dict:
     prepare_out(out, options.overwrite)
     t0 = time.perf_counter()
     data = out / "data"
-    log(f"== 1/4 synthetic dataset ({', '.join(categories)}) -> {data}")
+    total = demo_steps(categories)
+    step(1, total, f"synthetic dataset ({', '.join(categories)}) -> {data}")
     generate(data, seed=options.seed, categories=categories,
              n_train=max(options.shots, 1) + HELD_OUT_NORMAL, n_test_good=4,
              n_test_defect_per_type=1)  # one image per defect type: the image count sets the time
-    log(f"== 2/4 export {options.model} -> {out / 'bundle'}")
+    step(2, total, f"export {options.model} -> {out / 'bundle'}")
     bundle, warning, error = export_for_demo(out / "bundle", options.model, options.pretrained,
                                              categories, options.seed)
     inspector = Inspector.open(bundle)
@@ -188,8 +201,9 @@ def run_demo(options: DemoOptions) -> dict:
               "weights_warning": warning, "weights_error": error, "bundle": bundle.identity,
               "parity_fp32": parity.to_dict() if parity else None, "shots": options.shots,
               "categories": {}}
-    for name in categories:
-        report["categories"][name] = inspect_category(inspector, data, out, name, options)
+    for i, name in enumerate(categories):
+        report["categories"][name] = inspect_category(inspector, data, out, name, options,
+                                                      first_step=3 + 2 * i)
     report["seconds"] = time.perf_counter() - t0
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))

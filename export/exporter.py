@@ -61,7 +61,8 @@ class ExportOptions:
     open_clip tag, a checkpoint file, or None for seeded random weights (warned about unless
     ``warn_random`` is False: a caller that has said so already). parity_images: how many
     unseen random images the export-time parity check runs (each one a full eager pass, the
-    slow part of exporting a large model). fused_attention: also write the onnxruntime-only
+    slow part of exporting a large model). sub_steps: the export is one numbered step of a
+    caller's (the demo's): its own steps are logged indented, unnumbered. fused_attention: also write the onnxruntime-only
     encoder with attention as onnxruntime's fused operator (``graphs.fp32.encoder_fused``, which
     onnxruntime's CPU provider then runs), checked against PyTorch like the standard one.
     """
@@ -83,6 +84,7 @@ class ExportOptions:
     overwrite: bool = False
     seed: int = 0
     warn_random: bool = True
+    sub_steps: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,11 @@ def export_bundle(options: ExportOptions) -> Bundle:
     into place only when complete, so a failure never leaves a half bundle behind."""
     method, own_options, descriptions = _checked(options)
     out, t_start = Path(options.out), time.perf_counter()
-    log(f"[1/5] loading {options.model} (weights: {options.pretrained or 'random'})")
+
+    def step(k: int | None, text: str) -> None:
+        log(f"  {text}" if options.sub_steps else f"[{k}/5] {text}" if k else text)
+
+    step(1, f"loading {options.model} (weights: {options.pretrained or 'random'})")
     clip = Clip(options.model, *load_clip(options.model, options.pretrained, options.seed,
                                           warn_random=options.warn_random),
                 seed=options.seed)
@@ -123,21 +129,21 @@ def export_bundle(options: ExportOptions) -> Bundle:
                            built.adaptation.to_dict() if built.adaptation else None,
                            ensemble=options.ensemble)
     with _staging(out) as tmp:
-        log(f"[2/5] exporting ONNX graphs (opset {options.opset})")
+        step(2, f"exporting ONNX graphs (opset {options.opset})")
         probe = Probe.of(built.encoder, options.parity_images)
         files = export_graphs(built, tmp, options.opset, probe, options.fused_attention)
         text_entries = {}
         for i, name in enumerate(options.categories):
-            log(f"[3/5] text embeddings for {name!r} ({i + 1}/{len(options.categories)})")
+            step(3, f"text embeddings for {name!r} ({i + 1}/{len(options.categories)})")
             text_entries[name] = write_category_text(tmp, name, recipe)
-        log("[4/5] checking onnxruntime against PyTorch")
+        step(4, "checking onnxruntime against PyTorch")
         text = _parity_text(tmp, built, text_entries, int(clip.model.visual.output_dim))
         parity = judge_parity(check_parity(tmp, files, built, text, probe), options.tolerance,
                               options.strict, len(probe.images))
-        log("[5/5] writing manifest")
+        step(5, "writing manifest")
         manifest = build_manifest(options, clip, built, parity, text_entries)
         write_manifest_and_move(tmp, out, manifest, files, options.overwrite)
-    log(f"bundle written to {out} in {time.perf_counter() - t_start:.0f} s")
+    step(None, f"bundle written to {out} in {time.perf_counter() - t_start:.0f} s")
     return Bundle.open(out)
 
 

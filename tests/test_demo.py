@@ -107,3 +107,13 @@ def test_demo_help_shows_the_fast_default_and_overwrite(capsys):
         main(["demo", "--help"])
     text = capsys.readouterr().out
     assert "--overwrite" in text and "ViT-B-32" in text
+
+
+def test_the_demo_numbers_each_step_once(demo_run):
+    _, report, console = demo_run
+    steps = re.findall(r"^== (\d+)/(\d+) ", console, flags=re.M)
+    total = 2 + 2 * len(report["categories"])
+    assert steps == [(str(k), str(total)) for k in range(1, total + 1)]
+    # The export inside step 2 logs its own steps unnumbered, also on the random-weights retry.
+    assert not re.search(r"^\[\d+/\d+\]", console, flags=re.M)
+    assert "  loading " in console
