@@ -249,3 +249,12 @@ def test_threshold_warns_when_normal_images_include_the_references(tiny_bundle_c
     status, _, stderr = _main("threshold", tiny_bundle_copy, "--category", "weave",
                               "--normal", normal / "n0.png", normal / "n1.png")
     assert status == 0 and "few-shot references" not in stderr
+
+
+def test_readme_says_how_to_avoid_the_cuda_wheels_and_states_the_demo_s_parity():
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert ("pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+            in text)
+    assert "at most 6e-6" not in text and "the demo prints its own" in text
