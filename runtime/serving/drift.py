@@ -73,9 +73,10 @@ def image_statistics(rgb: np.ndarray) -> dict[str, float]:
     else:
         laplacian = (luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:]
                      - 4 * luma[1:-1, 1:-1])
-    return {"brightness": float(luma.mean(dtype=np.float64)),
-            "contrast": float(luma.std(dtype=np.float64)),
-            "sharpness": float(laplacian.var(dtype=np.float64))}
+    # float32 sums (numpy sums pairwise: relative error ~1e-6 at 65,536 values), half the
+    # time of float64 ones.
+    return {"brightness": float(luma.mean()), "contrast": float(luma.std()),
+            "sharpness": float(laplacian.var())}
 
 
 # --------------------------------------------------------------------------- the test
