@@ -1,6 +1,7 @@
 """``/ui``: the live page of ``clipinspect serve`` and its data, ``/ui/state.json`` (latest
-overlays, verdicts, counts per category, throughput, latency percentiles), which needs the API
-key where one is set. The page is checked in a real browser in test_browser.py."""
+overlays, verdicts, counts per category, throughput, latency percentiles, thresholds, score
+history, the bundle, each card's feedback, what providers add), which needs the API key where one
+is set. The page is checked in a real browser in test_browser.py."""
 
 from __future__ import annotations
 
@@ -80,3 +81,41 @@ def test_overlays_are_rendered_only_while_the_page_is_watched():
     assert feed.state()["latest"][0]["overlay_png"] is None
     feed.record("washer", result(), {}, 0.01)        # the page polled just now
     assert feed.state()["latest"][0]["overlay_png"].startswith("data:image/png;base64,")
+
+
+def test_state_carries_thresholds_history_feedback_and_what_providers_add():
+    feed = LiveFeed()
+    feed.bundle = {"identity": "b/1", "precision": "fp32", "model": "m", "weights": "random"}
+    feed.providers["shadow"] = lambda: {"scored": 0}
+    for i, flagged in enumerate((True, False)):
+        feed.record("washer", InspectionResult(f"{i}", image_score=0.5 + i, is_anomalous=flagged),
+                    {"image": 1.0, "pixel": 0.3}, 0.01, image_id=f"id{i}")
+    feed.mark("id0", "false_alarm", {"id": 7, "after": {"memory": "ab" * 32, "shots": 4}})
+    s = feed.state()
+    assert s["bundle"]["weights"] == "random" and s["shadow"] == {"scored": 0}
+    assert s["thresholds"] == {"washer": {"image": 1.0, "pixel": 0.3}}
+    assert [(score, verdict) for _, score, verdict in s["history"]["washer"]] == [
+        (0.5, "NG"), (1.5, "OK")]
+    assert s["operations"] is True  # results with image ids: serve's cards take feedback
+    marked = [r for r in s["latest"] if r["image_id"] == "id0"][0]
+    assert marked["feedback"] == {"label": "false_alarm", "id": 7, "memory": "ab" * 6,
+                                  "shots": 4}
+    assert [r for r in s["latest"] if r["image_id"] == "id1"][0]["feedback"] is None
+
+
+def test_a_station_feed_without_image_ids_offers_no_feedback():
+    feed = LiveFeed()
+    feed.record("washer", InspectionResult("x", image_score=0.1, is_anomalous=False),
+                {"image": 1.0}, 0.01, verdict="OK")
+    assert feed.state()["operations"] is False
+
+
+def test_the_page_sets_text_never_markup_and_keeps_the_ids_the_tests_use():
+    from clipinspect.runtime.serving.ui import PAGE
+
+    assert "innerHTML" not in PAGE and "outerHTML" not in PAGE and "insertAdjacentHTML" not in PAGE
+    for name in ("keybox", "key", "usekey", "tput", "p50", "p99", "status", "counts", "health",
+                 "grid", "random", "bundle", "categories", "shadow", "drift", "agreement"):
+        assert f'id="{name}"' in PAGE
+    for endpoint in ("v1/feedback", "v1/memory/undo", "ui/state.json"):
+        assert f'"{endpoint}"' in PAGE  # relative: the page works behind a path prefix
