@@ -215,6 +215,8 @@ def test_a_shadow_changes_no_served_verdict_and_promote_under_load_loses_nothing
         state = call(live.url, "/v1/shadow", method="GET").json()
         assert state["scored"] + state["dropped"] == len(parts)
         assert state["bundle"] == Bundle.open(candidate).identity
+        scrape = call(live.url, "/metrics", method="GET").text
+        assert "clipinspect_shadow_scored " in scrape and "clipinspect_shadow_dropped " in scrape
 
         stop, answers, failures = threading.Event(), [], []
 
@@ -308,3 +310,35 @@ def test_the_labelled_set_of_feedback_sets_an_image_threshold(bundle, capsys):
     assert "pixel threshold not set (no masks)" in out
     t = Bundle.open(bundle).manifest.categories[CATEGORY].thresholds["fp32/few-shot"]
     assert t.image is not None and t.pixel is None and t.extra["image_level_labels"] is True
+
+
+def brighter(image: bytes, gain: float) -> bytes:
+    a = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(a * gain + 40 * (gain - 1), 0, 255).astype(np.uint8)).save(
+        buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_lighting_change_raises_a_drift_alarm_in_metrics_the_journal_and_the_page(bundle,
+                                                                                   tmp_path):
+    live = Live(Inspector.open(bundle), ServeConfig(max_batch=4, api_key=KEY, drift_reference=20,
+                                                   drift_window=20,
+                                                   journal=tmp_path / "j.sqlite"))
+    try:
+        rng = np.random.default_rng(0)
+        for i in range(40):  # a stationary stream: the reference, then a window like it
+            inspect(live.url, picture("gradient", int(rng.integers(0, 20))))
+        assert 'clipinspect_drift_alarm{category="weave",source="http",statistic="brightness"}' \
+            ' 0.0' in call(live.url, "/metrics", method="GET").text
+        for i in range(40):  # the lamp brightens
+            inspect(live.url, brighter(picture("gradient", int(rng.integers(0, 20))), 1.3))
+        scrape = call(live.url, "/metrics", method="GET").text
+        assert 'statistic="brightness"} 1.0' in scrape
+        state = call(live.url, "/ui/state.json", method="GET").json()
+        assert any(a["statistic"] == "brightness" for a in state["drift"]["alarms"])
+    finally:
+        live.stop()
+    events = Journal(tmp_path / "j.sqlite").events("drift")
+    assert events and events[0]["detail"]["statistic"] in ("brightness", "contrast", "score",
+                                                           "sharpness")

@@ -98,7 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          header_timeout_s=args.header_timeout,
                          inference_timeout_s=args.inference_timeout,
                          feedback_results=args.feedback_results, memory_max=args.memory_max,
-                         threshold_policy=args.threshold_policy)
+                         threshold_policy=args.threshold_policy,
+                         drift_reference=args.drift_reference, drift_window=args.drift_window)
     serve(args.bundle, args.host, args.port, config, precision=args.precision,
           provider=args.provider, threads=args.threads, attention=args.attention,
           shadow=args.shadow)
@@ -216,6 +217,10 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold-policy", default="keep", choices=("keep", "refit"),
                    help="after a false alarm joins the memory: keep the thresholds (default) "
                         "or refit them from their normal images")
+    p.add_argument("--drift-reference", type=positive_int, default=200,
+                   help="parts judged OK that form the drift watch's reference (default 200)")
+    p.add_argument("--drift-window", type=positive_int, default=100,
+                   help="recent parts the drift watch tests against it (default 100)")
     add_runtime_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -93,8 +93,8 @@ class Inspector:
         self._prepared: tuple[str, dict, dict] | None = None
         # The manifest as this Inspector's cached category data knows it (``refresh``); the
         # bundle's own is replaced by every update this process makes through it.
-        self._manifest_seen = _stamp(bundle.root / MANIFEST)
-        self._manifest_used = bundle.manifest
+        self._manifest_seen = _stamp(bundle.root / MANIFEST) if bundle is not None else None
+        self._manifest_used = getattr(bundle, "manifest", None)
 
     @property
     def manifest(self) -> Manifest:

@@ -40,6 +40,9 @@ class ServeConfig:
     feedback_bytes: int = 256 * MiB
     memory_max: int = 32
     threshold_policy: str = "keep"
+    # Drift watch (docs/drift.md): parts judged OK in the reference, parts in the recent window.
+    drift_reference: int = 200
+    drift_window: int = 100
     # Shadow bundle: batches waiting for it beyond this are dropped (counted).
     shadow_backlog: int = 2
 
@@ -59,3 +62,6 @@ def check_config(config: ServeConfig) -> None:
     if config.feedback_results < 0 or config.feedback_bytes < 0:
         raise UsageError("--feedback-results must be >= 0 (0: no feedback from the page)")
     FeedbackPolicy(config.threshold_policy, config.memory_max).check()
+    if min(config.drift_reference, config.drift_window) < 5:
+        raise UsageError(f"--drift-reference {config.drift_reference} / --drift-window "
+                         f"{config.drift_window}: the drift test needs at least 5 parts in each")

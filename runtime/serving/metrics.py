@@ -32,6 +32,21 @@ class Metrics:
             "clipinspect_connections_closed", "Connections closed or refused by the server's "
             "connection limits, by reason", ["reason"], registry=r)
 
+    def watch_shadow(self, shadow) -> None:
+        """Gauges of the shadow bundle's agreement with the active one (.shadow.Shadow), read
+        at each scrape; NaN until there is something to compare."""
+        def read(key: str):
+            return lambda: float("nan") if (v := shadow.state()[key]) is None else float(v)
+        for key, text in (("verdict_agreement", "Share of parts where the shadow bundle's "
+                           "verdict equals the served one"),
+                          ("score_correlation", "Pearson correlation of shadow and served "
+                           "image scores"),
+                          ("scored", "Parts the shadow bundle scored"),
+                          ("dropped", "Parts not offered to the shadow bundle (its backlog "
+                           "was full)")):
+            Gauge(f"clipinspect_shadow_{key}", text, registry=self.registry).set_function(
+                read(key))
+
     def exposition(self) -> Response:
         """The scrape: every series in Prometheus' text format."""
         return Response(generate_latest(self.registry),

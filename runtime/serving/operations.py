@@ -85,7 +85,7 @@ class Operations:
 
     # ------------------------------------------------------------------ feedback
     async def feedback(self, request: Request) -> Response:
-        batcher = self.service.admit()
+        batcher = self.service.running()
         body = await json_body(request)
         image_id, label = body.get("image_id"), body.get("label")
         if label not in LABELS:
@@ -109,7 +109,7 @@ class Operations:
         return JSONResponse(public(row, service.inspector.bundle.root))
 
     async def memory(self, request: Request) -> Response:
-        self.service.admit()
+        self.service.running()
         category = self._category(request.query_params.get("category"))
         inspector = self.service.inspector
         book = self.book
@@ -119,7 +119,7 @@ class Operations:
                                      for r in book.entries(category)]})
 
     async def undo(self, request: Request) -> Response:
-        batcher = self.service.admit()
+        batcher = self.service.running()
         body = await json_body(request)
         category = self._category(body.get("category"))
         who = operator(request, body)
@@ -162,7 +162,7 @@ class Operations:
 
     async def _swap(self, request: Request, kind: str) -> Response:
         import asyncio
-        batcher, shadow = self.service.admit(), self._shadow()
+        batcher, shadow = self.service.running(), self._shadow()
         body = await json_body(request)
         who = operator(request, body)
         if self._swap_lock is None:
@@ -187,7 +187,7 @@ class Operations:
                              **detail})
 
     def _shadow(self):
-        batcher = self.service.admit()
+        batcher = self.service.running()
         if batcher.shadow is None:
             raise HTTPError(409, "no_shadow", "this server runs no shadow bundle: start it with "
                             "'clipinspect serve BUNDLE --shadow CANDIDATE'")

@@ -29,6 +29,8 @@ from .bodies import image_and_fields
 from .config import ServeConfig
 from .errors import HTTPError, error_response
 from .heatmap import overlay_png
+from .drift import DriftMonitor
+from .drift_watch import DriftWatch
 from .journal import Journal
 from ..core.memory_book import FeedbackPolicy
 from .metrics import Metrics
@@ -57,6 +59,9 @@ class Service:
         self.metrics = Metrics(config.max_batch)
         self.journal = Journal(config.journal) if config.journal else None
         self.feed = LiveFeed()
+        self.drift = DriftWatch(self.metrics.registry, self.journal,
+                                DriftMonitor(config.drift_reference, config.drift_window))
+        self.feed.providers["drift"] = self.drift.state
         self.inspector: Inspector | None = None
         self.batcher: Batcher | None = None
         self.ready = False
@@ -78,6 +83,9 @@ class Service:
                 shadow = Shadow(check_shadow(inspector, await opened(self.shadow_source)),
                                 self.config.shadow_backlog)
             batcher = Batcher(inspector, self.config, self.metrics, self.journal, shadow)
+            if shadow is not None:
+                self.metrics.watch_shadow(shadow)
+                self.feed.providers["shadow"] = shadow.state
             # Every category's data is loaded once, and the first (slow) session run happens
             # before readiness is reported.
             probe = inspector.load(np.full((64, 64, 3), 128, np.uint8))
@@ -142,10 +150,16 @@ class Service:
             return response
         return run
 
-    def admit(self) -> Batcher:
+    def running(self) -> Batcher:
+        """The batcher, once ready (operator routes: not counted against the capacity, so that
+        a full queue cannot keep an operator from acting)."""
         if not self.ready or self.batcher is None:
             raise HTTPError(503, "not_ready", "the model is loading or the server is shutting "
                             "down; retry shortly", {"Retry-After": "1"})
+        return self.batcher
+
+    def admit(self) -> Batcher:
+        self.running()
         if self.admitted >= self.capacity:
             self.metrics.rejected.inc()
             wait = max(1, math.ceil(self.admitted * self.batcher.per_image_s))
@@ -205,10 +219,14 @@ class Service:
         if want_map:
             body["heatmap_png"] = await anyio.to_thread.run_sync(overlay_png, r, thresholds)
         self.operations.recent.add(job.image_id, category, data, r)
-        # The live page's record (its thumbnail) is made after the answer has been sent.
+        # The live page's record (its thumbnail) and the drift watch's update are made after
+        # the answer has been sent.
         return JSONResponse(body, background=BackgroundTask(
-            self.feed.record, category, r, thresholds, time.perf_counter() - t0,
-            image_id=job.image_id))
+            self._after, job, r, thresholds, time.perf_counter() - t0))
+
+    def _after(self, job: Job, r, thresholds: dict, seconds: float) -> None:
+        self.feed.record(job.category, r, thresholds, seconds, image_id=job.image_id)
+        self.drift.observe(job.category, "http", job.loaded, r, self.inspector.bundle.preprocess)
 
     def _parameters(self, request: Request, fields: dict) -> tuple[str, str, str, bool]:
         """(category, mode, mode used, heat map wanted) from the form fields or the query."""

@@ -131,6 +131,9 @@ def build(config: StationConfig, inspector=None, source: Source | None = None) -
         sinks.append(ArchiveSink(st["archive"], st["archive_verdicts"]))
     sinks.append(PageSink(feed))
     feed.health = station.health_rows
+    from ..serving.drift_watch import DriftWatch
+    station.drift = DriftWatch(station.metrics.registry, name="station")
+    feed.providers["drift"] = station.drift.state
     opcua = next((s for s in sinks if s.name == "opcua"), None)
     if opcua is not None:
         station.on_state = opcua.set

@@ -85,6 +85,7 @@ class Station:
         self._pending_confirmations: dict[int, int] = {}
         self._lock = threading.Lock()
         self.on_state: Callable[[dict], None] = lambda values: None
+        self.drift = None  # a serving.drift_watch.DriftWatch (build.py), fed every part
         self._acquirer = threading.Thread(target=self._acquire, name="station-acquisition",
                                           daemon=True)
 
@@ -248,6 +249,12 @@ class Station:
             reason = "timeout"
         verdict = s.fail_safe if reason else ("NG" if score >= threshold else "OK")
         record = self._record(p, result, verdict, reason, threshold, now)
+        if self.drift is not None:
+            key = (p.category, f"station:{s.name}")
+            if result is not None and not reason:
+                self.drift.observe(*key, p.loaded, result, self.inspector.bundle.preprocess)
+            # The statistics in alarm for this part's category and source, on every sink.
+            record.payload["drift"] = self.drift.raised(key)
         with self._lock:
             self.counts["parts"] += 1
             if reason:
