@@ -141,8 +141,9 @@ class MemoryBook:
             return self._append(row)
 
     def undo(self, inspector, category: str, *, who: str) -> dict:
-        """Put back the memory and thresholds from before the category's last change that is not
-        undone yet (a false alarm, or an undo's undo is not offered: it is a redo)."""
+        """Put back the memory and thresholds from before the category's last false alarm that
+        is not undone yet; repeated, it walks back one change at a time (there is no redo: mark
+        the part again)."""
         inspector.bundle.entry(category)
         with self._locked():
             inspector.refresh()
