@@ -58,6 +58,8 @@ EXTRA = {
                                                           "--batch-size": "1"},
     "python -m clipinspect.benchmarks.rss_probe": {"--decoding": "whole"},
     "python benchmarks/experiments/station_line_rate.py": {"--max-trials": "1"},
+    "python benchmarks/experiments/drift_delay.py": {"--parts": "600", "--seeds": "1",
+                                                     "--pool": "32"},
 }
 PARSED_ONLY = {"python benchmarks/experiments/triton_vs_serve.py": "triton_vs_serve",
                "sh benchmarks/studies/synthetic.sh": "study"}
