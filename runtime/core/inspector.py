@@ -10,6 +10,8 @@ Stages (names.STAGES, the names bench and serve time too), each nameable and tim
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -156,7 +158,20 @@ class Inspector:
             if changed:
                 self._prepared = None
             return changed
-        return []
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    @contextlib.contextmanager
+    def using_memory(self, category: str, memory: dict[str, np.ndarray]) -> Iterator[None]:
+        """Inspect ``category`` with ``memory`` (as the method prepares it) instead of the
+        stored one inside the block: a threshold refit scores with a memory not yet written."""
+        data = self._categories.get(category) or self.bundle.category(category)
+        self._categories[category] = dataclasses.replace(data, memory=memory)
+        self._prepared = None
+        try:
+            yield
+        finally:
+            self._categories[category] = data
+            self._prepared = None
 
     def memory_digest(self, category: str) -> str | None:
         """sha256 of the category's few-shot memory file as loaded (None: no memory)."""

@@ -212,14 +212,14 @@ class MemoryBook:
         thresholds = {k: t.to_dict() for k, t in bundle.entry(category).thresholds.items()}
         refit = []
         if policy.thresholds == REFIT:
-            refit = self._refit(inspector, category, data, prepared, sources, thresholds)
+            refit = self._refit(inspector, category, prepared, sources, thresholds)
         self._keep_history(category, bundle)
         bundle.set_memory(category, prepared, sources, len(sources), thresholds=thresholds)
         inspector.refresh()
         self._keep_history(category, bundle)
         return {"evicted": evicted, "refit": refit}
 
-    def _refit(self, inspector, category: str, data, prepared: dict, sources: list[str],
+    def _refit(self, inspector, category: str, prepared: dict, sources: list[str],
                thresholds: dict) -> list[str]:
         """Refit this precision's few-shot thresholds set on normal images, with the new memory
         (in ``thresholds``, in place). Returns the keys refit."""
@@ -233,17 +233,8 @@ class MemoryBook:
                 "policy")
         images = list(old["normal_images"]) + [str(self.root / s) for s in sources
                                                if s.startswith(FROM_FEEDBACK)]
-        saved = inspector._categories.get(category)
-        inspector._categories[category] = dataclasses.replace(data, memory=prepared,
-                                                               shots=len(sources))
-        inspector._prepared = None
-        try:
+        with inspector.using_memory(category, prepared):
             fit = from_normal_images(inspector, category, images, old["target_fpr"], FEW_SHOT)
-        finally:
-            inspector._categories.pop(category, None)
-            if saved is not None:
-                inspector._categories[category] = saved
-            inspector._prepared = None
         fit["normal_images"] = old["normal_images"]
         fit["feedback_references"] = len(images) - len(old["normal_images"])
         thresholds[key] = fit
