@@ -53,5 +53,5 @@ def test_methods_and_backends_are_registered_with_core():
     from clipinspect.runtime.core import registry
     from clipinspect.runtime.core.names import PROVIDERS
 
-    assert set(registry.METHODS) == {"winclip", "patch", "aprillab", "alfa"}
+    assert set(registry.METHODS) == {"winclip", "patch", "aprillab", "alfa", "musc"}
     assert set(registry.BACKENDS) == set(PROVIDERS)

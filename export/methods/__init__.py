@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import alfa, aprillab, patch, winclip
+from . import alfa, aprillab, musc, patch, winclip
 from .base import HEADS, Built, Clip, ExportMethod, Option
 from .common import Adaptation
 
 METHODS: dict[str, ExportMethod] = {m.name: m for m in (winclip.METHOD, patch.METHOD,
-                                                         aprillab.METHOD, alfa.METHOD)}
+                                                         aprillab.METHOD, alfa.METHOD,
+                                                         musc.METHOD)}
 
 __all__ = ["HEADS", "METHODS", "Adaptation", "Built", "Clip", "ExportMethod", "Option",
            "method_options", "owner"]

@@ -97,6 +97,9 @@ class Inspector:
         # bundle's own is replaced by every update this process makes through it.
         self._manifest_seen = _stamp(bundle.root / MANIFEST) if bundle is not None else None
         self._manifest_used = getattr(bundle, "manifest", None)
+        # Line mode (``stream``): the method's learner, which sees every batch scored against
+        # a category's memory (MuSc: the rolling pool); None = nothing learns.
+        self.learner = None
 
     @property
     def manifest(self) -> Manifest:
@@ -172,6 +175,32 @@ class Inspector:
         finally:
             self._categories[category] = data
             self._prepared = None
+
+    def stream(self, **options) -> object | None:
+        """Line mode (serve, watch, the station): a method that learns from the parts it
+        judges (MuSc's rolling pool of normal parts) does so from now on, between batches on
+        the inspecting thread; nothing changes for the other methods. Returns the learner."""
+        factory = self.bundle.method.learner
+        self.learner = factory(self, **options) if factory is not None else None
+        return self.learner
+
+    def close_stream(self) -> None:
+        """Write what the learner holds that is not written yet (the line stops)."""
+        if self.learner is not None:
+            self.learner.close()
+
+    def category_data(self, category: str) -> CategoryData:
+        """The category's data as this Inspector scores with it (loaded once, cached)."""
+        if category not in self._categories:
+            self._categories[category] = self.bundle.category(category)
+        return self._categories[category]
+
+    def swap_memory(self, category: str, memory: dict[str, np.ndarray], shots: int) -> None:
+        """Score ``category`` with ``memory`` from the next batch on (a learner's update; call
+        between batches, on the inspecting thread). The bundle is not written."""
+        data = self.category_data(category)
+        self._categories[category] = dataclasses.replace(data, memory=memory, shots=shots)
+        self._prepared = None
 
     def memory_digest(self, category: str) -> str | None:
         """sha256 of the category's few-shot memory file as loaded (None: no memory)."""
@@ -255,8 +284,11 @@ class Inspector:
             detail = "; ".join(f"{s}: {e}" for s, e in failed[:3])
             raise ImageError(f"no usable reference image: {detail or 'none given'}")
         outputs = {k: np.concatenate(v) for k, v in chunks.items()}
-        # The few-shot head says what memory it takes: memory_X is encoder output X.
-        names = [n for n in self.backend.head_io[HEAD_FEWSHOT][0] if n.startswith("memory_")]
+        # The few-shot head says what memory it takes: memory_X is encoder output X (a method
+        # scored on the host, without heads, keeps every output: MuSc's pool).
+        names = ([n for n in self.backend.head_io[HEAD_FEWSHOT][0] if n.startswith("memory_")]
+                 if HEAD_FEWSHOT in self.backend.head_io else
+                 [f"memory_{n}" for n in self.bundle.method.outputs(self.manifest)])
         memory = {n: np.ascontiguousarray(outputs[n[len("memory_"):]].reshape(
             -1, outputs[n[len("memory_"):]].shape[-1])) for n in names}
         if category is not None:
@@ -324,9 +356,36 @@ class Inspector:
         """Encoder outputs of a batch -> (image scores (B,), grid maps (B, gh, gw), mode used)."""
         mode_used, extra, _ = self._category_inputs(category, mode, memory)
         t0 = time.perf_counter()
+        scorer = self.bundle.method.scorer
+        if scorer is not None:  # scored on the host (MuSc): no head graph
+            pool = {k: v for k, v in extra.items() if k.startswith("memory_")} \
+                if mode_used == FEW_SHOT else None
+            scores, grids = scorer(self.manifest, self.backend.to_host(encoded), pool)
+            self.stage_seconds[SCORE] += time.perf_counter() - t0
+            return scores, grids, mode_used
         out = self.backend.score(encoded, HEAD_OF_MODE[mode_used], extra)
         self.stage_seconds[SCORE] += time.perf_counter() - t0
         return out["image_score"], out["anomaly_grid"], mode_used
+
+    def pool_scored(self, mode_used: str) -> bool:
+        """Whether images inspected in ``mode_used`` score each other (MuSc's batch mode): then
+        everything inspected together is one pool, scored once all of it is encoded."""
+        return self.bundle.method.scorer is not None and mode_used == ZERO_SHOT
+
+    def encode_all(self, images: Sequence[ImageInput], batch_size: int = 8,
+                   keep_images: bool = False, progress: Callable[[int], None] | None = None
+                   ) -> tuple[list[LoadedImage], list[LoadedImage], dict | None]:
+        """Every input loaded and the usable ones encoded, in batches, their outputs
+        concatenated on the host: (all inputs, usable ones, outputs or None)."""
+        batches, goods, chunks = [], [], {}
+        for batch, good, encoded in self.iter_encoded(images, batch_size, keep_images):
+            batches += batch
+            goods += good
+            for k, v in (self.backend.to_host(encoded) if encoded is not None else {}).items():
+                chunks.setdefault(k, []).append(v)
+            if progress:
+                progress(len(batch))
+        return batches, goods, ({k: np.concatenate(v) for k, v in chunks.items()} or None)
 
     def thresholds(self, category: str, mode_used: str) -> dict[str, float]:
         """Thresholds stored for this category, precision and mode ({} if none)."""
@@ -360,6 +419,12 @@ class Inspector:
             images = [images]
         mode_used = self.check(category, mode)
         thresholds = self.thresholds(category, mode_used)
+        if self.pool_scored(mode_used):  # the images score each other: all of them first
+            batch, good, encoded = self.encode_all(images, batch_size, keep_images, progress)
+            yield from self._results(batch, good, encoded, category, mode=mode,
+                                     mode_used=mode_used, thresholds=thresholds,
+                                     sigma=smoothing_sigma)
+            return
         for batch, good, encoded in self.iter_encoded(images, batch_size, keep_images):
             results = self._results(batch, good, encoded, category, mode=mode,
                                     mode_used=mode_used, thresholds=thresholds,
@@ -426,6 +491,9 @@ class Inspector:
                 done[id(b)] = self._finish(b, float(scores[j]), grids[j], thresholds, sigma,
                                            mode_used)
             self.stage_seconds[POST] += time.perf_counter() - t0
+            if self.learner is not None and mode_used == FEW_SHOT:
+                self.learner.judged(category, self.backend.to_host(encoded),
+                                    keep or list(range(len(good))), [done[id(b)] for b in good])
         return [done.get(id(b)) or InspectionResult(b.source, error=b.error) for b in batch]
 
     @staticmethod

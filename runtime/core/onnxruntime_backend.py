@@ -279,7 +279,7 @@ def ort_tensorrt_profiles(bundle: "Bundle", precision: str, batch_size: int | No
     return {name: profile_shapes(bundle, onnx.load(str(bundle.graph_path(precision, name)),
                                                    load_external_data=False),
                                  batch, max(shots, DEFAULT_MAX_SHOTS), opt_shots=shots or 4)
-            for name in (ENCODER, *HEADS)}
+            for name in (ENCODER, *HEADS) if name in bundle.method.graphs}
 
 
 def trt_cache_dir(bundle: "Bundle") -> Path:
@@ -341,7 +341,8 @@ class OrtBackend:
         backends that load other files)."""
         tensorrt = provider == "tensorrt"
         backend = cls(bundle.graph_path(precision, encoder_graph),
-                   {name: bundle.graph_path(precision, name) for name in HEADS},
+                   {name: bundle.graph_path(precision, name) for name in HEADS
+                    if name in bundle.method.graphs},  # a host-scored method has none
                    provider=provider, threads=threads or default_threads(),
                    cache_dir=trt_cache_dir(bundle) if tensorrt else None,
                    fp16=precision == "fp16", int8=precision == "int8",

@@ -17,14 +17,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..core.registry import METHODS, MethodError, method_of, register_method
-from . import alfa, aprillab, patch, winclip
+from . import alfa, aprillab, musc, patch, winclip
 from .base import GRAPHS, Method
 from .cost import full_pass_gflops, transformer_layers, vit_gflops
 
 if TYPE_CHECKING:
     from ..core.manifest import Manifest
 
-for _method in (winclip.METHOD, patch.METHOD, aprillab.METHOD, alfa.METHOD):
+for _method in (winclip.METHOD, patch.METHOD, aprillab.METHOD, alfa.METHOD, musc.METHOD):
     register_method(_method)
 
 __all__ = ["GRAPHS", "METHODS", "Method", "MethodError", "describe", "full_pass_gflops",

@@ -52,7 +52,11 @@ class Method:
     output_shapes(manifest) -> {output: (rows, width)} per image; gflops(manifest, layers) ->
     matrix-product GFLOPs the exported graphs execute per image for a ``layers``-block
     transformer (the cost model); graphs: the graphs every precision must list; the hooks
-    memory_extras, prepare_memory and shots_refused as in ``core.registry.MethodSpec``."""
+    memory_extras, prepare_memory and shots_refused as in ``core.registry.MethodSpec``;
+    scorer(manifest, encoded, memory) -> (image scores, grid maps) for a method scored on the
+    host instead of by head graphs (None: the heads score), ``encoded`` host arrays of a batch
+    and ``memory`` the category's (None: the batch scores itself); learner(inspector, **options)
+    -> what ``Inspector.stream`` installs for a line (None: nothing learns)."""
 
     name: str
     summary: str
@@ -64,6 +68,8 @@ class Method:
     memory_extras: Callable[["Manifest"], dict[str, tuple[int, ...]]] = _no_extras
     prepare_memory: Callable[..., dict] = _same_memory
     shots_refused: Callable[[int], str | None] = _any_shots
+    scorer: Callable[..., tuple["np.ndarray", "np.ndarray"]] | None = None
+    learner: Callable[..., object] | None = None
 
 
 def token_shapes(manifest: "Manifest") -> dict[str, tuple[int, int]]:

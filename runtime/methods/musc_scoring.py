@@ -1,0 +1,240 @@
+"""MuSc's scoring in numpy: mutual scoring as blocked matrix products, the interval average,
+the maps, and RsCIN image re-scoring (docs/methods.md#musc-mutual-scoring-of-unlabeled-images).
+
+Every feature row is L2-normalised by the encoder graph, so the squared distance of two rows is
+2 - 2 a.b and the nearest patch of image j is the one with the largest dot product. The pairwise
+dot products of a block of images with another are one GEMM; a max-reduction over each image's
+patches leaves (rows, images) numbers, so memory is bounded by the block (``BLOCK_ROWS`` x
+``BLOCK_ROWS`` floats), never by the pool. In batch mode each pair of blocks is computed once and
+reduced along both axes (the distances from image i to j and from j to i are the same matrix).
+
+Precision. float32 dot products of unit vectors are accurate to about 1e-6 in the squared
+distance; after the square root that is an error of 1e-6 / (2 d), large only near d = 0. So the
+fast path recomputes every minimum below ``REFINE_D2`` (d < 0.032) in float64 over all patches of
+that image, which bounds its error by about 2e-5 (tests/test_musc.py measures it against the
+float64 reference). ``exact=True`` does every product in float64 with the norms as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..core.errors import UsageError
+
+# ``section`` below is a runtime.methods.musc.MuscSection (layers, r_list, rscin_k), not
+# imported: that module imports this one.
+#: The interval of the mutual scoring: the mean of the smallest 30 % of the N - 1 per-image
+#: nearest-patch distances (the published 0-30 %).
+INTERVAL = 0.3
+#: A pool of fewer others leaves the interval empty (int(3 * 0.3) = 0).
+MIN_OTHERS = 4
+
+
+def feature_name(layer: int, r: int) -> str:
+    return f"musc_{layer}_r{r}"
+
+
+def default_layers(depth: int) -> tuple[int, ...]:
+    """1-based blocks at the quarter points of the depth: 6, 12, 18, 24 for 24 blocks (the
+    published 0-based 5, 11, 17, 23), 3, 6, 9, 12 for 12 (our choice by the same rule)."""
+    return tuple(sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)}))
+
+
+def interval_k(others: int) -> int:
+    """How many of ``others`` per-image distances the interval averages; refuses an empty one."""
+    k = int(others * INTERVAL)
+    if k < 1:
+        raise UsageError(f"MuSc scores each image against at least {MIN_OTHERS} others; got "
+                         f"{others}: inspect {MIN_OTHERS + 1} or more images together (batch "
+                         f"mode), or seed the category's pool with {MIN_OTHERS} or more normal "
+                         "parts ('clipinspect fewshot BUNDLE --category C DIR')")
+    return k
+
+
+#: Rows of one GEMM block side: 4096 x 4096 float32 = 64 MiB per block product.
+BLOCK_ROWS = 4096
+#: Squared distances below this are recomputed in float64 (d < 0.032).
+REFINE_D2 = 1e-3
+
+
+def pair_gflops(patches: int, width: int, features: int) -> float:
+    """GEMM GFLOPs of one pair of images (one direction) over all features."""
+    return 2.0 * patches * patches * width * features / 1e9
+
+
+def _spans(n: int, per: int) -> list[tuple[int, int]]:
+    return [(s, min(s + per, n)) for s in range(0, n, per)]
+
+
+def _sq_dist_exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(m, C), (n, C) -> (m, n) squared distances in float64 with the true norms."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d2, 0.0)
+
+
+def pool_min_sq(z: np.ndarray, exact: bool = False, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """z (N, P, C) unit rows -> (N, P, N) float64: squared distance from each patch of image i
+    to the nearest patch of image j (the diagonal j = i is inf: an image never scores itself)."""
+    n, p, c = z.shape
+    flat = np.ascontiguousarray(z.reshape(n * p, c), np.float64 if exact else np.float32)
+    out = np.empty((n, p, n), np.float64)
+    per = max(1, block_rows // p)
+    spans = _spans(n, per)
+    for i0, i1 in spans:
+        a = flat[i0 * p:i1 * p]
+        for j0, j1 in spans:
+            if j0 < i0:
+                continue
+            b = flat[j0 * p:j1 * p]
+            bi, bj = i1 - i0, j1 - j0
+            if exact:
+                g = -_sq_dist_exact(a, b).reshape(bi, p, bj, p)   # max of -d2 = min of d2
+                best_ij, best_ji = -g.max(axis=3), -g.max(axis=1)
+            else:
+                g = (a @ b.T).reshape(bi, p, bj, p)
+                best_ij = 2.0 - 2.0 * g.max(axis=3).astype(np.float64)
+                best_ji = 2.0 - 2.0 * g.max(axis=1).astype(np.float64)
+            out[i0:i1, :, j0:j1] = best_ij
+            if j0 != i0:
+                out[j0:j1, :, i0:i1] = best_ji.transpose(1, 2, 0)
+    out = np.maximum(out, 0.0)
+    idx = np.arange(n)
+    out[idx, :, idx] = np.inf
+    if not exact:
+        _refine(out, z, z)
+    return out
+
+
+def cross_min_sq(q: np.ndarray, pool: np.ndarray, exact: bool = False,
+                 block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """q (B, P, C), pool (K, P, C) -> (B, P, K) float64: squared distance from each patch of
+    query image b to the nearest patch of pool image k."""
+    b, p, c = q.shape
+    k_n = pool.shape[0]
+    dtype = np.float64 if exact else np.float32
+    qf = np.ascontiguousarray(q.reshape(b * p, c), dtype)
+    pf = np.ascontiguousarray(pool.reshape(k_n * p, c), dtype)
+    out = np.empty((b, p, k_n), np.float64)
+    per = max(1, block_rows // p)
+    for i0, i1 in _spans(b, per):
+        a = qf[i0 * p:i1 * p]
+        for j0, j1 in _spans(k_n, per):
+            m = pf[j0 * p:j1 * p]
+            if exact:
+                best = _sq_dist_exact(a, m).reshape(-1, j1 - j0, p).min(axis=2)
+            else:
+                best = 2.0 - 2.0 * (a @ m.T).reshape(-1, j1 - j0, p).max(axis=2).astype(np.float64)
+            out[i0:i1, :, j0:j1] = best.reshape(i1 - i0, p, j1 - j0)
+    out = np.maximum(out, 0.0)
+    if not exact:
+        _refine(out, q, pool)
+    return out
+
+
+def _refine(d2: np.ndarray, q: np.ndarray, pool: np.ndarray) -> None:
+    """In place: every finite squared minimum below REFINE_D2, recomputed in float64 over all
+    patches of that pool image (the float32 argmax may be a near-tie with the true one)."""
+    i, p, j = np.nonzero(d2 < REFINE_D2)
+    for jj in np.unique(j):
+        sel = j == jj
+        rows = q[i[sel], p[sel]]                                   # (m, C)
+        d2[i[sel], p[sel], jj] = _sq_dist_exact(rows, pool[jj]).min(axis=1)
+
+
+def interval_mean(d2: np.ndarray, others: int) -> np.ndarray:
+    """(..., M) squared minima (inf where excluded) -> (...) float64: the mean of the k =
+    int(others * 0.3) smallest distances."""
+    k = interval_k(others)
+    part = np.partition(d2, k - 1, axis=-1)[..., :k]
+    return np.sqrt(part).mean(axis=-1)
+
+
+def bilinear_matrix(out: int, grid: int) -> np.ndarray:
+    """(out, grid) float64 weights of bilinear interpolation with align_corners=True."""
+    w = np.zeros((out, grid))
+    if grid == 1:
+        w[:, 0] = 1.0
+        return w
+    x = np.arange(out) * ((grid - 1) / (out - 1)) if out > 1 else np.zeros(1)
+    x0 = np.minimum(np.floor(x).astype(int), grid - 2)
+    frac = x - x0
+    w[np.arange(out), x0] = 1.0 - frac
+    w[np.arange(out), x0 + 1] += frac
+    return w
+
+
+def map_peaks(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, gh, gw) float64 -> (N,): the maximum of each map upsampled to ``size`` (the image
+    score: the published maximum of the upsampled map, not of the grid)."""
+    wy, wx = bilinear_matrix(size[0], grids.shape[1]), bilinear_matrix(size[1], grids.shape[2])
+    return np.array([(wy @ g @ wx.T).max() for g in grids])
+
+
+def patch_scores(features: dict[str, np.ndarray], section: Any,
+                 pool: dict[str, np.ndarray] | None = None, *, exact: bool = False) -> np.ndarray:
+    """Per feature the interval mean of nearest-patch distances, averaged over layers, then
+    over r -> (N, P) float64. Without ``pool`` the N images score each other."""
+    per_r = []
+    for r in section.r_list:
+        layers = []
+        for n in section.layers:
+            name = feature_name(n, r)
+            z = features[name]
+            if pool is None:
+                layers.append(interval_mean(pool_min_sq(z, exact), len(z) - 1))
+            else:
+                layers.append(interval_mean(cross_min_sq(z, pool[name], exact), len(pool[name])))
+        per_r.append(np.mean(layers, axis=0))
+    return np.mean(per_r, axis=0)
+
+
+def rscin(peaks: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int]) -> np.ndarray:
+    """RsCIN (float32 as published): the min-max normalised scores, smoothed per k over each
+    image's k largest raw dot products of the normalised embeddings (itself included), row-
+    normalised; averaged over k."""
+    n = len(peaks)
+    too_big = [k for k in k_list if k > n]
+    if too_big:
+        raise ValueError(f"RsCIN k {too_big} exceeds the {n} images inspected together; "
+                         f"inspect at least {max(too_big)} images, or export with smaller "
+                         "--rscin-k")
+    span = peaks.max() - peaks.min()
+    scores = ((peaks - peaks.min()) / span if span > 0 else np.zeros(n)).astype(np.float32)
+    w = (embeddings.astype(np.float64) @ embeddings.astype(np.float64).T).astype(np.float32)
+    out = []
+    for k in k_list:
+        keep = np.argsort(-w, axis=1, kind="stable")[:, :k]
+        masked = np.zeros_like(w)
+        rows = np.arange(n)[:, None]
+        masked[rows, keep] = w[rows, keep]
+        out.append((masked / masked.sum(1, keepdims=True)) @ scores)
+    return np.mean(out, axis=0).astype(np.float32)
+
+
+def batch_scores(features: dict[str, np.ndarray], embeddings: np.ndarray,
+                 section: Any, grid: tuple[int, int], size: tuple[int, int], *,
+                 exact: bool = False, use_rscin: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Batch mode: the N images are the pool -> (image scores (N,), grids (N, gh, gw) f64)."""
+    grids = patch_scores(features, section, exact=exact).reshape(-1, *grid)
+    peaks = map_peaks(grids, size)
+    if not use_rscin:
+        return peaks, grids
+    return rscin(peaks, embeddings.reshape(len(peaks), -1), section.rscin_k), grids
+
+
+def pool_scores(features: dict[str, np.ndarray], pool: dict[str, np.ndarray],
+                section: Any, grid: tuple[int, int], size: tuple[int, int], *,
+                exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Streaming mode: each image against the pool -> (image scores (B,) = map peaks, grids).
+    RsCIN needs the scores of a whole pool and is not applied (docs/methods.md)."""
+    grids = patch_scores(features, section, pool, exact=exact).reshape(-1, *grid)
+    return map_peaks(grids, size), grids
+
+
+__all__ = ["BLOCK_ROWS", "INTERVAL", "MIN_OTHERS", "REFINE_D2", "default_layers", "feature_name",
+           "interval_k", "batch_scores", "cross_min_sq",
+           "interval_mean", "map_peaks", "pair_gflops", "patch_scores", "pool_min_sq",
+           "pool_scores", "rscin"]
