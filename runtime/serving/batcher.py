@@ -69,6 +69,7 @@ class Batcher:
         if self.task:
             await self.task
         self.worker.shutdown(wait=True)
+        self.inspector.close_stream()  # a MuSc pool's additions not yet written
 
     def submit(self, job: Job) -> None:
         try:

@@ -64,6 +64,8 @@ def serve(bundle: str, host: str, port: int, config: ServeConfig, *, precision: 
     def opener(path: str, what: str) -> Callable[[], Inspector]:
         def load() -> Inspector:
             inspector = Inspector.open(path, precision, provider, threads, attention=attention)
+            if what == "bundle":  # line mode: a MuSc pool learns from the parts judged normal
+                inspector.stream()
             print(f"clipinspect serve: loaded {what} {inspector.bundle.identity} "
                   f"({inspector.encoder_graph}); warming up", file=sys.stderr, flush=True)
             if inspector.bundle.manifest.model.weights.kind == "random":

@@ -323,18 +323,22 @@ class FolderWatcher:
         journal cannot be written, says why and tries again after ``interval``, doubling the
         wait up to ``retry_max_s``."""
         backoff = Backoff(interval, self.retry_max_s)
-        while not stop():
-            try:
-                handled = self.poll()
-            except JournalUnavailable as e:
-                backoff.failed(e, f"{len(self._waiting)} result(s) kept, their files left in "
-                               "place")
-                continue
-            backoff.succeeded()
-            if once and not handled and not self._changing():
-                return
-            if not handled:
-                time.sleep(interval)
+        self.inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
+        try:
+            while not stop():
+                try:
+                    handled = self.poll()
+                except JournalUnavailable as e:
+                    backoff.failed(e, f"{len(self._waiting)} result(s) kept, their files left "
+                                   "in place")
+                    continue
+                backoff.succeeded()
+                if once and not handled and not self._changing():
+                    return
+                if not handled:
+                    time.sleep(interval)
+        finally:
+            self.inspector.close_stream()
 
     def _changing(self) -> bool:
         """Results or JSON lines not yet written, or image files present that are not finished
@@ -382,6 +386,7 @@ def watch_source(inspector: Inspector, source: str, category: str, journal: Jour
     started = time.strftime("%Y%m%dT%H%M%S")
     backoff = Backoff(retry_first_s, retry_max_s)
     frame_no = inspected = 0
+    inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
     try:
         while max_frames is None or inspected < max_frames:
             ok, frame = capture.read()
@@ -406,4 +411,5 @@ def watch_source(inspector: Inspector, source: str, category: str, journal: Jour
                                           else f"error: {result.error}"))
     finally:
         capture.release()
+        inspector.close_stream()
     return inspected

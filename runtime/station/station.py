@@ -189,6 +189,7 @@ class Station:
         for sink in self.sinks:
             sink.start(self._published)
         self._acquirer.start()
+        self.inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
         log(f"station {self.settings.name!r} running: {self.source.name} -> "
             f"{', '.join(s.name for s in self.sinks)}; budget "
             f"{self.settings.budget_s * 1e3:g} ms")
@@ -202,6 +203,7 @@ class Station:
             self.stop()
             self._acquirer.join(5)
             self._drain()
+            self.inspector.close_stream()
 
     def _next_batch(self) -> list[Part] | None:
         first = self.parts.get()
