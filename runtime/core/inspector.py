@@ -360,7 +360,7 @@ class Inspector:
         if scorer is not None:  # scored on the host (MuSc): no head graph
             pool = {k: v for k, v in extra.items() if k.startswith("memory_")} \
                 if mode_used == FEW_SHOT else None
-            scores, grids = scorer(self.manifest, self.backend.to_host(encoded), pool)
+            scores, grids = scorer(self, self.backend.to_host(encoded), pool)
             self.stage_seconds[SCORE] += time.perf_counter() - t0
             return scores, grids, mode_used
         out = self.backend.score(encoded, HEAD_OF_MODE[mode_used], extra)

@@ -204,14 +204,17 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
     return so
 
 
-def make_session(path: Path, provider: str, *, threads: int | None = None,
+def make_session(path: Path | bytes, provider: str, *, threads: int | None = None,
                  cache_dir: Path | None = None, fp16: bool = False, int8: bool = False,
                  profile: dict[str, tuple[tuple[int, ...], ...]] | None = None,
                  profile_prefix: str | None = None, spinning: bool = True):
     """An onnxruntime session for the graph at ``path`` (``fp16`` / ``int8``: the graph's
     precision, ``profile``: its TensorRT optimization profile; for the TensorRT provider;
-    ``profile_prefix`` and ``spinning``: see :func:`session_options`)."""
+    ``profile_prefix`` and ``spinning``: see :func:`session_options`). ``path`` may be a
+    serialized graph made in memory (MuSc's block kernel)."""
     ort = _import_ort()
+    source = path if isinstance(path, bytes) else str(path)
+    name = "an in-memory graph" if isinstance(path, bytes) else path.name
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}{did_you_mean(provider, PROVIDERS)}: "
                             f"choose one of {', '.join(PROVIDERS)}")
@@ -234,16 +237,16 @@ def make_session(path: Path, provider: str, *, threads: int | None = None,
 
     log = {"text": ""}
     if provider == "cpu":
-        session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        session = ort.InferenceSession(source, sess_options=so, providers=providers)
     else:
         # onnxruntime says why a provider's libraries did not load only in its log: keep it
         # for the error while it goes to stderr as usual.
         with captured_output(echo=True) as log:
-            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            session = ort.InferenceSession(source, sess_options=so, providers=providers)
     if PROVIDERS[provider] not in session.get_providers():
         # E.g. onnxruntime-gpu whose CUDA libraries fail to load: it falls back to the CPU.
         reason = loader_reason(log["text"]) or "onnxruntime printed no reason"
-        raise ProviderError(f"onnxruntime did not register {PROVIDERS[provider]} for {path.name} "
+        raise ProviderError(f"onnxruntime did not register {PROVIDERS[provider]} for {name} "
                             f"(got {session.get_providers()}); onnxruntime said: {reason}. "
                             "'clipinspect providers' shows the CUDA, cuDNN and TensorRT "
                             "libraries found")

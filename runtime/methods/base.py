@@ -53,7 +53,7 @@ class Method:
     matrix-product GFLOPs the exported graphs execute per image for a ``layers``-block
     transformer (the cost model); graphs: the graphs every precision must list; the hooks
     memory_extras, prepare_memory and shots_refused as in ``core.registry.MethodSpec``;
-    scorer(manifest, encoded, memory) -> (image scores, grid maps) for a method scored on the
+    scorer(inspector, encoded, memory) -> (image scores, grid maps) for a method scored on the
     host instead of by head graphs (None: the heads score), ``encoded`` host arrays of a batch
     and ``memory`` the category's (None: the batch scores itself); learner(inspector, **options)
     -> what ``Inspector.stream`` installs for a line (None: nothing learns)."""

@@ -98,20 +98,25 @@ def shots_refused(shots: int) -> str | None:
     return None
 
 
-def score(manifest: "Manifest", encoded: dict[str, np.ndarray],
+def score(context: Any, encoded: dict[str, np.ndarray],
           memory: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
     """Encoder outputs of a batch (host arrays) -> (image scores (B,), grid maps (B, gh, gw)).
     With ``memory`` (a pool) each image is scored against the pool; without, the images score
-    each other and RsCIN re-scores them (batch mode)."""
+    each other and RsCIN re-scores them (batch mode). ``context``: the Inspector (its manifest,
+    precision and provider): the block kernel runs on its provider, in int8 for its int8
+    graphs (docs/methods.md#musc-precision), else in float32."""
     from . import musc_scoring as ms
 
+    manifest = context.manifest
     s = manifest.section
     grid, size = tuple(manifest.grid), tuple(manifest.preprocess.size)
+    how = {"provider": getattr(context.backend, "provider", "cpu"),
+           "int8": context.precision == "int8"}
     feats = {n: encoded[n] for n in s.features()}
     if memory is None:
-        return ms.batch_scores(feats, encoded["image_embedding"], s, grid, size)
+        return ms.batch_scores(feats, encoded["image_embedding"], s, grid, size, **how)
     pool = {n: memory[f"memory_{n}"].reshape(-1, *encoded[n].shape[1:]) for n in feats}
-    return ms.pool_scores(feats, pool, s, grid, size)
+    return ms.pool_scores(feats, pool, s, grid, size, **how)
 
 
 METHOD = Method("musc", "MuSc (ICLR 2024): unlabeled images score each other; no prompts, no "

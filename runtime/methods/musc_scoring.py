@@ -5,8 +5,11 @@ Every feature row is L2-normalised by the encoder graph, so the squared distance
 2 - 2 a.b and the nearest patch of image j is the one with the largest dot product. The pairwise
 dot products of a block of images with another are one GEMM; a max-reduction over each image's
 patches leaves (rows, images) numbers, so memory is bounded by the block (``BLOCK_ROWS`` x
-``BLOCK_ROWS`` floats), never by the pool. In batch mode each pair of blocks is computed once and
-reduced along both axes (the distances from image i to j and from j to i are the same matrix).
+``BLOCK_ROWS`` floats), never by the pool. In batch mode each pair of images is computed once and
+reduced along both axes (the distances from image i to j and from j to i are the same matrix);
+blocks on the diagonal are split in halves recursively, so they too cost about half their
+square. The block product runs as a small onnxruntime graph (musc_kernels) on the bundle's
+provider.
 
 Precision. float32 dot products of unit vectors are accurate to about 1e-6 in the squared
 distance; after the square root that is an error of 1e-6 / (2 d), large only near d = 0. So the
@@ -22,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core.errors import UsageError
+from .musc_kernels import Quantised, block_max
 
 # ``section`` below is a runtime.methods.musc.MuscSection (layers, r_list, rscin_k), not
 # imported: that module imports this one.
@@ -53,8 +57,10 @@ def interval_k(others: int) -> int:
     return k
 
 
-#: Rows of one GEMM block side: 4096 x 4096 float32 = 64 MiB per block product.
-BLOCK_ROWS = 4096
+#: Rows of one block side: 2048 x 2048 float32 = 16 MiB per block product (on the 2-core CPU
+#: of benchmarks/results/musc_speed_cpu.md, 2048 was as fast as 4096 for ViT-S-16 and faster
+#: for ViT-B-16-plus-240).
+BLOCK_ROWS = 2048
 #: Squared distances below this are recomputed in float64 (d < 0.032).
 REFINE_D2 = 1e-3
 
@@ -75,61 +81,87 @@ def _sq_dist_exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum(d2, 0.0)
 
 
-def pool_min_sq(z: np.ndarray, exact: bool = False, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+def pool_min_sq(z: np.ndarray, exact: bool = False, block_rows: int = BLOCK_ROWS, *,
+                provider: str = "cpu", int8: bool = False) -> np.ndarray:
     """z (N, P, C) unit rows -> (N, P, N) float64: squared distance from each patch of image i
-    to the nearest patch of image j (the diagonal j = i is inf: an image never scores itself)."""
+    to the nearest patch of image j (the diagonal j = i is inf: an image never scores itself).
+    Each pair of image blocks is one kernel call (musc_kernels), reduced along both axes."""
     n, p, c = z.shape
-    flat = np.ascontiguousarray(z.reshape(n * p, c), np.float64 if exact else np.float32)
+    if exact:
+        return _pool_min_sq_exact(z, block_rows)
+    q = Quantised(z.reshape(n * p, c), int8)
     out = np.empty((n, p, n), np.float64)
     per = max(1, block_rows // p)
+
+    def pair(i: tuple[int, int], j: tuple[int, int]) -> None:
+        """Images i[0]:i[1] against j[0]:j[1] (disjoint): both directions from one call."""
+        rows, cols = block_max(provider, q, q, (i[0] * p, i[1] * p), (j[0] * p, j[1] * p), p,
+                               both=True)
+        out[i[0]:i[1], :, j[0]:j[1]] = (2.0 - 2.0 * rows).reshape(i[1] - i[0], p, j[1] - j[0])
+        out[j[0]:j[1], :, i[0]:i[1]] = (2.0 - 2.0 * cols).reshape(
+            i[1] - i[0], j[1] - j[0], p).transpose(1, 2, 0)
+
+    def within(lo: int, hi: int) -> None:
+        """Every pair inside images lo:hi once: the halves against each other, then each
+        half within itself, so a block on the diagonal costs about half its square."""
+        if hi - lo <= 2:
+            if hi - lo == 2:
+                pair((lo, lo + 1), (lo + 1, hi))
+            return
+        mid = (lo + hi) // 2
+        pair((lo, mid), (mid, hi))
+        within(lo, mid)
+        within(mid, hi)
+
     spans = _spans(n, per)
-    for i0, i1 in spans:
-        a = flat[i0 * p:i1 * p]
-        for j0, j1 in spans:
-            if j0 < i0:
-                continue
-            b = flat[j0 * p:j1 * p]
-            bi, bj = i1 - i0, j1 - j0
-            if exact:
-                g = -_sq_dist_exact(a, b).reshape(bi, p, bj, p)   # max of -d2 = min of d2
-                best_ij, best_ji = -g.max(axis=3), -g.max(axis=1)
-            else:
-                g = (a @ b.T).reshape(bi, p, bj, p)
-                best_ij = 2.0 - 2.0 * g.max(axis=3).astype(np.float64)
-                best_ji = 2.0 - 2.0 * g.max(axis=1).astype(np.float64)
-            out[i0:i1, :, j0:j1] = best_ij
-            if j0 != i0:
-                out[j0:j1, :, i0:i1] = best_ji.transpose(1, 2, 0)
+    for a, i in enumerate(spans):
+        within(*i)
+        for j in spans[a + 1:]:
+            pair(i, j)
     out = np.maximum(out, 0.0)
     idx = np.arange(n)
     out[idx, :, idx] = np.inf
-    if not exact:
+    if not int8:
         _refine(out, z, z)
     return out
 
 
+def _pool_min_sq_exact(z: np.ndarray, block_rows: int) -> np.ndarray:
+    n, p, c = z.shape
+    flat = z.reshape(n * p, c)
+    out = np.empty((n, p, n), np.float64)
+    spans = _spans(n, max(1, block_rows // p))
+    for i0, i1 in spans:
+        for j0, j1 in spans:
+            d2 = _sq_dist_exact(flat[i0 * p:i1 * p], flat[j0 * p:j1 * p])
+            out[i0:i1, :, j0:j1] = d2.reshape(i1 - i0, p, j1 - j0, p).min(axis=3)
+    idx = np.arange(n)
+    out[idx, :, idx] = np.inf
+    return out
+
+
 def cross_min_sq(q: np.ndarray, pool: np.ndarray, exact: bool = False,
-                 block_rows: int = BLOCK_ROWS) -> np.ndarray:
+                 block_rows: int = BLOCK_ROWS, *, provider: str = "cpu", int8: bool = False
+                 ) -> np.ndarray:
     """q (B, P, C), pool (K, P, C) -> (B, P, K) float64: squared distance from each patch of
     query image b to the nearest patch of pool image k."""
     b, p, c = q.shape
     k_n = pool.shape[0]
-    dtype = np.float64 if exact else np.float32
-    qf = np.ascontiguousarray(q.reshape(b * p, c), dtype)
-    pf = np.ascontiguousarray(pool.reshape(k_n * p, c), dtype)
     out = np.empty((b, p, k_n), np.float64)
     per = max(1, block_rows // p)
-    for i0, i1 in _spans(b, per):
-        a = qf[i0 * p:i1 * p]
+    if exact:
         for j0, j1 in _spans(k_n, per):
-            m = pf[j0 * p:j1 * p]
-            if exact:
-                best = _sq_dist_exact(a, m).reshape(-1, j1 - j0, p).min(axis=2)
-            else:
-                best = 2.0 - 2.0 * (a @ m.T).reshape(-1, j1 - j0, p).max(axis=2).astype(np.float64)
-            out[i0:i1, :, j0:j1] = best.reshape(i1 - i0, p, j1 - j0)
+            d2 = _sq_dist_exact(q.reshape(b * p, c), pool[j0:j1].reshape(-1, c))
+            out[:, :, j0:j1] = d2.reshape(b, p, j1 - j0, p).min(axis=3)
+        return out
+    qq, qp = Quantised(q.reshape(b * p, c), int8), Quantised(pool.reshape(k_n * p, c), int8)
+    for i0, i1 in _spans(b, per):
+        for j0, j1 in _spans(k_n, per):
+            rows, _ = block_max(provider, qq, qp, (i0 * p, i1 * p), (j0 * p, j1 * p), p,
+                                both=False)
+            out[i0:i1, :, j0:j1] = (2.0 - 2.0 * rows).reshape(i1 - i0, p, j1 - j0)
     out = np.maximum(out, 0.0)
-    if not exact:
+    if not int8:
         _refine(out, q, pool)
     return out
 
@@ -174,7 +206,8 @@ def map_peaks(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def patch_scores(features: dict[str, np.ndarray], section: Any,
-                 pool: dict[str, np.ndarray] | None = None, *, exact: bool = False) -> np.ndarray:
+                 pool: dict[str, np.ndarray] | None = None, *, exact: bool = False,
+                 provider: str = "cpu", int8: bool = False) -> np.ndarray:
     """Per feature the interval mean of nearest-patch distances, averaged over layers, then
     over r -> (N, P) float64. Without ``pool`` the N images score each other."""
     per_r = []
@@ -184,9 +217,11 @@ def patch_scores(features: dict[str, np.ndarray], section: Any,
             name = feature_name(n, r)
             z = features[name]
             if pool is None:
-                layers.append(interval_mean(pool_min_sq(z, exact), len(z) - 1))
+                d2 = pool_min_sq(z, exact, provider=provider, int8=int8)
+                layers.append(interval_mean(d2, len(z) - 1))
             else:
-                layers.append(interval_mean(cross_min_sq(z, pool[name], exact), len(pool[name])))
+                d2 = cross_min_sq(z, pool[name], exact, provider=provider, int8=int8)
+                layers.append(interval_mean(d2, len(pool[name])))
         per_r.append(np.mean(layers, axis=0))
     return np.mean(per_r, axis=0)
 
@@ -216,9 +251,11 @@ def rscin(peaks: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int]) -> n
 
 def batch_scores(features: dict[str, np.ndarray], embeddings: np.ndarray,
                  section: Any, grid: tuple[int, int], size: tuple[int, int], *,
-                 exact: bool = False, use_rscin: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 exact: bool = False, use_rscin: bool = True, provider: str = "cpu",
+                 int8: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Batch mode: the N images are the pool -> (image scores (N,), grids (N, gh, gw) f64)."""
-    grids = patch_scores(features, section, exact=exact).reshape(-1, *grid)
+    grids = patch_scores(features, section, exact=exact, provider=provider,
+                         int8=int8).reshape(-1, *grid)
     peaks = map_peaks(grids, size)
     if not use_rscin:
         return peaks, grids
@@ -227,10 +264,12 @@ def batch_scores(features: dict[str, np.ndarray], embeddings: np.ndarray,
 
 def pool_scores(features: dict[str, np.ndarray], pool: dict[str, np.ndarray],
                 section: Any, grid: tuple[int, int], size: tuple[int, int], *,
-                exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                exact: bool = False, provider: str = "cpu", int8: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Streaming mode: each image against the pool -> (image scores (B,) = map peaks, grids).
     RsCIN needs the scores of a whole pool and is not applied (docs/methods.md)."""
-    grids = patch_scores(features, section, pool, exact=exact).reshape(-1, *grid)
+    grids = patch_scores(features, section, pool, exact=exact, provider=provider,
+                         int8=int8).reshape(-1, *grid)
     return map_peaks(grids, size), grids
 
 
