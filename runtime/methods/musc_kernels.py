@@ -93,7 +93,7 @@ class Quantised:
 
 
 def block_max(provider: str, qa: Quantised, qb: Quantised, a_span: tuple[int, int],
-              b_span: tuple[int, int], patches: int, both: bool
+              b_span: tuple[int, int], patches: int, *, both: bool
               ) -> tuple[np.ndarray, np.ndarray | None]:
     """Max dot products of rows a_span of ``qa`` with rows b_span of ``qb`` (whole images of
     ``patches`` rows each): (row_max (m, n / P), col_max (m / P, n) or None), float64."""
