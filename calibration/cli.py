@@ -115,7 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_quantize(sub: argparse._SubParsersAction) -> None:
-    from .quantize import DEFAULT_HOLDOUT, DEFAULT_MAX_IMAGES, DEFAULT_TARGET, METHODS
+    from .quantize import (DEFAULT_HOLDOUT, DEFAULT_MAX_IMAGES, DEFAULT_TARGET, METHODS,
+                           POOL_HOLDOUT)
 
     p = sub.add_parser("quantize", help="add FP16 or INT8 graphs to a bundle, checked against FP32")
     add_bundle(p)
@@ -133,9 +134,9 @@ def _register_quantize(sub: argparse._SubParsersAction) -> None:
                    help=f"map Pearson vs FP32 the INT8 graph must reach on held-out images; the "
                    f"sensitivity pass keeps weights in FP32 until it does (default "
                    f"{DEFAULT_TARGET})")
-    p.add_argument("--holdout", type=positive_int, default=DEFAULT_HOLDOUT,
+    p.add_argument("--holdout", type=positive_int, default=None,
                    help=f"images held out of calibration to check the maps (default "
-                   f"{DEFAULT_HOLDOUT})")
+                   f"{DEFAULT_HOLDOUT}; {POOL_HOLDOUT} for musc, whose images score each other)")
     p.add_argument("--max-images", type=positive_int, default=DEFAULT_MAX_IMAGES,
                    help=f"calibration images used at most (default {DEFAULT_MAX_IMAGES})")
     p.add_argument("--sensitivity", default="auto", choices=["auto", "always", "off"],

@@ -51,6 +51,9 @@ METHODS = ("minmax", "entropy", "percentile")
 FP16_KEEP_FP32 = ("Softmax", "LayerNormalization")
 DEFAULT_TARGET = 0.99
 DEFAULT_HOLDOUT = 3
+#: A bundle whose images score each other (MuSc's batch mode) checks its maps on held-out images
+#: scored together: at least 5 (each against 4 others).
+POOL_HOLDOUT = 5
 DEFAULT_MAX_IMAGES = 32
 MIN_CALIBRATION_IMAGES = 2
 
@@ -402,7 +405,7 @@ class QuantizeOptions:
     calibration: str | Path | None = None
     method: str = "minmax"
     target: float = DEFAULT_TARGET
-    holdout: int = DEFAULT_HOLDOUT
+    holdout: int | None = None  # None: DEFAULT_HOLDOUT, or POOL_HOLDOUT for a MuSc bundle
     max_images: int = DEFAULT_MAX_IMAGES
     sensitivity: str = "auto"
     overwrite: bool = False
@@ -421,7 +424,7 @@ class QuantizeOptions:
                              f"{', '.join(WEIGHT_RANGES)}")
         if not 0.0 < self.target <= 1.0:
             raise UsageError(f"--target {self.target} is not a correlation in (0, 1], e.g. 0.99")
-        if self.holdout < 1:
+        if self.holdout is not None and self.holdout < 1:
             raise UsageError(f"--holdout {self.holdout}: at least 1 held-out image is needed")
         return self
 
@@ -473,6 +476,11 @@ def validate(bundle: Bundle, options: QuantizeOptions) -> None:
         raise UsageError(f"bundle {str(bundle.root)!r} already has {options.precision} graphs; "
                          "pass --overwrite to replace them")
     bundle.check_writable(options.precision)  # where the encoder goes
+    pooled = bundle.method.scorer is not None
+    if pooled and options.holdout is not None and options.holdout < POOL_HOLDOUT:
+        raise UsageError(f"--holdout {options.holdout}: this {bundle.manifest.method} bundle's "
+                         "maps are checked in batch mode, where the held-out images score each "
+                         f"other; hold out at least {POOL_HOLDOUT} (--holdout {POOL_HOLDOUT})")
     if options.calibration is None and options.precision == "int8":
         raise UsageError("INT8 needs --calibration DIR: a folder of normal images of the "
                          "line (or an MVTec AD / VisA root, whose train images are used)")
@@ -488,10 +496,17 @@ class Images:
     source: str
 
 
+def held_out(bundle: Bundle, options: QuantizeOptions) -> int:
+    """How many images check the maps: as given, else 3, or 5 where they score each other."""
+    if options.holdout is not None:
+        return options.holdout
+    return POOL_HOLDOUT if bundle.method.scorer is not None else DEFAULT_HOLDOUT
+
+
 def select_images(bundle: Bundle, options: QuantizeOptions) -> Images:
     """The last ``holdout`` images are held out, up to ``max_images`` of the rest calibrate;
     without a calibration folder, synthetic probe images are held out (FP16)."""
-    holdout, calibration = options.holdout, options.calibration
+    holdout, calibration = held_out(bundle, options), options.calibration
     if calibration is None:
         return Images([], probe_images(bundle, holdout), "synthetic probe images")
     paths = find_images(calibration)
