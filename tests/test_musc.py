@@ -240,3 +240,92 @@ def test_export_refuses_what_musc_does_not_take(tmp_path):
     with pytest.raises(ExportError, match="aggregation degrees"):
         export_bundle(ExportOptions(out=tmp_path / "x", model=SMALL_MODEL, pretrained=None,
                                     method="musc", method_options={"r_list": [2]}))
+
+
+@pytest.fixture()
+def line_bundle(musc_bundle, images, tmp_path):
+    """A copy with a pool of 5 normal parts and an image threshold at the median score of the
+    test parts against it (some parts judged normal, some not)."""
+    import shutil
+
+    from clipinspect.runtime.core.bundle import Bundle
+    from clipinspect.runtime.core.inspector import Inspector
+
+    bundle = tmp_path / "line"
+    shutil.copytree(musc_bundle, bundle)
+    files, train = images
+    inspector = Inspector.open(bundle)
+    inspector.add_references(CATEGORY, train[:5])
+    scores = [r.image_score for r in inspector.inspect(files, CATEGORY)]
+    Bundle.open(bundle).set_thresholds(CATEGORY, "fp32/few-shot",
+                                       {"image": float(np.median(scores))})
+    return bundle
+
+
+def test_watch_on_a_hot_folder_grows_the_pool_with_the_parts_judged_normal(line_bundle, images,
+                                                                          tmp_path):
+    import shutil
+
+    from clipinspect.runtime.cli import main
+    from clipinspect.runtime.core.bundle import Bundle
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in images[0]:
+        shutil.copy(f, folder / f"{f.parent.name}_{f.name}")
+    out = tmp_path / "results.jsonl"
+    assert main(["watch", str(line_bundle), "--input", str(folder), "--category", CATEGORY,
+                 "--once", "--settle", "0", "--out", str(out), "--journal",
+                 str(tmp_path / "j.sqlite")]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    normal = [r for r in rows if r.get("is_anomalous") is False]
+    assert normal and len(normal) < len(rows)
+    entry = Bundle.open(line_bundle).manifest.categories[CATEGORY].memory
+    assert entry.shots == 5 + len(normal)
+
+
+def test_serve_scores_against_the_pool_and_writes_it_when_it_stops(line_bundle, images):
+    import httpx
+
+    from clipinspect.runtime.core.bundle import Bundle
+    from clipinspect.runtime.core.inspector import Inspector
+    from clipinspect.runtime.serving.server import ServeConfig
+    from test_serve import Live
+
+    inspector = Inspector.open(line_bundle)
+    inspector.stream()  # what serve's loader does for the active bundle
+    live = Live(inspector, ServeConfig(max_batch=2, max_wait_ms=20, max_queue=8))
+    try:
+        answers = [httpx.post(live.url + "/v1/inspect", content=f.read_bytes(),
+                              params={"category": CATEGORY},
+                              headers={"Content-Type": "image/png"}, timeout=120).json()
+                   for f in images[0][:6]]
+    finally:
+        live.stop()
+    assert all(a["mode"] == "few-shot" for a in answers), answers[0]
+    judged_normal = sum(a["is_anomalous"] is False for a in answers)
+    assert Bundle.open(line_bundle).manifest.categories[CATEGORY].memory.shots == \
+        5 + judged_normal
+
+
+def test_a_line_refuses_a_category_without_a_pool(musc_bundle):
+    from clipinspect.runtime.core.errors import UsageError
+    from clipinspect.runtime.core.inspector import Inspector
+
+    inspector = Inspector.open(musc_bundle)
+    assert inspector.check(CATEGORY) == "zero-shot"  # offline: batch mode
+    inspector.stream()
+    with pytest.raises(UsageError, match="has none.*clipinspect fewshot .* or score a folder"):
+        inspector.check(CATEGORY)
+
+
+def test_engines_and_triton_are_refused_for_a_bundle_without_heads(musc_bundle, tmp_path):
+    from clipinspect.runtime.core.bundle import Bundle, BundleError
+    from clipinspect.runtime.triton.repository import write_repository
+
+    with pytest.raises(BundleError, match="Triton model repository needs scoring head graphs"):
+        write_repository(musc_bundle, tmp_path / "repo")
+    with pytest.raises(BundleError, match="build-engine' needs scoring head graphs"):
+        from clipinspect.runtime.tensorrt.engine import _check_request
+        from clipinspect.runtime.core.profiles import BatchRange
+        _check_request(Bundle.open(musc_bundle), "fp32", BatchRange(), 8, 1024, "fp16")

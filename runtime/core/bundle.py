@@ -414,6 +414,15 @@ class Bundle:
         enc = self.manifest.graphs["fp32"]["encoder"].sha256[:12]
         return f"{model.name}/{model.weights.label}/enc-{enc}"
 
+    def require_heads(self, what: str) -> None:
+        """Refuse ``what`` (a TensorRT engine build, a Triton repository) for a bundle whose
+        method scores on the host and has no head graphs (MuSc)."""
+        if self.method.scorer is not None:
+            raise BundleError(f"{what} needs scoring head graphs, and this {self.manifest.method} "
+                              "bundle has none: its images are scored on the host (numpy) after "
+                              "the encoder. Run it with onnxruntime instead ('clipinspect "
+                              "predict' or 'serve', --provider cpu, cuda or tensorrt)")
+
     def graph_path(self, precision: str, name: str) -> Path:
         graphs = self.manifest.graphs
         if precision not in graphs:

@@ -100,6 +100,7 @@ class Inspector:
         # Line mode (``stream``): the method's learner, which sees every batch scored against
         # a category's memory (MuSc: the rolling pool); None = nothing learns.
         self.learner = None
+        self.line = False
 
     @property
     def manifest(self) -> Manifest:
@@ -182,6 +183,7 @@ class Inspector:
         the inspecting thread; nothing changes for the other methods. Returns the learner."""
         factory = self.bundle.method.learner
         self.learner = factory(self, **options) if factory is not None else None
+        self.line = True
         return self.learner
 
     def close_stream(self) -> None:
@@ -328,8 +330,19 @@ class Inspector:
 
     # ------------------------------------------------------------- inspection
     def check(self, category: str, mode: str = "auto") -> str:
-        """Validate a category and mode before any work; returns the mode that will be used."""
-        return self._category_inputs(category, mode)[0]
+        """Validate a category and mode before any work; returns the mode that will be used.
+        On a line (``stream``) a part is scored as it comes, so a method whose images score
+        each other needs the category's pool there."""
+        used = self._category_inputs(category, mode)[0]
+        if self.line and self.pool_scored(used):
+            raise UsageError(f"category {category!r}: a {self.manifest.method} bundle scores each "
+                             "part on a line against the category's pool of normal parts, and "
+                             "this category has none" + (" (mode zero-shot asks for batch mode)"
+                                                         if mode == ZERO_SHOT else "") +
+                             f"; seed it with 'clipinspect fewshot {self.bundle.root} --category "
+                             f"{category} DIR' (4 or more normal parts), or score a folder "
+                             "offline with 'clipinspect predict' (batch mode)")
+        return used
 
     def _category_inputs(self, category: str, mode: str,
                          memory: dict[str, np.ndarray] | None = None

@@ -164,6 +164,7 @@ class FolderWatcher:
         self.max_file_bytes, self.incomplete_s = max_file_bytes, incomplete_s
         self.retry_max_s = retry_max_s
         self.origin = f"watch:{self.input.resolve()}"
+        inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
         self.mode_used = inspector.check(category, mode)
         self.threshold = inspector.thresholds(category, self.mode_used).get("image")
         self._last_stat: dict[str, tuple[int, int]] = {}
@@ -323,7 +324,6 @@ class FolderWatcher:
         journal cannot be written, says why and tries again after ``interval``, doubling the
         wait up to ``retry_max_s``."""
         backoff = Backoff(interval, self.retry_max_s)
-        self.inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
         try:
             while not stop():
                 try:
@@ -381,12 +381,12 @@ def watch_source(inspector: Inspector, source: str, category: str, journal: Jour
         raise UsageError(f"--source {source!r} cannot be opened by OpenCV: check the device "
                          "index, the URL (and its credentials) or the file path")
     origin = f"source:{source}"
+    inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
     mode_used = inspector.check(category, mode)
     threshold = inspector.thresholds(category, mode_used).get("image")
     started = time.strftime("%Y%m%dT%H%M%S")
     backoff = Backoff(retry_first_s, retry_max_s)
     frame_no = inspected = 0
-    inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
     try:
         while max_frames is None or inspected < max_frames:
             ok, frame = capture.read()

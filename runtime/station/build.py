@@ -61,6 +61,7 @@ def check_bundle(config: StationConfig):
     inspector = Inspector.open(b["path"], b["precision"], b["provider"], b["threads"] or None,
                                batch_size=config["station"]["max_batch"],
                                attention=b["attention"])
+    inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
     categories = inspector.bundle.categories
     if b["category"] not in categories:
         near = difflib.get_close_matches(b["category"], categories, n=1)

@@ -189,7 +189,6 @@ class Station:
         for sink in self.sinks:
             sink.start(self._published)
         self._acquirer.start()
-        self.inspector.stream()  # line mode: a MuSc pool learns from the parts judged normal
         log(f"station {self.settings.name!r} running: {self.source.name} -> "
             f"{', '.join(s.name for s in self.sinks)}; budget "
             f"{self.settings.budget_s * 1e3:g} ms")

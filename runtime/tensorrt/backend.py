@@ -47,6 +47,7 @@ class TrtBackend:
              verify_checksums: bool = True) -> "TrtBackend":
         """The engines built for this GPU; a ``batch_size`` beyond their profile is refused now,
         not at the first batch (``threads``: onnxruntime's, not used here)."""
+        bundle.require_heads("the native TensorRT provider (tensorrt-native)")
         backend = cls(bundle, precision, verify_checksums)
         if batch_size is not None and batch_size > backend.max_batch:
             raise UsageError(f"batch size {batch_size} is larger than the engines' profile "

@@ -306,6 +306,7 @@ def _build_one(trt, logger, path: Path, shapes: dict, *, settings: BuildSettings
 def _check_request(bundle: Bundle, precision: str, batch: BatchRange, max_shots: int,
                    workspace_mb: int, int8_graph: str) -> str:
     """Refuse what cannot be built before TensorRT is imported; -> the encoder's source graph."""
+    bundle.require_heads("'clipinspect build-engine'")
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision not in bundle.manifest.graphs:

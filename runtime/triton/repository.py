@@ -411,6 +411,7 @@ def write_repository(bundle_path, out, *, platform: str = "onnx", precision: str
     a restart). ``max_batch``: the encoder's max_batch_size (None: 32 for onnx, the engines'
     profile maximum for tensorrt)."""
     bundle = Bundle.open(bundle_path)
+    bundle.require_heads("a Triton model repository")
     out = Path(out)
     if platform not in PLATFORMS:
         raise UsageError(f"--platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
