@@ -329,3 +329,27 @@ def test_engines_and_triton_are_refused_for_a_bundle_without_heads(musc_bundle, 
         from clipinspect.runtime.tensorrt.engine import _check_request
         from clipinspect.runtime.core.profiles import BatchRange
         _check_request(Bundle.open(musc_bundle), "fp32", BatchRange(), 8, 1024, "fp16")
+
+
+def test_feedback_on_a_learning_pool_keeps_its_additions_and_follows_its_bound(line_bundle,
+                                                                              images):
+    """A false alarm clicked while the pool has additions not yet written: they are written
+    first, then the part joins; a full pool lets its oldest part go (the pool's rule)."""
+    from clipinspect.runtime.core.bundle import Bundle
+    from clipinspect.runtime.core.inspector import Inspector
+    from clipinspect.runtime.core.memory_book import MemoryBook
+
+    files = images[0]
+    inspector = Inspector.open(line_bundle)
+    pool = inspector.stream(save_every=100, size=8)
+    results = inspector.inspect(files, CATEGORY, batch_size=2)
+    added = pool.state()["added"]
+    assert added and pool.state()["unsaved"] == {CATEGORY: added}
+    flagged = next(r for r in results if r.is_anomalous)
+    book = MemoryBook(line_bundle)
+    book.feedback(inspector, CATEGORY, files[results.index(flagged)].read_bytes(),
+                  "false_alarm", who="test")
+    entry = Bundle.open(line_bundle).manifest.categories[CATEGORY].memory
+    assert entry.shots == min(8, 5 + added + 1)
+    assert entry.sources[-1].startswith("feedback")
+    assert pool.state()["lost"] == 0

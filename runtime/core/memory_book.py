@@ -185,6 +185,13 @@ class MemoryBook:
         rows, _, failed = inspector.build_memory([EncodedImage(image, kept)])
         if failed:
             raise ImageError(f"the image of this result cannot be used: {failed[0][1]}")
+        # A line's learner (MuSc's rolling pool) writes what it holds first, so that the memory
+        # read below has every part it added; its pool's rule then bounds the memory: at most
+        # the pool size, the oldest part leaving first, whoever added it.
+        rolling = getattr(inspector, "learner", None)
+        if rolling is not None:
+            rolling.close()
+        limit = rolling.size if rolling is not None else policy.max_shots
         data = bundle.category(category)
         entry = bundle.entry(category).memory
         sources = list(entry.sources) if entry else []
@@ -193,8 +200,9 @@ class MemoryBook:
         evicted = []
         if entry and len(sources) != entry.shots:
             sources = [f"(reference {i + 1})" for i in range(entry.shots)]
-        while len(sources) + 1 > policy.max_shots:
-            i = next((j for j, s in enumerate(sources) if s.startswith(FROM_FEEDBACK)), None)
+        while len(sources) + 1 > limit:
+            i = 0 if rolling is not None else next(
+                (j for j, s in enumerate(sources) if s.startswith(FROM_FEEDBACK)), None)
             if i is None:
                 raise FeedbackError(
                     f"the memory of {category!r} is full ({len(sources)} reference images, at "

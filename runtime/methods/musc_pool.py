@@ -37,63 +37,76 @@ class RollingPool:
         self.inspector = inspector
         self.size = int(size or inspector.manifest.section.pool_size)
         self.save_every = max(1, int(save_every))
-        self.unsaved: dict[str, int] = {}
-        self.sources: dict[str, list[str]] = {}
+        self.pending: dict[str, list[str]] = {}   # sources added since the last write
+        self.mine: dict[str, object] = {}         # the category data this pool swapped in
         self.warned: set[str] = set()
-        self.added = self.refused = 0
+        self.added = self.refused = self.lost = 0
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
 
     def judged(self, category: str, encoded: dict[str, np.ndarray], rows: Sequence[int],
                results: Sequence["InspectionResult"]) -> None:
         """After a batch scored against the pool: ``results[j]`` came from row ``rows[j]`` of
         the host ``encoded`` outputs. The normal ones join the pool."""
-        if not results:
-            return
-        if all(r.is_anomalous is None for r in results):
-            if category not in self.warned:
-                self.warned.add(category)
-                self.log(f"MuSc pool of {category!r} does not learn: no image threshold for "
-                         f"{self.inspector.precision} few-shot, so no part is judged normal; set "
-                         f"one with 'clipinspect threshold BUNDLE --category {category} "
-                         "--normal DIR --mode few-shot'")
+        if not results or not self._judging(category, results):
             return
         take = [rows[j] for j, r in enumerate(results) if r.is_anomalous is False]
         self.refused += sum(1 for r in results if r.is_anomalous)
         if not take:
             return
-        names = [r.source for r in results if r.is_anomalous is False]
-        data = self.inspector.category_data(category)
+        data = self._current(category)
         per = {n: len(v) // max(data.shots, 1) for n, v in data.memory.items()}
         memory = {n: np.ascontiguousarray(np.concatenate(
             [v, encoded[n[len("memory_"):]][take].reshape(-1, v.shape[-1])])[-self.size * per[n]:])
             for n, v in data.memory.items()}
-        shots = min(self.size, data.shots + len(take))
-        sources = (self._sources(category) + names)[-shots:]
-        self.sources[category] = sources
-        self.inspector.swap_memory(category, memory, shots)
+        self.pending[category] += [r.source for r in results if r.is_anomalous is False]
+        self.inspector.swap_memory(category, memory, min(self.size, data.shots + len(take)))
+        self.mine[category] = self.inspector.category_data(category)
         self.added += len(take)
-        self.unsaved[category] = self.unsaved.get(category, 0) + len(take)
-        if self.unsaved[category] >= self.save_every:
+        if len(self.pending[category]) >= self.save_every:
             self.save(category)
 
-    def _sources(self, category: str) -> list[str]:
-        if category not in self.sources:
-            entry = self.inspector.bundle.manifest.categories[category].memory
-            self.sources[category] = list(entry.sources) if entry else []
-        return self.sources[category]
+    def _judging(self, category: str, results: Sequence["InspectionResult"]) -> bool:
+        if any(r.is_anomalous is not None for r in results):
+            return True
+        if category not in self.warned:
+            self.warned.add(category)
+            self.log(f"MuSc pool of {category!r} does not learn: no image threshold for "
+                     f"{self.inspector.precision} few-shot, so no part is judged normal; set "
+                     f"one with 'clipinspect threshold BUNDLE --category {category} "
+                     "--normal DIR --mode few-shot'")
+        return False
+
+    def _current(self, category: str):
+        """The pool as the Inspector scores with it. If something else replaced it since this
+        pool's last change (feedback, undo, another process: Inspector.refresh), additions
+        not yet written are gone with the old one: counted and said."""
+        data = self.inspector.category_data(category)
+        if category in self.mine and self.mine[category] is not data:
+            if self.pending.get(category):
+                self.lost += len(self.pending[category])
+                self.log(f"MuSc pool of {category!r}: the memory was replaced meanwhile; "
+                         f"{len(self.pending[category])} part(s) added since the last write "
+                         "were dropped with the old pool")
+            self.pending[category] = []
+        self.pending.setdefault(category, [])
+        return data
 
     def save(self, category: str) -> None:
+        """Write the pool as the category's memory (sources: the parts, oldest first)."""
         data = self.inspector.category_data(category)
-        self.inspector.bundle.set_memory(category, data.memory, self._sources(category),
-                                         shots=data.shots)
-        self.unsaved[category] = 0
+        entry = self.inspector.bundle.manifest.categories[category].memory
+        base = list(entry.sources) if entry else []
+        sources = (base + self.pending.get(category, []))[-data.shots:]
+        self.inspector.bundle.set_memory(category, data.memory, sources, shots=data.shots)
+        self.pending[category] = []
 
     def close(self) -> None:
         """Write every pool with additions not yet written."""
-        for category, n in list(self.unsaved.items()):
-            if n:
+        for category, names in list(self.pending.items()):
+            if names and self.mine.get(category) is self.inspector.category_data(category):
                 self.save(category)
 
     def state(self) -> dict:
         return {"pool_size": self.size, "added": self.added, "refused": self.refused,
-                "unsaved": dict(self.unsaved)}
+                "lost": self.lost,
+                "unsaved": {c: len(v) for c, v in self.pending.items() if v}}
