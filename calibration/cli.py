@@ -42,7 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           precisions=csv_list(args.precisions), shots=args.shots,
                           batch_size=args.batch_size, pixel_size=args.pixel_size,
                           provider=args.provider, resume=not args.no_resume,
-                          threads=args.threads)
+                          threads=args.threads, pool_size=args.pool_size)
     report = evaluate(args.bundle, args.data, args.out, options)
     for p, why in report["skipped_precisions"].items():
         print(f"clipinspect: {p} skipped: {why}", file=sys.stderr)
@@ -155,6 +155,8 @@ def _register_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:
+    from .evaluate import MIN_POOL
+
     p = sub.add_parser("eval", help="accuracy, FP32 agreement and speed on MVTec AD / VisA data")
     add_bundle(p)
     p.add_argument("--data", required=True, help="dataset root (MVTec AD or VisA layout)")
@@ -166,6 +168,10 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     add_batch_size(p)
     p.add_argument("--pixel-size", type=positive_int, default=256,
                    help="resolution of the pixel metrics (default 256)")
+    p.add_argument("--pool-size", type=whole_number(MIN_POOL), default=None,
+                   help=f"musc zero-shot: score each category's test set in consecutive pools "
+                        f"of at most this many images (>= {MIN_POOL}; a smaller last one joins "
+                        "the one before); default: the whole test set is one pool")
     add_provider(p, choices=ORT_PROVIDERS)
     add_threads(p)
     add_max_megapixels(p)
