@@ -15,6 +15,8 @@ from clipinspect.runtime.core.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from clipinspect.calibration.evaluate import MIN_POOL
+
     p.add_argument("data", help="dataset root (MVTec AD or VisA layout), e.g. from 'clipinspect "
                                 "synth'")
     p.add_argument("--study", help="study file (JSON, or YAML with PyYAML) naming the variants")
@@ -32,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights of --variant variants: tag, checkpoint, or 'none' (random)")
     p.add_argument("--shots", type=int_list(0, "0,1,4"), default=None,
                    help="reference shot counts (default: the study file's, else 0,1,2,4,8)")
+    p.add_argument("--pool-sizes", type=int_list(MIN_POOL, "5,10"), default=None,
+                   help="zero-shot pool sizes of the variants whose images score each other "
+                        "(musc), besides the whole test set (default: the study file's, else "
+                        "none); the other methods ignore them")
     add_categories(p, "categories evaluated (default: the study file's, else all in the data)")
     add_dataset_format(p)
     add_batch_size(p, default=None, help="images per batch (default: the study file's, else 8)")
@@ -48,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def study_of(args: argparse.Namespace):
-    from .spec import category_list, load_study, seconds, study_from_dict, variant_flag
+    from .spec import (category_list, check_pool_sizes, load_study, pool_sizes, seconds,
+                       study_from_dict, variant_flag)
 
     if bool(args.study) == bool(args.variant):
         raise UsageError("name the variants with --study FILE or with --variant KEY=VALUE,... "
@@ -75,8 +82,13 @@ def study_of(args: argparse.Namespace):
                "categories": category_list(categories, "--categories") if categories else None,
                "pixel_size": args.pixel_size, "timing_images": args.timing_images,
                "batch_size": args.batch_size,
-               "timeout_s": None if timeout is None else seconds(timeout, "--variant-timeout")}
-    return dataclasses.replace(study, **{k: v for k, v in changes.items() if v is not None})
+               "timeout_s": None if timeout is None else seconds(timeout, "--variant-timeout"),
+               "pool_sizes": None if args.pool_sizes is None else pool_sizes(args.pool_sizes,
+                                                                             "--pool-sizes")}
+    study = dataclasses.replace(study, **{k: v for k, v in changes.items() if v is not None})
+    if args.pool_sizes:  # a file's pool sizes stay valid for an --only subset without musc
+        check_pool_sizes(study, "--pool-sizes")
+    return study
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -99,12 +111,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     report = run_study(study, args.data, args.out, options)
     failed = 0
     for v in report["variants"]:
-        for k, r in v["shots"].items():
+        rows = [*((f"{k}-shot", r) for k, r in v["shots"].items()),
+                *((f"0-shot in pools of at most {p}", r) for p, r in v.get("pools", {}).items())]
+        for run, r in rows:
             if "skipped" in r:
                 print(f"clipinspect: {v['name']}: {r['skipped']}", file=sys.stderr)
             elif "error" in r:
                 failed += 1
-                print(f"clipinspect: {v['name']}, {k}-shot failed: {r['error']}", file=sys.stderr)
+                print(f"clipinspect: {v['name']}, {run} failed: {r['error']}", file=sys.stderr)
     out = Path(args.out)
     print(f"report: {out / 'report.md'} (also report.html, study.json"
           f"{', plots' if report.get('plots') else ''})")

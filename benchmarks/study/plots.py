@@ -1,4 +1,4 @@
-"""The study's two plots, drawn with a matplotlib.pyplot handed in (``report.plot`` imports
+"""The study's plots, drawn with a matplotlib.pyplot handed in (``report.plot`` imports
 it, or says that it is missing). Each returns False when there is nothing to draw."""
 
 from __future__ import annotations
@@ -63,6 +63,38 @@ def shots_curve(plt, report: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6, loc="best")
     fig.suptitle(f"clipinspect study {report['study']['name']}: accuracy vs shots", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def pool_curve(plt, report: dict, path: Path) -> bool:
+    """Mean zero-shot accuracy per pool size ('all': each category's whole test set), one line
+    per pool-scored variant; False when the study has no pool sizes."""
+    sizes = report["study"].get("pool_sizes") or []
+    lines = []
+    for v in report["variants"]:
+        runs = {str(p): v.get("pools", {}).get(str(p), {}) for p in sizes}
+        runs["all"] = v["shots"].get("0", {})
+        if v.get("pools") and any("categories" in r for r in runs.values()):
+            lines.append((v["name"], runs))
+    if not lines:
+        return False
+    labels = [*map(str, sizes), "all"]
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 4.6))
+    for ax, (key, label) in zip(axes, PANELS):
+        for i, (name, runs) in enumerate(lines):
+            xs = [x for x, p in enumerate(labels) if runs[p].get("mean", {}).get(key) is not None]
+            ax.plot(xs, [100 * runs[labels[x]]["mean"][key] for x in xs], marker="o",
+                    color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=name)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("zero-shot pool size (test images scored together)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, loc="best")
+    fig.suptitle(f"clipinspect study {report['study']['name']}: accuracy vs pool size",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

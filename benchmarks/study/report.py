@@ -1,7 +1,8 @@
 """The study's report: one JSON (``study.json``), the same tables as Markdown (``report.md``)
 and as a self-contained HTML page (``report.html``, plots inlined), and two plots (accuracy
-vs speed, one point per variant; accuracy vs shots). No torch, no onnxruntime: the writers
-only read the result dicts, so they are tested on hand-made ones.
+vs speed, one point per variant; accuracy vs shots; accuracy vs pool size where the study has
+pool-scored variants). No torch, no onnxruntime: the writers only read the result dicts, so
+they are tested on hand-made ones.
 """
 
 from __future__ import annotations
@@ -21,22 +22,30 @@ from .spec import Study
 ACCURACY = (("image_auroc", "image AUROC"), ("image_ap", "image AP"),
             ("image_f1_max", "image F1-max"), ("pixel_auroc", "pixel AUROC"),
             ("pixel_ap", "pixel AP"), ("pro", "PRO"))
-PLOTS = {"accuracy_vs_speed": "accuracy_vs_speed.png", "shots": "shots_curve.png"}
+PLOTS = {"accuracy_vs_speed": "accuracy_vs_speed.png", "shots": "shots_curve.png",
+         "pools": "pool_sizes.png"}
 NO_MATPLOTLIB = ("plots not drawn: matplotlib is not installed (pip install "
                  "'clipinspect[plots]', then rerun the same command: results are reused)")
 
 
-def assemble(study: Study, per_variant: dict[str, dict[int, dict]], *, data: Path,
+def assemble(study: Study, per_variant: dict[str, dict], *, data: Path,
              categories: Sequence[str]) -> dict:
-    """The report dict written as study.json (shot counts as string keys, as JSON has them)."""
+    """The report dict written as study.json (shot counts as string keys, as JSON has them;
+    a pool-scored variant's zero-shot results at the study's pool sizes under ``pools``, keyed
+    by pool size)."""
     from ..report import machine
 
     variants = []
     for v in study.variants:
-        variants.append({"name": v.name, "variant": v.to_dict(), "strategy": v.strategy,
-                         "shots": {str(k): r for k, r in per_variant[v.name].items()}})
+        runs = per_variant[v.name]
+        entry = {"name": v.name, "variant": v.to_dict(), "strategy": v.strategy,
+                 "shots": {str(k): r for k, r in runs.items() if not isinstance(k, tuple)}}
+        pools = {str(k[1]): r for k, r in runs.items() if isinstance(k, tuple)}
+        variants.append({**entry, **({"pools": pools} if pools else {})})
     files = sorted({v.prompt_file for v in study.variants if v.prompt_file})
+    pool_sizes = {"pool_sizes": list(study.pool_sizes)} if study.pool_sizes else {}
     return {"study": {"name": study.name, "note": study.note, "shots": list(study.shots),
+                      **pool_sizes,
                       "data": str(Path(data).resolve()), "categories": list(categories),
                       "batch_size": study.batch_size, "pixel_size": study.pixel_size,
                       "timing_images": study.timing_images,
@@ -91,22 +100,55 @@ def adapters_note(result: dict, n_categories: int) -> str:
     return f"saw {n} of {n_categories} evaluated categories"
 
 
-def _ok_results(report: dict):
-    """(variant entry, shots, result) of every result with metrics, in study order."""
+def _ok_results(report: dict, pools: bool = True):
+    """(variant entry, shots, pool size, result) of every result with metrics, in study order;
+    pool size None but for a pool-scored variant's zero-shot at one of the study's pool sizes,
+    which follow its 0-shot row (``pools``: with those)."""
     for v in report["variants"]:
         for k, r in v["shots"].items():
             if "categories" in r:
-                yield v, int(k), r
+                yield v, int(k), None, r
+            if k == "0" and pools:
+                for p, rp in v.get("pools", {}).items():
+                    if "categories" in rp:
+                        yield v, 0, int(p), rp
+
+
+def _has_pools(report: dict) -> bool:
+    """Whether any result is of a pool-scored variant (then the tables have a pool column)."""
+    return any(r.get("pool_scored") for *_, r in _ok_results(report))
+
+
+def pool_cell(k: int, pool: int | None, r: dict, pools: Sequence[int] | None = None) -> str:
+    """The pool column: '-' for a method that scores each image alone; zero-shot: 'all' (each
+    category's test set one pool) or the pool size, or the category's ``pools`` ('5 + 7');
+    k-shot: 'k normal' (each image against k normal training images, streaming)."""
+    if not r.get("pool_scored"):
+        return "-"
+    if k:
+        return f"{k} normal"
+    if pools:
+        return " + ".join(map(str, pools))
+    return "all" if pool is None else f"<= {pool}"
+
+
+POOL_TEXT = ("pool (methods whose images score each other, MuSc): all = each category's test "
+             "set scored together, <= P = in consecutive pools of at most P test images (a last "
+             "one under 5 joins the one before), k normal = each test image against a pool of "
+             "k normal training images (streaming; no batch-1 latency for the zero-shot rows, "
+             "whose images are scored together).")
 
 
 def summary_table(report: dict) -> Table:
     n = len(report["study"]["categories"])
+    pooled = _has_pools(report)
     t = Table("Mean over categories", ["variant", "method", "prompts", "precision", "shots"]
-              + [label for _, label in ACCURACY]
+              + (["pool"] if pooled else []) + [label for _, label in ACCURACY]
               + ["images/s", "p50 ms", "p99 ms", "GFLOPs/image", "peak RSS MB", "adapters"])
-    for v, k, r in _ok_results(report):
+    for v, k, pool, r in _ok_results(report):
         m, lat = r["mean"], r.get("latency") or {}
         t.rows.append([v["name"], r["method"], v["strategy"], v["variant"]["precision"], str(k)]
+                      + ([pool_cell(k, pool, r)] if pooled else [])
                       + [_pct(m.get(key)) for key, _ in ACCURACY]
                       + [_num(m.get("images_per_second"), ".2f"), _num(lat.get("p50_ms"), ".0f"),
                          _num(lat.get("p99_ms"), ".0f"), _num(r.get("gflops_per_image"), ".1f"),
@@ -114,20 +156,24 @@ def summary_table(report: dict) -> Table:
     t.text = ("Metrics in percent. images/s: batched evaluation throughput (encoder + scoring "
               "head, decoding excluded, as in `clipinspect eval`); p50/p99: batch-1 end-to-end "
               "latency (decode to thresholded map); GFLOPs from the runtime's cost model; peak "
-              "RSS of the fresh process that evaluated the variant.")
+              "RSS of the fresh process that evaluated the variant."
+              + (" " + POOL_TEXT if pooled else ""))
     return t
 
 
 def category_table(report: dict, category: str) -> Table:
-    t = Table(f"Category {category}", ["variant", "shots"] + [label for _, label in ACCURACY]
-              + ["adapters saw it"])
-    for v, k, r in _ok_results(report):
+    pooled = _has_pools(report)
+    t = Table(f"Category {category}", ["variant", "shots"] + (["pools"] if pooled else [])
+              + [label for _, label in ACCURACY] + ["adapters saw it"])
+    for v, k, pool, r in _ok_results(report):
         c = r["categories"].get(category)
         if c is None:
             continue
         seen = c.get("seen_by_adapters")
         mark = "-" if seen is None else ("yes" if seen else "no (cross-domain)")
-        t.rows.append([v["name"], str(k)] + [_pct(c.get(key)) for key, _ in ACCURACY] + [mark])
+        t.rows.append([v["name"], str(k)]
+                      + ([pool_cell(k, pool, r, c.get("pools"))] if pooled else [])
+                      + [_pct(c.get(key)) for key, _ in ACCURACY] + [mark])
     return t
 
 
@@ -136,7 +182,7 @@ def prompt_table(report: dict) -> Table | None:
     t = Table("Prompt strategies", ["method", "precision", "shots", "prompts", "image AUROC",
                                     "pixel AUROC", "PRO"])
     groups: dict[tuple, list] = {}
-    for v, k, r in _ok_results(report):
+    for v, k, _, r in _ok_results(report, pools=False):
         groups.setdefault((v["variant"]["method"], v["variant"]["precision"], k), []).append(
             (v, r))
     for (method, precision, k), rows in groups.items():
@@ -155,7 +201,9 @@ def prompt_table(report: dict) -> Table | None:
 def problems_table(report: dict) -> Table | None:
     t = Table("Skipped and failed", ["variant", "shots", "what happened"])
     for v in report["variants"]:
-        for k, r in v["shots"].items():
+        rows = [*v["shots"].items(), *((f"0 (pool <= {p})", r)
+                                       for p, r in v.get("pools", {}).items())]
+        for k, r in rows:
             if "skipped" in r:
                 t.rows.append([v["name"], k, r["skipped"]])
             elif "error" in r:
@@ -175,8 +223,10 @@ def tables(report: dict) -> list[Table]:
 def _preamble(report: dict) -> list[str]:
     s, m = report["study"], report["machine"]
     lines = [f"Command: `{report['command']}`"] if report.get("command") else []
+    pools = (f"; zero-shot pool sizes {', '.join(map(str, s['pool_sizes']))} (pool-scored "
+             "methods)" if s.get("pool_sizes") else "")
     lines += [f"Data `{s['data']}`, categories {', '.join(s['categories'])}; shots "
-              f"{', '.join(map(str, s['shots']))}; pixel metrics at {s['pixel_size']}x"
+              f"{', '.join(map(str, s['shots']))}{pools}; pixel metrics at {s['pixel_size']}x"
               f"{s['pixel_size']}, PRO integrated to FPR 0.3. Machine: {m.get('cpu')} "
               f"({m.get('logical_cores')} logical cores)."]
     weights = sorted({r.get("weights") for v in report["variants"] for r in v["shots"].values()
@@ -261,10 +311,11 @@ def plot(report: dict, out: Path) -> list[str] | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from .plots import accuracy_vs_speed, shots_curve
+    from .plots import accuracy_vs_speed, pool_curve, shots_curve
 
     drawn = []
-    for name, draw in (("accuracy_vs_speed", accuracy_vs_speed), ("shots", shots_curve)):
+    for name, draw in (("accuracy_vs_speed", accuracy_vs_speed), ("shots", shots_curve),
+                       ("pools", pool_curve)):
         if draw(plt, report, out / PLOTS[name]):
             drawn.append(name)
     return drawn

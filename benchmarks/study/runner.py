@@ -3,23 +3,30 @@
 Bundles are exported (torch) in this process; each variant's evaluation runs in a fresh child
 process (no torch there), so that its peak resident memory is the runtime's own and a crash in
 one variant cannot take the study down. Each finished (variant, shots) result is written as
-its own JSON under ``out``/results and reused on a rerun with the same settings.
+its own JSON under ``out``/results and reused on a rerun with the same settings; so is each
+zero-shot result of a pool-scored variant (MuSc) at one of the study's pool sizes.
+
+A result's key (``RunKey``) is its shot count, or (0, P) for zero-shot in pools of at most P.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import traceback
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 from clipinspect.runtime.core.bundle import atomic_write_bytes
 from clipinspect.runtime.core.errors import UsageError
 from clipinspect.runtime.core.progress import Progress
 
-from .spec import Study, Variant, bundle_key, result_folder
+from .spec import Study, Variant, bundle_key, pool_scored, result_folder
+
+#: A result of a variant: its shot count, or (0, pool size) for a pool-scored zero-shot.
+RunKey = Union[int, tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,8 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class Job:
-    """What a child process needs to evaluate one variant at the shot counts still missing."""
+    """What a child process needs to evaluate one variant at the shot counts (and the
+    zero-shot pool sizes) still missing."""
 
     variant: Variant
     bundle: str
@@ -49,13 +57,25 @@ class Job:
     study: Study
     fmt: str
     provider: str
+    pools: tuple[int, ...] = ()
 
 
-def result_path(out: Path, variant: Variant, shots: int) -> Path:
-    """OUT/results/<folder>/<k>-shot.json, confined to OUT/results (a folder there that is a
-    link elsewhere is refused, not followed)."""
+def run_keys(variant: Variant, study: Study) -> list[RunKey]:
+    """The results a variant has in the study: one per shot count, and for a pool-scored
+    method one zero-shot per pool size (when the study has 0 shots)."""
+    keys: list[RunKey] = sorted(set(study.shots))
+    if 0 in study.shots and pool_scored(variant.method):
+        keys += [(0, p) for p in study.pool_sizes]
+    return keys
+
+
+def result_path(out: Path, variant: Variant, shots: int, pool: int | None = None) -> Path:
+    """OUT/results/<folder>/<k>-shot.json (0-shot-pool<P>.json: zero-shot in pools of at most
+    P), confined to OUT/results (a folder there that is a link elsewhere is refused, not
+    followed)."""
     results = (out / "results").resolve()
-    path = results / result_folder(variant.name) / f"{int(shots)}-shot.json"
+    name = f"{int(shots)}-shot" + ("" if pool is None else f"-pool{int(pool)}")
+    path = results / result_folder(variant.name) / f"{name}.json"
     if not path.resolve().is_relative_to(results):
         raise UsageError(f"the result file of variant {variant.name!r} would be "
                          f"{str(path.resolve())!r}, outside {str(results)!r} (a link?); "
@@ -70,6 +90,16 @@ def variant_config(variant: Variant, study: Study, data: Path, categories: Seque
             "data": str(data.resolve()), "format": options.fmt, "categories": list(categories),
             "batch_size": study.batch_size, "pixel_size": study.pixel_size,
             "timing_images": study.timing_images, "provider": options.provider}
+
+
+def _key_path(out: Path, variant: Variant, key: RunKey) -> Path:
+    return result_path(out, variant, *key) if isinstance(key, tuple) else \
+        result_path(out, variant, key)
+
+
+def _key_config(config: dict, key: RunKey) -> dict:
+    """A pool result's config names its pool size (the others' stay as they were)."""
+    return {**config, "pool_size": key[1]} if isinstance(key, tuple) else config
 
 
 def stored_result(path: Path, config: dict) -> dict | None:
@@ -129,24 +159,27 @@ def run_in_child(target: Callable[[Any], Any], arg: Any, timeout_s: float) -> An
 
 
 def run_variant(variant: Variant, study: Study, data: Path, out: Path, *,
-                categories: Sequence[str], options: RunOptions) -> dict[int, dict]:
-    """{shots: result} for one variant: stored ones reused, the rest computed; a failure is
-    recorded (error and traceback) for each shot count it concerns, never raised."""
+                categories: Sequence[str], options: RunOptions) -> dict[RunKey, dict]:
+    """{key: result} for one variant (``run_keys``): stored ones reused, the rest computed; a
+    failure is recorded (error and traceback) for each result it concerns, never raised."""
     config = variant_config(variant, study, data, categories, options)
-    results: dict[int, dict] = {}
-    for k in study.shots:
-        previous = None if options.force else stored_result(result_path(out, variant, k), config)
+    keys = run_keys(variant, study)
+    results: dict[RunKey, dict] = {}
+    for key in keys:
+        previous = None if options.force else stored_result(_key_path(out, variant, key),
+                                                            _key_config(config, key))
         if previous is not None:
-            results[k] = previous
-    pending = tuple(k for k in study.shots if k not in results)
+            results[key] = previous
+    pending = tuple(key for key in keys if key not in results)
     if not pending:
         return results
     try:
         from .bundles import ensure_bundle
 
         path = ensure_bundle(variant, categories, options.work or out / "work", data)
-        job = Job(variant, str(path), str(data), tuple(categories), pending, study,
-                  options.fmt, options.provider)
+        job = Job(variant, str(path), str(data), tuple(categories),
+                  tuple(k for k in pending if not isinstance(k, tuple)), study, options.fmt,
+                  options.provider, tuple(k[1] for k in pending if isinstance(k, tuple)))
         if options.isolate:
             computed = run_in_child(evaluate_job, job, study.timeout_s)
         else:
@@ -156,11 +189,12 @@ def run_variant(variant: Variant, study: Study, data: Path, out: Path, *,
     except Exception as e:  # one broken variant must not stop the study
         error = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         computed = {k: dict(error) for k in pending}
-    for k in pending:
-        results[k] = computed[k]
-        atomic_write_bytes(result_path(out, variant, k), (json.dumps(
-            {"config": config, "result": computed[k]}, indent=1) + "\n").encode())
-    return dict(sorted(results.items()))
+    for key in pending:
+        results[key] = computed[key]
+        atomic_write_bytes(_key_path(out, variant, key), (json.dumps(
+            {"config": _key_config(config, key), "result": computed[key]}, indent=1) + "\n"
+        ).encode())
+    return {key: results[key] for key in keys}
 
 
 def run_study(study: Study, data: str | Path, out: str | Path,
@@ -186,12 +220,14 @@ def run_study(study: Study, data: str | Path, out: str | Path,
     return report
 
 
-def evaluate_job(job: Job) -> dict[int, dict]:
+def evaluate_job(job: Job) -> dict[RunKey, dict]:
     """Evaluate one variant (in the child process): calibration's ``evaluate_category`` on
-    every category, then batch-1 latency, cost and peak memory. -> {shots: result}."""
+    every category (once more per zero-shot pool size), then batch-1 latency, cost and peak
+    memory. -> {key: result}."""
     from clipinspect.benchmarks.bench import peak_rss_mb, reset_peak_rss
-    from clipinspect.calibration.evaluate import EvalOptions, evaluate_category
+    from clipinspect.calibration.evaluate import EvalOptions
     from clipinspect.runtime import Bundle, Inspector
+    from clipinspect.runtime.core.names import ZERO_SHOT
     from clipinspect.runtime.methods import describe, gflops_per_image
 
     from .bundles import adapters_seen
@@ -201,25 +237,46 @@ def evaluate_job(job: Job) -> dict[int, dict]:
     bundle = Bundle.open(job.bundle)
     seen, seen_source = adapters_seen(v, bundle)
     inspector = Inspector.open(bundle, precision, job.provider)
+    pooled = inspector.pool_scored(ZERO_SHOT)
     options = EvalOptions(fmt=job.fmt, precisions=(precision,), shots=job.shots,
                           batch_size=job.study.batch_size, pixel_size=job.study.pixel_size,
                           provider=job.provider, resume=False)
-    per_category = {}
-    with Progress(_test_images(job), f"eval {v.name}") as bar:
-        for c in job.categories:
-            per_category[c] = evaluate_category({precision: inspector}, Path(job.data), c,
-                                                options, bar)
+    runs: list[tuple[RunKey, EvalOptions]] = [(k, options) for k in job.shots]
+    runs += [((0, p), dataclasses.replace(options, shots=(0,), pool_size=p))
+             for p in (job.pools if pooled else ())]
+    per_options: dict[int, dict] = {}
+    results: dict[RunKey, dict] = {(0, p): {"skipped": f"pool size {p} skipped: the bundle's "
+                                            "images do not score each other"}
+                                   for p in (() if pooled else job.pools)}
+    for key, opts in runs:
+        if id(opts) not in per_options:
+            per_options[id(opts)] = _per_category(job, inspector, opts, v.name)
+        k = key[0] if isinstance(key, tuple) else key
+        results[key] = _shot_result(per_options[id(opts)], f"{precision}/{k}-shot", k, seen)
+        if "skipped" not in results[key]:
+            results[key]["latency"] = _latency(inspector, job, k)
+            if pooled and k == 0:
+                results[key]["pool_size"] = key[1] if isinstance(key, tuple) else None
     info = {"bundle": job.bundle, "method": describe(bundle.manifest),
             "gflops_per_image": gflops_per_image(bundle.manifest),
             "weights": bundle.manifest.model.weights.kind,
-            "adapters_seen": seen, "adapters_seen_source": seen_source}
-    results = {}
-    for k in job.shots:
-        results[k] = _shot_result(per_category, f"{precision}/{k}-shot", k, seen)
-        if "skipped" not in results[k]:
-            results[k]["latency"] = _latency(inspector, job, k)
+            "adapters_seen": seen, "adapters_seen_source": seen_source,
+            **({"pool_scored": True} if pooled else {})}
     memory = {"peak_rss_mb": peak_rss_mb(), "peak_rss_fresh_process": fresh}
     return {k: {**r, **info, **memory} for k, r in results.items()}
+
+
+def _per_category(job: Job, inspector, options, name: str) -> dict:
+    """``evaluate_category``'s record of every category of the job, with ``options``."""
+    from clipinspect.calibration.evaluate import evaluate_category
+
+    pool = f", pools of at most {options.pool_size}" if options.pool_size else ""
+    per_category = {}
+    with Progress(_test_images(job), f"eval {name}{pool}") as bar:
+        for c in job.categories:
+            per_category[c] = evaluate_category({job.variant.precision: inspector},
+                                                Path(job.data), c, options, bar)
+    return per_category
 
 
 def _test_images(job: Job) -> int:
@@ -239,7 +296,7 @@ def _shot_result(per_category: dict, run: str, shots: int, seen: list[str] | Non
         return {"skipped": notes[0] if notes else f"{shots}-shot not evaluated"}
     categories = {c: {"images": r["images"], "anomalous": r["anomalous"], **r["runs"][run],
                       "seen_by_adapters": c in seen if seen else None,
-                      "notes": r["notes"]}
+                      "notes": r["notes"], **({"pools": r["pools"]} if "pools" in r else {})}
                   for c, r in per_category.items()}
     mean = mean_over_categories({c: {"runs": {run: r["runs"][run]}}
                                  for c, r in per_category.items()})[run]
@@ -248,10 +305,15 @@ def _shot_result(per_category: dict, run: str, shots: int, seen: list[str] | Non
 
 def _latency(inspector, job: Job, shots: int) -> dict:
     """Batch-1 end-to-end latency (decode to thresholded map) on test images of the first
-    category, by the benchmark's own timer and statistics; references from its train split."""
+    category, by the benchmark's own timer and statistics; references from its train split.
+    None for a pool-scored zero-shot: its images score each other, none is scored alone."""
     from clipinspect.benchmarks.bench import Workload, time_runtime
     from clipinspect.benchmarks.stats import summarize
     from clipinspect.calibration.datasets import load_dataset
+    from clipinspect.runtime.core.names import ZERO_SHOT
+
+    if shots == 0 and inspector.pool_scored(ZERO_SHOT):
+        return None
 
     category = job.categories[0]
     test = [Path(s.path) for s in load_dataset(job.data, job.fmt, [category], split="test")]

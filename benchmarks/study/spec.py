@@ -7,6 +7,7 @@ A study file::
       "name": "synthetic",                         optional, shown in the report
       "note": "random weights: ...",               optional, shown in the report
       "shots": [0, 1, 4],                          default 0,1,2,4,8
+      "pool_sizes": [5, 10],                       default none: see below
       "categories": ["weave", "washer"],           default: all in the data
       "defaults": {"model": "ViT-S-16", "pretrained": "none"},   any variant key
       "eval": {"batch_size": 8, "pixel_size": 256, "timing_images": 16,
@@ -25,6 +26,12 @@ adaptation), precision (fp32, fp16, int8), adapters (a checkpoint for methods th
 "none"), adapters_categories (the categories the adapters were trained on, when their
 checkpoint does not say), options (other options of the method, by name). Relative files are
 relative to the study file.
+
+pool_sizes: the pool-size axis of the methods whose zero-shot images score each other (MuSc,
+``pool_scored``): their 0-shot row is each category's whole test set scored as one pool, and
+each pool size P adds a zero-shot row with the test set split into consecutive pools of at most
+P images (``clipinspect eval --pool-size P``). The other methods ignore it; a study that asks
+for pool sizes and has no such variant is refused.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from clipinspect.runtime.core.names import PRECISIONS
 DEFAULT_SHOTS = (0, 1, 2, 4, 8)
 # What a study file may ask for: beyond these a value is a typo, not a study.
 MAX_SHOTS = 1000
+MAX_POOL = 100_000
 EVAL_LIMITS = {"batch_size": (1, 4096), "pixel_size": (8, 4096), "timing_images": (1, 100_000)}
 # Seconds one variant's child process may take (export excluded) before it is stopped and
 # recorded as failed: hours, since a full MVTec AD evaluation of WinCLIP on a CPU takes that.
@@ -87,6 +95,8 @@ class Variant:
     @property
     def strategy(self) -> str:
         """The prompt strategy in the report's words."""
+        if pool_scored(self.method):
+            return "no prompts"
         words = {"ensemble": "ensemble", "llm": "prompt file alone", "both": "ensemble + file"}
         return words[self.prompt_source] + (" + adaptation" if self.adapt else "")
 
@@ -99,7 +109,9 @@ class Variant:
 
 @dataclass(frozen=True)
 class Study:
-    """variants, shots; categories None = all in the data; eval settings shared by all."""
+    """variants, shots; categories None = all in the data; eval settings shared by all;
+    pool_sizes: the zero-shot pool sizes of the pool-scored variants (besides the whole test
+    set of their 0-shot row)."""
 
     variants: tuple[Variant, ...]
     shots: tuple[int, ...] = DEFAULT_SHOTS
@@ -110,6 +122,36 @@ class Study:
     pixel_size: int = 256
     timing_images: int = 16
     timeout_s: float = DEFAULT_TIMEOUT_S
+    pool_sizes: tuple[int, ...] = ()
+
+
+def pool_scored(method: str) -> bool:
+    """Whether the method's zero-shot images score each other (MuSc: no prompts, no
+    references), as ``Inspector.pool_scored`` says of its bundles; False for unknown names."""
+    from clipinspect.runtime.methods import METHODS
+
+    spec = METHODS.get(method)
+    return spec is not None and spec.scorer is not None
+
+
+def pool_sizes(value: Any, what: str) -> tuple[int, ...]:
+    """A list of pool sizes, each a whole number from ``evaluate.MIN_POOL`` (a pool scores at
+    least that many images together); [] for none."""
+    from clipinspect.calibration.evaluate import MIN_POOL
+
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{what} {_show(value)}: expected a list of whole numbers from "
+                         f"{MIN_POOL}, e.g. [5, 10]")
+    return tuple(sorted({whole_number(p, what, MIN_POOL, MAX_POOL) for p in value}))
+
+
+def check_pool_sizes(study: "Study", source: str) -> None:
+    """Pool sizes apply to pool-scored variants only: a study with pool sizes and none of
+    them is refused (a typo in a method, or a forgotten variant)."""
+    if study.pool_sizes and not any(pool_scored(v.method) for v in study.variants):
+        raise UsageError(f"{source}: pool_sizes {list(study.pool_sizes)}: only a method whose "
+                         "zero-shot images score each other (musc) is scored in pools, and no "
+                         "variant has one; add a musc variant or drop pool_sizes")
 
 
 def _sha256(path: str) -> str:
@@ -259,6 +301,8 @@ def default_name(d: dict) -> str:
     """'winclip both+adapt int8' and the like, from what distinguishes variants."""
     prompts = str(d.get("prompts", "ensemble")).split(":", 1)[0]
     parts = [d.get("method", "winclip"), prompts + ("+adapt" if d.get("adapt") else "")]
+    if pool_scored(parts[0]):  # it takes no prompts: 'musc fp32'
+        parts.pop()
     if d.get("adapters") not in (None, "none"):
         parts.append("adapters " + Path(str(d["adapters"])).stem)
     return " ".join(parts + [d.get("precision", "fp32")])
@@ -290,10 +334,11 @@ def study_from_dict(data: Any, base: Path, source: str) -> Study:
     if not isinstance(data, dict) or not isinstance(data.get("variants"), list) \
             or not data["variants"]:
         raise UsageError(f"{source}: expected an object with a non-empty 'variants' list")
-    unknown = set(data) - {"name", "note", "shots", "categories", "defaults", "eval", "variants"}
+    unknown = set(data) - {"name", "note", "shots", "pool_sizes", "categories", "defaults",
+                           "eval", "variants"}
     if unknown:
         raise UsageError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: name, "
-                         "note, shots, categories, defaults, eval, variants")
+                         "note, shots, pool_sizes, categories, defaults, eval, variants")
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise UsageError(f"{source}: defaults {_show(defaults)}: expected an object of variant "
@@ -309,7 +354,10 @@ def study_from_dict(data: Any, base: Path, source: str) -> Study:
     note = data.get("note", "")
     if not isinstance(note, str):
         raise UsageError(f"{source}: note {_show(note)}: expected text")
-    return Study(variants, shots, cats, name, note, **ev)
+    study = Study(variants, shots, cats, name, note, **ev,
+                  pool_sizes=pool_sizes(data.get("pool_sizes", []), f"{source}: pool_sizes"))
+    check_pool_sizes(study, source)
+    return study
 
 
 def load_study(path: str | Path) -> Study:
