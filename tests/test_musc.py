@@ -138,7 +138,8 @@ def test_streaming_equals_batch_mode_with_the_same_pool(musc_bundle, images, ref
 
 def test_fast_path_bound_on_near_duplicate_patches():
     """Rows that nearly repeat across images (distances near 0, where float32's 2 - 2 a.b loses
-    most): the fast path stays within 2e-5 of float64 after its refinement."""
+    most): every distance of the fast path is within its stated 1e-4 of float64 after the
+    refinement of those below 0.01; without it, far more."""
     from clipinspect.runtime.methods import musc_scoring as ms
 
     rng = np.random.default_rng(0)
@@ -148,12 +149,12 @@ def test_fast_path_bound_on_near_duplicate_patches():
     fast, exact = ms.pool_min_sq(z), ms.pool_min_sq(z, exact=True)
     finite = np.isfinite(exact)
     err = np.abs(np.sqrt(fast[finite]) - np.sqrt(exact[finite])).max()
-    assert err < 2e-5
+    assert err < 1e-4
     # Without the refinement the same rows are off by far more (the bound is the refinement's).
     raw = np.maximum(2 - 2 * np.einsum("ipc,jqc->ipjq", z, z).max(-1), 0)
     assert np.abs(np.sqrt(raw[finite]) - np.sqrt(exact[finite])).max() > 1e-4
     q = ms.cross_min_sq(z[:2], z[2:])
-    assert np.abs(np.sqrt(q) - np.sqrt(ms.cross_min_sq(z[:2], z[2:], exact=True))).max() < 2e-5
+    assert np.abs(np.sqrt(q) - np.sqrt(ms.cross_min_sq(z[:2], z[2:], exact=True))).max() < 1e-4
 
 
 def test_blocks_do_not_change_the_result():

@@ -101,6 +101,8 @@ class Inspector:
         # a category's memory (MuSc: the rolling pool); None = nothing learns.
         self.learner = None
         self.line = False
+        # Called with 1 per feature map a host scorer finishes (MuSc's batch mode), or None.
+        self.scoring_progress: Callable[[int], None] | None = None
 
     @property
     def manifest(self) -> Manifest:
@@ -434,9 +436,21 @@ class Inspector:
         thresholds = self.thresholds(category, mode_used)
         if self.pool_scored(mode_used):  # the images score each other: all of them first
             batch, good, encoded = self.encode_all(images, batch_size, keep_images, progress)
-            yield from self._results(batch, good, encoded, category, mode=mode,
-                                     mode_used=mode_used, thresholds=thresholds,
-                                     sigma=smoothing_sigma)
+            bar = None
+            if progress is not None and encoded is not None:  # a caller that shows progress
+                from .progress import Progress
+                bar = Progress(len(self.bundle.method.outputs(self.manifest)) - 1,
+                               f"mutual scoring of {len(good)}", unit="maps")
+            self.scoring_progress = bar.update if bar else None
+            try:
+                results = self._results(batch, good, encoded, category, mode=mode,
+                                        mode_used=mode_used, thresholds=thresholds,
+                                        sigma=smoothing_sigma)
+            finally:
+                self.scoring_progress = None
+                if bar:
+                    bar.close()
+            yield from results
             return
         for batch, good, encoded in self.iter_encoded(images, batch_size, keep_images):
             results = self._results(batch, good, encoded, category, mode=mode,

@@ -111,7 +111,8 @@ def score(context: Any, encoded: dict[str, np.ndarray],
     s = manifest.section
     grid, size = tuple(manifest.grid), tuple(manifest.preprocess.size)
     how = {"provider": getattr(context.backend, "provider", "cpu"),
-           "int8": context.precision == "int8"}
+           "int8": context.precision == "int8",
+           "progress": getattr(context, "scoring_progress", None)}
     feats = {n: encoded[n] for n in s.features()}
     if memory is None:
         return ms.batch_scores(feats, encoded["image_embedding"], s, grid, size, **how)

@@ -11,16 +11,19 @@ blocks on the diagonal are split in halves recursively, so they too cost about h
 square. The block product runs as a small onnxruntime graph (musc_kernels) on the bundle's
 provider.
 
-Precision. float32 dot products of unit vectors are accurate to about 1e-6 in the squared
-distance; after the square root that is an error of 1e-6 / (2 d), large only near d = 0. So the
-fast path recomputes every minimum below ``REFINE_D2`` (d < 0.032) in float64 over all patches of
-that image, which bounds its error by about 2e-5 (tests/test_musc.py measures it against the
-float64 reference). ``exact=True`` does every product in float64 with the norms as they are.
+Precision. A float32 dot product of two unit vectors of width C <= 1024 is off by about 1e-6,
+so the squared distance 2 - 2 a.b is too, and the distance by about 1e-6 / d: small except near
+d = 0 (the published code, computing the same form in float32 through torch.cdist, has the same
+error). The fast path recomputes every minimum below ``REFINE_D2`` (d < 0.01) in float64 over
+all patches of that image, so its own bound is about 1e-4 on one distance (1e-6 / 0.01), and
+far less after the interval mean and the means over layers and r; tests/test_musc.py measures
+it on near-duplicate rows and on real encoder features against the float64 reference.
+``exact=True`` does every product in float64 with the norms as they are.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -61,8 +64,8 @@ def interval_k(others: int) -> int:
 #: of benchmarks/results/musc_speed_cpu.md, 2048 was as fast as 4096 for ViT-S-16 and faster
 #: for ViT-B-16-plus-240).
 BLOCK_ROWS = 2048
-#: Squared distances below this are recomputed in float64 (d < 0.032).
-REFINE_D2 = 1e-3
+#: Squared distances below this are recomputed in float64 (d < 0.01).
+REFINE_D2 = 1e-4
 
 
 def pair_gflops(patches: int, width: int, features: int) -> float:
@@ -207,7 +210,8 @@ def map_peaks(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def patch_scores(features: dict[str, np.ndarray], section: Any,
                  pool: dict[str, np.ndarray] | None = None, *, exact: bool = False,
-                 provider: str = "cpu", int8: bool = False) -> np.ndarray:
+                 provider: str = "cpu", int8: bool = False,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Per feature the interval mean of nearest-patch distances, averaged over layers, then
     over r -> (N, P) float64. Without ``pool`` the N images score each other."""
     per_r = []
@@ -222,6 +226,8 @@ def patch_scores(features: dict[str, np.ndarray], section: Any,
             else:
                 d2 = cross_min_sq(z, pool[name], exact, provider=provider, int8=int8)
                 layers.append(interval_mean(d2, len(pool[name])))
+            if progress is not None:
+                progress(1)
         per_r.append(np.mean(layers, axis=0))
     return np.mean(per_r, axis=0)
 
@@ -252,10 +258,11 @@ def rscin(peaks: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int]) -> n
 def batch_scores(features: dict[str, np.ndarray], embeddings: np.ndarray,
                  section: Any, grid: tuple[int, int], size: tuple[int, int], *,
                  exact: bool = False, use_rscin: bool = True, provider: str = "cpu",
-                 int8: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 int8: bool = False, progress: Callable[[int], None] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Batch mode: the N images are the pool -> (image scores (N,), grids (N, gh, gw) f64)."""
-    grids = patch_scores(features, section, exact=exact, provider=provider,
-                         int8=int8).reshape(-1, *grid)
+    grids = patch_scores(features, section, exact=exact, provider=provider, int8=int8,
+                         progress=progress).reshape(-1, *grid)
     peaks = map_peaks(grids, size)
     if not use_rscin:
         return peaks, grids
@@ -264,12 +271,12 @@ def batch_scores(features: dict[str, np.ndarray], embeddings: np.ndarray,
 
 def pool_scores(features: dict[str, np.ndarray], pool: dict[str, np.ndarray],
                 section: Any, grid: tuple[int, int], size: tuple[int, int], *,
-                exact: bool = False, provider: str = "cpu", int8: bool = False
-                ) -> tuple[np.ndarray, np.ndarray]:
+                exact: bool = False, provider: str = "cpu", int8: bool = False,
+                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Streaming mode: each image against the pool -> (image scores (B,) = map peaks, grids).
     RsCIN needs the scores of a whole pool and is not applied (docs/methods.md)."""
-    grids = patch_scores(features, section, pool, exact=exact, provider=provider,
-                         int8=int8).reshape(-1, *grid)
+    grids = patch_scores(features, section, pool, exact=exact, provider=provider, int8=int8,
+                         progress=progress).reshape(-1, *grid)
     return map_peaks(grids, size), grids
 
 
