@@ -60,13 +60,16 @@ EXTRA = {
     "python benchmarks/experiments/station_line_rate.py": {"--max-trials": "1"},
     "python benchmarks/experiments/drift_delay.py": {"--parts": "600", "--seeds": "1",
                                                      "--pool": "32"},
+    "python benchmarks/experiments/musc_speed.py": {"--models": SMALL_MODEL, "--pools": "6",
+                                                    "--memory-pools": "6", "--repeats": "1",
+                                                    "--settle": "0"},
 }
 PARSED_ONLY = {"python benchmarks/experiments/triton_vs_serve.py": "triton_vs_serve",
                "sh benchmarks/studies/synthetic.sh": "study"}
 # The study script trains adapters (train-adapters); without torch its command line does not
 # even parse.
 NEEDS_TORCH = ("winclip_vs_torch.py", "aprillab_training.py", "alfa_pool_size.py",
-               "studies/synthetic.sh")
+               "studies/synthetic.sh", "musc_speed.py")
 
 
 def result_files() -> list[Path]:
