@@ -10,8 +10,9 @@ fp32: MatMul on float32 rows. int8: MatMulInteger on rows quantised with one sca
 map (a uint8 with zero point 128, b int8), maxima taken on the int32 products, scaled on the
 host; its agreement with fp32 is measured (docs/methods.md#musc-precision), not bounded.
 
-On the CPU this graph ran the same block faster than numpy's GEMM plus two numpy reductions
-(benchmarks/results/musc_speed_cpu.md); on CUDA it is the accelerator's GEMM (not run here).
+On the CPU this graph ran a block about as fast as numpy's GEMM plus two numpy reductions (the
+kernel's own rate is in benchmarks/results/musc_speed_cpu.md); on CUDA it is the accelerator's
+GEMM (not run here).
 """
 
 from __future__ import annotations

@@ -60,9 +60,10 @@ def interval_k(others: int) -> int:
     return k
 
 
-#: Rows of one block side: 2048 x 2048 float32 = 16 MiB per block product (on the 2-core CPU
-#: of benchmarks/results/musc_speed_cpu.md, 2048 was as fast as 4096 for ViT-S-16 and faster
-#: for ViT-B-16-plus-240).
+#: Rows of one block side: 2048 x 2048 float32 = 16 MiB per block product. On a 2-core AMD EPYC,
+#: one pool of 100 random unit rows per image, 2048 was as fast as 4096 rows for ViT-S-16's
+#: shape and faster for ViT-B-16-plus-240's (3.4 s against 4.4 s per feature map; a quick
+#: comparison while writing this, not a committed benchmark).
 BLOCK_ROWS = 2048
 #: Squared distances below this are recomputed in float64 (d < 0.01).
 REFINE_D2 = 1e-4
