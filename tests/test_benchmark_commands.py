@@ -63,13 +63,16 @@ EXTRA = {
     "python benchmarks/experiments/musc_speed.py": {"--models": SMALL_MODEL, "--pools": "6",
                                                     "--memory-pools": "6", "--repeats": "1",
                                                     "--settle": "0"},
+    "python benchmarks/experiments/musc_blind_spot.py": {
+        "--seeds": "1", "--length": "12", "--window": "6", "--pool-size": "6",
+        "--seed-parts": "4", "--calibration": "4", "--model": SMALL_MODEL},
 }
 PARSED_ONLY = {"python benchmarks/experiments/triton_vs_serve.py": "triton_vs_serve",
                "sh benchmarks/studies/synthetic.sh": "study"}
 # The study script trains adapters (train-adapters); without torch its command line does not
 # even parse.
 NEEDS_TORCH = ("winclip_vs_torch.py", "aprillab_training.py", "alfa_pool_size.py",
-               "studies/synthetic.sh", "musc_speed.py")
+               "studies/synthetic.sh", "musc_speed.py", "musc_blind_spot.py")
 
 
 def result_files() -> list[Path]:
