@@ -233,14 +233,20 @@ def test_every_method_has_a_cost_model():
     from clipinspect.runtime.methods.patch import PatchSection
     from clipinspect.runtime.methods.winclip import WinClipSection
 
+    from clipinspect.runtime.methods.musc import MuscSection
+
     sections = {"winclip": WinClipSection([2], {"2": 169}), "patch": PatchSection(1),
                 "alfa": PatchSection(1),
-                "aprillab": AprilLabSection([3, 6, 9, 12], Projections("random", seed=0))}
+                "aprillab": AprilLabSection([3, 6, 9, 12], Projections("random", seed=0)),
+                "musc": MuscSection([3, 6, 9, 12], [1, 3, 5], [1, 2, 3], 0.3, None, 100)}
     assert set(sections) == set(METHODS)
     for name in METHODS:  # each adds its own work to the one ordinary pass
         manifest = SimpleNamespace(dims=Dims(embed=384, width=384, patches=196, layers=12),
                                    grid=(14, 14), patch_size=16, outputs=None, method=name,
                                    section=sections[name])
+        if name == "musc":  # one pass; its scoring's cost depends on the pool (pair_gflops)
+            assert gflops_per_image(manifest) == full_pass_gflops(manifest, 12)
+            continue
         assert gflops_per_image(manifest) > full_pass_gflops(manifest, 12)
     # ViT-L-14-336 at 518 x 518 with APRIL-GAN's four levels: one pass (1,370 tokens) plus
     # four 1024 -> 768 projections of the 1,369 patch tokens.

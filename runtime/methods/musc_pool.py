@@ -6,7 +6,7 @@ bundle's category data across restarts, and changes the way operator feedback ch
 swapped in the Inspector between two batches, on the thread that inspects, then written with
 ``Bundle.set_memory`` so that other processes take it up (``Inspector.refresh``).
 
-Rules (docs/methods.md#streaming-mode):
+Rules (docs/methods.md#batch-mode-and-streaming-mode):
 - only parts judged normal enter: their image score is below the category's image threshold for
   this precision and the few-shot (pool) mode. Without such a threshold nothing is judged and the
   pool does not change (warned once per category): set one with ``clipinspect threshold``;
