@@ -245,7 +245,10 @@ def rscin(peaks: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int]) -> n
                          "--rscin-k")
     span = peaks.max() - peaks.min()
     scores = ((peaks - peaks.min()) / span if span > 0 else np.zeros(n)).astype(np.float32)
-    w = (embeddings.astype(np.float64) @ embeddings.astype(np.float64).T).astype(np.float32)
+    # As published: float32 dot products (numpy). Their ranking decides which neighbours count,
+    # so on near-equal similarities it follows the last bit of the embeddings.
+    e = np.ascontiguousarray(embeddings, np.float32)
+    w = e @ e.T
     out = []
     for k in k_list:
         keep = np.argsort(-w, axis=1, kind="stable")[:, :k]
