@@ -397,6 +397,26 @@ def build_modules(model, layers: Sequence[int] | None, image_size: int | None,
 
 
 # -------------------------------------------------------------------------- eager reference
+def resized_tower(model: torch.nn.Module, image_size: int | None = None,
+                  activation: str | None = None) -> tuple[nn.Module, tuple, tuple]:
+    """A copy of the vision tower as open_clip builds it at another size (its positional
+    embedding resampled by ``resize_pos_embed``), with ``activation`` if given -> (tower, grid,
+    (H, W)). The eager references of the multi-layer methods run on it."""
+    from open_clip.model import resize_pos_embed
+
+    v = copy.deepcopy(model.visual)
+    if activation is not None:
+        set_activation(v, activation)
+    own, patch = tuple(v.grid_size), int(v.patch_size[0])
+    size = int(image_size or own[0] * patch)
+    grid = (size // patch, size // patch)
+    v.grid_size = grid
+    pos = {"visual.positional_embedding": v.positional_embedding.data}
+    resize_pos_embed(pos, SimpleNamespace(visual=v))
+    v.positional_embedding = torch.nn.Parameter(pos["visual.positional_embedding"])
+    return v, grid, (size, size)
+
+
 class AprilLabReference:
     """Eager AprilLab on open_clip's own ``forward_intermediates`` (a copy of the tower whose
     positional embedding open_clip's ``resize_pos_embed`` resamples to the input size, as when
@@ -406,19 +426,8 @@ class AprilLabReference:
     def __init__(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                  layers: Sequence[int], image_size: int | None = None,
                  activation: str | None = None):
-        from open_clip.model import resize_pos_embed
-
-        v = copy.deepcopy(model.visual)
-        if activation is not None:
-            set_activation(v, activation)
-        own, patch = tuple(v.grid_size), int(v.patch_size[0])
-        size = int(image_size or own[0] * patch)
-        self.grid, self.size = (size // patch, size // patch), (size, size)
-        v.grid_size = self.grid
-        pos = {"visual.positional_embedding": v.positional_embedding.data}
-        resize_pos_embed(pos, SimpleNamespace(visual=v))
-        v.positional_embedding = torch.nn.Parameter(pos["visual.positional_embedding"])
-        self.visual, self.state, self.layers = v, dict(state), tuple(layers)
+        self.visual, self.grid, self.size = resized_tower(model, image_size, activation)
+        self.state, self.layers = dict(state), tuple(layers)
 
     @classmethod
     def from_manifest(cls, model: torch.nn.Module, manifest: Manifest) -> "AprilLabReference":

@@ -12,8 +12,6 @@ Shapes: B images, C vision width, D joint width, P = gh*gw patches, N images in 
 
 from __future__ import annotations
 
-import copy
-from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +26,7 @@ from clipinspect.runtime.methods.musc import (INTERVAL, MuscSection, default_lay
 
 from ..errors import log
 from .aprillab import (AprilLabEncoder, activation_name, check_layers, model_activation,
-                       set_activation)
+                       resized_tower, set_activation, text_tower)
 from .base import Built, Clip, ExportMethod, Option
 from .common import Adaptation
 
@@ -92,18 +90,7 @@ class MuscReference:
     def __init__(self, model: nn.Module, layers: Sequence[int], r_list: Sequence[int],
                  image_size: int | None = None, activation: str | None = None,
                  rscin_k: Sequence[int] = (1, 2, 3)):
-        from open_clip.model import resize_pos_embed
-
-        v = copy.deepcopy(model.visual)
-        if activation is not None:
-            set_activation(v, activation)
-        own, patch = tuple(v.grid_size), int(v.patch_size[0])
-        size = int(image_size or own[0] * patch)
-        self.grid, self.size = (size // patch, size // patch), (size, size)
-        v.grid_size = self.grid
-        pos = {"visual.positional_embedding": v.positional_embedding.data}
-        resize_pos_embed(pos, SimpleNamespace(visual=v))
-        v.positional_embedding = nn.Parameter(pos["visual.positional_embedding"])
+        v, self.grid, self.size = resized_tower(model, image_size, activation)
         self.visual, self.layers, self.r_list = v.eval(), tuple(layers), tuple(r_list)
         self.rscin_k = tuple(rscin_k)
 
@@ -254,11 +241,6 @@ def check_options(options: dict) -> None:
     if int(options["pool_size"]) < 4:
         raise ValueError(f"--pool-size {options['pool_size']}: a pool needs at least 4 parts "
                          f"(the {int(INTERVAL * 100)} % interval of fewer others is empty)")
-
-
-def text_tower(model: nn.Module, manifest: Manifest) -> None:
-    if manifest.section.activation:
-        set_activation(model, manifest.section.activation)
 
 
 METHOD = ExportMethod(
