@@ -221,13 +221,17 @@ def test_an_operator_clicks_a_false_alarm_and_the_same_part_then_passes(browser,
         def answered():  # kept across the redraws that follow (the state carries it)
             c = cards(browser)[0]
             text = c.find_element(By.CSS_SELECTOR, ".answer").text
-            return c if text.startswith("false alarm: memory") else None
+            # Read in one go: the page may redraw the card between two reads (stale element).
+            done = (text.startswith("false alarm: memory") and "(4 refs)" in c.text
+                    and all(not b.is_enabled() for b in c.find_elements(By.CSS_SELECTOR,
+                                                                         "button")))
+            return c if done else None
         card = wait_for(answered)
-        assert "(4 refs)" in card.text
-        assert all(not b.is_enabled() for b in card.find_elements(By.CSS_SELECTOR, "button"))
         after = inspect_part(server.url, part("checker"))
         assert after["is_anomalous"] is False
-        assert after["memory"][:12] in card.find_element(By.CSS_SELECTOR, ".answer").text
+        assert wait_for(lambda: any(
+            after["memory"][:12] in c.find_element(By.CSS_SELECTOR, ".answer").text
+            for c in cards(browser) if c.get_attribute("data-image-id") == flagged["image_id"]))
         newest = wait_for(lambda: (cards(browser)[0]
                                    if cards(browser)[0].get_attribute("data-image-id")
                                    == after["image_id"] else None))
