@@ -353,9 +353,7 @@ class Inspector:
         reference memory (evaluation of several shot counts without touching the bundle)."""
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-        if category not in self._categories:
-            self._categories[category] = self.bundle.category(category)
-        data = self._categories[category]
+        data = self.category_data(category)
         memory = data.memory if memory is None else memory
         if mode == FEW_SHOT and memory is None:
             raise BundleError(f"category {category!r} has no reference images; add them with "
@@ -392,15 +390,19 @@ class Inspector:
                    ) -> tuple[list[LoadedImage], list[LoadedImage], dict | None]:
         """Every input loaded and the usable ones encoded, in batches, their outputs
         concatenated on the host: (all inputs, usable ones, outputs or None)."""
-        batches, goods, chunks = [], [], {}
+        images = list(images)
+        batches, goods, out = [], [], {}
         for batch, good, encoded in self.iter_encoded(images, batch_size, keep_images):
+            start = len(goods)
             batches += batch
             goods += good
             for k, v in (self.backend.to_host(encoded) if encoded is not None else {}).items():
-                chunks.setdefault(k, []).append(v)
+                if k not in out:  # filled in place: the pool is held once, not twice
+                    out[k] = np.empty((len(images), *v.shape[1:]), v.dtype)
+                out[k][start:start + len(v)] = v
             if progress:
                 progress(len(batch))
-        return batches, goods, ({k: np.concatenate(v) for k, v in chunks.items()} or None)
+        return batches, goods, ({k: v[:len(goods)] for k, v in out.items()} or None)
 
     def thresholds(self, category: str, mode_used: str) -> dict[str, float]:
         """Thresholds stored for this category, precision and mode ({} if none)."""

@@ -206,7 +206,7 @@ def map_peaks(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(N, gh, gw) float64 -> (N,): the maximum of each map upsampled to ``size`` (the image
     score: the published maximum of the upsampled map, not of the grid)."""
     wy, wx = bilinear_matrix(size[0], grids.shape[1]), bilinear_matrix(size[1], grids.shape[2])
-    return np.array([(wy @ g @ wx.T).max() for g in grids])
+    return (wy @ grids @ wx.T).reshape(len(grids), -1).max(axis=1)
 
 
 def patch_scores(features: dict[str, np.ndarray], section: Any,
